@@ -1,0 +1,21 @@
+"""fastdiff: correct and fast samplers for score-based diffusion models.
+
+Imports nothing compiled and never touches a GPU driver: compiled backends load lazily on first use.
+"""
+from . import datasets, metrics, noise, ops
+from .denoisers import Denoiser, Gaussian, GaussianMixture, ModelDenoiser, PointCloud, from_model
+from .oracle import gaussian_oracle
+from .processes import OU, VE, VP, DriftedVE, Process, PureVE
+from .sampling import sample
+from .schedules import SCHEDULES, check_times, time_grid
+from .steps import METHODS, StepTable, step_table
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OU", "VP", "VE", "PureVE", "DriftedVE", "Process",
+    "time_grid", "check_times", "SCHEDULES",
+    "step_table", "StepTable", "METHODS",
+    "PointCloud", "GaussianMixture", "Gaussian", "Denoiser", "ModelDenoiser", "from_model",
+    "sample", "gaussian_oracle", "noise", "ops", "datasets", "metrics", "__version__",
+]

@@ -1,0 +1,67 @@
+"""Time grids: K steps from T down to t_end (MATH.md §4). All grids are float64 and strictly decreasing."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_choice
+from .processes import Process
+
+SCHEDULES = ("uniform", "quadratic", "exponential", "karras", "logsnr")
+
+
+def time_grid(process: Process, steps: int = 200, schedule: str = "uniform", t_end: float = 1e-3,
+              *, rho: float = 7.0, append_zero: bool = False) -> torch.Tensor:
+    """Decreasing float64 tensor of steps + 1 times t_0 = T > … > t_K = t_end.
+
+    uniform      t_k = T − k(T − δ)/K
+    quadratic    t_k = δ + (T − δ)(1 − k/K)²                        (denser near δ)
+    exponential  t_k = exp(log T − k(log T − log δ)/K)             (CEM paper eq. (41), log-uniform)
+    karras       σ_k^{1/ρ} uniform between σ(T)^{1/ρ} and σ(δ)^{1/ρ} (EDM, ρ = 7), t_k = σ⁻¹(σ_k)
+    logsnr       λ_k = log(α/σ) uniform between λ(T) and λ(δ), t_k = λ⁻¹(λ_k)
+
+    append_zero adds a last step from δ to t = 0 (the CEM paper's grid; D is still never evaluated at 0).
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_choice(schedule, "schedule", SCHEDULES)
+    T, delta = float(process.T), float(t_end)
+    if not (math.isfinite(delta) and 0 < delta < T):
+        raise ValueError(f"t_end must lie in (0, T) = (0, {T}), got {t_end}")
+    frac = torch.arange(steps + 1, dtype=torch.float64) / steps       # k/K
+    if schedule == "uniform":
+        t = T - frac * (T - delta)
+    elif schedule == "quadratic":
+        t = delta + (T - delta) * (1 - frac) ** 2
+    elif schedule == "exponential":
+        t = torch.exp(math.log(T) - frac * (math.log(T) - math.log(delta)))
+    elif schedule == "karras":
+        if not rho > 0:
+            raise ValueError(f"rho must be positive, got {rho}")
+        hi, lo = process.sigma(T) ** (1 / rho), process.sigma(delta) ** (1 / rho)
+        t = process.sigma_inverse((hi + frac * (lo - hi)) ** rho)
+    else:  # logsnr
+        lam_T, lam_d = process.log_snr(T), process.log_snr(delta)
+        t = process.log_snr_inverse(lam_T + frac * (lam_d - lam_T))
+    t[0], t[-1] = T, delta                                              # exact end points
+    if append_zero:
+        t = torch.cat([t, t.new_zeros(1)])
+    return check_times(process, t)
+
+
+def check_times(process: Process, times) -> torch.Tensor:
+    """Validate an explicit time grid: 1-D, finite, strictly decreasing, in (0, T] (the last may be 0)."""
+    t = torch.as_tensor(times, dtype=torch.float64).detach().cpu()
+    if t.ndim != 1 or t.numel() < 2:
+        raise ValueError(f"times must be a 1-D grid with at least 2 entries, got shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("times contains NaN or inf")
+    if not bool((t[1:] < t[:-1]).all()):
+        k = int(torch.nonzero(t[1:] >= t[:-1])[0])
+        raise ValueError(f"times must be strictly decreasing; times[{k}]={float(t[k])} <= times[{k + 1}]={float(t[k + 1])}")
+    if float(t[0]) > process.T * (1 + 1e-12):
+        raise ValueError(f"times[0]={float(t[0])} exceeds the process end time T={process.T}")
+    if float(t[-1]) < 0 or float(t[-2]) <= 0:
+        raise ValueError("times must be positive except the last, which may be 0 (D is never evaluated at t = 0)")
+    return t

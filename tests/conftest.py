@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+import fastdiff as fd
+
+# One instance of every process, with parameters from the papers (T kept moderate where the test
+# integrates numerically; the extreme settings have their own tests).
+PROCESSES = {
+    "OU": lambda: fd.OU(theta=0.5, g=1.0, T=10.0),
+    "VP": lambda: fd.VP(beta_min=0.1, beta_max=20.0),
+    "VE": lambda: fd.VE(sigma_min=0.01, sigma_max=50.0),
+    "PureVE": lambda: fd.PureVE(T=10.0),
+    "DriftedVE-t": lambda: fd.DriftedVE(T=10.0, beta="t"),
+    "DriftedVE-t2": lambda: fd.DriftedVE(T=10.0, beta="t^2"),
+}
+
+
+@pytest.fixture(params=list(PROCESSES))
+def process(request):
+    return PROCESSES[request.param]()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

@@ -1,0 +1,201 @@
+"""Analytic denoisers (MATH.md §5) against float64 brute force, finite differences and each other."""
+import math
+
+import pytest
+import torch
+
+import fastdiff as fd
+from fastdiff.reference.posterior import posterior
+
+F64 = torch.float64
+
+
+def _brute_force(x, y, alpha, sigma, log_w=None, v=0.0):
+    """Direct float64 evaluation of MATH.md §5 with the full M×N logit matrix."""
+    x, y = x.double(), y.double()
+    alpha = torch.as_tensor(alpha, dtype=F64).reshape(-1, 1)
+    sigma = torch.as_tensor(sigma, dtype=F64).reshape(-1, 1)
+    c = alpha**2 * v + sigma**2
+    diff = x[:, None, :] - alpha[:, :, None] * y[None]
+    a = -(diff**2).sum(-1) / (2 * c)
+    if log_w is not None:
+        a = a + log_w.double()
+    L = torch.logsumexp(a, 1)
+    w = torch.softmax(a, 1)
+    D = (w[:, :, None] * (y[None] + (alpha * v / c)[:, :, None] * diff)).sum(1)
+    return D, L
+
+
+def _data(n, d, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(n, d, generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("M, N, d", [(1, 1, 1), (7, 3, 2), (13, 129, 3), (5, 40, 64)])
+@pytest.mark.parametrize("v", [0.0, 0.05])
+def test_point_cloud_matches_brute_force(M, N, d, v):
+    y, x = _data(N, d, 1), _data(M, d, 2, 1.5)
+    for alpha, sigma in ((0.9, 0.5), (1.0, 1e-3 * math.sqrt(d)), (0.3, 30.0)):
+        D, L = posterior(x, y, alpha, sigma, bandwidth=v, block_elems=64)   # many tiny blocks
+        D0, L0 = _brute_force(x, y, alpha, sigma, v=v)
+        assert torch.allclose(D, D0, rtol=1e-12, atol=1e-12) and torch.allclose(L, L0, rtol=1e-12, atol=1e-9)
+
+
+def test_per_row_alpha_sigma_and_log_weights():
+    y, x = _data(30, 2, 3), _data(9, 2, 4)
+    alpha = torch.linspace(0.2, 1.0, 9, dtype=F64)
+    sigma = torch.logspace(-3, 1, 9, dtype=F64)
+    lw = torch.log_softmax(torch.randn(30, dtype=F64), 0)
+    D, L = posterior(x, y, alpha, sigma, log_weights=lw, block_elems=50)
+    D0, L0 = _brute_force(x, y, alpha, sigma, lw)
+    assert torch.allclose(D, D0, rtol=1e-12, atol=1e-12) and torch.allclose(L, L0, rtol=1e-12)
+
+
+def test_one_hot_limit_far_queries_and_near_duplicates_in_float32():
+    y = _data(50, 3, 5)
+    y[1] = y[0] + 1e-7                                   # near-duplicate pair
+    x = torch.cat([y[:5] + 1e-4, torch.full((2, 3), 1e4, dtype=F64), -1e3 * torch.ones(1, 3, dtype=F64)])
+    x32, y32 = x.float(), y.float()
+    for sigma in (1e-6, 1e-3, 1.0, 1e3):
+        D, L = posterior(x32, y32, 1.0, sigma)
+        D0, L0 = _brute_force(x32, y32, 1.0, sigma)     # float64 on the same (rounded) inputs
+        assert torch.isfinite(D).all() and torch.isfinite(L).all()
+        # MATH.md §7's float32 contract, which direct differences meet
+        assert float((D.double() - D0).abs().max()) / (float(y.abs().max()) + 1e-12) <= 1e-4
+        assert bool(((L.double() - L0).abs() <= 1e-3 + 1e-6 * L0.abs()).all())
+    D, _ = posterior(x[:5], y, 1.0, 1e-6)                # σ → 0: the nearest point, one-hot
+    assert torch.allclose(D[2:5], y[2:5], atol=1e-12)
+
+
+def test_zero_weight_blocks_do_not_poison_the_sums():
+    y, x = _data(20, 2, 6), _data(4, 2, 7)
+    lw = torch.full((20,), -math.inf, dtype=F64)
+    lw[17] = 0.0                                          # only the last block has mass
+    D, L = posterior(x, y, 1.0, 0.5, log_weights=lw, block_elems=8)
+    assert torch.allclose(D, y[17].expand_as(D)) and torch.isfinite(L).all()
+
+
+def test_point_cloud_is_a_gaussian_mixture(process):
+    """A KDE point cloud with bandwidth v is the mixture Σ π_i N(y_i, vI); v = 0 is a singular mixture."""
+    y, x = _data(6, 2, 8), _data(11, 2, 9, 2.0)
+    w = torch.rand(6, dtype=F64) + 0.1
+    t = torch.linspace(0.05, 0.9, 11, dtype=F64) * process.T
+    for v in (0.0, 0.2):
+        pc = fd.PointCloud(y, process, weights=w, bandwidth=v)
+        gm = fd.GaussianMixture(w, y, v * torch.eye(2, dtype=F64).expand(6, 2, 2), process)
+        assert torch.allclose(pc.denoise(x, t), gm.denoise(x, t), rtol=1e-10, atol=1e-10)
+        assert torch.allclose(pc.score(x, t), gm.score(x, t), rtol=1e-8, atol=1e-8)
+        assert torch.allclose(pc.log_prob(x, t), gm.log_prob(x, t), rtol=1e-10, atol=1e-9)
+
+
+def _fd_grad(fn, x, h=1e-5):
+    g = torch.zeros_like(x)
+    for j in range(x.shape[1]):
+        e = torch.zeros_like(x)
+        e[:, j] = h
+        g[:, j] = (fn(x + e) - fn(x - e)) / (2 * h)
+    return g
+
+
+def test_score_is_the_gradient_of_log_prob(process):
+    t = 0.2 * process.T
+    x = _data(8, 3, 10)
+    mix = fd.GaussianMixture(torch.tensor([0.3, 0.7]), _data(2, 3, 11),
+                             torch.stack([torch.eye(3, dtype=F64), torch.diag(torch.tensor([2.0, 0.0, 0.5], dtype=F64))]),
+                             process)
+    pc = fd.PointCloud(_data(25, 3, 12), process, bandwidth=0.01)
+    for den in (mix, pc):
+        assert torch.allclose(den.score(x, t), _fd_grad(lambda z: den.log_prob(z, t), x), rtol=1e-5, atol=1e-6)
+
+
+def test_log_prob_is_a_normalised_density():
+    p = fd.OU()
+    mix = fd.GaussianMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-1.0], [2.0]]), torch.tensor([[[0.3]], [[0.0]]]), p)
+    grid = torch.linspace(-12, 12, 20001, dtype=F64).unsqueeze(1)
+    for t in (0.01, 1.0, 10.0):
+        mass = torch.trapezoid(mix.log_prob(grid, t).exp(), grid[:, 0])
+        assert float(mass) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_gaussian_denoiser_closed_form_and_linear_map():
+    p = fd.VP()
+    mu = torch.tensor([1.0, -2.0], dtype=F64)
+    cov = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=F64)   # singular: the CEM paper's line
+    G = fd.Gaussian(mu, cov, p)
+    x = _data(5, 2, 13)
+    t = 0.4
+    a, s2 = p.alpha(t), p.sigma2(t)
+    expect = mu + (a * cov @ torch.linalg.inv(a * a * cov + s2 * torch.eye(2, dtype=F64)) @ (x - a * mu).T).T
+    assert torch.allclose(G.denoise(x, t), expect, rtol=1e-12, atol=1e-12)
+    M, c = G.linear_map(t)
+    assert torch.allclose(x @ M.T + c, expect, rtol=1e-12, atol=1e-12)
+    # D stays on the line (D_1 − D_2 = μ_1 − μ_2) however small σ gets
+    D = G.denoise(x, 1e-6)
+    assert torch.allclose(D[:, 0] - D[:, 1], (mu[0] - mu[1]).expand(5), atol=1e-9)
+
+
+def test_tweedie_conversions_between_x0_eps_and_score(process):
+    mix = fd.GaussianMixture(torch.tensor([0.4, 0.6]), _data(2, 2, 14), torch.eye(2, dtype=F64).expand(2, 2, 2) * 0.3, process)
+    x = _data(6, 2, 15)
+    t = 0.3 * process.T
+    for kind in ("x0", "eps", "score"):
+        native = {"x0": mix.denoise, "eps": mix.eps, "score": mix.score}[kind]
+        wrapped = fd.from_model(lambda z, tt: native(z, float(tt[0])), process, prediction=kind)
+        assert torch.allclose(wrapped.denoise(x, t), mix.denoise(x, t), rtol=1e-9, atol=1e-9)
+        assert torch.allclose(wrapped.score(x, t), mix.score(x, t), rtol=1e-9, atol=1e-9)
+        assert torch.allclose(wrapped.eps(x, t), mix.eps(x, t), rtol=1e-9, atol=1e-9)
+
+
+def test_model_gets_its_own_shape_and_sigma_when_asked():
+    p = fd.PureVE(T=10.0)
+    seen = {}
+
+    def model(x, s):
+        seen["shape"], seen["s"] = tuple(x.shape), s.clone()
+        return torch.zeros_like(x)
+
+    den = fd.from_model(model, p, "x0", event_shape=(2, 3), time_input="sigma")
+    den.denoise(torch.ones(4, 6), 2.5)
+    assert seen["shape"] == (4, 2, 3) and torch.allclose(seen["s"], torch.full((4,), 2.5))
+    bad = fd.from_model(lambda x, t: x[:, :1], p)
+    with pytest.raises(ValueError, match="shaped like x"):
+        bad.denoise(torch.ones(4, 2), 1.0)
+
+
+@pytest.mark.parametrize("make, err, match", [
+    (lambda p: fd.PointCloud(torch.empty(0, 2), p), ValueError, "non-empty"),
+    (lambda p: fd.PointCloud(torch.ones(3), p), ValueError, r"\[N, d\]"),
+    (lambda p: fd.PointCloud(torch.tensor([[0.0, float("nan")]]), p), ValueError, "NaN"),
+    (lambda p: fd.PointCloud(torch.ones(3, 2), p, weights=torch.tensor([1.0, -1.0, 1.0])), ValueError, "weights"),
+    (lambda p: fd.PointCloud(torch.ones(3, 2), p, bandwidth=-1.0), ValueError, "bandwidth"),
+    (lambda p: fd.GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 2.0], [0.0, 1.0]]], p), ValueError, "symmetric"),
+    (lambda p: fd.GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, -1.0]]], p), ValueError, "semi-definite"),
+    (lambda p: fd.GaussianMixture([1.0, 1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]], p), ValueError, "weights"),
+    (lambda p: fd.Gaussian([0.0, 0.0], [[1.0]], p), ValueError, "cov"),
+    (lambda p: fd.PointCloud(torch.ones(3, 2), "OU"), TypeError, "process"),
+    (lambda p: fd.from_model(lambda x, t: x, p, prediction="v"), ValueError, "prediction"),
+])
+def test_bad_construction(make, err, match):
+    with pytest.raises(err, match=match):
+        make(fd.OU())
+
+
+def test_bad_queries():
+    p = fd.OU()
+    pc = fd.PointCloud(torch.randn(5, 2), p)
+    with pytest.raises(ValueError, match="columns"):
+        pc.denoise(torch.randn(3, 4), 1.0)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        pc.denoise(torch.randn(3, 2).half(), 1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        pc.denoise(torch.tensor([[0.0, float("inf")]]), 1.0)
+    with pytest.raises(ValueError, match="t must lie"):
+        pc.denoise(torch.randn(3, 2), 0.0)
+    with pytest.raises(ValueError, match="t must lie"):
+        pc.denoise(torch.randn(3, 2), 11.0)
+    with pytest.raises(ValueError, match=r"shape \[M\]"):
+        pc.denoise(torch.randn(3, 2), torch.tensor([0.5, 0.6]))
+    with pytest.raises(ValueError, match="device"):
+        posterior(torch.randn(3, 2), torch.randn(4, 2, device="meta"), 1.0, 1.0)
+    with pytest.raises(ValueError, match="device"):
+        pc.denoise(torch.empty(3, 2, device="meta"), 1.0)
