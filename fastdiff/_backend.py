@@ -1,13 +1,35 @@
-"""Backend registry and selection (DESIGN.md "Backends and dispatch").
+"""Backend registry, selection and lazy loading of fastdiff._C (DESIGN.md "Backends and dispatch").
 
-Each backend says why it cannot run an op on given inputs (`refuse_reasons`); `auto` picks the first
-backend in preference order that has no reason to refuse; an explicitly requested backend that
+Each backend says why it cannot run an op on given inputs (`refuse_reasons`); `auto` takes the first
+backend in the device's preference order with no reason to refuse; an explicitly requested backend that
 refuses raises with its reasons: never a silent fallback. `FASTDIFF_BACKEND` overrides `auto`.
+Inputs are described by facts (device, dtype, d), so a sampler can choose before it has tensors.
 Nothing here imports a compiled module or queries a GPU driver at import time.
 """
 from __future__ import annotations
 
 import os
+
+import torch
+
+OPS = ("posterior", "affine_step", "pointcloud_step", "pointcloud_sample")
+
+# `auto` order per device type. CPU: the C++ kernels beat the torch reference in benchmarks/results
+# (posterior and whole-trajectory sampling). CUDA: provisional (no GPU measurement has been recorded yet):
+# the fused CUDA kernels first, Triton next; re-rank from benchmarks/results once a GPU run exists.
+AUTO_ORDER = {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")}
+_DEFAULT_ORDER = ("torch",)
+
+
+def facts(x=None, **extra):
+    """The facts backends decide on, from a tensor x (and/or explicit device/dtype/d)."""
+    out = dict(extra)
+    if isinstance(x, torch.Tensor):
+        out.setdefault("device", x.device)
+        out.setdefault("dtype", x.dtype)
+        if x.ndim == 2:
+            out.setdefault("d", x.shape[1])
+    return out
 
 
 class Backend:
@@ -18,8 +40,8 @@ class Backend:
         """Why this backend cannot run at all on this installation (empty when it can)."""
         return []
 
-    def refuse_reasons(self, op: str, **inputs) -> list[str]:
-        """Why this backend cannot run `op` on these inputs (empty when it can)."""
+    def refuse_reasons(self, op: str, **facts) -> list[str]:
+        """Why this backend cannot run `op` for inputs with these facts (empty when it can)."""
         reasons = list(self.unavailable_reasons())
         if op not in self.ops:
             reasons.append(f"op {op!r} is not implemented by the {self.name} backend")
@@ -30,29 +52,140 @@ class TorchBackend(Backend):
     """The plain-torch reference: any device, float32 and float64."""
 
     name = "torch"
-    ops = ("posterior", "affine_step", "sample")
+    ops = OPS
+
+    def __getattr__(self, op):
+        if op not in OPS:
+            raise AttributeError(op)
+        from . import reference
+        return getattr(reference, op)
 
 
-class _NotYetBuilt(Backend):
-    """A backend this release does not ship yet; kept in the registry so `fastdiff info` can say so."""
+# -- fastdiff._C, loaded on first use; a failed load is remembered and explained ------------------------
+_EXTENSION = None
+_EXTENSION_ERROR: str | None = None
 
-    def __init__(self, name, what):
-        self.name, self.what = name, what
+
+def extension():
+    """The compiled module fastdiff._C, or RuntimeError saying why it is unavailable."""
+    global _EXTENSION, _EXTENSION_ERROR
+    if _EXTENSION is None and _EXTENSION_ERROR is None:
+        try:
+            from . import _C
+            _EXTENSION = _C
+        except Exception as exc:   # ImportError, or an undefined symbol from a torch mismatch
+            _EXTENSION_ERROR = (f"fastdiff._C could not be loaded ({type(exc).__name__}: {exc}); it is built by "
+                                "`pip install --no-build-isolation -e .` (FASTDIFF_BUILD_EXT=0 skips it), and must be "
+                                "rebuilt after torch changes")
+    if _EXTENSION is None:
+        raise RuntimeError(_EXTENSION_ERROR)
+    return _EXTENSION
+
+
+def build_config() -> dict | None:
+    """What fastdiff._C was built with, or None when it is not available."""
+    try:
+        return dict(extension().build_config())
+    except RuntimeError:
+        return None
+
+
+class _CompiledBackend(Backend):
+    """Shared by the `cpu` and `cuda` backends: ops from fastdiff._C on one device type."""
+
+    ops = OPS
+    device_type = "?"
 
     def unavailable_reasons(self):
-        return [f"{self.what} are not part of this fastdiff release yet"]
+        try:
+            ext = extension()
+        except RuntimeError as exc:
+            return [str(exc)]
+        if self.device_type == "cuda":
+            if not ext.build_config()["cuda"]:
+                return ["fastdiff._C was built without CUDA kernels (torch CPU build, no CUDA toolkit, or FASTDIFF_BUILD_CUDA=0)"]
+            if not torch.cuda.is_available():     # asked only when a backend is being chosen, never at import
+                return ["no CUDA device is available"]
+        return []
+
+    def refuse_reasons(self, op, device=None, dtype=None, d=None, **_):
+        reasons = super().refuse_reasons(op)
+        if device is not None and torch.device(device).type != self.device_type:
+            reasons.append(f"inputs are on {device}, the {self.name} backend runs on {self.device_type} tensors")
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            reasons.append(f"dtype {dtype} is not float32 or float64")
+        if self.device_type == "cuda" and d is not None and d > 12288 and op != "affine_step":
+            reasons.append(f"d={d} exceeds the CUDA point-cloud kernels' limit of 12288")
+        return reasons
+
+    # Adapters: alpha/sigma as float64 tensors; tables as float64 tensors.
+    def posterior(self, x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
+        return extension().posterior(x, data, _f64(alpha), _f64(sigma), log_weights, float(bandwidth))
+
+    def affine_step(self, x, D, A, B, C, seed, step, sample_offset=0, out=None):
+        return extension().affine_step(x, D, float(A), float(B), float(C), int(seed), int(step), int(sample_offset), out)
+
+    def pointcloud_step(self, x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0, log_weights=None,
+                        bandwidth=0.0, out=None):
+        return extension().pointcloud_step(x, data, _f64(alpha), _f64(sigma), float(A), float(B), float(C), int(seed),
+                                           int(step), int(sample_offset), log_weights, float(bandwidth), out)
+
+    def pointcloud_sample(self, x, data, alpha, sigma, A, B, C, seed, sample_offset=0, log_weights=None,
+                          bandwidth=0.0, return_trajectory=False):
+        return extension().pointcloud_sample(x, data, _f64(alpha), _f64(sigma), _f64(A), _f64(B), _f64(C), int(seed),
+                                             int(sample_offset), log_weights, float(bandwidth), bool(return_trajectory))
 
 
-BACKENDS: dict[str, Backend] = {
-    "triton": _NotYetBuilt("triton", "Triton GPU kernels"),
-    "cuda": _NotYetBuilt("cuda", "the compiled CUDA kernels (fastdiff._C)"),
-    "cpu": _NotYetBuilt("cpu", "the compiled C++ CPU kernels (fastdiff._C)"),
-    "torch": TorchBackend(),
-}
-PREFERENCE = ("triton", "cuda", "cpu", "torch")   # fastest first; `auto` takes the first that accepts
+def _f64(v):
+    return torch.as_tensor(v, dtype=torch.float64).reshape(-1)
 
 
-def select(op: str, backend: str = "auto", **inputs) -> Backend:
+class CpuBackend(_CompiledBackend):
+    """C++ kernels (OpenMP, vectorised) in fastdiff._C."""
+
+    name, device_type = "cpu", "cpu"
+
+
+class CudaBackend(_CompiledBackend):
+    """CUDA C++ kernels in fastdiff._C."""
+
+    name, device_type = "cuda", "cuda"
+
+
+class TritonBackend(Backend):
+    """Triton kernels (fastdiff.triton), imported on first use."""
+
+    name = "triton"
+    ops = OPS
+
+    def _module(self):
+        from . import triton as mod   # noqa: PLC0415 (lazy: never at fastdiff import time)
+        return mod
+
+    def unavailable_reasons(self):
+        try:
+            self._module()
+        except Exception as exc:
+            return [f"fastdiff.triton could not be imported ({type(exc).__name__}: {exc})"]
+        return []
+
+    def refuse_reasons(self, op, **facts):
+        reasons = super().refuse_reasons(op)
+        if not reasons:
+            reasons += self._module().refuse_reasons(op, **facts)
+        return reasons
+
+    def __getattr__(self, op):
+        if op not in OPS:
+            raise AttributeError(op)
+        return getattr(self._module(), op)
+
+
+BACKENDS: dict[str, Backend] = {"triton": TritonBackend(), "cuda": CudaBackend(), "cpu": CpuBackend(),
+                                "torch": TorchBackend()}
+
+
+def select(op: str, backend: str = "auto", **facts) -> Backend:
     """The backend that will run `op`, or a ValueError explaining why none (or not the requested) can."""
     requested = backend
     if backend == "auto":
@@ -60,14 +193,16 @@ def select(op: str, backend: str = "auto", **inputs) -> Backend:
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
-        reasons = BACKENDS[backend].refuse_reasons(op, **inputs)
+        reasons = BACKENDS[backend].refuse_reasons(op, **facts)
         if reasons:
             source = " (from FASTDIFF_BACKEND)" if requested == "auto" else ""
             raise ValueError(f"backend {backend!r}{source} cannot run {op}: " + "; ".join(reasons))
         return BACKENDS[backend]
+    device = facts.get("device")
+    order = AUTO_ORDER.get(torch.device(device).type, _DEFAULT_ORDER) if device is not None else _DEFAULT_ORDER
     refusals = {}
-    for name in PREFERENCE:
-        reasons = BACKENDS[name].refuse_reasons(op, **inputs)
+    for name in order:
+        reasons = BACKENDS[name].refuse_reasons(op, **facts)
         if not reasons:
             return BACKENDS[name]
         refusals[name] = reasons
@@ -76,4 +211,4 @@ def select(op: str, backend: str = "auto", **inputs) -> Backend:
 
 def describe() -> dict[str, list[str]]:
     """{backend name: reasons it is unavailable} ([] = available), for `fastdiff info`."""
-    return {name: BACKENDS[name].unavailable_reasons() for name in PREFERENCE}
+    return {name: b.unavailable_reasons() for name, b in BACKENDS.items()}

@@ -114,15 +114,20 @@ def cmd_info(args):
         lines.append(f"triton: not installed ({exc})")
     cuda = torch.cuda.is_available()
     lines.append(f"CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none available'}")
-    lines.append("backends (auto picks the first available that accepts the inputs):")
+    cfg = _backend.build_config()
+    if cfg is None:
+        lines.append("fastdiff._C: not loaded")
+    else:
+        lines.append("fastdiff._C: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    lines.append("backends (auto order: " + "; ".join(f"{dev}: {' > '.join(o)}" for dev, o in _backend.AUTO_ORDER.items())
+                 + "):")
     for name, reasons in _backend.describe().items():
         lines.append(f"  {name:7s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
-    for opt in ("tqdm", "matplotlib", "scipy", "ot", "k_diffusion"):
-        try:
-            __import__(opt)
-            lines.append(f"optional {opt}: installed")
-        except Exception as exc:                      # a broken optional package must not break `info`
-            lines.append(f"optional {opt}: not available ({type(exc).__name__})")
+    import importlib.util
+    for opt, extra in (("tqdm", "progress"), ("matplotlib", "plot"), ("scipy", "metrics"), ("ot", "metrics"),
+                       ("k_diffusion", "peers"), ("pykeops", "peers")):
+        found = importlib.util.find_spec(opt) is not None
+        lines.append(f"optional {opt}: {'installed' if found else f'not installed (fastdiff[{extra}])'}")
     print("\n".join(lines))
     return 0
 

@@ -14,9 +14,8 @@ import torch
 
 from . import _backend, noise
 from ._checks import check_choice
-from .denoisers import Denoiser
+from .denoisers import Denoiser, PointCloud
 from .processes import Process
-from .reference.affine_step import affine_step
 from .schedules import check_times, time_grid
 from .steps import step_table
 
@@ -44,7 +43,6 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
     Returns x [n, ...] (and the trajectory when asked).
     """
     process = _resolve_process(denoiser, process)
-    _backend.select("sample", backend)
     check_choice(method, "method", ("euler", "ei", "ei-x0"))
     grid = check_times(process, times) if times is not None else time_grid(process, steps, schedule, t_end)
     table = step_table(process, grid, method, ode, eta)
@@ -58,10 +56,19 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
 
     x0, n, event_shape, device, dtype = _initial_state(denoiser, n, x, shape, device, dtype)
     d = math.prod(event_shape)
+    # A point cloud with no per-step callback runs whole trajectories in one op (fused kernels where a
+    # backend has them); anything else runs the loop with the backend's affine step.
+    fused = isinstance(denoiser, PointCloud) and callback is None
+    engine = _backend.select("pointcloud_sample" if fused else "affine_step", backend,
+                             **_backend.facts(device=device, dtype=dtype, d=d))
     if chunk_size is None:
         chunk_size = max(1, _DEFAULT_CHUNK_ELEMS // d)
+        if fused and progress:
+            chunk_size = min(chunk_size, max(1, math.ceil(n / 20)))   # so the bar moves (results do not change)
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if fused:
+        alphas, sigmas = process.alpha(table.t).tolist(), table.sigma.tolist()
 
     bar = _Progress(len(t_list) * math.ceil(n / chunk_size), progress)
     outputs, trajectories = [], []
@@ -72,20 +79,26 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
             xc = process.prior(m, d, seed, offset, dtype=dtype, device=device)
         else:
             xc = x0[c0:c0 + m].reshape(m, d).to(dtype).clone()
-        traj = [xc.clone()] if return_trajectory else None
-        for k, t in enumerate(t_list):
-            out = denoiser.predict(xc, t)
-            if callback is not None:
-                callback({"step": k, "t": t, "x": xc, "prediction": out, "sample_offset": offset})
-            affine_step(xc, out, A[k], B[k], C[k], seed, k, offset, out=xc)
-            if traj is not None:
-                traj.append(xc.clone())
-            bar.update()
+        if fused:
+            traj = engine.pointcloud_sample(xc, denoiser.data, alphas, sigmas, A, B, C, seed, offset,
+                                            denoiser.log_weights, denoiser.bandwidth, return_trajectory)
+            bar.update(len(t_list))
+        else:
+            traj = [xc.clone()] if return_trajectory else None
+            for k, t in enumerate(t_list):
+                out = denoiser.predict(xc, t)
+                if callback is not None:
+                    callback({"step": k, "t": t, "x": xc, "prediction": out, "sample_offset": offset})
+                engine.affine_step(xc, out, A[k], B[k], C[k], seed, k, offset, out=xc)
+                if traj is not None:
+                    traj.append(xc.clone())
+                bar.update()
+            traj = torch.stack(traj) if traj is not None else None
         if final_denoise:
             xc = denoiser.denoise(xc, float(grid[-1]))
         outputs.append(xc)
         if traj is not None:
-            trajectories.append(torch.stack(traj))
+            trajectories.append(traj)
     bar.close()
 
     result = torch.cat(outputs).view(n, *event_shape)
@@ -160,13 +173,13 @@ class _Progress:
             except ImportError:
                 self.bar = None
 
-    def update(self):
+    def update(self, steps: int = 1):
         if not self.enabled:
             return
-        self.done += 1
+        before, self.done = self.done, self.done + steps
         if self.bar is not None:
-            self.bar.update(1)
-        elif self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            self.bar.update(steps)
+        elif self.done == self.total or self.done // max(1, self.total // 10) > before // max(1, self.total // 10):
             print(f"fastdiff.sample: {self.done}/{self.total} steps", file=sys.stderr)
 
     def close(self):

@@ -163,8 +163,8 @@ def test_bad_sample_arguments(cloud):
         fd.sample(cloud, x=torch.ones(4, 2, dtype=torch.int64))
     with pytest.raises(ValueError, match="backend"):
         fd.sample(cloud, n=3, backend="tpu")
-    with pytest.raises(ValueError, match="not part of this fastdiff release"):
-        fd.sample(cloud, n=3, backend="triton")
+    with pytest.raises(ValueError, match="backend 'cuda' cannot run pointcloud_sample: .*cuda"):
+        fd.sample(cloud, n=3, backend="cuda")          # CPU tensors: refused, with the reason
     with pytest.raises(ValueError, match="shape"):
         fd.sample(fd.from_model(lambda x, t: x, cloud.process), n=3)
     with pytest.raises(TypeError, match="denoiser"):

@@ -1,0 +1,38 @@
+// Torch-free CPU kernels (raw pointers, int64 indexing). Glue lives in csrc/ops/.
+#pragma once
+#include <cstdint>
+
+namespace fastdiff::cpu {
+
+// One point cloud: data transposed to yT [d, N] so the inner loops run over contiguous points.
+template <typename T>
+struct Cloud {
+  const T* yT;           // [d, N]
+  const T* log_w;        // [N] or nullptr (uniform weights)
+  int64_t N;
+  int64_t d;
+  double bandwidth;      // v >= 0
+};
+
+// D [M, d] and L [M] for queries x [M, d]; alpha/sigma have length M (per row) or 1.
+template <typename T>
+void posterior(const Cloud<T>& cloud, const T* x, int64_t M, const double* alpha, const double* sigma,
+               bool per_row, T* D, T* L);
+
+// out = A x + B D + C z(seed, sample_offset + row, step, col); out may alias x.
+template <typename T>
+void affine_step(const T* x, const T* D, T* out, int64_t M, int64_t d, double A, double B, double C,
+                 uint64_t seed, uint32_t step, uint64_t sample_offset);
+
+// The fused step: D of the point cloud at (alpha, sigma), then the affine update, D never stored.
+template <typename T>
+void pointcloud_step(const Cloud<T>& cloud, const T* x, T* out, int64_t M, double alpha, double sigma,
+                     double A, double B, double C, uint64_t seed, uint32_t step, uint64_t sample_offset);
+
+// Every step of a table (K steps): x [M, d] updated in place; traj [K+1, M, d] or nullptr.
+template <typename T>
+void pointcloud_sample(const Cloud<T>& cloud, T* x, int64_t M, int64_t K, const double* alpha,
+                       const double* sigma, const double* A, const double* B, const double* C,
+                       uint64_t seed, uint64_t sample_offset, T* traj);
+
+}  // namespace fastdiff::cpu

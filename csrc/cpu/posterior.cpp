@@ -1,0 +1,180 @@
+// CPU point-cloud kernels: the posterior (MATH.md §5), the fused step and whole trajectories.
+// One query at a time per thread (OpenMP over queries); the data stream through in tiles with an online
+// log-sum-exp. Inner loops run over contiguous points of yT [d, N] and vectorise (omp simd).
+#include <algorithm>
+#include <cstring>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common/philox.h"
+#include "kernels.h"
+#include "noise_row.h"
+
+namespace fastdiff::cpu {
+namespace {
+
+constexpr int64_t kTile = 256;
+
+// e^x for x <= 0 in float: Cody–Waite reduction and a degree-7 polynomial, branch-free so the
+// loops around it vectorise; relative error about 1e-7; exactly 0 below −87 (and for −inf).
+inline float exp_nonpositive(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = std::nearbyint(xc * 1.44269504088896341f);
+  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// D (d values) and L of one query x against the whole cloud. `buf` holds kTile scratch values.
+template <typename T>
+void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
+                   double* __restrict acc, T* __restrict D, T* L) {
+  const int64_t N = c.N, d = c.d;
+  const double cdbl = alpha * alpha * c.bandwidth + sigma * sigma;
+  const T inv2c = static_cast<T>(0.5 / cdbl);
+  const T a = static_cast<T>(alpha);
+  double m = -std::numeric_limits<double>::infinity(), s = 0.0;
+  std::fill(acc, acc + d, 0.0);
+  for (int64_t j0 = 0; j0 < N; j0 += kTile) {
+    const int64_t n = std::min(kTile, N - j0);
+    for (int64_t j = 0; j < n; ++j) buf[j] = T(0);
+    for (int64_t k = 0; k < d; ++k) {               // |x − α y_j|² by direct differences
+      const T xk = x[k];
+      const T* __restrict y = c.yT + k * N + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const T diff = xk - a * y[j];
+        buf[j] += diff * diff;
+      }
+    }
+    T tmax = -std::numeric_limits<T>::infinity();
+    if (c.log_w) {
+      const T* __restrict lw = c.log_w + j0;
+#pragma omp simd reduction(max : tmax)
+      for (int64_t j = 0; j < n; ++j) {
+        buf[j] = lw[j] - buf[j] * inv2c;
+        tmax = std::max(tmax, buf[j]);
+      }
+    } else {
+#pragma omp simd reduction(max : tmax)
+      for (int64_t j = 0; j < n; ++j) {
+        buf[j] = -buf[j] * inv2c;
+        tmax = std::max(tmax, buf[j]);
+      }
+    }
+    if (!(tmax > -std::numeric_limits<T>::infinity())) continue;   // a tile of zero-weight points
+    const double m_new = std::max(m, static_cast<double>(tmax));
+    const double rescale = std::exp(m - m_new);                      // 0 on the first tile
+    const T mt = static_cast<T>(m_new);
+    T tsum = T(0);
+#pragma omp simd reduction(+ : tsum)
+    for (int64_t j = 0; j < n; ++j) {
+      buf[j] = exp_nonpositive(buf[j] - mt);
+      tsum += buf[j];
+    }
+    s = s * rescale + static_cast<double>(tsum);
+    for (int64_t k = 0; k < d; ++k) {
+      const T* __restrict y = c.yT + k * N + j0;
+      T dot = T(0);
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < n; ++j) dot += buf[j] * y[j];
+      acc[k] = acc[k] * rescale + static_cast<double>(dot);
+    }
+    m = m_new;
+  }
+  const double shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cdbl : 1.0;
+  const double pull = c.bandwidth > 0 ? alpha * c.bandwidth / cdbl : 0.0;
+  for (int64_t k = 0; k < d; ++k) D[k] = static_cast<T>(acc[k] / s * shrink + pull * static_cast<double>(x[k]));
+  if (L) *L = static_cast<T>(m + std::log(s));
+}
+
+// x_out = A x + B D + C z for one row (z drawn only when C != 0).
+template <typename T>
+inline void update_row(const T* x, const T* D, T* out, int64_t d, double A, double B, double C, uint64_t seed,
+                       uint32_t step, uint64_t sample, double* z) {
+  if (C != 0.0) {
+    normal_row(seed, sample, step, d, z);
+    for (int64_t k = 0; k < d; ++k)
+      out[k] = static_cast<T>(A * static_cast<double>(x[k]) + B * static_cast<double>(D[k]) + C * z[k]);
+  } else {
+    for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(A * static_cast<double>(x[k]) + B * static_cast<double>(D[k]));
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, const double* sigma, bool per_row,
+               T* D, T* L) {
+#pragma omp parallel
+  {
+    std::vector<T> buf(kTile);
+    std::vector<double> acc(c.d);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M; ++i) {
+      const int64_t r = per_row ? i : 0;
+      posterior_row(c, x + i * c.d, alpha[r], sigma[r], buf.data(), acc.data(), D + i * c.d, L + i);
+    }
+  }
+}
+
+template <typename T>
+void pointcloud_step(const Cloud<T>& c, const T* x, T* out, int64_t M, double alpha, double sigma, double A,
+                     double B, double C, uint64_t seed, uint32_t step, uint64_t sample_offset) {
+#pragma omp parallel
+  {
+    std::vector<T> buf(kTile), Drow(c.d);
+    std::vector<double> acc(c.d), z(c.d + 4);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M; ++i) {
+      posterior_row(c, x + i * c.d, alpha, sigma, buf.data(), acc.data(), Drow.data(), static_cast<T*>(nullptr));
+      update_row(x + i * c.d, Drow.data(), out + i * c.d, c.d, A, B, C, seed, step, sample_offset + i, z.data());
+    }
+  }
+}
+
+template <typename T>
+void pointcloud_sample(const Cloud<T>& c, T* x, int64_t M, int64_t K, const double* alpha, const double* sigma,
+                       const double* A, const double* B, const double* C, uint64_t seed, uint64_t sample_offset,
+                       T* traj) {
+  const int64_t d = c.d;
+#pragma omp parallel
+  {
+    std::vector<T> buf(kTile), Drow(d);
+    std::vector<double> acc(d), z(d + 4);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M; ++i) {
+      T* xi = x + i * d;
+      if (traj) std::copy(xi, xi + d, traj + i * d);
+      for (int64_t k = 0; k < K; ++k) {
+        posterior_row(c, xi, alpha[k], sigma[k], buf.data(), acc.data(), Drow.data(), static_cast<T*>(nullptr));
+        update_row(xi, Drow.data(), xi, d, A[k], B[k], C[k], seed, static_cast<uint32_t>(k), sample_offset + i, z.data());
+        if (traj) std::copy(xi, xi + d, traj + ((k + 1) * M + i) * d);
+      }
+    }
+  }
+}
+
+#define FD_INSTANTIATE(T)                                                                                          \
+  template void posterior<T>(const Cloud<T>&, const T*, int64_t, const double*, const double*, bool, T*, T*);      \
+  template void pointcloud_step<T>(const Cloud<T>&, const T*, T*, int64_t, double, double, double, double, double, \
+                                   uint64_t, uint32_t, uint64_t);                                                  \
+  template void pointcloud_sample<T>(const Cloud<T>&, T*, int64_t, int64_t, const double*, const double*,          \
+                                     const double*, const double*, const double*, uint64_t, uint64_t, T*);
+FD_INSTANTIATE(float)
+FD_INSTANTIATE(double)
+#undef FD_INSTANTIATE
+
+}  // namespace fastdiff::cpu

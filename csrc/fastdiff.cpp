@@ -1,0 +1,46 @@
+// fastdiff._C: the one file that registers the ops with Python (pybind11 through torch/extension.h).
+#include <torch/extension.h>
+
+#include "build_info.h"
+#include "ops/ops.h"
+
+namespace {
+
+py::dict build_config() {
+  py::dict cfg;
+  cfg["cpu"] = true;
+#ifdef FASTDIFF_WITH_CUDA
+  cfg["cuda"] = true;
+  cfg["cuda_arch_list"] = FASTDIFF_CUDA_ARCHS;
+#else
+  cfg["cuda"] = false;
+  cfg["cuda_arch_list"] = "";
+#endif
+#ifdef _OPENMP
+  cfg["openmp"] = true;
+#else
+  cfg["openmp"] = false;
+#endif
+  cfg["cxx_flags"] = FASTDIFF_CXX_FLAGS;
+  cfg["torch_version"] = FASTDIFF_TORCH_VERSION;
+  cfg["compiler"] = __VERSION__;
+  return cfg;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastdiff compiled kernels (CPU always, CUDA when built with it)";
+  m.def("build_config", &build_config, "what this extension was built with");
+  m.def("posterior", &fastdiff::ops::posterior, py::arg("x"), py::arg("data"), py::arg("alpha"), py::arg("sigma"),
+        py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0);
+  m.def("affine_step", &fastdiff::ops::affine_step, py::arg("x"), py::arg("D"), py::arg("A"), py::arg("B"),
+        py::arg("C"), py::arg("seed"), py::arg("step"), py::arg("sample_offset") = 0, py::arg("out") = py::none());
+  m.def("pointcloud_step", &fastdiff::ops::pointcloud_step, py::arg("x"), py::arg("data"), py::arg("alpha"),
+        py::arg("sigma"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("seed"), py::arg("step"),
+        py::arg("sample_offset") = 0, py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0,
+        py::arg("out") = py::none());
+  m.def("pointcloud_sample", &fastdiff::ops::pointcloud_sample, py::arg("x"), py::arg("data"), py::arg("alpha"),
+        py::arg("sigma"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("seed"), py::arg("sample_offset") = 0,
+        py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0, py::arg("return_trajectory") = false);
+}

@@ -1,0 +1,53 @@
+// Glue for the affine update with in-kernel noise.
+#include "../cpu/kernels.h"
+#include "common.h"
+#include "ops.h"
+#ifdef FASTDIFF_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../cuda/kernels.cuh"
+#endif
+
+namespace fastdiff::ops {
+
+at::Tensor affine_step(const at::Tensor& x_in, const at::Tensor& D_in, double A, double B, double C, uint64_t seed,
+                       uint32_t step, uint64_t sample_offset, const std::optional<at::Tensor>& out_in) {
+  check_points(x_in, "x");
+  check_supported_device(x_in);
+  TORCH_CHECK(D_in.sizes() == x_in.sizes(), "D must have the shape of x ", shape_str(x_in), ", got ", shape_str(D_in));
+  check_device(D_in, x_in, "D", "x");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor D = D_in.to(x.scalar_type()).contiguous();
+  at::Tensor out;
+  if (out_in.has_value()) {
+    out = *out_in;
+    TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device(),
+                "out must match x (", shape_str(x), ", ", x.scalar_type(), ", ", x.device(), "), got ",
+                shape_str(out), ", ", out.scalar_type(), ", ", out.device());
+    TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+  } else {
+    out = at::empty_like(x);
+  }
+  const int64_t M = x.size(0), d = x.size(1);
+  if (x.is_cpu()) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_affine_step_cpu", [&] {
+      cpu::affine_step<scalar_t>(x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, d, A, B,
+                                 C, seed, step, sample_offset);
+    });
+  }
+#ifdef FASTDIFF_WITH_CUDA
+  else {
+    const c10::cuda::CUDAGuard guard(x.device());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_affine_step_cuda", [&] {
+      const cudaError_t err = cuda::launch_affine_step<scalar_t>(
+          x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, d, A, B, C, seed, step,
+          sample_offset, c10::cuda::getCurrentCUDAStream());
+      TORCH_CHECK(err == cudaSuccess, "fastdiff affine_step CUDA launch failed: ", cudaGetErrorString(err));
+    });
+  }
+#endif
+  return out;
+}
+
+}  // namespace fastdiff::ops

@@ -1,0 +1,74 @@
+// Torch glue helpers: input checks whose messages name the argument, and conversions to kernel structs.
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+
+namespace fastdiff::ops {
+
+inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
+
+inline void check_points(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, " must have shape [M, d], got ", shape_str(t));
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
+              " must be float32 or float64, got ", t.scalar_type());
+}
+
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " is on ", t.device(), " but ", ref_name, " is on ", ref.device());
+}
+
+inline void check_supported_device(const at::Tensor& x) {
+#ifdef FASTDIFF_WITH_CUDA
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "x must be a CPU or CUDA tensor, got ", x.device());
+#else
+  TORCH_CHECK(x.is_cpu(), "x is on ", x.device(), " but this fastdiff._C was built without CUDA kernels");
+#endif
+}
+
+// The data set in x's dtype (fp16/bf16/fp32 storage upcast here), contiguous, same device.
+inline at::Tensor prepare_data(const at::Tensor& data, const at::Tensor& x) {
+  TORCH_CHECK(data.dim() == 2, "data must have shape [N, d], got ", shape_str(data));
+  TORCH_CHECK(data.is_floating_point(), "data must be a floating tensor, got ", data.scalar_type());
+  TORCH_CHECK(data.size(0) > 0, "data must contain at least one point");
+  TORCH_CHECK(data.size(1) == x.size(1), "x has d=", x.size(1), " columns but data has d=", data.size(1));
+  check_device(data, x, "data", "x");
+  return data.to(x.scalar_type()).contiguous();
+}
+
+inline std::optional<at::Tensor> prepare_log_weights(const std::optional<at::Tensor>& lw, const at::Tensor& x,
+                                                     int64_t N) {
+  if (!lw.has_value()) return std::nullopt;
+  TORCH_CHECK(lw->dim() == 1 && lw->size(0) == N, "log_weights must have shape [N]=[", N, "], got ", shape_str(*lw));
+  check_device(*lw, x, "log_weights", "x");
+  return lw->to(x.scalar_type()).contiguous();
+}
+
+// alpha / sigma as float64 on `device`, length 1 or M.
+inline at::Tensor prepare_coeff(const at::Tensor& v, int64_t M, const char* name, at::Device device) {
+  TORCH_CHECK(v.dim() <= 1 && (v.numel() == 1 || v.numel() == M), name, " must be a scalar or have shape [M]=[", M,
+              "], got ", shape_str(v));
+  return v.to(device, at::kDouble).contiguous().reshape({-1});
+}
+
+// alpha and sigma broadcast together: both scalars (per_row = false) or both [M].
+struct Coeffs {
+  at::Tensor alpha, sigma;
+  bool per_row;
+};
+inline Coeffs prepare_coeffs(const at::Tensor& alpha, const at::Tensor& sigma, int64_t M, at::Device device) {
+  at::Tensor a = prepare_coeff(alpha, M, "alpha", device), s = prepare_coeff(sigma, M, "sigma", device);
+  const bool per_row = M != 1 && (a.numel() == M || s.numel() == M);
+  if (per_row) {
+    a = a.expand({M}).contiguous();
+    s = s.expand({M}).contiguous();
+  }
+  return {a, s, per_row};
+}
+
+inline void check_table(const at::Tensor& v, int64_t K, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == K, name, " must have shape [K]=[", K, "], got ", shape_str(v));
+}
+
+}  // namespace fastdiff::ops

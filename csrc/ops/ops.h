@@ -1,0 +1,30 @@
+// The ops fastdiff._C exports (declared once; defined in ops/<op>.cpp, registered in fastdiff.cpp).
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastdiff::ops {
+
+std::tuple<at::Tensor, at::Tensor> posterior(const at::Tensor& x, const at::Tensor& data, const at::Tensor& alpha,
+                                             const at::Tensor& sigma, const std::optional<at::Tensor>& log_weights,
+                                             double bandwidth);
+
+at::Tensor affine_step(const at::Tensor& x, const at::Tensor& D, double A, double B, double C, uint64_t seed,
+                       uint32_t step, uint64_t sample_offset, const std::optional<at::Tensor>& out);
+
+at::Tensor pointcloud_step(const at::Tensor& x, const at::Tensor& data, const at::Tensor& alpha,
+                           const at::Tensor& sigma, double A, double B, double C, uint64_t seed, uint32_t step,
+                           uint64_t sample_offset, const std::optional<at::Tensor>& log_weights, double bandwidth,
+                           const std::optional<at::Tensor>& out);
+
+// x [M, d] is updated in place through every step of the table (alpha, sigma, A, B, C: float64 [K]);
+// returns the trajectory [K+1, M, d] when asked, else None.
+std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& data, const at::Tensor& alpha,
+                                            const at::Tensor& sigma, const at::Tensor& A, const at::Tensor& B,
+                                            const at::Tensor& C, uint64_t seed, uint64_t sample_offset,
+                                            const std::optional<at::Tensor>& log_weights, double bandwidth,
+                                            bool return_trajectory);
+
+}  // namespace fastdiff::ops

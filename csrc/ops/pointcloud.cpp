@@ -1,0 +1,107 @@
+// Glue for the fused point-cloud step and whole trajectories.
+#include "../cpu/kernels.h"
+#include "common.h"
+#include "ops.h"
+#ifdef FASTDIFF_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "../cuda/kernels.cuh"
+#endif
+
+namespace fastdiff::ops {
+
+at::Tensor pointcloud_step(const at::Tensor& x_in, const at::Tensor& data_in, const at::Tensor& alpha,
+                           const at::Tensor& sigma, double A, double B, double C, uint64_t seed, uint32_t step,
+                           uint64_t sample_offset, const std::optional<at::Tensor>& log_weights, double bandwidth,
+                           const std::optional<at::Tensor>& out_in) {
+  check_points(x_in, "x");
+  check_supported_device(x_in);
+  TORCH_CHECK(bandwidth >= 0, "bandwidth must be >= 0, got ", bandwidth);
+  TORCH_CHECK(alpha.numel() == 1 && sigma.numel() == 1, "pointcloud_step takes scalar alpha and sigma (one time step)");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), d = x.size(1);
+  const at::Tensor data = prepare_data(data_in, x);
+  const int64_t N = data.size(0);
+  const auto lw = prepare_log_weights(log_weights, x, N);
+  at::Tensor out = out_in.has_value() ? *out_in : at::empty_like(x);
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device() &&
+                  out.is_contiguous(),
+              "out must be a contiguous tensor matching x (", shape_str(x), ", ", x.scalar_type(), ")");
+  const Coeffs co = prepare_coeffs(alpha, sigma, M, x.device());
+  if (x.is_cpu()) {
+    // Rows are independent and each reads only its own x row before writing it: out may alias x.
+    const at::Tensor yT = data.t().contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_step_cpu", [&] {
+      const cpu::Cloud<scalar_t> c{yT.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};
+      cpu::pointcloud_step<scalar_t>(c, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M,
+                                     co.alpha.item<double>(), co.sigma.item<double>(), A, B, C, seed, step,
+                                     sample_offset);
+    });
+    return out;
+  }
+#ifdef FASTDIFF_WITH_CUDA
+  TORCH_CHECK(d <= 12288, "the CUDA point-cloud step supports d <= 12288, got d=", d);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor scratch = d > 64 ? at::empty({M * (d + 1)}, x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_step_cuda", [&] {
+    const cuda::Cloud<scalar_t> c{data.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};
+    const cudaError_t err = cuda::launch_pointcloud_step<scalar_t>(
+        c, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, co.alpha.data_ptr<double>(),
+        co.sigma.data_ptr<double>(), A, B, C, seed, step, sample_offset,
+        scratch.defined() ? scratch.data_ptr<scalar_t>() : nullptr, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "fastdiff pointcloud_step CUDA launch failed: ", cudaGetErrorString(err));
+  });
+#endif
+  return out;
+}
+
+std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& data_in, const at::Tensor& alpha,
+                                            const at::Tensor& sigma, const at::Tensor& A, const at::Tensor& B,
+                                            const at::Tensor& C, uint64_t seed, uint64_t sample_offset,
+                                            const std::optional<at::Tensor>& log_weights, double bandwidth,
+                                            bool return_trajectory) {
+  check_points(x, "x");
+  check_supported_device(x);
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous (it is updated in place)");
+  TORCH_CHECK(bandwidth >= 0, "bandwidth must be >= 0, got ", bandwidth);
+  const int64_t M = x.size(0), d = x.size(1), K = alpha.numel();
+  for (const auto& [t, name] : {std::pair{&alpha, "alpha"}, {&sigma, "sigma"}, {&A, "A"}, {&B, "B"}, {&C, "C"}})
+    check_table(*t, K, name);
+  const at::Tensor data = prepare_data(data_in, x);
+  const int64_t N = data.size(0);
+  const auto lw = prepare_log_weights(log_weights, x, N);
+  const auto host = [](const at::Tensor& t) { return t.to(at::kCPU, at::kDouble).contiguous(); };
+  const at::Tensor a_h = host(alpha), s_h = host(sigma), A_h = host(A), B_h = host(B), C_h = host(C);
+  std::optional<at::Tensor> traj;
+  if (return_trajectory) traj = at::empty({K + 1, M, d}, x.options());
+  if (x.is_cpu()) {
+    const at::Tensor yT = data.t().contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_sample_cpu", [&] {
+      const cpu::Cloud<scalar_t> c{yT.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};
+      cpu::pointcloud_sample<scalar_t>(c, x.data_ptr<scalar_t>(), M, K, a_h.data_ptr<double>(), s_h.data_ptr<double>(),
+                                       A_h.data_ptr<double>(), B_h.data_ptr<double>(), C_h.data_ptr<double>(), seed,
+                                       sample_offset, traj ? traj->data_ptr<scalar_t>() : nullptr);
+    });
+    return traj;
+  }
+#ifdef FASTDIFF_WITH_CUDA
+  TORCH_CHECK(d <= 12288, "the CUDA point-cloud sampler supports d <= 12288, got d=", d);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto dev = [&](const at::Tensor& t) { return t.to(x.device(), at::kDouble).contiguous(); };
+  const at::Tensor a_d = dev(alpha), s_d = dev(sigma), A_d = dev(A), B_d = dev(B), C_d = dev(C);
+  at::Tensor scratch = d > 64 ? at::empty({M * (d + 1)}, x.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_sample_cuda", [&] {
+    const cuda::Cloud<scalar_t> c{data.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};
+    const cudaError_t err = cuda::launch_pointcloud_sample<scalar_t>(
+        c, x.data_ptr<scalar_t>(), M, K, a_d.data_ptr<double>(), s_d.data_ptr<double>(), A_d.data_ptr<double>(),
+        B_d.data_ptr<double>(), C_d.data_ptr<double>(), A_h.data_ptr<double>(), B_h.data_ptr<double>(),
+        C_h.data_ptr<double>(), seed, sample_offset, traj ? traj->data_ptr<scalar_t>() : nullptr,
+        scratch.defined() ? scratch.data_ptr<scalar_t>() : nullptr, c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "fastdiff pointcloud_sample CUDA launch failed: ", cudaGetErrorString(err));
+  });
+#endif
+  return traj;
+}
+
+}  // namespace fastdiff::ops

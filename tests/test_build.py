@@ -1,0 +1,48 @@
+"""The compiled extension: what was built, lazy loading, and that CI really compiled the CUDA kernels."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastdiff import _backend
+
+
+def test_build_config_reports_what_was_compiled():
+    cfg = _backend.build_config()
+    if cfg is None:
+        pytest.skip(f"fastdiff._C not built: {_backend.BACKENDS['cpu'].unavailable_reasons()}")
+    assert cfg["cpu"] is True and cfg["openmp"] is True
+    assert cfg["torch_version"] == torch.__version__, "fastdiff._C was built against another torch: rebuild it"
+
+
+@pytest.mark.skipif(os.environ.get("FASTDIFF_BUILD_CUDA") != "1", reason="only where the CUDA build is required (CI)")
+def test_cuda_kernels_were_compiled_for_hopper():
+    cfg = _backend.build_config()
+    assert cfg is not None and cfg["cuda"] is True
+    assert "9.0" in cfg["cuda_arch_list"]
+
+
+def test_importing_fastdiff_loads_nothing_compiled_and_touches_no_driver():
+    code = ("import sys, fastdiff, torch; fastdiff.PureVE(); "
+            "assert 'fastdiff._C' not in sys.modules; assert not torch.cuda.is_initialized(); "
+            "assert 'fastdiff.triton' not in sys.modules; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_a_failed_load_is_remembered_and_explained(monkeypatch):
+    monkeypatch.setattr(_backend, "_EXTENSION", None)
+    monkeypatch.setattr(_backend, "_EXTENSION_ERROR", None)
+    import fastdiff
+    monkeypatch.delattr(fastdiff, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "fastdiff._C", None)          # makes `from . import _C` fail
+    with pytest.raises(RuntimeError, match="could not be loaded.*pip install --no-build-isolation"):
+        _backend.extension()
+    reasons = _backend.BACKENDS["cpu"].unavailable_reasons()
+    assert reasons and "could not be loaded" in reasons[0]
+    # the torch backend still runs; auto falls back to it on CPU, with cpu's reason recorded
+    assert _backend.select("posterior", "auto", device=torch.device("cpu"), dtype=torch.float32, d=2).name == "torch"
+    with pytest.raises(ValueError, match="backend 'cpu' cannot run posterior: fastdiff._C could not be loaded"):
+        _backend.select("posterior", "cpu", device=torch.device("cpu"))

@@ -1,0 +1,234 @@
+"""Compiled kernels (fastdiff._C: `cpu` on CPU tensors here, `cuda` on a GPU) against the plain-torch
+reference in float64, on the same inputs. Tolerance relative to the dtype's own error (flash-attention
+style): |kernel − ref64| ≤ 2·|ref32 − ref64| + atol, plus MATH.md §7's contract for the posterior."""
+import math
+
+import pytest
+import torch
+
+import fastdiff as fd
+from fastdiff import _backend, ops
+from fastdiff.reference import posterior as ref_posterior
+
+F64 = torch.float64
+
+
+def _backends():
+    out = []
+    for name, device, marks in (("cpu", "cpu", ()), ("cuda", "cuda", (pytest.mark.gpu,))):
+        reasons = _backend.BACKENDS[name].unavailable_reasons()
+        if name == "cuda" and not torch.cuda.is_available():
+            reasons = reasons + ["no CUDA device"]
+        marks = marks + ((pytest.mark.skip(reason="; ".join(reasons)),) if reasons else ())
+        out.append(pytest.param(name, device, id=name, marks=marks))
+    return out
+
+
+BACKENDS = _backends()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _cloud(N, d, seed=0, duplicates=False, scale=1.0):
+    y = scale * torch.randn(N, d, generator=_gen(seed), dtype=F64)
+    if duplicates and N > 2:
+        y[1] = y[0] + 1e-6                      # near-duplicate points
+        y[2] = y[0]
+    return y
+
+
+def _check_posterior(D, L, x32, y32, alpha, sigma, lw=None, v=0.0):
+    D0, L0 = ref_posterior(x32.double(), y32.double(), alpha, sigma, lw, v)          # float64, same inputs
+    D1, L1 = ref_posterior(x32, y32, alpha, sigma, None if lw is None else lw.float(), v)   # float32 reference
+    scale = float(y32.abs().max()) + 1e-12
+    errD, errL = (D.double().cpu() - D0).abs(), (L.double().cpu() - L0).abs()
+    assert torch.isfinite(D).all() and torch.isfinite(L).all()
+    assert bool((errD <= 2 * (D1.double() - D0).abs() + 1e-6 * scale).all()), float(errD.max())
+    assert bool((errL <= 2 * (L1.double() - L0).abs() + 1e-6 * (1 + L0.abs())).all()), float(errL.max())
+    assert float(errD.max()) / scale <= 1e-4                                           # MATH.md §7
+    assert bool((errL <= 1e-3 + 1e-6 * L0.abs()).all())
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("M, N, d", [(1, 1, 1), (7, 3, 2), (129, 257, 3), (3, 300, 7), (5, 40, 129)])
+@pytest.mark.parametrize("sigma", [1e-3, 0.5, 1e3])
+def test_posterior_odd_shapes_and_extreme_sigma(backend, device, M, N, d, sigma):
+    y = _cloud(N, d, 1, duplicates=True)
+    x = (y[torch.arange(M) % N] + 0.3 * torch.randn(M, d, generator=_gen(2), dtype=F64)).float()
+    y32 = y.float()
+    D, L = ops.posterior(x.to(device), y32.to(device), 0.8, sigma * math.sqrt(d), backend=backend)
+    _check_posterior(D, L, x, y32, 0.8, sigma * math.sqrt(d))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_posterior_per_row_time_weights_bandwidth_and_float64(backend, device):
+    p = fd.DriftedVE(T=10.0, beta="t^2")
+    y = _cloud(70, 3, 3)
+    x = torch.randn(33, 3, generator=_gen(4), dtype=F64) * 2
+    t = torch.linspace(0.01, 10.0, 33, dtype=F64)
+    alpha, sigma = p.alpha(t), p.sigma(t)
+    lw = torch.log_softmax(torch.randn(70, generator=_gen(5), dtype=F64), 0)
+    for v in (0.0, 0.05):
+        D, L = ops.posterior(x.float().to(device), y.float().to(device), alpha, sigma, lw.float().to(device), v,
+                             backend=backend)
+        _check_posterior(D, L, x.float(), y.float(), alpha, sigma, lw, v)
+        D64, L64 = ops.posterior(x.to(device), y.to(device), alpha, sigma, lw.to(device), v, backend=backend)
+        D0, L0 = ref_posterior(x, y, alpha, sigma, lw, v)
+        assert torch.allclose(D64.cpu(), D0, rtol=1e-11, atol=1e-11) and torch.allclose(L64.cpu(), L0, rtol=1e-11)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_posterior_far_queries_and_one_hot_limit(backend, device):
+    y = _cloud(50, 2, 6)
+    x = torch.cat([torch.full((2, 2), 1e4, dtype=F64), y[:5] + 1e-4]).float()
+    for sigma in (1e-6, 1e-3):
+        D, L = ops.posterior(x.to(device), y.float().to(device), 1.0, sigma, backend=backend)
+        assert torch.isfinite(D).all() and torch.isfinite(L).all()
+        D0, _ = ref_posterior(x.double(), y.float().double(), 1.0, sigma)
+        assert torch.allclose(D.double().cpu(), D0, atol=1e-5)
+    zero_w = torch.full((50,), -math.inf)
+    zero_w[-1] = 0.0                                   # only the last point has mass
+    D, L = ops.posterior(x[2:].to(device), y.float().to(device), 1.0, 0.5, zero_w.to(device), backend=backend)
+    assert torch.allclose(D.cpu(), y[-1].float().expand_as(D)) and torch.isfinite(L).all()
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_half_precision_data_storage(backend, device):
+    y = _cloud(64, 4, 7)
+    x = torch.randn(9, 4, generator=_gen(8)).float()
+    for dt in (torch.float16, torch.bfloat16):
+        ys = y.to(dt)
+        D, L = ops.posterior(x.to(device), ys.to(device), 1.0, 0.3, backend=backend)
+        _check_posterior(D, L, x, ys.float(), 1.0, 0.3)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_affine_step_noise_is_the_contract(backend, device, dtype):
+    M, d = 301, 7
+    x = torch.randn(M, d, generator=_gen(9), dtype=dtype)
+    D = torch.randn(M, d, generator=_gen(10), dtype=dtype)
+    out = ops.affine_step(x.to(device), D.to(device), 0.9, 0.2, 1.3, seed=2**40 + 5, step=17, sample_offset=2**33,
+                          backend=backend).cpu()
+    z = fd.noise.normal(2**40 + 5, torch.arange(2**33, 2**33 + M), 17, d, dtype=F64)
+    ref = 0.9 * x.double() + 0.2 * D.double() + 1.3 * z
+    tol = 4 * torch.finfo(dtype).eps * (ref.abs() + 1)
+    assert bool(((out.double() - ref).abs() <= tol).all())
+    # noise only: z itself to a few ulps (bit for bit on the CPU build, which uses double Box–Muller)
+    zk = ops.affine_step(torch.zeros_like(x).to(device), torch.zeros_like(x).to(device), 1.0, 0.0, 1.0, 2**40 + 5, 17,
+                         2**33, backend=backend).cpu()
+    z_ref = fd.noise.normal(2**40 + 5, torch.arange(2**33, 2**33 + M), 17, d, dtype=dtype)
+    if backend == "cpu":
+        # the C++ build evaluates Box–Muller in double like the reference: float32 agrees bit for bit,
+        # float64 to the libm's last ulp
+        assert torch.equal(zk, z_ref) if dtype == torch.float32 else torch.allclose(zk, z_ref, rtol=4e-16, atol=4e-16)
+    else:
+        ulps = (zk.double() - z).abs() / (torch.finfo(dtype).eps * z.abs().clamp_min(1e-3))
+        assert float(ulps.max()) <= 8
+    # in place, and C = 0 draws nothing
+    xi = x.clone().to(device)
+    ops.affine_step(xi, D.to(device), 0.5, 0.5, 0.0, 0, 0, out=xi, backend=backend)
+    assert torch.allclose(xi.cpu(), (0.5 * x.double() + 0.5 * D.double()).to(dtype), atol=4 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_pointcloud_step_is_posterior_then_affine_step(backend, device):
+    y = _cloud(90, 3, 11, duplicates=True).float()
+    x = torch.randn(65, 3, generator=_gen(12))
+    fused = ops.pointcloud_step(x.to(device), y.to(device), 0.7, 0.2, 1.1, 0.4, 0.3, 9, 4, 100, backend=backend).cpu()
+    D0, _ = ref_posterior(x.double(), y.double(), 0.7, 0.2)
+    z = fd.noise.normal(9, torch.arange(100, 165), 4, 3, dtype=F64)
+    ref = 1.1 * x.double() + 0.4 * D0 + 0.3 * z
+    assert torch.allclose(fused.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("d", [2, 5])
+def test_whole_trajectory_matches_the_reference_step_by_step(backend, device, d):
+    p = fd.PureVE(T=20.0)
+    data = _cloud(40, d, 13)
+    cloud = fd.PointCloud(data.float(), p, bandwidth=0.01)
+    kw = dict(n=64, steps=12, schedule="karras", method="ei-x0", seed=3, return_trajectory=True)
+    x_ref, traj_ref = fd.sample(cloud, backend="torch", **kw)
+    cloud_dev = fd.PointCloud(data.float().to(device), p, bandwidth=0.01)
+    x_k, traj_k = fd.sample(cloud_dev, backend=backend, **kw)
+    assert traj_k.shape == traj_ref.shape == (13, 64, d)
+    for k in range(13):
+        scale = float(traj_ref[k].abs().max())
+        assert torch.allclose(traj_k[k].cpu(), traj_ref[k], rtol=1e-4, atol=1e-5 * scale), k
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_batch_invariance_through_the_kernels(backend, device):
+    cloud = fd.PointCloud(_cloud(50, 2, 14).float().to(device), fd.DriftedVE(T=30.0))
+    kw = dict(steps=10, method="ei", seed=8, backend=backend)
+    big = fd.sample(cloud, n=300, **kw)
+    assert torch.equal(big[:100], fd.sample(cloud, n=100, **kw))
+    assert torch.equal(big[120:200], fd.sample(cloud, n=80, sample_offset=120, **kw))
+    assert torch.equal(big, fd.sample(cloud, n=300, chunk_size=29, **kw))
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("method", fd.METHODS)
+def test_gaussian_oracle_holds_through_the_kernels(backend, device, method):
+    """A wide Gaussian point cloud is (nearly) Gaussian data; the oracle of its empirical law must match."""
+    p = fd.OU(theta=0.5, g=1.0, T=10.0)
+    g = torch.Generator().manual_seed(15)
+    data = torch.randn(4000, 2, generator=g, dtype=F64) @ torch.tensor([[1.0, 0.0], [0.6, 0.7]], dtype=F64)
+    mean, cov = data.mean(0), torch.cov(data.T, correction=0)
+    times = fd.time_grid(p, 6, "exponential", 0.3)        # stop where the cloud's law ≈ its Gaussian
+    cloud = fd.PointCloud(data.to(device), p, bandwidth=0.0)
+    x = fd.sample(cloud, n=20000, times=times, method=method, seed=4, dtype=F64, backend=backend).cpu()
+    mu, S = fd.gaussian_oracle(p, times, method, False, mean, cov)
+    n = x.shape[0]
+    assert bool(((x.mean(0) - mu).abs() <= 5 * torch.sqrt(S.diag() / n) + 0.01).all())
+    assert bool(((torch.cov(x.T) - S).abs() <= 5 * torch.sqrt(2 * S.diag()[:, None] * S.diag()[None] / n) + 0.02).all())
+
+
+def test_compiled_backend_is_used_by_auto_on_cpu():
+    if _backend.BACKENDS["cpu"].unavailable_reasons():
+        pytest.skip("fastdiff._C not built")
+    assert _backend.select("pointcloud_sample", "auto", device=torch.device("cpu"), dtype=torch.float32, d=2).name == "cpu"
+
+
+def test_bad_inputs_name_the_argument():
+    if _backend.BACKENDS["cpu"].unavailable_reasons():
+        pytest.skip("fastdiff._C not built")
+    C = _backend.extension()
+    x, y = torch.randn(3, 2), torch.randn(5, 2)
+    one = torch.ones((), dtype=F64)
+    with pytest.raises(RuntimeError, match="x must have shape"):
+        C.posterior(torch.randn(3), y, one, one)
+    with pytest.raises(RuntimeError, match="d=2 columns but data has d=3"):
+        C.posterior(x, torch.randn(5, 3), one, one)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        C.posterior(x.half(), y, one, one)
+    with pytest.raises(RuntimeError, match="alpha must be a scalar or have shape"):
+        C.posterior(x, y, torch.ones(2, dtype=F64), one)
+    with pytest.raises(RuntimeError, match="log_weights must have shape"):
+        C.posterior(x, y, one, one, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="data must contain at least one point"):
+        C.posterior(x, torch.randn(0, 2), one, one)
+    with pytest.raises(RuntimeError, match="D must have the shape of x"):
+        C.affine_step(x, torch.randn(3, 3), 1.0, 1.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="out must match x"):
+        C.affine_step(x, x, 1.0, 1.0, 1.0, 0, 0, 0, torch.empty(3, 2, dtype=F64))
+    with pytest.raises(RuntimeError, match="C must have shape"):
+        t = torch.ones(4, dtype=F64)
+        C.pointcloud_sample(x.clone(), y, t, t, t, t, torch.ones(3, dtype=F64), 0)
+    with pytest.raises(ValueError, match="sigma must be finite and positive"):
+        ops.posterior(x, y, 1.0, 0.0, backend="cpu")
+    with pytest.raises(ValueError, match="device"):
+        ops.posterior(x, y.to("meta"), 1.0, 1.0, backend="cpu")
+
+
+def test_global_sample_indices_beyond_32_bits():
+    """Sample indices past 2³² use the counter's high word; the kernels take them as uint64."""
+    if _backend.BACKENDS["cpu"].unavailable_reasons():
+        pytest.skip("fastdiff._C not built")
+    x = torch.zeros(4, 9)
+    out = ops.affine_step(x, x, 1.0, 0.0, 1.0, seed=1, step=2, sample_offset=2**32 + 7, backend="cpu")
+    assert torch.equal(out, fd.noise.normal(1, torch.arange(2**32 + 7, 2**32 + 11), 2, 9))
+    assert not torch.equal(out, fd.noise.normal(1, torch.arange(7, 11), 2, 9))
