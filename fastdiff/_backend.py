@@ -153,7 +153,8 @@ class CudaBackend(_CompiledBackend):
 
 
 class TritonBackend(Backend):
-    """Triton kernels (fastdiff.triton), imported on first use."""
+    """Triton kernels (fastdiff.triton), imported on first use. They compute in float32 on CUDA tensors
+    (or on CPU tensors under TRITON_INTERPRET=1, for tests)."""
 
     name = "triton"
     ops = OPS
@@ -169,16 +170,46 @@ class TritonBackend(Backend):
             return [f"fastdiff.triton could not be imported ({type(exc).__name__}: {exc})"]
         return []
 
-    def refuse_reasons(self, op, **facts):
+    def refuse_reasons(self, op, device=None, dtype=None, d=None, **inputs):
         reasons = super().refuse_reasons(op)
-        if not reasons:
-            reasons += self._module().refuse_reasons(op, **facts)
-        return reasons
+        if reasons:
+            return reasons
+        mod = self._module()
+        if device is not None:
+            dev = torch.device(device)
+            if dev.type == "cpu" and not mod._common.interpreting():
+                reasons.append("inputs are on the CPU; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 "
+                               "for tests)")
+            elif dev.type == "cuda" and not torch.cuda.is_available():
+                reasons.append("no CUDA device is available")
+            elif dev.type not in ("cpu", "cuda"):
+                reasons.append(f"device type {dev.type!r} is not supported by the Triton kernels")
+        if dtype is not None and dtype != torch.float32:
+            reasons.append(f"dtype {dtype} is not float32 (the Triton kernels compute in float32; float64 runs on "
+                           "the torch, cpu and cuda backends)")
+        return reasons + mod.refuse_reasons(op, **inputs)
 
-    def __getattr__(self, op):
-        if op not in OPS:
-            raise AttributeError(op)
-        return getattr(self._module(), op)
+    def posterior(self, x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
+        return self._module().posterior(x, data, alpha, sigma, log_weights, bandwidth)
+
+    def affine_step(self, x, D, A, B, C, seed, step, sample_offset=0, out=None):
+        return self._module().affine_step(x, D, A, B, C, seed, step, sample_offset, out)
+
+    def pointcloud_step(self, x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0, log_weights=None,
+                        bandwidth=0.0, out=None):
+        return self._module().pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset,
+                                              log_weights, bandwidth, out)
+
+    def pointcloud_sample(self, x, data, alpha, sigma, A, B, C, seed, sample_offset=0, log_weights=None,
+                          bandwidth=0.0, return_trajectory=False):
+        """The backends' contract (x updated in place; the trajectory or None) over the Triton launcher,
+        which takes a [K, 6] table (t unused) and returns a new x."""
+        columns = [torch.zeros(len(A), dtype=torch.float64)] + [_f64(v) for v in (alpha, sigma, A, B, C)]
+        res = self._module().pointcloud_sample(x, data, columns, seed, sample_offset, log_weights, bandwidth,
+                                               return_trajectory)
+        out, traj = res if return_trajectory else (res, None)
+        x.copy_(out)
+        return traj
 
 
 BACKENDS: dict[str, Backend] = {"triton": TritonBackend(), "cuda": CudaBackend(), "cpu": CpuBackend(),

@@ -243,10 +243,11 @@ class ModelDenoiser(Denoiser):
         M = x.shape[0]
         if isinstance(t, torch.Tensor) and t.ndim == 1:
             tt = t.to(device=x.device, dtype=x.dtype)
-        else:
-            tt = torch.full((M,), float(t), dtype=x.dtype, device=x.device)
-        if self.time_input == "sigma":
-            tt = self.process.sigma(tt.to(torch.float64)).to(x.dtype)
+            if self.time_input == "sigma":
+                tt = self.process.sigma(t.to(torch.float64)).to(device=x.device, dtype=x.dtype)
+        else:   # a number: computed on the host, filled on the device (no copy, no sync; graph-safe)
+            value = self.process.sigma(float(t)) if self.time_input == "sigma" else float(t)
+            tt = torch.full((M,), value, dtype=x.dtype, device=x.device)
         xin = x if self.event_shape is None else x.view(M, *self.event_shape)
         out = self.model(xin, tt)
         if not isinstance(out, torch.Tensor) or out.shape != xin.shape:

@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from . import _backend, noise
+from . import _backend, _graphs, noise
 from ._checks import check_choice
 from .denoisers import Denoiser, PointCloud
 from .processes import Process
@@ -27,7 +27,7 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
            final_denoise: bool = False, seed: int = 0, sample_offset: int = 0, return_trajectory: bool = False,
            progress: bool = False, callback=None, backend: str = "auto", *, x: torch.Tensor | None = None,
            times=None, eta: float | None = None, chunk_size: int | None = None, shape=None,
-           device=None, dtype: torch.dtype = torch.float32):
+           device=None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False):
     """Draw n samples by running the reverse SDE (ode=False) or the PF-ODE (ode=True) from T to t_end.
 
     denoiser       an analytic denoiser (PointCloud, GaussianMixture, Gaussian) or fd.from_model(...)
@@ -40,6 +40,12 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
     return_trajectory     also return every x_k: [steps + 1, n, ...] (on the sample's device)
     progress       show a progress bar (tqdm if installed);  callback(info dict) after each step
     shape          per-sample shape (e.g. (3, 32, 32)); defaults to the denoiser's dimension
+    cuda_graph     capture the per-step loop (model → affine step) in a CUDA graph and replay it (CUDA,
+                   float32, Triton; graphs are cached across calls, so later calls with any seed only
+                   replay; see fastdiff._graphs). A point cloud without a callback already runs its
+                   whole trajectory in one kernel launch, so there is nothing to capture.
+    On CUDA the loop never synchronises with the host: coefficients are kernel arguments and the noise
+    is drawn in the kernel.
     Returns x [n, ...] (and the trajectory when asked).
     """
     process = _resolve_process(denoiser, process)
@@ -61,6 +67,16 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
     fused = isinstance(denoiser, PointCloud) and callback is None
     engine = _backend.select("pointcloud_sample" if fused else "affine_step", backend,
                              **_backend.facts(device=device, dtype=dtype, d=d))
+    graphed = bool(cuda_graph) and not fused
+    if cuda_graph and callback is not None:
+        raise ValueError("cuda_graph=True cannot call a per-step callback (the captured loop runs without the "
+                         "host); drop the callback or cuda_graph")
+    if graphed:
+        reasons = _graphs.refuse_reasons(device, dtype)
+        if backend not in ("auto", "triton"):
+            reasons.append(f"backend={backend!r}, but the captured loop uses the Triton affine step")
+        if reasons:
+            raise ValueError("cuda_graph=True cannot run: " + "; ".join(reasons))
     if chunk_size is None:
         chunk_size = max(1, _DEFAULT_CHUNK_ELEMS // d)
         if fused and progress:
@@ -79,7 +95,10 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
             xc = process.prior(m, d, seed, offset, dtype=dtype, device=device)
         else:
             xc = x0[c0:c0 + m].reshape(m, d).to(dtype).clone()
-        if fused:
+        if graphed:
+            xc, traj = _graphs.run_chunk(denoiser, xc, t_list, A, B, C, seed, offset, return_trajectory)
+            bar.update(len(t_list))
+        elif fused:
             traj = engine.pointcloud_sample(xc, denoiser.data, alphas, sigmas, A, B, C, seed, offset,
                                             denoiser.log_weights, denoiser.bandwidth, return_trajectory)
             bar.update(len(t_list))

@@ -1,0 +1,189 @@
+"""Host-side helpers shared by the Triton ops: input checks, per-row parameter tables, launch
+configurations (a plain Python heuristic: autotuning with several configs needs a GPU driver) and the
+accuracy constants of the large-d screening. Imports no Triton and never queries a GPU driver."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+LOG2E = 1.4426950408889634
+DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SMALL_D_MAX = 64            # d ≤ 64: direct-difference kernel, whole rows on chip; above: large-d kernel
+INV2C_MAX = 1e30            # 1/(2c) beyond this overflows float32 logits: the Triton ops refuse
+NPAR = 9                    # per-row (or per-step) parameter record, float32:
+# 0 a = α   1 c1   2 c2   3 k2 = log2(e)/(2c)   4 cy = 1 − α²v/c   5 cx = αv/c   6 A   7 B   8 C
+# x − αy is formed as (x − c1·y) + c2·y: (c1, c2) = (1, 1 − α) for α ≥ ½ (x − y is then exact near the
+# data and (1 − α)·y tiny), (0, −α) for α < ½ (plain x − αy, the better form when α is small).
+
+
+def interpreting() -> bool:
+    """True when Triton kernels are (or will be) decorated for the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# ---------------------------------------------------------------- launch configurations
+def small_config(d: int) -> dict:
+    """d ≤ SMALL_D_MAX: rows [BM, DP] stay in registers; the [BM, BN, DP] difference tile is 4K–8K floats
+    (4 warps; sizes chosen so ptxas reports no spills for sm_90, see aot.py)."""
+    DP = max(4, next_pow2(d))
+    BM, BN = {4: (32, 32), 8: (32, 16), 16: (32, 16), 32: (16, 16), 64: (16, 8)}[DP]
+    return {"BM": BM, "BN": BN, "DP": DP, "num_warps": 4}
+
+
+def large_config(d: int) -> dict:
+    """d > SMALL_D_MAX: [BM, BN] logits from BK-wide tl.dot tiles; exact re-scoring in BKE-wide slices."""
+    return {"BM": 32, "BN": 32, "BK": 32, "BKE": 4, "num_warps": 4}
+
+
+def affine_config(d: int) -> dict:
+    BK = min(128, max(4, next_pow2(d)))
+    return {"BM": max(8, 1024 // BK), "BK": BK, "num_warps": 4}
+
+
+SMALL_DPS = (4, 8, 16, 32, 64)
+AFFINE_BKS = (4, 8, 16, 32, 64, 128)
+
+
+# ---------------------------------------------------------------- large-d screening constants
+def screen_kappa(d: int, tf32: bool) -> float:
+    """Relative bound κ with |d̃² − d²| ≤ κ(|x| + α|y|)² for the expanded squared distance
+    |x|² − 2α x·y + α²|y|² evaluated from a float32 tl.dot (MATH.md §5).
+
+    tf32: inputs truncated to 10 mantissa bits by the kernel itself (relative error < 2⁻¹⁰ each, so
+    products are off by < 2⁻⁹ + 2⁻²⁰); any float32 accumulation order, even truncating (tensor-core)
+    adds: d·2⁻²³ (1.01 for higher-order terms); the norms: d·2⁻²³; forming the sum and scaling: 16u.
+    The whole bound is doubled to cover the rounding of the bound itself and of |x|, |y|.
+    """
+    acc = 1.01 * d * 2.0**-23
+    cross = (2.0**-9 + 2.0**-20 + acc) if tf32 else acc
+    return 2.0 * (max(cross, acc) + 16 * 2.0**-24)
+
+
+def screen_delta2(N: int) -> float:
+    """Pairs whose logit is below the row max by more than this (log2 units) are dropped:
+    N·2^−Δ ≤ 2⁻⁴⁰ of the total weight."""
+    return math.log2(max(N, 1)) + 40.0
+
+
+SCREEN_TAU2 = 1e-6          # screened logits (log2 units) are used as they are when their bound is below this
+
+
+# ---------------------------------------------------------------- checks
+def words(value: int):
+    """(low, high) 32-bit words of a non-negative integer < 2⁶⁴."""
+    v = int(value)
+    return v & 0xFFFFFFFF, v >> 32
+
+
+def check_x(x, name="x"):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 for the Triton kernels, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape [M, d], got {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"{name} must have at least one column, got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def check_data(data, d, device):
+    if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.dtype not in DATA_DTYPES:
+        raise ValueError("data must be a float32, float16 or bfloat16 tensor of shape [N, d], got "
+                         f"{getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}")
+    if data.shape[0] == 0:
+        raise ValueError("data must contain at least one point")
+    if data.shape[1] != d:
+        raise ValueError(f"x has d={d} columns but data has d={data.shape[1]}")
+    if data.device != device:
+        raise ValueError(f"tensors must be on one device, got x on {device}, data on {data.device}")
+    return data.contiguous()
+
+
+def check_seed(seed) -> int:
+    s = int(seed)
+    if not 0 <= s < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    return s
+
+
+def check_step(step) -> int:
+    k = int(step)
+    if not 0 <= k < 2**32:
+        raise ValueError(f"step must be in [0, 2**32), got {step}")
+    return k
+
+
+def check_offset(sample_offset, M) -> int:
+    o = int(sample_offset)
+    if o < 0 or o + M > 2**64:
+        raise ValueError(f"sample_offset must be >= 0 and sample_offset + M <= 2**64, got {sample_offset}")
+    return o
+
+
+def per_row64(value, name, M, device) -> torch.Tensor:
+    """A scalar or [M] value as a float64 tensor of shape [1] or [M], checked finite."""
+    v = torch.as_tensor(value, dtype=torch.float64, device=device) if not isinstance(value, torch.Tensor) \
+        else value.to(device=device, dtype=torch.float64)
+    if v.ndim == 0:
+        v = v.reshape(1)
+    if v.ndim != 1 or v.numel() not in (1, M):
+        raise ValueError(f"{name} must be a scalar or have shape [M]=[{M}], got {tuple(v.shape)}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return v
+
+
+def log_weights2(log_weights, N, device) -> torch.Tensor:
+    """log π in log2 units as float32 [N] (zeros when None); −inf allowed (zero weight)."""
+    if log_weights is None:
+        return torch.zeros(N, dtype=torch.float32, device=device)
+    lw = torch.as_tensor(log_weights, device=device)
+    if lw.shape != (N,):
+        raise ValueError(f"log_weights must have shape [N]=[{N}], got {tuple(lw.shape)}")
+    if not lw.is_floating_point():
+        raise TypeError(f"log_weights must be a floating tensor, got {lw.dtype}")
+    if bool(torch.isnan(lw).any()) or bool((lw == float("inf")).any()):
+        raise ValueError("log_weights contains NaN or +inf")
+    if not bool(torch.isfinite(lw).any()):
+        raise ValueError("log_weights gives every data point zero weight")
+    return (lw.to(torch.float64) * LOG2E).to(torch.float32).contiguous()
+
+
+def reduction_params(alpha, sigma, bandwidth, M, device, what="posterior") -> torch.Tensor:
+    """float64 [R, NPAR] records (R = 1 or M) with a, c1, c2, k2, cy, cx filled (A, B, C zero)."""
+    a = per_row64(alpha, "alpha", M, device)
+    s = per_row64(sigma, "sigma", M, device)
+    if not bool((s > 0).all()):
+        raise ValueError("sigma must be positive (D is never evaluated at t = 0)")
+    v = float(bandwidth)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
+    R = max(a.numel(), s.numel())
+    a, s = a.expand(R), s.expand(R)
+    c = a * a * v + s * s
+    inv2c = 0.5 / c
+    if float(inv2c.max()) > INV2C_MAX:
+        raise ValueError(f"1/(2c) = {float(inv2c.max()):.3g} overflows float32 logits in the Triton {what} "
+                         "(sigma too small); use the torch backend, which switches to float64")
+    par = torch.zeros(R, NPAR, dtype=torch.float64, device=device)
+    near_one = a >= 0.5
+    par[:, 0] = a
+    par[:, 1] = near_one.to(torch.float64)
+    par[:, 2] = torch.where(near_one, 1.0 - a, -a)
+    par[:, 3] = inv2c * LOG2E
+    par[:, 4] = 1.0 - a * a * v / c
+    par[:, 5] = a * v / c
+    return par
+
+
+def as_f32_table(par64: torch.Tensor) -> torch.Tensor:
+    return par64.to(torch.float32).contiguous()

@@ -1,0 +1,137 @@
+"""Triton fused point-cloud sampler step: D = posterior(x) (MATH.md §5) then x ← A·x + B·D + C·z with z from
+the noise contract, in one kernel.
+
+Small d: D never leaves registers. Large d: the [BM, d] accumulator of the reduction cannot stay on chip,
+so it lives in `out` when out is a separate tensor, else in a scratch [M, d] (L2-resident, one program per
+row block); the final D itself is never written, the epilogue streams acc, x and z into out.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as C
+from ._affine_step import coefficient_table
+from ._philox import normal_tile, sample_index_words
+from ._posterior import _load_params, large_reduce, small_reduce
+
+
+# ================================================================ kernels
+@triton.jit
+def _load_abc(coef_ptr, rows, coef_stride, rmask):
+    cp = coef_ptr + rows.to(tl.int64) * coef_stride
+    A = tl.load(cp + 0, mask=rmask, other=0.0)
+    B = tl.load(cp + 1, mask=rmask, other=0.0)
+    Cn = tl.load(cp + 2, mask=rmask, other=0.0)
+    return A, B, Cn
+
+
+@triton.jit
+def _pointcloud_step_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, coef_ptr, out_ptr, M, N, d,
+                                  stride_x, stride_y, stride_o, par_stride, coef_stride,
+                                  seed_lo: tl.int64, seed_hi: tl.int64, step: tl.int64, off_lo: tl.int64,
+                                  off_hi: tl.int64, has_noise: tl.int32,
+                                  BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    cols = tl.arange(0, DP)
+    mask = rmask[:, None] & (cols < d)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
+    A, B, Cn = _load_abc(coef_ptr, rows, coef_stride, rmask)
+    acc, m, s = small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
+    D = acc * (cy / s)[:, None] + cx[:, None] * x
+    out = A[:, None] * x + B[:, None] * D
+    if has_noise != 0:
+        i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
+        out += Cn[:, None] * normal_tile(seed_lo, seed_hi, step, i_lo, i_hi, 0, DP // 4)
+    tl.debug_barrier()                              # in place: loads before stores (see _affine_step)
+    tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], out, mask=mask)
+
+
+@triton.jit
+def _pointcloud_step_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, coef_ptr, acc_ptr, out_ptr, M, N, d,
+                                  stride_x, stride_y, stride_acc, stride_o, par_stride, coef_stride,
+                                  kappa, delta2, tau2, seed_lo: tl.int64, seed_hi: tl.int64, step: tl.int64,
+                                  off_lo: tl.int64, off_hi: tl.int64, has_noise: tl.int32,
+                                  SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                  BK: tl.constexpr, BKE: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
+    A, B, Cn = _load_abc(coef_ptr, rows, coef_stride, rmask)
+    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
+                        N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+    fy = cy / s
+    i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
+    for k0 in range(0, d, BK):
+        kk = k0 + tl.arange(0, BK)
+        mask = rmask[:, None] & (kk < d)[None, :]
+        xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=mask, other=0.0)
+        acc = tl.load(acc_ptr + rows64[:, None] * stride_acc + kk[None, :], mask=mask, other=0.0)
+        D = acc * fy[:, None] + cx[:, None] * xk
+        out = A[:, None] * xk + B[:, None] * D
+        if has_noise != 0:
+            out += Cn[:, None] * normal_tile(seed_lo, seed_hi, step, i_lo, i_hi, k0 // 4, BK // 4)
+        tl.debug_barrier()                          # in place: loads before stores (see _affine_step)
+        tl.store(out_ptr + rows64[:, None] * stride_o + kk[None, :], out, mask=mask)
+
+
+# ================================================================ launcher
+def launch_pointcloud_step(x, data, lw2, par, coef, has_noise, out, seed, step, sample_offset, screen_tf32=None):
+    from . import _posterior
+
+    M, d = x.shape
+    N = data.shape[0]
+    s_lo, s_hi = C.words(seed)
+    o_lo, o_hi = C.words(sample_offset)
+    par_stride = 0 if par.shape[0] == 1 else par.stride(0)
+    coef_stride = 0 if coef.shape[0] == 1 else coef.stride(0)
+    if d <= C.SMALL_D_MAX:
+        cfg = C.small_config(d)
+        _pointcloud_step_small_kernel[(triton.cdiv(M, cfg["BM"]),)](
+            x, data, lw2, par, coef, out, M, N, d, x.stride(0), data.stride(0), out.stride(0), par_stride,
+            coef_stride, s_lo, s_hi, step, o_lo, o_hi, int(has_noise),
+            BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"], num_warps=cfg["num_warps"])
+        return out
+    tf32 = _posterior.SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
+    cfg = C.large_config(d)
+    acc = torch.empty_like(x) if out.data_ptr() == x.data_ptr() else out
+    _pointcloud_step_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
+        x, data, lw2, par, coef, acc, out, M, N, d, x.stride(0), data.stride(0), acc.stride(0), out.stride(0),
+        par_stride, coef_stride, C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2,
+        s_lo, s_hi, step, o_lo, o_hi, int(has_noise),
+        SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"], num_warps=cfg["num_warps"])
+    return out
+
+
+# ================================================================ public function
+def pointcloud_step(x, data, alpha, sigma, A, B, C_, seed, step, sample_offset=0, log_weights=None,
+                    bandwidth=0.0, out=None, *, screen_tf32=None):
+    """One fused sampler step on the point cloud `data`: x_s = A·x + B·D(x; α, σ) + C·z.
+
+    Equals fastdiff.triton.affine_step(x, posterior(x, data, alpha, sigma, ...)[0], A, B, C, seed, step,
+    sample_offset). alpha, sigma, A, B, C: numbers or [M] tensors; out: None, x (in place) or a float32
+    [M, d] tensor with contiguous rows.
+    """
+    C.check_x(x)
+    data = C.check_data(data, x.shape[1], x.device)
+    M, d = x.shape
+    if out is None:
+        out = torch.empty_like(x)
+    elif not isinstance(out, torch.Tensor) or out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must match x ({tuple(x.shape)}, {x.dtype}, {x.device})")
+    elif out.stride(1) != 1:
+        raise ValueError("out must have contiguous rows (stride 1 along d)")
+    seed, step = C.check_seed(seed), C.check_step(step)
+    sample_offset = C.check_offset(sample_offset, M)
+    lw2 = C.log_weights2(log_weights, data.shape[0], x.device)
+    par = C.as_f32_table(C.reduction_params(alpha, sigma, bandwidth, M, x.device, "pointcloud_step"))
+    coef, has_noise = coefficient_table(A, B, C_, M, x.device)
+    if M == 0:
+        return out
+    xc = x.contiguous()          # if x had to be copied, "in place" becomes out of place from the copy
+    return launch_pointcloud_step(xc, data, lw2, par, coef, has_noise, out, seed, step, sample_offset, screen_tf32)

@@ -1,0 +1,275 @@
+"""Triton point-cloud posterior (MATH.md §5, §7): D [M, d] and L [M] in one pass over the data with an
+online log-sum-exp; no M×N matrix ever exists (one [BM, BN] tile of logits at a time).
+
+Logits are kept in log2 units (k2 = log2(e)/(2c), exp2/log2 on the hardware units); per-row
+records (see _common.NPAR) carry a = α, b = 1 − α, k2, cy = 1 − α²v/c, cx = αv/c.
+
+Differences are formed as (x − y) + b·y with b = 1 − α computed in float64 on the host: when α is near
+1 (every process at small σ) x − y is exact and b·y is tiny, so the distance keeps float32 accuracy
+even against a float64 reference that uses the unrounded α (x − fl(α)·y would be off by u·|y| per
+component, hundreds of logit units... well, ~10⁻³ of one at σ = 1e−3, d = 3072).
+
+Small d (≤ 64, exp-bound): every pair by direct differences, the [BM, DP] rows and the [BM, DP]
+accumulator in registers.
+
+Large d (matrix-product-bound), the accuracy method — screening plus exact re-scoring:
+  1. Screen each [BM, BN] tile with the expanded form |x|² − 2α x·y + α²|y|² from tl.dot. By default
+     the kernel truncates both operands to TF32 itself (bit mask), so the tensor-core product is exact
+     on those operands and the interpreter sees exactly the same operands: the error of the screened
+     logit is then bounded rigorously by κ(|x| + α|y|)²·k2 (_common.screen_kappa) whatever the
+     accumulation order. TF32 is used only to decide what to skip, never for a value that is returned.
+  2. Keep a running lower bound m_lb of each row's maximum logit (max of screened − bound). A tile
+     whose every upper bound (screened + bound) is below m_lb − Δ (Δ = log2 N + 40) holds less than
+     2⁻⁴⁰ of the weight: it is skipped (no exp, no accumulation).
+  3. Any other tile is re-scored exactly by direct differences ((x − y) + b·y, BKE columns at a time)
+     unless the bound of every pair that matters is already below τ = 1e−6 (huge σ), and then goes
+     through the online log-sum-exp; its p·y product uses tl.dot(..., input_precision="ieee").
+  At small σ (the hard case: 1/(2c) ~ 10⁶ multiplies the cancellation error of the expanded form)
+  only the few tiles that hold a near neighbour of some row in the block are re-scored, so the cost is
+  about one TF32 screening product; at large σ nearly every tile is re-scored (direct differences,
+  ~1.5× the FMAs of an fp32 expanded form) and the result is still float32-exact.
+  Chosen over centring (which shrinks |x|² and |y|² only by a data-dependent factor, far from the
+  10⁶ needed at σ = 1e−3 on images) and split products (which at best restore float32 products,
+  whereas the cancellation needs ~10⁻¹² relative accuracy of the terms).
+  The [BM, d] accumulator does not fit on chip for d in the thousands: it lives in the output D (or a
+  scratch for the fused ops), owned by one program and resident in L2; each processed tile does one
+  read-modify-write of it (rescaled by the online max), skipped tiles touch nothing.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+import torch
+
+from . import _common as C
+
+LN2 = 0.6931471805599453
+
+
+# ================================================================ kernels
+@triton.jit
+def _load_params(par_ptr, rows, par_stride, rmask):
+    p = par_ptr + rows.to(tl.int64) * par_stride
+    a = tl.load(p + 0, mask=rmask, other=1.0)
+    c1 = tl.load(p + 1, mask=rmask, other=1.0)
+    c2 = tl.load(p + 2, mask=rmask, other=0.0)
+    k2 = tl.load(p + 3, mask=rmask, other=1.0)
+    cy = tl.load(p + 4, mask=rmask, other=1.0)
+    cx = tl.load(p + 5, mask=rmask, other=0.0)
+    return a, c1, c2, k2, cy, cx
+
+
+@triton.jit
+def small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d,
+                 BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    """Online log-sum-exp of the rows x [BM, DP] (padding columns zero) against all N data points.
+    Returns (acc [BM, DP] = Σ 2^{l − m} y, m [BM] (log2 units), s [BM] = Σ 2^{l − m})."""
+    cols = tl.arange(0, DP)
+    cmask = cols < d
+    m = tl.full([BM], float("-inf"), tl.float32)
+    s = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, DP], tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        nm = rn < N
+        y = tl.load(data_ptr + rn.to(tl.int64)[:, None] * stride_y + cols[None, :],
+                    mask=nm[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        lw = tl.load(lw_ptr + rn, mask=nm, other=float("-inf"))
+        diff = (x[:, None, :] - c1[:, None, None] * y[None, :, :]) + c2[:, None, None] * y[None, :, :]
+        d2 = tl.sum(diff * diff, axis=2)
+        lg = lw[None, :] - d2 * k2[:, None]
+        m_new = tl.maximum(m, tl.max(lg, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        scale = tl.exp2(m - m_safe)
+        p = tl.exp2(lg - m_safe[:, None])
+        s = s * scale + tl.sum(p, axis=1)
+        acc = acc * scale[:, None] + tl.sum(p[:, :, None] * y[None, :, :], axis=1)
+        m = m_new
+    return acc, m, s
+
+
+@triton.jit
+def _round_tf32(v):
+    """Truncate float32 to TF32 (10 mantissa bits): exact operands for a TF32 tensor-core product."""
+    return (v.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
+                 N, d, kappa, delta2, tau2,
+                 SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 BKE: tl.constexpr):
+    """Screened online log-sum-exp for rows `rows` of x (in memory) against all N data points.
+    Writes acc[rows, :d] = Σ 2^{l − m} y (unnormalised) and returns (m [BM] log2 units, s [BM])."""
+    rows64 = rows.to(tl.int64)
+    NEG_INF: tl.constexpr = float("-inf")
+    xn2 = tl.zeros([BM], tl.float32)
+    for k0 in range(0, d, BK):
+        kk = k0 + tl.arange(0, BK)
+        xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :],
+                     mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
+        xn2 += tl.sum(xk * xk, axis=1)
+    xn = tl.sqrt(xn2)
+    m = tl.full([BM], NEG_INF, tl.float32)
+    s = tl.zeros([BM], tl.float32)
+    m_lb = tl.full([BM], NEG_INF, tl.float32)
+    for n0 in range(0, N, BN):
+        rn = n0 + tl.arange(0, BN)
+        nm = rn < N
+        rn64 = rn.to(tl.int64)
+        # -- 1. screening: x·y by tl.dot, |y|² alongside
+        dot = tl.zeros([BM, BN], tl.float32)
+        yn2 = tl.zeros([BN], tl.float32)
+        for k0 in range(0, d, BK):
+            kk = k0 + tl.arange(0, BK)
+            km = kk < d
+            xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :],
+                         mask=rmask[:, None] & km[None, :], other=0.0)
+            yk = tl.load(data_ptr + rn64[:, None] * stride_y + kk[None, :],
+                         mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+            yn2 += tl.sum(yk * yk, axis=1)
+            if SCREEN_TF32:
+                dot = tl.dot(_round_tf32(xk), tl.trans(_round_tf32(yk)), dot, input_precision="tf32")
+            else:
+                dot = tl.dot(xk, tl.trans(yk), dot, input_precision="ieee")
+        lw = tl.load(lw_ptr + rn, mask=nm, other=NEG_INF)
+        yn = tl.sqrt(yn2)
+        half_d2 = 0.5 * xn2[:, None] - a[:, None] * dot + (0.5 * a * a)[:, None] * yn2[None, :]
+        la = lw[None, :] - (2.0 * k2)[:, None] * half_d2
+        t = xn[:, None] + a[:, None] * yn[None, :]
+        E = (kappa * k2)[:, None] * (t * t)
+        valid = nm[None, :] & rmask[:, None]
+        lower = tl.where(valid, la - E, NEG_INF)
+        upper = tl.where(valid, la + E, NEG_INF)
+        m_lb = tl.maximum(m_lb, tl.max(lower, axis=1))
+        need = valid & (upper >= (m_lb - delta2)[:, None])
+        n_need = tl.sum(tl.sum(need.to(tl.int32), axis=1), axis=0)
+        if n_need > 0:
+            # -- 2. exact re-scoring unless the screened logits that matter are already exact enough
+            lg = la
+            e_max = tl.max(tl.max(tl.where(need, E, 0.0), axis=1), axis=0)
+            if e_max > tau2:
+                d2 = tl.zeros([BM, BN], tl.float32)
+                comp = tl.zeros([BM, BN], tl.float32)      # Kahan: the slices are summed in sequence
+                for k0 in range(0, d, BKE):
+                    ke = k0 + tl.arange(0, BKE)
+                    kem = ke < d
+                    xe = tl.load(x_ptr + rows64[:, None] * stride_x + ke[None, :],
+                                 mask=rmask[:, None] & kem[None, :], other=0.0)
+                    ye = tl.load(data_ptr + rn64[:, None] * stride_y + ke[None, :],
+                                 mask=nm[:, None] & kem[None, :], other=0.0).to(tl.float32)
+                    diff = (xe[:, None, :] - c1[:, None, None] * ye[None, :, :]) + c2[:, None, None] * ye[None, :, :]
+                    part = tl.sum(diff * diff, axis=2) - comp
+                    tot = d2 + part
+                    comp = (tot - d2) - part
+                    d2 = tot
+                lg = lw[None, :] - d2 * k2[:, None]
+            lg = tl.where(nm[None, :], lg, NEG_INF)
+            # -- 3. online log-sum-exp and the accumulator's read-modify-write
+            m_new = tl.maximum(m, tl.max(lg, axis=1))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            scale = tl.exp2(m - m_safe)
+            p = tl.exp2(lg - m_safe[:, None])
+            s = s * scale + tl.sum(p, axis=1)
+            fresh = m == NEG_INF                       # nothing accumulated yet: acc memory is garbage
+            for k0 in range(0, d, BK):
+                kk = k0 + tl.arange(0, BK)
+                km = kk < d
+                yk = tl.load(data_ptr + rn64[:, None] * stride_y + kk[None, :],
+                             mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+                aptr = acc_ptr + rows64[:, None] * stride_acc + kk[None, :]
+                amask = rmask[:, None] & km[None, :]
+                old = tl.load(aptr, mask=amask, other=0.0)
+                new = tl.where(fresh[:, None], 0.0, old) * scale[:, None] + tl.dot(p, yk, input_precision="ieee")
+                tl.debug_barrier()                 # loads of the tile before its stores
+                tl.store(aptr, new, mask=amask)
+            m = m_new
+            # The next read of this accumulator tile may come from other threads of the program (other
+            # layouts): order it after these stores.
+            tl.debug_barrier()
+    return m, s
+
+
+@triton.jit
+def _posterior_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, D_ptr, L_ptr, M, N, d,
+                            stride_x, stride_y, stride_D, par_stride,
+                            BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    cols = tl.arange(0, DP)
+    mask = rmask[:, None] & (cols < d)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
+    acc, m, s = small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
+    D = acc * (cy / s)[:, None] + cx[:, None] * x
+    tl.store(D_ptr + rows64[:, None] * stride_D + cols[None, :], D, mask=mask)
+    tl.store(L_ptr + rows, (m + tl.log2(s)) * 0.6931471805599453, mask=rmask)
+
+
+@triton.jit
+def _posterior_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, D_ptr, L_ptr, M, N, d,
+                            stride_x, stride_y, stride_D, par_stride, kappa, delta2, tau2,
+                            SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                            BK: tl.constexpr, BKE: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
+    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, D_ptr, stride_D,
+                        N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+    fy = cy / s
+    for k0 in range(0, d, BK):                     # D = acc·cy/s + cx·x, in place over the accumulator
+        kk = k0 + tl.arange(0, BK)
+        mask = rmask[:, None] & (kk < d)[None, :]
+        xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=mask, other=0.0)
+        dptr = D_ptr + rows64[:, None] * stride_D + kk[None, :]
+        acc = tl.load(dptr, mask=mask, other=0.0)
+        Dk = acc * fy[:, None] + cx[:, None] * xk
+        tl.debug_barrier()                          # loads of the tile before its stores
+        tl.store(dptr, Dk, mask=mask)
+    tl.store(L_ptr + rows, (m + tl.log2(s)) * 0.6931471805599453, mask=rmask)
+
+
+# ================================================================ launcher
+SCREEN_TF32 = True        # large-d screening operands truncated to TF32 (exactly bounded; see above)
+
+
+def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None):
+    """x [M, d] float32 contiguous, data [N, d] contiguous, lw2 [N] float32 (log2 units),
+    par [R, NPAR] float32 (R = 1 or M), D [M, d] / L [M] float32 outputs."""
+    M, d = x.shape
+    N = data.shape[0]
+    par_stride = 0 if par.shape[0] == 1 else par.stride(0)
+    if d <= C.SMALL_D_MAX:
+        cfg = C.small_config(d)
+        grid = (triton.cdiv(M, cfg["BM"]),)
+        _posterior_small_kernel[grid](x, data, lw2, par, D, L, M, N, d, x.stride(0), data.stride(0), D.stride(0),
+                                      par_stride, BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"],
+                                      num_warps=cfg["num_warps"])
+    else:
+        tf32 = SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
+        cfg = C.large_config(d)
+        grid = (triton.cdiv(M, cfg["BM"]),)
+        _posterior_large_kernel[grid](x, data, lw2, par, D, L, M, N, d, x.stride(0), data.stride(0), D.stride(0),
+                                      par_stride, C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2,
+                                      SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
+                                      BKE=cfg["BKE"], num_warps=cfg["num_warps"])
+    return D, L
+
+
+# ================================================================ public function
+def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_tf32=None):
+    """Point-cloud posterior mean D [M, d] and log-sum-exp L [M] (float32), as
+    fastdiff.reference.posterior. alpha, sigma: scalars or [M]; data float32/float16/bfloat16.
+    screen_tf32 (large d only): None = module default SCREEN_TF32."""
+    C.check_x(x)
+    data = C.check_data(data, x.shape[1], x.device)
+    M, d = x.shape
+    lw2 = C.log_weights2(log_weights, data.shape[0], x.device)
+    par = C.as_f32_table(C.reduction_params(alpha, sigma, bandwidth, M, x.device))
+    D = torch.empty(M, d, dtype=torch.float32, device=x.device)
+    L = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return D, L
+    return launch_posterior(x.contiguous(), data, lw2, par, D, L, screen_tf32)

@@ -1,0 +1,529 @@
+"""The Triton kernels (fastdiff.triton) against the plain-torch reference.
+
+Without a GPU every kernel runs under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 must be set
+before the kernels are decorated, i.e. before fastdiff.triton's ops are first called), on small grids.
+Tests marked `gpu` run the same checks at full size on a CUDA device and skip without one.
+
+Tolerances (never loosened to pass):
+- flash-attention style: max|kernel − ref64| ≤ 2·max|ref32 − ref64| + 4·eps32·(max|ref64| + 1), where ref32 and
+  ref64 are the torch reference in float32 and float64 on the same (rounded) inputs;
+- the posterior also meets MATH.md §7: max|D − D64|/(max|y| + 1e−12) ≤ 1e−4, |L − L64| ≤ 1e−3 + 1e−6|L64|;
+- uniforms bit for bit, normals within 4 float32 ulps of the float64 Box–Muller of fd.noise.normal.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+import fastdiff as fd  # noqa: E402
+import fastdiff.triton as ft  # noqa: E402
+from fastdiff.reference.affine_step import affine_step as ref_affine  # noqa: E402
+from fastdiff.reference.posterior import posterior as ref_posterior  # noqa: E402
+from fastdiff.triton import _affine_step, _common, _philox, _pointcloud_sample  # noqa: E402
+from fastdiff.triton._posterior import posterior as posterior_with  # noqa: E402
+
+F32, F64 = torch.float32, torch.float64
+EPS32 = torch.finfo(F32).eps
+CUDA = torch.cuda.is_available()
+if not CUDA and not _common.interpreting():
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1: the Triton kernels cannot run", allow_module_level=True)
+if not CUDA:
+    import numpy as np
+    try:
+        int(np.zeros(1))
+    except TypeError:   # triton < 3.7's interpreter turns loop bounds into 1-element arrays and calls int() on them
+        if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+            pytest.skip(f"triton {triton.__version__}'s interpreter cannot run with numpy {np.__version__} (int() of a "
+                        "1-element array); use triton >= 3.7 (or a numpy that still converts 1-element arrays) for the interpreter tests",
+                        allow_module_level=True)
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+# ---------------------------------------------------------------- helpers
+def fa_close(kernel, ref64, ref32, what=""):
+    """max|kernel − ref64| ≤ 2·max|ref32 − ref64| + 4·eps32·(max|ref64| + 1)."""
+    assert bool(torch.isfinite(kernel).all()), f"{what}: non-finite output"
+    err = float((kernel.double() - ref64.double()).abs().max()) if kernel.numel() else 0.0
+    base = float((ref32.double() - ref64.double()).abs().max()) if kernel.numel() else 0.0
+    atol = 4 * EPS32 * (float(ref64.double().abs().max()) + 1) if kernel.numel() else 0.0
+    assert err <= 2 * base + atol, f"{what}: error {err:.3g} > 2·{base:.3g} + {atol:.3g}"
+
+
+def contract(D, L, D64, L64, data):
+    """MATH.md §7."""
+    assert bool(torch.isfinite(D).all()) and bool(torch.isfinite(L).all()), "non-finite D or L"
+    ymax = float(data.double().abs().max())
+    d_err = float((D.double() - D64).abs().max()) / (ymax + 1e-12)
+    assert d_err <= 1e-4, f"D error {d_err:.3g} (relative to max|y|)"
+    l_err = (L.double() - L64).abs() - (1e-3 + 1e-6 * L64.abs())
+    assert float(l_err.max()) <= 0, f"L error {float((L.double() - L64).abs().max()):.3g}"
+
+
+def ulps(z, z64):
+    """|z − z64| in units of the float32 ulp of z64."""
+    ulp = EPS32 * torch.exp2(torch.floor(torch.log2(z64.abs().clamp_min(1e-30))))
+    return (z.double() - z64).abs() / ulp
+
+
+def check_posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, screen_tf32=None):
+    D, L = posterior_with(x, data, alpha, sigma, log_weights, bandwidth, screen_tf32=screen_tf32)
+    assert D.dtype == F32 and L.dtype == F32 and D.shape == x.shape and L.shape == (x.shape[0],)
+    a64 = torch.as_tensor(alpha, dtype=F64, device=x.device)
+    s64 = torch.as_tensor(sigma, dtype=F64, device=x.device)
+    lw64 = None if log_weights is None else torch.as_tensor(log_weights, device=x.device).double()
+    D64, L64 = ref_posterior(x.double(), data.double(), a64, s64, lw64, bandwidth)
+    contract(D, L, D64, L64, data)
+    D32, L32 = ref_posterior(x, data.float(), a64, s64, lw64, bandwidth)
+    fa_close(D, D64, D32, "D")
+    fa_close(L, L64, L32, "L")
+    return D, L
+
+
+def images(n, side=16, generator=None):
+    """Smooth image-like vectors in (−1, 1), 3·side² pixels, not centred (a bright offset)."""
+    base = torch.randn(n, 3, 4, 4, generator=generator, dtype=F64)
+    img = torch.nn.functional.interpolate(base, size=(side, side), mode="bicubic", align_corners=False)
+    return torch.tanh(img + 0.5).reshape(n, -1).float()
+
+
+# ---------------------------------------------------------------- the noise contract in-kernel
+@triton.jit
+def _philox_words_kernel(out_ptr, c0, c1, c2, c3, k0, k1):
+    z = tl.zeros([1], tl.uint32)
+    r0, r1, r2, r3 = _philox.philox4x32_10(z + c0.to(tl.uint32), z + c1.to(tl.uint32), z + c2.to(tl.uint32),
+                                           z + c3.to(tl.uint32), z + k0.to(tl.uint32), z + k1.to(tl.uint32))
+    i = tl.arange(0, 1)
+    tl.store(out_ptr + i, r0.to(tl.int64))
+    tl.store(out_ptr + 1 + i, r1.to(tl.int64))
+    tl.store(out_ptr + 2 + i, r2.to(tl.int64))
+    tl.store(out_ptr + 3 + i, r3.to(tl.int64))
+
+
+@pytest.mark.parametrize("counter,key,expected", [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((2**32 - 1,) * 4, (2**32 - 1,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+])
+def test_philox_known_answers_in_kernel(counter, key, expected):
+    out = torch.zeros(4, dtype=torch.int64, device=DEV)
+    _philox_words_kernel[(1,)](out, *counter, *key)
+    assert [int(w) for w in out.cpu()] == list(expected)
+
+
+@pytest.mark.parametrize("seed,step,offset", [(0, 0, 0), (2**64 - 1, 2**32 - 1, 2**32 - 5),
+                                              (0x0123456789ABCDEF, 17, 3 << 40)])
+def test_uniforms_equal_the_contract_bit_for_bit(seed, step, offset):
+    M, d = 37, 13                                  # rows cross the 2^32 boundary of the sample index
+    Q = (d + 3) // 4
+    u = torch.zeros(M, 4 * Q, device=DEV)
+    lo, hi = _common.words(seed)
+    olo, ohi = _common.words(offset)
+    _philox._uniform_kernel[(triton.cdiv(M, 32), triton.cdiv(Q, 2))](u, M, Q, lo, hi, step, olo, ohi, BM=32, BQ=2)
+    ref = fd.noise.uniform(seed, range(offset, offset + M), step, d, device=DEV)
+    assert torch.equal(u, ref)
+
+
+def test_normals_within_a_few_ulps_of_the_float64_box_muller():
+    M, d = 512, 16
+    z = torch.zeros(M, d, device=DEV)
+    _philox._normal_kernel[(1, 1)](z, M, d, 11, 3, 5, 0, 0, BM=512, BK=16)
+    z64 = fd.noise.normal((3 << 32) | 11, range(M), 5, d, dtype=F64, device=DEV)
+    assert float(ulps(z, z64).max()) <= 4
+
+
+# ---------------------------------------------------------------- affine_step
+@pytest.mark.parametrize("M,d", [(1, 1), (7, 3), (129, 7), (3, 129)])
+def test_affine_step_matches_the_reference(M, d):
+    g = torch.Generator().manual_seed(M * 1000 + d)
+    x = torch.randn(M, d, generator=g).to(DEV)
+    D = (3 * torch.randn(M, d, generator=g)).to(DEV)
+    seed, step, off = 2**63 + 12345, 2**32 - 1, 2**32 - 2
+    for A, B, C in [(0.93, 0.21, 0.37), (1.0, -2.5, 0.0), (-0.5, 1e-3, 11.0)]:
+        out = ft.affine_step(x, D, A, B, C, seed, step, off)
+        r64 = ref_affine(x.double(), D.double(), A, B, C, seed, step, off)
+        r32 = ref_affine(x, D, A, B, C, seed, step, off)
+        fa_close(out, r64, r32, f"affine {A, B, C}")
+
+
+def test_affine_step_noise_is_the_contract_and_in_place_works():
+    M, d = 65, 10
+    x = torch.randn(M, d, device=DEV)
+    D = torch.randn(M, d, device=DEV)
+    z = ft.affine_step(x, D, 0.0, 0.0, 1.0, 7, 3, sample_offset=100)
+    z64 = fd.noise.normal(7, range(100, 100 + M), 3, d, dtype=F64, device=DEV)
+    assert float(ulps(z, z64).max()) <= 4
+    out = ft.affine_step(x, D, 0.8, 0.3, 0.5, 7, 3)
+    y = x.clone()
+    assert ft.affine_step(y, D, 0.8, 0.3, 0.5, 7, 3, out=y) is y
+    assert torch.equal(y, out)
+    # batch invariance: a slice with its sample_offset gives the same rows bit for bit
+    part = ft.affine_step(x[20:40], D[20:40], 0.8, 0.3, 0.5, 7, 3, sample_offset=20)
+    assert torch.equal(part, out[20:40])
+
+
+def test_affine_step_device_counters_and_number_coefficients_agree():
+    """counters= (graph replay) gives the numbers of seed/sample_offset; per-row tensors of equal values give
+    the numbers' result; an ODE step (C = 0) draws no noise."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(37, 7, generator=g).to(DEV)
+    D = torch.randn(37, 7, generator=g).to(DEV)
+    seed, off = 2**40 + 5, 2**32 - 7
+    want = ft.affine_step(x, D, 0.8, 0.3, 0.5, seed, 6, off)
+    ctr = _affine_step.noise_counters(seed, off, x.device)
+    assert torch.equal(_affine_step.affine_step(x, D, 0.8, 0.3, 0.5, 0, 6, 0, counters=ctr), want)
+    rows = [torch.full((37,), v, dtype=F64, device=DEV) for v in (0.8, 0.3, 0.5)]
+    assert torch.equal(ft.affine_step(x, D, *rows, seed, 6, off), want)
+    fa_close(want, ref_affine(x.double(), D.double(), 0.8, 0.3, 0.5, seed, 6, off),
+             ref_affine(x, D, 0.8, 0.3, 0.5, seed, 6, off), "numbers")
+    fa_close(ft.affine_step(x, D, 0.8, 0.3, 0.0, seed, 6, off), (0.8 * x.double() + 0.3 * D.double()),
+             0.8 * x + 0.3 * D, "ode")
+    with pytest.raises(ValueError, match="counters"):
+        _affine_step.affine_step(x, D, 0.8, 0.3, 0.5, 0, 6, counters=ctr.int())
+    with pytest.raises(ValueError, match="finite"):
+        ft.affine_step(x, D, float("nan"), 0.3, 0.5, 0, 6)
+
+
+def test_affine_step_per_row_coefficients_and_half_precision_D():
+    M, d = 33, 5
+    x = torch.randn(M, d, device=DEV)
+    A = torch.rand(M, dtype=F64, device=DEV)
+    B = torch.rand(M, dtype=F64, device=DEV) - 0.5
+    C = torch.rand(M, dtype=F64, device=DEV)
+    z = fd.noise.normal(9, range(M), 4, d, dtype=F64, device=DEV)
+    for dt in (F32, torch.float16, torch.bfloat16):
+        D = torch.randn(M, d, device=DEV).to(dt)
+        out = ft.affine_step(x, D, A, B, C, 9, 4)
+        r64 = A[:, None] * x.double() + B[:, None] * D.double() + C[:, None] * z
+        r32 = (A.float()[:, None] * x + B.float()[:, None] * D.float()) + C.float()[:, None] * z.float()
+        fa_close(out, r64, r32, f"per-row, D {dt}")
+
+
+# ---------------------------------------------------------------- posterior
+SMALL = [(1, 1, 1), (7, 3, 2), (129, 7, 3), (5, 129, 7), (9, 33, 64)]
+
+
+@pytest.mark.parametrize("M,N,d", SMALL)
+def test_posterior_small_d_across_sigma(M, N, d):
+    g = torch.Generator().manual_seed(M + 10 * N + 100 * d)
+    data = torch.randn(N, d, generator=g).to(DEV)
+    idx = torch.randint(N, (M,), generator=g)
+    for sigma in (1e-3, 0.7, 1e3):
+        alpha = 1 / math.sqrt(1 + sigma**2)
+        x = (alpha * data[idx] + sigma * torch.randn(M, d, generator=g).to(DEV)).float()
+        check_posterior(x, data, alpha, sigma)
+
+
+@pytest.mark.parametrize("M,N,d", [(3, 20, 65), (7, 40, 129)])
+@pytest.mark.parametrize("screen_tf32", [True, False])
+def test_posterior_large_d_across_sigma(M, N, d, screen_tf32):
+    g = torch.Generator().manual_seed(M + 10 * N + 100 * d)
+    data = torch.randn(N, d, generator=g).to(DEV)
+    idx = torch.randint(N, (M,), generator=g)
+    for sigma in (1e-3, 0.7, 1e3):
+        alpha = 1 / math.sqrt(1 + sigma**2)
+        x = (alpha * data[idx] + sigma * torch.randn(M, d, generator=g).to(DEV)).float()
+        check_posterior(x, data, alpha, sigma, screen_tf32=screen_tf32)
+
+
+@pytest.mark.parametrize("d", [3, 65])
+def test_posterior_per_row_t_weights_bandwidth(d):
+    M, N = 19, 37
+    g = torch.Generator().manual_seed(d)
+    data = torch.randn(N, d, generator=g).to(DEV)
+    sigma = torch.logspace(-3, 1, M, dtype=F64).to(DEV)
+    alpha = torch.rsqrt(1 + sigma**2)
+    x = (alpha[:, None] * data[torch.randint(N, (M,), generator=g)].double()
+         + sigma[:, None] * torch.randn(M, d, generator=g, dtype=F64).to(DEV)).float()
+    lw = torch.randn(N, generator=g, dtype=F64).to(DEV)
+    lw[::5] = float("-inf")                                   # zero-weight points
+    lw = lw - torch.logsumexp(lw, 0)
+    check_posterior(x, data, alpha, sigma, lw)
+    check_posterior(x, data, alpha, sigma, lw, bandwidth=0.3)
+    check_posterior(x, data, 0.9, sigma, None, bandwidth=2.0)   # scalar α, per-row σ
+
+
+@pytest.mark.parametrize("d", [2, 7, 65])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_posterior_half_precision_data_storage(d, dtype):
+    M, N = 11, 29
+    g = torch.Generator().manual_seed(d)
+    data = torch.randn(N, d, generator=g).to(dtype).to(DEV)    # reference on the same rounded values
+    x = (0.8 * data[torch.randint(N, (M,), generator=g)].float() + 0.05 * torch.randn(M, d, generator=g).to(DEV))
+    check_posterior(x, data, 0.8, 0.05)
+
+
+@pytest.mark.parametrize("d", [2, 65])
+def test_posterior_near_duplicates_far_queries_and_tiny_sigma(d):
+    g = torch.Generator().manual_seed(7 + d)
+    base = torch.randn(6, d, generator=g)
+    data = torch.cat([base, base + 1e-4 * torch.randn(6, d, generator=g), base[:2] + 1e-6]).to(DEV)
+    N = data.shape[0]
+    x = torch.cat([base[:3] + 1e-5 * torch.randn(3, d, generator=g),               # between near-duplicates
+                   1e4 + torch.randn(2, d, generator=g),                          # far from everything
+                   -3e3 * torch.ones(1, d)]).to(DEV)
+    for sigma in (1e-12, 1e-6, 1e-3, 1.0):                                        # down to one-hot weights
+        check_posterior(x, data, 1.0, sigma)
+    check_posterior(x, data, 1 - 1e-7, 1e-4, torch.zeros(N, dtype=F64, device=DEV) - math.log(N))
+
+
+def test_posterior_images_at_sigma_1e_3_keeps_float32_accuracy():
+    """MATH.md §5: the expanded |x|² − 2α x·y + α²|y|² form loses many logit units here; the kernel does not."""
+    g = torch.Generator().manual_seed(3)
+    data = images(40, generator=g).to(DEV)                         # d = 768
+    data[1] = data[0] + 1e-3 * torch.randn(data.shape[1], generator=g).to(DEV)
+    sigma = 1e-3
+    alpha = math.sqrt(1 - sigma**2)                                # a VP-like α close to 1
+    idx = torch.tensor([0, 1, 5, 9, 0, 33])
+    x = (alpha * data[idx].double() + sigma * torch.randn(6, data.shape[1], generator=g, dtype=F64).to(DEV)).float()
+    D, L = check_posterior(x, data, alpha, sigma)
+    # the test is sharp: the naive float32 expanded form misses the §7 contract by orders of magnitude
+    c = sigma**2
+    logits = (alpha * (x @ data.T) - 0.5 * alpha**2 * (data * data).sum(1) - 0.5 * (x * x).sum(1, keepdim=True)) / c
+    _, L64 = ref_posterior(x.double(), data.double(), alpha, sigma)
+    assert float((torch.logsumexp(logits, 1).double() - L64).abs().max()) > 1.0
+
+
+def test_posterior_input_errors_name_the_argument():
+    x = torch.randn(4, 3, device=DEV)
+    data = torch.randn(5, 3, device=DEV)
+    with pytest.raises(TypeError, match="x"):
+        ft.posterior(x.double(), data, 1.0, 1.0)
+    with pytest.raises(ValueError, match="data"):
+        ft.posterior(x, torch.randn(5, 2, device=DEV), 1.0, 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        ft.posterior(x, data, 1.0, 0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        ft.posterior(x, data, torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="log_weights"):
+        ft.posterior(x, data, 1.0, 1.0, torch.full((5,), float("-inf")))
+    with pytest.raises(ValueError, match="sigma too small"):
+        ft.posterior(x, data, 1.0, 1e-20)
+
+
+# ---------------------------------------------------------------- pointcloud_step
+@pytest.mark.parametrize("M,N,d", [(7, 3, 2), (40, 70, 5), (9, 33, 65)])
+def test_pointcloud_step_equals_posterior_then_affine(M, N, d):
+    g = torch.Generator().manual_seed(M * N * d)
+    data = torch.randn(N, d, generator=g).to(DEV)
+    sigma = torch.logspace(-2, 0.5, M, dtype=F64).to(DEV)
+    alpha = torch.rsqrt(1 + sigma**2)
+    x = torch.randn(M, d, generator=g).to(DEV)
+    lw = torch.log_softmax(torch.randn(N, generator=g, dtype=F64), 0).to(DEV)
+    A, B, C, seed, step, off = 0.97, 0.4, 0.3, 5, 12, 2**32 - 3
+    out = ft.pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, off, lw, 0.1)
+    D64, _ = ref_posterior(x.double(), data.double(), alpha, sigma, lw, 0.1)
+    D32, _ = ref_posterior(x, data, alpha, sigma, lw, 0.1)
+    r64 = ref_affine(x.double(), D64, A, B, C, seed, step, off)
+    r32 = ref_affine(x, D32, A, B, C, seed, step, off)
+    fa_close(out, r64, r32, "pointcloud_step")
+    y = x.clone()
+    ft.pointcloud_step(y, data, alpha, sigma, A, B, C, seed, step, off, lw, 0.1, out=y)
+    assert torch.equal(y, out)                                              # in place = out of place
+    part = ft.pointcloud_step(x[2:5], data, alpha[2:5], sigma[2:5], A, B, C, seed, step, off + 2, lw, 0.1)
+    assert torch.equal(part, out[2:5])                                      # batch invariance
+    ode = ft.pointcloud_step(x, data, alpha, sigma, A, B, 0.0, seed, step, off, lw, 0.1)
+    fa_close(ode, ref_affine(x.double(), D64, A, B, 0.0, seed, step), ref_affine(x, D32, A, B, 0.0, seed, step), "ode")
+
+
+# ---------------------------------------------------------------- pointcloud_sample
+def _trajectories(process, method, ode, data, x, K, seed, weights=None, bandwidth=0.0, schedule="karras"):
+    times = fd.time_grid(process, K, schedule, 1e-2 * process.T if process.T > 1 else 1e-2)
+    table = ft.table_columns(process, fd.step_table(process, times, method, ode))
+    out, traj = ft.pointcloud_sample(x, data, table, seed, 0,
+                                     None if weights is None else torch.log(weights / weights.sum()).to(x.device),
+                                     bandwidth, return_trajectory=True)
+    assert torch.equal(out, traj[-1]) and torch.equal(traj[0], x)
+    refs = []
+    for dt in (F64, F32):
+        cloud = fd.PointCloud(data.to(dt), process, weights, bandwidth)
+        _, tr = fd.sample(cloud, x=x.to(dt), times=times, method=method, ode=ode, seed=seed,
+                          return_trajectory=True, backend="torch")
+        refs.append(tr)
+    return out, traj, refs
+
+
+@pytest.mark.parametrize("process,method,ode,d", [
+    (fd.VP(), "ei", False, 2),
+    (fd.DriftedVE(T=10.0, beta="t"), "ei-x0", False, 3),
+    (fd.PureVE(T=10.0), "euler", True, 7),
+    (fd.OU(theta=0.5, g=1.0, T=10.0), "ei", False, 65),
+])
+def test_pointcloud_sample_follows_the_reference_trajectory_step_by_step(process, method, ode, d):
+    g = torch.Generator().manual_seed(d)
+    N, M, K = 23, 9, 6
+    data = torch.randn(N, d, generator=g).to(DEV)
+    x = process.prior(M, d, seed=4, device=DEV)
+    weights = torch.rand(N, generator=g, dtype=F64).to(DEV) + 0.1
+    _, traj, (r64, r32) = _trajectories(process, method, ode, data, x, K, 4, weights, 0.05 if d == 3 else 0.0)
+    for k in range(K + 1):
+        fa_close(traj[k], r64[k], r32[k], f"step {k}")
+
+
+def test_pointcloud_sample_is_batch_invariant_and_trajectory_optional():
+    p = fd.VP()
+    d, N, M = 2, 17, 45
+    data = torch.randn(N, d).to(DEV)
+    x = p.prior(M, d, seed=1, device=DEV)
+    table = ft.table_columns(p, fd.step_table(p, fd.time_grid(p, 5, "uniform", 1e-2), "ei"))
+    whole = ft.pointcloud_sample(x, data, table, 1)
+    a = ft.pointcloud_sample(x[:20], data, table, 1)
+    b = ft.pointcloud_sample(x[20:], data, table, 1, sample_offset=20)
+    assert torch.equal(torch.cat([a, b]), whole)
+    assert torch.equal(ft.pointcloud_sample(x, data, table, 1, return_trajectory=True)[0], whole)
+    assert torch.equal(ft.pointcloud_sample(x, data, tuple(table.unbind(1)), 1), whole)    # six columns
+    assert torch.allclose(ft.pointcloud_sample(x, data, table.float(), 1), whole, atol=1e-5)  # a float32 table
+
+
+def _oracle_z(out, mu, S):
+    n = out.shape[0]
+    mean_z = (out.mean(0) - mu) / torch.sqrt(S.diag() / n)
+    var = S.diag()
+    cov_z = (torch.cov(out.T) - S) / torch.sqrt((var[:, None] * var[None, :] + S**2) / n)
+    return float(mean_z.abs().max()), float(cov_z.abs().max())
+
+
+# Under the interpreter the statistical tests launch few, large programs (the cost is per program). Rows are
+# independent, so this changes no bit of the result: each test checks that against the shipped configuration.
+BIG_SMALL_D = None if CUDA else {"BM": 1024, "BN": 32, "DP": 4, "num_warps": 4}
+BIG_AFFINE = None if CUDA else {"BM": 4096, "BK": 4, "num_warps": 4}
+
+
+def test_pointcloud_sample_gaussian_oracle():
+    """A one-point kernel density N(y0, vI) is Gaussian data: the kernels' samples follow MATH.md §6 exactly."""
+    p = fd.DriftedVE(T=10.0, beta="t")
+    y0 = torch.tensor([[1.0, -0.5]], device=DEV)
+    v = 0.4
+    data = y0.repeat(3, 1)                                          # 3 copies, unequal weights: still N(y0, vI)
+    lw = torch.log(torch.tensor([0.2, 0.5, 0.3], dtype=F64)).to(DEV)
+    n = 20_000 if not CUDA else 400_000
+    times = fd.time_grid(p, 6, "quadratic", 0.1)
+    for method, ode in (("ei", False), ("ei-x0", True)):
+        table = ft.table_columns(p, fd.step_table(p, times, method, ode))
+        x = p.prior(n, 2, seed=8, device=DEV)
+        out = _pointcloud_sample.pointcloud_sample(x, data, table, 8, 0, lw, v, config=BIG_SMALL_D)
+        assert torch.equal(out[:40], ft.pointcloud_sample(x[:40], data, table, 8, 0, lw, v))
+        mu, S = fd.gaussian_oracle(p, times, method, ode, y0[0].double().cpu(), v * torch.eye(2, dtype=F64))
+        zm, zc = _oracle_z(out.double().cpu(), mu, S)
+        assert zm < 5 and zc < 5, (method, zm, zc)
+
+
+def test_affine_step_kernel_in_the_sampler_loop_gaussian_oracle():
+    """The sampler loop (Gaussian denoiser, torch) with the Triton affine step: the output law is the oracle's."""
+    p = fd.VP()
+    mean = torch.tensor([1.0, -0.5], dtype=F64)
+    cov = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=F64)
+    G = fd.Gaussian(mean, cov, p)
+    times = fd.time_grid(p, 8, "quadratic", 1e-2)
+    tab = fd.step_table(p, times, "ei")
+    n = 20_000 if not CUDA else 400_000
+    x = p.prior(n, 2, seed=2, device=DEV)
+    for k in range(len(tab)):
+        D = G.denoise(x.double().cpu(), float(tab.t[k])).float().to(DEV)
+        A, B, C = float(tab.A[k]), float(tab.B[k]), float(tab.C[k])
+        if k == 0:
+            shipped = ft.affine_step(x[:300], D[:300], A, B, C, 2, k)
+        _affine_step.affine_step(x, D, A, B, C, 2, k, out=x, config=BIG_AFFINE)
+        if k == 0:
+            assert torch.equal(x[:300], shipped)
+    mu, S = fd.gaussian_oracle(p, times, "ei", False, mean, cov)
+    zm, zc = _oracle_z(x.double().cpu(), mu, S)
+    assert zm < 5 and zc < 5, (zm, zc)
+
+
+# ---------------------------------------------------------------- refuse_reasons
+def test_refuse_reasons(monkeypatch):
+    x = torch.randn(4, 3, device=DEV)
+    data = torch.randn(5, 3, device=DEV)
+    assert ft.refuse_reasons("posterior", x=x, data=data, alpha=1.0, sigma=0.5) == []
+    assert ft.refuse_reasons("affine_step", x=x, D=x.half()) == []
+    assert any("float64" in r for r in ft.refuse_reasons("posterior", x=x.double(), data=data))
+    assert any("int" in r for r in ft.refuse_reasons("posterior", x=x, data=data.int()))
+    assert any("not implemented" in r for r in ft.refuse_reasons("frobnicate", x=x))
+    assert any("sigma" in r for r in ft.refuse_reasons("pointcloud_step", x=x, data=data, alpha=1.0, sigma=1e-20))
+    assert any("[M, d]" in r for r in ft.refuse_reasons("affine_step", x=x[None]))
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert any("TRITON_INTERPRET" in r for r in ft.refuse_reasons("posterior", x=x, data=data))
+
+
+# ---------------------------------------------------------------- full size on a GPU
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [2, 32, 64, 3072])
+def test_gpu_posterior_full_size(d):
+    N, M = (1024, 512) if d == 3072 else (8192, 4096)
+    g = torch.Generator().manual_seed(d)
+    data = (images(N, 32, g) if d == 3072 else torch.randn(N, d, generator=g)).to(DEV)
+    data[1] = data[0] + 1e-3 * torch.randn(d, generator=g).to(DEV)
+    idx = torch.randint(N, (M,), generator=g)
+    for sigma in (1e-3, 1e-2, 0.3, 3.0, 300.0):
+        alpha = 1 / math.sqrt(1 + sigma**2)
+        x = (alpha * data[idx].double() + sigma * torch.randn(M, d, generator=g, dtype=F64).to(DEV)).float()
+        check_posterior(x, data, alpha, sigma)
+        check_posterior(x, data.half(), alpha, sigma)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_affine_step_and_noise_full_size():
+    M, d = 1 << 20, 3
+    x = torch.randn(M, d, device=DEV)
+    D = torch.randn(M, d, device=DEV)
+    z = ft.affine_step(x, D, 0.0, 0.0, 1.0, 123, 9, sample_offset=2**32 - 1000)
+    z64 = fd.noise.normal(123, range(2**32 - 1000, 2**32 - 1000 + M), 9, d, dtype=F64, device=DEV)
+    assert float(ulps(z, z64).max()) <= 4
+    out = ft.affine_step(x, D, 0.9, 0.2, 0.3, 123, 9)
+    fa_close(out, ref_affine(x.double(), D.double(), 0.9, 0.2, 0.3, 123, 9), ref_affine(x, D, 0.9, 0.2, 0.3, 123, 9))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [2, 768])
+def test_gpu_pointcloud_sample_full_size(d):
+    p = fd.VP()
+    N, M, K = (4096, 2048, 50) if d == 2 else (256, 128, 20)
+    data = (torch.randn(N, d) if d == 2 else images(N)).to(DEV)
+    x = p.prior(M, d, seed=4, device=DEV)
+    _, traj, (r64, r32) = _trajectories(p, "ei", False, data, x, K, 4)
+    for k in range(K + 1):
+        fa_close(traj[k], r64[k], r32[k], f"step {k}")
+
+
+# ---------------------------------------------------------------- through the public dispatch
+def test_public_ops_and_sampler_run_on_the_triton_backend():
+    """fastdiff.ops(..., backend="triton") and fd.sample(backend="triton") give the reference's results
+    through the backend adapter (in-place pointcloud_sample, trajectory), and float64 is refused with a reason."""
+    from fastdiff import ops
+
+    p = fd.VP()
+    g = torch.Generator().manual_seed(5)
+    data = torch.randn(13, 3, generator=g).to(DEV)
+    cloud32, cloud64 = fd.PointCloud(data, p), fd.PointCloud(data.double(), p)
+    x = p.prior(11, 3, seed=1, device=DEV)
+    D, L = ops.posterior(x, data, 0.7, 0.6, backend="triton")
+    D64, L64 = ops.posterior(x.double(), data.double(), 0.7, 0.6, backend="torch")
+    D32, L32 = ops.posterior(x, data, 0.7, 0.6, backend="torch")
+    fa_close(D, D64, D32, "posterior D")
+    fa_close(L, L64, L32, "posterior L")
+    kw = dict(steps=5, schedule="karras", seed=3, return_trajectory=True)
+    out, traj = fd.sample(cloud32, x=x, backend="triton", **kw)
+    _, r64 = fd.sample(cloud64, x=x.double(), backend="torch", **kw)
+    _, r32 = fd.sample(cloud32, x=x, backend="torch", **kw)
+    assert torch.equal(out, traj[-1]) and torch.equal(traj[0], x)
+    for k in range(len(traj)):
+        fa_close(traj[k], r64[k], r32[k], f"sample step {k}")
+    G = fd.Gaussian(torch.zeros(3, dtype=F64), torch.eye(3, dtype=F64), p)      # the affine_step loop
+    loop = fd.sample(G, x=x, steps=4, seed=3, backend="triton")
+    fa_close(loop, fd.sample(G, x=x.double(), steps=4, seed=3, backend="torch"),
+             fd.sample(G, x=x, steps=4, seed=3, backend="torch"), "affine loop")
+    with pytest.raises(ValueError, match="float32"):
+        fd.sample(cloud64, x=x.double(), steps=2, backend="triton")

@@ -1,0 +1,71 @@
+"""Every Triton kernel, in every configuration the launchers can pick, compiles ahead of time for sm_90
+(H100/H200) without a GPU: `python -m fastdiff.triton.aot` in a separate process with TRITON_INTERPRET unset
+(DESIGN.md "Tests and CI"), so type and resource errors show up in CI."""
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _nvidia_backend_reason():
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        return "the installed triton has no NVIDIA backend (triton.backends.nvidia)"
+    spec = importlib.util.find_spec("triton.backends.nvidia")
+    if not (Path(spec.origin).parent / "bin" / "ptxas").exists():
+        return "the installed triton's NVIDIA backend ships no ptxas"
+    return None
+
+
+def test_aot_configurations_cover_every_launcher_choice():
+    from fastdiff.triton import _common as C
+    from fastdiff.triton.aot import configurations
+
+    confs = {(name, tuple(sorted(cex.items())), label.split()[0]) for _, name, _, cex, _, label in configurations()}
+    for d in range(1, 3 * C.SMALL_D_MAX):
+        if d <= C.SMALL_D_MAX:
+            cfg = C.small_config(d)
+            cex = tuple(sorted({k: cfg[k] for k in ("BM", "BN", "DP")}.items()))
+            for name in ("_posterior_small_kernel", "_pointcloud_step_small_kernel", "_pointcloud_sample_small_kernel"):
+                for dt in ("fp32", "fp16", "bf16"):
+                    assert (name, cex, f"data={dt}") in confs, (name, d)
+        else:
+            cfg = C.large_config(d)
+            for tf32 in (True, False):
+                cex = tuple(sorted({"SCREEN_TF32": tf32, **{k: cfg[k] for k in ("BM", "BN", "BK", "BKE")}}.items()))
+                for name in ("_posterior_large_kernel", "_pointcloud_step_large_kernel",
+                             "_pointcloud_sample_large_kernel"):
+                    assert (name, cex, "data=fp32") in confs, (name, d)
+        cfg = C.affine_config(d)
+        # numbers (eager sampler loop), per-row tables, device counters (graph capture)
+        for noise, per_row, ctr in ((True, False, False), (False, False, False), (True, True, False),
+                                    (False, True, False), (True, False, True)):
+            cex = tuple(sorted({"HAS_NOISE": noise, "PER_ROW": per_row, "CTR_PTR": ctr, "BM": cfg["BM"],
+                                "BK": cfg["BK"]}.items()))
+            assert ("_affine_step_kernel", cex, "D=fp32") in confs, d
+
+
+def test_every_kernel_compiles_for_sm90():
+    reason = _nvidia_backend_reason()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache                       # compile for real, not from a warm cache
+        res = subprocess.run([sys.executable, "-m", "fastdiff.triton.aot", "--arch", "90",
+                              "--jobs", str(max(1, os.cpu_count() or 1))],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    m = re.search(r"sm_90: (\d+)/(\d+) configurations of (\d+) kernels compiled", out)
+    assert m and m.group(1) == m.group(2) and int(m.group(3)) == 7, out[-3000:]
+    assert "FAIL" not in out
