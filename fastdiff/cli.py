@@ -215,7 +215,48 @@ def build_parser():
     d.add_argument("--quick", action="store_true", help="2000 samples, 50 steps (a few seconds)")
     d.add_argument("--progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmark every backend against the alternatives (JSON, CSV, report, plots)")
+    b.set_defaults(func=cmd_bench, bench_parser=b)
+    _add_bench_arguments(b)
+
+    r = sub.add_parser("reproduce", help="reproduce a paper's experiment: results.md, results.json and PNGs")
+    r.add_argument("experiment", help=f"one of: {', '.join(REPRODUCTIONS)}, or all")
+    r.add_argument("--quick", action="store_true", help="reduced sizes (under three minutes on two CPU cores)")
+    r.add_argument("--smoke", action="store_true", help="tiny sizes that only exercise the code (seconds; for CI)")
+    r.add_argument("--out", default=None, help="output folder (default reproductions/<experiment>)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-progress", action="store_true", help="do not log each stage to stderr")
+    r.set_defaults(func=cmd_reproduce)
     return p
+
+
+# `bench` and `reproduce` import their packages only when run: `fastdiff sample` stays light.
+REPRODUCTIONS = ("drift-ve-gaussian", "drift-ve-table", "cem-schedules", "cem-training", "ode-sde-gap")
+
+
+def _add_bench_arguments(parser):
+    from .bench import add_arguments
+    add_arguments(parser)
+
+
+def cmd_bench(args):
+    from .bench import run_from_args
+    return run_from_args(args, argv=sys.argv)
+
+
+def cmd_reproduce(args):
+    from . import reproduce
+    names = list(reproduce.EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    if args.experiment != "all" and args.experiment not in reproduce.EXPERIMENTS:
+        raise ValueError(f"unknown experiment {args.experiment!r}; choose one of {', '.join(reproduce.EXPERIMENTS)} or all")
+    if args.out is not None and len(names) > 1:
+        raise ValueError("--out names one experiment's folder; with 'all' the default folders are used")
+    for name in names:
+        path = reproduce.run(name, quick=args.quick, smoke=args.smoke, out=args.out, seed=args.seed,
+                             progress=not args.no_progress)
+        print(path)
+    return 0
 
 
 def main(argv=None) -> int:

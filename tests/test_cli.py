@@ -59,3 +59,16 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys):
 def test_python_dash_m():
     r = subprocess.run([sys.executable, "-m", "fastdiff", "info"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "backends" in r.stdout
+
+
+def test_reproduce_and_bench_subcommands_are_wired(tmp_path, capsys):
+    from fastdiff import reproduce
+    from fastdiff.cli import REPRODUCTIONS
+
+    assert set(REPRODUCTIONS) == set(reproduce.EXPERIMENTS)          # the help text lists every experiment
+    assert main(["reproduce", "no-such-experiment"]) == 2
+    assert "cem-schedules" in capsys.readouterr().err
+    assert main(["reproduce", "cem-schedules", "--smoke", "--no-progress", "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "results.md").read_text().startswith("# `cem-schedules`")
+    assert main(["bench", "no-such-suite"]) == 2
+    assert "posterior" in capsys.readouterr().err
