@@ -57,7 +57,7 @@ def _steps(x, denoiser, t_list, A, B, C, counters, ks, traj=None):
     from .triton._affine_step import affine_step
     for k in ks:
         out = denoiser.predict(x, t_list[k])
-        affine_step(x, out, A[k], B[k], C[k], 0, k, 0, out=x, counters=counters)
+        affine_step(x, out, A[k], B[k], C[k], 0, k, 0, out=x, counters=counters, check_finite=False)
         if traj is not None:
             traj[k + 1].copy_(x)
 
@@ -70,7 +70,9 @@ def _capture(denoiser, xc, t_list, A, B, C, want_traj) -> _Captured:
     # Warm up outside the capture on a side stream: lazy initialisation (cuBLAS handles, autotuning) and
     # Triton's compilation of every kernel variant the loop uses (with and without noise) must not
     # happen while capturing.
-    warm = [0] + [k for k in range(1, K) if (C[k] == 0.0) != (C[0] == 0.0)][:1]
+    # (The step and counter arguments are not specialised on their values, so steps 1, 2, ... reuse step
+    # 0's compiled kernel; the first steps and the other noise variant are warmed up anyway.)
+    warm = sorted(set(range(min(K, 3))) | set([k for k in range(1, K) if (C[k] == 0.0) != (C[0] == 0.0)][:1]))
     side = torch.cuda.Stream(device=x.device)
     side.wait_stream(torch.cuda.current_stream(x.device))
     with torch.cuda.stream(side):

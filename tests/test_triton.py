@@ -527,3 +527,27 @@ def test_public_ops_and_sampler_run_on_the_triton_backend():
              fd.sample(G, x=x, steps=4, seed=3, backend="torch"), "affine loop")
     with pytest.raises(ValueError, match="float32"):
         fd.sample(cloud64, x=x.double(), steps=2, backend="triton")
+
+
+# ---------------------------------------------------------------- review fixes: offsets and overflow
+@pytest.mark.parametrize("d", [2, 65])
+def test_log_weight_offsets_cost_no_precision_and_overflow_is_not_nan(d):
+    """A common offset on the log-weights (1e9, 1e300) leaves D exact and shifts L by the offset; a query
+    whose distances overflow float32 still gets a finite D (MATH.md §7: no NaN for finite inputs)."""
+    g = torch.Generator().manual_seed(d)
+    data = torch.randn(9, d, generator=g).to(DEV)
+    x = (0.8 * data[:5] + 0.3 * torch.randn(5, d, generator=g).to(DEV)).contiguous()
+    lw = torch.log(torch.rand(9, generator=g, dtype=F64) + 0.1).to(DEV)
+    D, L = check_posterior(x, data, 0.8, 0.6, lw + 1e9)
+    D0, L0 = posterior_with(x, data, 0.8, 0.6, lw)
+    assert torch.allclose(D, D0, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(L.double(), L0.double() + 1e9, rtol=1e-6)
+    # 1e300 + lw rounds to 1e300 in float64 already: uniform weights, and no overflow on the way
+    D, _ = posterior_with(x, data, 0.8, 0.6, lw + 1e300)
+    assert torch.allclose(D, posterior_with(x, data, 0.8, 0.6)[0], rtol=1e-6, atol=1e-7)
+    far = x.clone()
+    far[0, 0] = 1e20
+    D, _ = posterior_with(far, data, 0.8, 0.6)
+    assert bool(torch.isfinite(D).all())
+    with pytest.raises(ValueError, match="zero weight"):
+        posterior_with(x, data, 0.8, 0.6, torch.full((9,), float("-inf"), dtype=F64, device=DEV))

@@ -22,7 +22,7 @@ from ._philox import normal_tile, sample_index_words
 
 
 # ================================================================ kernels
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "off_lo", "off_hi"])   # per-call values: never recompile
 def _affine_step_kernel(x_ptr, D_ptr, out_ptr, coef_ptr, coef_stride, a, b, c, ctr_ptr, M, d, stride_x, stride_D,
                         stride_o, seed_lo: tl.int64, seed_hi: tl.int64, step: tl.int64, off_lo: tl.int64,
                         off_hi: tl.int64, HAS_NOISE: tl.constexpr, PER_ROW: tl.constexpr, CTR_PTR: tl.constexpr,
@@ -82,8 +82,8 @@ def _number(v, name):
 
 def noise_counters(seed, sample_offset, device) -> torch.Tensor:
     """The int64 [4] device tensor (seed words, sample_offset words) read by affine_step(counters=...)."""
-    return torch.tensor([*C.words(C.check_seed(seed)), *C.words(int(sample_offset))], dtype=torch.int64,
-                        device=device)
+    return torch.tensor([*C.words(C.check_seed(seed)), *C.words(C.check_offset(sample_offset, 0))],
+                        dtype=torch.int64, device=device)
 
 
 def launch_affine_step(x, D, out, coef, has_noise, seed, step, sample_offset, config=None, scalars=None,
@@ -105,16 +105,18 @@ def launch_affine_step(x, D, out, coef, has_noise, seed, step, sample_offset, co
 
 
 # ================================================================ public function
-def affine_step(x, D, A, B, C_, seed, step, sample_offset=0, out=None, *, config=None, counters=None):
+def affine_step(x, D, A, B, C_, seed, step, sample_offset=0, out=None, *, config=None, counters=None,
+                check_finite=True):
     """x_s = A·x + B·D + C·z with z = fd.noise.normal(seed, sample_offset + row, step, d) (float32).
 
     x float32 [M, d]; D [M, d] float32/float16/bfloat16; A, B, C numbers or [M] tensors;
     out: None (new tensor), x itself (in place) or another float32 [M, d] tensor.
     counters: None, or noise_counters(seed, sample_offset, device), which then replaces seed and
     sample_offset (read on the device, for CUDA-graph replay).
+    check_finite: scan x for NaN/inf first (a host synchronisation; the sampler's loop turns it off).
     config: a launch configuration dict replacing the heuristic's (tests only; rows and tiles are independent).
     """
-    C.check_x(x)
+    C.check_x(x, finite=check_finite)
     if not isinstance(D, torch.Tensor) or D.shape != x.shape or D.dtype not in C.DATA_DTYPES:
         raise ValueError(f"D must be a float32/float16/bfloat16 tensor of x's shape {tuple(x.shape)}, got "
                          f"{getattr(D, 'dtype', type(D))} {tuple(getattr(D, 'shape', ()))}")

@@ -10,6 +10,7 @@ import torch
 
 LOG2E = 1.4426950408889634
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROWS_MAX = 2**31 - 4096   # row indices (program_id·BM + lane) are int32; addresses are int64
 SMALL_D_MAX = 64            # d ≤ 64: direct-difference kernel, whole rows on chip; above: large-d kernel
 INV2C_MAX = 1e30            # 1/(2c) beyond this overflows float32 logits: the Triton ops refuse
 NPAR = 9                    # per-row (or per-step) parameter record, float32:
@@ -81,7 +82,9 @@ def words(value: int):
     return v & 0xFFFFFFFF, v >> 32
 
 
-def check_x(x, name="x"):
+def check_x(x, name="x", finite=True):
+    """x must be a float32 [M, d] tensor; finite=True also scans for NaN/inf (a device synchronisation:
+    the sampler's hot loop skips it and checks its output instead)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
@@ -90,8 +93,10 @@ def check_x(x, name="x"):
         raise ValueError(f"{name} must have shape [M, d], got {tuple(x.shape)}")
     if x.shape[1] < 1:
         raise ValueError(f"{name} must have at least one column, got shape {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
+    if finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")
+    if x.shape[0] >= ROWS_MAX:
+        raise ValueError(f"{name} has {x.shape[0]} rows; the Triton kernels index rows in int32 (at most {ROWS_MAX - 1})")
     return x
 
 
@@ -101,6 +106,8 @@ def check_data(data, d, device):
                          f"{getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}")
     if data.shape[0] == 0:
         raise ValueError("data must contain at least one point")
+    if data.shape[0] >= ROWS_MAX:
+        raise ValueError(f"data has {data.shape[0]} points; the Triton kernels index them in int32 (at most {ROWS_MAX - 1})")
     if data.shape[1] != d:
         raise ValueError(f"x has d={d} columns but data has d={data.shape[1]}")
     if data.device != device:
@@ -142,10 +149,15 @@ def per_row64(value, name, M, device) -> torch.Tensor:
     return v
 
 
-def log_weights2(log_weights, N, device) -> torch.Tensor:
-    """log π in log2 units as float32 [N] (zeros when None); −inf allowed (zero weight)."""
+def log_weights2(log_weights, N, device, return_shift=False):
+    """log π in log2 units as float32 [N] (zeros when None); −inf allowed (zero weight).
+
+    The largest weight is shifted to 0 in float64 first, so a common offset (log-weights of 1e9, or of
+    1e300) costs no float32 precision and cannot overflow; the shift (natural log units) is returned
+    when asked, for L. D does not depend on it."""
     if log_weights is None:
-        return torch.zeros(N, dtype=torch.float32, device=device)
+        zeros = torch.zeros(N, dtype=torch.float32, device=device)
+        return (zeros, 0.0) if return_shift else zeros
     lw = torch.as_tensor(log_weights, device=device)
     if lw.shape != (N,):
         raise ValueError(f"log_weights must have shape [N]=[{N}], got {tuple(lw.shape)}")
@@ -153,9 +165,12 @@ def log_weights2(log_weights, N, device) -> torch.Tensor:
         raise TypeError(f"log_weights must be a floating tensor, got {lw.dtype}")
     if bool(torch.isnan(lw).any()) or bool((lw == float("inf")).any()):
         raise ValueError("log_weights contains NaN or +inf")
-    if not bool(torch.isfinite(lw).any()):
+    lw = lw.to(torch.float64)
+    shift = float(lw.max())
+    if not math.isfinite(shift):
         raise ValueError("log_weights gives every data point zero weight")
-    return (lw.to(torch.float64) * LOG2E).to(torch.float32).contiguous()
+    lw2 = ((lw - shift) * LOG2E).to(torch.float32).contiguous()   # ≤ 0; far below: −inf = zero weight
+    return (lw2, shift) if return_shift else lw2
 
 
 def reduction_params(alpha, sigma, bandwidth, M, device, what="posterior") -> torch.Tensor:

@@ -106,7 +106,7 @@ def normal_tile(seed_lo, seed_hi, step, i_lo, i_hi, q0, BQ: tl.constexpr):
     return tl.reshape(z, [i_lo.shape[0], 4 * BQ])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "off_lo", "off_hi"])   # per-call values: never recompile
 def _uniform_kernel(out_ptr, M, Q, seed_lo, seed_hi, step, off_lo, off_hi,
                     BM: tl.constexpr, BQ: tl.constexpr):
     """Test/diagnostic kernel: the uniforms u (as fd.noise.uniform lays them out) for M rows, Q quads."""
@@ -125,7 +125,7 @@ def _uniform_kernel(out_ptr, M, Q, seed_lo, seed_hi, step, off_lo, off_hi,
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * (4 * Q) + cols[None, :], u, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "off_lo", "off_hi"])   # per-call values: never recompile
 def _normal_kernel(out_ptr, M, d, seed_lo, seed_hi, step, off_lo, off_hi,
                    BM: tl.constexpr, BK: tl.constexpr):
     """Test/diagnostic kernel: z [M, d] exactly as the step kernels draw it."""

@@ -25,7 +25,7 @@ def _step_record(tab_ptr, k):
             tl.load(tp + 5), tl.load(tp + 6), tl.load(tp + 7), tl.load(tp + 8))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi", "first_step"])   # per-call values: never recompile
 def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, out_ptr, traj_ptr, M, N, d, K,
                                     stride_x, stride_y, traj_stride: tl.int64, seed_lo: tl.int64,
                                     seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64,
@@ -52,7 +52,7 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, out_ptr, t
     tl.store(out_ptr + rows64[:, None] * d + cols[None, :], x, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi", "first_step"])   # per-call values: never recompile
 def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, out_ptr, acc_ptr, traj_ptr, M, N, d, K,
                                     stride_y, traj_stride: tl.int64, kappa, delta2, tau2,
                                     seed_lo: tl.int64, seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64,

@@ -27,7 +27,7 @@ def _load_abc(coef_ptr, rows, coef_stride, rmask):
     return A, B, Cn
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "off_lo", "off_hi"])   # per-call values: never recompile
 def _pointcloud_step_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, coef_ptr, out_ptr, M, N, d,
                                   stride_x, stride_y, stride_o, par_stride, coef_stride,
                                   seed_lo: tl.int64, seed_hi: tl.int64, step: tl.int64, off_lo: tl.int64,
@@ -51,7 +51,7 @@ def _pointcloud_step_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, coef_ptr, ou
     tl.store(out_ptr + rows64[:, None] * stride_o + cols[None, :], out, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step", "off_lo", "off_hi"])   # per-call values: never recompile
 def _pointcloud_step_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, coef_ptr, acc_ptr, out_ptr, M, N, d,
                                   stride_x, stride_y, stride_acc, stride_o, par_stride, coef_stride,
                                   kappa, delta2, tau2, seed_lo: tl.int64, seed_hi: tl.int64, step: tl.int64,

@@ -60,6 +60,13 @@ def _load_params(par_ptr, rows, par_stride, rmask):
 
 
 @triton.jit
+def finite_logit(lg, lw):
+    """A pair with finite weight keeps a finite logit even when its distance term overflows float32
+    (|x − αy| ≳ 1e19): the row's softmax then still has a finite maximum (no 0/0 = NaN)."""
+    return tl.where(lw > float("-inf"), tl.maximum(lg, -3.0e38), lg)
+
+
+@triton.jit
 def small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d,
                  BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
     """Online log-sum-exp of the rows x [BM, DP] (padding columns zero) against all N data points.
@@ -77,7 +84,7 @@ def small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d,
         lw = tl.load(lw_ptr + rn, mask=nm, other=float("-inf"))
         diff = (x[:, None, :] - c1[:, None, None] * y[None, :, :]) + c2[:, None, None] * y[None, :, :]
         d2 = tl.sum(diff * diff, axis=2)
-        lg = lw[None, :] - d2 * k2[:, None]
+        lg = finite_logit(lw[None, :] - d2 * k2[:, None], lw[None, :])
         m_new = tl.maximum(m, tl.max(lg, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         scale = tl.exp2(m - m_safe)
@@ -142,7 +149,8 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
         lower = tl.where(valid, la - E, NEG_INF)
         upper = tl.where(valid, la + E, NEG_INF)
         m_lb = tl.maximum(m_lb, tl.max(lower, axis=1))
-        need = valid & (upper >= (m_lb - delta2)[:, None])
+        # a NaN bound (inf − inf from overflowing norms) is never a reason to skip
+        need = valid & (((upper - m_lb[:, None]) >= -delta2) | (upper != upper))
         n_need = tl.sum(tl.sum(need.to(tl.int32), axis=1), axis=0)
         if n_need > 0:
             # -- 2. exact re-scoring unless the screened logits that matter are already exact enough
@@ -164,7 +172,7 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
                     comp = (tot - d2) - part
                     d2 = tot
                 lg = lw[None, :] - d2 * k2[:, None]
-            lg = tl.where(nm[None, :], lg, NEG_INF)
+            lg = tl.where(nm[None, :], finite_logit(lg, lw[None, :]), NEG_INF)
             # -- 3. online log-sum-exp and the accumulator's read-modify-write
             m_new = tl.maximum(m, tl.max(lg, axis=1))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -266,10 +274,13 @@ def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_
     C.check_x(x)
     data = C.check_data(data, x.shape[1], x.device)
     M, d = x.shape
-    lw2 = C.log_weights2(log_weights, data.shape[0], x.device)
+    lw2, shift = C.log_weights2(log_weights, data.shape[0], x.device, return_shift=True)
     par = C.as_f32_table(C.reduction_params(alpha, sigma, bandwidth, M, x.device))
     D = torch.empty(M, d, dtype=torch.float32, device=x.device)
     L = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return D, L
-    return launch_posterior(x.contiguous(), data, lw2, par, D, L, screen_tf32)
+    D, L = launch_posterior(x.contiguous(), data, lw2, par, D, L, screen_tf32)
+    if shift != 0.0:
+        L.add_(shift)
+    return D, L

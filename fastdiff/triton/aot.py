@@ -10,7 +10,9 @@ memory, and registers/stack from cuobjdump when available) is printed.
 
 The configurations are exactly those the launchers can pick: every padded width DP of the small-d
 kernels and the large-d kernels with both screening precisions, each for float32/float16/bfloat16 data,
-and the affine step for every tile width, with and without noise, for each D dtype.
+and the affine step for every tile width, with and without noise, per-row or scalar coefficients and
+device-side noise counters, for each D dtype; plus, for float32, the variants Triton picks when integer
+sizes and strides are multiples of 16.
 """
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ import time
 from . import _common as C
 
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+# per-call values, declared do_not_specialize in the kernels
+_NEVER_SPECIALISED = ("seed_lo", "seed_hi", "step", "off_lo", "off_hi", "first_step")
 
 
 def _small_cfg(DP):
@@ -88,6 +94,11 @@ def configurations():
                     "seed_hi": i64, "step": i64, "off_lo": i64, "off_hi": i64},
                     {"HAS_NOISE": noise, "PER_ROW": per_row, "CTR_PTR": ctr, "BM": cfg["BM"], "BK": cfg["BK"]},
                     cfg["num_warps"], f"D={dt} BK={BK} noise={noise} per_row={per_row} ctr={ctr}"))
+    # At run time Triton specialises integer arguments divisible by 16 (sizes and strides of 16, 64,
+    # 3072, ...), which switches on vectorised loads: compile one such variant of every float32
+    # configuration too (the integer arguments marked tt.divisibility = 16).
+    out += [(mod, name, sig, cex, nw, label + " div16") for mod, name, sig, cex, nw, label in out
+            if ("data=fp32" in label or "D=fp32" in label) and "per_row=True" not in label]
     return out
 
 
@@ -121,7 +132,9 @@ def compile_one(item, arch=90, out_dir=None):
             raise RuntimeError(f"{name} is a {type(fn).__name__}: TRITON_INTERPRET was set when it was decorated")
         signature = dict(sig)
         signature.update({k: "constexpr" for k in cex})
-        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items() if v.startswith("*")}
+        div16 = label.endswith(" div16")
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+                 if v.startswith("*") or (div16 and v in ("i32", "i64") and k not in _NEVER_SPECIALISED)}
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=dict(cex), attrs=attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": nw})
         ptx, cubin = ck.asm.get("ptx", ""), ck.asm.get("cubin", b"")
