@@ -1,0 +1,130 @@
+"""fastdiff.reproduce: every experiment runs end to end in smoke mode (seconds) and writes results.md
+with its settings, tables, the paper's claim and a verdict, results.json with the numbers, and its
+figures. Smoke numbers mean nothing; the checks here are on the shape of the outputs, plus a few
+quantities that are exact or robust even at smoke sizes."""
+import json
+import math
+
+import pytest
+import torch
+
+import fastdiff.reproduce as rp
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# name -> (header prefix of its main table, number of rows that table has in smoke mode, figures,
+#          keys of results.json["results"])
+EXPECTED = {
+    "drift-ve-gaussian": ("| h | K | euler: aggr", 2, ["kl_vs_step_size.png"],
+                          {"curves", "prior_kl", "sampling_check", "order_stats"}),
+    "drift-ve-table": ("| T | reverse process | method | 1-D GMM: pure VE", 2, ["samples.png"], {"kl", "floors"}),
+    "cem-schedules": ("| N | K | grid | method | TV", 12, ["cem_schedules.png"],
+                      {"point_clouds", "line", "singularity", "slopes", "table1_weights"}),
+    "cem-training": ("| data | model | mean dist", 10, ["samples.png", "pollution_and_errors.png"],
+                     {"metrics", "floors", "train", "target_errors_line"}),
+    "ode-sde-gap": ("| data | score | mean R²", 12, ["samples.png", "w2_vs_weight.png"],
+                    {"models", "exact_score", "floor"}),
+}
+
+
+def _cells(line: str):
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table(md: str, header_prefix: str):
+    """(header cells, body rows) of the first markdown table whose header line starts with header_prefix."""
+    lines = md.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(header_prefix):
+            rows = []
+            for body in lines[i + 2:]:
+                if not body.startswith("|"):
+                    break
+                rows.append(_cells(body))
+            return _cells(line), rows
+    raise AssertionError(f"no table with header {header_prefix!r}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each experiment once, in smoke mode, into its own folder: name -> (folder, markdown, json)."""
+    out = {}
+    for name in rp.EXPERIMENTS:
+        folder = tmp_path_factory.mktemp(name)
+        path = rp.run(name, smoke=True, out=folder, seed=0)
+        out[name] = (folder, path.read_text(), json.loads((folder / "results.json").read_text()))
+    return out
+
+
+def test_registry_matches_expected():
+    assert set(rp.EXPERIMENTS) == set(EXPECTED) == set(rp.DESCRIPTIONS)
+    assert all(isinstance(d, str) and len(d) > 20 for d in rp.DESCRIPTIONS.values())
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_smoke_outputs_have_the_expected_shape(runs, name):
+    folder, md, js = runs[name]
+    header, n_rows, figures, keys = EXPECTED[name]
+    # results.md: title, command line, smoke warning, the sections every reproduction must have
+    assert md.startswith(f"# `{name}`: ")
+    assert f"`fastdiff reproduce {name} --smoke --seed 0`" in md
+    assert "Smoke mode" in md
+    for section in ("## Settings", "## Verdict", "What the paper claims", "What we find"):
+        assert section in md, section
+    head, rows = _table(md, header)
+    assert len(rows) == n_rows
+    assert all(len(r) == len(head) and all(r) for r in rows)           # no missing or empty cells
+    # results.json: metadata and the experiment's own keys
+    assert js["experiment"] == name and js["mode"] == "smoke" and js["seed"] == 0
+    assert js["seconds"] > 0
+    assert keys <= set(js["results"])
+    # figures: listed in the json, referenced from the markdown, real PNG files
+    assert sorted(js["figures"]) == sorted(figures)
+    for fig in figures:
+        data = (folder / fig).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000
+        assert f"]({fig})" in md
+
+
+def test_drift_ve_gaussian_oracle_numbers_are_exact_even_in_smoke(runs):
+    # the KL curves come from the closed-form oracle, so they are meaningful at any size: finite,
+    # positive, and smaller at the smaller step for the exponential integrator
+    res = runs["drift-ve-gaussian"][2]["results"]
+    for proc in ("aggressive", "conservative", "pure"):
+        pts = res["curves"][f"T=10.0|ode=False|{proc}|ei"]
+        kl = {h: v for h, _, v in pts}
+        assert all(math.isfinite(v) and v > 0 for v in kl.values())
+        assert kl[0.5] < kl[2.0]
+
+
+def test_cem_schedules_weights_are_a_distribution(runs):
+    w = runs["cem-schedules"][2]["results"]["table1_weights"]
+    assert len(w) == 5 and abs(sum(w) - 1) < 1e-9 and min(w) >= 0
+
+
+def test_cem_training_exact_denoiser_lands_near_the_line(runs):
+    # with the exact conditional expectation the last step from t₁ = 1e−4 to 0 adds noise of size
+    # √(1 − e^(−t₁)) ≈ 0.01 (per coordinate), so the mean distance to the line is about 0.008
+    m = runs["cem-training"][2]["results"]["metrics"]
+    assert m["line|exact"]["d_mean"] < 0.02
+    for loss in ("cem", "dsm", "eps"):
+        assert set(m[f"line|{loss}"]) >= {"d_mean", "d_median", "d_90", "kl_along", "kl_2d", "outside", "nonfinite"}
+
+
+def test_ode_sde_gap_models_and_baselines_are_all_reported(runs):
+    res = runs["ode-sde-gap"][2]["results"]
+    assert len(res["models"]) == 3 * 3
+    for v in res["models"].values():
+        assert {"gap", "ode", "sde", "r2", "dsm", "out_ode", "out_sde"} <= set(v)
+        assert 0 <= v["out_ode"] <= 1 and 0 <= v["out_sde"] <= 1
+    # the exact score's gap is a finite number for every data set
+    assert len(res["exact_score"]) == 3
+    assert all(math.isfinite(v["gap"]) for v in res["exact_score"].values())
+
+
+def test_run_rejects_an_unknown_experiment_and_restores_threads(tmp_path):
+    with pytest.raises(ValueError, match="unknown experiment"):
+        rp.run("no-such-experiment", smoke=True, out=tmp_path)
+    before = torch.get_num_threads()
+    rp.run("drift-ve-gaussian", smoke=True, out=tmp_path / "again", threads=1)
+    assert torch.get_num_threads() == before
