@@ -1,0 +1,268 @@
+"""`fastdiff bench`: every fastdiff backend against what users would otherwise run, with rooflines.
+
+    fastdiff bench [suite ...] [--device cpu|cuda] [--quick] [--out DIR] [--threads N] [--time-limit S]
+                   [--list] [--no-progress]
+    python -m fastdiff.bench ...            (the same, without the CLI wiring)
+
+Suites: posterior (the point-cloud reduction), step (the fused affine update with noise), sample (end to
+end against k-diffusion / diffusers loops and an eager loop), scaling (time and peak memory as N, M, d
+grow); default: all. Writes DIR/results.json (also after every case), results.csv (one row per
+measurement), report.md and PNG plots. Ceilings (copy bandwidth, fp32 FMA rate, exp rate) are measured
+first, in the same run. fastdiff backends are discovered from fastdiff._backend.BACKENDS: every backend
+whose refuse_reasons(op, ...) is empty is measured, so new backends appear without changes here. Peers
+that are not installed are skipped with a note. The issues' benchmark targets (fastdiff/bench/targets.py)
+are measured by every full run on their device type and reported with target / measured / met; the
+measured order of the fastdiff backends per (op, shape) is results.json["auto_order"].
+
+CLI wiring: `add_arguments(parser)` adds the arguments to a (sub-)parser, `run_from_args(args)` runs it
+and returns the exit status.
+
+Speed is measured here, never asserted in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SUITES = ("posterior", "step", "sample", "scaling")
+
+__all__ = ["SUITES", "main", "run", "plan", "add_arguments", "run_from_args"]
+
+
+def _suite_module(name):
+    from . import posterior, sample, scaling, step
+    return {"posterior": posterior, "step": step, "sample": sample, "scaling": scaling}[name]
+
+
+def _slug(text: str) -> str:
+    keep = "".join(c.lower() if c.isalnum() else "-" for c in text)
+    while "--" in keep:
+        keep = keep.replace("--", "-")
+    return keep.strip("-")[:40]
+
+
+def default_run_name(device: torch.device, quick: bool) -> str:
+    from .timing import _cpu_model
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{_cpu_model()}-{torch.get_num_threads()}t"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(name)}{'-quick' if quick else ''}"
+
+
+def run(suites=SUITES, device: str = "cpu", quick: bool = False, out=None, *, progress: bool = True,
+        argv=None, threads: int | None = None, time_limit: float | None = None) -> Path:
+    """Run the suites and write results into `out` (default ./fastdiff-bench/<run name>); returns that folder.
+
+    argv: the command line to record (defaults to sys.argv). threads: torch.set_num_threads for the run
+    (default: torch's choice); on a shared machine fewer threads than busy cores avoids OpenMP threads
+    waiting for a descheduled sibling, which otherwise makes every parallel region cost a scheduler tick.
+    time_limit: seconds; cases not started by then are skipped with a note and the run is written as usual
+    (a machine lent for a limited time still gets a complete report)."""
+    suites = _check_suites(suites)
+    threads_before = torch.get_num_threads()
+    if threads is None and quick and str(device).startswith("cpu"):
+        # a smoke run: on a busy machine more OpenMP threads than idle cores turn every parallel region into
+        # a wait for a descheduled thread; one thread keeps it short and its numbers stable
+        threads = 1
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    if time_limit is not None and float(time_limit) <= 0:
+        raise ValueError(f"time_limit must be positive, got {time_limit}")
+    precision = torch.get_float32_matmul_precision()
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    # fp32 products everywhere (the torch alternatives are "cuBLAS fp32"; TF32 would change their accuracy)
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    previous_term = _sigterm_as_exit()
+    try:
+        return _run(suites, device, quick, out, progress, argv, time_limit)
+    finally:
+        torch.set_num_threads(threads_before)
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        _restore_sigterm(previous_term)
+
+
+def _check_suites(suites) -> list[str]:
+    if isinstance(suites, str):
+        suites = [suites]
+    suites = list(dict.fromkeys(SUITES if not suites or "all" in suites else suites))
+    bad = [s for s in suites if s not in SUITES]
+    if bad:
+        raise ValueError(f"unknown suite(s) {', '.join(bad)}; choose from {', '.join(SUITES)} or all")
+    return suites
+
+
+class _Terminated(SystemExit):
+    pass
+
+
+def _sigterm_as_exit():
+    """SIGTERM (a job's time limit) raises in the main thread, so the run still writes what it measured."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated(128 + signum)
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm(previous):
+    import signal
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, OSError):
+            pass
+
+
+def _device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu or cuda, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to torch here")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def plan(suites=SUITES, device: str = "cpu", quick: bool = False) -> list[tuple[str, str]]:
+    """[(suite, case label)] that a run would execute, in order (nothing is measured)."""
+    from .common import Context
+    from .timing import policy_for
+    suites = _check_suites(suites)
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    ctx = Context(device=dev, quick=quick, out=Path("."), policy=policy_for(dev, quick), env={}, run_id="plan")
+    return [(c.suite, c.label) for s in suites for c in _suite_module(s).cases(ctx)]
+
+
+def _run(suites, device, quick, out, progress, argv, time_limit) -> Path:
+    from . import report
+    from .common import Context, cleanup
+    from .timing import Progress, environment, measure_ceilings, policy_for
+
+    dev = _device(device)
+    run_id = default_run_name(dev, quick)
+    out = Path(out) if out is not None else Path("fastdiff-bench") / run_id
+    t_start = time.perf_counter()
+    env = environment(dev, argv)
+    env["suites"] = suites
+    env["time_limit_s"] = time_limit
+    ctx = Context(device=dev, quick=quick, out=out, policy=policy_for(dev, quick), env=env, run_id=run_id,
+                  deadline=None if time_limit is None else t_start + float(time_limit))
+
+    planned = []
+    for s in suites:
+        planned += _suite_module(s).cases(ctx)
+    bar = Progress(total=len(planned) + 1, enabled=progress)
+    ctx.progress = bar
+    ctx.extra["case_seconds"] = case_seconds = {}
+    completed = False
+    try:
+        bar.start("ceilings: copy bandwidth, fp32 FMA rate, exp rate")
+        t_case = time.perf_counter()
+        try:
+            ctx.ceilings = measure_ceilings(dev, quick, ctx.policy)
+        except Exception as exc:      # without ceilings the rows have no roofline, but are still measured
+            ctx.note("ceilings", "ceilings", f"failed: {type(exc).__name__}: {str(exc)[:300]}", kind="error")
+        ctx.extra["ceiling_seconds"] = round(time.perf_counter() - t_case, 3)
+        bar.finish_case()
+        for case in planned:
+            bar.start(case.label)
+            if ctx.out_of_time() and not case.label.endswith((": speedups", ": fits")):
+                ctx.note(case.suite, case.label, f"not run: the time limit of {time_limit:g} s was reached",
+                         kind="skipped")
+                bar.finish_case()
+                continue
+            t_case = time.perf_counter()
+            try:
+                case.fn(ctx)
+            except Exception as exc:    # one broken case must not lose the others
+                ctx.note(case.suite, case.label, f"case failed: {type(exc).__name__}: {str(exc)[:300]}", kind="error")
+            cleanup(dev)
+            case_seconds[case.label] = round(time.perf_counter() - t_case, 3)
+            bar.finish_case()
+            try:
+                report.write_partial(ctx, suites, time.perf_counter() - t_start)
+            except Exception as exc:
+                bar.message(f"  could not write partial results: {type(exc).__name__}: {exc}")
+        completed = True
+    finally:
+        bar.close()
+        try:
+            load_end = list(os.getloadavg())
+        except OSError:
+            load_end = None
+        path = report.write_all(ctx, suites, time.perf_counter() - t_start, load_end, complete=completed)
+    if progress:
+        print(f"fastdiff bench: {len(ctx.rows)} measurements, {len(ctx.notes)} notes, "
+              f"{time.perf_counter() - t_start:.0f} s -> {path}/report.md", file=sys.stderr)
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `fastdiff bench`'s arguments to a parser (e.g. a `bench` sub-parser of the fastdiff CLI)."""
+    p.add_argument("suites", nargs="*", metavar="suite", help=f"{', '.join(SUITES)} or all (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quick", action="store_true", help="small sizes and short timings (a CPU run in < 2 minutes)")
+    p.add_argument("--out", default=None, help="output folder (default ./fastdiff-bench/<date>-<device>)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for the run (default: torch's choice; 1 for --quick on the CPU)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="skip the cases not started after this many seconds (the report is still written)")
+    p.add_argument("--list", action="store_true", help="print the cases the run would measure, and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    return p
+
+
+def run_from_args(args, argv=None) -> int:
+    """Run `fastdiff bench` from parsed arguments (see add_arguments); argv: the command line to record
+    (default sys.argv). Returns the exit status: 0, or 2 for a usage error."""
+    for s in args.suites:
+        if s not in SUITES and s != "all":
+            print(f"fastdiff bench: error: unknown suite {s!r}; choose from {', '.join(SUITES)} or all",
+                  file=sys.stderr)
+            return 2
+    if getattr(args, "list", False):
+        try:
+            for suite, label in plan(args.suites, args.device, args.quick):
+                print(f"{suite}\t{label}")
+        except ValueError as exc:
+            print(f"fastdiff bench: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        path = run(args.suites, args.device, args.quick, args.out, progress=not args.no_progress, argv=argv,
+                   threads=args.threads, time_limit=getattr(args, "time_limit", None))
+    except ValueError as exc:
+        print(f"fastdiff bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point for `fastdiff bench ...`: argv are the arguments after `bench`."""
+    parser = add_arguments(argparse.ArgumentParser(prog="fastdiff bench", description=__doc__.split("\n\n")[0]))
+    args = parser.parse_args(argv)
+    return run_from_args(args)

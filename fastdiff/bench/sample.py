@@ -1,0 +1,414 @@
+"""Suite `sample`: end-to-end sampling of the same denoiser by fastdiff and by the loops users would
+otherwise run, same grid, same number of steps, same initial noise, and the quality of what comes out.
+
+Setting: the pure VE process (σ = t, k-diffusion's and diffusers' Euler convention), σ from 80 down to
+1e-3 on the Karras grid, the 2-D swiss roll as a kernel density (bandwidth 0.05; 500 points for the
+regular cases, 10⁴ for the target cases) so its true density is known. Denoisers, each shared by every
+sampler of a case:
+  pointcloud   the exact denoiser of that density (fd.PointCloud)
+  mlp          a small MLP (3 hidden layers of 128, EDM preconditioning) trained for a few seconds on it
+Pairs of equivalent samplers (MATH.md §3):
+  euler ODE    fd.sample(method="euler", ode=True)  |  k_diffusion.sampling.sample_euler
+               |  diffusers EulerDiscreteScheduler(prediction_type="sample").set_timesteps(sigmas=grid)
+  ancestral    fd.sample(method="ei-x0", ode=False) |  k_diffusion.sampling.sample_euler_ancestral
+               (diffusers' EulerAncestralDiscreteScheduler takes no custom sigmas: not comparable)
+Every fastdiff backend runs through fd.sample(..., backend=name); a point cloud goes through the fused
+whole-trajectory op pointcloud_sample. The reference is fd.sample(..., backend="torch").
+
+The `mlp loop` case is a user network's loop (M = 1024, d = 2, 1000 steps on CUDA; ancestral SDE):
+fd.sample(fd.from_model(mlp, ...), cuda_graph=True) (the whole loop captured in a CUDA graph and replayed),
+the same with cuda_graph=False, and a hand-written eager torch loop of the same model and update
+(`D = mlp(x, σ_k); x = A_k x + B_k D + C_k torch.randn_like(x)`), which is what ratios are taken against.
+
+Reported: samples/s (n / median time of a whole run), KL(samples ‖ true density) on a 50×50 histogram over
+[-1.6, 1.6]², W2 to exact draws (1000-point subsets) and, for the ODE, max |x − x_first| (the same deterministic
+map from the same noise: should be at float32 round-off). A row `exact draws (floor)` gives the metrics
+of exact samples of the same size: the floor of both estimators. The roofline of a point-cloud run is
+`steps` times the posterior bound at (M = n, N, d = 2); of an MLP run, its matmul FLOPs at the fp32 rate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from .common import (Case, Context, backend_refusal, cleanup, describe_error, fastdiff_backends, fastdiff_provider,
+                     fill_speedups, kdiffusion_sampling, optional_import)
+from .timing import measure
+
+SUITE = "sample"
+T, T_END, BANDWIDTH = 80.0, 1e-3, 0.05**2
+N_DATA, N_DATA_TARGET = 500, 10_000
+GRID = ((-1.6, 1.6), (-1.6, 1.6))
+REF = fastdiff_provider("torch")
+EAGER_LOOP = "torch eager loop (randn)"
+MLP_WIDTH = 128
+METHODS = {"euler ODE": ("euler", True), "ancestral SDE": ("ei-x0", False)}
+
+
+def settings(ctx: Context):
+    if ctx.quick:
+        return {"ns": (500,), "steps": 20, "train_iters": 150, "w2_n": 500, "loop": (256, 50)}
+    # W2 on 1000-point subsets: exact assignment in about a second without POT (scipy), a fraction with it
+    if ctx.cuda:
+        return {"ns": (10_000, 100_000), "steps": 100, "train_iters": 3000, "w2_n": 1000, "loop": (1024, 1000)}
+    return {"ns": (1_000, 10_000), "steps": 100, "train_iters": 2000, "w2_n": 1000, "loop": (1024, 1000)}
+
+
+def target_cases(ctx: Context):
+    """[(denoiser, method, n, steps, N data points, label)]: the targets' exact sizes."""
+    if ctx.quick:
+        return []
+    if ctx.cuda:
+        return [("pointcloud", "ancestral SDE", 100_000, 1000, N_DATA_TARGET, "issue 3"),
+                ("pointcloud", "ancestral SDE", 10_000, 200, N_DATA_TARGET, "issue 4")]
+    return [("pointcloud", "ancestral SDE", 10_000, 200, N_DATA_TARGET, "issue 4")]
+
+
+# ----------------------------------------------------------------------------------------- setup
+class MLP(torch.nn.Module):
+    """D(x, σ) = c_skip x + c_out F(c_in x, log σ / 4) (EDM preconditioning, σ_data = 0.5)."""
+
+    def __init__(self, width: int = MLP_WIDTH, sigma_data: float = 0.5):
+        super().__init__()
+        self.sd = sigma_data
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.SiLU(), torch.nn.Linear(width, width),
+                                       torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
+                                       torch.nn.Linear(width, 2))
+
+    def forward(self, x, sigma):
+        s = sigma.reshape(-1, 1).to(x.dtype)
+        sd2 = self.sd**2
+        c_skip = sd2 / (s * s + sd2)
+        c_out = s * self.sd / (s * s + sd2).sqrt()
+        c_in = 1 / (s * s + sd2).sqrt()
+        return c_skip * x + c_out * self.net(torch.cat([c_in * x, s.log() / 4], 1))
+
+
+MLP_FLOPS = 2 * (3 * MLP_WIDTH + 2 * MLP_WIDTH * MLP_WIDTH + 2 * MLP_WIDTH)    # per sample per evaluation
+
+
+def train_mlp(data: torch.Tensor, iters: int, device) -> MLP:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = MLP().to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, iters))
+    data = data.to(device)
+    lo, hi = math.log(T_END), math.log(T)
+    for _ in range(iters):
+        idx = torch.randint(data.shape[0], (1024,), generator=g).to(device)
+        y = data[idx] + math.sqrt(BANDWIDTH) * torch.randn(1024, 2, generator=g).to(device)
+        sigma = torch.exp(lo + (hi - lo) * torch.rand(1024, generator=g)).to(device)
+        x = y + sigma[:, None] * torch.randn(1024, 2, generator=g).to(device)
+        s = sigma[:, None]
+        weight = (s * s + 0.25) / (s * 0.5) ** 2        # EDM loss weight: unit weight on F
+        loss = (weight * (net(x, sigma) - y) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def setup(ctx: Context):
+    if "sample_setup" in ctx.cache:
+        return ctx.cache["sample_setup"]
+    import fastdiff as fd
+    st = settings(ctx)
+    process = fd.PureVE(T=T)
+    S = {"fd": fd, "process": process, "st": st, "datasets": {}, "grids": {}}
+    dataset(ctx, S, N_DATA)
+    if ctx.progress is not None:
+        ctx.progress.start(f"sample: training the MLP denoiser ({st['train_iters']} Adam steps)")
+    S["net"] = net = train_mlp(S["datasets"][N_DATA]["data64"].float(), st["train_iters"], ctx.device)
+    S["mlp"] = fd.from_model(net, process, prediction="x0", time_input="sigma")
+    ctx.cache["sample_setup"] = S
+    return S
+
+
+def dataset(ctx: Context, S, N: int):
+    """The swiss-roll kernel density with N points: its true density, the point cloud, exact draws."""
+    if N in S["datasets"]:
+        return S["datasets"][N]
+    fd, process = S["fd"], S["process"]
+    data64 = fd.datasets.swiss_roll(N, seed=0, dtype=torch.float64)
+    truth = fd.PointCloud(data64, process, bandwidth=BANDWIDTH)
+    g = torch.Generator().manual_seed(1)
+    w2_n = S["st"]["w2_n"]
+    ref_draws = data64[torch.randint(N, (w2_n,), generator=g)] + math.sqrt(BANDWIDTH) * torch.randn(
+        w2_n, 2, generator=g, dtype=torch.float64)
+    S["datasets"][N] = out = {
+        "N": N, "data64": data64, "density": lambda z: truth.data_log_prob(z).exp(), "ref_draws": ref_draws,
+        "cloud": fd.PointCloud(data64.float().to(ctx.device), process, bandwidth=BANDWIDTH), "floor": {}}
+    return out
+
+
+def grid(S, steps: int):
+    if steps not in S["grids"]:
+        S["grids"][steps] = S["fd"].time_grid(S["process"], steps, "karras", T_END)
+    return S["grids"][steps]
+
+
+def exact_draws(DS, n: int):
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(DS["N"], (n,), generator=g)
+    return DS["data64"][idx] + math.sqrt(BANDWIDTH) * torch.randn(n, 2, generator=g, dtype=torch.float64)
+
+
+def metrics(S, DS, x: torch.Tensor):
+    fd = S["fd"]
+    x = x.detach().double().cpu()
+    if not bool(torch.isfinite(x).all()):
+        return float("nan"), float("nan")
+    kl = fd.metrics.kl_histogram(x, density=DS["density"], bins=50, range=GRID)
+    try:
+        w2 = fd.metrics.w2(x, DS["ref_draws"], max_n=S["st"]["w2_n"], seed=0)
+    except ImportError:
+        w2 = fd.metrics.sliced_w2(x, DS["ref_draws"])
+    return kl, w2
+
+
+# ----------------------------------------------------------------------------------------- samplers
+def fd_sampler(ctx: Context, S, den, method: str, times, backend: str, **extra):
+    """fd.sample(den, x=xT, ...) on `backend`. Triton's pointcloud_sample takes a [K, 6] table and returns
+    x_K (it does not update x in place): when fd.sample's dispatch fails on that with a TypeError, the
+    same run is timed through fastdiff.triton.pointcloud_sample directly, and a note says so."""
+    fd = S["fd"]
+    m, ode = METHODS[method]
+    state = {"direct": None}
+
+    def direct(xT):
+        import fastdiff.triton as ft
+        table = fd.step_table(S["process"], times, m, ode)
+        cols = ft.table_columns(S["process"], table, den.prediction)
+        return ft.pointcloud_sample(xT.contiguous(), den.data, cols, 7, 0, den.log_weights, den.bandwidth)
+
+    def run(xT):
+        if state["direct"]:
+            return direct(xT)
+        try:
+            return fd.sample(den, x=xT.clone(), times=times, method=m, ode=ode, seed=7, backend=backend, **extra)
+        except TypeError as exc:
+            if backend != "triton" or extra or not isinstance(den, fd.PointCloud) or "positional" not in str(exc):
+                raise
+            state["direct"] = True
+            ctx.note(SUITE, fastdiff_provider(backend), f"fd.sample(backend='triton') failed on a point cloud "
+                     f"({describe_error(exc, 160)}): the dispatch adapter does not match "
+                     "fastdiff.triton.pointcloud_sample's signature; the same run is timed through "
+                     "fastdiff.triton.pointcloud_sample(x, data, table_columns(...), seed, ...) directly",
+                     kind="workaround")
+            return direct(xT)
+    return run
+
+
+def samplers(ctx: Context, S, den_name: str, den, method: str, times, peers: bool = True):
+    """[(provider, backend, fn(xT) -> samples, warm_first)] for one denoiser and method."""
+    fd = S["fd"]
+    out = []
+    for name in fastdiff_backends():
+        out.append((fastdiff_provider(name), name, fd_sampler(ctx, S, den, method, times, name),
+                    name in ("torch", "cpu")))
+    if not peers:
+        return out
+    sig = times.to(torch.float32).to(ctx.device)
+    if den_name == "pointcloud":
+        model = lambda x, sigma: den.denoise(x, float(sigma.reshape(-1)[0]))
+    else:
+        net = S["net"]
+        model = lambda x, sigma: net(x, sigma.reshape(-1)[:1].expand(x.shape[0]) if sigma.numel() == 1 else sigma)
+    K, reason = kdiffusion_sampling()
+    if K is None:
+        ctx.note(SUITE, "k-diffusion", reason)
+    elif method == "euler ODE":
+        out.append(("k-diffusion sample_euler", None,
+                    lambda xT: K.sample_euler(model, xT.clone(), sig, disable=True), not ctx.cuda))
+    else:
+        out.append(("k-diffusion sample_euler_ancestral", None,
+                    lambda xT: K.sample_euler_ancestral(model, xT.clone(), sig, disable=True), not ctx.cuda))
+    sched_mod, reason = optional_import("diffusers", "pip install diffusers")
+    if sched_mod is None:
+        ctx.note(SUITE, "diffusers", reason)
+    elif method == "euler ODE":
+        sched = sched_mod.EulerDiscreteScheduler(prediction_type="sample")
+        sigmas = times.tolist()
+
+        def diffusers_loop(xT):
+            sched.set_timesteps(sigmas=sigmas, device=ctx.device)
+            x = xT.clone()
+            for i, t in enumerate(sched.timesteps):
+                sched.scale_model_input(x, t)           # the loop's usual call; D takes the unscaled x
+                pred = model(x, sched.sigmas[i].reshape(1).to(x.dtype))
+                x = sched.step(pred, t, x, return_dict=False)[0]
+            return x
+        out.append(("diffusers EulerDiscreteScheduler", None, diffusers_loop, not ctx.cuda))
+    else:
+        ctx.note(SUITE, "diffusers EulerAncestralDiscreteScheduler", "set_timesteps takes no custom sigmas, so "
+                 "it cannot run the same grid: not compared", kind="not comparable")
+    return out
+
+
+def loop_samplers(ctx: Context, S, times):
+    """The `mlp loop` case: fd.sample with and without cuda_graph on every backend, and the eager loop."""
+    fd = S["fd"]
+    method = "ancestral SDE"
+    out = []
+    for name in fastdiff_backends():
+        out.append((fastdiff_provider(name), name, fd_sampler(ctx, S, S["mlp"], method, times, name),
+                    name in ("torch", "cpu")))
+    for name in fastdiff_backends():
+        out.append((f"{fastdiff_provider(name)} cuda_graph", name,
+                    fd_sampler(ctx, S, S["mlp"], method, times, name, cuda_graph=True), False))
+    m, ode = METHODS[method]
+    table = fd.step_table(S["process"], times, m, ode)
+    A, B, C = (col.tolist() for col in table.for_prediction("x0"))
+    sig = S["process"].sigma(table.t).to(torch.float32).to(ctx.device)
+    net = S["net"]
+
+    def eager(xT):
+        x = xT.clone()
+        M = x.shape[0]
+        for k in range(len(A)):
+            D = net(x, sig[k].expand(M))
+            x = A[k] * x + B[k] * D + C[k] * torch.randn_like(x)
+        return x
+    out.append((EAGER_LOOP, None, eager, True))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the suite
+def cases(ctx: Context) -> list[Case]:
+    st = settings(ctx)
+    out = []        # the targets first: a run with a time limit measures them before anything else
+    for den, method, n, steps, N, label in target_cases(ctx):
+        out.append(Case(SUITE, f"sample {den} {method} n={n} steps={steps} N={N} (target, {label})",
+                        lambda ctx, den=den, method=method, n=n, steps=steps, N=N, label=label:
+                        run_case(ctx, den, method, n, steps, N, target=label)))
+    n_loop, steps_loop = st["loop"]
+    loop_target = None if ctx.quick or not ctx.cuda else "issue 3"
+    out.append(Case(SUITE, f"sample mlp loop n={n_loop} steps={steps_loop}" +
+                    (f" (target, {loop_target})" if loop_target else ""),
+                    lambda ctx: run_loop_case(ctx, n_loop, steps_loop, loop_target)))
+    for den in ("pointcloud", "mlp"):
+        for method in METHODS:
+            for n in st["ns"]:
+                out.append(Case(SUITE, f"sample {den} {method} n={n}",
+                                lambda ctx, den=den, method=method, n=n: run_case(ctx, den, method, n,
+                                                                                  st["steps"], N_DATA)))
+    out.append(Case(SUITE, "sample: speedups", speedups))
+    return out
+
+
+def speedups(ctx: Context):
+    rows = [r for r in ctx.rows if r["suite"] == SUITE]
+    fill_speedups([r for r in rows if r["op"] != "mlp loop"], REF)
+    fill_speedups([r for r in rows if r["op"] == "mlp loop"], EAGER_LOOP)
+
+
+def sample_roofline(ctx: Context, den: str, n: int, steps: int, N: int, seconds: float):
+    c = ctx.ceilings
+    if not c or not all(k in c for k in ("fma", "exp", "copy")):
+        return None, None, None
+    if den == "pointcloud":
+        M, d = n, 2
+        bounds = {"fma": 4 * d * M * N / (c["fma"].value * 1e9), "exp": M * N / (c["exp"].value * 1e9),
+                  "copy": 4 * (2 * M * d + N * d + M) / (c["copy"].value * 1e9)}
+        name = max(bounds, key=bounds.get)
+        per_run = steps * bounds[name]
+    else:
+        name, per_run = "fma", steps * n * MLP_FLOPS / (c["fma"].value * 1e9)
+    return name, n / per_run, per_run / seconds
+
+
+def _policy(ctx: Context):
+    return replace(ctx.policy, warmup=1, min_reps=2 if ctx.quick else 3, max_reps=10, sample_time=0.0,
+                   max_time=ctx.policy.max_time * 2)
+
+
+def _floor_row(ctx, S, DS, op, case, n, steps, target):
+    if n not in DS["floor"]:    # the estimators' floor: exact draws of the same size
+        DS["floor"][n] = metrics(S, DS, exact_draws(DS, n))
+    kl0, w20 = DS["floor"][n]
+    ctx.add_row(suite=SUITE, op=op, provider="exact draws (floor)", case=case, shape=f"n={n},N={DS['N']},d=2,steps={steps}",
+                N=DS["N"], d=2, n_elems=n, steps=steps, dtype="float32", kl=kl0, w2=w20, target=target,
+                note="exact samples of the true density: the floor of the KL and W2 estimators at this n")
+
+
+def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, compare_ode):
+    first_out = None
+    policy = _policy(ctx)
+    for provider, backend, fn, warm_first in provs:
+        if ctx.out_of_time():
+            ctx.note(SUITE, provider, f"not run on {case}: the run's time limit was reached", kind="skipped")
+            continue
+        if backend is not None:
+            op_name = "pointcloud_sample" if den == "pointcloud" else "affine_step"
+            reasons = backend_refusal(backend, op_name, x=xT, data=DS["cloud"].data if den == "pointcloud" else None)
+            if reasons:
+                ctx.note(SUITE, provider, "; ".join(reasons))
+                continue
+        if ctx.progress is not None:
+            ctx.progress.start(f"sample {case} {provider}")
+        last = {}
+        failed = False
+        try:
+            def call():
+                with torch.no_grad():
+                    last["x"] = fn(xT)
+            t = measure(call, ctx.device, policy, warm_first=warm_first)
+            kl, w2 = metrics(S, DS, last["x"])
+        except (ValueError, TypeError) as exc:
+            # a backend refusing (ValueError), or fd.sample without a keyword this harness passes (TypeError)
+            kind = "skipped" if backend is not None else "error"
+            ctx.note(SUITE, provider, f"{den}: {describe_error(exc, 300)}", kind=kind)
+            failed = True
+        except Exception as exc:
+            kind = "skipped" if isinstance(exc, torch.cuda.OutOfMemoryError) else "error"
+            ctx.note(SUITE, provider, f"failed on {case}: {describe_error(exc)}", kind=kind)
+            failed = True
+        if failed:
+            cleanup(ctx.device)
+            continue
+        diff = None
+        if compare_ode:
+            if first_out is None:
+                first_out = last["x"]
+            diff = float((last["x"].double() - first_out.double()).abs().max())
+        ceiling, bound, frac = sample_roofline(ctx, den, n, steps, DS["N"], t.median_s)
+        ctx.timing_row(t, suite=SUITE, op=op, provider=provider, backend=backend, case=case,
+                       shape=f"n={n},N={DS['N']},d=2,steps={steps}", N=DS["N"], d=2, n_elems=n, steps=steps,
+                       dtype="float32", throughput=n / t.median_s, unit="samples/s", ceiling=ceiling,
+                       ceiling_throughput=bound, roofline_fraction=frac, kl=kl, w2=w2, max_abs_diff=diff,
+                       target=target)
+        del last
+    cleanup(ctx.device)
+
+
+def run_case(ctx: Context, den: str, method: str, n: int, steps: int, N: int, target: str | None = None):
+    S = setup(ctx)
+    DS = dataset(ctx, S, N)
+    times = grid(S, steps)
+    case = f"{den} {method} n={n} steps={steps}" + (f" N={N}" if N != N_DATA else "")
+    op = f"{den}/{method}"
+    denoiser = DS["cloud"] if den == "pointcloud" else S["mlp"]
+    xT = S["process"].prior(n, 2, seed=3, dtype=torch.float32, device=ctx.device)
+    _floor_row(ctx, S, DS, op, case, n, steps, target)
+    provs = samplers(ctx, S, den, denoiser, method, times, peers=target is None)
+    _time_providers(ctx, S, DS, provs, xT, op=op, case=case, den=den, n=n, steps=steps, target=target,
+                    compare_ode=method == "euler ODE")
+
+
+def run_loop_case(ctx: Context, n: int, steps: int, target: str | None):
+    S = setup(ctx)
+    DS = dataset(ctx, S, N_DATA)
+    times = grid(S, steps)
+    case = f"mlp loop n={n} steps={steps}"
+    xT = S["process"].prior(n, 2, seed=3, dtype=torch.float32, device=ctx.device)
+    _floor_row(ctx, S, DS, "mlp loop", case, n, steps, target)
+    _time_providers(ctx, S, DS, loop_samplers(ctx, S, times), xT, op="mlp loop", case=case, den="mlp", n=n,
+                    steps=steps, target=target, compare_ode=False)

@@ -1,0 +1,311 @@
+"""The benchmark targets of the issues, evaluated from a run's rows, and the measured backend order.
+
+Each target names the device type it applies to, the exact case it is read from (the suites measure
+those shapes in every full run on that device) and what must hold. `evaluate(rows, device)` gives one
+entry per target of that device: what was measured, what is required, and met = yes / no / not measured
+(info: a comparison without a threshold). `auto_order(rows)` gives, per (op, shape), the fastdiff
+backends from fastest to slowest, for choosing backend="auto"'s order from measurements.
+"""
+from __future__ import annotations
+
+import math
+
+FD = "fastdiff[{}]"
+
+
+def _fd(b):
+    return FD.format(b)
+
+
+def _find(rows, provider, **match):
+    for r in rows:
+        if r.get("provider") == provider and r.get("median_s") and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def _fmt_x(v):
+    return "–" if v is None else f"{v:.3g}×"
+
+
+def _acc(r):
+    if r is None or r.get("accurate") is None:
+        return "accuracy not measured"
+    s = "meets §7" if r["accurate"] else "**fails §7**"
+    parts = [f"err_D {r['err_D']:.1e}" if r.get("err_D") is not None else None,
+             f"err_L {r['err_L']:.1e}" if r.get("err_L") is not None else None]
+    return s + " (" + ", ".join(p for p in parts if p) + ")"
+
+
+def _entry(spec, measured, value, met, detail=""):
+    return {"id": spec["id"], "issue": spec["issue"], "device": spec["device"], "target": spec["target"],
+            "required": spec["required"], "measured": measured, "value": value,
+            "met": met, "detail": detail}
+
+
+def _not_measured(spec, why="not measured in this run"):
+    return _entry(spec, "–", None, "not measured", why)
+
+
+# ----------------------------------------------------------------------------------------- evaluators
+def _posterior(d, M, N):
+    return {"suite": "posterior", "d": d, "M": M, "N": N}
+
+
+def _ratio(rows, match, fast, slow):
+    a, b = _find(rows, fast, **match), _find(rows, slow, **match)
+    if a is None or b is None:
+        return None, a, b
+    return b["median_s"] / a["median_s"], a, b
+
+
+def _others(rows, match, names, ref):
+    """'name: x× ref' for the other fastdiff backends measured on the same case (cuda vs triton)."""
+    out = []
+    for n in names:
+        r = _find(rows, n, **match)
+        if r is not None and ref is not None:
+            out.append(f"{n} {ref['median_s'] / r['median_s']:.3g}×")
+    return out
+
+
+def t_rate(spec, rows):
+    r = _find(rows, spec["provider"], **spec["match"])
+    if r is None:
+        return _not_measured(spec)
+    v = r["throughput"]
+    return _entry(spec, f"{v:.3g} {r['unit']}", v, "yes" if v >= spec["threshold"] else "no",
+                  f"median {r['median_s'] * 1e3:.3g} ms; {_acc(r)}")
+
+
+def t_speedup(spec, rows):
+    v, a, b = _ratio(rows, spec["match"], spec["provider"], spec["versus"])
+    if v is None:
+        missing = spec["provider"] if a is None else spec["versus"]
+        return _not_measured(spec, f"{missing} not measured on this case")
+    extra = _others(rows, spec["match"], spec.get("also", ()), b)
+    detail = f"{spec['provider']} {a['median_s']:.4g} s vs {spec['versus']} {b['median_s']:.4g} s"
+    if extra:
+        detail += "; vs the same reference: " + ", ".join(extra)
+    if spec.get("threads_note") and a.get("threads"):
+        detail += f"; {a['threads']} CPU thread(s)"
+    met = v >= spec["threshold"] if spec.get("strict") is None else v > spec["threshold"]
+    return _entry(spec, _fmt_x(v), v, "yes" if met else "no", detail)
+
+
+def t_vs_best_torch(spec, rows):
+    a = _find(rows, spec["provider"], **spec["match"])
+    alts = [r for r in (_find(rows, n, **spec["match"]) for n in spec["versus"]) if r is not None]
+    if a is None or not alts:
+        return _not_measured(spec, f"{spec['provider'] if a is None else 'no torch alternative'} not measured")
+    best = min(alts, key=lambda r: r["median_s"])
+    v = best["median_s"] / a["median_s"]
+    ok = v >= spec["threshold"] and a.get("accurate") is not False
+    detail = (f"best torch alternative: {best['provider']} ({best['median_s']:.4g} s vs {a['median_s']:.4g} s); "
+              f"{spec['provider']}: {_acc(a)}; " + "; ".join(f"{r['provider']}: {_acc(r)}" for r in alts))
+    return _entry(spec, _fmt_x(v), v, "yes" if ok else "no", detail)
+
+
+def t_faster(spec, rows):
+    v, a, b = _ratio(rows, spec["match"], spec["provider"], spec["versus"])
+    if v is None:
+        missing = spec["provider"] if a is None else spec["versus"]
+        return _not_measured(spec, f"{missing} not measured on this case")
+    ok = v > 1.0 and (not spec.get("accuracy") or a.get("accurate") is not False)
+    detail = f"{spec['provider']} {a['median_s']:.4g} s vs {spec['versus']} {b['median_s']:.4g} s"
+    if spec.get("accuracy"):
+        detail += f"; {spec['provider']}: {_acc(a)}; {spec['versus']}: {_acc(b)}"
+    return _entry(spec, _fmt_x(v), v, "yes" if ok else "no", detail)
+
+
+def t_accuracy(spec, rows):
+    a = _find(rows, spec["provider"], **spec["match"])
+    if a is None or a.get("accurate") is None:
+        return _not_measured(spec)
+    others = [r for r in (_find(rows, n, **spec["match"]) for n in spec["versus"]) if r is not None]
+    detail = f"on {a.get('acc_shape')}; " + "; ".join(f"{r['provider']}: {_acc(r)}" for r in others)
+    return _entry(spec, _acc(a), a.get("err_D"), "yes" if a["accurate"] else "no", detail)
+
+
+def t_fraction(spec, rows):
+    r = _find(rows, spec["provider"], **spec["match"])
+    if r is None or r.get("roofline_fraction") is None:
+        return _not_measured(spec)
+    v = r["roofline_fraction"]
+    extra = []
+    for n in spec.get("also", ()):
+        o = _find(rows, n, **spec["match"])
+        if o is not None and o.get("roofline_fraction") is not None:
+            extra.append(f"{n} {100 * o['roofline_fraction']:.0f}%")
+    detail = f"{r['throughput']:.4g} GB/s of {r['ceiling_throughput']:.4g} GB/s copy bandwidth"
+    if extra:
+        detail += "; " + ", ".join(extra)
+    return _entry(spec, f"{100 * v:.1f}%", v, "yes" if v >= spec["threshold"] else "no", detail)
+
+
+def t_best_of(spec, rows):
+    """The fastest of spec['providers'] against spec['versus']."""
+    cands = [r for r in (_find(rows, n, **spec["match"]) for n in spec["providers"]) if r is not None]
+    b = _find(rows, spec["versus"], **spec["match"])
+    if not cands or b is None:
+        why = "fd.sample(..., cuda_graph=True) not measured (see the notes)" if not cands else \
+            f"{spec['versus']} not measured"
+        return _not_measured(spec, why)
+    a = min(cands, key=lambda r: r["median_s"])
+    v = b["median_s"] / a["median_s"]
+    detail = f"{a['provider']} {a['median_s']:.4g} s vs {spec['versus']} {b['median_s']:.4g} s"
+    extra = _others(rows, spec["match"], spec.get("also", ()), b)
+    if extra:
+        detail += "; without the graph: " + ", ".join(extra)
+    return _entry(spec, _fmt_x(v), v, "yes" if v >= spec["threshold"] else "no", detail)
+
+
+def t_info(spec, rows):
+    ref = _find(rows, spec["versus"], **spec["match"])
+    got = _others(rows, spec["match"], spec["providers"], ref)
+    if ref is None or not got:
+        return _not_measured(spec)
+    return _entry(spec, ", ".join(got), None, "info", f"speedups over {spec['versus']} "
+                  f"({ref['median_s']:.4g} s) on the same case")
+
+
+_SAMPLE_I3 = {"suite": "sample", "op": "pointcloud/ancestral SDE", "n_elems": 100_000, "steps": 1000, "N": 10_000}
+_SAMPLE_I4 = {"suite": "sample", "op": "pointcloud/ancestral SDE", "n_elems": 10_000, "steps": 200, "N": 10_000}
+_LOOP = {"suite": "sample", "op": "mlp loop", "n_elems": 1024, "steps": 1000}
+_TORCH_ALTS = ("fastdiff[torch]", "torch naive", "torch.compile(naive)", "torch chunked (cuBLAS fp32)")
+_GRAPHS = tuple(f"{_fd(b)} cuda_graph" for b in ("triton", "cuda", "torch"))
+
+TARGETS = [
+    # ---- issue 3: the Triton kernels on an H100, float32
+    dict(id="I3-posterior-d2-rate", issue="3", device="cuda", fn=t_rate,
+         target="posterior d=2, M=N=65,536: fastdiff[triton] pair interactions/s",
+         required="≥ 1.0e12 pairs/s", match=_posterior(2, 65536, 65536), provider=_fd("triton"), threshold=1.0e12),
+    dict(id="I3-posterior-d2-vs-ref", issue="3", device="cuda", fn=t_speedup,
+         target="posterior d=2, M=N=65,536: fastdiff[triton] vs the torch reference",
+         required="≥ 20×", match=_posterior(2, 65536, 65536), provider=_fd("triton"), versus=_fd("torch"),
+         threshold=20.0, also=(_fd("cuda"),)),
+    dict(id="I3-posterior-d3072-vs-torch", issue="3", device="cuda", fn=t_vs_best_torch,
+         target="posterior d=3072, N=50,000, M=1,024: fastdiff[triton] vs the best torch version "
+                "(chunked cuBLAS fp32 products + softmax, naive, torch.compile, fastdiff[torch])",
+         required="≥ 1.3×, at §7 accuracy", match=_posterior(3072, 1024, 50000), provider=_fd("triton"),
+         versus=_TORCH_ALTS, threshold=1.3),
+    dict(id="I3-posterior-d3072-vs-sdpa", issue="3", device="cuda", fn=t_faster,
+         target="posterior d=3072, N=50,000, M=1,024: fastdiff[triton] vs SDPA (fp32 bias, memory-efficient)",
+         required="> 1× (faster), at §7 accuracy", match=_posterior(3072, 1024, 50000), provider=_fd("triton"),
+         versus="sdpa", accuracy=True),
+    dict(id="I3-posterior-d3072-accuracy", issue="3", device="cuda", fn=t_accuracy,
+         target="posterior d=3072, N=50,000, M=1,024: MATH.md §7 accuracy at σ = 1e-3 (alternatives beside)",
+         required="fastdiff[triton] meets §7", match=_posterior(3072, 1024, 50000), provider=_fd("triton"),
+         versus=(_fd("cuda"), "torch chunked (cuBLAS fp32)", "sdpa", "torch naive", "torch.compile(naive)",
+                 _fd("torch"))),
+    dict(id="I3-affine-step-bandwidth", issue="3", device="cuda", fn=t_fraction,
+         target="affine_step, 2²⁶ float32 elements (M=2²⁰, d=64): fastdiff[triton] of the copy bandwidth "
+                "measured in the same run",
+         required="≥ 80%", match={"suite": "step", "M": 1 << 20, "d": 64}, provider=_fd("triton"), threshold=0.8,
+         also=(_fd("cuda"),)),
+    dict(id="I3-pointcloud-sample", issue="3", device="cuda", fn=t_speedup,
+         target="pointcloud_sample, swiss roll N=10⁴, M=10⁵ samples, 1,000 steps: fastdiff[triton] vs the "
+                "torch reference sampler",
+         required="≥ 50×", match=_SAMPLE_I3, provider=_fd("triton"), versus=_fd("torch"), threshold=50.0,
+         also=(_fd("cuda"),)),
+    dict(id="I3-mlp-cuda-graph", issue="3", device="cuda", fn=t_best_of,
+         target="user network (3-hidden-layer MLP), M=1,024, d=2, 1,000 steps: fd.sample(cuda_graph=True) vs a "
+                "plain eager torch loop of the same model and update",
+         required="≥ 3×", match=_LOOP, providers=_GRAPHS, versus="torch eager loop (randn)", threshold=3.0,
+         also=(_fd("cuda"), _fd("triton"), _fd("torch"))),
+    # ---- issue 4: the compiled extension
+    dict(id="I4-gpu-posterior-d2-16384", issue="4", device="cuda", fn=t_info,
+         target="posterior d=2, M=N=16,384 on the GPU: CUDA kernels vs Triton vs the torch reference",
+         required="(comparison)", match=_posterior(2, 16384, 16384), providers=(_fd("cuda"), _fd("triton")),
+         versus=_fd("torch")),
+    dict(id="I4-gpu-sample-1e4", issue="4", device="cuda", fn=t_info,
+         target="fd.sample swiss roll N=10⁴, M=10⁴, 200 steps on the GPU: CUDA kernels vs Triton vs the torch "
+                "reference",
+         required="(comparison)", match=_SAMPLE_I4, providers=(_fd("cuda"), _fd("triton")), versus=_fd("torch")),
+    dict(id="I4-cpu-posterior-vs-ref", issue="4", device="cpu", fn=t_speedup,
+         target="posterior d=2, M=N=16,384 on the CPU: fastdiff[cpu] vs the torch reference",
+         required="≥ 4×", match=_posterior(2, 16384, 16384), provider=_fd("cpu"), versus=_fd("torch"),
+         threshold=4.0, threads_note=True),
+    dict(id="I4-cpu-posterior-vs-keops", issue="4", device="cpu", fn=t_faster,
+         target="posterior d=2, M=N=16,384 on the CPU: fastdiff[cpu] vs KeOps (LazyTensor, CPU)",
+         required="> 1× (faster)", match=_posterior(2, 16384, 16384), provider=_fd("cpu"), versus="keops"),
+    dict(id="I4-cpu-sample-vs-ref", issue="4", device="cpu", fn=t_speedup,
+         target="fd.sample swiss roll point cloud N=10⁴, M=10⁴, 200 steps on the CPU: fastdiff[cpu] vs the torch "
+                "reference",
+         required="≥ 4×", match=_SAMPLE_I4, provider=_fd("cpu"), versus=_fd("torch"), threshold=4.0,
+         threads_note=True),
+]
+
+
+def evaluate(rows, device: str, quick: bool = False, suites=None) -> list[dict]:
+    """One entry per target of this device type (cpu or cuda); suites: those the run had (None: all)."""
+    out = []
+    for spec in TARGETS:
+        if spec["device"] != device:
+            continue
+        if quick:
+            out.append(_not_measured(spec, "--quick runs use small sizes: targets are measured by full runs"))
+            continue
+        suite = spec["match"].get("suite")
+        if suites is not None and suite not in suites:
+            out.append(_not_measured(spec, f"the {suite} suite is not part of this run"))
+            continue
+        try:
+            out.append(spec["fn"](spec, rows))
+        except Exception as exc:     # a malformed row must not lose the run's report
+            out.append(_entry(spec, "–", None, "not measured", f"evaluation failed: {type(exc).__name__}: {exc}"))
+    for e in out:
+        if isinstance(e["value"], float) and not math.isfinite(e["value"]):
+            e["value"] = None
+    return out
+
+
+# ----------------------------------------------------------------------------------------- auto order
+def _kernel_op(r) -> str:
+    if r["suite"] in ("posterior", "scaling"):
+        return "posterior"
+    if r["suite"] == "step":
+        return "affine_step"
+    if r["suite"] == "sample":
+        return "pointcloud_sample" if str(r["op"]).startswith("pointcloud") else "affine_step (model loop)"
+    return str(r["op"])
+
+
+def auto_order(rows) -> dict:
+    """Per (suite, op, case): the fastdiff backends measured there, fastest first, with their times; and a
+    summary per kernel op of how often each backend was fastest (overall, and of cuda vs triton)."""
+    groups: dict = {}
+    for r in rows:
+        p = r.get("provider") or ""
+        if not r.get("median_s") or not (p.startswith("fastdiff[") and p.endswith("]")):
+            continue
+        groups.setdefault((r["suite"], r["op"], r["case"]), []).append(r)
+    entries, summary = [], {}
+    for (suite, op, case), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        times = {r["backend"]: r["median_s"] for r in rs}
+        ranking = sorted(times, key=times.get)
+        r0 = rs[0]
+        kop = _kernel_op(r0)
+        e = {"kernel_op": kop, "suite": suite, "op": op, "case": case, "shape": r0.get("shape"), "d": r0.get("d"),
+             "M": r0.get("M"), "N": r0.get("N"), "n": r0.get("n_elems"), "steps": r0.get("steps"),
+             "times_s": times, "ranking": ranking, "fastest": ranking[0]}
+        if "cuda" in times and "triton" in times:
+            fast = "cuda" if times["cuda"] <= times["triton"] else "triton"
+            slow = "triton" if fast == "cuda" else "cuda"
+            e["cuda_vs_triton"] = {"faster": fast, "ratio": times[slow] / times[fast]}
+        entries.append(e)
+        s = summary.setdefault(kop, {"cases": 0, "fastest": {}, "cuda_vs_triton": {}, "by_d": {}})
+        s["cases"] += 1
+        s["fastest"][ranking[0]] = s["fastest"].get(ranking[0], 0) + 1
+        if "cuda_vs_triton" in e:
+            f = e["cuda_vs_triton"]["faster"]
+            s["cuda_vs_triton"][f] = s["cuda_vs_triton"].get(f, 0) + 1
+            bd = s["by_d"].setdefault(str(e["d"]), {})
+            bd[f] = bd.get(f, 0) + 1
+    for s in summary.values():
+        s["order"] = sorted(s["fastest"], key=lambda b: -s["fastest"][b])
+    return {"entries": entries, "summary": summary,
+            "how": "per (suite, op, case): fastdiff backends by median time, fastest first; summary: per kernel op, "
+                   "how many cases each backend was fastest in, and of cuda vs triton (overall and by d)"}
