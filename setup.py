@@ -64,7 +64,11 @@ def _extensions():
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0") if with_cuda else ""
 
     cpu_arch = os.environ.get("FASTDIFF_CPU_ARCH", "native")
-    cxx = ["-O3", "-std=c++20", "-fopenmp"] + ([f"-march={cpu_arch}"] if cpu_arch else [])
+    # -fno-trapping-math lets GCC if-convert the exp kernel's clamps and selects, so the hot loops
+    # vectorise (fastdiff never reads floating-point exception flags); -fno-wrapv undoes Python's
+    # -fwrapv, which blocks vectorising loops with signed induction variables.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-wrapv"] + \
+        ([f"-march={cpu_arch}"] if cpu_arch else [])
     _write_build_info(cxx, arch_list, torch.__version__)
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("**/*.cpp"))
     kwargs = dict(name="fastdiff._C", extra_link_args=["-fopenmp"])

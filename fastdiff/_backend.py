@@ -175,7 +175,8 @@ class TritonBackend(Backend):
         if reasons:
             return reasons
         mod = self._module()
-        if device is not None:
+        tensors_given = any(isinstance(inputs.get(k), torch.Tensor) for k in ("x", "data", "D", "out"))
+        if device is not None and not tensors_given:     # (with tensors, the module names their devices)
             dev = torch.device(device)
             if dev.type == "cpu" and not mod._common.interpreting():
                 reasons.append("inputs are on the CPU; the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 "
