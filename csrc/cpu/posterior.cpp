@@ -39,10 +39,59 @@ inline float exp_nonpositive(float x) {
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// Small d (DD = 1..4, the exp-bound regime): the logits of a tile in one pass, and e^{l − m}, its sum
+// and the DD dot products in a second, instead of d + 1 and d + 1 passes through the tile.
+template <typename T, int DD, bool Weighted>
+inline T tile_logits_small(const T* __restrict yT, int64_t N, int64_t j0, int64_t n, const T* __restrict x, T a,
+                           T inv2c, const T* __restrict lw, T* __restrict buf) {
+  T xs[DD];
+  const T* __restrict ys[DD];
+  for (int k = 0; k < DD; ++k) { xs[k] = x[k]; ys[k] = yT + k * N + j0; }
+  T tmax = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : tmax)
+  for (int64_t j = 0; j < n; ++j) {
+    T d2 = T(0);
+    for (int k = 0; k < DD; ++k) {
+      const T diff = xs[k] - a * ys[k][j];
+      d2 += diff * diff;
+    }
+    T l = -d2 * inv2c;
+    if constexpr (Weighted) l += lw[j];
+    buf[j] = l;
+    tmax = std::max(tmax, l);
+  }
+  return tmax;
+}
+
+template <typename T, int DD>
+inline T tile_exp_dot_small(const T* __restrict yT, int64_t N, int64_t j0, int64_t n, T mt, const T* __restrict buf,
+                            T* dots) {
+  const T* __restrict y0 = yT + j0;
+  const T* __restrict y1 = yT + (DD > 1 ? 1 : 0) * N + j0;
+  const T* __restrict y2 = yT + (DD > 2 ? 2 : 0) * N + j0;
+  const T* __restrict y3 = yT + (DD > 3 ? 3 : 0) * N + j0;
+  T tsum = T(0), s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+#pragma omp simd reduction(+ : tsum, s0, s1, s2, s3)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_nonpositive(buf[j] - mt);
+    tsum += e;
+    s0 += e * y0[j];
+    if constexpr (DD > 1) s1 += e * y1[j];
+    if constexpr (DD > 2) s2 += e * y2[j];
+    if constexpr (DD > 3) s3 += e * y3[j];
+  }
+  dots[0] = s0;
+  if constexpr (DD > 1) dots[1] = s1;
+  if constexpr (DD > 2) dots[2] = s2;
+  if constexpr (DD > 3) dots[3] = s3;
+  return tsum;
+}
+
 // D (d values) and L of one query x against the whole cloud. `buf` holds kTile scratch values.
-template <typename T>
-void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
-                   double* __restrict acc, T* __restrict D, T* L) {
+// DD = d for the fused small-d loops (1..4), 0 for any d.
+template <typename T, int DD>
+void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
+                     double* __restrict acc, T* __restrict D, T* L) {
   const int64_t N = c.N, d = c.d;
   const double cdbl = alpha * alpha * c.bandwidth + sigma * sigma;
   const T inv2c = static_cast<T>(0.5 / cdbl);
@@ -51,48 +100,61 @@ void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, doubl
   std::fill(acc, acc + d, 0.0);
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
     const int64_t n = std::min(kTile, N - j0);
-    for (int64_t j = 0; j < n; ++j) buf[j] = T(0);
-    for (int64_t k = 0; k < d; ++k) {               // |x − α y_j|² by direct differences
-      const T xk = x[k];
-      const T* __restrict y = c.yT + k * N + j0;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const T diff = xk - a * y[j];
-        buf[j] += diff * diff;
-      }
-    }
-    T tmax = -std::numeric_limits<T>::infinity();
-    if (c.log_w) {
-      const T* __restrict lw = c.log_w + j0;
-#pragma omp simd reduction(max : tmax)
-      for (int64_t j = 0; j < n; ++j) {
-        buf[j] = lw[j] - buf[j] * inv2c;
-        tmax = std::max(tmax, buf[j]);
-      }
+    T tmax;
+    if constexpr (DD > 0) {
+      tmax = c.log_w ? tile_logits_small<T, DD, true>(c.yT, N, j0, n, x, a, inv2c, c.log_w + j0, buf)
+                     : tile_logits_small<T, DD, false>(c.yT, N, j0, n, x, a, inv2c, nullptr, buf);
     } else {
+      for (int64_t j = 0; j < n; ++j) buf[j] = T(0);
+      for (int64_t k = 0; k < d; ++k) {               // |x − α y_j|² by direct differences
+        const T xk = x[k];
+        const T* __restrict y = c.yT + k * N + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const T diff = xk - a * y[j];
+          buf[j] += diff * diff;
+        }
+      }
+      tmax = -std::numeric_limits<T>::infinity();
+      if (c.log_w) {
+        const T* __restrict lw = c.log_w + j0;
 #pragma omp simd reduction(max : tmax)
-      for (int64_t j = 0; j < n; ++j) {
-        buf[j] = -buf[j] * inv2c;
-        tmax = std::max(tmax, buf[j]);
+        for (int64_t j = 0; j < n; ++j) {
+          buf[j] = lw[j] - buf[j] * inv2c;
+          tmax = std::max(tmax, buf[j]);
+        }
+      } else {
+#pragma omp simd reduction(max : tmax)
+        for (int64_t j = 0; j < n; ++j) {
+          buf[j] = -buf[j] * inv2c;
+          tmax = std::max(tmax, buf[j]);
+        }
       }
     }
     if (!(tmax > -std::numeric_limits<T>::infinity())) continue;   // a tile of zero-weight points
     const double m_new = std::max(m, static_cast<double>(tmax));
     const double rescale = std::exp(m - m_new);                      // 0 on the first tile
     const T mt = static_cast<T>(m_new);
-    T tsum = T(0);
+    if constexpr (DD > 0) {
+      T dots[DD];
+      const T tsum = tile_exp_dot_small<T, DD>(c.yT, N, j0, n, mt, buf, dots);
+      s = s * rescale + static_cast<double>(tsum);
+      for (int k = 0; k < DD; ++k) acc[k] = acc[k] * rescale + static_cast<double>(dots[k]);
+    } else {
+      T tsum = T(0);
 #pragma omp simd reduction(+ : tsum)
-    for (int64_t j = 0; j < n; ++j) {
-      buf[j] = exp_nonpositive(buf[j] - mt);
-      tsum += buf[j];
-    }
-    s = s * rescale + static_cast<double>(tsum);
-    for (int64_t k = 0; k < d; ++k) {
-      const T* __restrict y = c.yT + k * N + j0;
-      T dot = T(0);
+      for (int64_t j = 0; j < n; ++j) {
+        buf[j] = exp_nonpositive(buf[j] - mt);
+        tsum += buf[j];
+      }
+      s = s * rescale + static_cast<double>(tsum);
+      for (int64_t k = 0; k < d; ++k) {
+        const T* __restrict y = c.yT + k * N + j0;
+        T dot = T(0);
 #pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < n; ++j) dot += buf[j] * y[j];
-      acc[k] = acc[k] * rescale + static_cast<double>(dot);
+        for (int64_t j = 0; j < n; ++j) dot += buf[j] * y[j];
+        acc[k] = acc[k] * rescale + static_cast<double>(dot);
+      }
     }
     m = m_new;
   }
@@ -100,6 +162,18 @@ void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, doubl
   const double pull = c.bandwidth > 0 ? alpha * c.bandwidth / cdbl : 0.0;
   for (int64_t k = 0; k < d; ++k) D[k] = static_cast<T>(acc[k] / s * shrink + pull * static_cast<double>(x[k]));
   if (L) *L = static_cast<T>(m + std::log(s));
+}
+
+template <typename T>
+void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
+                   double* __restrict acc, T* __restrict D, T* L) {
+  switch (c.d) {
+    case 1: return posterior_row_d<T, 1>(c, x, alpha, sigma, buf, acc, D, L);
+    case 2: return posterior_row_d<T, 2>(c, x, alpha, sigma, buf, acc, D, L);
+    case 3: return posterior_row_d<T, 3>(c, x, alpha, sigma, buf, acc, D, L);
+    case 4: return posterior_row_d<T, 4>(c, x, alpha, sigma, buf, acc, D, L);
+    default: return posterior_row_d<T, 0>(c, x, alpha, sigma, buf, acc, D, L);
+  }
 }
 
 // x_out = A x + B D + C z for one row (z drawn only when C != 0).
