@@ -42,8 +42,8 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 // Small d (DD = 1..4, the exp-bound regime): the logits of a tile in one pass, and e^{l − m}, its sum
 // and the DD dot products in a second, instead of d + 1 and d + 1 passes through the tile.
 template <typename T, int DD, bool Weighted>
-inline T tile_logits_small(const T* __restrict yT, int64_t N, int64_t j0, int64_t n, const T* __restrict x, T a,
-                           T inv2c, const T* __restrict lw, T* __restrict buf) {
+inline T tile_logits_small(const T* __restrict yT, int64_t N, int64_t j0, int64_t n, const T* __restrict x, T c1,
+                           T c2, T inv2c, const T* __restrict lw, T* __restrict buf) {
   T xs[DD];
   const T* __restrict ys[DD];
   for (int k = 0; k < DD; ++k) { xs[k] = x[k]; ys[k] = yT + k * N + j0; }
@@ -52,7 +52,7 @@ inline T tile_logits_small(const T* __restrict yT, int64_t N, int64_t j0, int64_
   for (int64_t j = 0; j < n; ++j) {
     T d2 = T(0);
     for (int k = 0; k < DD; ++k) {
-      const T diff = xs[k] - a * ys[k][j];
+      const T diff = (xs[k] - c1 * ys[k][j]) + c2 * ys[k][j];
       d2 += diff * diff;
     }
     T l = -d2 * inv2c;
@@ -95,15 +95,19 @@ void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, dou
   const int64_t N = c.N, d = c.d;
   const double cdbl = alpha * alpha * c.bandwidth + sigma * sigma;
   const T inv2c = static_cast<T>(0.5 / cdbl);
-  const T a = static_cast<T>(alpha);
+  // x − αy as (x − c1·y) + c2·y: for α ≥ ½ (every process at small σ) c1 = 1 and c2 = 1 − α from double,
+  // so x − y is exact and the tiny (1 − α)y term carries α's rounding; x − fl(α)·y would move a logit
+  // at σ = 1e-3, d = 784 by ~2e-3 (MATH.md §7 allows 1e-3).
+  const T c1 = alpha >= 0.5 ? T(1) : T(0);
+  const T c2 = static_cast<T>(alpha >= 0.5 ? 1.0 - alpha : -alpha);
   double m = -std::numeric_limits<double>::infinity(), s = 0.0;
   std::fill(acc, acc + d, 0.0);
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
     const int64_t n = std::min(kTile, N - j0);
     T tmax;
     if constexpr (DD > 0) {
-      tmax = c.log_w ? tile_logits_small<T, DD, true>(c.yT, N, j0, n, x, a, inv2c, c.log_w + j0, buf)
-                     : tile_logits_small<T, DD, false>(c.yT, N, j0, n, x, a, inv2c, nullptr, buf);
+      tmax = c.log_w ? tile_logits_small<T, DD, true>(c.yT, N, j0, n, x, c1, c2, inv2c, c.log_w + j0, buf)
+                     : tile_logits_small<T, DD, false>(c.yT, N, j0, n, x, c1, c2, inv2c, nullptr, buf);
     } else {
       for (int64_t j = 0; j < n; ++j) buf[j] = T(0);
       for (int64_t k = 0; k < d; ++k) {               // |x − α y_j|² by direct differences
@@ -111,7 +115,7 @@ void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, dou
         const T* __restrict y = c.yT + k * N + j0;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
-          const T diff = xk - a * y[j];
+          const T diff = (xk - c1 * y[j]) + c2 * y[j];
           buf[j] += diff * diff;
         }
       }

@@ -14,7 +14,7 @@ import triton.language as tl
 from . import _common as C
 from ._affine_step import coefficient_table
 from ._philox import normal_tile, sample_index_words
-from ._posterior import _load_params, large_reduce, small_reduce
+from ._posterior import _load_params, large_reduce, small_rows_posterior
 
 
 # ================================================================ kernels
@@ -33,16 +33,9 @@ def _pointcloud_step_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, coef_ptr, ou
                                   seed_lo: tl.int64, seed_hi: tl.int64, step: tl.int64, off_lo: tl.int64,
                                   off_hi: tl.int64, has_noise: tl.int32,
                                   BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < M
-    cols = tl.arange(0, DP)
-    mask = rmask[:, None] & (cols < d)[None, :]
-    rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
+    rows, rows64, rmask, cols, mask, x, D, m, s = small_rows_posterior(
+        x_ptr, data_ptr, lw_ptr, par_ptr, M, N, d, stride_x, stride_y, par_stride, BM, BN, DP)
     A, B, Cn = _load_abc(coef_ptr, rows, coef_stride, rmask)
-    acc, m, s = small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
-    D = acc * (cy / s)[:, None] + cx[:, None] * x
     out = A[:, None] * x + B[:, None] * D
     if has_noise != 0:
         i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)

@@ -199,9 +199,10 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
 
 
 @triton.jit
-def _posterior_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, D_ptr, L_ptr, M, N, d,
-                            stride_x, stride_y, stride_D, par_stride,
-                            BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+def small_rows_posterior(x_ptr, data_ptr, lw_ptr, par_ptr, M, N, d, stride_x, stride_y, par_stride,
+                         BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    """This program's BM rows of x and their posterior mean D (the small-d kernels' common part).
+    Returns (rows, rows64, rmask, cols, mask, x, D, m, s); m, s as small_reduce."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.arange(0, DP)
@@ -211,6 +212,15 @@ def _posterior_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, D_ptr, L_ptr, M, N
     a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
     acc, m, s = small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
     D = acc * (cy / s)[:, None] + cx[:, None] * x
+    return rows, rows64, rmask, cols, mask, x, D, m, s
+
+
+@triton.jit
+def _posterior_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, D_ptr, L_ptr, M, N, d,
+                            stride_x, stride_y, stride_D, par_stride,
+                            BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    rows, rows64, rmask, cols, mask, x, D, m, s = small_rows_posterior(
+        x_ptr, data_ptr, lw_ptr, par_ptr, M, N, d, stride_x, stride_y, par_stride, BM, BN, DP)
     tl.store(D_ptr + rows64[:, None] * stride_D + cols[None, :], D, mask=mask)
     tl.store(L_ptr + rows, (m + tl.log2(s)) * 0.6931471805599453, mask=rmask)
 
