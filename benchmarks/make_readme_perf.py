@@ -241,6 +241,10 @@ def generate(results: Path = RESULTS, include_quick: bool = False, root: Path | 
              "(per device and suite, the latest); each run folder has the full tables (`report.md`), plots, "
              "`results.csv` and `results.json`. Reproduce with `fastdiff bench --out DIR` (add `--device cuda` "
              "on a GPU; `bash benchmarks/run_cpu.sh` and `bash benchmarks/run_gpu.sh` make the committed runs).\n")
+    if not any(g["device"] == "cuda" for g in groups):
+        intro += ("\n**No GPU run is committed yet**: no GPU machine has been available, so no GPU numbers are "
+                  "reported (the GPU targets of the Triton and CUDA kernels are not yet measured). Only the CPU "
+                  "results below were measured.\n")
     return intro + "\n" + "\n".join(group_md(g, root) for g in groups)
 
 
