@@ -56,6 +56,31 @@ def check_points(x, name: str = "x", dim: int | None = None) -> torch.Tensor:
     return x
 
 
+def check_cloud(x, data, log_weights=None):
+    """Queries x [M, d] (finite float32/float64) against a point cloud data [N, d], N >= 1, on one device."""
+    check_points(x, "x")
+    if not isinstance(data, torch.Tensor) or data.ndim != 2 or not data.is_floating_point():
+        raise ValueError(f"data must be a floating tensor of shape [N, d], got {getattr(data, 'shape', type(data))}")
+    if data.shape[0] == 0:
+        raise ValueError("data must contain at least one point")
+    if data.shape[1] != x.shape[1]:
+        raise ValueError(f"x has d={x.shape[1]} columns but data has d={data.shape[1]}")
+    check_same_device(x=x, data=data, log_weights=log_weights)
+
+
+def per_row64(value, name: str, M: int, device) -> torch.Tensor:
+    """A scalar or [M] value (alpha, sigma, a coefficient) as a finite float64 tensor of shape [1] or [M]."""
+    v = torch.as_tensor(value, dtype=torch.float64, device=device) if not isinstance(value, torch.Tensor) \
+        else value.to(device=device, dtype=torch.float64)
+    if v.ndim == 0:
+        v = v.reshape(1)
+    if v.ndim != 1 or v.numel() not in (1, M):
+        raise ValueError(f"{name} must be a scalar or have shape [M]=[{M}], got {tuple(v.shape)}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return v
+
+
 def check_same_device(**tensors):
     devices = {k: v.device for k, v in tensors.items() if isinstance(v, torch.Tensor)}
     if len(set(devices.values())) > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .._checks import check_points, check_same_device
+from .._checks import check_cloud, check_points, check_same_device
 
 __all__ = ["posterior", "affine_step", "pointcloud_step", "pointcloud_sample"]
 
@@ -16,23 +16,12 @@ def _check_sigma(sigma):
         raise ValueError("sigma must be finite and positive (D is never evaluated at t = 0)")
 
 
-def _check_cloud(x, data, log_weights):
-    check_points(x, "x")
-    if not isinstance(data, torch.Tensor) or data.ndim != 2 or not data.is_floating_point():
-        raise ValueError(f"data must be a floating tensor of shape [N, d], got {getattr(data, 'shape', type(data))}")
-    if data.shape[0] == 0:
-        raise ValueError("data must contain at least one point")
-    if data.shape[1] != x.shape[1]:
-        raise ValueError(f"x has d={x.shape[1]} columns but data has d={data.shape[1]}")
-    check_same_device(x=x, data=data, log_weights=log_weights)
-
-
 def posterior(x, data, alpha, sigma, log_weights=None, bandwidth: float = 0.0, *, backend: str = "auto"):
     """Point-cloud posterior mean D [M, d] and log-sum-exp L [M] (MATH.md §5).
 
     alpha, sigma: scalars or per-row [M]; data may be stored in any float dtype (upcast to x's).
     """
-    _check_cloud(x, data, log_weights)
+    check_cloud(x, data, log_weights)
     _check_sigma(sigma)
     return _backend.select("posterior", backend, **_backend.facts(x)).posterior(
         x, data, alpha, sigma, log_weights, bandwidth)
@@ -52,7 +41,7 @@ def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, 
 def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample_offset: int = 0,
                     log_weights=None, bandwidth: float = 0.0, *, out=None, backend: str = "auto"):
     """The fused step: D of the point cloud at scalar (alpha, sigma), then x_s = A x + B D + C z."""
-    _check_cloud(x, data, log_weights)
+    check_cloud(x, data, log_weights)
     _check_sigma(sigma)
     return _backend.select("pointcloud_step", backend, **_backend.facts(x)).pointcloud_step(
         x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights, bandwidth, out=out)
@@ -62,7 +51,7 @@ def pointcloud_sample(x, data, alpha, sigma, A, B, C, seed: int, sample_offset: 
                       bandwidth: float = 0.0, return_trajectory: bool = False, *, backend: str = "auto"):
     """Every step of a table (alpha, sigma, A, B, C: [K] each) for a point cloud; x is updated in place.
     Returns the trajectory [K+1, M, d] when asked, else None."""
-    _check_cloud(x, data, log_weights)
+    check_cloud(x, data, log_weights)
     _check_sigma(sigma)
     if not x.is_contiguous():
         raise ValueError("x must be contiguous (it is updated in place)")

@@ -11,21 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_points, check_same_device
+from .._checks import check_cloud, per_row64
 
 _F32_SAFE_INV2C = 1e30   # beyond this 1/(2c) the float32 logits could overflow: work in float64
-
-
-def _per_row(value, name, M, device):
-    """A scalar or a [M] tensor as a float64 tensor of shape [M, 1] (or [1, 1])."""
-    v = torch.as_tensor(value, dtype=torch.float64, device=device)
-    if v.ndim == 0:
-        v = v.reshape(1)
-    if v.ndim != 1 or v.numel() not in (1, M):
-        raise ValueError(f"{name} must be a scalar or have shape [M]=[{M}], got {tuple(v.shape)}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    return v.view(-1, 1)
 
 
 def _sq_dist(x, alpha, y):
@@ -47,18 +35,11 @@ def posterior(x: torch.Tensor, data: torch.Tensor, alpha, sigma, log_weights=Non
     alpha, sigma: scalars or per-row tensors [M]. data may be stored in any float dtype (upcast).
     L excludes the Gaussian normaliser: log p_t(x) = L − (d/2) log(2π c).
     """
-    check_points(x, "x")
-    if not isinstance(data, torch.Tensor) or data.ndim != 2 or not data.is_floating_point():
-        raise ValueError(f"data must be a floating tensor of shape [N, d], got {getattr(data, 'shape', type(data))}")
-    if data.shape[0] == 0:
-        raise ValueError("data must contain at least one point")
-    if data.shape[1] != x.shape[1]:
-        raise ValueError(f"x has d={x.shape[1]} columns but data has d={data.shape[1]}")
-    check_same_device(x=x, data=data, log_weights=log_weights)
+    check_cloud(x, data, log_weights)
     M, d = x.shape
     N = data.shape[0]
-    a64 = _per_row(alpha, "alpha", M, x.device)
-    s64 = _per_row(sigma, "sigma", M, x.device)
+    a64 = per_row64(alpha, "alpha", M, x.device).view(-1, 1)     # [M, 1] or [1, 1]
+    s64 = per_row64(sigma, "sigma", M, x.device).view(-1, 1)
     if not bool((s64 > 0).all()):
         raise ValueError("sigma must be positive (D is never evaluated at t = 0)")
     v = float(bandwidth)

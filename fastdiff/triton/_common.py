@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from .._checks import per_row64  # noqa: F401 (shared with the reference; used by the launchers as C.per_row64)
+
 LOG2E = 1.4426950408889634
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ROWS_MAX = 2**31 - 4096   # row indices (program_id·BM + lane) are int32; addresses are int64
@@ -134,19 +136,6 @@ def check_offset(sample_offset, M) -> int:
     if o < 0 or o + M > 2**64:
         raise ValueError(f"sample_offset must be >= 0 and sample_offset + M <= 2**64, got {sample_offset}")
     return o
-
-
-def per_row64(value, name, M, device) -> torch.Tensor:
-    """A scalar or [M] value as a float64 tensor of shape [1] or [M], checked finite."""
-    v = torch.as_tensor(value, dtype=torch.float64, device=device) if not isinstance(value, torch.Tensor) \
-        else value.to(device=device, dtype=torch.float64)
-    if v.ndim == 0:
-        v = v.reshape(1)
-    if v.ndim != 1 or v.numel() not in (1, M):
-        raise ValueError(f"{name} must be a scalar or have shape [M]=[{M}], got {tuple(v.shape)}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    return v
 
 
 def log_weights2(log_weights, N, device, return_shift=False):
