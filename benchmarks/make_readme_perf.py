@@ -168,11 +168,13 @@ def sample_md(rows, doc):
             rate = "–" if r["median_s"] is None else f"{si(r['throughput'])}/s"
             vs = "–" if r.get("speedup_vs_ref") is None else f"{r['speedup_vs_ref']:.2f}×"
             body.append([op + (f" (target, {target})" if target else ""), top, N, steps if steps is not None else "–",
-                         f"`{r['provider']}`", rate, vs, num(r["kl"], "{:.3f}"), num(r["w2"], "{:.3f}")])
+                         f"`{r['provider']}`" + (" (extrapolated†)" if str(r.get("note") or "").startswith("extrapolated")
+                                                 else ""), rate, vs, num(r["kl"], "{:.3f}"), num(r["w2"], "{:.3f}")])
     return ["**sample** — end to end, the same denoiser, grid, step count and initial noise for every sampler, "
             f"at the largest n of each setting: samples/s, speedup over `{REF}` (in the `mlp loop` case over the "
             "hand-written eager loop), KL to the true density and W2 to exact draws (`exact draws (floor)`: what "
-            "exact samples of the same size score).", "",
+            "exact samples of the same size score). † timed over the first steps of the grid and scaled to the "
+            "whole run.", "",
             table(["denoiser / method", "n", "N data", "steps", "sampler", "samples/s", "vs ref", "KL", "W2"], body),
             ""]
 

@@ -11,36 +11,44 @@
 # part per command there, so that each command stays under its time limit and returns at most 6 files), else
 # benchmarks/results. Copy the folders into benchmarks/results/ and run
 #   python benchmarks/make_readme_perf.py --readme README.md
-# A part stops starting new cases after $TIME_LIMIT seconds (default 480; set it higher where no 10-minute
+# A part stops starting new cases after $TIME_LIMIT seconds (default 420; set it higher where no 10-minute
 # limit applies) and still writes its report; the cases that carry the issues' targets run first in every
-# suite; a case still running 90 s after the limit is stopped (SIGTERM) and the report written. A crashed or killed part keeps
-# results.json up to its last finished case: `python -m fastdiff.bench.report <folder>` rewrites its report.
-# Needs torch with CUDA; fastdiff importable (pip install --no-build-isolation -e . builds fastdiff._C with
-# the CUDA kernels; without it the `cuda` backend is skipped with a note) and triton for the Triton backend.
+# suite; a case still running 60 s after the limit is stopped (SIGTERM) and the report written, so a part
+# ends within ~9 minutes. A crashed or killed part keeps results.json up to its last finished case:
+# `python -m fastdiff.bench.report <folder>` rewrites its report.
+# Needs torch with CUDA; fastdiff importable, with fastdiff._C built for CUDA (pip install
+# --no-build-isolation -e ., or the stripped _C.so that scripts/gpu_check.sh returns, carried into the
+# call as fastdiff/_C.<python tag>.so; without it the `cuda` backend is skipped with a note) and triton
+# for the Triton backend.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif command -v python3 >/dev/null && python3 -c 'import torch' 2>/dev/null; then PY=python3
 else PY=python; fi
-if ! "$PY" -c 'import fastdiff' 2>/dev/null; then
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+# the checkout itself is importable whether or not fastdiff is installed (an installed copy still wins)
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 export PYTHONUNBUFFERED=1
 
 DEST=${BENCH_RESULTS:-${OUT:-benchmarks/results}}
-LIMIT=${TIME_LIMIT:-480}
+LIMIT=${TIME_LIMIT:-420}
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(1 2 3)
 
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "run_gpu.sh: torch sees no CUDA device ($PY)" >&2
-    exit 2
-fi
-GPU=$("$PY" -c 'import torch; from fastdiff.bench import _slug; print(_slug(torch.cuda.get_device_name(0)))') || exit 2
+# one interpreter start for every check: CUDA visible, the GPU's name for the folder, what fastdiff has
+GPU=$("$PY" - <<'PYEOF'
+import contextlib, sys, torch
+if not torch.cuda.is_available():
+    sys.exit("run_gpu.sh: torch sees no CUDA device")
+from fastdiff.bench import _slug
+from fastdiff.cli import main
+with contextlib.redirect_stdout(sys.stderr):     # backends and build config; $GPU stays one word
+    main(["info"])
+print(_slug(torch.cuda.get_device_name(0)))
+PYEOF
+) || exit 2
 STAMP=$(date +%Y%m%d-%H%M)
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv 2>/dev/null || true
-"$PY" -m fastdiff info 2>&1 || true
 
 status=0
 for part in "${PARTS[@]}"; do
@@ -53,9 +61,9 @@ for part in "${PARTS[@]}"; do
     out="$DEST/$STAMP-cuda-$GPU-$tag"
     mkdir -p "$out"
     echo "== part $part: $suites -> $out (time limit $LIMIT s)"
-    # TERM (turned into a clean stop that writes the report) 90 s after the time limit, KILL 20 s later:
-    # with the default limit both come before a lent machine's 10-minute limit per command
-    timeout --signal=TERM --kill-after=20 $((LIMIT + 90)) \
+    # TERM (turned into a clean stop that writes the report) 60 s after the time limit, KILL 10 s later:
+    # with the default limit both come well before a lent machine's 10-minute limit per command
+    timeout --signal=TERM --kill-after=10 $((LIMIT + 60)) \
         "$PY" -m fastdiff.bench $suites --device cuda --time-limit "$LIMIT" --out "$out" 2>&1 | tee "$out/run.log"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -ne 0 ]; then

@@ -191,7 +191,9 @@ class TritonBackend(Backend):
         return reasons + mod.refuse_reasons(op, **inputs)
 
     def posterior(self, x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
-        return self._module().posterior(x, data, alpha, sigma, log_weights, bandwidth)
+        # fastdiff.ops.posterior (the only caller) has checked x for NaN/inf: no second scan and sync
+        from .triton._posterior import posterior
+        return posterior(x, data, alpha, sigma, log_weights, bandwidth, check_finite=False)
 
     def affine_step(self, x, D, A, B, C, seed, step, sample_offset=0, out=None):
         # callers (fastdiff.ops, the sampler) validate inputs or outputs: no per-step device sync here

@@ -255,3 +255,26 @@ def test_a_time_limit_skips_cases_with_notes_and_still_reports(tmp_path):
     assert doc["complete"] is True and not [r for r in doc["rows"] if r["median_s"]]
     assert any("time limit" in n["note"] for n in doc["notes"])
     assert (path / "report.md").is_file()
+
+
+def test_a_scaled_provider_is_timed_on_a_prefix_and_scaled(monkeypatch):
+    """The issue-3 sample target times the torch reference over REF_STEPS steps on CUDA and scales it: the
+    row carries the scaled times, a note saying so, and no KL/W2 (its samples are not the run's)."""
+    import torch
+
+    from fastdiff.bench import sample, timing
+    from fastdiff.bench.common import Context
+    fixed = timing.Timing(median_s=0.2, q25_s=0.1, q75_s=0.3, min_s=0.05, reps=3, inner=1, first_s=0.4)
+    monkeypatch.setattr(sample, "measure", lambda fn, *a, **k: (fn(), fixed)[1])
+    ctx = Context(device=torch.device("cpu"), quick=True, out=Path("."), policy=timing.QUICK_POLICY, env={})
+    S = {"fd": None, "st": {"w2_n": 50}}
+    DS = {"N": 4, "data64": None}
+    x = torch.randn(8, 2)
+    monkeypatch.setattr(sample, "metrics", lambda S, DS, x: (0.5, 0.25))
+    provs = [(sample.REF, None, lambda xT: xT, True), ("other", None, lambda xT: xT, True)]
+    sample._time_providers(ctx, S, DS, provs, x, op="op", case="c", den="mlp", n=8, steps=1000, target=None,
+                           compare_ode=False, scaled={sample.REF: 10.0})
+    ref, other = ctx.rows
+    assert ref["provider"] == sample.REF and ref["median_s"] == 2.0 and ref["q75_s"] == 3.0 and ref["min_s"] == 0.5
+    assert ref["kl"] is None and ref["w2"] is None and "first 100 of 1000 steps" in ref["note"]
+    assert other["median_s"] == 0.2 and other["kl"] == 0.5 and other["note"] is None

@@ -134,6 +134,34 @@ def test_affine_step_noise_is_the_contract(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("M, d", [(2001, 1), (999, 2), (4099, 3), (300, 8), (700, 67), (5, 1030)])
+def test_affine_step_float32_noise_in_bulk(backend, device, M, d):
+    """Many draws, shapes that split quads, rows and the CPU generator's 256-quad blocks unevenly: the float32
+    noise is the reference's (bit for bit on the CPU, whose vectorised Box–Muller is within 3 float64 ulps of
+    libm's; to a few float32 ulps elsewhere), and its moments are a standard normal's."""
+    zero = torch.zeros(M, d, device=device)
+    zk = ops.affine_step(zero, zero, 1.0, 0.0, 1.0, seed=987654321987, step=3, sample_offset=2**32 - 2,
+                         backend=backend).cpu()
+    z64 = fd.noise.normal(987654321987, torch.arange(2**32 - 2, 2**32 - 2 + M), 3, d, dtype=F64)
+    if backend == "cpu":
+        assert torch.equal(zk, z64.float())
+    else:
+        ulps = (zk.double() - z64).abs() / (torch.finfo(torch.float32).eps * z64.abs().clamp_min(1e-3))
+        assert float(ulps.max()) <= 8
+    n = zk.numel()
+    assert abs(float(zk.double().mean())) < 5 / math.sqrt(n)
+    assert abs(float(zk.double().var()) - 1) < 5 * math.sqrt(2 / n)
+    # the whole update, out of place and in place (out = x), against float64
+    x = torch.randn(M, d, generator=_gen(M + d)).to(device)
+    D = torch.randn(M, d, generator=_gen(M * d)).to(device)
+    ref = 0.97 * x.double().cpu() + 0.05 * D.double().cpu() + 0.3 * z64
+    got = ops.affine_step(x, D, 0.97, 0.05, 0.3, 987654321987, 3, 2**32 - 2, backend=backend)
+    ops.affine_step(x, D, 0.97, 0.05, 0.3, 987654321987, 3, 2**32 - 2, out=x, backend=backend)
+    assert torch.equal(x, got)
+    assert float((got.cpu().double() - ref).abs().max()) <= 4 * torch.finfo(torch.float32).eps * (float(ref.abs().max()) + 1)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
 def test_pointcloud_step_is_posterior_then_affine_step(backend, device):
     y = _cloud(90, 3, 11, duplicates=True).float()
     x = torch.randn(65, 3, generator=_gen(12))

@@ -19,7 +19,8 @@ struct Philox4 {
   uint32_t r[4];
 };
 
-FD_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+// Ten rounds on the counter words in place (scalar references, so loops over counters vectorise).
+FD_HD void philox4x32_10_rounds(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
 FD_UNROLL
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
@@ -33,6 +34,10 @@ FD_UNROLL
     k0 += 0x9E3779B9u;
     k1 += 0xBB67AE85u;
   }
+}
+
+FD_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+  philox4x32_10_rounds(c0, c1, c2, c3, k0, k1);
   return Philox4{{c0, c1, c2, c3}};
 }
 

@@ -1,30 +1,97 @@
 // CPU affine sampler update with in-kernel noise: out = A x + B D + C z (DESIGN.md "Kernels" 2).
+#include <algorithm>
 #include <vector>
 
 #include "kernels.h"
+#include "noise_block.h"
 #include "noise_row.h"
 
 namespace fastdiff::cpu {
+namespace {
+
+template <typename T>
+inline void axpby_row(const T* x, const T* D, T* out, int64_t d, double A, double B,
+                      double C, const double* __restrict z) {
+  if (z == nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(A * static_cast<double>(x[k]) + B * static_cast<double>(D[k]));
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < d; ++k)
+      out[k] = static_cast<T>(A * static_cast<double>(x[k]) + B * static_cast<double>(D[k]) + C * z[k]);
+  }
+}
+
+// n rows of d = DD < 4 values, their normals at z[4i .. 4i + DD): one loop, unrolled within the row.
+template <int DD>
+inline void update_short_rows(const float* x, const float* D, float* out, int64_t n, double A, double B, double C,
+                              const double* __restrict z) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    for (int k = 0; k < DD; ++k)
+      out[DD * i + k] = static_cast<float>(A * static_cast<double>(x[DD * i + k]) +
+                                           B * static_cast<double>(D[DD * i + k]) + C * z[4 * i + k]);
+}
+
+// float32: rows in groups of about kQuadBlock quads, their noise drawn by the vectorised generator.
+void affine_step_blocked(const float* x, const float* D, float* out, int64_t M, int64_t d, double A, double B,
+                         double C, uint64_t seed, uint32_t step, uint64_t sample_offset) {
+  const int64_t nq = (d + 3) / 4;                          // quads per row
+  const int64_t rows = std::max<int64_t>(1, kQuadBlock / nq);  // rows per group
+  const int64_t groups = (M + rows - 1) / rows;
+#pragma omp parallel
+  {
+    std::vector<double> z(4 * std::max(kQuadBlock, nq));
+    std::vector<uint32_t> quad(kQuadBlock);
+    std::vector<uint64_t> sample(kQuadBlock);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t i0 = g * rows, i1 = std::min(M, i0 + rows);
+      // (sample, quad) counters of the group, row-major, drawn kQuadBlock at a time
+      const int64_t total = (i1 - i0) * nq;
+      int64_t row = i0, q = 0;
+      for (int64_t q0 = 0; q0 < total; q0 += kQuadBlock) {
+        const int64_t count = std::min(kQuadBlock, total - q0);
+        for (int64_t c = 0; c < count; ++c) {
+          quad[c] = static_cast<uint32_t>(q);
+          sample[c] = sample_offset + static_cast<uint64_t>(row);
+          if (++q == nq) q = 0, ++row;
+        }
+        normal_quads(seed, step, quad.data(), sample.data(), count, z.data() + 4 * q0);
+      }
+      const int64_t off = i0 * d, n = i1 - i0;
+      switch (d % 4 == 0 ? 4 : d) {   // z rows are 4·nq long: contiguous with the data only when 4 | d
+        case 4: axpby_row(x + off, D + off, out + off, n * d, A, B, C, z.data()); break;
+        case 1: update_short_rows<1>(x + off, D + off, out + off, n, A, B, C, z.data()); break;
+        case 2: update_short_rows<2>(x + off, D + off, out + off, n, A, B, C, z.data()); break;
+        case 3: update_short_rows<3>(x + off, D + off, out + off, n, A, B, C, z.data()); break;
+        default:
+          for (int64_t i = 0; i < n; ++i)
+            axpby_row(x + off + i * d, D + off + i * d, out + off + i * d, d, A, B, C, z.data() + 4 * nq * i);
+      }
+    }
+  }
+}
+
+}  // namespace
 
 template <typename T>
 void affine_step(const T* x, const T* D, T* out, int64_t M, int64_t d, double A, double B, double C, uint64_t seed,
                  uint32_t step, uint64_t sample_offset) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (C != 0.0) return affine_step_blocked(x, D, out, M, d, A, B, C, seed, step, sample_offset);
+  }
 #pragma omp parallel
   {
     std::vector<double> z(d + 4);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
-      const T* xi = x + i * d;
-      const T* Di = D + i * d;
-      T* oi = out + i * d;
-      if (C != 0.0) {
+      const double* zi = nullptr;
+      if (C != 0.0) {  // float64: libm Box–Muller, the reference's last ulp
         normal_row(seed, sample_offset + static_cast<uint64_t>(i), step, d, z.data());
-        for (int64_t k = 0; k < d; ++k)
-          oi[k] = static_cast<T>(A * static_cast<double>(xi[k]) + B * static_cast<double>(Di[k]) + C * z[k]);
-      } else {
-        for (int64_t k = 0; k < d; ++k)
-          oi[k] = static_cast<T>(A * static_cast<double>(xi[k]) + B * static_cast<double>(Di[k]));
+        zi = z.data();
       }
+      axpby_row(x + i * d, D + i * d, out + i * d, d, A, B, C, zi);
     }
   }
 }

@@ -36,6 +36,17 @@ __device__ __forceinline__ void normals4(uint64_t seed, uint64_t sample, uint32_
   }
 }
 
+// x − αy as (x − c1·y) + c2·y (as the CPU and Triton kernels do): for α ≥ ½, c1 = 1 and c2 = 1 − α from
+// double, so x − y is exact and only the small (1 − α)y term carries α's rounding; x − fl(α)·y would move a
+// logit at σ = 1e-3, d = 784 by ~2e-3 (MATH.md §7 allows 1e-3).
+template <typename T>
+struct ScaledDiff {
+  T c1, c2;
+  __device__ explicit ScaledDiff(double alpha)
+      : c1(alpha >= 0.5 ? T(1) : T(0)), c2(static_cast<T>(alpha >= 0.5 ? 1.0 - alpha : -alpha)) {}
+  __device__ T operator()(T x, T y) const { return (x - c1 * y) + c2 * y; }
+};
+
 // x (registers, DMAX slots, d used) against the cloud; every thread of the block must call it (it stages
 // data tiles in shared memory `tile` [kTile * d]); `active` threads own a query. Writes D (registers).
 template <typename T, int DMAX>
@@ -44,7 +55,7 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
   const int d = static_cast<int>(c.d);
   const double cd = alpha * alpha * c.bandwidth + sigma * sigma;
   const T inv2c = static_cast<T>(0.5 / cd);
-  const T a = static_cast<T>(alpha);
+  const ScaledDiff<T> diff_of(alpha);
   T acc[DMAX];
 #pragma unroll
   for (int k = 0; k < DMAX; ++k) acc[k] = T(0);
@@ -61,7 +72,7 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
 #pragma unroll
       for (int k = 0; k < DMAX; ++k) {
         if (k < d) {
-          const T diff = x[k] - a * tile[j * d + k];
+          const T diff = diff_of(x[k], tile[j * d + k]);
           dist += diff * diff;
         }
       }

@@ -44,7 +44,8 @@ __global__ void posterior_large_kernel(Cloud<T> c, const T* __restrict__ x, int6
   const int64_t r = per_row ? i : 0;
   const double al = alpha[r], sg = sigma[r];
   const double cd = al * al * c.bandwidth + sg * sg;
-  const T inv2c = static_cast<T>(0.5 / cd), a = static_cast<T>(al);
+  const T inv2c = static_cast<T>(0.5 / cd);
+  const ScaledDiff<T> diff_of(al);
   T acc[KPT];
 #pragma unroll
   for (int e = 0; e < KPT; ++e) acc[e] = T(0);
@@ -57,7 +58,7 @@ __global__ void posterior_large_kernel(Cloud<T> c, const T* __restrict__ x, int6
       if (j < n) {
         const T* y = c.y + (j0 + j) * d;
         for (int64_t k = lane; k < d; k += 32) {
-          const T diff = xs[k] - a * y[k];
+          const T diff = diff_of(xs[k], y[k]);
           dist += diff * diff;
         }
       }

@@ -210,10 +210,18 @@ def compiled_naive(ctx: Context):
                     setattr(dcfg, key, max(int(getattr(dcfg, key)), 256))
         except Exception:
             pass
-        ctx.cache["compiled_naive"] = torch.compile(naive)
+        # dynamic shapes: one compilation serves the whole size ladder instead of one per (M, N)
+        ctx.cache["compiled_naive"] = torch.compile(naive, dynamic=True)
     f = ctx.cache["compiled_naive"]
-    # α, σ go in as 0-d tensors so that a new σ does not trigger a recompilation
-    return lambda x, y, a, s: f(x, y, torch.tensor(a, device=x.device), torch.tensor(s, device=x.device))
+    scalars = {}
+
+    def run(x, y, a, s):
+        # α, σ go in as 0-d tensors (a new σ does not recompile), made once per value: no copy in the timed call
+        key = (float(a), float(s), x.device)
+        if key not in scalars:
+            scalars[key] = (torch.tensor(a, device=x.device), torch.tensor(s, device=x.device))
+        return f(x, y, *scalars[key])
+    return run
 
 
 def providers(ctx: Context) -> list[Provider]:

@@ -222,7 +222,9 @@ def _suite_md(suite, rs, doc):
     if suite == "sample":
         head = ["denoiser / method", "n", "N", "steps", "provider", "samples/s", "spread", "reps", "roofline", "vs ref",
                 "KL", "W2", "max |Δ| vs first"]
-        body = [[r["op"] + _tgt(r), r["n_elems"], r["N"], r.get("steps"), r["provider"], fmt_si(r["throughput"]),
+        body = [[r["op"] + _tgt(r), r["n_elems"], r["N"], r.get("steps"),
+                 r["provider"] + (" (extrapolated†)" if str(r.get("note") or "").startswith("extrapolated") else ""),
+                 fmt_si(r["throughput"]),
                  _pct(r["spread"]), r["reps"] or "–",
                  "–" if r["roofline_fraction"] is None else f"{_pct(r['roofline_fraction'])} ({r['ceiling']})",
                  _f(r["speedup_vs_ref"], "{:.2f}×"), _f(r["kl"], "{:.4f}"), _f(r["w2"], "{:.4f}"),
@@ -231,7 +233,8 @@ def _suite_md(suite, rs, doc):
                 "true density (50×50 histogram) and W2 to exact draws; `exact draws (floor)` is what exact samples "
                 "of the same size score. max |Δ| (ODE only): largest difference from the first ODE provider's "
                 "samples. `mlp loop`: fd.sample with and without cuda_graph against a hand-written eager loop "
-                "(`vs ref` is against that loop).", "", _table(head, body), ""]
+                "(`vs ref` is against that loop). † timed over the first steps of the grid and scaled to the whole "
+                "run (the row's note in results.json says how).", "", _table(head, body), ""]
     if suite == "scaling":
         fits = doc.get("fits", [])
         out = []

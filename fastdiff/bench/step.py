@@ -1,8 +1,10 @@
 """Suite `step`: the fused affine sampler update x_s = A·x + B·D + C·z with z from fastdiff's counter-based
 noise, against the eager torch update a user writes, `A*x + B*D + C*torch.randn_like(x)`.
 
-Providers: fastdiff[<backend>] (fastdiff.ops.affine_step(..., backend=name) into a preallocated output, for
-every backend whose refuse_reasons("affine_step", x=, D=) is empty) and `torch eager (randn)`.
+Providers: fastdiff[<backend>] (the backend's affine_step into a preallocated output, as the sampler's loop
+calls it, for every backend whose refuse_reasons("affine_step", x=, D=) is empty; the public
+fastdiff.ops.affine_step adds a NaN/inf scan of x per call, one more read of x and a device
+synchronisation) and `torch eager (randn)`.
 Throughput is GB/s of compulsory traffic: read x and D, write the result (3·M·d·4 bytes); the ceiling is
 the copy bandwidth measured in the same run (roofline_fraction = achieved GB/s / copy GB/s).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _backend
 from .common import (Case, Context, backend_refusal, cleanup, describe_error, fastdiff_backends, fastdiff_provider,
                      fill_speedups)
 from .timing import measure
@@ -40,10 +43,8 @@ def sizes(ctx: Context):
 def providers(ctx: Context):
     out = []
     for name in fastdiff_backends():
-        def fd_step(x, D, out, step, _name=name):
-            import fastdiff
-            return fastdiff.ops.affine_step(x, D, A, B, C, seed=1234, step=step, sample_offset=0, out=out,
-                                            backend=_name)
+        def fd_step(x, D, out, step, _impl=_backend.BACKENDS[name]):
+            return _impl.affine_step(x, D, A, B, C, 1234, step, 0, out=out)
         out.append((fastdiff_provider(name), name, fd_step, name in ("torch", "cpu")))
 
     def eager(x, D, out, step):

@@ -145,7 +145,7 @@ def log_weights2(log_weights, N, device, return_shift=False):
     1e300) costs no float32 precision and cannot overflow; the shift (natural log units) is returned
     when asked, for L. D does not depend on it."""
     if log_weights is None:
-        zeros = torch.zeros(N, dtype=torch.float32, device=device)
+        zeros = _zeros(N, device)
         return (zeros, 0.0) if return_shift else zeros
     lw = torch.as_tensor(log_weights, device=device)
     if lw.shape != (N,):
@@ -162,10 +162,28 @@ def log_weights2(log_weights, N, device, return_shift=False):
     return (lw2, shift) if return_shift else lw2
 
 
+_ZEROS: dict = {}
+
+
+def _zeros(N: int, device) -> torch.Tensor:
+    """A read-only float32 zero vector of length N (uniform log-weights): one buffer per device, grown as
+    needed, so a call allocates and fills nothing (the kernels only read it)."""
+    key = torch.device(device)
+    buf = _ZEROS.get(key)
+    if buf is None or buf.numel() < N:
+        buf = _ZEROS[key] = torch.zeros(max(N, 1024), dtype=torch.float32, device=key)
+    return buf[:N]
+
+
 def reduction_params(alpha, sigma, bandwidth, M, device, what="posterior") -> torch.Tensor:
-    """float64 [R, NPAR] records (R = 1 or M) with a, c1, c2, k2, cy, cx filled (A, B, C zero)."""
-    a = per_row64(alpha, "alpha", M, device)
-    s = per_row64(sigma, "sigma", M, device)
+    """float64 [R, NPAR] records (R = 1 or M) with a, c1, c2, k2, cy, cx filled (A, B, C zero) on `device`.
+
+    Built and checked on the host unless alpha or sigma already live on another device, so scalar
+    coefficients cost one small copy and no device synchronisation."""
+    on_device = [v.device for v in (alpha, sigma) if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+    work = on_device[0] if on_device else torch.device("cpu")
+    a = per_row64(alpha, "alpha", M, work)
+    s = per_row64(sigma, "sigma", M, work)
     if not bool((s > 0).all()):
         raise ValueError("sigma must be positive (D is never evaluated at t = 0)")
     v = float(bandwidth)
@@ -178,7 +196,7 @@ def reduction_params(alpha, sigma, bandwidth, M, device, what="posterior") -> to
     if float(inv2c.max()) > INV2C_MAX:
         raise ValueError(f"1/(2c) = {float(inv2c.max()):.3g} overflows float32 logits in the Triton {what} "
                          "(sigma too small); use the torch backend, which switches to float64")
-    par = torch.zeros(R, NPAR, dtype=torch.float64, device=device)
+    par = torch.zeros(R, NPAR, dtype=torch.float64, device=work)
     near_one = a >= 0.5
     par[:, 0] = a
     par[:, 1] = near_one.to(torch.float64)
@@ -186,7 +204,7 @@ def reduction_params(alpha, sigma, bandwidth, M, device, what="posterior") -> to
     par[:, 3] = inv2c * LOG2E
     par[:, 4] = 1.0 - a * a * v / c
     par[:, 5] = a * v / c
-    return par
+    return par.to(device, non_blocking=True)     # from pageable memory: staged, no stream synchronisation
 
 
 def as_f32_table(par64: torch.Tensor) -> torch.Tensor:

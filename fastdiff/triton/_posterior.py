@@ -277,11 +277,12 @@ def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None):
 
 
 # ================================================================ public function
-def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_tf32=None):
+def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_tf32=None, check_finite=True):
     """Point-cloud posterior mean D [M, d] and log-sum-exp L [M] (float32), as
     fastdiff.reference.posterior. alpha, sigma: scalars or [M]; data float32/float16/bfloat16.
-    screen_tf32 (large d only): None = module default SCREEN_TF32."""
-    C.check_x(x)
+    screen_tf32 (large d only): None = module default SCREEN_TF32.
+    check_finite: scan x for NaN/inf (a device synchronisation; off where the caller has checked x)."""
+    C.check_x(x, finite=check_finite)
     data = C.check_data(data, x.shape[1], x.device)
     M, d = x.shape
     lw2, shift = C.log_weights2(log_weights, data.shape[0], x.device, return_shift=True)
