@@ -73,8 +73,8 @@ def ulps(z, z64):
     return (z.double() - z64).abs() / ulp
 
 
-def check_posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, screen_tf32=None):
-    D, L = posterior_with(x, data, alpha, sigma, log_weights, bandwidth, screen_tf32=screen_tf32)
+def check_posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, screen_tf32=None, splits=None):
+    D, L = posterior_with(x, data, alpha, sigma, log_weights, bandwidth, screen_tf32=screen_tf32, splits=splits)
     assert D.dtype == F32 and L.dtype == F32 and D.shape == x.shape and L.shape == (x.shape[0],)
     a64 = torch.as_tensor(alpha, dtype=F64, device=x.device)
     s64 = torch.as_tensor(sigma, dtype=F64, device=x.device)
@@ -232,6 +232,28 @@ def test_posterior_large_d_across_sigma(M, N, d, screen_tf32):
         alpha = 1 / math.sqrt(1 + sigma**2)
         x = (alpha * data[idx] + sigma * torch.randn(M, d, generator=g).to(DEV)).float()
         check_posterior(x, data, alpha, sigma, screen_tf32=screen_tf32)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+def test_posterior_large_d_split_over_the_data(splits):
+    """The large-d posterior split over the data (how few rows fill a GPU) against the float64 reference and
+    the unsplit kernel: uneven parts, per-row σ from 1e-3 up, a part whose points all have zero weight
+    (its partial accumulator is never written and must not be read), and a bandwidth."""
+    M, N, d = 6, 75, 67
+    g = torch.Generator().manual_seed(splits)
+    data = torch.randn(N, d, generator=g).to(DEV)
+    sigma = torch.logspace(-3, 0.5, M, dtype=F64).to(DEV)
+    alpha = torch.rsqrt(1 + sigma**2)
+    x = (alpha[:, None] * data[torch.randint(N, (M,), generator=g)].double()
+         + sigma[:, None] * torch.randn(M, d, generator=g, dtype=F64).to(DEV)).float()
+    lw = torch.randn(N, generator=g, dtype=F64).to(DEV)
+    lw[-(N // splits):] = float("-inf")                       # the last part: zero weight throughout
+    lw = lw - torch.logsumexp(lw, 0)
+    for bandwidth in (0.0, 0.2):
+        D, L = check_posterior(x, data, alpha, sigma, lw, bandwidth, splits=splits)
+        D1, L1 = posterior_with(x, data, alpha, sigma, lw, bandwidth, splits=1)
+        assert torch.allclose(D, D1, rtol=1e-5, atol=1e-5) and torch.allclose(L, L1, rtol=1e-5, atol=1e-4)
+    check_posterior(x, data, 0.9, 0.05, None, splits=splits)   # uniform weights, scalar α and σ
 
 
 @pytest.mark.parametrize("d", [3, 65])

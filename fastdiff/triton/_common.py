@@ -44,6 +44,30 @@ def large_config(d: int) -> dict:
     return {"BM": 32, "BN": 32, "BK": 32, "BKE": 4, "num_warps": 4}
 
 
+def large_splits(M: int, N: int, d: int, device, scratch_bytes: int = 1 << 30) -> int:
+    """How many parts the large-d posterior splits the data into: with few rows (M = 1024 is 32 programs of
+    BM = 32 on a 132-SM H100) one program per row block leaves most of the GPU idle, so the data is split
+    until there are about two programs per SM, keeping ≥ 8 tiles of BN points per split and the partial
+    accumulators [S, M, d] under scratch_bytes. 1 off CUDA (the interpreter) and when M fills the GPU."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 1
+    cfg = large_config(d)
+    programs = -(-M // cfg["BM"])
+    want = -(-2 * _sm_count(dev) // programs)
+    return max(1, min(want, N // (8 * cfg["BN"]), scratch_bytes // max(1, 4 * M * d)))
+
+
+_SMS: dict = {}
+
+
+def _sm_count(dev: torch.device) -> int:
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SMS[idx]
+
+
 def affine_config(d: int) -> dict:
     BK = min(128, max(4, next_pow2(d)))
     return {"BM": max(8, 1024 // BK), "BK": BK, "num_warps": 4}

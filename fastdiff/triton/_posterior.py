@@ -34,6 +34,9 @@ Large d (matrix-product-bound), the accuracy method — screening plus exact re-
   The [BM, d] accumulator does not fit on chip for d in the thousands: it lives in the output D (or a
   scratch for the fused ops), owned by one program and resident in L2; each processed tile does one
   read-modify-write of it (rescaled by the online max), skipped tiles touch nothing.
+  Few rows (M = 1024 is 32 programs for 132 SMs): the posterior op splits the data into parts reduced by
+  separate programs into partial (m, s, acc) and merges them (combine_splits), as split-K does for a
+  matrix product; _common.large_splits picks the count from the device's SM count.
 """
 from __future__ import annotations
 
@@ -249,13 +252,36 @@ def _posterior_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, D_ptr, L_ptr, M, N
     tl.store(L_ptr + rows, (m + tl.log2(s)) * 0.6931471805599453, mask=rmask)
 
 
+@triton.jit
+def _posterior_large_split_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, acc_ptr, ms_ptr, M, N, d, n_chunk,
+                                  stride_x, stride_y, par_stride, kappa, delta2, tau2,
+                                  SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                  BK: tl.constexpr, BKE: tl.constexpr):
+    """Split over the data: program (i, j) reduces row block i against points [j·n_chunk, (j+1)·n_chunk)
+    into partials acc[j] [M, d] (Σ 2^{l − m_j} y, unnormalised) and ms[j] = (m_j [M], s_j [M]), merged
+    by combine_splits. Each split screens against its own running maximum (never skips more than the
+    whole-data kernel would)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    j = tl.program_id(1).to(tl.int64)
+    n0 = j * n_chunk
+    n_here = tl.minimum(N - n0, n_chunk).to(tl.int32)
+    a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
+    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr + n0 * stride_y, stride_y, lw_ptr + n0,
+                        acc_ptr + j * M * d, d, n_here, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+    tl.store(ms_ptr + (2 * j) * M + rows, m, mask=rmask)
+    tl.store(ms_ptr + (2 * j + 1) * M + rows, s, mask=rmask)
+
+
 # ================================================================ launcher
 SCREEN_TF32 = True        # large-d screening operands truncated to TF32 (exactly bounded; see above)
 
 
-def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None):
+def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None, splits=None):
     """x [M, d] float32 contiguous, data [N, d] contiguous, lw2 [N] float32 (log2 units),
-    par [R, NPAR] float32 (R = 1 or M), D [M, d] / L [M] float32 outputs."""
+    par [R, NPAR] float32 (R = 1 or M), D [M, d] / L [M] float32 outputs.
+    splits (large d): split the data into this many parts, reduced in parallel and merged; None = as
+    _common.large_splits chooses for the device (enough programs to fill the GPU when M is small)."""
     M, d = x.shape
     N = data.shape[0]
     par_stride = 0 if par.shape[0] == 1 else par.stride(0)
@@ -268,20 +294,48 @@ def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None):
     else:
         tf32 = SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
         cfg = C.large_config(d)
-        grid = (triton.cdiv(M, cfg["BM"]),)
-        _posterior_large_kernel[grid](x, data, lw2, par, D, L, M, N, d, x.stride(0), data.stride(0), D.stride(0),
-                                      par_stride, C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2,
-                                      SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"],
-                                      BKE=cfg["BKE"], num_warps=cfg["num_warps"])
+        S = C.large_splits(M, N, d, x.device) if splits is None else max(1, min(int(splits), N))
+        screen = (C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2)
+        meta = dict(SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"],
+                    num_warps=cfg["num_warps"])
+        if S == 1:
+            grid = (triton.cdiv(M, cfg["BM"]),)
+            _posterior_large_kernel[grid](x, data, lw2, par, D, L, M, N, d, x.stride(0), data.stride(0), D.stride(0),
+                                          par_stride, *screen, **meta)
+        else:
+            n_chunk = triton.cdiv(N, S)
+            S = triton.cdiv(N, n_chunk)
+            acc = torch.empty(S, M, d, dtype=torch.float32, device=x.device)
+            ms = torch.empty(S, 2, M, dtype=torch.float32, device=x.device)
+            _posterior_large_split_kernel[(triton.cdiv(M, cfg["BM"]), S)](
+                x, data, lw2, par, acc, ms, M, N, d, n_chunk, x.stride(0), data.stride(0), par_stride, *screen, **meta)
+            combine_splits(acc, ms, x, par, D, L)
     return D, L
 
 
+def combine_splits(acc, ms, x, par, D, L):
+    """Merge split partials: m = max_j m_j, w_j = 2^{m_j − m}, s = Σ w_j s_j, acc = Σ w_j acc_j, then
+    D = acc·cy/s + cx·x and L = (m + log2 s)·ln 2, as the whole-data kernel's epilogue. A split whose
+    points all have zero weight has m_j = −inf and an unwritten acc_j: it gets weight 0 and is not read."""
+    m_j, s_j = ms[:, 0], ms[:, 1]
+    m = m_j.max(dim=0).values
+    live = m_j > float("-inf")
+    w = torch.where(live, torch.exp2(m_j - torch.where(m == float("-inf"), 0.0, m)), 0.0)
+    s = (w * s_j).sum(0)
+    total = torch.where(live[..., None], acc, 0.0).mul_(w[..., None]).sum(0)
+    cy, cx = par[:, 4:5], par[:, 5:6]
+    torch.addcmul(cx * x, total, cy / s[:, None], out=D)
+    torch.mul(m + torch.log2(s), LN2, out=L)
+
+
 # ================================================================ public function
-def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_tf32=None, check_finite=True):
+def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_tf32=None, check_finite=True,
+              splits=None):
     """Point-cloud posterior mean D [M, d] and log-sum-exp L [M] (float32), as
     fastdiff.reference.posterior. alpha, sigma: scalars or [M]; data float32/float16/bfloat16.
     screen_tf32 (large d only): None = module default SCREEN_TF32.
-    check_finite: scan x for NaN/inf (a device synchronisation; off where the caller has checked x)."""
+    check_finite: scan x for NaN/inf (a device synchronisation; off where the caller has checked x).
+    splits (large d): see launch_posterior."""
     C.check_x(x, finite=check_finite)
     data = C.check_data(data, x.shape[1], x.device)
     M, d = x.shape
@@ -291,7 +345,7 @@ def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_
     L = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return D, L
-    D, L = launch_posterior(x.contiguous(), data, lw2, par, D, L, screen_tf32)
+    D, L = launch_posterior(x.contiguous(), data, lw2, par, D, L, screen_tf32, splits)
     if shift != 0.0:
         L.add_(shift)
     return D, L

@@ -72,6 +72,10 @@ def configurations():
                 "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "D_ptr": "*fp32",
                 "L_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "stride_x": i32, "stride_y": i32, "stride_D": i32,
                 "par_stride": i32, "kappa": f32, "delta2": f32, "tau2": f32}, cex, nw, f"data={dt} screen={screen}"))
+            out.append(("_posterior", "_posterior_large_split_kernel", {
+                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "acc_ptr": "*fp32",
+                "ms_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "n_chunk": i32, "stride_x": i32, "stride_y": i32,
+                "par_stride": i32, "kappa": f32, "delta2": f32, "tau2": f32}, cex, nw, f"data={dt} screen={screen}"))
             out.append(("_pointcloud_step", "_pointcloud_step_large_kernel", {
                 "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "coef_ptr": "*fp32",
                 "acc_ptr": "*fp32", "out_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "stride_x": i32,
