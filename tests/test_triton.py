@@ -234,19 +234,25 @@ def test_posterior_large_d_across_sigma(M, N, d, screen_tf32):
         check_posterior(x, data, alpha, sigma, screen_tf32=screen_tf32)
 
 
+def per_row_problem(M, N, d, seed, log_sigma=(-3, 1)):
+    """Data [N, d], per-row σ log-spaced over log_sigma, α = 1/√(1 + σ²), queries x near the data, random
+    log-weights [N] (float64; the caller zeroes some, then normalises)."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randn(N, d, generator=g).to(DEV)
+    sigma = torch.logspace(*log_sigma, M, dtype=F64).to(DEV)
+    alpha = torch.rsqrt(1 + sigma**2)
+    x = (alpha[:, None] * data[torch.randint(N, (M,), generator=g)].double()
+         + sigma[:, None] * torch.randn(M, d, generator=g, dtype=F64).to(DEV)).float()
+    return data, alpha, sigma, x, torch.randn(N, generator=g, dtype=F64).to(DEV)
+
+
 @pytest.mark.parametrize("splits", [2, 5])
 def test_posterior_large_d_split_over_the_data(splits):
     """The large-d posterior split over the data (how few rows fill a GPU) against the float64 reference and
     the unsplit kernel: uneven parts, per-row σ from 1e-3 up, a part whose points all have zero weight
     (its partial accumulator is never written and must not be read), and a bandwidth."""
-    M, N, d = 6, 75, 67
-    g = torch.Generator().manual_seed(splits)
-    data = torch.randn(N, d, generator=g).to(DEV)
-    sigma = torch.logspace(-3, 0.5, M, dtype=F64).to(DEV)
-    alpha = torch.rsqrt(1 + sigma**2)
-    x = (alpha[:, None] * data[torch.randint(N, (M,), generator=g)].double()
-         + sigma[:, None] * torch.randn(M, d, generator=g, dtype=F64).to(DEV)).float()
-    lw = torch.randn(N, generator=g, dtype=F64).to(DEV)
+    N = 75
+    data, alpha, sigma, x, lw = per_row_problem(6, N, 67, splits, log_sigma=(-3, 0.5))
     lw[-(N // splits):] = float("-inf")                       # the last part: zero weight throughout
     lw = lw - torch.logsumexp(lw, 0)
     for bandwidth in (0.0, 0.2):
@@ -258,14 +264,7 @@ def test_posterior_large_d_split_over_the_data(splits):
 
 @pytest.mark.parametrize("d", [3, 65])
 def test_posterior_per_row_t_weights_bandwidth(d):
-    M, N = 19, 37
-    g = torch.Generator().manual_seed(d)
-    data = torch.randn(N, d, generator=g).to(DEV)
-    sigma = torch.logspace(-3, 1, M, dtype=F64).to(DEV)
-    alpha = torch.rsqrt(1 + sigma**2)
-    x = (alpha[:, None] * data[torch.randint(N, (M,), generator=g)].double()
-         + sigma[:, None] * torch.randn(M, d, generator=g, dtype=F64).to(DEV)).float()
-    lw = torch.randn(N, generator=g, dtype=F64).to(DEV)
+    data, alpha, sigma, x, lw = per_row_problem(19, 37, d, d)
     lw[::5] = float("-inf")                                   # zero-weight points
     lw = lw - torch.logsumexp(lw, 0)
     check_posterior(x, data, alpha, sigma, lw)
