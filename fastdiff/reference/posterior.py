@@ -16,15 +16,27 @@ from .._checks import check_cloud, per_row64
 _F32_SAFE_INV2C = 1e30   # beyond this 1/(2c) the float32 logits could overflow: work in float64
 
 
-def _sq_dist(x, alpha, y):
-    """|x_m − α_m y_n|² by direct differences: [m, n]. Small d sums column by column (no [m, n, d] tensor)."""
+def _alpha_split(a64):
+    """(c1, c2) with x − αy = (x − c1·y) + c2·y, as every kernel forms it: for α ≥ ½ (every process at small σ)
+    c1 = 1 and c2 = 1 − α from float64, so x − y is exact in the working precision and only the small
+    (1 − α)y term carries α's rounding; x − fl32(α)·y would move a logit at σ = 1e-3, d = 784 by ~2e-3
+    (MATH.md §7 allows 1e-3). For α < ½, (0, −α): the plain form."""
+    big = a64 >= 0.5
+    return big.to(a64.dtype), torch.where(big, 1 - a64, -a64)
+
+
+def _sq_dist(x, c1, c2, y):
+    """|x_m − α_m y_n|² by direct differences, x − αy as (x − c1·y) + c2·y: [m, n].
+    Small d sums column by column (no [m, n, d] tensor)."""
     if x.shape[1] <= 8:
         out = None
         for j in range(x.shape[1]):
-            diff = x[:, j:j + 1] - alpha * y[:, j]
+            yj = y[:, j]
+            diff = (x[:, j:j + 1] - c1 * yj) + c2 * yj
             out = diff * diff if out is None else out.addcmul_(diff, diff)
         return out
-    diff = x.unsqueeze(1) - alpha.unsqueeze(-1) * y.unsqueeze(0)
+    y = y.unsqueeze(0)
+    diff = (x.unsqueeze(1) - c1.unsqueeze(-1) * y) + c2.unsqueeze(-1) * y
     return (diff * diff).sum(-1)
 
 
@@ -60,6 +72,7 @@ def posterior(x: torch.Tensor, data: torch.Tensor, alpha, sigma, log_weights=Non
             raise ValueError("log_weights gives every data point zero weight")
         lw = lw.to(work)
     xw, alpha_w, inv2c, c_w = x.to(work), a64.to(work), inv2c64.to(work), c64.to(work)
+    c1_w, c2_w = (c.to(work) for c in _alpha_split(a64))
 
     # Blocks of about block_elems temporaries: [rows, cols] logits (and [rows, cols, d] differences for d > 8).
     per_pair = d if d > 8 else 1
@@ -70,13 +83,15 @@ def posterior(x: torch.Tensor, data: torch.Tensor, alpha, sigma, log_weights=Non
     for r0 in range(0, M, rows):
         xq = xw[r0:r0 + rows]
         aq = alpha_w if alpha_w.shape[0] == 1 else alpha_w[r0:r0 + rows]
+        c1q = c1_w if c1_w.shape[0] == 1 else c1_w[r0:r0 + rows]
+        c2q = c2_w if c2_w.shape[0] == 1 else c2_w[r0:r0 + rows]
         iq = inv2c if inv2c.shape[0] == 1 else inv2c[r0:r0 + rows]
         m = torch.full((xq.shape[0], 1), float("-inf"), dtype=work, device=x.device)   # running max
         s = torch.zeros_like(m)                                                          # Σ e^{a − m}
         acc = torch.zeros_like(xq)                                                       # Σ e^{a − m} y
         for c0 in range(0, N, cols):
             y = data[c0:c0 + cols].to(work)
-            logits = -_sq_dist(xq, aq, y) * iq
+            logits = -_sq_dist(xq, c1q, c2q, y) * iq
             if log_weights is not None:
                 logits = logits + lw[c0:c0 + cols]
             new_m = torch.maximum(m, logits.max(dim=1, keepdim=True).values)
