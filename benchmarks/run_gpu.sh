@@ -26,7 +26,8 @@ cd "$(dirname "$0")/.."
 if [ -n "${PYTHON:-}" ]; then PY=$PYTHON
 elif command -v python3 >/dev/null && python3 -c 'import torch' 2>/dev/null; then PY=python3
 else PY=python; fi
-# the checkout itself is importable whether or not fastdiff is installed (an installed copy still wins)
+# the checkout comes first on the path (python -m from the repo root does the same): its fastdiff, and a
+# carried fastdiff/_C*.so, are what runs
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
 export PYTHONUNBUFFERED=1
 
@@ -34,6 +35,10 @@ DEST=${BENCH_RESULTS:-${OUT:-benchmarks/results}}
 LIMIT=${TIME_LIMIT:-420}
 PARTS=("$@")
 [ ${#PARTS[@]} -eq 0 ] && PARTS=(1 2 3)
+if [ ${#PARTS[@]} -gt 1 ] && [ -n "${OUT:-}" ]; then
+    echo "run_gpu.sh: ${#PARTS[@]} parts in one command take ~$(( ${#PARTS[@]} * (LIMIT + 60) / 60 )) min; on a lent" \
+         "machine (10 minutes a command) run one part per command" >&2
+fi
 
 # one interpreter start for every check: CUDA visible, the GPU's name for the folder, what fastdiff has
 GPU=$("$PY" - <<'PYEOF'

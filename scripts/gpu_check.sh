@@ -43,8 +43,9 @@ PYEOF
 } > "$OUT/env.txt" 2>&1
 echo "env checks: $(grep -c -e MISSING -e WRONG "$OUT/env.txt") problem(s), see env.txt"
 
-FASTDIFF_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
-  > "$OUT/build.log" 2>&1 || { echo "build failed, see build.log"; tail -30 "$OUT/build.log"; exit 1; }
+FASTDIFF_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} timeout --kill-after=10 300 \
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e . \
+  > "$OUT/build.log" 2>&1 || { echo "build failed or timed out, see build.log"; tail -30 "$OUT/build.log"; exit 1; }
 echo "built in $((SECONDS - START)) s"
 "$PY" -m fastdiff info >> "$OUT/env.txt" 2>&1
 SO=$("$PY" -c 'import fastdiff._C as m; print(m.__file__)') && strip --strip-debug -o "$OUT/_C.so" "$SO" 2>/dev/null \
@@ -52,7 +53,8 @@ SO=$("$PY" -c 'import fastdiff._C as m; print(m.__file__)') && strip --strip-deb
 
 # the kernel test files in full (with a GPU, test_triton runs every case compiled on CUDA), then the rest;
 # each bounded so that the command returns with its logs
-timeout --kill-after=10 300 "$PY" -m pytest -q -rs tests/test_triton.py tests/test_kernels.py tests/test_graphs.py \
+KT=$(( 540 - (SECONDS - START) )); [ "$KT" -gt 300 ] && KT=300
+timeout --kill-after=10 "$KT" "$PY" -m pytest -q -rs tests/test_triton.py tests/test_kernels.py tests/test_graphs.py \
   > "$OUT/tests.log" 2>&1
 echo "kernel tests exit $? after $((SECONDS - START)) s: $(tail -1 "$OUT/tests.log")"
 LEFT=$(( 540 - (SECONDS - START) ))

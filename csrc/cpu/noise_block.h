@@ -17,6 +17,10 @@
 
 #include "../common/philox.h"
 
+#ifdef __FAST_MATH__
+#error "noise_block.h relies on IEEE evaluation order (the round-to-integer trick, fdlibm's rearrangements): build without -ffast-math"
+#endif
+
 namespace fastdiff::cpu {
 
 // How many quads (4 normals each) one call of normal_quads handles: sized for L1.

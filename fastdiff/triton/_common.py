@@ -44,7 +44,11 @@ def large_config(d: int) -> dict:
     return {"BM": 32, "BN": 32, "BK": 32, "BKE": 4, "num_warps": 4}
 
 
-def large_splits(M: int, N: int, d: int, device, scratch_bytes: int = 1 << 30) -> int:
+SPLIT_SCRATCH_BYTES = 1 << 30   # the split posterior's partial accumulators [S, M, d] stay below this
+MAX_SPLITS = 65535              # the launch grid's second dimension
+
+
+def large_splits(M: int, N: int, d: int, device, scratch_bytes: int = SPLIT_SCRATCH_BYTES) -> int:
     """How many parts the large-d posterior splits the data into: with few rows (M = 1024 is 32 programs of
     BM = 32 on a 132-SM H100) one program per row block leaves most of the GPU idle, so the data is split
     until there are about two programs per SM, keeping ≥ 8 tiles of BN points per split and the partial
@@ -55,7 +59,7 @@ def large_splits(M: int, N: int, d: int, device, scratch_bytes: int = 1 << 30) -
     cfg = large_config(d)
     programs = -(-M // cfg["BM"])
     want = -(-2 * _sm_count(dev) // programs)
-    return max(1, min(want, N // (8 * cfg["BN"]), scratch_bytes // max(1, 4 * M * d)))
+    return max(1, min(want, N // (8 * cfg["BN"]), MAX_SPLITS, scratch_bytes // max(1, 4 * M * d)))
 
 
 _SMS: dict = {}
@@ -187,6 +191,7 @@ def log_weights2(log_weights, N, device, return_shift=False):
 
 
 _ZEROS: dict = {}
+_RETIRED_ZEROS: list = []       # outgrown buffers (doubling: all together at most the current one's size)
 
 
 def _zeros(N: int, device) -> torch.Tensor:
@@ -195,7 +200,9 @@ def _zeros(N: int, device) -> torch.Tensor:
     key = torch.device(device)
     buf = _ZEROS.get(key)
     if buf is None or buf.numel() < N:
-        buf = _ZEROS[key] = torch.zeros(max(N, 1024), dtype=torch.float32, device=key)
+        if buf is not None:          # kernels on another stream may still read it: never freed
+            _RETIRED_ZEROS.append(buf)
+        buf = _ZEROS[key] = torch.zeros(max(2 * N, 1024), dtype=torch.float32, device=key)
     return buf[:N]
 
 

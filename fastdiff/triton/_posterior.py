@@ -294,7 +294,8 @@ def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None, splits=None):
     else:
         tf32 = SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
         cfg = C.large_config(d)
-        S = C.large_splits(M, N, d, x.device) if splits is None else max(1, min(int(splits), N))
+        S = C.large_splits(M, N, d, x.device) if splits is None else \
+            max(1, min(int(splits), N, C.MAX_SPLITS, C.SPLIT_SCRATCH_BYTES // max(1, 4 * M * d)))
         screen = (C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2)
         meta = dict(SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"],
                     num_warps=cfg["num_warps"])
@@ -305,12 +306,16 @@ def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None, splits=None):
         else:
             n_chunk = triton.cdiv(N, S)
             S = triton.cdiv(N, n_chunk)
-            acc = torch.empty(S, M, d, dtype=torch.float32, device=x.device)
-            ms = torch.empty(S, 2, M, dtype=torch.float32, device=x.device)
+            acc, ms = _scratch((S, M, d), x.device), _scratch((S, 2, M), x.device)
             _posterior_large_split_kernel[(triton.cdiv(M, cfg["BM"]), S)](
                 x, data, lw2, par, acc, ms, M, N, d, n_chunk, x.stride(0), data.stride(0), par_stride, *screen, **meta)
             combine_splits(acc, ms, x, par, D, L)
     return D, L
+
+
+def _scratch(shape, device):
+    """Uninitialised float32 scratch for the split partials (a test fills it with NaN instead)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def combine_splits(acc, ms, x, par, D, L):
@@ -322,7 +327,7 @@ def combine_splits(acc, ms, x, par, D, L):
     live = m_j > float("-inf")
     w = torch.where(live, torch.exp2(m_j - torch.where(m == float("-inf"), 0.0, m)), 0.0)
     s = (w * s_j).sum(0)
-    total = torch.where(live[..., None], acc, 0.0).mul_(w[..., None]).sum(0)
+    total = acc.masked_fill_(~live[..., None], 0.0).mul_(w[..., None]).sum(0)   # in place: acc is our scratch
     cy, cx = par[:, 4:5], par[:, 5:6]
     torch.addcmul(cx * x, total, cy / s[:, None], out=D)
     torch.mul(m + torch.log2(s), LN2, out=L)
