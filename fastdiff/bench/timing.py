@@ -408,9 +408,11 @@ def environment(device, argv=None) -> dict:
     except OSError:
         env["loadavg_start"] = None
     try:
-        env["fastdiff_git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                             cwd=os.path.dirname(os.path.abspath(fastdiff.__file__)),
-                                             timeout=5).stdout.strip() or None
+        here = os.path.dirname(os.path.abspath(fastdiff.__file__))
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD") or None
+        # uncommitted changes to tracked files make the commit alone not what ran
+        env["fastdiff_git"] = head and head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except Exception:
         env["fastdiff_git"] = None
     if device.type == "cuda":
