@@ -182,34 +182,12 @@ def metrics(S, DS, x: torch.Tensor):
 
 # ----------------------------------------------------------------------------------------- samplers
 def fd_sampler(ctx: Context, S, den, method: str, times, backend: str, **extra):
-    """fd.sample(den, x=xT, ...) on `backend`. Triton's pointcloud_sample takes a [K, 6] table and returns
-    x_K (it does not update x in place): when fd.sample's dispatch fails on that with a TypeError, the
-    same run is timed through fastdiff.triton.pointcloud_sample directly, and a note says so."""
+    """fd.sample(den, x=xT, ...) on `backend` (a point cloud runs the backend's whole-trajectory op)."""
     fd = S["fd"]
     m, ode = METHODS[method]
-    state = {"direct": None}
-
-    def direct(xT):
-        import fastdiff.triton as ft
-        table = fd.step_table(S["process"], times, m, ode)
-        cols = ft.table_columns(S["process"], table, den.prediction)
-        return ft.pointcloud_sample(xT.contiguous(), den.data, cols, 7, 0, den.log_weights, den.bandwidth)
 
     def run(xT):
-        if state["direct"]:
-            return direct(xT)
-        try:
-            return fd.sample(den, x=xT.clone(), times=times, method=m, ode=ode, seed=7, backend=backend, **extra)
-        except TypeError as exc:
-            if backend != "triton" or extra or not isinstance(den, fd.PointCloud) or "positional" not in str(exc):
-                raise
-            state["direct"] = True
-            ctx.note(SUITE, fastdiff_provider(backend), f"fd.sample(backend='triton') failed on a point cloud "
-                     f"({describe_error(exc, 160)}): the dispatch adapter does not match "
-                     "fastdiff.triton.pointcloud_sample's signature; the same run is timed through "
-                     "fastdiff.triton.pointcloud_sample(x, data, table_columns(...), seed, ...) directly",
-                     kind="workaround")
-            return direct(xT)
+        return fd.sample(den, x=xT.clone(), times=times, method=m, ode=ode, seed=7, backend=backend, **extra)
     return run
 
 
