@@ -212,27 +212,26 @@ def test_affine_step_per_row_coefficients_and_half_precision_D():
 SMALL = [(1, 1, 1), (7, 3, 2), (129, 7, 3), (5, 129, 7), (9, 33, 64)]
 
 
-@pytest.mark.parametrize("M,N,d", SMALL)
-def test_posterior_small_d_across_sigma(M, N, d):
+def check_across_sigma(M, N, d, **kw):
+    """Queries near data points at σ = 1e-3, 0.7, 1e3 (α = 1/√(1 + σ²)), each checked by check_posterior."""
     g = torch.Generator().manual_seed(M + 10 * N + 100 * d)
     data = torch.randn(N, d, generator=g).to(DEV)
     idx = torch.randint(N, (M,), generator=g)
     for sigma in (1e-3, 0.7, 1e3):
         alpha = 1 / math.sqrt(1 + sigma**2)
         x = (alpha * data[idx] + sigma * torch.randn(M, d, generator=g).to(DEV)).float()
-        check_posterior(x, data, alpha, sigma)
+        check_posterior(x, data, alpha, sigma, **kw)
+
+
+@pytest.mark.parametrize("M,N,d", SMALL)
+def test_posterior_small_d_across_sigma(M, N, d):
+    check_across_sigma(M, N, d)
 
 
 @pytest.mark.parametrize("M,N,d", [(3, 20, 65), (7, 40, 129)])
 @pytest.mark.parametrize("screen_tf32", [True, False])
 def test_posterior_large_d_across_sigma(M, N, d, screen_tf32):
-    g = torch.Generator().manual_seed(M + 10 * N + 100 * d)
-    data = torch.randn(N, d, generator=g).to(DEV)
-    idx = torch.randint(N, (M,), generator=g)
-    for sigma in (1e-3, 0.7, 1e3):
-        alpha = 1 / math.sqrt(1 + sigma**2)
-        x = (alpha * data[idx] + sigma * torch.randn(M, d, generator=g).to(DEV)).float()
-        check_posterior(x, data, alpha, sigma, screen_tf32=screen_tf32)
+    check_across_sigma(M, N, d, screen_tf32=screen_tf32)
 
 
 def per_row_problem(M, N, d, seed, log_sigma=(-3, 1)):

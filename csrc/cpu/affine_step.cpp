@@ -4,23 +4,10 @@
 
 #include "kernels.h"
 #include "noise_block.h"
-#include "noise_row.h"
+#include "update_row.h"
 
 namespace fastdiff::cpu {
 namespace {
-
-template <typename T>
-inline void axpby_row(const T* x, const T* D, T* out, int64_t d, double A, double B,
-                      double C, const double* __restrict z) {
-  if (z == nullptr) {
-#pragma omp simd
-    for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(A * static_cast<double>(x[k]) + B * static_cast<double>(D[k]));
-  } else {
-#pragma omp simd
-    for (int64_t k = 0; k < d; ++k)
-      out[k] = static_cast<T>(A * static_cast<double>(x[k]) + B * static_cast<double>(D[k]) + C * z[k]);
-  }
-}
 
 // n rows of d = DD < 4 values, their normals at z[4i .. 4i + DD): one loop, unrolled within the row.
 template <int DD>
@@ -85,14 +72,9 @@ void affine_step(const T* x, const T* D, T* out, int64_t M, int64_t d, double A,
   {
     std::vector<double> z(d + 4);
 #pragma omp for schedule(static)
-    for (int64_t i = 0; i < M; ++i) {
-      const double* zi = nullptr;
-      if (C != 0.0) {  // float64: libm Box–Muller, the reference's last ulp
-        normal_row(seed, sample_offset + static_cast<uint64_t>(i), step, d, z.data());
-        zi = z.data();
-      }
-      axpby_row(x + i * d, D + i * d, out + i * d, d, A, B, C, zi);
-    }
+    for (int64_t i = 0; i < M; ++i)  // float64 (or no noise): libm Box–Muller, the reference's last ulp
+      update_row(x + i * d, D + i * d, out + i * d, d, A, B, C, seed, step, sample_offset + static_cast<uint64_t>(i),
+                 z.data());
   }
 }
 

@@ -10,7 +10,7 @@
 
 #include "../common/philox.h"
 #include "kernels.h"
-#include "noise_row.h"
+#include "update_row.h"
 
 namespace fastdiff::cpu {
 namespace {
@@ -177,19 +177,6 @@ void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, doubl
     case 3: return posterior_row_d<T, 3>(c, x, alpha, sigma, buf, acc, D, L);
     case 4: return posterior_row_d<T, 4>(c, x, alpha, sigma, buf, acc, D, L);
     default: return posterior_row_d<T, 0>(c, x, alpha, sigma, buf, acc, D, L);
-  }
-}
-
-// x_out = A x + B D + C z for one row (z drawn only when C != 0).
-template <typename T>
-inline void update_row(const T* x, const T* D, T* out, int64_t d, double A, double B, double C, uint64_t seed,
-                       uint32_t step, uint64_t sample, double* z) {
-  if (C != 0.0) {
-    normal_row(seed, sample, step, d, z);
-    for (int64_t k = 0; k < d; ++k)
-      out[k] = static_cast<T>(A * static_cast<double>(x[k]) + B * static_cast<double>(D[k]) + C * z[k]);
-  } else {
-    for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(A * static_cast<double>(x[k]) + B * static_cast<double>(D[k]));
   }
 }
 

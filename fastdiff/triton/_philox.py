@@ -82,18 +82,20 @@ def sample_index_words(off_lo, off_hi, rows):
 
 
 @triton.jit
+def philox_tile(seed_lo, seed_hi, step, i_lo, i_hi, q):
+    """The four Philox words of counter (q, step, i_lo, i_hi) under key (seed_lo, seed_hi) for every row
+    (i_lo, i_hi: [BM] uint32) and quad (q: [BQ] uint32): four [BM, BQ] uint32 tiles."""
+    zero = (i_lo[:, None] * 0) + (q[None, :] * 0)                     # [BM, BQ] uint32 zeros
+    return philox4x32_10(zero + q[None, :], zero + step.to(tl.uint32), zero + i_lo[:, None], zero + i_hi[:, None],
+                         zero + seed_lo.to(tl.uint32), zero + seed_hi.to(tl.uint32))
+
+
+@triton.jit
 def normal_tile(seed_lo, seed_hi, step, i_lo, i_hi, q0, BQ: tl.constexpr):
     """Standard normals for the rows with sample-index words i_lo, i_hi ([BM] uint32) and the
     components 4·q0 .. 4·(q0 + BQ) − 1: a [BM, 4·BQ] float32 tile in component order."""
     q = (q0 + tl.arange(0, BQ)).to(tl.uint32)
-    zero = (i_lo[:, None] * 0) + (q[None, :] * 0)                     # [BM, BQ] uint32 zeros
-    c0 = zero + q[None, :]
-    c1 = zero + step.to(tl.uint32)
-    c2 = zero + i_lo[:, None]
-    c3 = zero + i_hi[:, None]
-    k0 = zero + seed_lo.to(tl.uint32)
-    k1 = zero + seed_hi.to(tl.uint32)
-    r0, r1, r2, r3 = philox4x32_10(c0, c1, c2, c3, k0, k1)
+    r0, r1, r2, r3 = philox_tile(seed_lo, seed_hi, step, i_lo, i_hi, q)
     rad0 = tl.sqrt_rn(-2.0 * tl.log(uniform_from_word(r0)))
     rad2 = tl.sqrt_rn(-2.0 * tl.log(uniform_from_word(r2)))
     cos1, sin1 = cos_sin_2pi(uniform_from_word(r1))
@@ -113,10 +115,7 @@ def _uniform_kernel(out_ptr, M, Q, seed_lo, seed_hi, step, off_lo, off_hi,
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     q = tl.program_id(1) * BQ + tl.arange(0, BQ)
     i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
-    zero = (i_lo[:, None] * 0) + (q[None, :] * 0).to(tl.uint32)
-    r0, r1, r2, r3 = philox4x32_10(zero + q[None, :].to(tl.uint32), zero + step.to(tl.uint32),
-                                   zero + i_lo[:, None], zero + i_hi[:, None],
-                                   zero + seed_lo.to(tl.uint32), zero + seed_hi.to(tl.uint32))
+    r0, r1, r2, r3 = philox_tile(seed_lo, seed_hi, step, i_lo, i_hi, q.to(tl.uint32))
     u = tl.join(tl.join(uniform_from_word(r0), uniform_from_word(r2)),
                 tl.join(uniform_from_word(r1), uniform_from_word(r3)))
     u = tl.reshape(u, [BM, 4 * BQ])

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from . import _common as C
 from ._philox import normal_tile, sample_index_words
-from ._posterior import large_reduce, small_reduce
+from ._posterior import large_reduce, small_reduce, small_row_tile
 
 
 # ================================================================ kernels
@@ -31,12 +31,7 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, out_ptr, t
                                     seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64,
                                     first_step: tl.int64, save_traj: tl.int32,
                                     BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rmask = rows < M
-    cols = tl.arange(0, DP)
-    mask = rmask[:, None] & (cols < d)[None, :]
-    rows64 = rows.to(tl.int64)
-    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    rows, rows64, rmask, cols, mask, x = small_row_tile(x_ptr, M, d, stride_x, BM, DP)
     i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
     zero = tl.zeros([BM], tl.float32)
     for k in range(K):

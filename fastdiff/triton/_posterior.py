@@ -202,16 +202,24 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
 
 
 @triton.jit
-def small_rows_posterior(x_ptr, data_ptr, lw_ptr, par_ptr, M, N, d, stride_x, stride_y, par_stride,
-                         BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
-    """This program's BM rows of x and their posterior mean D (the small-d kernels' common part).
-    Returns (rows, rows64, rmask, cols, mask, x, D, m, s); m, s as small_reduce."""
+def small_row_tile(x_ptr, M, d, stride_x, BM: tl.constexpr, DP: tl.constexpr):
+    """This program's BM whole rows of x as a [BM, DP] tile (padding columns 0).
+    Returns (rows, rows64, rmask, cols, mask, x)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     cols = tl.arange(0, DP)
     mask = rmask[:, None] & (cols < d)[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    return rows, rows64, rmask, cols, mask, x
+
+
+@triton.jit
+def small_rows_posterior(x_ptr, data_ptr, lw_ptr, par_ptr, M, N, d, stride_x, stride_y, par_stride,
+                         BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    """This program's BM rows of x and their posterior mean D (the small-d kernels' common part).
+    Returns (rows, rows64, rmask, cols, mask, x, D, m, s); m, s as small_reduce."""
+    rows, rows64, rmask, cols, mask, x = small_row_tile(x_ptr, M, d, stride_x, BM, DP)
     a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
     acc, m, s = small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
     D = acc * (cy / s)[:, None] + cx[:, None] * x
