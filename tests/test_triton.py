@@ -249,12 +249,14 @@ def per_row_problem(M, N, d, seed, log_sigma=(-3, 1)):
 @pytest.mark.parametrize("splits", [2, 5])
 def test_posterior_large_d_split_over_the_data(splits, monkeypatch):
     """The large-d posterior split over the data (how few rows fill a GPU) against the float64 reference and
-    the unsplit kernel: uneven parts, per-row σ from 1e-3 up, a part whose points all have zero weight
-    (its partial accumulator is never written and must not be read), and a bandwidth."""
+    the unsplit kernel: uneven parts, per-row σ from 1e-3 up and σ = 1e3, near-duplicate points, a part whose
+    points all have zero weight (its partial accumulator, NaN-filled here, must not be read), a bandwidth."""
     from fastdiff.triton import _posterior
     monkeypatch.setattr(_posterior, "_scratch", lambda shape, device: torch.full(shape, float("nan"), device=device))
     N = 75
     data, alpha, sigma, x, lw = per_row_problem(6, N, 67, splits, log_sigma=(-3, 0.5))
+    data[1] = data[0] + 1e-6                                   # near-duplicate points, in the first part
+    data[2] = data[0]
     lw[-(N // splits):] = float("-inf")                       # the last part: zero weight throughout
     lw = lw - torch.logsumexp(lw, 0)
     for bandwidth in (0.0, 0.2):
@@ -262,6 +264,7 @@ def test_posterior_large_d_split_over_the_data(splits, monkeypatch):
         D1, L1 = posterior_with(x, data, alpha, sigma, lw, bandwidth, splits=1)
         assert torch.allclose(D, D1, rtol=1e-5, atol=1e-5) and torch.allclose(L, L1, rtol=1e-5, atol=1e-4)
     check_posterior(x, data, 0.9, 0.05, None, splits=splits)   # uniform weights, scalar α and σ
+    check_across_sigma(5, 60, 65, splits=splits)               # σ = 1e-3, 0.7, 1e3
 
 
 @pytest.mark.parametrize("d", [3, 65])
