@@ -128,3 +128,24 @@ def test_run_rejects_an_unknown_experiment_and_restores_threads(tmp_path):
     before = torch.get_num_threads()
     rp.run("drift-ve-gaussian", smoke=True, out=tmp_path / "again", threads=1)
     assert torch.get_num_threads() == before
+
+
+def test_drift_ve_gaussian_verdict_when_conservative_beats_pure_in_most_cells(tmp_path, monkeypatch):
+    """The verdict reads the median conservative-vs-pure difference; it must be computed before use even
+    when more than half the cells have cons < pure (it raised UnboundLocalError there)."""
+    import fastdiff as fd
+    from fastdiff.reproduce import drift_ve_gaussian as dvg
+
+    exact = dvg._oracle_kl
+
+    def pure_worse(process, *args):        # pure VE's KL doubled: cons < pure in every finite cell
+        kl = exact(process, *args)
+        return 2 * kl if isinstance(process, fd.PureVE) else kl
+
+    monkeypatch.setattr(dvg, "_oracle_kl", pure_worse)
+    path = rp.run("drift-ve-gaussian", smoke=True, out=tmp_path, seed=0)
+    js = json.loads((tmp_path / "results.json").read_text())["results"]
+    stats = js["order_stats"]
+    assert stats["cells"] > 0 and stats["cons<pure"] == stats["cells"]
+    assert js["cons_vs_pure_relative_difference"]["median"] >= 0.05
+    assert "**Agree**: the conservative drift is lower" in path.read_text()

@@ -176,8 +176,8 @@ def experiment(ctx: Context) -> str:
                  f"step overshoots (flipped for {', '.join(big_flip)}). " if big_flip else "")
     label_aggr = ("**Agree**" if small_ok else "**Disagree**") + " at the smallest step" + (
         ", **disagree** for coarse steps." if big_flip else ".")
-    cons_gain = order_stats["cons<pure"] > cells / 2 and median_rel >= 0.05
     median_rel = sorted(cons_pure_rel)[len(cons_pure_rel) // 2] if cons_pure_rel else float("nan")
+    cons_gain = order_stats["cons<pure"] > cells / 2 and median_rel >= 0.05
     max_rel = max(cons_pure_rel) if cons_pure_rel else float("nan")
     ctx.results.update({
         "curves": {f"T={k[0]}|ode={k[1]}|{SHORT[k[2]]}|{k[3]}": v for k, v in curves.items()},
