@@ -6,8 +6,8 @@ only. Every spawn has a hard deadline: a rank still alive after it is killed and
 from __future__ import annotations
 
 import datetime
+import functools
 import io
-import math
 import multiprocessing as mp
 import os
 import queue as queue_mod
@@ -63,8 +63,10 @@ def _from_bytes(data: bytes):
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _spawn(world, scenario):
-    """{rank: (status, payload, seconds)} from `world` spawned ranks running scenario(rank, world)."""
+def _spawn(world, scenario, wait_for=None):
+    """{rank: (status, payload, seconds)} from `world` spawned ranks running scenario(rank, world); returns once
+    the ranks in wait_for (default: all) have reported, killing the rest."""
+    wait_for = set(range(world) if wait_for is None else wait_for)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -73,7 +75,7 @@ def _spawn(world, scenario):
         p.start()
     out, deadline = {}, time.monotonic() + SPAWN_DEADLINE_S
     try:
-        while len(out) < world and time.monotonic() < deadline:
+        while not wait_for <= set(out) and time.monotonic() < deadline:
             try:
                 rank, status, payload, secs = results.get(timeout=0.5)
                 payload = _from_bytes(payload) if status == "ok" else payload
@@ -83,7 +85,7 @@ def _spawn(world, scenario):
                     break
     finally:
         for p in procs:
-            p.join(timeout=2)
+            p.join(timeout=2 if wait_for == set(range(world)) else 0)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)
@@ -118,10 +120,6 @@ def _shard(t, world, rank):
     return t[start:start + sizes[rank]]
 
 
-def _sizes(world):
-    return LAYOUTS[world]
-
-
 CONFIGS = [   # (name, dtype, weighted, bandwidth)
     ("f32", torch.float32, False, 0.0),
     ("f32-weights-bandwidth", torch.float32, True, 0.05),
@@ -130,7 +128,7 @@ CONFIGS = [   # (name, dtype, weighted, bandwidth)
 ]
 
 
-def _scenario_compare(rank, world):
+def _scenario_main(rank, world):
     """Posterior D, L for every config and σ (twice: bit-identity across calls), and a float64 trajectory."""
     from fastdiff.distributed import ShardedPointCloud
     proc = fd.VP()
@@ -147,7 +145,17 @@ def _scenario_compare(rank, world):
     y, w, x = _global_data(torch.float64)
     pc = ShardedPointCloud(_shard(y, world, rank), proc, weights=_shard(w, world, rank), bandwidth=0.01)
     out["trajectory"] = fd.sample(pc, n=6, steps=15, seed=11, return_trajectory=True, dtype=torch.float64)
+    if world > 1:
+        out["sample_parallel"] = _sample_parallel_part(rank, world)
+    if world == 3:
+        out["bad_inputs"] = _bad_inputs_part(rank, world)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _main_spawn(world):
+    """One spawn per world size serves the posterior, trajectory, sample-parallel and bad-input tests."""
+    return _ok(_spawn(world, "_scenario_main"), world)
 
 
 def _t_for_sigma(proc, sigma):
@@ -161,7 +169,7 @@ def _single(dtype, weighted, bw):
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_sharded_posterior_and_trajectory_match_one_process(world):
-    outs = _ok(_spawn(world, "_scenario_compare"), world)
+    outs = _main_spawn(world)
     proc = fd.VP()
     for name, dtype, weighted, bw in CONFIGS:
         single, x = _single(dtype, weighted, bw)
@@ -190,3 +198,131 @@ def test_sharded_posterior_and_trajectory_match_one_process(world):
         assert torch.equal(xr, outs[0]["trajectory"][0]) and torch.equal(tr, outs[0]["trajectory"][1])
     assert float((outs[0]["trajectory"][1] - traj).abs().max()) <= 1e-9 * (1 + float(traj.abs().max()))
     assert float(xs.std()) > 0.1      # the run moved: not a comparison of constants
+
+
+# -- bad input: every rank raises the same clear error naming the rank and the argument ----------------------
+
+BAD_CASES = {   # name: (rank that is wrong, how its shard / weights are spoiled, words the error must contain)
+    "d": (2, "d", ("rank 2", "shard", "dimension")),
+    "dtype": (1, "dtype", ("rank 1", "shard", "dtype")),
+    "device": (0, "device", ("rank 0", "shard", "meta")),
+    "nan": (1, "nan", ("rank 1", "shard", "NaN")),
+    "weights": (2, "weights", ("rank 2", "weights")),
+}
+
+
+def _bad_inputs_part(rank, world):
+    from fastdiff.distributed import ShardedPointCloud
+    y, w, _ = _global_data()
+    out = {}
+    for name, (bad_rank, how, _) in BAD_CASES.items():
+        shard, wr = _shard(y, world, rank).clone() + 1.0, _shard(w, world, rank).clone()
+        if rank == bad_rank:
+            if how == "d":
+                shard = torch.randn(shard.shape[0], D_DIM + 1)
+            elif how == "dtype":
+                shard = shard.double()
+            elif how == "device":
+                shard = torch.empty(shard.shape, device="meta")
+            elif how == "nan":
+                shard[-1, 0] = float("nan")
+            else:
+                wr[0] = -1.0
+        before = shard.clone() if shard.device.type != "meta" else None
+        try:
+            ShardedPointCloud(shard, fd.VP(), weights=wr if how == "weights" else None, timeout=20)
+            out[name] = ("built", "")
+        except Exception as exc:
+            out[name] = (type(exc).__name__, str(exc))
+        if before is not None:
+            out[name + ":untouched"] = torch.equal(before, shard) or bool(torch.isnan(before).any())
+    return out
+
+
+def test_bad_input_raises_on_every_rank_naming_rank_and_argument():
+    outs = [o["bad_inputs"] for o in _main_spawn(3)]
+    for name, (_, _, words) in BAD_CASES.items():
+        for r in range(3):
+            kind, msg = outs[r][name]
+            assert kind in ("ValueError", "TypeError"), f"{name}: rank {r} got {kind}: {msg}"
+            for word in words:
+                assert word in msg, f"{name}: rank {r}'s error lacks {word!r}: {msg}"
+            assert outs[r].get(name + ":untouched", True)
+    assert outs[0]["dtype"][0] == "TypeError"
+
+
+# -- a rank that dies or hangs: the others raise PeerError within the timeout ----------------------------------
+
+def _scenario_peer_dies(rank, world):
+    return _peer_failure(rank, lambda: os._exit(3))
+
+
+def _scenario_peer_hangs(rank, world):
+    return _peer_failure(rank, lambda: time.sleep(10 * PEER_TIMEOUT_S))
+
+
+def _peer_failure(rank, fail):
+    from fastdiff.distributed import PeerError, ShardedPointCloud
+    y, _, x = _global_data()
+    pc = ShardedPointCloud(_shard(y, 2, rank), fd.VP(), timeout=PEER_TIMEOUT_S)
+    pc.posterior(x, 0.3)                   # a healthy step first
+    if rank == 1:
+        fail()
+    start = time.monotonic()
+    try:
+        pc.posterior(x, 0.3)
+    except PeerError as exc:
+        return ("PeerError", str(exc), time.monotonic() - start)
+    return ("returned", "", time.monotonic() - start)
+
+
+@pytest.mark.parametrize("scenario", ["_scenario_peer_dies", "_scenario_peer_hangs"])
+def test_dead_or_hung_rank_makes_the_others_fail_within_the_timeout(scenario):
+    out = _spawn(2, scenario, wait_for=[0])
+    assert 0 in out and out[0][0] == "ok", f"rank 0 reported nothing or crashed: {out}"
+    kind, msg, seconds = out[0][1]
+    assert kind == "PeerError", f"rank 0 returned instead of raising: {out[0]}"
+    assert "rank 0" in msg and "all_reduce" in msg, msg
+    assert seconds <= PEER_TIMEOUT_S + 5, f"rank 0 needed {seconds:.1f} s to notice (timeout {PEER_TIMEOUT_S} s)"
+
+
+# -- samples split over ranks; data × samples on a 2 × 2 grid ---------------------------------------------------
+
+def _sample_parallel_part(rank, world):
+    from fastdiff.distributed import sample_parallel
+    y, w, _ = _global_data()
+    pc = fd.PointCloud(y, fd.VP(), weights=w)
+    return {"x": sample_parallel(pc, 7, seed=5, sample_offset=3, steps=12),
+            "traj": sample_parallel(pc, 7, seed=5, steps=12, return_trajectory=True, ode=True)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sample_parallel_equals_one_process_bit_for_bit(world):
+    outs = [o["sample_parallel"] for o in _main_spawn(world)]
+    y, w, _ = _global_data()
+    pc = fd.PointCloud(y, fd.VP(), weights=w)
+    single = fd.sample(pc, n=7, seed=5, sample_offset=3, steps=12)
+    single_x, single_traj = fd.sample(pc, n=7, seed=5, steps=12, return_trajectory=True, ode=True)
+    assert float(single.std()) > 0.1
+    for r in range(world):
+        assert torch.equal(outs[r]["x"], single), f"rank {r}"
+        assert torch.equal(outs[r]["traj"][0], single_x) and torch.equal(outs[r]["traj"][1], single_traj), f"rank {r}"
+
+
+def _scenario_grid(rank, world):
+    from fastdiff.distributed import ShardedPointCloud, grid_groups, sample_parallel
+    data_group, sample_group, data_index, _ = grid_groups(2)
+    y, w, _ = _global_data(torch.float64)
+    shard = y[:17] if data_index == 0 else y[17:]
+    pc = ShardedPointCloud(shard, fd.VP(), group=data_group, timeout=20)
+    return sample_parallel(pc, 5, group=sample_group, seed=9, steps=10, dtype=torch.float64, timeout=20)
+
+
+def test_two_by_two_grid_of_data_shards_and_sample_slices():
+    outs = _ok(_spawn(4, "_scenario_grid"), 4)
+    y, _, _ = _global_data(torch.float64)
+    single = fd.sample(fd.PointCloud(y, fd.VP()), n=5, seed=9, steps=10, dtype=torch.float64, callback=lambda i: None)
+    for r in range(4):
+        assert torch.equal(outs[r], outs[0]), f"rank {r} differs from rank 0"
+    assert float((outs[0] - single).abs().max()) <= 1e-9 * (1 + float(single.abs().max()))
+    assert float(single.std()) > 0.1
