@@ -144,7 +144,7 @@ def _scenario_main(rank, world):
             out[(name, sigma)] = (D1, L1, D2, L2)
     y, w, x = _global_data(torch.float64)
     pc = ShardedPointCloud(_shard(y, world, rank), proc, weights=_shard(w, world, rank), bandwidth=0.01)
-    out["trajectory"] = fd.sample(pc, n=6, steps=15, seed=11, return_trajectory=True, dtype=torch.float64)
+    out["trajectory"] = fd.sample(pc, n=6, steps=15, schedule="logsnr", seed=11, return_trajectory=True, dtype=torch.float64)
     if world > 1:
         out["sample_parallel"] = _sample_parallel_part(rank, world)
     if world == 3:
@@ -191,7 +191,7 @@ def test_sharded_posterior_and_trajectory_match_one_process(world):
                 assert float((L1 - Ls).abs().max()) <= 1e-12 * (1 + float(Ls.abs().max())), (name, sigma)
     # whole trajectory against one process running the same per-step loop (a callback keeps fd.sample on it)
     single, _ = _single(torch.float64, True, 0.01)
-    xs, traj = fd.sample(single, n=6, steps=15, seed=11, return_trajectory=True, dtype=torch.float64,
+    xs, traj = fd.sample(single, n=6, steps=15, schedule="logsnr", seed=11, return_trajectory=True, dtype=torch.float64,
                          callback=lambda info: None)
     for r in range(world):
         xr, tr = outs[r]["trajectory"]
@@ -293,7 +293,7 @@ def _sample_parallel_part(rank, world):
     y, w, _ = _global_data()
     pc = fd.PointCloud(y, fd.VP(), weights=w)
     return {"x": sample_parallel(pc, 7, seed=5, sample_offset=3, steps=12),
-            "traj": sample_parallel(pc, 7, seed=5, steps=12, return_trajectory=True, ode=True)}
+            "traj": sample_parallel(pc, 7, seed=5, steps=12, schedule="logsnr", return_trajectory=True, ode=True)}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -302,7 +302,7 @@ def test_sample_parallel_equals_one_process_bit_for_bit(world):
     y, w, _ = _global_data()
     pc = fd.PointCloud(y, fd.VP(), weights=w)
     single = fd.sample(pc, n=7, seed=5, sample_offset=3, steps=12)
-    single_x, single_traj = fd.sample(pc, n=7, seed=5, steps=12, return_trajectory=True, ode=True)
+    single_x, single_traj = fd.sample(pc, n=7, seed=5, steps=12, schedule="logsnr", return_trajectory=True, ode=True)
     assert float(single.std()) > 0.1
     for r in range(world):
         assert torch.equal(outs[r]["x"], single), f"rank {r}"
@@ -315,14 +315,92 @@ def _scenario_grid(rank, world):
     y, w, _ = _global_data(torch.float64)
     shard = y[:17] if data_index == 0 else y[17:]
     pc = ShardedPointCloud(shard, fd.VP(), group=data_group, timeout=20)
-    return sample_parallel(pc, 5, group=sample_group, seed=9, steps=10, dtype=torch.float64, timeout=20)
+    return sample_parallel(pc, 5, group=sample_group, seed=9, steps=10, schedule="logsnr", dtype=torch.float64, timeout=20)
 
 
 def test_two_by_two_grid_of_data_shards_and_sample_slices():
     outs = _ok(_spawn(4, "_scenario_grid"), 4)
     y, _, _ = _global_data(torch.float64)
-    single = fd.sample(fd.PointCloud(y, fd.VP()), n=5, seed=9, steps=10, dtype=torch.float64, callback=lambda i: None)
+    single = fd.sample(fd.PointCloud(y, fd.VP()), n=5, seed=9, steps=10, schedule="logsnr", dtype=torch.float64, callback=lambda i: None)
     for r in range(4):
         assert torch.equal(outs[r], outs[0]), f"rank {r} differs from rank 0"
     assert float((outs[0] - single).abs().max()) <= 1e-9 * (1 + float(single.abs().max()))
     assert float(single.std()) > 0.1
+
+
+# -- streaming: chunks from host memory or a .npy file, merged with the same algebra ---------------------------
+
+def _stream_data(dtype=torch.float32):
+    y, w, x = _global_data(torch.float64)
+    return y.to(dtype), w, x
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_streaming_matches_the_point_cloud(chunk_rows):
+    from fastdiff.streaming import StreamingPointCloud
+    proc = fd.VP()
+    for weighted, bw in ((False, 0.0), (True, 0.05)):
+        for dtype in (torch.float32, torch.float64):
+            y, w, x64 = _stream_data()
+            x = x64.to(dtype)
+            stream = StreamingPointCloud(y.to(dtype), proc, weights=w if weighted else None, bandwidth=bw,
+                                         chunk_rows=chunk_rows)
+            ref = fd.PointCloud(y.double(), proc, weights=w if weighted else None, bandwidth=bw)
+            scale = float(y.abs().max())
+            for sigma in SIGMAS:
+                t = _t_for_sigma(proc, sigma)
+                D, L = stream.posterior(x, t)
+                D64, L64 = ref.posterior(x64, t)
+                if dtype == torch.float32:      # MATH.md §7
+                    assert float((D.double() - D64).abs().max()) <= 1e-4 * scale, (weighted, sigma)
+                    assert bool(((L.double() - L64).abs() <= 1e-3 + 1e-6 * L64.abs()).all()), (weighted, sigma)
+                else:
+                    assert float((D - D64).abs().max()) <= 1e-12 * scale, (weighted, sigma)
+                    assert float((L - L64).abs().max()) <= 1e-12 * (1 + float(L64.abs().max())), (weighted, sigma)
+
+
+def test_streaming_from_an_fp16_npy_file_with_prefetch(tmp_path):
+    from fastdiff.streaming import StreamingPointCloud
+    import numpy as np
+    y, w, x = _stream_data()
+    path = tmp_path / "cloud.npy"
+    np.save(path, y.numpy().astype(np.float16))
+    y16 = torch.from_numpy(np.load(path)).double()          # what the file holds, exactly
+    proc = fd.VP()
+    ref = fd.PointCloud(y16, proc, weights=w)
+    runs = []
+    for prefetch in (True, False):
+        stream = StreamingPointCloud(str(path), proc, weights=w, chunk_rows=6, prefetch=prefetch)
+        assert stream.source.dtype == torch.float16
+        runs.append(stream.posterior(x.double(), 0.05))
+    D64, L64 = ref.posterior(x.double(), 0.05)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert float((runs[0][0] - D64).abs().max()) <= 1e-12 * float(y16.abs().max())
+    assert float((runs[0][1] - L64).abs().max()) <= 1e-12 * (1 + float(L64.abs().max()))
+    # a whole trajectory through fd.sample, against one point cloud on the same per-step loop
+    xs = fd.sample(StreamingPointCloud(str(path), proc, weights=w, chunk_rows=5), n=4, steps=12, schedule="logsnr", seed=2,
+                   dtype=torch.float64)
+    single = fd.sample(ref, n=4, steps=12, schedule="logsnr", seed=2, dtype=torch.float64, callback=lambda i: None)
+    assert float((xs - single).abs().max()) <= 1e-9 * (1 + float(single.abs().max()))
+
+
+def test_streaming_bad_input_is_named(tmp_path):
+    from fastdiff.streaming import StreamingPointCloud
+    import numpy as np
+    y, _, _ = _stream_data()
+    bad = y.clone()
+    bad[29, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf \(row 29\)"):
+        StreamingPointCloud(bad, fd.VP(), chunk_rows=4)
+    np.save(tmp_path / "f.npy", np.asfortranarray(y.numpy()))
+    with pytest.raises(ValueError, match="data: .*Fortran"):
+        StreamingPointCloud(str(tmp_path / "f.npy"), fd.VP())
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(ValueError, match="data: .*not a readable .npy"):
+        StreamingPointCloud(str(tmp_path / "junk.npy"), fd.VP())
+    with pytest.raises(ValueError, match=r"weights must have shape \[N\]"):
+        StreamingPointCloud(y, fd.VP(), weights=torch.ones(3))
+    with pytest.raises(ValueError, match="chunk_rows"):
+        StreamingPointCloud(y, fd.VP(), chunk_rows=0)
+    with pytest.raises(ValueError, match="x is on"):
+        StreamingPointCloud(y, fd.VP()).posterior(torch.zeros(2, D_DIM, device="meta"), 0.5)
