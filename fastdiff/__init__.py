@@ -6,7 +6,7 @@ from . import datasets, metrics, noise, ops
 from .denoisers import Denoiser, Gaussian, GaussianMixture, ModelDenoiser, PointCloud, from_model
 from .oracle import gaussian_oracle
 from .processes import OU, VE, VP, DriftedVE, Process, PureVE
-from .sampling import sample
+from .sampling import GridWarning, sample
 from .schedules import SCHEDULES, check_times, time_grid
 from .steps import METHODS, StepTable, step_table
 
@@ -17,5 +17,5 @@ __all__ = [
     "time_grid", "check_times", "SCHEDULES",
     "step_table", "StepTable", "METHODS",
     "PointCloud", "GaussianMixture", "Gaussian", "Denoiser", "ModelDenoiser", "from_model",
-    "sample", "gaussian_oracle", "noise", "ops", "datasets", "metrics", "__version__",
+    "sample", "GridWarning", "gaussian_oracle", "noise", "ops", "datasets", "metrics", "__version__",
 ]

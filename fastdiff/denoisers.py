@@ -12,9 +12,9 @@ import math
 
 import torch
 
+from . import ops
 from ._checks import as_time, check_choice, check_points
 from .processes import Process
-from .reference.posterior import posterior as _posterior_reference
 from .steps import PREDICTIONS
 
 
@@ -79,11 +79,16 @@ class PointCloud(Denoiser):
     """The exact denoiser of an empirical measure Σ π_i δ_{y_i} (or, with bandwidth v > 0, of the
     kernel density Σ π_i N(y_i, vI)): a log-sum-exp reduction over every data point (MATH.md §5).
 
-    data: [N, d] in any float dtype; weights: [N] non-negative (normalised here); bandwidth: v ≥ 0.
+    data: [N, d] in any float dtype; weights: [N] non-negative (normalised here); bandwidth: v ≥ 0 (a
+    variance: the kernel's standard deviation is √v). backend: which backend's posterior kernel `posterior`,
+    `denoise`, `score` and `log_prob` use ("auto" as in fastdiff.ops); fd.sample uses the backend it is given.
+    Every posterior goes through fastdiff.ops.posterior, the kernels fd.sample's whole-trajectory op uses.
     """
 
-    def __init__(self, data: torch.Tensor, process: Process, weights=None, bandwidth: float = 0.0):
+    def __init__(self, data: torch.Tensor, process: Process, weights=None, bandwidth: float = 0.0,
+                 backend: str = "auto"):
         super().__init__(process)
+        self.backend = backend
         if not isinstance(data, torch.Tensor) or data.ndim != 2 or not data.is_floating_point():
             raise ValueError(f"data must be a floating tensor of shape [N, d], got {getattr(data, 'shape', type(data))}")
         if data.shape[0] == 0 or data.shape[1] == 0:
@@ -116,7 +121,8 @@ class PointCloud(Denoiser):
         """(D [M, d], L [M]) with L = logsumexp_i a_i(x) (MATH.md §5)."""
         self._check(x)
         alpha, sig2 = _coeffs(self.process, t, x)
-        return _posterior_reference(x, self.data, alpha.view(-1), sig2.sqrt().view(-1), self.log_weights, self.bandwidth)
+        return ops.posterior(x, self.data, alpha.view(-1), sig2.sqrt().view(-1), self.log_weights, self.bandwidth,
+                             backend=self.backend)
 
     def predict(self, x, t):
         return self.posterior(x, t)[0]
@@ -127,7 +133,7 @@ class PointCloud(Denoiser):
         if self.bandwidth <= 0:
             raise ValueError("data_log_prob needs bandwidth > 0: an empty-bandwidth point cloud has no density")
         v = self.bandwidth
-        _, L = _posterior_reference(x, self.data, 1.0, math.sqrt(v), self.log_weights, 0.0)
+        _, L = ops.posterior(x, self.data, 1.0, math.sqrt(v), self.log_weights, 0.0, backend=self.backend)
         return (L.to(torch.float64) - 0.5 * self.dim * math.log(2 * math.pi * v)).to(x.dtype)
 
     def log_prob(self, x: torch.Tensor, t) -> torch.Tensor:

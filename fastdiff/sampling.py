@@ -12,60 +12,121 @@ import warnings
 
 import torch
 
-from . import _backend, _graphs, noise
+from . import _backend, _graphs, ops
 from ._checks import check_choice
 from .denoisers import Denoiser, PointCloud
 from .processes import Process
-from .schedules import check_times, time_grid
+from .schedules import DEFAULT_SCHEDULE, DEFAULT_T_END, as_integer, check_times, time_grid
 from .steps import step_table
 
 _DEFAULT_CHUNK_ELEMS = 1 << 24    # samples × dims kept on the device at once when chunk_size is None
+_PROGRESS_CHUNKS = 20             # with progress=True a point cloud runs in about this many chunks
+# Host memory per step of the grid: the float64 grid and step table with their temporaries (~30 columns)
+# plus the Python float lists of the per-step loop (4 lists × 32 bytes), rounded up.
+_HOST_BYTES_PER_STEP = 512
+# Global sample indices: the noise counters are 64-bit, but the prior and the torch reference hold them in
+# int64 (with an exclusive end), so fd.sample keeps sample_offset + n < 2**63 on every backend.
+_MAX_INDEX = 2**63
+
+
+class GridWarning(UserWarning):
+    """The time grid is known to be poor: on unit-Gaussian data the sampler's exact output variance (the
+    1-D Gaussian oracle) is far from 1. Silence with warnings.simplefilter("ignore", fd.GridWarning)."""
 
 
 def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = None, steps: int = 200,
-           schedule: str = "uniform", method: str = "ei", ode: bool = False, t_end: float = 1e-3,
+           schedule: str = DEFAULT_SCHEDULE, method: str = "ei", ode: bool = False, t_end: float = DEFAULT_T_END,
            final_denoise: bool = False, seed: int = 0, sample_offset: int = 0, return_trajectory: bool = False,
            progress: bool = False, callback=None, backend: str = "auto", *, x: torch.Tensor | None = None,
            times=None, eta: float | None = None, chunk_size: int | None = None, shape=None,
            device=None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False):
     """Draw n samples by running the reverse SDE (ode=False) or the PF-ODE (ode=True) from T to t_end.
 
+    Each step k = 0..K−1 evaluates the denoiser at (x_k, t_k) and forms x_{k+1} = A_k x_k + B_k·out + C_k z_k
+    from a float64 step table (fd.step_table), z_k from the noise contract (fastdiff.noise).
+
     denoiser       an analytic denoiser (PointCloud, GaussianMixture, Gaussian) or fd.from_model(...)
     process        defaults to denoiser.process (must be the same process if given)
-    n / x          the number of samples drawn from the prior, or the initial noise x [M, ...] itself
-    steps, schedule, t_end   the time grid (fd.time_grid); or `times`, an explicit decreasing grid
-    method         "euler" | "ei" | "ei-x0";  eta in [0, 1] interpolates ODE (0) and SDE (1)
-    final_denoise  return D(x, t_end) instead of x_{t_end} (score_sde's "noise removal")
-    seed, sample_offset   the noise contract: sample i is global sample sample_offset + i
-    return_trajectory     also return every x_k: [steps + 1, n, ...] (on the sample's device)
-    progress       show a progress bar (tqdm if installed);  callback(info dict) after each step
-    shape          per-sample shape (e.g. (3, 32, 32)); defaults to the denoiser's dimension
+    n              the number of samples drawn from the prior N(0, process.prior_std² I); or give x
+    steps          K, the number of steps (an integer >= 1); ignored when `times` is given
+    schedule       the grid: "logsnr" (default: good on every process from ~10 steps), "uniform",
+                   "quadratic", "exponential", "karras" (see fd.time_grid)
+    method         "ei" (default, exponential integrator with the score frozen), "euler", "ei-x0" (D frozen:
+                   DDIM / DPM-Solver++(1) / the DDPM posterior)
+    ode            False: the reverse SDE (eta = 1); True: the probability-flow ODE (eta = 0)
+    t_end          the last time of the grid, in (0, T); default 1e-3
+    final_denoise  return D(x_K, t_end) instead of x_K (score_sde's "noise removal")
+    seed           an integer in [0, 2**64): the noise contract's key
+    sample_offset  row i is global sample sample_offset + i (an integer >= 0, sample_offset + n < 2**63), so
+                   a run split over calls or machines reproduces the single run bit for bit
+    return_trajectory   also return every x_k: [K + 1, n, ...] on the sample's device (memory is checked
+                   up front: a run that cannot fit raises ValueError before allocating)
+    progress       show a progress bar on stderr (tqdm if installed, else a line every 10 %). A point cloud
+                   counts finished samples (each runs all K steps in one kernel call; the rows are split into
+                   ~20 chunks so the bar moves, which does not change the results); any other denoiser
+                   counts the K steps of each chunk.
+    callback       callback(info) is called once per step k, after the denoiser has been evaluated at
+                   (x_k, t_k) and before the update, with info = {"step": k, "t": t_k (float),
+                   "x": x_k (the live [m, d] state of the current chunk, before step k's update),
+                   "prediction": the denoiser's output at (x_k, t_k) (D for a point cloud),
+                   "sample_offset": the global index of the chunk's first row}. Modifying info["x"] in place
+                   changes the run; copy what you keep. A point cloud with a callback runs the same backend
+                   kernels step by step (ops.posterior + ops.affine_step) instead of one whole-trajectory call;
+                   on the cpu and torch backends the results are identical bit for bit.
+    backend        "auto" (default) or a named backend ("cpu", "torch", "cuda", "triton"); one that cannot
+                   run the inputs raises ValueError with its reasons (never a silent fallback)
+    x              the initial state itself, [M, ...] float32/float64 (any strides; it is copied, never
+                   modified); its device and dtype are used, and n, if given, must equal M
+    times          an explicit strictly decreasing grid [K + 1] (replaces steps, schedule, t_end)
+    eta            in [0, 1]: interpolates the ODE (0) and the SDE (1); default from `ode`
+    chunk_size     rows run at once (an integer >= 1; default 2**24 // d); results do not depend on it
+    shape          the per-sample shape (e.g. (3, 32, 32)); defaults to the denoiser's dimension
+    device         "cpu" or "cuda[:i]" for samples drawn from the prior (default: the point cloud's device,
+                   else the CPU); must match x's device when x is given
+    dtype          torch.float32 (default) or torch.float64 for samples drawn from the prior
     cuda_graph     capture the per-step loop (model → affine step) in a CUDA graph and replay it (CUDA,
                    float32, Triton; graphs are cached across calls, so later calls with any seed only
                    replay; see fastdiff._graphs). A point cloud without a callback already runs its
                    whole trajectory in one kernel launch, so there is nothing to capture.
+
+    Autograd: sampling runs under torch.no_grad() (as k-diffusion's samplers do): the result has no grad_fn.
+    A model that needs gradients inside (guidance, a potential's score) opens torch.enable_grad() itself.
+    Grids: when the 1-D Gaussian oracle says the grid is poor (unit-Gaussian data would come out with
+    variance outside [1/4, 4]) a GridWarning is issued; it costs one pass over the K step coefficients.
     On CUDA the loop never synchronises with the host: coefficients are kernel arguments and the noise
     is drawn in the kernel.
     Returns x [n, ...] (and the trajectory when asked).
     """
+    with torch.no_grad():
+        return _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_denoise, seed, sample_offset,
+                       return_trajectory, progress, callback, backend, x, times, eta, chunk_size, shape, device,
+                       dtype, cuda_graph)
+
+
+def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_denoise, seed, sample_offset,
+            return_trajectory, progress, callback, backend, x, times, eta, chunk_size, shape, device, dtype,
+            cuda_graph):
     process = _resolve_process(denoiser, process)
     check_choice(method, "method", ("euler", "ei", "ei-x0"))
-    grid = check_times(process, times) if times is not None else time_grid(process, steps, schedule, t_end)
-    table = step_table(process, grid, method, ode, eta)
-    A, B, C = (col.tolist() for col in table.for_prediction(denoiser.prediction))
-    t_list = table.t.tolist()
-    if final_denoise and float(grid[-1]) <= 0:
-        raise ValueError("final_denoise needs t_end > 0 (D is never evaluated at t = 0)")
-    seed = noise._check_seed(seed)
-    if int(sample_offset) < 0:
-        raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
-
+    seed = as_integer(seed, "seed", 0, 2**64 - 1)
+    sample_offset = as_integer(sample_offset, "sample_offset", 0, _MAX_INDEX - 1)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(info), got {type(callback).__name__}")
+    if times is not None:
+        times = check_times(process, times)
+        K = times.numel() - 1
+    else:
+        K = as_integer(steps, "steps", 1)
     x0, n, event_shape, device, dtype = _initial_state(denoiser, n, x, shape, device, dtype)
+    if sample_offset + n >= _MAX_INDEX:
+        raise ValueError(f"sample_offset + n must be < 2**63 (global sample indices are held in int64), "
+                         f"got {sample_offset} + {n}")
     d = math.prod(event_shape)
+    cloud = isinstance(denoiser, PointCloud)
     # A point cloud with no per-step callback runs whole trajectories in one op (fused kernels where a
-    # backend has them); anything else runs the loop with the backend's affine step.
-    fused = isinstance(denoiser, PointCloud) and callback is None
-    engine = _backend.select("pointcloud_sample" if fused else "affine_step", backend,
+    # backend has them); anything else runs the loop.
+    fused = cloud and callback is None
+    engine = _backend.select("pointcloud_sample" if cloud else "affine_step", backend,
                              **_backend.facts(device=device, dtype=dtype, d=d))
     graphed = bool(cuda_graph) and not fused
     if cuda_graph and callback is not None:
@@ -80,53 +141,112 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
     if chunk_size is None:
         chunk_size = max(1, _DEFAULT_CHUNK_ELEMS // d)
         if fused and progress:
-            chunk_size = min(chunk_size, max(1, math.ceil(n / 20)))   # so the bar moves (results do not change)
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if fused:
-        alphas, sigmas = process.alpha(table.t).tolist(), table.sigma.tolist()
+            chunk_size = min(chunk_size, max(1, math.ceil(n / _PROGRESS_CHUNKS)))   # so the bar moves
+    else:
+        chunk_size = as_integer(chunk_size, "chunk_size", 1)
+    chunk_size = min(chunk_size, n)
+    _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory)
 
-    bar = _Progress(len(t_list) * math.ceil(n / chunk_size), progress)
-    outputs, trajectories = [], []
-    for c0 in range(0, n, chunk_size):
+    grid = times if times is not None else time_grid(process, K, schedule, t_end)
+    if final_denoise and float(grid[-1]) <= 0:
+        raise ValueError("final_denoise needs t_end > 0 (D is never evaluated at t = 0)")
+    table = step_table(process, grid, method, ode, eta)
+    _warn_if_poor_grid(process, table)
+    A, B, C = table.for_prediction(denoiser.prediction)
+    run = _Run(denoiser, engine, table, A, B, C, seed, callback, return_trajectory, graphed, fused)
+
+    result = torch.empty((n, d), dtype=dtype, device=device)
+    trajectory = torch.empty((K + 1, n, d), dtype=dtype, device=device) if return_trajectory else None
+    chunks = math.ceil(n / chunk_size)
+    bar = _Progress(progress, total=n if fused else K, unit="sample" if fused else "step",
+                    desc=f"fastdiff.sample ({K} steps each)" if fused else "fastdiff.sample")
+    for i, c0 in enumerate(range(0, n, chunk_size)):
         m = min(chunk_size, n - c0)
-        offset = int(sample_offset) + c0
+        offset = sample_offset + c0
         if x0 is None:
             xc = process.prior(m, d, seed, offset, dtype=dtype, device=device)
-        else:
-            xc = x0[c0:c0 + m].reshape(m, d).to(dtype).clone()
-        if graphed:
-            xc, traj = _graphs.run_chunk(denoiser, xc, t_list, A, B, C, seed, offset, return_trajectory)
-            bar.update(len(t_list))
-        elif fused:
-            traj = engine.pointcloud_sample(xc, denoiser.data, alphas, sigmas, A, B, C, seed, offset,
-                                            denoiser.log_weights, denoiser.bandwidth, return_trajectory)
-            bar.update(len(t_list))
-        else:
-            traj = [xc.clone()] if return_trajectory else None
-            for k, t in enumerate(t_list):
-                out = denoiser.predict(xc, t)
-                if callback is not None:
-                    callback({"step": k, "t": t, "x": xc, "prediction": out, "sample_offset": offset})
-                engine.affine_step(xc, out, A[k], B[k], C[k], seed, k, offset, out=xc)
-                if traj is not None:
-                    traj.append(xc.clone())
-                bar.update()
-            traj = torch.stack(traj) if traj is not None else None
+        else:   # a fresh contiguous copy: the kernels update it in place, the caller's x stays untouched
+            xc = torch.empty((m, d), dtype=dtype, device=device).copy_(x0[c0:c0 + m].reshape(m, d))
+        if not fused and chunks > 1:
+            bar.new_pass(f"fastdiff.sample chunk {i + 1}/{chunks}")
+        xc, traj = run.chunk(xc, offset, bar)
         if final_denoise:
-            xc = denoiser.denoise(xc, float(grid[-1]))
-        outputs.append(xc)
-        if traj is not None:
-            trajectories.append(traj)
+            xc = run.denoise(xc, float(grid[-1]))
+        result[c0:c0 + m] = xc
+        if trajectory is not None:
+            trajectory[:, c0:c0 + m] = traj.view(K + 1, m, d)
+        del traj
     bar.close()
 
-    result = torch.cat(outputs).view(n, *event_shape)
+    result = result.view(n, *event_shape)
     if not bool(torch.isfinite(result).all()):
         warnings.warn("fastdiff.sample produced NaN or inf: the step table or the denoiser is unstable on this "
-                      "grid (try more steps, method='ei-x0', or float64)", RuntimeWarning, stacklevel=2)
+                      "grid (try more steps, method='ei-x0', or float64)", RuntimeWarning, stacklevel=3)
     if return_trajectory:
-        return result, torch.cat(trajectories, dim=1).view(len(t_list) + 1, n, *event_shape)
+        return result, trajectory.view(K + 1, n, *event_shape)
     return result
+
+
+class _Run:
+    """One chunk's trajectory on the chosen path: the fused whole-trajectory op (point cloud, no callback),
+    the point cloud's step-by-step ops (with a callback), a captured CUDA graph, or the model loop."""
+
+    def __init__(self, denoiser, engine, table, A, B, C, seed, callback, want_traj, graphed, fused):
+        self.den, self.engine, self.seed, self.callback = denoiser, engine, seed, callback
+        self.want_traj, self.graphed, self.fused = want_traj, graphed, fused
+        self.t = table.t.tolist()
+        self.A, self.B, self.C = A, B, C                             # float64 [K] tensors
+        self.lists = (A.tolist(), B.tolist(), C.tolist()) if not fused else None   # per-step Python floats
+        if isinstance(denoiser, PointCloud):
+            self.alpha = denoiser.process.alpha(table.t)             # float64 [K]
+            self.sigma = table.sigma
+            self.alpha_list, self.sigma_list = self.alpha.tolist(), self.sigma.tolist()
+
+    def chunk(self, xc, offset, bar):
+        if self.graphed:
+            A, B, C = self.lists
+            out = _graphs.run_chunk(self.den, xc, self.t, A, B, C, self.seed, offset, self.want_traj)
+            bar.update(len(self.t))
+            return out
+        if self.fused:
+            # Through fastdiff.ops with the chosen backend: the same entry (checks, precision rule) as the
+            # step-by-step point-cloud path below, so both give the same numbers.
+            cloud = self.den
+            traj = ops.pointcloud_sample(xc, cloud.data, self.alpha, self.sigma, self.A, self.B, self.C, self.seed,
+                                         offset, cloud.log_weights, cloud.bandwidth, self.want_traj,
+                                         backend=self.engine.name)
+            bar.update(xc.shape[0])
+            return xc, traj
+        return xc, self._loop(xc, offset, bar)
+
+    def _loop(self, xc, offset, bar):
+        A, B, C = self.lists
+        traj = [xc.clone()] if self.want_traj else None
+        cloud = self.den if isinstance(self.den, PointCloud) else None
+        for k, t in enumerate(self.t):
+            if cloud is not None:
+                out, _ = ops.posterior(xc, cloud.data, self.alpha_list[k], self.sigma_list[k], cloud.log_weights,
+                                       cloud.bandwidth, backend=self.engine.name)
+            else:
+                out = self.den.predict(xc, t).detach()          # a model may build a graph under enable_grad
+            if self.callback is not None:
+                self.callback({"step": k, "t": t, "x": xc, "prediction": out, "sample_offset": offset})
+            if cloud is not None:
+                ops.affine_step(xc, out, A[k], B[k], C[k], self.seed, k, offset, out=xc, backend=self.engine.name)
+            else:   # no per-step checks (on CUDA they would synchronise); the result is checked at the end
+                self.engine.affine_step(xc, out, A[k], B[k], C[k], self.seed, k, offset, out=xc)
+            if traj is not None:
+                traj.append(xc.clone())
+            bar.update()
+        return torch.stack(traj) if traj is not None else None
+
+    def denoise(self, xc, t_end):
+        if isinstance(self.den, PointCloud):
+            cloud = self.den
+            alpha, sigma = cloud.process.alpha(t_end), cloud.process.sigma(t_end)
+            return ops.posterior(xc, cloud.data, alpha, sigma, cloud.log_weights, cloud.bandwidth,
+                                 backend=self.engine.name)[0]
+        return self.den.denoise(xc, t_end)
 
 
 def _resolve_process(denoiser, process):
@@ -142,29 +262,57 @@ def _resolve_process(denoiser, process):
     return process
 
 
+def check_device(device, name: str = "device") -> torch.device:
+    """A torch.device fastdiff can sample on: the CPU, or an existing CUDA device; anything else (a typo,
+    "meta", "cpu:1", CUDA without a GPU) raises ValueError naming `name`."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} {device!r} is not a device: use 'cpu' or 'cuda' (or 'cuda:<index>')") from None
+    if dev.type == "cpu":
+        if dev.index not in (None, 0):
+            raise ValueError(f"{name} {device!r} does not exist: the CPU is device 'cpu' (index 0 only)")
+        return torch.device("cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {device!r} is not available: torch sees no CUDA device here "
+                             "(torch.cuda.is_available() is False); use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+        return dev
+    raise ValueError(f"{name} {device!r} is not supported: fastdiff samples on 'cpu' or 'cuda' devices")
+
+
 def _initial_state(denoiser, n, x, shape, device, dtype):
     """(x or None, n, per-sample shape, device, dtype) from whichever of n / x / shape was given."""
+    data = getattr(denoiser, "data", None)
+    data_device = data.device if isinstance(data, torch.Tensor) else None
     if x is not None:
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
             raise ValueError(f"x must be a tensor [M, ...] of initial noise, got {getattr(x, 'shape', type(x))}")
+        check_device(x.device, "x's device")
+        if device is not None and check_device(device) != x.device:
+            raise ValueError(f"device {device!r} differs from x's device {x.device}; drop device= or move x")
         if x.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"x must be float32 or float64, got {x.dtype}")
-        data = getattr(denoiser, "data", None)
-        if isinstance(data, torch.Tensor) and data.device != x.device:
-            raise ValueError(f"x is on device {x.device} but the denoiser's data is on device {data.device}")
+        if data_device is not None and data_device != x.device:
+            raise ValueError(f"x is on device {x.device} but the denoiser's data is on device {data_device}")
+        if x.shape[0] == 0 or math.prod(x.shape[1:]) == 0:
+            raise ValueError(f"x must have at least one row and one dimension, got shape {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf")
-        if n is not None and int(n) != x.shape[0]:
+        if n is not None and as_integer(n, "n", 1) != x.shape[0]:
             raise ValueError(f"n={n} disagrees with x, which has {x.shape[0]} rows")
         event_shape, device, dtype, n = tuple(x.shape[1:]), x.device, x.dtype, x.shape[0]
     else:
-        if n is None or isinstance(n, bool) or int(n) < 1:
-            raise ValueError(f"n must be a positive integer (or pass x=initial noise), got {n!r}")
-        n = int(n)
+        if n is None:
+            raise ValueError("n must be a positive integer (or pass x=initial noise), got None")
+        n = as_integer(n, "n", 1)
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         if shape is not None:
-            event_shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
+            dims = (shape,) if not isinstance(shape, (tuple, list, torch.Size)) else shape
+            event_shape = tuple(as_integer(s, "shape", 1) for s in dims)
         elif getattr(denoiser, "event_shape", None) is not None:
             event_shape = denoiser.event_shape
         elif denoiser.dim is not None:
@@ -173,33 +321,112 @@ def _initial_state(denoiser, n, x, shape, device, dtype):
             raise ValueError("cannot tell the sample shape: pass shape=(...) or x=initial noise, "
                              "or give fd.from_model an event_shape")
         if device is None:
-            data = getattr(denoiser, "data", None)
-            device = data.device if isinstance(data, torch.Tensor) else torch.device("cpu")
+            device = data_device if data_device is not None else torch.device("cpu")
+        device = check_device(device)
+        if data_device is not None and data_device != device:
+            raise ValueError(f"device {device} differs from the point cloud's data device {data_device}; "
+                             "build the PointCloud from data on the device you sample on")
     if denoiser.dim is not None and math.prod(event_shape) != denoiser.dim:
         raise ValueError(f"samples have {math.prod(event_shape)} dimensions but the denoiser expects {denoiser.dim}")
     return x, n, event_shape, torch.device(device), dtype
 
 
-class _Progress:
-    """tqdm when installed, else a line on stderr every 10 %; nothing when disabled."""
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
 
-    def __init__(self, total, enabled):
-        self.total, self.done, self.bar, self.enabled = total, 0, None, bool(enabled)
+
+def _available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (then the check is skipped)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_memory(K, n, d, chunk, dtype, device, want_traj):
+    """Refuse, before allocating anything, a run whose buffers cannot fit: the step table (host), the result,
+    the chunk's working buffers and (when asked) the trajectory [K + 1, n, d] (on the sample's device)."""
+    item = torch.empty((), dtype=dtype).element_size()
+    parts = {f"step table for {K} steps": K * _HOST_BYTES_PER_STEP}
+    dev = {f"samples [{n}, {d}]": n * d * item,
+           f"working buffers for a chunk of {chunk} rows": chunk * d * (4 * item + 64)}   # x, D, prior temporaries
+    if want_traj:
+        dev[f"trajectory [{K + 1}, {n}, {d}]"] = (K + 1) * (n + chunk) * d * item   # the whole one + one chunk's
+    budgets = []
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        budgets.append(("GPU memory free", dev, free))
+    else:
+        parts.update(dev)
+    budgets.append(("host memory available", parts, _available_host_bytes()))
+    for label, items, available in budgets:
+        need = sum(items.values())
+        if available is not None and need > available:
+            detail = ", ".join(f"{k}: {_gib(v)}" for k, v in items.items())
+            raise ValueError(f"fastdiff.sample would need about {_gib(need)} ({detail}) but only {_gib(available)} of "
+                             f"{label}; use fewer steps, a smaller n, or return_trajectory=False")
+
+
+def unit_gaussian_variance(process, table) -> float:
+    """The exact output variance of a step table on 1-D N(0, 1) data (the Gaussian oracle, MATH.md §6, as a
+    scalar recursion: D(x) = m_k x with m_k = α/(α² + σ²), S ← (A + B m_k)² S + C²), summed in log space in
+    O(K) vectorised float64 so a million steps cost milliseconds."""
+    alpha = torch.exp(process._log_alpha(table.t))
+    m = alpha / (alpha * alpha + table.sigma * table.sigma)
+    log_p2 = torch.log((table.A + table.B * m) ** 2).clamp_min(-1e4)    # P = 0: contributes e^-1e4 = 0
+    suffix = log_p2.sum() - torch.cumsum(log_p2, 0)                      # Σ_{j>k} log P_j²
+    terms = torch.cat([(2 * math.log(process.prior_std) + log_p2.sum()).reshape(1),
+                       torch.log(table.C * table.C) + suffix])
+    return float(torch.logsumexp(terms, 0).exp())
+
+
+def _warn_if_poor_grid(process, table, low: float = 0.25, high: float = 4.0):
+    var = unit_gaussian_variance(process, table)
+    if not low <= var <= high:
+        warnings.warn(
+            f"fastdiff.sample: this grid is poor for {process!r} with method={table.method!r}, eta={table.eta}: "
+            f"on unit-Gaussian data the sampler's exact output variance would be {var:.3g}, not 1 "
+            f"(fd.gaussian_oracle). Use more steps, schedule='logsnr' (the default), or method='ei-x0'. "
+            f"Silence with warnings.simplefilter('ignore', fd.GridWarning).", GridWarning, stacklevel=4)
+
+
+class _Progress:
+    """tqdm when installed, else a line on stderr every 10 %; nothing when disabled. For the model loop the
+    bar counts the K steps of each chunk (restarted per chunk); for a point cloud it counts finished samples."""
+
+    def __init__(self, enabled, total, unit, desc):
+        self.enabled, self.total, self.unit, self.desc = bool(enabled), total, unit, desc
+        self.done, self.bar = 0, None
         if self.enabled:
             try:
                 from tqdm.auto import tqdm
-                self.bar = tqdm(total=total, desc="fastdiff.sample", unit="step")
+                self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
             except ImportError:
                 self.bar = None
 
-    def update(self, steps: int = 1):
+    def new_pass(self, desc):
+        """Restart the count (a new chunk of the model loop)."""
         if not self.enabled:
             return
-        before, self.done = self.done, self.done + steps
+        self.done, self.desc = 0, desc
         if self.bar is not None:
-            self.bar.update(steps)
-        elif self.done == self.total or self.done // max(1, self.total // 10) > before // max(1, self.total // 10):
-            print(f"fastdiff.sample: {self.done}/{self.total} steps", file=sys.stderr)
+            self.bar.reset(total=self.total)
+            self.bar.set_description(desc)
+
+    def update(self, count: int = 1):
+        if not self.enabled:
+            return
+        before, self.done = self.done, self.done + count
+        if self.bar is not None:
+            self.bar.update(count)
+            return
+        tenth = max(1, self.total // 10)
+        if self.done == self.total or self.done // tenth > before // tenth:
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit}s", file=sys.stderr)
 
     def close(self):
         if self.bar is not None:

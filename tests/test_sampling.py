@@ -179,3 +179,162 @@ def test_backend_env_override(monkeypatch, cloud):
         fd.sample(cloud, n=3, steps=2)
     monkeypatch.setenv("FASTDIFF_BACKEND", "torch")
     assert fd.sample(cloud, n=3, steps=2).shape == (3, 2)
+
+
+# ---- issue 12: any strides, integer-like arguments, devices, callbacks, autograd, progress, memory ----------
+
+def test_non_contiguous_x_works_on_every_cpu_backend_and_is_not_modified(cloud):
+    base = torch.randn(2, 40, dtype=torch.float32) * 20
+    x = base.T                                              # [40, 2], column-major strides
+    assert not x.is_contiguous()
+    keep = x.clone()
+    for backend in ("cpu", "torch"):
+        out = fd.sample(cloud, x=x, steps=6, seed=2, backend=backend)
+        ref = fd.sample(cloud, x=x.contiguous(), steps=6, seed=2, backend=backend)
+        assert torch.equal(out, ref) and torch.equal(x, keep)
+        assert torch.equal(fd.sample(cloud, x=x, steps=6, seed=2, backend=backend, callback=lambda i: None), ref)
+
+
+def test_integer_like_arguments_are_accepted():
+    import numpy as np
+    G = fd.Gaussian(MEAN, COV, fd.OU())
+    kw = dict(steps=12, seed=4, sample_offset=3, chunk_size=5)
+    ref = fd.sample(G, n=11, **kw)
+    for cast in (np.int64, np.int32, torch.tensor):
+        got = fd.sample(G, n=cast(11), **{k: cast(v) for k, v in kw.items()})
+        assert torch.equal(got, ref), cast
+    assert torch.equal(fd.time_grid(G.process, np.int64(12)), fd.time_grid(G.process, 12))
+
+
+@pytest.mark.parametrize("name, value, err", [
+    ("n", 2.7, TypeError), ("n", 3.0, TypeError), ("n", True, TypeError), ("n", torch.tensor(3.0), TypeError),
+    ("n", torch.tensor([3]), TypeError), ("n", 0, ValueError),
+    ("steps", 1.5, TypeError), ("steps", False, TypeError), ("steps", 0, ValueError),
+    ("seed", 1.7, TypeError), ("seed", -1, ValueError), ("seed", 2**64, ValueError), ("seed", torch.tensor(True), TypeError),
+    ("sample_offset", 1.5, TypeError), ("sample_offset", -2, ValueError), ("sample_offset", 2**63, ValueError),
+    ("chunk_size", 2.5, TypeError), ("chunk_size", 0, ValueError),
+])
+def test_non_integers_and_bools_are_refused_naming_the_argument(cloud, name, value, err):
+    kw = dict(n=4, steps=3) | {name: value}
+    with pytest.raises(err, match=name):
+        fd.sample(cloud, **kw)
+
+
+def test_sample_offset_plus_n_must_fit_the_int64_sample_index(cloud):
+    with pytest.raises(ValueError, match="sample_offset \\+ n"):
+        fd.sample(cloud, n=4, steps=2, sample_offset=2**63 - 4)
+    last = fd.sample(cloud, n=3, steps=2, sample_offset=2**63 - 4)
+    assert torch.equal(last[2:], fd.sample(cloud, n=1, steps=2, sample_offset=2**63 - 2))
+
+
+@pytest.mark.parametrize("device", ["meta", "gpu", "cpu:1", "banana", "cuda:99"] +
+                         ([] if torch.cuda.is_available() else ["cuda"]))
+def test_bad_devices_are_a_clear_value_error(device):
+    G = fd.Gaussian(MEAN, COV, fd.OU())
+    with pytest.raises(ValueError, match="device"):
+        fd.sample(G, n=3, steps=2, device=device)
+
+
+def test_device_must_match_x_and_the_point_cloud(cloud):
+    with pytest.raises(ValueError, match="x's device"):
+        fd.sample(fd.Gaussian(MEAN, COV, fd.OU()), x=torch.empty(3, 2, device="meta"), steps=2)
+    with pytest.raises(ValueError, match="device 'meta'"):
+        fd.sample(cloud, x=torch.randn(3, 2), steps=2, device="meta")
+    assert fd.sample(cloud, n=3, steps=2, device="cpu:0").device.type == "cpu"
+
+
+def test_callback_sees_x_k_before_the_update_and_its_prediction(cloud):
+    seen = []
+    x, traj = fd.sample(cloud, n=6, steps=4, return_trajectory=True, seed=1,
+                        callback=lambda info: seen.append((info["step"], info["t"], info["x"].clone(), info["prediction"])))
+    grid = fd.time_grid(cloud.process, 4)
+    for k, t, xk, pred in seen:
+        assert t == float(grid[k])
+        assert torch.equal(xk, traj[k])                           # the state before step k's update
+        assert torch.equal(pred, cloud.denoise(traj[k], t))       # D at (x_k, t_k), same kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_point_cloud_with_a_no_op_callback_equals_the_fused_run(backend, dtype):
+    g = torch.Generator().manual_seed(3)
+    data = torch.randn(200, 3, generator=g, dtype=dtype)
+    for cloud in (fd.PointCloud(data, fd.DriftedVE(T=10.0), backend=backend),
+                  fd.PointCloud(data, fd.VP(), weights=torch.rand(200, generator=g), bandwidth=0.01, backend=backend)):
+        kw = dict(n=70, steps=9, seed=7, sample_offset=11, backend=backend, dtype=dtype, return_trajectory=True)
+        x, traj = fd.sample(cloud, **kw)
+        x_cb, traj_cb = fd.sample(cloud, callback=lambda info: None, **kw)
+        assert torch.equal(x, x_cb) and torch.equal(traj, traj_cb)
+        fin = fd.sample(cloud, final_denoise=True, **(kw | dict(return_trajectory=False)))
+        assert torch.equal(fin, cloud.denoise(x, 1e-3))
+
+
+def test_sampling_runs_without_autograd_but_models_may_enable_it():
+    p = fd.OU()
+    G = fd.Gaussian(MEAN, COV, p)
+    x0 = (torch.randn(5, 2, dtype=F64) * p.prior_std).requires_grad_(True)
+    out = fd.sample(G, x=x0, steps=5)
+    assert out.grad_fn is None and not out.requires_grad and x0.grad is None
+
+    def guided(x, t):                                        # a model that differentiates inside
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(-(0.5 * (z - G.means[0].to(z)) ** 2).sum(), z)
+        return G.denoise(x, float(t[0])) + 0 * g
+    den = fd.from_model(guided, p)
+    assert torch.equal(fd.sample(den, x=x0.detach(), steps=5), fd.sample(G, x=x0.detach(), steps=5))
+
+
+def test_progress_counts_samples_for_a_point_cloud_and_steps_for_a_model(cloud, capsys, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):                      # the plain-text fallback is easy to read back
+        if name.startswith("tqdm"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    ref = fd.sample(cloud, n=100, steps=30, seed=3)
+    x = fd.sample(cloud, n=100, steps=30, seed=3, progress=True)
+    assert torch.equal(x, ref)                               # the bar's chunking changes nothing
+    err = capsys.readouterr().err
+    assert "100/100 samples" in err and "30 steps each" in err and "600" not in err
+    G = fd.Gaussian(MEAN, COV, fd.OU())
+    fd.sample(G, n=10, steps=30, progress=True, chunk_size=5)
+    err = capsys.readouterr().err
+    assert "chunk 2/2: 30/30 steps" in err and "60/" not in err
+
+
+def test_memory_is_checked_before_allocating(cloud, monkeypatch):
+    from fastdiff import sampling
+    monkeypatch.setattr(sampling, "_available_host_bytes", lambda: 2**30)
+    with pytest.raises(ValueError, match=r"trajectory \[100001, 2000, 2\].*GiB.*return_trajectory=False"):
+        fd.sample(cloud, n=2000, steps=100_000, return_trajectory=True)
+    with pytest.raises(ValueError, match="step table for 100000000 steps"):
+        fd.sample(cloud, n=10, steps=10**8)
+    assert fd.sample(cloud, n=10, steps=5).shape == (10, 2)   # small runs still fit
+
+
+def test_poor_grid_warns_and_agrees_with_the_gaussian_oracle():
+    from fastdiff.sampling import unit_gaussian_variance
+    one, eye = torch.zeros(1, dtype=F64), torch.eye(1, dtype=F64)
+    for p in (fd.DriftedVE(T=100.0), fd.VP(), fd.OU(), fd.DriftedVE(T=100.0, beta="t^2")):
+        for schedule, K, ode in (("uniform", 20, False), ("logsnr", 50, False), ("karras", 7, True)):
+            table = fd.step_table(p, fd.time_grid(p, K, schedule), "ei", ode)
+            _, S = fd.gaussian_oracle(p, table.times, "ei", ode, one, eye)
+            assert unit_gaussian_variance(p, table) == pytest.approx(float(S), rel=1e-9)
+    G = fd.Gaussian(torch.zeros(2, dtype=F64), torch.eye(2, dtype=F64), fd.DriftedVE(T=100.0))
+    with pytest.warns(fd.GridWarning, match="variance would be 25"):        # the issue's example
+        fd.sample(G, n=4, steps=20, schedule="uniform")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fd.GridWarning)
+        fd.sample(G, n=4, steps=20)                                          # the default grid is fine
+
+
+def test_sample_documents_every_parameter():
+    import inspect
+    doc = fd.sample.__doc__
+    for name in inspect.signature(fd.sample).parameters:
+        assert f"\n    {name} " in doc or f" {name} " in doc.split("Autograd")[0], name
+    assert "before the update" in doc and "no_grad" in doc
