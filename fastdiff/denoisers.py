@@ -247,25 +247,62 @@ class ModelDenoiser(Denoiser):
 
     def predict(self, x, t):
         M = x.shape[0]
-        if isinstance(t, torch.Tensor) and t.ndim == 1:
-            tt = t.to(device=x.device, dtype=x.dtype)
-            if self.time_input == "sigma":
-                tt = self.process.sigma(t.to(torch.float64)).to(device=x.device, dtype=x.dtype)
-        else:   # a number: computed on the host, filled on the device (no copy, no sync; graph-safe)
-            value = self.process.sigma(float(t)) if self.time_input == "sigma" else float(t)
-            tt = torch.full((M,), value, dtype=x.dtype, device=x.device)
         xin = x if self.event_shape is None else x.view(M, *self.event_shape)
-        out = self.model(xin, tt)
+        inv_alpha = None
+        if self.time_input == "t":
+            t_in = self._rows(t, lambda u: u, x)
+        else:
+            # k-diffusion's convention: the network sees the scaled process y = x/α = x0 + (σ/α) z, a pure VE
+            # process with noise level σ/α. For α = 1 (the VE family) x and σ(t) pass unchanged.
+            inv_alpha = self._rows(t, lambda u: torch.exp(-self.process._log_alpha(u)), x)
+            t_in = self._rows(t, lambda u: self.process._sigma2(u).sqrt() * torch.exp(-self.process._log_alpha(u)), x)
+            for v in (inv_alpha, t_in):
+                if not _fits(v, x.dtype):
+                    raise ValueError(f"time_input='sigma' feeds the network x/α and σ/α, and 1/α(t) overflows {x.dtype} "
+                                     f"for {self.process!r} at this t; use float64, a smaller T, or time_input='t'")
+            if isinstance(inv_alpha, torch.Tensor):
+                inv_alpha = inv_alpha.to(x.dtype).view(M, *([1] * (xin.ndim - 1)))
+            if not (isinstance(inv_alpha, float) and inv_alpha == 1.0):
+                xin = xin * inv_alpha
+        if not isinstance(t_in, torch.Tensor):   # a number: computed on the host, filled on the device (graph-safe)
+            t_in = torch.full((M,), t_in, dtype=x.dtype, device=x.device)
+        out = self.model(xin, t_in.to(x.dtype))
         if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
             raise ValueError(f"model(x, t) must return a tensor shaped like x {tuple(xin.shape)}, "
                              f"got {getattr(out, 'shape', type(out))}")
+        if inv_alpha is not None and self.prediction == "score" and not (isinstance(inv_alpha, float) and inv_alpha == 1.0):
+            # y = x/α has density α^d p_t(α y): the network's score is α ∇ log p_t(x), so divide by α.
+            out = out * inv_alpha
+        # (x0 and eps need no conversion: E[x0 | y] = E[x0 | x], and y's noise is x's noise z)
         return out.reshape(M, -1).to(x.dtype)
+
+    @staticmethod
+    def _rows(t, fn, x):
+        """fn(t) in float64: a Python float for a scalar t (computed on the host: no copy, no sync, so the
+        model loop stays graph-safe), or a float64 tensor [M] on x's device for per-row times."""
+        if isinstance(t, torch.Tensor) and t.ndim == 1:
+            return fn(t.to(device=x.device, dtype=torch.float64))
+        return float(fn(torch.tensor(float(t), dtype=torch.float64)))
+
+
+def _fits(v, dtype) -> bool:
+    """Whether v (a float or a float64 tensor) is finite once cast to dtype."""
+    big = torch.finfo(dtype).max
+    if isinstance(v, torch.Tensor):
+        return bool((v.abs() <= big).all())
+    return math.isfinite(v) and abs(v) <= big
 
 
 def from_model(model, process: Process, prediction: str = "x0", *, event_shape=None, time_input: str = "t") -> ModelDenoiser:
     """Wrap `model(x, t)` whose output is x0 (the CEM paper's conditional expectation), eps or the score.
 
-    The model receives x shaped [M, *event_shape] (or [M, d]) and t as a tensor [M] of times
-    (or of σ(t) with time_input="sigma", as k-diffusion networks expect).
+    The model receives x shaped [M, *event_shape] (or [M, d]) and a tensor [M] in x's dtype:
+      time_input="t"      (x_t, t): the process's own time and state.
+      time_input="sigma"  k-diffusion's convention, for every process: (x_t/α(t), σ(t)/α(t)), the state and noise
+                          level of the scaled process y = x/α = x0 + (σ/α) z. For α = 1 (VE, PureVE) that is
+                          (x_t, σ(t)) unchanged. The output is read in the same convention: an x0 or eps
+                          prediction is used as is (y has x's x0 and noise), a score s_y is converted by
+                          s_x = s_y/α. So a k-diffusion denoiser D(y, σ') wraps as
+                          from_model(D, process, "x0", time_input="sigma") on VP or drifted VE too.
     """
     return ModelDenoiser(model, process, prediction, event_shape, time_input)

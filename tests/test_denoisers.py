@@ -199,3 +199,54 @@ def test_bad_queries():
         posterior(torch.randn(3, 2), torch.randn(4, 2, device="meta"), 1.0, 1.0)
     with pytest.raises(ValueError, match="device"):
         pc.denoise(torch.empty(3, 2, device="meta"), 1.0)
+
+
+def _kdiffusion_gaussian(mu, cov, prediction):
+    """A k-diffusion-style network for N(mu, cov) data: it lives on y = x0 + s·z (a pure VE process with
+    noise level s) and returns its exact x0 prediction, noise prediction or score there."""
+    def model(y, s):
+        s2 = s.to(F64).view(-1, 1, 1) ** 2
+        C = cov + s2 * torch.eye(cov.shape[0], dtype=F64)                       # [M, d, d]
+        D = mu + (cov @ torch.linalg.solve(C, (y.to(F64) - mu).unsqueeze(-1))).squeeze(-1)
+        out = {"x0": D, "eps": (y.to(F64) - D) / s.to(F64).view(-1, 1), "score": (D - y.to(F64)) / s2.view(-1, 1)}
+        return out[prediction].to(y.dtype)
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps", "score"])
+def test_sigma_time_input_follows_k_diffusion_on_every_process(process, prediction):
+    """time_input="sigma": the network gets x/α and σ/α (k-diffusion's scaled process) for every process, and a
+    k-diffusion Gaussian denoiser wrapped that way reproduces fd.Gaussian's exact D, score and eps."""
+    mu = torch.tensor([0.5, -1.0], dtype=F64)
+    cov = torch.tensor([[1.0, 0.3], [0.3, 0.4]], dtype=F64)
+    G = fd.Gaussian(mu, cov, process)
+    den = fd.from_model(_kdiffusion_gaussian(mu, cov, prediction), process, prediction, time_input="sigma")
+    x = _data(7, 2, 21) * 3
+    per_row = torch.linspace(0.05, 0.9, 7, dtype=F64) * process.T
+    for t in (0.3 * process.T, 0.02 * process.T, per_row):
+        assert torch.allclose(den.denoise(x, t), G.denoise(x, t), rtol=1e-9, atol=1e-9)
+        assert torch.allclose(den.score(x, t), G.score(x, t), rtol=1e-8, atol=1e-9)
+        assert torch.allclose(den.eps(x, t), G.eps(x, t), rtol=1e-8, atol=1e-9)
+
+
+def test_sigma_time_input_passes_scaled_inputs():
+    seen = {}
+
+    def model(y, s):
+        seen["y"], seen["s"] = y.clone(), s.clone()
+        return torch.zeros_like(y)
+    x = _data(3, 2, 22)
+    for p in (fd.VP(), fd.DriftedVE(T=10.0, beta="t^2"), fd.OU(), fd.PureVE(T=5.0)):
+        fd.from_model(model, p, time_input="sigma").denoise(x, 0.4 * p.T)
+        a, s = p.alpha(0.4 * p.T), p.sigma(0.4 * p.T)
+        assert torch.allclose(seen["y"], x / a, rtol=1e-14) and torch.allclose(seen["s"], torch.full((3,), s / a, dtype=F64), rtol=1e-14)
+    fd.from_model(model, fd.PureVE(T=5.0), time_input="sigma").denoise(x, 2.0)
+    assert torch.equal(seen["y"], x)                         # α = 1: nothing changes, bit for bit
+
+
+def test_sigma_time_input_refuses_an_overflowing_scale():
+    p = fd.DriftedVE(T=625.0, beta="t^2")                    # α(T) = e^-208: 1/α overflows float32
+    den = fd.from_model(lambda y, s: y, p, time_input="sigma")
+    with pytest.raises(ValueError, match="overflows torch.float32"):
+        den.denoise(torch.ones(2, 2), 600.0)
+    assert torch.isfinite(den.denoise(torch.ones(2, 2, dtype=F64), 600.0)).all()
