@@ -1,7 +1,7 @@
 """`fastdiff bench`: every fastdiff backend against what users would otherwise run, with rooflines.
 
     fastdiff bench [suite ...] [--device cpu|cuda] [--quick] [--out DIR] [--threads N] [--time-limit S]
-                   [--list] [--no-progress]
+                   [--targets-only] [--brief] [--json-only] [--list] [--no-progress]
     python -m fastdiff.bench ...            (the same, without the CLI wiring)
 
 Suites: posterior (the point-cloud reduction), step (the fused affine update with noise), sample (end to
@@ -13,6 +13,12 @@ whose refuse_reasons(op, ...) is empty is measured, so new backends appear witho
 that are not installed are skipped with a note. The issues' benchmark targets (fastdiff/bench/targets.py)
 are measured by every full run on their device type and reported with target / measured / met; the
 measured order of the fastdiff backends per (op, shape) is results.json["auto_order"].
+
+For a machine lent for minutes (scripts/gpu_check.sh): --targets-only runs only the cases that carry the
+targets (issue by issue, the lowest issue number first; a --quick run has none, so the first case of each
+suite stands in, at its small size), --brief times each provider with fewer repetitions (one warm-up, 3 to 5
+samples, at most ~1 s each; the sizes are unchanged), and --json-only writes results.json alone (a lent
+machine returns few files; `python -m fastdiff.bench.report DIR` writes the CSV, report and plots later).
 
 CLI wiring: `add_arguments(parser)` adds the arguments to a (sub-)parser, `run_from_args(args)` runs it
 and returns the exit status.
@@ -56,14 +62,16 @@ def default_run_name(device: torch.device, quick: bool) -> str:
 
 
 def run(suites=SUITES, device: str = "cpu", quick: bool = False, out=None, *, progress: bool = True,
-        argv=None, threads: int | None = None, time_limit: float | None = None) -> Path:
+        argv=None, threads: int | None = None, time_limit: float | None = None, targets_only: bool = False,
+        brief: bool = False, json_only: bool = False) -> Path:
     """Run the suites and write results into `out` (default ./fastdiff-bench/<run name>); returns that folder.
 
     argv: the command line to record (defaults to sys.argv). threads: torch.set_num_threads for the run
     (default: torch's choice); on a shared machine fewer threads than busy cores avoids OpenMP threads
     waiting for a descheduled sibling, which otherwise makes every parallel region cost a scheduler tick.
     time_limit: seconds; cases not started by then are skipped with a note and the run is written as usual
-    (a machine lent for a limited time still gets a complete report)."""
+    (a machine lent for a limited time still gets a complete report).
+    targets_only, brief, json_only: see the module docstring (the GPU check's reduced run)."""
     suites = _check_suites(suites)
     threads_before = torch.get_num_threads()
     if threads is None and quick and str(device).startswith("cpu"):
@@ -84,7 +92,8 @@ def run(suites=SUITES, device: str = "cpu", quick: bool = False, out=None, *, pr
     torch.backends.cudnn.allow_tf32 = False
     previous_term = _sigterm_as_exit()
     try:
-        return _run(suites, device, quick, out, progress, argv, time_limit)
+        return _run(suites, device, quick, out, progress, argv, time_limit,
+                    dict(targets_only=bool(targets_only), brief=bool(brief), json_only=bool(json_only)))
     finally:
         torch.set_num_threads(threads_before)
         torch.set_float32_matmul_precision(precision)
@@ -144,7 +153,7 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def plan(suites=SUITES, device: str = "cpu", quick: bool = False) -> list[tuple[str, str]]:
+def plan(suites=SUITES, device: str = "cpu", quick: bool = False, targets_only: bool = False) -> list[tuple[str, str]]:
     """[(suite, case label)] that a run would execute, in order (nothing is measured)."""
     from .common import Context
     from .timing import policy_for
@@ -153,10 +162,47 @@ def plan(suites=SUITES, device: str = "cpu", quick: bool = False) -> list[tuple[
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     ctx = Context(device=dev, quick=quick, out=Path("."), policy=policy_for(dev, quick), env={}, run_id="plan")
-    return [(c.suite, c.label) for s in suites for c in _suite_module(s).cases(ctx)]
+    planned = [c for s in suites for c in _suite_module(s).cases(ctx)]
+    return [(c.suite, c.label) for c in (target_cases(planned) if targets_only else planned)]
 
 
-def _run(suites, device, quick, out, progress, argv, time_limit) -> Path:
+_FINISHING = (": speedups", ": fits")      # cases that post-process the rows measured before them
+
+
+def _target_issue(label: str):
+    """The issue number of a case that carries a target ('... (target, issue 3)'), else None."""
+    mark = "(target, issue "
+    i = label.find(mark)
+    if i < 0:
+        return None
+    digits = label[i + len(mark):].split(")")[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def target_cases(planned: list) -> list:
+    """The cases that carry targets, the lowest issue number first (a time limit cuts the later issues), then
+    each suite's finishing cases. A --quick plan has no target cases: the first case of each suite stands in,
+    so a reduced run still exercises every suite at small sizes."""
+    targets = [c for c in planned if _target_issue(c.label) is not None]
+    if targets:
+        targets.sort(key=lambda c: _target_issue(c.label))          # stable: the suites' own order within an issue
+    else:
+        firsts = {}
+        for c in planned:
+            if not c.label.endswith(_FINISHING):
+                firsts.setdefault(c.suite, c)
+        targets = list(firsts.values())
+    return targets + [c for c in planned if c.label.endswith(_FINISHING)]
+
+
+def brief_policy(policy):
+    """The same timing method with fewer repetitions: one warm-up, 3 to 5 samples, ~1 s at most per provider."""
+    from dataclasses import replace
+    return replace(policy, warmup=1, min_reps=3, max_reps=5, min_time=min(policy.min_time, 0.05),
+                   max_time=min(policy.max_time, 1.0), long_call=min(policy.long_call, 1.0))
+
+
+def _run(suites, device, quick, out, progress, argv, time_limit, reduced) -> Path:
     from . import report
     from .common import Context, cleanup
     from .timing import Progress, environment, measure_ceilings, policy_for
@@ -168,12 +214,17 @@ def _run(suites, device, quick, out, progress, argv, time_limit) -> Path:
     env = environment(dev, argv)
     env["suites"] = suites
     env["time_limit_s"] = time_limit
-    ctx = Context(device=dev, quick=quick, out=out, policy=policy_for(dev, quick), env=env, run_id=run_id,
-                  deadline=None if time_limit is None else t_start + float(time_limit))
+    env.update(reduced)     # targets_only, brief, json_only: a reduced run says so in its results
+    policy = policy_for(dev, quick)
+    ctx = Context(device=dev, quick=quick, out=out, policy=brief_policy(policy) if reduced["brief"] else policy,
+                  env=env, run_id=run_id, deadline=None if time_limit is None else t_start + float(time_limit),
+                  json_only=reduced["json_only"])
 
     planned = []
     for s in suites:
         planned += _suite_module(s).cases(ctx)
+    if reduced["targets_only"]:
+        planned = target_cases(planned)
     bar = Progress(total=len(planned) + 1, enabled=progress)
     ctx.progress = bar
     ctx.extra["case_seconds"] = case_seconds = {}
@@ -189,7 +240,7 @@ def _run(suites, device, quick, out, progress, argv, time_limit) -> Path:
         bar.finish_case()
         for case in planned:
             bar.start(case.label)
-            if ctx.out_of_time() and not case.label.endswith((": speedups", ": fits")):
+            if ctx.out_of_time() and not case.label.endswith(_FINISHING):
                 ctx.note(case.suite, case.label, f"not run: the time limit of {time_limit:g} s was reached",
                          kind="skipped")
                 bar.finish_case()
@@ -216,7 +267,8 @@ def _run(suites, device, quick, out, progress, argv, time_limit) -> Path:
         path = report.write_all(ctx, suites, time.perf_counter() - t_start, load_end, complete=completed)
     if progress:
         print(f"fastdiff bench: {len(ctx.rows)} measurements, {len(ctx.notes)} notes, "
-              f"{time.perf_counter() - t_start:.0f} s -> {path}/report.md", file=sys.stderr)
+              f"{time.perf_counter() - t_start:.0f} s -> {path}/{'results.json' if ctx.json_only else 'report.md'}",
+              file=sys.stderr)
     return path
 
 
@@ -230,6 +282,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="torch CPU threads for the run (default: torch's choice; 1 for --quick on the CPU)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="skip the cases not started after this many seconds (the report is still written)")
+    p.add_argument("--targets-only", action="store_true",
+                   help="only the cases that carry the issues' targets (with --quick: the first case of each suite)")
+    p.add_argument("--brief", action="store_true",
+                   help="fewer repetitions per measurement (1 warm-up, 3-5 samples, ~1 s at most); same sizes")
+    p.add_argument("--json-only", action="store_true",
+                   help="write results.json only (python -m fastdiff.bench.report DIR writes the rest later)")
     p.add_argument("--list", action="store_true", help="print the cases the run would measure, and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     return p
@@ -245,7 +303,7 @@ def run_from_args(args, argv=None) -> int:
             return 2
     if getattr(args, "list", False):
         try:
-            for suite, label in plan(args.suites, args.device, args.quick):
+            for suite, label in plan(args.suites, args.device, args.quick, getattr(args, "targets_only", False)):
                 print(f"{suite}\t{label}")
         except ValueError as exc:
             print(f"fastdiff bench: error: {exc}", file=sys.stderr)
@@ -253,7 +311,9 @@ def run_from_args(args, argv=None) -> int:
         return 0
     try:
         path = run(args.suites, args.device, args.quick, args.out, progress=not args.no_progress, argv=argv,
-                   threads=args.threads, time_limit=getattr(args, "time_limit", None))
+                   threads=args.threads, time_limit=getattr(args, "time_limit", None),
+                   targets_only=getattr(args, "targets_only", False), brief=getattr(args, "brief", False),
+                   json_only=getattr(args, "json_only", False))
     except ValueError as exc:
         print(f"fastdiff bench: error: {exc}", file=sys.stderr)
         return 2

@@ -49,6 +49,7 @@ class Context:
     progress: object = None
     run_id: str = ""
     deadline: float | None = None      # time.perf_counter() after which remaining cases are skipped
+    json_only: bool = False            # write results.json alone (no CSV, report or plots)
 
     def out_of_time(self) -> bool:
         import time

@@ -40,11 +40,13 @@ def document(ctx, suites, duration_s: float, load_end, complete: bool = True) ->
     }
 
 
-def _write_data(doc, out: Path):
+def _write_data(doc, out: Path, json_only: bool = False):
     text = json.dumps(doc, indent=1, default=_default, allow_nan=True)
     tmp = out / "results.json.tmp"
     tmp.write_text(text + "\n")
-    tmp.replace(out / "results.json")
+    tmp.replace(out / "results.json")      # atomic: a run killed at any moment leaves a whole results.json
+    if json_only:
+        return
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -56,7 +58,7 @@ def write_partial(ctx, suites, duration_s: float) -> Path:
     """results.json and results.csv so far (after every case: a run cut short keeps what it measured)."""
     out = Path(ctx.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_data(document(ctx, suites, duration_s, None, complete=False), out)
+    _write_data(document(ctx, suites, duration_s, None, complete=False), out, ctx.json_only)
     return out
 
 
@@ -64,8 +66,9 @@ def write_all(ctx, suites, duration_s: float, load_end, complete: bool = True) -
     out = Path(ctx.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = document(ctx, suites, duration_s, load_end, complete=complete)
-    _write_data(doc, out)
-    render(doc, out)
+    _write_data(doc, out, ctx.json_only)
+    if not ctx.json_only:
+        render(doc, out)
     return out
 
 

@@ -1,0 +1,299 @@
+"""scripts/gpu_check.sh --dry-run: the GPU check's whole flow without CUDA (every GPU test skips, the bench runs
+its targets-only plan at --quick sizes on the CPU), so the command a maintainer runs on a lent GPU machine
+cannot rot. Checks the files it writes into $OUT (what a lent machine returns: at most 8 files, two folders
+deep), the one-screen summary, that the junit XML parses, that a phase over its time budget is stopped with
+SIGINT, and that a SIGINT or a kill in the middle of a run leaves every finished result in place. Also the
+bench options the check uses (--targets-only, --brief, --json-only). Nothing here measures speed."""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+PHASES = ("env", "build", "triton", "cuda", "bench")
+FILES = {"summary.txt", "env.txt", "build.log", "tests.log", "triton.xml", "cuda.xml", "bench.log",
+         "bench/results.json"}
+
+if shutil.which("bash") is None or shutil.which("timeout") is None or not Path("/proc/self/stat").exists():
+    pytest.skip("the GPU check needs bash, coreutils' timeout and /proc (Linux)", allow_module_level=True)
+
+
+def _extension_built():
+    from fastdiff import _backend
+    return _backend.build_config() is not None
+
+
+def _start(out: Path, **env) -> subprocess.Popen:
+    full = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full.update(OUT=str(out), PYTHON=sys.executable, **env)
+    return subprocess.Popen(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    try:
+        stdout, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        raise
+    return proc.returncode, stdout
+
+
+def _phases(summary: str) -> dict:
+    """{phase: (status, rest of the line)} from summary.txt's phase table."""
+    out = {}
+    for line in summary.splitlines():
+        m = re.match(r"(env|build|triton|cuda|bench) +(ok|FAILED|time limit|killed|interrupted|skipped|running|pending)"
+                     r"\b(.*)$", line)
+        if m:
+            out[m.group(1)] = (m.group(2), m.group(3))
+    return out
+
+
+def _wait_for_phase(out: Path, proc: subprocess.Popen, phase: str, status: str, timeout: float = 180):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            pytest.fail(f"the dry run ended (exit {proc.returncode}) before {phase} was {status}")
+        try:
+            if _phases((out / "summary.txt").read_text()).get(phase, ("",))[0] == status:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    _kill_tree(proc.pid)
+    pytest.fail(f"{phase} not {status} after {timeout} s")
+
+
+def _descendants(pid: int) -> list[int]:
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def _kill_tree(pid: int):
+    """SIGKILL the script and everything it started (the phases run in process groups of their own), as a
+    machine taken back would: stopped first, so that nothing forks while the tree is collected."""
+    for _ in range(2):
+        for p in _descendants(pid):
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+    for p in _descendants(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _junit_counts(path: Path) -> tuple[int, int]:
+    """(test cases, skipped) of a junit file (it must parse)."""
+    root = ET.parse(path).getroot()
+    cases = list(root.iter("testcase"))
+    return len(cases), sum(1 for c in cases if any(ch.tag == "skipped" for ch in c))
+
+
+def _files(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------- the whole dry run
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check") / "out"
+    so = sorted((ROOT / "fastdiff").glob("_C*.so"))
+    before = {p: p.stat().st_mtime_ns for p in so}
+    t0 = time.monotonic()
+    rc, stdout = _finish(_start(out))
+    seconds = time.monotonic() - t0
+    print(f"\ngpu_check.sh --dry-run: {seconds:.0f} s")
+    return out, rc, stdout, before, seconds
+
+
+def test_dry_run_writes_the_documented_files_and_nothing_else(dry_run):
+    out, rc, stdout, _, _ = dry_run
+    built = _extension_built()
+    assert rc == (0 if built else 1), stdout[-3000:]
+    assert _files(out) == FILES, stdout[-2000:]
+    # what a lent machine returns: at most 8 files, two folders down, plain names
+    assert len(FILES) <= 8
+    for name in _files(out):
+        assert name.count("/") <= 2 and re.fullmatch(r"[A-Za-z0-9._/-]+", name), name
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_summary_is_one_screen_with_every_phase(dry_run):
+    out, _, stdout, _, _ = dry_run
+    summary = (out / "summary.txt").read_text()
+    assert summary in stdout                                    # printed at the end as well
+    lines = summary.splitlines()
+    assert len(lines) <= 30 and max(len(s) for s in lines) <= 160, summary
+    assert "DRY RUN" in lines[0] and "finished" in summary and "of the 480 s budget" in summary
+    phases = _phases(summary)
+    assert set(phases) == set(PHASES), summary
+    for name in ("env", "triton", "cuda", "bench"):
+        assert phases[name][0] == "ok", summary
+    assert phases["build"][0] == ("ok" if _extension_built() else "FAILED"), summary
+    assert "AUTO_ORDER['cpu']" in summary and "targets (cpu, reduced repetitions" in summary
+
+
+def test_junit_parses_and_matches_the_summary(dry_run):
+    out, _, _, _, _ = dry_run
+    phases = _phases((out / "summary.txt").read_text())
+    for name in ("triton", "cuda"):
+        n, skipped = _junit_counts(out / f"{name}.xml")
+        assert n > 0 and skipped == n, name                    # no CUDA: every gpu test skips
+        assert f"0 passed, 0 failed, 0 errors, {n} skipped ({name}.xml)" in phases[name][1]
+    log = (out / "tests.log").read_text()
+    assert "=== gpu_check phase triton: pytest tests/test_triton.py" in log
+    assert "=== gpu_check phase cuda: pytest -m gpu tests --ignore=tests/test_triton.py" in log
+    assert re.search(r"tests/test_kernels.py::\S+\[cuda\S*\] SKIPPED", log), "the CUDA kernel tests were not selected"
+
+
+def test_dry_run_uses_no_gpu_and_rebuilds_nothing(dry_run):
+    out, _, _, before, _ = dry_run
+    assert "nothing touches a GPU" in (out / "env.txt").read_text()
+    assert "device: none (CPU only)" in (out / "env.txt").read_text()
+    build = (out / "build.log").read_text()
+    if _extension_built():
+        assert "dry run: no build; using" in build and "fastdiff._C: cpu=True" in build
+    assert {p: p.stat().st_mtime_ns for p in before} == before      # the extension CI built is untouched
+
+
+def test_bench_runs_the_reduced_target_plan(dry_run):
+    out, _, _, _, _ = dry_run
+    doc = json.loads((out / "bench" / "results.json").read_text())
+    env = doc["environment"]
+    assert env["targets_only"] is True and env["brief"] is True and env["json_only"] is True
+    assert doc["quick"] is True and doc["device"] == "cpu" and doc["complete"] is True
+    assert doc["suites"] == ["posterior", "step", "sample"]
+    assert {r["suite"] for r in doc["rows"] if r["median_s"]} == {"posterior", "step", "sample"}
+    # one stand-in case per suite (a --quick plan has no target cases), then the speedups
+    assert list(doc["case_seconds"]) == ["posterior d=2 M=128 N=512", "step M=5461 d=3",
+                                         "sample mlp loop n=256 steps=50", "posterior: speedups", "step: speedups",
+                                         "sample: speedups"]
+    assert {t["id"] for t in doc["targets"]} == {"I4-cpu-posterior-vs-ref", "I4-cpu-posterior-vs-keops",
+                                                 "I4-cpu-sample-vs-ref"}
+    assert all(r["reps"] <= 5 for r in doc["rows"] if r["median_s"])       # --brief: at most 5 samples
+    assert "fastdiff bench: " in (out / "bench.log").read_text()
+
+
+# ------------------------------------------------------------------------------------------- interruptions
+def test_sigint_mid_run_stops_cleanly_and_keeps_finished_results(tmp_path):
+    """GPU_CHECK_ENV_S=1: the env phase (importing torch takes longer) is stopped by its own limit with SIGINT
+    while the others go on; then a SIGINT to the script once the cuda tests have started."""
+    out = tmp_path / "out"
+    proc = _start(out, GPU_CHECK_ENV_S="1")
+    try:
+        _wait_for_phase(out, proc, "cuda", "running")
+        proc.send_signal(signal.SIGINT)
+        rc, stdout = _finish(proc, timeout=90)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+    assert rc == 130, stdout[-3000:]
+    summary = (out / "summary.txt").read_text()
+    phases = _phases(summary)
+    assert "INTERRUPTED by SIGINT" in summary
+    assert phases["env"][0] == "time limit" and "limit 1 s reached" in phases["env"][1], summary
+    assert "KeyboardInterrupt" in (out / "env.txt").read_text()       # SIGINT, not SIGKILL: Python saw it
+    assert phases["triton"][0] == "ok" and _junit_counts(out / "triton.xml")[0] > 0
+    if _extension_built():
+        assert phases["build"][0] == "ok"
+    # the signal reached the cuda tests, or (if they had just ended) the bench; nothing starts afterwards
+    hit = "cuda" if phases["cuda"][0] == "interrupted" else "bench"
+    assert phases[hit][0] == "interrupted", summary
+    if hit == "cuda":
+        assert phases["bench"][0] == "skipped" and "interrupted" in phases["bench"][1]
+        assert "KeyboardInterrupt" in (out / "tests.log").read_text().split("=== gpu_check phase cuda")[1]
+        if (out / "cuda.xml").exists():                      # written unless pytest was still starting up
+            _junit_counts(out / "cuda.xml")
+    else:
+        assert phases["cuda"][0] == "ok" and _junit_counts(out / "cuda.xml")[0] > 0
+
+
+def test_a_kill_mid_run_leaves_every_finished_result(tmp_path):
+    out = tmp_path / "out"
+    proc = _start(out)
+    try:
+        _wait_for_phase(out, proc, "cuda", "running")
+        _kill_tree(proc.pid)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+    summary = (out / "summary.txt").read_text()
+    phases = _phases(summary)
+    assert set(phases) == set(PHASES) and phases["cuda"][0] == "running" and phases["bench"][0] == "pending"
+    assert phases["triton"][0] == "ok" and phases["env"][0] == "ok"
+    n, skipped = _junit_counts(out / "triton.xml")
+    assert n > 0 and f"{skipped} skipped (triton.xml)" in phases["triton"][1]
+    assert "versions: python" in (out / "env.txt").read_text()
+    assert "fastdiff info" in (out / "build.log").read_text() or not _extension_built()
+    assert {"summary.txt", "env.txt", "build.log", "tests.log", "triton.xml"} <= _files(out)
+
+
+# ------------------------------------------------------------------------------------------- bench options
+def test_targets_only_plan_takes_the_targets_lowest_issue_first():
+    from fastdiff import bench
+    plan = [label for _, label in bench.plan(["posterior", "step", "sample"], device="cuda", targets_only=True)]
+    targets = [label for label in plan if "(target, " in label]
+    assert targets == [label for label in plan[:len(targets)]]       # the targets first, then the speedups
+    assert [bench._target_issue(label) for label in targets] == [3, 3, 3, 3, 3, 4, 4]
+    for want in ("posterior d=2 M=65536 N=65536", "posterior d=3072 M=1024 N=50000", "step M=1048576 d=64",
+                 "sample mlp loop n=1024 steps=1000", "sample pointcloud ancestral SDE n=100000 steps=1000 N=10000"):
+        assert any(label.startswith(want) for label in targets[:5]), want
+    assert plan[len(targets):] == ["posterior: speedups", "step: speedups", "sample: speedups"]
+    full = bench.plan(["posterior", "step", "sample"], device="cuda")
+    assert len(full) > len(plan) and set(plan) <= {label for _, label in full}
+
+
+def test_brief_policy_keeps_the_method_with_fewer_repetitions():
+    from fastdiff.bench import brief_policy
+    from fastdiff.bench.timing import CUDA_POLICY, FULL_POLICY
+    for policy in (CUDA_POLICY, FULL_POLICY):
+        b = brief_policy(policy)
+        assert b.warmup == 1 and b.min_reps == 3 and b.max_reps == 5 and b.max_time <= 1.0
+        assert b.sample_time == policy.sample_time              # the same sample length: same precision per sample
+        assert policy.min_reps > b.min_reps or policy.max_reps > b.max_reps
+
+
+def test_json_only_writes_results_json_alone_and_report_rewrites_the_rest(tmp_path):
+    from fastdiff import bench
+    from fastdiff.bench import report
+    path = bench.run(["step"], device="cpu", quick=True, out=tmp_path / "run", progress=False, threads=1,
+                     targets_only=True, brief=True, json_only=True)
+    assert sorted(p.name for p in path.iterdir()) == ["results.json"]
+    doc = json.loads((path / "results.json").read_text())
+    assert [r for r in doc["rows"] if r["median_s"]] and doc["environment"]["json_only"] is True
+    report.rerender(path)                                        # what a maintainer runs after copying it
+    assert {"results.csv", "report.md"} <= {p.name for p in path.iterdir()}
+
+
+def test_cli_accepts_the_reduced_run_options(capsys):
+    from fastdiff import bench
+    assert bench.main(["--list", "--device", "cuda", "--targets-only", "posterior"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0] == "posterior\tposterior d=2 M=65536 N=65536 (target, issue 3)"
+    assert listed[-1] == "posterior\tposterior: speedups" and len(listed) == 4
