@@ -404,3 +404,14 @@ def test_streaming_bad_input_is_named(tmp_path):
         StreamingPointCloud(y, fd.VP(), chunk_rows=0)
     with pytest.raises(ValueError, match="x is on"):
         StreamingPointCloud(y, fd.VP()).posterior(torch.zeros(2, D_DIM, device="meta"), 0.5)
+
+
+def test_bench_scaling_distributed_option_is_wired():
+    import argparse
+
+    from fastdiff import bench
+    args = bench.add_arguments(argparse.ArgumentParser()).parse_args(["posterior", "--distributed"])
+    assert args.distributed and args.ranks == "1,2"
+    assert bench.run_from_args(args) == 2           # --distributed belongs to the scaling suite only
+    args = bench.add_arguments(argparse.ArgumentParser()).parse_args(["scaling", "--distributed", "--ranks", "x"])
+    assert bench.run_from_args(args) == 2

@@ -290,6 +290,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="write results.json only (python -m fastdiff.bench.report DIR writes the rest later)")
     p.add_argument("--list", action="store_true", help="print the cases the run would measure, and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--distributed", action="store_true",
+                   help="with `scaling`: the sharded point cloud on 1-2 CPU ranks (gloo) and the streamed point cloud "
+                        "(fastdiff/bench/distributed.py) instead of the single-process sweep")
+    from .distributed import add_arguments as _add_distributed_arguments
+    _add_distributed_arguments(p)
     return p
 
 
@@ -301,6 +306,12 @@ def run_from_args(args, argv=None) -> int:
             print(f"fastdiff bench: error: unknown suite {s!r}; choose from {', '.join(SUITES)} or all",
                   file=sys.stderr)
             return 2
+    if getattr(args, "distributed", False):
+        if args.suites not in ([], ["scaling"]):
+            print("fastdiff bench: error: --distributed goes with the scaling suite only", file=sys.stderr)
+            return 2
+        from .distributed import run_from_args as _run_distributed
+        return _run_distributed(args)
     if getattr(args, "list", False):
         try:
             for suite, label in plan(args.suites, args.device, args.quick, getattr(args, "targets_only", False)):
