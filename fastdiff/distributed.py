@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 from collections import Counter
 
 import torch
@@ -26,7 +27,8 @@ from . import ops
 from .denoisers import Denoiser, _coeffs
 from .processes import Process
 
-__all__ = ["ShardedPointCloud", "PeerError", "merge_partials", "sample_parallel", "sample_slice", "grid_groups"]
+__all__ = ["init", "ShardedPointCloud", "PeerError", "merge_partials", "sample_parallel", "sample_slice",
+           "grid_groups"]
 
 
 class PeerError(RuntimeError):
@@ -84,6 +86,25 @@ def _all_gather_object(obj, group, timeout, rank):
         raise PeerError(f"fastdiff.distributed: rank {rank}: the input check's exchange failed "
                         f"({type(exc).__name__}: {str(exc)[:300]})") from exc
     return out
+
+
+def init(device="cpu", timeout=600.0) -> torch.device:
+    """Initialise torch.distributed from the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, ...):
+    gloo for the CPU, NCCL for CUDA with this process on cuda:LOCAL_RANK. Returns the device to compute on.
+    Does nothing but return the device when a process group already exists."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise RuntimeError(f"fastdiff.distributed.init: {', '.join(missing)} not set: launch with torchrun "
+                               "(or call torch.distributed.init_process_group yourself)")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=_as_timeout(timeout),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return dev
 
 
 # -- the merge ------------------------------------------------------------------------------------------------

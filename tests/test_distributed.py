@@ -415,3 +415,42 @@ def test_bench_scaling_distributed_option_is_wired():
     assert bench.run_from_args(args) == 2           # --distributed belongs to the scaling suite only
     args = bench.add_arguments(argparse.ArgumentParser()).parse_args(["scaling", "--distributed", "--ranks", "x"])
     assert bench.run_from_args(args) == 2
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, fastdiff as fd
+from fastdiff import distributed as fdd
+fdd.init("cpu", timeout=60)
+torch.set_num_threads(1)
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+g = torch.Generator().manual_seed(3)
+y = torch.randn(29, 2, generator=g, dtype=torch.float64)
+start, count = fdd.sample_slice(29, rank, world)          # this rank's rows of the data
+cloud = fdd.ShardedPointCloud(y[start:start + count], fd.VP(), timeout=60)
+x = fd.sample(cloud, n=5, steps=10, schedule="logsnr", seed=4, dtype=torch.float64)
+torch.save(x, sys.argv[1] + f"/rank{rank}.pt")
+"""
+
+
+def test_torchrun_launch_with_the_python_api(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    proc = subprocess.run([torchrun, "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+                           f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(script), str(tmp_path)],
+                          capture_output=True, text=True, timeout=SPAWN_DEADLINE_S, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(29, 2, generator=g, dtype=torch.float64)
+    single = fd.sample(fd.PointCloud(y, fd.VP()), n=5, steps=10, schedule="logsnr", seed=4, dtype=torch.float64,
+                       callback=lambda i: None)
+    for r in range(2):
+        xr = torch.load(tmp_path / f"rank{r}.pt")
+        assert float((xr - single).abs().max()) <= 1e-9 * (1 + float(single.abs().max()))
+    assert float(single.std()) > 0.1
