@@ -19,10 +19,11 @@
 #            fastdiff bench posterior step sample --targets-only
 #            --brief (posterior d=2 and d=3072, affine_step bandwidth,
 #            pointcloud_sample swiss roll, the MLP loop)                GPU_CHECK_BENCH_S   200
-# and the whole run within GPU_CHECK_TOTAL_S (480): a phase gets what is left of that, less 10 s for the
-# summary. A phase over its budget gets SIGINT (pytest and the bench stop cleanly, print their summaries
-# and write their files), then SIGKILL GPU_CHECK_GRACE_S (15) s later. SIGINT or SIGTERM to this script
-# does the same to the running phases, writes the summary and exits 130 / 143.
+# and the whole run within GPU_CHECK_TOTAL_S (480). A phase over its budget gets SIGINT (pytest and the
+# bench stop cleanly, print their summaries and write their files), then SIGKILL GPU_CHECK_GRACE_S (15) s
+# later; a phase's budget is cut to what is left of the total less that grace and 5 s for the summary, and
+# a phase with under 5 s left is not started. SIGINT or SIGTERM to this script passes SIGINT to the running
+# phases, starts no other, writes the summary and exits 130 / 143.
 #
 # Writes into $OUT as it goes, so a kill at any moment leaves every finished result (8 files, what a lent
 # machine returns):
@@ -60,15 +61,14 @@ fi
 
 TOTAL=${GPU_CHECK_TOTAL_S:-480}
 GRACE=${GPU_CHECK_GRACE_S:-15}
-RESERVE=10                                              # seconds kept for the last summary
+RESERVE=5                                               # seconds kept for the last summary
 NCPU=$(nproc 2>/dev/null || echo 2)
 START=$SECONDS
 INTERRUPTED=""
-RUNNING=()                                              # pids of the `timeout` processes of running phases
 
 PHASES=(env build triton cuda bench)
-declare -A STATUS SECS DETAIL T0 PID
-for p in "${PHASES[@]}"; do STATUS[$p]=pending; SECS[$p]=""; DETAIL[$p]=""; done
+declare -A STATUS SECS DETAIL NOTE T0 PID              # per phase; PID: its `timeout` process
+for p in "${PHASES[@]}"; do STATUS[$p]=pending; SECS[$p]=""; DETAIL[$p]=""; NOTE[$p]=""; PID[$p]=""; done
 
 # ------------------------------------------------------------------------------------------- summary
 write_summary() {
@@ -227,14 +227,15 @@ PYEOF
 }
 
 # ------------------------------------------------------------------------------------------- phases
-left() { echo $(( TOTAL - RESERVE - (SECONDS - START) )); }
+# seconds a phase may still be given: its SIGKILL (limit + grace) must come before the total runs out
+left() { echo $(( TOTAL - RESERVE - GRACE - (SECONDS - START) )); }
 
-# start_phase NAME BUDGET LOG CMD...: runs CMD in the background under `timeout` (SIGINT at the limit, SIGKILL
-# GRACE seconds later), output appended to LOG; the limit is the budget or what is left of the total.
+# start_phase NAME BUDGET LOG NOTE CMD...: runs CMD in the background under `timeout` (SIGINT at the limit,
+# SIGKILL GRACE seconds later), output appended to LOG; the limit is the budget or what is left of the total.
+# NOTE goes into the phase's summary line when it ends.
 start_phase() {
-    local name=$1 budget=$2 log=$3; shift 3
-    local limit; limit=$(left)
-    local room=$limit
+    local name=$1 budget=$2 log=$3 note=$4; shift 4
+    local limit room; limit=$(left); room=$limit
     [ "$budget" -lt "$limit" ] && limit=$budget
     if [ -n "$INTERRUPTED" ] || [ "$room" -lt 5 ] || [ "$limit" -lt 1 ]; then
         STATUS[$name]=skipped
@@ -246,22 +247,16 @@ start_phase() {
     T0[$name]=$SECONDS
     STATUS[$name]=running
     DETAIL[$name]="limit ${limit} s"
+    NOTE[$name]=$note
     timeout --signal=INT --kill-after="$GRACE" "$limit" "$@" >> "$log" 2>&1 &
     PID[$name]=$!
-    RUNNING+=("$!")
     write_summary
     echo "[$(( SECONDS - START ))s] $name: started (limit $limit s)"
 }
 
-# finish_phase NAME [DETAIL]: waits for the phase (across trapped signals), records its status.
-finish_phase() {
-    local name=$1 detail=${2:-} pid=${PID[$1]} rc
-    [ -z "$pid" ] && return 0
-    while kill -0 "$pid" 2>/dev/null; do wait "$pid" 2>/dev/null; done
-    wait "$pid" 2>/dev/null; rc=$?
-    local keep=() other
-    for other in "${RUNNING[@]}"; do [ "$other" != "$pid" ] && keep+=("$other"); done
-    RUNNING=("${keep[@]}")
+# record_end NAME RC: the status, time and summary line of a phase that has ended.
+record_end() {
+    local name=$1 rc=$2 note=${NOTE[$1]}
     SECS[$name]=$(( SECONDS - ${T0[$name]} ))
     case "$rc" in
         0) STATUS[$name]=ok ;;
@@ -269,22 +264,47 @@ finish_phase() {
         137) STATUS[$name]=killed ;;
         *) STATUS[$name]=$([ -n "$INTERRUPTED" ] && echo interrupted || echo "FAILED") ;;
     esac
+    [ "$name" = env ] && note="$(grep -c -e MISSING -e WRONG "$OUT/env.txt" 2>/dev/null) problem(s)${note:+ ($note)}"
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-        detail="${DETAIL[$name]} reached${detail:+; $detail}"
+        note="${DETAIL[$name]} reached${note:+; $note}"
     elif [ "$rc" != 0 ]; then
-        detail="exit $rc${detail:+; $detail}"
+        note="exit $rc${note:+; $note}"
     fi
-    DETAIL[$name]=$detail
+    DETAIL[$name]=$note
     write_summary
-    echo "[$(( SECONDS - START ))s] $name: ${STATUS[$name]} after ${SECS[$name]} s${detail:+ ($detail)}"
-    return "$rc"
+    echo "[$(( SECONDS - START ))s] $name: ${STATUS[$name]} after ${SECS[$name]} s${note:+ ($note)}"
+}
+
+# reap: record every running phase whose process has ended (bash reaps its children as they exit, so
+# kill -0 fails from then on and `wait` returns the stored status).
+reap() {
+    local p pid rc
+    for p in "${PHASES[@]}"; do
+        pid=${PID[$p]:-}
+        [ -n "$pid" ] && [ "${STATUS[$p]}" = running ] || continue
+        kill -0 "$pid" 2>/dev/null && continue
+        wait "$pid" 2>/dev/null; rc=$?
+        record_end "$p" "$rc"
+    done
+}
+
+# finish_phase NAME: waits until the phase has ended, recording the others as they end meanwhile (so each
+# time is its own and the summary follows the run). Polls: a trapped signal is handled within half a second.
+finish_phase() {
+    [ -z "${PID[$1]:-}" ] && return 0
+    while [ "${STATUS[$1]}" = running ]; do
+        reap
+        [ "${STATUS[$1]}" = running ] && sleep 0.5
+    done
+    return 0
 }
 
 on_signal() {
     INTERRUPTED=$1
-    local pid
-    for pid in "${RUNNING[@]}"; do
-        [ -n "$pid" ] && kill -INT "$pid" 2>/dev/null      # timeout passes it on to its command
+    local p pid
+    for p in "${PHASES[@]}"; do
+        pid=${PID[$p]:-}
+        [ "${STATUS[$p]}" = running ] && [ -n "$pid" ] && kill -INT "$pid" 2>/dev/null   # timeout passes it on
     done
 }
 trap 'on_signal INT' INT
@@ -343,7 +363,7 @@ PYEOF
 }
 export -f env_check 2>/dev/null
 export DRY PY NCPU
-start_phase env "${GPU_CHECK_ENV_S:-60}" "$OUT/env.txt" bash -c env_check
+start_phase env "${GPU_CHECK_ENV_S:-60}" "$OUT/env.txt" "env.txt" bash -c env_check
 
 # -------------------------------------------------------------------------- build (background)
 BUILD_DIR=$ROOT/build/gpu-check-ext
@@ -366,13 +386,13 @@ build_ext() {
 }
 export -f build_ext 2>/dev/null
 export BUILD_DIR
-start_phase build "${GPU_CHECK_BUILD_S:-240}" "$OUT/build.log" bash -c build_ext
+start_phase build "${GPU_CHECK_BUILD_S:-240}" "$OUT/build.log" "build.log" bash -c build_ext
 
 # -------------------------------------------------------------------------- triton tests (now)
 pytest_phase() {
     local name=$1 budget=$2; shift 2
     echo "=== gpu_check phase $name: pytest $*" >> "$OUT/tests.log"
-    start_phase "$name" "$budget" "$OUT/tests.log" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
+    start_phase "$name" "$budget" "$OUT/tests.log" "" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
         "${XDIST[@]}" "${PT_TIMEOUT[@]}" --junitxml="$OUT/$name.xml" "$@"
 }
 if [ "$DRY" = 1 ]; then
@@ -380,15 +400,15 @@ if [ "$DRY" = 1 ]; then
 else
     TRITON_SEL=()
 fi
-pytest_phase triton "${GPU_CHECK_TRITON_S:-150}" tests/test_triton.py "${TRITON_SEL[@]}" && finish_phase triton
-finish_phase env "$(grep -c -e MISSING -e WRONG "$OUT/env.txt" 2>/dev/null) problem(s) (env.txt)"
-if [ "${STATUS[build]}" = running ]; then
-    echo "[$(( SECONDS - START ))s] waiting for the build"
-    finish_phase build "build.log"
-fi
+pytest_phase triton "${GPU_CHECK_TRITON_S:-150}" tests/test_triton.py "${TRITON_SEL[@]}"
+finish_phase triton
+finish_phase env
+[ "${STATUS[build]}" = running ] && echo "[$(( SECONDS - START ))s] waiting for the build"
+finish_phase build
 
 # -------------------------------------------------------------------------- cuda tests
-pytest_phase cuda "${GPU_CHECK_CUDA_S:-100}" -m gpu tests --ignore=tests/test_triton.py && finish_phase cuda
+pytest_phase cuda "${GPU_CHECK_CUDA_S:-100}" -m gpu tests --ignore=tests/test_triton.py
+finish_phase cuda
 
 # -------------------------------------------------------------------------- bench targets
 if [ "$DRY" = 1 ]; then
@@ -401,8 +421,9 @@ limit=$(left); [ "$budget" -lt "$limit" ] && limit=$budget
 # stop starting cases a minute before the limit (one case can take that long); SIGINT at the limit still
 # writes results.json with what was measured
 soft=$(( limit > 90 ? limit - 60 : limit / 2 )); [ "$soft" -lt 1 ] && soft=1
-start_phase bench "$budget" "$OUT/bench.log" "$PY" -m fastdiff.bench posterior step sample "${BENCH_ARGS[@]}" \
-    --targets-only --brief --json-only --time-limit "$soft" --out "$OUT/bench" && finish_phase bench "bench/results.json"
+start_phase bench "$budget" "$OUT/bench.log" "bench/results.json" "$PY" -m fastdiff.bench posterior step sample \
+    "${BENCH_ARGS[@]}" --targets-only --brief --json-only --time-limit "$soft" --out "$OUT/bench"
+finish_phase bench
 
 write_summary
 cat "$OUT/summary.txt"
