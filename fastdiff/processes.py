@@ -10,7 +10,7 @@ float64 tensor on the same device).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -69,6 +69,21 @@ class Process:
     def _g2(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # Increments over one step t > s, formed directly: a step's coefficients depend on them, and the
+    # difference of two large nearby values (la_t ≈ la_s ≈ −208 at T = 625, σ_t² ≈ σ_s² on a fine grid)
+    # would keep only a few digits of a small increment (MATH.md §3).
+    def _log_alpha_ratio(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """log(α_s/α_t) ≥ 0. Default: the difference of `_log_alpha` (subclasses override with a form
+        that is exact to rounding for small steps)."""
+        return self._log_alpha(s) - self._log_alpha(t)
+
+    def _sigma2_increment(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """σ_t² − σ_s² ≥ 0. With σ² = c(1 − α²) it is c·α_s²·(1 − (α_t/α_s)²), from `_log_alpha_ratio`."""
+        if self.variance_scale is not None:
+            return -self.variance_scale * torch.exp(2 * self._log_alpha(s)) * torch.expm1(
+                -2 * self._log_alpha_ratio(t, s))
+        return self._sigma2(t) - self._sigma2(s)
+
     def _sigma_inverse(self, sigma: torch.Tensor) -> torch.Tensor:
         """t with σ(t) = sigma. Default: bisection (σ is increasing in t for every process here)."""
         return _bisect_increasing(lambda t: self._sigma2(t).sqrt(), sigma, 0.0, self.T)
@@ -125,9 +140,12 @@ class Process:
 
     def log_snr_inverse(self, lam):
         """The time t at which λ(t) = lam (bisection; λ is decreasing in t)."""
-        l = torch.as_tensor(lam, dtype=torch.float64)
-        neg_lambda = lambda t: 0.5 * self._sigma2(t).log() - self._log_alpha(t)
-        out = _bisect_increasing(neg_lambda, -l, 0.0, self.T)
+        target = torch.as_tensor(lam, dtype=torch.float64)
+
+        def neg_lambda(t):
+            return 0.5 * self._sigma2(t).log() - self._log_alpha(t)
+
+        out = _bisect_increasing(neg_lambda, -target, 0.0, self.T)
         return float(out) if not isinstance(lam, torch.Tensor) else out
 
     def ei_integral(self, t, s):
@@ -135,10 +153,13 @@ class Process:
         t = torch.as_tensor(t, dtype=torch.float64)
         s = torch.as_tensor(s, dtype=torch.float64)
         if self.drift_free:
-            return self._sigma2(t) - self._sigma2(s)
+            return self._sigma2_increment(t, s)
         if self.variance_scale is not None:
-            return 2 * self.variance_scale * torch.expm1(self._log_alpha(s) - self._log_alpha(t))
-        integrand = lambda u: self._g2(u) * torch.exp(-self._log_alpha(u))
+            return 2 * self.variance_scale * torch.expm1(self._log_alpha_ratio(t, s))
+
+        def integrand(u):
+            return self._g2(u) * torch.exp(-self._log_alpha(u))
+
         return torch.exp(self._log_alpha(s)) * _gauss_legendre(integrand, s, t)
 
     def prior(self, n: int, d: int, seed: int = 0, sample_offset: int = 0, *, dtype=torch.float32, device=None):
@@ -185,6 +206,9 @@ class OU(Process):
     def _sigma2(self, t):
         return -self.variance_scale * torch.expm1(-2 * self.theta * t)
 
+    def _log_alpha_ratio(self, t, s):
+        return self.theta * (t - s)
+
     def _f(self, t):
         return torch.full_like(t, -self.theta)
 
@@ -224,6 +248,10 @@ class VP(Process):
 
     def _sigma2(self, t):
         return -torch.expm1(2 * self._log_alpha(t))
+
+    def _log_alpha_ratio(self, t, s):
+        # ∫_s^t β/2 = (t − s)(¼(t + s)(β₁ − β₀) + ½β₀), with t − s formed first
+        return (t - s) * (0.25 * (t + s) * (self.beta_max - self.beta_min) + 0.5 * self.beta_min)
 
     def _f(self, t):
         return -0.5 * self._beta(t)
@@ -275,6 +303,12 @@ class VE(Process):
     def _g2(self, t):
         return 2 * self._log_ratio * self._sigma2(t)
 
+    def _log_alpha_ratio(self, t, s):
+        return torch.zeros_like(t)
+
+    def _sigma2_increment(self, t, s):
+        return self._sigma2(s) * torch.expm1(2 * (t - s) * self._log_ratio)
+
     def _sigma_inverse(self, sigma):
         return torch.log(sigma / self.sigma_min) / self._log_ratio
 
@@ -302,6 +336,12 @@ class PureVE(Process):
     def _g2(self, t):
         return 2 * t
 
+    def _log_alpha_ratio(self, t, s):
+        return torch.zeros_like(t)
+
+    def _sigma2_increment(self, t, s):
+        return (t - s) * (t + s)
+
     def _sigma_inverse(self, sigma):
         return sigma.clone()
 
@@ -319,15 +359,24 @@ class DriftedVE(Process):
         self.tau = self.T**2 if tau is None else _positive(tau, "tau")
         self.variance_scale = self.tau
         self.beta_name = beta if isinstance(beta, str) else getattr(beta, "__name__", "callable")
+        # _B_increment(t, s) = B(t) − B(s) = ∫_s^t β, formed with t − s as a factor (or integrated over
+        # [s, t] directly) so that a small step keeps its digits at any t
         if beta == "t":
             self._beta, self._B = (lambda t: t), (lambda t: 0.5 * t * t)
+            self._B_increment = lambda t, s: 0.5 * (t - s) * (t + s)
             self._B_inverse = lambda b: torch.sqrt(2 * b)
         elif beta == "t^2":
             self._beta, self._B = (lambda t: t * t), (lambda t: t**3 / 3)
+            self._B_increment = lambda t, s: (t - s) * (t * t + t * s + s * s) / 3
             self._B_inverse = lambda b: torch.pow(3 * b, 1.0 / 3.0)
         elif callable(beta):
             self._beta = beta
-            self._B = B if B is not None else (lambda t: _gauss_legendre(beta, torch.zeros_like(t), t))
+            if B is not None:
+                self._B = B
+                self._B_increment = lambda t, s: B(t) - B(s)
+            else:
+                self._B = lambda t: _gauss_legendre(beta, torch.zeros_like(t), t)
+                self._B_increment = lambda t, s: _gauss_legendre(beta, s, t)
             self._B_inverse = None
         else:
             raise ValueError(f"beta must be 't', 't^2' or a callable β(t), got {beta!r}")
@@ -337,6 +386,9 @@ class DriftedVE(Process):
 
     def _sigma2(self, t):
         return -self.tau * torch.expm1(-2 * self._B(t) / self.tau)
+
+    def _log_alpha_ratio(self, t, s):
+        return self._B_increment(t, s) / self.tau
 
     def _f(self, t):
         return -self._beta(t) / self.tau

@@ -81,6 +81,9 @@ def step_table(process: Process, times, method: str = "ei", ode: bool = False, e
     la_t, la_s = process._log_alpha(t), process._log_alpha(s)
     sig2_t, sig2_s = process._sigma2(t), process._sigma2(s)
     alpha_t = la_t.exp()
+    # the step's increments, formed directly rather than as differences of nearby values (MATH.md §3)
+    log_r = process._log_alpha_ratio(t, s)          # log(α_s/α_t) ≥ 0
+    dsig2 = process._sigma2_increment(t, s)         # σ_t² − σ_s² ≥ 0
 
     if method == "euler":
         # x_s = x + h[−f x + k g² s] + η g √h z
@@ -91,17 +94,21 @@ def step_table(process: Process, times, method: str = "ei", ode: bool = False, e
         A, B = A_score - K / sig2_t, K * alpha_t / sig2_t
     elif method == "ei":
         # linear drift exact, score frozen: x_s = r x + k I s + η √(r²σ_t² − σ_s²) z
-        r = torch.exp(la_s - la_t)
+        r = torch.exp(log_r)
         A_score, K = r, k * process.ei_integral(t, s)
-        C = eta * torch.sqrt(_ei_noise_var(process, t, s, la_t, la_s).clamp_min(0))
-        A, B = A_score - K / sig2_t, K * alpha_t / sig2_t
+        C = eta * torch.sqrt(_ei_noise_var(process, t, s, log_r, dsig2).clamp_min(0))
+        A = _ei_d_form_A(process, eta, r, K, la_t, la_s, log_r, sig2_t, sig2_s, dsig2)
+        B = K * alpha_t / sig2_t
     else:
         # D frozen (DPM-Solver++ 1 / DDIM / DDPM posterior): with E = e^{−(1+η²)ΔL}, ΔL = λ_s − λ_t,
         # A = r E, B = α_s (1 − E), C = σ_s √(1 − e^{−2η²ΔL}); a step to σ_s = 0 gives x_s = α_s D.
-        r = torch.exp(la_s - la_t)
-        dL = (la_s - 0.5 * sig2_s.log()) - (la_t - 0.5 * sig2_t.log())  # +inf where σ_s = 0
+        # ΔL = log r + ½ log(σ_t²/σ_s²) is a sum of two non-negative increments (no cancellation), and
+        # A = r E is formed in log space: as r·(1 − (1 − E)) it lost all digits once E < 1e-16.
+        r = torch.exp(log_r)
+        half_log_var_ratio = 0.5 * torch.log1p(dsig2 / sig2_s)            # +inf where σ_s = 0
+        dL = log_r + half_log_var_ratio
         one_minus_E = -torch.expm1(-(1 + eta * eta) * dL)
-        A = r * (1 - one_minus_E)
+        A = torch.exp(-eta * eta * log_r - (1 + eta * eta) * half_log_var_ratio)
         B = la_s.exp() * one_minus_E
         C = torch.sqrt(sig2_s) * torch.sqrt(-torch.expm1(-2 * eta * eta * dL))
         C = torch.where(sig2_s == 0, torch.zeros_like(C), C)            # 0·√1 when the step ends at σ = 0
@@ -116,11 +123,26 @@ def step_table(process: Process, times, method: str = "ei", ode: bool = False, e
     return table
 
 
-def _ei_noise_var(process, t, s, la_t, la_s):
+def _ei_noise_var(process, t, s, log_r, dsig2):
     """r²σ_t² − σ_s² = α_s² ∫_s^t g²/α² du, the exact noise variance of one exponential-integrator step."""
     if process.drift_free:
-        return process._sigma2(t) - process._sigma2(s)
+        return dsig2
     if process.variance_scale is not None:
-        return process.variance_scale * torch.expm1(2 * (la_s - la_t))
-    r = torch.exp(la_s - la_t)
+        return process.variance_scale * torch.expm1(2 * log_r)
+    r = torch.exp(log_r)
     return r * r * process._sigma2(t) - process._sigma2(s)
+
+
+def _ei_d_form_A(process, eta, r, K, la_t, la_s, log_r, sig2_t, sig2_s, dsig2):
+    """A = r − K/σ_t² of the frozen-score step, in a form without cancellation where one exists.
+
+    f = 0:            A = (σ_s² + ½(1 − η²)(σ_t² − σ_s²))/σ_t², a sum of non-negative terms.
+    σ² = c(1 − α²):   A = ((1 − α_t α_s) − η²(r − 1))/(1 − α_t²); for η = 0 one positive term (as r − K/σ_t²
+                      it was the difference of two numbers near e^{120} for the aggressive drifted VE at
+                      T = 625), for η > 0 a difference that can cross zero (then only its terms' scale is kept).
+    """
+    if process.drift_free:
+        return (sig2_s + 0.5 * (1 - eta * eta) * dsig2) / sig2_t
+    if process.variance_scale is not None:
+        return (-torch.expm1(la_t + la_s) - eta * eta * torch.expm1(log_r)) / -torch.expm1(2 * la_t)
+    return r - K / sig2_t

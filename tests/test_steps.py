@@ -32,10 +32,11 @@ def _integrate(p, t, s, eta, frozen, n=2000):
     y = (1.0, 0.0, 0.0)
     for i in range(n):
         k1 = rhs(2 * i, y)
-        k2 = rhs(2 * i + 1, tuple(a + h / 2 * b for a, b in zip(y, k1)))
-        k3 = rhs(2 * i + 1, tuple(a + h / 2 * b for a, b in zip(y, k2)))
-        k4 = rhs(2 * i + 2, tuple(a + h * b for a, b in zip(y, k3)))
-        y = tuple(a + h / 6 * (b1 + 2 * b2 + 2 * b3 + b4) for a, b1, b2, b3, b4 in zip(y, k1, k2, k3, k4))
+        k2 = rhs(2 * i + 1, tuple(a + h / 2 * b for a, b in zip(y, k1, strict=True)))
+        k3 = rhs(2 * i + 1, tuple(a + h / 2 * b for a, b in zip(y, k2, strict=True)))
+        k4 = rhs(2 * i + 2, tuple(a + h * b for a, b in zip(y, k3, strict=True)))
+        y = tuple(a + h / 6 * (b1 + 2 * b2 + 2 * b3 + b4)
+                  for a, b1, b2, b3, b4 in zip(y, k1, k2, k3, k4, strict=True))
     return y
 
 
@@ -74,7 +75,7 @@ def test_euler_has_second_order_local_error(process, eta):
         mx, ms, v = _integrate(process, t, t - h, eta, "score", n=400)
         errs.append((abs(float(table.A_score[0]) - mx), abs(float(table.K_score[0]) - ms),
                      abs(float(table.C[0]) ** 2 - v)))
-    for big, small in zip(*errs):
+    for big, small in zip(*errs, strict=True):
         if big > 1e-13:
             assert 3.0 < big / small < 5.0          # halving h quarters the local error
 
