@@ -31,7 +31,7 @@ EXPERIMENTS = {name: mod.experiment for name, mod in _MODULES.items()}
 #: name -> one-line description
 DESCRIPTIONS = {name: mod.DESCRIPTION for name, mod in _MODULES.items()}
 
-__all__ = ["EXPERIMENTS", "DESCRIPTIONS", "run", "Context"]
+__all__ = ["DESCRIPTIONS", "EXPERIMENTS", "Context", "run"]
 
 
 def run(name: str, quick: bool = False, smoke: bool = False, out=None, seed: int = 0,

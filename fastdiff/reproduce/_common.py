@@ -52,7 +52,7 @@ def plt():
     """matplotlib.pyplot with the non-interactive Agg backend."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
+    from matplotlib import pyplot
     return pyplot
 
 

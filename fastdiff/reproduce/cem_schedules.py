@@ -4,6 +4,7 @@ t₁ = 1e−4, then one last step to t = 0): recovered point weights, distance t
 the score and ε targets blow up near t = 0 while the conditional expectation D stays bounded."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -33,6 +34,11 @@ def _kl_1d(m, v, m0, v0):
     if v <= 0:
         return math.inf
     return 0.5 * (v / v0 + (m - m0) ** 2 / v0 - 1 + math.log(v0 / v))
+
+
+def _rms(v):
+    """Root mean square over rows of the Euclidean norm of v [m, d]."""
+    return float(v.pow(2).sum(1).mean().sqrt())
 
 
 def _targets(den, x, t):
@@ -65,10 +71,10 @@ def experiment(ctx: Context) -> str:
                     counts = w * n
                     chi2 = float(((counts - n / N) ** 2 / (n / N)).sum())
                     dist = fd.metrics.distance_to_support(x, y)
-                    res = dict(tv=0.5 * float((w - 1 / N).abs().sum()), chi2_dof=chi2 / (N - 1),
-                               p=_chi2_sf(chi2, N - 1), d_mean=float(dist.mean()),
-                               d_99=float(dist.quantile(0.99)), d_max=float(dist.max()),
-                               mem=fd.metrics.memorisation_ratio(x, y), weights=w.tolist())
+                    res = {"tv": 0.5 * float((w - 1 / N).abs().sum()), "chi2_dof": chi2 / (N - 1),
+                           "p": _chi2_sf(chi2, N - 1), "d_mean": float(dist.mean()),
+                           "d_99": float(dist.quantile(0.99)), "d_max": float(dist.max()),
+                           "mem": fd.metrics.memorisation_ratio(x, y), "weights": w.tolist()}
                     cloud_res[(N, K, sched, method)] = res
                     cloud_rows.append([N, K, sched, method, res["tv"], res["chi2_dof"], res["p"], res["d_mean"],
                                        res["d_99"], res["d_max"], res["mem"]])
@@ -126,8 +132,8 @@ def experiment(ctx: Context) -> str:
             xt = process.alpha(t) * x0 + process.sigma(t) * torch.randn(m_mc, 2, generator=g, dtype=torch.float64)
             s, e, D = _targets(den, xt, t)
             ps, pe, pD = _targets(den, x_star, t)
-            rms = lambda v: float(v.pow(2).sum(1).mean().sqrt())
-            rows.append((t, process.sigma(t), rms(s), rms(e), rms(D), float(ps.norm()), float(pe.norm()), float(pD.norm())))
+            rows.append((t, process.sigma(t), _rms(s), _rms(e), _rms(D), float(ps.norm()), float(pe.norm()),
+                         float(pD.norm())))
         sing[name] = rows
 
     def slope(rows, col):
@@ -147,13 +153,13 @@ def experiment(ctx: Context) -> str:
         for sched in SCHEDULES:
             times = fd.time_grid(process, K0, sched, T1).tolist()
             per_step = []
-            for tk, tn in zip(times[:-1], times[1:]):
+            for tk, tn in itertools.pairwise(times):
                 x0 = samplers[name](ctx.pick(100, 500, 2000))
                 xt = process.alpha(tk) * x0 + process.sigma(tk) * torch.randn(x0.shape[0], 2, generator=g, dtype=torch.float64)
                 a = _targets(den, xt, tk)
                 b = _targets(den, xt, tn)
                 per_step.append((tk, [float((u - v).pow(2).sum(1).mean().sqrt() / v.pow(2).sum(1).mean().sqrt().clamp_min(1e-300))
-                                      for u, v in zip(a, b)]))
+                                      for u, v in zip(a, b, strict=True)]))
             frozen[(name, sched)] = per_step
             frozen_rows.append([name, sched] + [max(r[1][i] for r in per_step) for i in (0, 2)]
                                + [per_step[-1][1][i] for i in (0, 2)])
@@ -192,7 +198,7 @@ def experiment(ctx: Context) -> str:
     ax.set_title("line distribution: size of the targets (dashed: off the line)", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[1][1]
-    for sched, c in zip(SCHEDULES, ("tab:blue", "tab:orange", "tab:red")):
+    for sched, c in zip(SCHEDULES, ("tab:blue", "tab:orange", "tab:red"), strict=True):
         per = frozen[("line", sched)]
         ax.loglog([r[0] for r in per], [max(r[1][0], 1e-12) for r in per], "-", color=c, label=f"score, {sched}")
         ax.loglog([r[0] for r in per], [max(r[1][2], 1e-12) for r in per], ":", color=c, label=f"D, {sched}")
@@ -209,7 +215,10 @@ def experiment(ctx: Context) -> str:
     wins = [best_sched(N, K, m) for N in clouds for K in Ks for m in methods]
     exp_wins = wins.count("exponential")
     cells = [(N, K, m) for N in clouds for K in Ks for m in methods]
-    tv = lambda c, sch: cloud_res[(c[0], c[1], sch, c[2])]["tv"]
+
+    def tv(c, sch):
+        return cloud_res[(c[0], c[1], sch, c[2])]["tv"]
+
     unif_worst = sum(1 for c in cells if tv(c, "uniform") > max(tv(c, "quadratic"), tv(c, "exponential")))
     # a TV difference is resolved when it exceeds ~2 sd of a difference of two independent TVs
     res_tv = {N: 2 * math.sqrt(2) * tv_sd[N] for N in clouds}
@@ -221,7 +230,10 @@ def experiment(ctx: Context) -> str:
     paper_tv = 0.5 * sum(abs(f - 0.2) for f in (0.2086, 0.1924, 0.2092, 0.1977, 0.1921))
     tv5 = cloud_res[(5, K0, "exponential", "ei")]["tv"]
     ok5 = tv5 <= tv_mc[5] + 2 * tv_sd[5]                      # consistent with exact multinomial sampling
-    pvals = lambda sch: [cloud_res[(*c[:2], sch, c[2])]["p"] for c in cells]
+
+    def pvals(sch):
+        return [cloud_res[(*c[:2], sch, c[2])]["p"] for c in cells]
+
     rejects = {sch: sum(1 for v in pvals(sch) if v is not None and v < 0.01) for sch in SCHEDULES}
     parts = [unif_worst == len(cells), exp_beats_quad > 0 and quad_beats_exp == 0, line_best == "exponential"]
     label_ii = "agree" if all(parts) else ("partly agree" if any(parts) else "disagree")

@@ -67,7 +67,7 @@ class _Spiral:
 
     def project(self, x):
         """(distance to the nearest curve point, that point's parameter u), one blocked search."""
-        dist, idx = zip(*(torch.cdist(c.double(), self.curve).min(1) for c in x.split(2000)))
+        dist, idx = zip(*(torch.cdist(c.double(), self.curve).min(1) for c in x.split(2000)), strict=True)
         return torch.cat(dist), self.u[torch.cat(idx)]
 
     @staticmethod
@@ -85,16 +85,21 @@ def _metrics(ds, x, reference):
     ok = torch.isfinite(x).all(1)
     x = x[ok].double()
     if x.shape[0] == 0:
-        return dict(nonfinite=int((~ok).sum()), d_mean=math.inf, d_median=math.inf, d_90=math.inf,
-                    kl_along=math.inf, kl_2d=math.inf, outside=1.0)
+        return {"nonfinite": int((~ok).sum()), "d_mean": math.inf, "d_median": math.inf, "d_90": math.inf,
+                "kl_along": math.inf, "kl_2d": math.inf, "outside": 1.0}
     dist, coord = ds.project(x)
     kl_along = fd.metrics.kl_histogram(coord.unsqueeze(1), density=ds.coord_density,
                                        bins=ds.coord_bins, range=ds.coord_range)
     kl_2d = fd.metrics.kl_histogram(x, reference=reference, bins=BINS2D, range=GRID2D)
     (lo, hi), _ = GRID2D
     outside = float(((x < lo) | (x > hi)).any(1).double().mean())
-    return dict(nonfinite=int((~ok).sum()), d_mean=float(dist.mean()), d_median=float(dist.median()),
-                d_90=float(dist.quantile(0.9)), kl_along=kl_along, kl_2d=kl_2d, outside=outside)
+    return {"nonfinite": int((~ok).sum()), "d_mean": float(dist.mean()), "d_median": float(dist.median()),
+            "d_90": float(dist.quantile(0.9)), "kl_along": kl_along, "kl_2d": kl_2d, "outside": outside}
+
+
+def _rms(v):
+    """Root mean square over rows of the Euclidean norm of v [m, d]."""
+    return float(v.pow(2).sum(1).mean().sqrt())
 
 
 def _target_errors(den, exact, process, ts, m, gen):
@@ -107,9 +112,8 @@ def _target_errors(den, exact, process, ts, m, gen):
         own = {"x0": "denoise", "score": "score", "eps": "eps"}[den.prediction]
         got = getattr(den, own)(xt.float(), t).double()
         ref = getattr(exact, own)(xt, t).double()
-        rms = lambda v: float(v.pow(2).sum(1).mean().sqrt())
-        d_err = rms(den.denoise(xt.float(), t).double() - exact.denoise(xt, t).double())
-        rows.append((t, rms(got - ref), rms(ref), d_err))
+        d_err = _rms(den.denoise(xt.float(), t).double() - exact.denoise(xt, t).double())
+        rows.append((t, _rms(got - ref), _rms(ref), d_err))
     return rows
 
 
@@ -201,7 +205,7 @@ def _experiment(ctx: Context) -> str:
 
     fig, axes = P.subplots(1, len(datasets) + 1, figsize=(4.3 * (len(datasets) + 1), 3.6))
     colors = {"exact": "k", "cem": "tab:green", "dsm": "tab:red", "eps": "tab:orange"}
-    for ax, dname in zip(axes, datasets):
+    for ax, dname in zip(axes, datasets, strict=False):     # one axis more: the last gets the panel below
         ds = datasets[dname]
         for k in kinds:
             x = samples[(dname, k)]

@@ -21,7 +21,7 @@ PROCESSES = {
     "conservative drifted VE (β=t)": lambda T: fd.DriftedVE(T=T, beta="t"),
     "pure VE (σ²=t²)": lambda T: fd.PureVE(T=T),
 }
-SHORT = dict(zip(PROCESSES, ("aggressive", "conservative", "pure")))
+SHORT = dict(zip(PROCESSES, ("aggressive", "conservative", "pure"), strict=True))
 METHODS = ("euler", "ei", "ei-x0")
 T_END = 1e-3
 
@@ -66,7 +66,7 @@ def experiment(ctx: Context) -> str:
     prior_rows = []
     for T in Ts:
         row = [fmt(T)]
-        for pname, make in PROCESSES.items():
+        for make in PROCESSES.values():
             p = make(T)
             a, s2 = p.alpha(T), p.sigma2(T)
             row.append(fd.metrics.gaussian_kl(a * mu, a * a * cov + s2 * torch.eye(2, dtype=torch.float64),
@@ -79,7 +79,7 @@ def experiment(ctx: Context) -> str:
         K = int(4 * T)
         for method in METHODS:
             row = [fmt(T), K, method]
-            for pname, make in PROCESSES.items():
+            for make in PROCESSES.values():
                 p = make(T)
                 kl_exp = _oracle_kl(p, fd.time_grid(p, K, "exponential", T_END), method, False, mu, cov)
                 kl_uni = _oracle_kl(p, fd.time_grid(p, K, "uniform", T_END), method, False, mu, cov)
@@ -118,7 +118,7 @@ def experiment(ctx: Context) -> str:
             for h in hs:
                 row = [fmt(h), round((T - T_END) / h)]
                 for method in METHODS:
-                    vals = [dict((hh, kl) for hh, _, kl in curves[(T, ode, p, method)])[h] for p in PROCESSES]
+                    vals = [{hh: kl for hh, _, kl in curves[(T, ode, p, method)]}[h] for p in PROCESSES]
                     row += vals
                     a, c, pu = vals
                     if all(math.isfinite(v) for v in vals):
@@ -135,20 +135,20 @@ def experiment(ctx: Context) -> str:
     # --- figure ---------------------------------------------------------------------------------------
     P = plt()
     fig, axes = P.subplots(1, len(Ts), figsize=(4.6 * len(Ts), 4.0), squeeze=False)
-    colors = dict(zip(PROCESSES, ("tab:red", "tab:blue", "tab:gray")))
-    widths = dict(zip(PROCESSES, (1.4, 1.2, 3.5)))
-    alphas = dict(zip(PROCESSES, (1.0, 1.0, 0.45)))
-    styles = dict(zip(METHODS, ("-", "--", ":")))
-    for ax, T in zip(axes[0], Ts):
+    colors = dict(zip(PROCESSES, ("tab:red", "tab:blue", "tab:gray"), strict=True))
+    widths = dict(zip(PROCESSES, (1.4, 1.2, 3.5), strict=True))
+    alphas = dict(zip(PROCESSES, (1.0, 1.0, 0.45), strict=True))
+    styles = dict(zip(METHODS, ("-", "--", ":"), strict=True))
+    for ax, T in zip(axes[0], Ts, strict=True):
         for pname in reversed(list(PROCESSES)):
             for method in METHODS:
                 pts = [(h, kl) for h, _, kl in curves[(T, False, pname, method)] if math.isfinite(kl) and kl > 0]
                 if pts:
-                    ax.loglog(*zip(*pts), styles[method], color=colors[pname], marker="o", ms=3,
+                    ax.loglog(*zip(*pts, strict=True), styles[method], color=colors[pname], marker="o", ms=3,
                               lw=widths[pname], alpha=alphas[pname], label=f"{SHORT[pname]}, {method}")
         if T == T_mc:
-            for (pn, method), (_, kl_s, _) in mc.items():
-                name = [k for k in PROCESSES if SHORT[k] == pn][0]
+            for (pn, _method), (_, kl_s, _) in mc.items():
+                name = next(k for k in PROCESSES if SHORT[k] == pn)
                 ax.plot([h_mc], [max(kl_s, 1e-12)], "x", color=colors[name], ms=9, mew=2)
         ax.set_xlabel("step size h (uniform grid)")
         ax.set_ylabel("KL(output ‖ data), exact")
@@ -163,10 +163,10 @@ def experiment(ctx: Context) -> str:
     cells = max(order_stats["cells"], 1)
     T0 = Ts[-1] if 100.0 not in Ts else 100.0
     h_small = min(hs)
-    ratio = {m: [dict((hh, kl) for hh, _, kl in curves[(T0, False, p, m)])[h_small] for p in PROCESSES]
+    ratio = {m: [{hh: kl for hh, _, kl in curves[(T0, False, p, m)]}[h_small] for p in PROCESSES]
              for m in METHODS}
     h_big = max(hs)
-    big = {m: [dict((hh, kl) for hh, _, kl in curves[(T0, False, p, m)])[h_big] for p in PROCESSES]
+    big = {m: [{hh: kl for hh, _, kl in curves[(T0, False, p, m)]}[h_big] for p in PROCESSES]
            for m in METHODS}
     exp_worse = sum(1 for r in exp_rows if r[3] > r[5])
     small_ok = all(ratio[m][0] < ratio[m][2] for m in METHODS)

@@ -40,12 +40,15 @@ def experiment(ctx: Context) -> str:
     w, mu, cov = fd.datasets.gmm_1d_params()
     roll = fd.datasets.swiss_roll(N_POINTS, seed=ctx.seed, dtype=torch.float64)
     kde = fd.PointCloud(roll, fd.PureVE(100.0), bandwidth=BANDWIDTH)       # p_0 does not depend on the process
-    roll_density = lambda z: kde.data_log_prob(z).exp()
+
+    def roll_density(z):
+        return kde.data_log_prob(z).exp()
+
     datasets = {
-        "1-D GMM": dict(denoiser=lambda p: fd.GaussianMixture(w, mu, cov, p), density=_gmm_density,
-                        range=GMM_RANGE, bins=GMM_BINS),
-        "swiss roll": dict(denoiser=lambda p: fd.PointCloud(roll.float(), p, bandwidth=BANDWIDTH),
-                           density=roll_density, range=ROLL_RANGE, bins=ROLL_BINS),
+        "1-D GMM": {"denoiser": lambda p: fd.GaussianMixture(w, mu, cov, p), "density": _gmm_density,
+                    "range": GMM_RANGE, "bins": GMM_BINS},
+        "swiss roll": {"denoiser": lambda p: fd.PointCloud(roll.float(), p, bandwidth=BANDWIDTH),
+                       "density": roll_density, "range": ROLL_RANGE, "bins": ROLL_BINS},
     }
 
     def exact_draws(name, seed):
@@ -121,7 +124,7 @@ def experiment(ctx: Context) -> str:
     ax.plot(zz[:, 0], _gmm_density(zz), "k")
     ax.hist(exact_draws("1-D GMM", 0)[:, 0].numpy(), bins=GMM_BINS, range=GMM_RANGE, density=True, alpha=0.5)
     ax.set_title(f"1-D GMM: exact draws (KL floor {fmt(floors['1-D GMM'][0])})", fontsize=9)
-    for ax, pname in zip(axes[0][1:], ("pure VE", "drifted VE")):
+    for ax, pname in zip(axes[0][1:], ("pure VE", "drifted VE"), strict=True):
         key = (T_hi, "1-D GMM", pname, True, m0)
         ax.plot(zz[:, 0], _gmm_density(zz), "k")
         ax.hist(samples[key][:, 0].numpy(), bins=GMM_BINS, range=GMM_RANGE, density=True, alpha=0.5,
@@ -133,7 +136,7 @@ def experiment(ctx: Context) -> str:
         key = (T_lo, "swiss roll", pname, False, m0)
         panels.append((f"{pname}, T = {fmt(T_lo)}, reverse SDE, {m0}: KL {fmt(kl[key])}", samples[key],
                        "tab:blue" if pname == "pure VE" else "tab:red"))
-    for ax, (title, x, c) in zip(axes[1], panels):
+    for ax, (title, x, c) in zip(axes[1], panels, strict=True):
         ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=1, alpha=0.4, color=c, rasterized=True)
         ax.set_xlim(*ROLL_RANGE[0])
         ax.set_ylim(*ROLL_RANGE[1])

@@ -6,6 +6,7 @@ and the reverse SDE's samples, and of each against the data, binned on the paper
 Monte Carlo noise."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -93,7 +94,7 @@ def _experiment(ctx: Context) -> str:
     m_eval = ctx.pick(200, 2000, 10_000)
     lr = ctx.pick(5e-3, 5e-3, 1e-3)                            # short runs need the larger step
     chunk = 250_000                                            # autograd through the net: bounded memory
-    sample_kw = dict(schedule="logsnr", method="ei", t_end=T_MIN, seed=ctx.seed)
+    sample_kw = {"schedule": "logsnr", "method": "ei", "t_end": T_MIN, "seed": ctx.seed}
 
     res, base, floor, hists, fit = {}, {}, {}, {}, {}
     gen = torch.Generator().manual_seed(ctx.seed + 104)
@@ -114,7 +115,8 @@ def _experiment(ctx: Context) -> str:
         for k in (K_exact if name == "9 Gaussians" or ctx.mode == "full" else [K]):
             xo = fd.sample(den, n=n, steps=k, ode=True, **sample_kw)
             xs = fd.sample(den, n=n, steps=k, ode=False, **sample_kw)
-            base[(name, k)] = dict(gap=_w2sq(xo, xs), ode=_w2sq(xo, law), sde=_w2sq(xs, law), floor=law_floor)
+            base[(name, k)] = {"gap": _w2sq(xo, xs), "ode": _w2sq(xo, law), "sde": _w2sq(xs, law),
+                               "floor": law_floor}
         # --- potential networks with Fokker–Planck weight w_R ------------------------------------
         for w in ws:
             model = tr.PotentialMLP(2, hidden=hidden, layers=3, seed=ctx.seed)
@@ -125,8 +127,8 @@ def _experiment(ctx: Context) -> str:
             den = r.denoiser(process)
             xo = fd.sample(den, n=n, steps=K, ode=True, chunk_size=chunk, **sample_kw)
             xs = fd.sample(den, n=n, steps=K, ode=False, chunk_size=chunk, **sample_kw)
-            res[(name, w)] = dict(gap=_w2sq(xo, xs), ode=_w2sq(xo, truth), sde=_w2sq(xs, truth), r2=r2, dsm=dsm,
-                                  out_ode=_outside(xo), out_sde=_outside(xs), seconds=r.seconds)
+            res[(name, w)] = {"gap": _w2sq(xo, xs), "ode": _w2sq(xo, truth), "sde": _w2sq(xs, truth), "r2": r2,
+                              "dsm": dsm, "out_ode": _outside(xo), "out_sde": _outside(xs), "seconds": r.seconds}
             hists[(name, w, "ODE")], hists[(name, w, "SDE")] = xo[:200_000], xs[:200_000]
             ctx.log(f"{name}: w_R={w:g} trained in {r.seconds:.1f}s; gap {res[(name, w)]['gap']:.4f}")
 
@@ -163,7 +165,7 @@ def _experiment(ctx: Context) -> str:
 
     fig, axes = P.subplots(1, len(DATASETS), figsize=(4.2 * len(DATASETS), 3.4), squeeze=False)
     xs_plot = [max(w, ws[1] / 10) for w in ws]                  # w_R = 0 drawn at a tenth of the first positive weight
-    for ax, name in zip(axes[0], DATASETS):
+    for ax, name in zip(axes[0], DATASETS, strict=True):
         for key, lab, c in (("gap", "W2²(ODE, SDE)", "k"), ("ode", "W2²(ODE, truth)", "tab:blue"),
                             ("sde", "W2²(SDE, truth)", "tab:red")):
             ax.loglog(xs_plot, [max(res[(name, w)][key], 1e-6) for w in ws], "-o", color=c, ms=4, label=lab)
@@ -185,7 +187,7 @@ def _experiment(ctx: Context) -> str:
     gap0 = {nm: val(nm, 0.0, "gap") for nm in DATASETS}
     shrinks = [nm for nm in DATASETS if fin(gap0[nm]) and fin(val(nm, w_top, "gap")) and val(nm, w_top, "gap") < gap0[nm]]
     monotone = [nm for nm in DATASETS if all(fin(val(nm, w, "gap")) for w in ws)
-                and all(val(nm, a, "gap") >= val(nm, b, "gap") for a, b in zip(ws, ws[1:]))]
+                and all(val(nm, a, "gap") >= val(nm, b, "gap") for a, b in itertools.pairwise(ws))]
     best_w = {nm: min(ws, key=lambda w: val(nm, w, "gap")) for nm in DATASETS}
     # an SDE whose samples all leave the grid (inf) is worse than one that stays
     sde_worse = [nm for nm in DATASETS if fin(val(nm, 0.0, "sde")) and not val(nm, w_top, "sde") <= val(nm, 0.0, "sde")]
