@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from .denoisers import Denoiser, _coeffs
-from .distributed import _affine_D, local_posterior
+from .distributed.merge import _affine_D, local_posterior
 from .processes import Process
 
-__all__ = ["StreamingPointCloud", "NpySource", "as_source"]
+__all__ = ["NpySource", "StreamingPointCloud", "as_source"]
 
 DEFAULT_CHUNK_BYTES = 32 << 20     # storage bytes per chunk: big enough to keep every core busy per call
 
