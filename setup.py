@@ -71,7 +71,9 @@ def _extensions():
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv"] + \
         ([f"-march={cpu_arch}"] if cpu_arch else [])
     _write_build_info(cxx, arch_list, torch.__version__)
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("**/*.cpp"))
+    # csrc/emu/ is the tests' CUDA emulator (built by tests/test_cuda_emu.py), never part of fastdiff._C
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("**/*.cpp")
+                     if p.relative_to(ROOT / "csrc").parts[0] != "emu")
     kwargs = dict(name="fastdiff._C", extra_link_args=["-fopenmp"])
     if with_cuda:
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))

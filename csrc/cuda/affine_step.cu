@@ -30,8 +30,8 @@ cudaError_t launch_affine_step(const T* x, const T* D, T* out, int64_t M, int64_
   if (work == 0) return cudaSuccess;
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>((work + threads - 1) / threads);
-  affine_step_kernel<T><<<blocks, threads, 0, stream>>>(x, D, out, M, d, static_cast<T>(A), static_cast<T>(B),
-                                                         static_cast<T>(C), C != 0.0, seed, step, sample_offset);
+  FD_LAUNCH(blocks, threads, 0, stream, affine_step_kernel<T>)(x, D, out, M, d, static_cast<T>(A), static_cast<T>(B),
+                                                               static_cast<T>(C), C != 0.0, seed, step, sample_offset);
   return cudaGetLastError();
 }
 

@@ -1,39 +1,74 @@
-// Device helpers shared by the CUDA kernels: noise normals and the per-query posterior for small d.
+// Device helpers shared by the CUDA kernels: noise normals, the shared numeric rule, the per-query posterior for
+// small d.
 #pragma once
-#include <cuda_runtime.h>
-
+#include <cfloat>
 #include <cstdint>
 
 #include "../common/philox.h"
 #include "kernels.cuh"
+
+// Launches and shared memory are spelled through these macros so that csrc/emu/cuda_emu.h can run the kernels
+// on the CPU in the tests (it defines them itself). FD_LAUNCH(grid, block, shmem, stream, kernel)(args...);
+// FD_EXTERN_SHARED(T, name): the dynamic shared memory as T*; FD_SHARED(T, name, n): a static __shared__ T[n].
+#ifndef FASTDIFF_CUDA_EMU
+#define FD_LAUNCH(grid, block, shmem, stream, ...) __VA_ARGS__<<<grid, block, shmem, stream>>>
+#define FD_EXTERN_SHARED(T, name)                           \
+  extern __shared__ __align__(16) unsigned char fd_smem_[]; \
+  T* const name = reinterpret_cast<T*>(fd_smem_)
+#define FD_SHARED(T, name, n) __shared__ T name[n]
+#endif
 
 namespace fastdiff::cuda {
 
 constexpr int kThreads = 128;   // queries per block in the small-d kernels
 constexpr int kTile = 128;      // data points staged in shared memory per tile
 
-// The four normals of counter (quad, step, sample): Box–Muller in float (sincospi avoids rounding 2π·u).
-__device__ __forceinline__ void normals4(uint64_t seed, uint64_t sample, uint32_t step, uint32_t quad, float n[4]) {
-  const Philox4 w = noise_words(seed, sample, step, quad);
-#pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    const float radius = sqrtf(-2.0f * logf(philox_uniform(w.r[2 * p])));
-    float s, c;
-    sincospif(2.0f * philox_uniform(w.r[2 * p + 1]), &s, &c);
-    n[2 * p] = radius * c;
-    n[2 * p + 1] = radius * s;
-  }
-}
-__device__ __forceinline__ void normals4(uint64_t seed, uint64_t sample, uint32_t step, uint32_t quad, double n[4]) {
+// The four normals of counter (quad, step, sample), as fastdiff/noise.py computes them: Box–Muller in double
+// from the exact float uniforms, angle fl64(2π·u) (not sincospi(2u), which differs from the reference by up to
+// ~700 ulps near the zeros of cos and sin), then rounded to T. So float32 agrees with the reference bit for bit
+// up to the last-ulp differences of the double log/sincos, and float64 to a few ulps.
+template <typename T>
+__device__ __forceinline__ void normals4(uint64_t seed, uint64_t sample, uint32_t step, uint32_t quad, T n[4]) {
+  constexpr double kTwoPi = 6.283185307179586476925286766559;   // fl64(2π), as Python's 2 * math.pi
   const Philox4 w = noise_words(seed, sample, step, quad);
 #pragma unroll
   for (int p = 0; p < 2; ++p) {
     const double radius = sqrt(-2.0 * log(static_cast<double>(philox_uniform(w.r[2 * p]))));
     double s, c;
-    sincospi(2.0 * static_cast<double>(philox_uniform(w.r[2 * p + 1])), &s, &c);
-    n[2 * p] = radius * c;
-    n[2 * p + 1] = radius * s;
+    sincos(kTwoPi * static_cast<double>(philox_uniform(w.r[2 * p + 1])), &s, &c);
+    n[2 * p] = static_cast<T>(radius * c);
+    n[2 * p + 1] = static_cast<T>(radius * s);
   }
+}
+
+// The shared numeric rule (points 1, 2), as the torch reference applies it: 1/(2c) clamped to
+// [smallest subnormal, largest finite] of the working type W (so distance 0 never meets inf, nor an overflowed
+// distance 0), and a point with finite log-weight keeps a logit >= −max_finite(W) even when its squared distance
+// overflowed (max is fmax: a NaN operand loses); log-weight −inf stays excluded. D and L stay finite.
+template <typename W>
+__device__ __forceinline__ W max_finite();
+template <>
+__device__ __forceinline__ float max_finite<float>() { return FLT_MAX; }
+template <>
+__device__ __forceinline__ double max_finite<double>() { return DBL_MAX; }
+
+template <typename W>
+__device__ __forceinline__ W clamped_inv2c(double c) {
+  const double lo = sizeof(W) == sizeof(float) ? 1.40129846e-45 : 4.9406564584124654e-324;
+  return static_cast<W>(fmin(fmax(0.5 / c, lo), static_cast<double>(max_finite<W>())));
+}
+
+template <typename W>
+__device__ __forceinline__ W clamped_logit(W log_w, W dist, W inv2c) {
+  return log_w > W(-INFINITY) ? max(log_w - dist * inv2c, -max_finite<W>()) : W(-INFINITY);
+}
+
+// Opt in to the most dynamic shared memory a kernel instantiation can ask for: the driver's default limit is
+// 48 KiB minus the kernel's static shared memory, and a launch above it fails. The value is fixed per
+// instantiation (not the launch's own size), so launches from several host threads never race on the attribute.
+template <typename Kernel>
+cudaError_t opt_in_shared(Kernel kernel, size_t max_dynamic_bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(max_dynamic_bytes));
 }
 
 // x − αy as (x − c1·y) + c2·y (as the CPU and Triton kernels do): for α ≥ ½, c1 = 1 and c2 = 1 − α from
@@ -49,17 +84,20 @@ struct ScaledDiff {
 
 // x (registers, DMAX slots, d used) against the cloud; every thread of the block must call it (it stages
 // data tiles in shared memory `tile` [kTile * d]); `active` threads own a query. Writes D (registers).
+// Within a tile the online log-sum-exp runs in T; each tile's sums are merged into double (shared numeric rule
+// 4), so no float sum grows past a tile's worth of terms: L keeps MATH.md §7 for any N (one point at a time in
+// float, 2^15 points of relative weight 2^-24 vanish).
 template <typename T, int DMAX>
 __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double alpha, double sigma, bool active,
                                   T* tile, T* tile_lw, T (&D)[DMAX], T* L) {
   const int d = static_cast<int>(c.d);
   const double cd = alpha * alpha * c.bandwidth + sigma * sigma;
-  const T inv2c = static_cast<T>(0.5 / cd);
+  const T inv2c = clamped_inv2c<T>(cd);
   const ScaledDiff<T> diff_of(alpha);
-  T acc[DMAX];
+  double acc[DMAX];
 #pragma unroll
-  for (int k = 0; k < DMAX; ++k) acc[k] = T(0);
-  T m = -INFINITY, s = T(0);
+  for (int k = 0; k < DMAX; ++k) acc[k] = 0.0;
+  double m = -INFINITY, s = 0.0;
   for (int64_t j0 = 0; j0 < c.N; j0 += kTile) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTile), c.N - j0));
     __syncthreads();
@@ -67,6 +105,10 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
     for (int e = threadIdx.x; e < n; e += blockDim.x) tile_lw[e] = c.log_w ? c.log_w[j0 + e] : T(0);
     __syncthreads();
     if (!active) continue;
+    T tacc[DMAX];
+#pragma unroll
+    for (int k = 0; k < DMAX; ++k) tacc[k] = T(0);
+    T tm = -INFINITY, ts = T(0);
     for (int j = 0; j < n; ++j) {
       T dist = T(0);
 #pragma unroll
@@ -76,30 +118,38 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
           dist += diff * diff;
         }
       }
-      const T l = tile_lw[j] - dist * inv2c;
-      if (l > m) {                 // new maximum: rescale what was accumulated
-        const T r = exp(m - l);
-        s = s * r + T(1);
+      const T l = clamped_logit(tile_lw[j], dist, inv2c);
+      if (l > tm) {                // new maximum of the tile: rescale what the tile accumulated
+        const T r = exp(tm - l);
+        ts = ts * r + T(1);
 #pragma unroll
         for (int k = 0; k < DMAX; ++k)
-          if (k < d) acc[k] = acc[k] * r + tile[j * d + k];
-        m = l;
+          if (k < d) tacc[k] = tacc[k] * r + tile[j * d + k];
+        tm = l;
       } else if (l > -INFINITY) {
-        const T p = exp(l - m);
-        s += p;
+        const T p = exp(l - tm);
+        ts += p;
 #pragma unroll
         for (int k = 0; k < DMAX; ++k)
-          if (k < d) acc[k] += p * tile[j * d + k];
+          if (k < d) tacc[k] += p * tile[j * d + k];
       }
     }
+    if (!(tm > -INFINITY)) continue;   // a tile of zero-weight points
+    const double m_new = fmax(m, static_cast<double>(tm));
+    const double r_old = exp(m - m_new), r_tile = exp(static_cast<double>(tm) - m_new);
+    s = s * r_old + static_cast<double>(ts) * r_tile;
+#pragma unroll
+    for (int k = 0; k < DMAX; ++k)
+      if (k < d) acc[k] = acc[k] * r_old + static_cast<double>(tacc[k]) * r_tile;
+    m = m_new;
   }
   if (!active) return;
-  const T shrink = c.bandwidth > 0 ? static_cast<T>(1.0 - alpha * alpha * c.bandwidth / cd) : T(1);
-  const T pull = c.bandwidth > 0 ? static_cast<T>(alpha * c.bandwidth / cd) : T(0);
+  const double shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cd : 1.0;
+  const double pull = c.bandwidth > 0 ? alpha * c.bandwidth / cd : 0.0;
 #pragma unroll
   for (int k = 0; k < DMAX; ++k)
-    if (k < d) D[k] = acc[k] / s * shrink + pull * x[k];
-  if (L) *L = m + log(s);
+    if (k < d) D[k] = static_cast<T>(acc[k] / s * shrink + pull * static_cast<double>(x[k]));
+  if (L) *L = static_cast<T>(m + log(s));
 }
 
 // x_out = A x + B D + C z for one row held in registers.

@@ -1,6 +1,10 @@
 // Torch-free CUDA kernels: raw pointers, a cudaStream_t, explicit instantiations. Glue in csrc/ops/.
 #pragma once
+#ifdef FASTDIFF_CUDA_EMU
+#include "../emu/cuda_emu.h"   // the tests' CPU emulation of CUDA (csrc/emu/); never in the installed build
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 

@@ -15,12 +15,12 @@ struct Coeffs {
 };
 
 // One thread per query; steps [k0, k1) (noise step index k); queries stay in registers across steps.
+// x_in and x_out may be the same array (whole trajectories, and pointcloud_step with out = x): no __restrict__;
+// each thread reads its own row before it writes it.
 template <typename T, int DMAX>
-__global__ void pointcloud_steps_kernel(Cloud<T> c, const T* __restrict__ x_in, T* __restrict__ x_out, int64_t M,
-                                        int64_t k0, int64_t k1, Coeffs co, uint64_t seed, uint64_t sample_offset,
-                                        T* __restrict__ traj) {
-  extern __shared__ unsigned char smem_raw[];
-  T* tile = reinterpret_cast<T*>(smem_raw);
+__global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
+                                        Coeffs co, uint64_t seed, uint64_t sample_offset, T* __restrict__ traj) {
+  FD_EXTERN_SHARED(T, tile);
   T* tile_lw = tile + kTile * c.d;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = i < M;
@@ -51,8 +51,11 @@ template <typename T, int DMAX>
 cudaError_t steps_small(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
                         const Coeffs& co, uint64_t seed, uint64_t off, T* traj, cudaStream_t st) {
   const size_t shmem = (kTile * c.d + kTile) * sizeof(T);
+  const cudaError_t e = opt_in_shared(pointcloud_steps_kernel<T, DMAX>, (kTile * DMAX + kTile) * sizeof(T));
+  if (e != cudaSuccess) return e;
   const unsigned blocks = static_cast<unsigned>((M + kThreads - 1) / kThreads);
-  pointcloud_steps_kernel<T, DMAX><<<blocks, kThreads, shmem, st>>>(c, x_in, x_out, M, k0, k1, co, seed, off, traj);
+  FD_LAUNCH(blocks, kThreads, shmem, st, pointcloud_steps_kernel<T, DMAX>)(c, x_in, x_out, M, k0, k1, co, seed, off,
+                                                                         traj);
   return cudaGetLastError();
 }
 

@@ -1,6 +1,7 @@
 // CUDA point-cloud posterior (MATH.md §5). Small d (<= 64): one thread per query, data tiles in shared
-// memory, online log-sum-exp in registers. Large d: one block per query; warps score a tile of points by
-// direct differences (exact at small σ), the block keeps the online log-sum-exp and threads own slices of D.
+// memory, online log-sum-exp in registers (per-tile sums merged in double). Large d: one block per query; warps
+// score a tile of points by direct differences (exact at small σ), the block keeps the online log-sum-exp and
+// threads own slices of D, all in double (see LargeAcc).
 #include "common.cuh"
 
 namespace fastdiff::cuda {
@@ -9,8 +10,7 @@ namespace {
 template <typename T, int DMAX>
 __global__ void posterior_small_kernel(Cloud<T> c, const T* __restrict__ x, int64_t M, const double* alpha,
                                        const double* sigma, bool per_row, T* __restrict__ D, T* __restrict__ L) {
-  extern __shared__ unsigned char smem_raw[];
-  T* tile = reinterpret_cast<T*>(smem_raw);
+  FD_EXTERN_SHARED(T, tile);
   T* tile_lw = tile + kTile * c.d;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool active = i < M;
@@ -31,93 +31,101 @@ __global__ void posterior_small_kernel(Cloud<T> c, const T* __restrict__ x, int6
 constexpr int kLargeThreads = 256;
 constexpr int kLargeTile = 32;     // points scored per round (8 warps x 4 points)
 
+// The large kernel works in double whatever T is: it is bound by reading the data, so double arithmetic costs
+// little, and far queries keep their accuracy (x = 1e4·1, d = 300, σ = 300: float32 logits near −1.7e5 are
+// rounded to 0.016, which moves the weights by ~1%; exact differences and logits in double do not).
+using LargeAcc = double;
+
 template <typename T, int KPT>
 __global__ void posterior_large_kernel(Cloud<T> c, const T* __restrict__ x, int64_t M, const double* alpha,
                                        const double* sigma, bool per_row, T* __restrict__ D, T* __restrict__ L) {
-  extern __shared__ unsigned char smem_raw[];
-  T* xs = reinterpret_cast<T*>(smem_raw);           // [d]
-  __shared__ T logits[kLargeTile];
+  FD_SHARED(LargeAcc, logits, kLargeTile);
+  FD_EXTERN_SHARED(LargeAcc, xs);           // [d]
   const int64_t i = blockIdx.x;
   const int64_t d = c.d;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) xs[k] = x[i * d + k];
+  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) xs[k] = static_cast<LargeAcc>(x[i * d + k]);
   const int64_t r = per_row ? i : 0;
   const double al = alpha[r], sg = sigma[r];
   const double cd = al * al * c.bandwidth + sg * sg;
-  const T inv2c = static_cast<T>(0.5 / cd);
-  const ScaledDiff<T> diff_of(al);
-  T acc[KPT];
+  const LargeAcc inv2c = clamped_inv2c<LargeAcc>(cd);
+  const ScaledDiff<LargeAcc> diff_of(al);
+  LargeAcc acc[KPT];
 #pragma unroll
-  for (int e = 0; e < KPT; ++e) acc[e] = T(0);
-  T m = -INFINITY, s = T(0);
+  for (int e = 0; e < KPT; ++e) acc[e] = LargeAcc(0);
+  LargeAcc m = -INFINITY, s = LargeAcc(0);
   __syncthreads();
   for (int64_t j0 = 0; j0 < c.N; j0 += kLargeTile) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kLargeTile), c.N - j0));
     for (int j = warp; j < kLargeTile; j += kLargeThreads / 32) {
-      T dist = T(0);
+      LargeAcc dist = LargeAcc(0);
       if (j < n) {
         const T* y = c.y + (j0 + j) * d;
         for (int64_t k = lane; k < d; k += 32) {
-          const T diff = diff_of(xs[k], y[k]);
+          const LargeAcc diff = diff_of(xs[k], static_cast<LargeAcc>(y[k]));
           dist += diff * diff;
         }
       }
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) dist += __shfl_xor_sync(0xffffffffu, dist, off);
-      if (lane == 0) logits[j] = j < n ? (c.log_w ? c.log_w[j0 + j] : T(0)) - dist * inv2c : T(-INFINITY);
+      if (lane == 0) {
+        const LargeAcc lw = c.log_w ? static_cast<LargeAcc>(c.log_w[j0 + j < c.N ? j0 + j : 0]) : LargeAcc(0);
+        logits[j] = j < n ? clamped_logit(lw, dist, inv2c) : LargeAcc(-INFINITY);
+      }
     }
     __syncthreads();
-    T tmax = -INFINITY;
+    LargeAcc tmax = -INFINITY;
     for (int j = 0; j < n; ++j) tmax = max(tmax, logits[j]);
     if (tmax > -INFINITY) {
-      const T m_new = max(m, tmax);
-      const T rescale = exp(m - m_new);
+      const LargeAcc m_new = max(m, tmax);
+      const LargeAcc rescale = exp(m - m_new);
       s *= rescale;
 #pragma unroll
       for (int e = 0; e < KPT; ++e) acc[e] *= rescale;
       for (int j = 0; j < n; ++j) {
-        const T p = exp(logits[j] - m_new);
+        const LargeAcc p = exp(logits[j] - m_new);
         s += p;
         const T* y = c.y + (j0 + j) * d;
 #pragma unroll
         for (int e = 0; e < KPT; ++e) {
           const int64_t k = threadIdx.x + static_cast<int64_t>(e) * kLargeThreads;
-          if (k < d) acc[e] += p * y[k];
+          if (k < d) acc[e] += p * static_cast<LargeAcc>(y[k]);
         }
       }
       m = m_new;
     }
     __syncthreads();
   }
-  const T shrink = c.bandwidth > 0 ? static_cast<T>(1.0 - al * al * c.bandwidth / cd) : T(1);
-  const T pull = c.bandwidth > 0 ? static_cast<T>(al * c.bandwidth / cd) : T(0);
+  const LargeAcc shrink = c.bandwidth > 0 ? 1.0 - al * al * c.bandwidth / cd : 1.0;
+  const LargeAcc pull = c.bandwidth > 0 ? al * c.bandwidth / cd : 0.0;
 #pragma unroll
   for (int e = 0; e < KPT; ++e) {
     const int64_t k = threadIdx.x + static_cast<int64_t>(e) * kLargeThreads;
-    if (k < d) D[i * d + k] = acc[e] / s * shrink + pull * xs[k];
+    if (k < d) D[i * d + k] = static_cast<T>(acc[e] / s * shrink + pull * xs[k]);
   }
-  if (threadIdx.x == 0) L[i] = m + log(s);
+  // Saturated to T's range: a float32 L below −max_float (overflowed logits, worked in double) stays finite.
+  if (threadIdx.x == 0) L[i] = static_cast<T>(max(m + log(s), -static_cast<LargeAcc>(max_finite<T>())));
 }
 
 template <typename T, int DMAX>
 cudaError_t small(const Cloud<T>& c, const T* x, int64_t M, const double* a, const double* s, bool pr, T* D, T* L,
                   cudaStream_t st) {
   const size_t shmem = (kTile * c.d + kTile) * sizeof(T);
+  const cudaError_t e = opt_in_shared(posterior_small_kernel<T, DMAX>, (kTile * DMAX + kTile) * sizeof(T));
+  if (e != cudaSuccess) return e;
   const unsigned blocks = static_cast<unsigned>((M + kThreads - 1) / kThreads);
-  posterior_small_kernel<T, DMAX><<<blocks, kThreads, shmem, st>>>(c, x, M, a, s, pr, D, L);
+  FD_LAUNCH(blocks, kThreads, shmem, st, posterior_small_kernel<T, DMAX>)(c, x, M, a, s, pr, D, L);
   return cudaGetLastError();
 }
 
 template <typename T, int KPT>
 cudaError_t large(const Cloud<T>& c, const T* x, int64_t M, const double* a, const double* s, bool pr, T* D, T* L,
                   cudaStream_t st) {
-  const size_t shmem = c.d * sizeof(T);
-  if (shmem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(posterior_large_kernel<T, KPT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(shmem));
-    if (e != cudaSuccess) return e;
-  }
-  posterior_large_kernel<T, KPT><<<static_cast<unsigned>(M), kLargeThreads, shmem, st>>>(c, x, M, a, s, pr, D, L);
+  const size_t shmem = c.d * sizeof(LargeAcc);
+  const cudaError_t e = opt_in_shared(posterior_large_kernel<T, KPT>, KPT * kLargeThreads * sizeof(LargeAcc));
+  if (e != cudaSuccess) return e;
+  FD_LAUNCH(static_cast<unsigned>(M), kLargeThreads, shmem, st, posterior_large_kernel<T, KPT>)(c, x, M, a, s, pr, D,
+                                                                                                  L);
   return cudaGetLastError();
 }
 
