@@ -7,6 +7,12 @@ z for sample i (its global index in the run), sampler step k and component j is 
   (n₀, n₁) = √(−2 ln u₀)·(cos 2πu₁, sin 2πu₁),  (n₂, n₃) likewise from (u₂, u₃);  z = n_{j mod 4}.
 Step k of the sampler uses step index k; the prior draw uses PRIOR_STEP = 2³² − 1.
 
+How backends evaluate it: the C++ (cpu) and CUDA kernels compute Box–Muller exactly as `normal` below, in
+float64 from the float32 uniforms with the angle fl64(2π·u₁) (never sinpi(2u₁), which near the zeros of cos
+and sin differs from fl64(2π·u₁) by up to ~700 float64 ulps), then round to the dtype: float32 noise equals
+this reference bit for bit (up to the libm's last float64 ulp, which practically never moves a float32
+rounding), float64 noise is within a few ulps. The Triton kernels compute in float32 (within 4 float32 ulps).
+
 Deviation from DESIGN.md, on purpose: DESIGN.md writes u = ((r >> 8) + 0.5)·2⁻²⁴ and calls it exact
 in float32, but (2k + 1)·2⁻²⁵ needs 25 significant bits, so for u ≥ ½ it rounds (and the top value
 rounds to exactly 1.0). Keeping 23 bits, (2k + 1)·2⁻²⁴ with k < 2²³, is exact, so every backend gets the
