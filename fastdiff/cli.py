@@ -3,43 +3,82 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 PROCESS_CHOICES = ("pure-ve", "drifted-ve", "drifted-ve-aggressive", "ve", "vp", "ou")
+SCHEDULE_CHOICES = ("uniform", "quadratic", "exponential", "karras", "logsnr")   # fd.SCHEDULES (tested equal)
+DEFAULT_SCHEDULE, DEFAULT_T_END = "logsnr", 1e-3                                 # fd.time_grid's (tested equal)
+
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except None (whose help says what happens instead)."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _count(text: str) -> int:
+    """An integer argument: "2000", "1e6" or "1_000_000"; never a silently truncated 2.7."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    return int(value)
+
+
+DEFAULT_T = {"pure-ve": 100.0, "drifted-ve": 100.0, "drifted-ve-aggressive": 100.0, "ou": 10.0, "ve": 1.0, "vp": 1.0}
 
 
 def make_process(name: str, T: float | None):
-    """A process by CLI name; T=None keeps the process's own default (VE and VP always have T = 1)."""
+    """A process by CLI name; T=None keeps the process's own default (DEFAULT_T; VE and VP always have T = 1).
+    An explicit T is used as given (T = 0 is an error, never the default)."""
     import fastdiff as fd
 
+    T_ = DEFAULT_T[name] if T is None else T
     if name == "pure-ve":
-        return fd.PureVE(T=T or 100.0)
+        return fd.PureVE(T=T_)
     if name == "drifted-ve":
-        return fd.DriftedVE(T=T or 100.0, beta="t")
+        return fd.DriftedVE(T=T_, beta="t")
     if name == "drifted-ve-aggressive":
-        return fd.DriftedVE(T=T or 100.0, beta="t^2")
+        return fd.DriftedVE(T=T_, beta="t^2")
     if name == "ou":
-        return fd.OU(theta=0.5, g=1.0, T=T or 10.0)
-    if T not in (None, 1.0):
-        raise SystemExit(f"fastdiff: --T does not apply to {name} (its T is 1)")
+        return fd.OU(theta=0.5, g=1.0, T=T_)
+    if T_ != 1.0:
+        raise ValueError(f"--T does not apply to {name} (its T is 1), got {T}")
     return fd.VE() if name == "ve" else fd.VP()
 
 
-def _load_data(spec: str, n_data: int, seed: int):
+DEFAULT_N_DATA = {"circle": 8}     # points of a named data set when --n-data is not given; others: 2000
+
+
+def _load_data(spec: str, n_data: int | None, seed: int):
+    """The data [N, d]: a named data set (n_data points, seeded) or a file (n_data does not apply)."""
     import fastdiff as fd
 
     if spec in fd.datasets.DATASETS:
-        if spec == "circle":
-            return fd.datasets.circle()
-        return fd.datasets.get(spec, n_data, seed=seed)
+        n = DEFAULT_N_DATA.get(spec, 2000) if n_data is None else n_data
+        return fd.datasets.get(spec, n, seed=seed)
+    if n_data is not None:
+        raise ValueError(f"--n-data applies to the named data sets, not to the file {spec!r} (all its points are used)")
     path = Path(spec)
     if not path.exists():
-        raise SystemExit(f"fastdiff: --data {spec!r} is neither a data set ({', '.join(fd.datasets.DATASETS)}) nor a file")
+        raise ValueError(f"--data {spec!r} is neither a data set ({', '.join(fd.datasets.DATASETS)}) nor a file")
     return fd.datasets.load(path)
 
 
@@ -69,31 +108,85 @@ def _scatter(panels, path: Path, title: str):
     return path
 
 
+def _check_out(out: Path):
+    """--out must be .npz or .npy and writable; checked before any sampling (a failed write after the work
+    would lose it). Creates the parent folder."""
+    if out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a folder; give a file name ending in .npz or .npy")
+    if out.suffix not in (".npz", ".npy"):
+        raise ValueError(f"--out {str(out)!r} must end in .npz (samples, data, settings) or .npy (samples only)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            if not os.access(out, os.W_OK):
+                raise PermissionError(13, "permission denied")
+        else:
+            tempfile.TemporaryFile(dir=out.parent).close()    # can a file be created there?
+    except OSError as exc:
+        raise ValueError(f"--out {str(out)!r} is not writable ({exc.strerror or exc})") from None
+
+
+AUTO_PROGRESS_WORK = 5e9   # pair evaluations (~5 s on two CPU cores) above which the bar is shown by default
+
+
+def _estimated_work(n: int, steps: int, n_points: int, d: int) -> float:
+    """Pair evaluations of the point-cloud posterior: about 1e9 take a second on two CPU cores."""
+    return float(n) * steps * n_points * max(d, 1)
+
+
+def _check_coverage(data, process):
+    """The prior N(0, σ(T)²) must reach the data: data far beyond it are never visited by the sampler."""
+    spread = float(data.double().abs().max())
+    if spread > 10 * process.prior_std:
+        print(f"fastdiff sample: warning: the data reach {spread:.3g} but the prior's std is {process.prior_std:.3g} "
+              f"({process!r}); samples will miss most of the data: rescale the data or raise --T", file=sys.stderr)
+
+
 def cmd_sample(args):
     import numpy as np
 
     import fastdiff as fd
+    from fastdiff.sampling import check_device
 
-    data = _load_data(args.data, args.n_data, args.seed)
+    from fastdiff.schedules import as_integer
+
+    as_integer(args.seed, "seed", 0, 2**64 - 1)       # before the data set's generator overflows on it
+    device = check_device(args.device, "--device")
+    out = Path(args.out)
+    _check_out(out)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     process = make_process(args.process, args.T)
-    cloud = fd.PointCloud(data.to(device=args.device, dtype=dtype), process, bandwidth=args.bandwidth)
+    data = _load_data(args.data, args.n_data, args.seed)
+    cloud = fd.PointCloud(data.to(device=device, dtype=dtype), process, bandwidth=args.bandwidth)
+    _check_coverage(data, process)
+    progress = args.progress
+    if progress is None:     # auto: a bar when the run takes more than a few seconds
+        progress = _estimated_work(args.n, args.steps, data.shape[0], data.shape[1]) > AUTO_PROGRESS_WORK
     t0 = time.perf_counter()
-    x = fd.sample(cloud, n=args.n, steps=args.steps, schedule=args.schedule, method=args.method, ode=args.ode,
-                  t_end=args.t_end, final_denoise=args.final_denoise, seed=args.seed, progress=args.progress,
-                  dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", fd.GridWarning)
+        x = fd.sample(cloud, n=args.n, steps=args.steps, schedule=args.schedule, method=args.method, ode=args.ode,
+                      t_end=args.t_end, final_denoise=args.final_denoise, seed=args.seed, progress=progress,
+                      backend=args.backend, dtype=dtype)
     seconds = time.perf_counter() - t0
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for w in caught:
+        if issubclass(w.category, fd.GridWarning):
+            print(f"fastdiff sample: warning: {str(w.message).removeprefix('fastdiff.sample: ')}", file=sys.stderr)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"the sampler produced NaN or inf ({int((~torch.isfinite(x)).any(1).sum())} of {args.n} "
+                         f"samples); nothing was written. Try --dtype float64, more --steps, or rescaled data")
     arr = x.cpu().numpy()
-    if out.suffix == ".npy":
-        np.save(out, arr)
-    else:
-        np.savez(out, samples=arr, data=data.cpu().numpy(), settings=json.dumps(vars(args), default=str))
-    print(f"wrote {arr.shape[0]} samples of dimension {arr.shape[1]} to {out} "
-          f"({process!r}, {args.method}, {'ODE' if args.ode else 'SDE'}, {args.steps} steps, {seconds:.1f} s)")
+    with open(out, "wb") as f:    # a file object: numpy writes exactly this path (never out.npz.npz)
+        if out.suffix == ".npy":
+            np.save(f, arr)
+        else:
+            np.savez(f, samples=arr, data=data.cpu().numpy(), settings=json.dumps(vars(args), default=str))
+    what = "samples" if out.suffix == ".npy" else "samples, data and settings"
+    print(f"wrote {arr.shape[0]} samples of dimension {arr.shape[1]} to {out} ({what}; {process!r}, "
+          f"{args.method}, {'ODE' if args.ode else 'SDE'}, {args.steps} {args.schedule} steps, {seconds:.1f} s)")
     if args.plot:
-        png = _scatter([("data", data), (f"{args.process} {args.method}", x)], Path(args.plot), repr(process))
+        png = _scatter([("data", data), (f"{args.process} {args.method}, {args.steps} {args.schedule} steps", x)],
+                       Path(args.plot), repr(process))
         if png:
             print(f"wrote {png}")
     return 0
@@ -122,7 +215,7 @@ def cmd_info(args):
     lines.append("backends (auto order: " + "; ".join(f"{dev}: {' > '.join(o)}" for dev, o in _backend.AUTO_ORDER.items())
                  + "):")
     for name, reasons in _backend.describe().items():
-        lines.append(f"  {name:7s} {'available' if not reasons else 'unavailable: ' + '; '.join(reasons)}")
+        lines.append(f"  {name:7s} {_backend_status(name, reasons, cuda)}")
     import importlib.util
     for opt, extra in (("tqdm", "progress"), ("matplotlib", "plot"), ("scipy", "metrics"), ("ot", "metrics"),
                        ("k_diffusion", "peers"), ("pykeops", "peers")):
@@ -132,8 +225,20 @@ def cmd_info(args):
     return 0
 
 
+DEMO_BANDWIDTH = 0.05**2   # a variance, like PointCloud(bandwidth=...) and `fastdiff sample --bandwidth`
+
+
+def _backend_status(name: str, reasons: list, cuda: bool) -> str:
+    """One line for `fastdiff info`: a backend that needs a GPU is not "available" on a machine without one."""
+    if reasons:
+        return "unavailable: " + "; ".join(reasons)
+    if name == "triton" and not cuda:
+        return "interpreter only (CPU tensors with TRITON_INTERPRET=1); no CUDA device"
+    return "available"
+
+
 def run_demo(out_dir: Path, n_data: int = 500, n: int = 10_000, steps: int = 100, seed: int = 0,
-             bandwidth: float = 0.05**2, T: float = 100.0, progress: bool = False):
+             bandwidth: float = DEMO_BANDWIDTH, T: float = 100.0, progress: bool = False):
     """The main job: the swiss roll as a kernel density (so its true density is known), sampled with pure
     and drifted VE (reverse SDE, exponential integrator), KL(samples ‖ truth) on a fixed 2-D grid."""
     import fastdiff as fd
@@ -169,7 +274,8 @@ def cmd_demo(args):
     t0 = time.perf_counter()
     n, steps = (2000, 50) if args.quick else (args.n, args.steps)
     results, png = run_demo(Path(args.out), n=n, steps=steps, seed=args.seed, progress=args.progress)
-    print(f"swiss roll (kernel density, bandwidth 0.05), {n} samples, {steps} steps, reverse SDE, method ei")
+    print(f"swiss roll (kernel density, bandwidth v = {DEMO_BANDWIDTH:g}: a kernel variance, std {DEMO_BANDWIDTH ** 0.5:g}), "
+          f"{n} samples, {steps} steps, reverse SDE, method ei")
     print("KL(samples || true density), 50x50 histogram on [-1.6, 1.6]^2, empty-bin floor 1e-12:")
     for r in results:
         print(f"  {r['process']:22s} KL = {r['kl']:.4f}   ({r['seconds']:.1f} s)")
@@ -183,25 +289,38 @@ def build_parser():
     p = argparse.ArgumentParser(prog="fastdiff", description="Correct and fast samplers for score-based diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sample", help="sample a point cloud (a data set or a file) with its exact score")
+    s = sub.add_parser("sample", help="sample a point cloud (a data set or a file) with its exact score",
+                       formatter_class=_DefaultsHelp,
+                       description="Sample a point cloud with its exact score. The defaults (drifted VE, T = 100, "
+                                   "reverse SDE, exponential integrator, 200 log-SNR steps) draw the data.")
     s.add_argument("--data", default="swiss_roll", help="data set name or a .npy/.pt/.csv file of points [N, d]")
-    s.add_argument("--n-data", type=int, default=2000, help="points drawn from a named data set")
-    s.add_argument("--process", choices=PROCESS_CHOICES, default="drifted-ve")
-    s.add_argument("--T", type=float, default=None, help="end time (default: 100 for the VE family, 10 for OU)")
-    s.add_argument("--method", choices=("euler", "ei", "ei-x0"), default="ei")
+    s.add_argument("--n-data", type=_count, default=None,
+                   help="points drawn from a named data set (default 2000; circle: 8); not for files")
+    s.add_argument("--process", choices=PROCESS_CHOICES, default="drifted-ve", help="forward process")
+    s.add_argument("--T", type=float, default=None,
+                   help="end time; default: 100 for pure-ve and the drifted VEs, 10 for ou; ve and vp have T = 1")
+    s.add_argument("--method", choices=("euler", "ei", "ei-x0"), default="ei",
+                   help="ei: exponential integrator (score frozen); ei-x0: D frozen (DDIM/DPM-Solver++(1)); euler")
     s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
-    s.add_argument("--steps", type=int, default=200)
-    s.add_argument("--schedule", choices=("uniform", "quadratic", "exponential", "karras", "logsnr"), default="uniform")
-    s.add_argument("--t-end", type=float, default=1e-3)
-    s.add_argument("--bandwidth", type=float, default=0.0, help="Gaussian kernel variance v around each point")
-    s.add_argument("--final-denoise", action="store_true")
-    s.add_argument("--n", type=int, default=10_000, help="number of samples")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    s.add_argument("--out", default="samples.npz", help=".npz (samples, data, settings) or .npy (samples)")
+    s.add_argument("--steps", type=_count, default=200, help="number of steps (1e4 style accepted)")
+    s.add_argument("--schedule", choices=SCHEDULE_CHOICES, default=DEFAULT_SCHEDULE,
+                   help="time grid; logsnr is good on every process from about 10 steps")
+    s.add_argument("--t-end", type=float, default=DEFAULT_T_END, help="last time of the grid")
+    s.add_argument("--bandwidth", type=float, default=0.0,
+                   help="variance v of the Gaussian kernel around each point (kernel std = sqrt(v)); 0: the points")
+    s.add_argument("--final-denoise", action="store_true", help="return D(x, t_end) instead of x_{t_end}")
+    s.add_argument("--n", type=_count, default=10_000, help="number of samples")
+    s.add_argument("--seed", type=_count, default=0, help="integer in [0, 2**64)")
+    s.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    s.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision")
+    s.add_argument("--backend", choices=("auto", "cpu", "cuda", "triton", "torch"), default="auto",
+                   help="kernels to run (auto: the fastest that accepts the inputs; see `fastdiff info`)")
+    s.add_argument("--out", default="samples.npz", help=".npz (samples, data, settings) or .npy (samples); "
+                   "exactly this path is written")
     s.add_argument("--plot", default=None, help="also write a scatter (2-D) or histogram (1-D) PNG here")
-    s.add_argument("--progress", action="store_true")
+    s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: shown when the run is estimated to take more than a few "
+                        "seconds)")
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
@@ -266,6 +385,9 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as exc:   # bad input: one clear line, not a traceback
         print(f"fastdiff {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:                   # a file that cannot be read or written mid-run
+        print(f"fastdiff {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -209,13 +209,16 @@ def load(path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if suffix == ".npy":
         try:
             arr = np.load(p, allow_pickle=False)
-        except ValueError as e:                       # object arrays need pickles
-            raise ValueError(f"{p}: not a numeric .npy array ({e})") from None
+        except (ValueError, EOFError, OSError) as e:  # object arrays (need pickles), empty or truncated files
+            raise ValueError(f"{p}: not a readable numeric .npy array ({type(e).__name__}: {e})") from None
         if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
             raise ValueError(f"{p}: expected a numeric (int or float) array, got dtype {arr.dtype}")
         x = torch.from_numpy(np.asarray(arr, dtype=np.float64))
     elif suffix in (".pt", ".pth"):
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:                        # empty, truncated, not a torch file, or pickled objects
+            raise ValueError(f"{p}: not a readable torch file of tensors ({type(e).__name__}: {e})") from None
         if isinstance(obj, dict):
             ts = [v for v in obj.values() if isinstance(v, torch.Tensor)]
             if len(ts) != 1:
@@ -236,7 +239,10 @@ def load(path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise ValueError(f"{p}: the data are empty (shape {tuple(x.shape)})")
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{p}: the data contain NaN or inf")
-    return x.to(dtype)
+    out = x.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{p}: values up to {float(x.abs().max()):.3g} overflow {dtype}")
+    return out
 
 
 def _read_csv(p: Path) -> torch.Tensor:

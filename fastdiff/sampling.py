@@ -390,7 +390,8 @@ def _warn_if_poor_grid(process, table, low: float = 0.25, high: float = 4.0):
         warnings.warn(
             f"fastdiff.sample: this grid is poor for {process!r} with method={table.method!r}, eta={table.eta}: "
             f"on unit-Gaussian data the sampler's exact output variance would be {var:.3g}, not 1 "
-            f"(fd.gaussian_oracle). Use more steps, schedule='logsnr' (the default), or method='ei-x0'. "
+            f"(fd.gaussian_oracle). Use more steps, or method='ei-x0' (the default schedule, logsnr, is good from "
+            f"about 10 steps). "
             f"Silence with warnings.simplefilter('ignore', fd.GridWarning).", GridWarning, stacklevel=4)
 
 
