@@ -212,7 +212,7 @@ if doc is not None:
         known = ("cuda", "triton") if device == "cuda" else ("cpu",)
         order = [b for b in sorted(wins, key=lambda b: -wins[b]) if b in known]
         order += [b for b in known if b not in order] + ["torch"]
-        lines.append(f"  measured order: AUTO_ORDER[{device!r}] = {tuple(order)!r} (fastdiff/_backend.py)")
+        lines.append(f"  measured order: AUTO_ORDER[\"{device}\"] = {tuple(order)!r} (fastdiff/_backend.py)")
 errors = [n for n in (doc or {}).get("notes", []) if n.get("kind") == "error"]
 if errors:
     lines.append(f"  bench errors ({len(errors)}): " + "; ".join(f"{n['provider']}: {n['note']}" for n in errors[:2])[:300])
@@ -327,6 +327,7 @@ env_check() {
     else
         nvidia-smi || echo "nvidia-smi: MISSING"
     fi
+    command -v nvcc >/dev/null && nvcc --version | tail -2
     # what the build and Triton's JIT need (no registry to fetch them from): setuptools, a C compiler and
     # Python.h (Triton compiles its launcher on first use), nvcc, ninja, pybind11; then one real Triton kernel
     GC_DRY=$DRY "$PY" - <<'PYEOF'
