@@ -1,0 +1,698 @@
+"""Every sampler method as one float64 table, and the plain-torch executor every kernel is held to (MATH.md §3b).
+
+A step k of any method here is affine in the state x, the denoiser outputs and Gaussian noise:
+
+    x̂  = P x + C_churn z_churn                          (churn: D_0 is evaluated at the raised level t̂)
+    D_0 = D(x̂, t̂)
+    u   = a_u x̂ + b_u D_0 + c_u z_stage               (two-stage methods only; D_1 = D(u, t_u))
+    x'  = A x̂ + B₀ D_0 + Σ_j B₋ⱼ H₋ⱼ + B_1 D_1 + C z
+    H_0 = h_x x̂ + h_D D_0                              (history kept for later steps: D_0 itself, or
+                                                        LMS's derivative d = (x̃ − D)/σ̃)
+
+so a `MethodTable` holds float64 columns [K] (B is [K, 1 + H], column j the coefficient of H₋ⱼ), built once
+on the host from a σ-grid. The coefficients are k-diffusion's (MATH.md §3b), written for a VE σ̃-grid and
+lifted to any fastdiff process by σ̃ = σ/α, x̃ = x/α (DPM-Solver's change of variables).
+
+Noise. With a user noise sampler the noise of each use is whatever it returns. Otherwise it follows
+fastdiff's counter-based contract (fastdiff.noise.normal(seed, sample index, step, component)) with
+these step indices for step k (so K ≤ 2³⁰ − 1 steps, and the prior's index 2³² − 1 stays unused):
+
+    z          k                      (the step's own noise: the same numbers as euler/ei/ei-x0 use)
+    z_stage    STAGE_STEP_BASE + k = 2³¹ + k
+    z_churn    CHURN_STEP_BASE + k = 2³¹ + 2³⁰ + k
+
+For dpmpp_sde, whose two noises k-diffusion draws from one Brownian path (correlation ρ = √((σ − σ_s)/(σ − σ'))),
+the contract gives z = ρ z_stage + √(1 − ρ²) w with w the draw at index k: the same joint law.
+
+The euler / ei / ei-x0 tables of fastdiff.steps are wrapped without touching a bit of their columns, and the
+executor applies a one-term step with the same operations as fastdiff.reference.affine_step, so they give
+identical results.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import noise as _noise
+from ._checks import check_choice
+from .processes import Process
+from .schedules import check_times
+from .steps import METHODS as FIRST_ORDER_METHODS
+from .steps import step_table
+
+MULTISTEP_METHODS = ("edm_euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms")
+TWO_STAGE_METHODS = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")
+NEW_METHODS = MULTISTEP_METHODS + TWO_STAGE_METHODS
+ALL_METHODS = FIRST_ORDER_METHODS + NEW_METHODS
+SOLVER_TYPES = ("midpoint", "heun")
+
+STAGE_STEP_BASE = 2**31
+CHURN_STEP_BASE = 2**31 + 2**30
+MAX_STEPS = 2**30 - 1
+
+# The options each method takes, with k-diffusion's defaults.
+_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+_ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
+METHOD_OPTIONS = {
+    "edm_euler": _CHURN,
+    "euler_ancestral": _ANCESTRAL,
+    "heun": _CHURN,
+    "dpm_2": _CHURN,
+    "dpm_2_ancestral": _ANCESTRAL,
+    "dpmpp_2s_ancestral": _ANCESTRAL,
+    "dpmpp_sde": {"eta": 1.0, "s_noise": 1.0, "r": 0.5},
+    "dpmpp_2m": {},
+    "dpmpp_2m_sde": {"eta": 1.0, "s_noise": 1.0, "solver_type": "midpoint"},
+    "dpmpp_3m_sde": {"eta": 1.0, "s_noise": 1.0},
+    "lms": {"order": 4},
+}
+
+
+@dataclass(frozen=True)
+class MethodTable:
+    """Float64 per-step columns (k = 0..K−1) of one method on one grid; see the module docstring.
+
+    times    [K + 1] the grid (process times, or k-diffusion's σ for `sigma_table`)
+    t        [K] where D_0 is evaluated (t̂ ≥ times[k] with churn); t_u [K] where D_1 is (two-stage steps)
+    staged   [K] bool: step k evaluates D_1 (a two-stage method's last step to σ = 0 is a plain Euler step)
+    rho      [K] correlation of z with z_stage under the contract noise (dpmpp_sde)
+    """
+
+    method: str
+    options: dict
+    times: torch.Tensor
+    t: torch.Tensor
+    P: torch.Tensor
+    C_churn: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor              # [K, 1 + H]: column 0 on D_0, column j on H₋ⱼ
+    C: torch.Tensor
+    staged: torch.Tensor
+    t_u: torch.Tensor
+    a_u: torch.Tensor
+    b_u: torch.Tensor
+    c_u: torch.Tensor
+    B1: torch.Tensor
+    rho: torch.Tensor
+    hist_x: torch.Tensor
+    hist_d: torch.Tensor
+    _lists: dict = field(default=None, repr=False, compare=False)
+
+    def __len__(self):
+        return self.A.numel()
+
+    @property
+    def history(self) -> int:
+        """H, how many past history items a step may use (0 for one-step methods)."""
+        return self.B.shape[1] - 1
+
+    def _column(self, j):
+        return self.B[:, j] if j < self.B.shape[1] else torch.zeros_like(self.A)
+
+    @property
+    def B0(self):
+        """Coefficient of D_0."""
+        return self.B[:, 0]
+
+    @property
+    def Bm1(self):
+        """B₋₁, the coefficient of the previous step's history item."""
+        return self._column(1)
+
+    @property
+    def Bm2(self):
+        """B₋₂, the coefficient of the second previous step's history item."""
+        return self._column(2)
+
+    def lists(self) -> dict:
+        """Every column as Python floats (built once: the executor reads no tensor inside its loop)."""
+        if self._lists is None:
+            names = ("t", "P", "C_churn", "A", "C", "staged", "t_u", "a_u", "b_u", "c_u", "B1", "rho",
+                     "hist_x", "hist_d")
+            lists = {n: getattr(self, n).tolist() for n in names}
+            lists["B"] = self.B.tolist()
+            object.__setattr__(self, "_lists", lists)
+        return self._lists
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+def method_options(method: str, **options) -> dict:
+    """The full option set of `method` (k-diffusion's defaults filled in), checked."""
+    check_choice(method, "method", NEW_METHODS)
+    allowed = METHOD_OPTIONS[method]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise TypeError(f"method {method!r} takes no option {', '.join(unknown)}; its options are "
+                        f"{', '.join(allowed) or 'none'}")
+    out = {**allowed, **{k: v for k, v in options.items() if v is not None}}
+    for name in ("eta", "s_noise", "s_churn", "s_tmin"):
+        if name in out:
+            v = float(out[name])
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {out[name]}")
+            out[name] = v
+    if "s_tmax" in out:
+        out["s_tmax"] = float(out["s_tmax"])
+        if math.isnan(out["s_tmax"]):
+            raise ValueError("s_tmax must not be NaN")
+    if "r" in out:
+        r = float(out["r"])
+        if not 0 < r <= 1:
+            raise ValueError(f"r must lie in (0, 1], got {out['r']}")
+        out["r"] = r
+    if "solver_type" in out:
+        check_choice(out["solver_type"], "solver_type", SOLVER_TYPES)
+    if "order" in out:
+        order = out["order"]
+        if isinstance(order, bool) or int(order) != order or int(order) < 1:
+            raise ValueError(f"order must be an integer >= 1, got {order!r}")
+        out["order"] = int(order)
+    return out
+
+
+# ------------------------------------------------------------------------------ VE (σ̃-grid) coefficients
+
+@dataclass
+class _Step:
+    """One step on a VE σ̃-grid (α ≡ 1); stage = (σ_u, a_u, b_u, c_u, B_1) for a two-stage step."""
+
+    sigma_hat: float
+    A: float
+    B: list
+    C: float = 0.0
+    churn: float = 0.0
+    stage: tuple | None = None
+    rho: float = 0.0
+    hist: tuple = (0.0, 1.0)
+
+
+def _ancestral_split(s_from: float, s_to: float, eta: float):
+    """(σ_down, σ_up) of k-diffusion's get_ancestral_step."""
+    if not eta:
+        return s_to, 0.0
+    up = min(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
+    return (s_to ** 2 - up ** 2) ** 0.5, up
+
+
+def _exp_step(s_to: float, s_from: float):
+    """(σ_to/σ_from, 1 − σ_to/σ_from) of the D-frozen step, the second as −expm1(log(σ_to/σ_from))."""
+    if s_to == 0:
+        return 0.0, 1.0
+    return s_to / s_from, -math.expm1(math.log(s_to) - math.log(s_from))
+
+
+def _churn(sigma: float, K: int, o: dict):
+    """(σ̂, std of the churn noise) of Karras et al.'s Algorithm 2 as k-diffusion applies it."""
+    gamma = min(o["s_churn"] / K, 2 ** 0.5 - 1) if o["s_tmin"] <= sigma <= o["s_tmax"] else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    return sigma_hat, (o["s_noise"] * (sigma_hat ** 2 - sigma ** 2) ** 0.5 if gamma > 0 else 0.0)
+
+
+def _euler_to(s_hat):
+    """x' = D_0: an Euler step to σ' = 0 (every method's last step to zero in k-diffusion)."""
+    return _Step(s_hat, 0.0, [1.0])
+
+
+def _edm_euler(sig, k, o):
+    s, s_next = sig[k], sig[k + 1]
+    s_hat, churn = _churn(s, len(sig) - 1, o)
+    return _Step(s_hat, s_next / s_hat, [1 - s_next / s_hat], churn=churn)
+
+
+def _euler_ancestral(sig, k, o):
+    s, s_next = sig[k], sig[k + 1]
+    down, up = _ancestral_split(s, s_next, o["eta"])
+    return _Step(s, down / s, [1 - down / s], C=o["s_noise"] * up if s_next > 0 else 0.0)
+
+
+def _heun(sig, k, o):
+    s, s_next = sig[k], sig[k + 1]
+    s_hat, churn = _churn(s, len(sig) - 1, o)
+    if s_next == 0:
+        return _Step(s_hat, 0.0, [1.0], churn=churn)
+    dt = s_next - s_hat
+    # x' = x + dt (d_0 + d_1)/2 with d = (x − D)/σ, u = x + dt d_0
+    stage = (s_next, s_next / s_hat, -dt / s_hat, 0.0, -dt / (2 * s_next))
+    return _Step(s_hat, s_next / s_hat, [dt * (s_hat - 2 * s_next) / (2 * s_next * s_hat)], churn=churn, stage=stage)
+
+
+def _dpm_2_stage(s_hat, s_to):
+    """DPM-Solver-2 from σ̂ to σ_to through σ_m = √(σ̂ σ_to): (A, B_0, stage)."""
+    s_mid = math.exp(0.5 * (math.log(s_hat) + math.log(s_to)))
+    dt1, dt2 = s_mid - s_hat, s_to - s_hat
+    stage = (s_mid, s_mid / s_hat, -dt1 / s_hat, 0.0, -dt2 / s_mid)
+    return s_to / s_hat, dt2 * (s_hat - s_mid) / (s_mid * s_hat), stage
+
+
+def _dpm_2(sig, k, o):
+    s, s_next = sig[k], sig[k + 1]
+    s_hat, churn = _churn(s, len(sig) - 1, o)
+    if s_next == 0:
+        return _Step(s_hat, 0.0, [1.0], churn=churn)
+    A, B0, stage = _dpm_2_stage(s_hat, s_next)
+    return _Step(s_hat, A, [B0], churn=churn, stage=stage)
+
+
+def _dpm_2_ancestral(sig, k, o):
+    s, s_next = sig[k], sig[k + 1]
+    down, up = _ancestral_split(s, s_next, o["eta"])
+    if down == 0:                       # k-diffusion adds no noise on this branch
+        return _euler_to(s)
+    A, B0, stage = _dpm_2_stage(s, down)
+    return _Step(s, A, [B0], C=o["s_noise"] * up, stage=stage)
+
+
+def _dpmpp_2s_ancestral(sig, k, o):
+    s, s_next = sig[k], sig[k + 1]
+    down, up = _ancestral_split(s, s_next, o["eta"])
+    C = o["s_noise"] * up if s_next > 0 else 0.0
+    if down == 0:
+        return _Step(s, 0.0, [1.0], C=C)
+    h = math.log(s) - math.log(down)
+    s_mid = math.exp(-(-math.log(s) + 0.5 * h))
+    stage = (s_mid, s_mid / s, -math.expm1(-0.5 * h), 0.0, -math.expm1(-h))
+    return _Step(s, down / s, [0.0], C=C, stage=stage)
+
+
+def _dpmpp_sde(sig, k, o):
+    s, s_next = sig[k], sig[k + 1]
+    if s_next == 0:
+        return _euler_to(s)
+    eta, r, sn = o["eta"], o["r"], o["s_noise"]
+    t, t_next = -math.log(s), -math.log(s_next)
+    s_mid = math.exp(-(t + (t_next - t) * r))
+    fac = 1 / (2 * r)
+    down1, up1 = _ancestral_split(s, s_mid, eta)
+    a_u, b_u = _exp_step(down1, s)
+    down2, up2 = _ancestral_split(s, s_next, eta)
+    A, E = _exp_step(down2, s)
+    rho = math.sqrt((s - s_mid) / (s - s_next)) if sn * up1 != 0 and sn * up2 != 0 else 0.0
+    return _Step(s, A, [E * (1 - fac)], C=sn * up2, stage=(s_mid, a_u, b_u, sn * up1, E * fac), rho=rho)
+
+
+def _log_step(sig, k):
+    """h = log(σ/σ') of step k (inf for a step to 0)."""
+    return math.inf if sig[k + 1] == 0 else math.log(sig[k]) - math.log(sig[k + 1])
+
+
+def _dpmpp_2m(sig, k, o):
+    s, s_next = sig[k], sig[k + 1]
+    h = _log_step(sig, k)
+    E = 1.0 if s_next == 0 else -math.expm1(-h)
+    if k == 0 or s_next == 0:
+        return _Step(s, s_next / s, [E])
+    r = _log_step(sig, k - 1) / h
+    return _Step(s, s_next / s, [E * (1 + 1 / (2 * r)), -E / (2 * r)])
+
+
+def _sde_common(sig, k, o):
+    """(h, ĥ = (1 + η)h, A, E(ĥ), C) of the DPM-Solver++ SDE steps."""
+    h = _log_step(sig, k)
+    eta = o["eta"]
+    h_eta = h * (eta + 1)
+    C = o["s_noise"] * sig[k + 1] * math.sqrt(-math.expm1(-2 * h * eta)) if eta else 0.0
+    return h, h_eta, math.exp(-h_eta), -math.expm1(-h_eta), C
+
+
+def _dpmpp_2m_sde(sig, k, o):
+    if sig[k + 1] == 0:
+        return _euler_to(sig[k])
+    h, h_eta, A, E, C = _sde_common(sig, k, o)
+    if k == 0:
+        return _Step(sig[k], A, [E], C=C)
+    r = _log_step(sig, k - 1) / h
+    c = 1 - E / h_eta if o["solver_type"] == "heun" else 0.5 * E
+    return _Step(sig[k], A, [E + c / r, -c / r], C=C)
+
+
+def _dpmpp_3m_sde(sig, k, o):
+    if sig[k + 1] == 0:
+        return _euler_to(sig[k])
+    h, h_eta, A, E, C = _sde_common(sig, k, o)
+    if k == 0:
+        return _Step(sig[k], A, [E], C=C)
+    phi2 = 1 - E / h_eta
+    if k == 1:
+        r = _log_step(sig, 0) / h
+        return _Step(sig[k], A, [E + phi2 / r, -phi2 / r], C=C)
+    phi3 = phi2 / h_eta - 0.5
+    r0, r1 = _log_step(sig, k - 1) / h, _log_step(sig, k - 2) / h
+    a = (phi2 * (1 + r0 / (r0 + r1)) - phi3 / (r0 + r1)) / r0
+    b = (phi3 - phi2 * r0) / ((r0 + r1) * r1)
+    return _Step(sig[k], A, [E + a, b - a, -b], C=C)
+
+
+_GL8 = np.polynomial.legendre.leggauss(8)
+
+
+def _lms_coefficients(sig, k, order):
+    """c_j = ∫_{σ_k}^{σ_{k+1}} ℓ_j(τ) dτ over the Lagrange basis on σ_k, σ_{k−1}, …: 8-point Gauss–Legendre,
+    exact for these polynomials of degree ≤ 3 (k-diffusion uses scipy's adaptive quad with epsrel 1e-4)."""
+    nodes = [sig[k - m] for m in range(order)]
+    a, b = sig[k], sig[k + 1]
+    tau = 0.5 * (b - a) * _GL8[0] + 0.5 * (a + b)
+    out = []
+    for j in range(order):
+        basis = np.ones_like(tau)
+        for m in range(order):
+            if m != j:
+                basis = basis * (tau - nodes[m]) / (nodes[j] - nodes[m])
+        out.append(float(0.5 * (b - a) * np.dot(_GL8[1], basis)))
+    return out
+
+
+def _lms(sig, k, o):
+    s = sig[k]
+    c = _lms_coefficients(sig, k, min(k + 1, o["order"]))
+    # x' = x + c_0 d_0 + Σ_j c_j d₋ⱼ with d_0 = (x − D_0)/σ; the history item is d = (x − D)/σ
+    return _Step(s, 1 + c[0] / s, [-c[0] / s, *c[1:]], hist=(1 / s, -1 / s))
+
+
+_BUILDERS = {
+    "edm_euler": _edm_euler, "euler_ancestral": _euler_ancestral, "heun": _heun, "dpm_2": _dpm_2,
+    "dpm_2_ancestral": _dpm_2_ancestral, "dpmpp_2s_ancestral": _dpmpp_2s_ancestral, "dpmpp_sde": _dpmpp_sde,
+    "dpmpp_2m": _dpmpp_2m, "dpmpp_2m_sde": _dpmpp_2m_sde, "dpmpp_3m_sde": _dpmpp_3m_sde, "lms": _lms,
+}
+
+
+def _ve_steps(sigmas: list, method: str, options: dict) -> list:
+    return [_BUILDERS[method](sigmas, k, options) for k in range(len(sigmas) - 1)]
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+def _check_sigmas(sigmas) -> torch.Tensor:
+    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)      # the call's one host copy
+    if s.ndim != 1 or s.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-D grid with at least 2 entries, got shape {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError("sigmas contains NaN or inf")
+    if not bool((s[1:] < s[:-1]).all()):
+        k = int(torch.nonzero(s[1:] >= s[:-1])[0])
+        raise ValueError(f"sigmas must be strictly decreasing; sigmas[{k}]={float(s[k])} <= "
+                         f"sigmas[{k + 1}]={float(s[k + 1])}")
+    if float(s[-1]) < 0 or float(s[-2]) <= 0:
+        raise ValueError("sigmas must be positive except the last, which may be 0")
+    if s.numel() - 1 > MAX_STEPS:
+        raise ValueError(f"at most {MAX_STEPS} steps (the noise contract's step indices), got {s.numel() - 1}")
+    return s
+
+
+def _assemble(method, options, times, t_hat, steps, P, churn_scale, out_scale, t_u, u_scale, hist_scale):
+    """Stack per-step records into a MethodTable; the *_scale lists lift the VE coefficients (all 1 on a
+    σ-grid): churn noise × churn_scale, x' terms × out_scale (α'), the stage × u_scale (α_u),
+    h_x × hist_scale (1/α̂), A and a_u additionally × 1/α̂ through P-relative scales given by the caller."""
+    K = len(steps)
+    H = max(len(st.B) for st in steps) - 1
+    f64 = torch.float64
+    B = torch.zeros((K, H + 1), dtype=f64)
+    for k, st in enumerate(steps):
+        B[k, : len(st.B)] = torch.tensor(st.B, dtype=f64) * out_scale[k]
+    col = lambda vals: torch.tensor(vals, dtype=f64)                    # noqa: E731
+    stage = [st.stage if st.stage is not None else (0.0, 0.0, 0.0, 0.0, 0.0) for st in steps]
+    table = MethodTable(
+        method=method, options=dict(options), times=times, t=col(t_hat), P=col(P),
+        C_churn=col([st.churn * churn_scale[k] for k, st in enumerate(steps)]),
+        A=col([st.A * out_scale[k] * hist_scale[k] for k, st in enumerate(steps)]), B=B,
+        C=col([st.C * out_scale[k] for k, st in enumerate(steps)]),
+        staged=torch.tensor([st.stage is not None for st in steps]),
+        t_u=col(t_u), a_u=col([g[1] * u_scale[k] * hist_scale[k] for k, g in enumerate(stage)]),
+        b_u=col([g[2] * u_scale[k] for k, g in enumerate(stage)]),
+        c_u=col([g[3] * u_scale[k] for k, g in enumerate(stage)]),
+        B1=col([g[4] * out_scale[k] for k, g in enumerate(stage)]),
+        rho=col([st.rho for st in steps]),
+        hist_x=col([st.hist[0] * hist_scale[k] for k, st in enumerate(steps)]),
+        hist_d=col([st.hist[1] for st in steps]))
+    for name in ("P", "C_churn", "A", "B", "C", "a_u", "b_u", "c_u", "B1", "hist_x", "hist_d"):
+        if not bool(torch.isfinite(getattr(table, name)).all()):
+            raise ValueError(f"method table column {name} is not finite on this grid (a step too large for "
+                             f"float64?); use more steps")
+    return table
+
+
+def sigma_table(sigmas, method: str, **options) -> MethodTable:
+    """The table of `method` on a VE σ-grid (α ≡ 1: k-diffusion's convention, D evaluated at σ itself).
+
+    sigmas: strictly decreasing, positive except a last 0 (any device: it is copied to the host once).
+    options: the method's own (METHOD_OPTIONS), e.g. eta=, s_noise=, s_churn=, solver_type=, order=.
+    """
+    options = method_options(method, **options)
+    sig = _check_sigmas(sigmas)
+    sl = sig.tolist()
+    steps = _ve_steps(sl, method, options)
+    K = len(steps)
+    ones = [1.0] * K
+    t_u = [st.stage[0] if st.stage is not None else 0.0 for st in steps]
+    return _assemble(method, options, sig, [st.sigma_hat for st in steps], steps, ones, ones, ones, t_u,
+                     ones, ones)
+
+
+def _time_of_sigma_tilde(process: Process, s: torch.Tensor, name: str) -> torch.Tensor:
+    """t with σ(t)/α(t) = s (σ̃ = e^{−λ} increases with t)."""
+    lo = math.exp(-float(process.log_snr(torch.tensor(0.0, dtype=torch.float64)))) if not process.drift_free \
+        else math.sqrt(float(process._sigma2(torch.tensor(0.0, dtype=torch.float64))))
+    hi = math.exp(-float(process.log_snr(torch.tensor(process.T, dtype=torch.float64))))
+    if bool(((s < lo * (1 - 1e-12)) | (s > hi * (1 + 1e-12))).any()):
+        raise ValueError(f"{name}: a noise level {float(s.max())} outside the process's range "
+                         f"[{lo}, {hi}] of σ/α (lower s_churn or set s_tmax below σ/α at T)")
+    if process.drift_free:
+        return process._sigma_inverse(s).clamp(0.0, process.T)
+    return process.log_snr_inverse(-torch.log(s)).clamp(0.0, process.T)
+
+
+def method_table(process: Process, times, method: str, *, ode: bool = False, eta: float | None = None,
+                 **options) -> MethodTable:
+    """The table of `method` on a fastdiff process's time grid (MATH.md §3b, "Other processes").
+
+    euler / ei / ei-x0 wrap fd.step_table(process, times, method, ode, eta) unchanged (one D column). Every
+    other method is k-diffusion's on the σ̃ = σ/α grid, lifted by x = α x̃; eta there is k-diffusion's eta
+    (ode is not used: pass eta=0 for the deterministic variants).
+    """
+    check_choice(method, "method", ALL_METHODS)
+    if method in FIRST_ORDER_METHODS:
+        if options:
+            raise TypeError(f"method {method!r} takes no option {', '.join(sorted(options))}")
+        return _wrap_step_table(step_table(process, times, method, ode, eta))
+    if eta is not None:
+        options["eta"] = eta
+    options = method_options(method, **options)
+    times = check_times(process, times)
+    if times.numel() - 1 > MAX_STEPS:
+        raise ValueError(f"at most {MAX_STEPS} steps (the noise contract's step indices), got {times.numel() - 1}")
+    la = process._log_alpha(times)
+    sig_tilde = torch.exp(0.5 * torch.log(process._sigma2(times)) - la)
+    steps = _ve_steps(sig_tilde.tolist(), method, options)
+    K = len(steps)
+    st_list = sig_tilde.tolist()
+    # evaluation times of D_0 (t̂) and D_1 (t_u): the grid's own time where σ̃ is a grid value
+    t_hat = _times_for(process, [st.sigma_hat for st in steps], [st_list[k] for k in range(K)], times[:-1],
+                       "s_churn")
+    t_u = _times_for(process, [st.stage[0] if st.stage else st_list[k + 1] for k, st in enumerate(steps)],
+                     st_list[1:], times[1:], "stage")
+    la_list = la.tolist()
+    la_hat = process._log_alpha(torch.tensor(t_hat, dtype=torch.float64)).tolist()
+    la_u = process._log_alpha(torch.tensor(t_u, dtype=torch.float64)).tolist()
+    P = [math.exp(la_hat[k] - la_list[k]) for k in range(K)]             # x̂ = α̂ x̃: x scaled by α̂/α
+    inv_hat = [math.exp(-la_hat[k]) for k in range(K)]                   # x̃̂ = x̂/α̂
+    out = [math.exp(la_list[k + 1]) for k in range(K)]                  # x' = α' x̃'
+    u_scale = [math.exp(la_u[k]) for k in range(K)]
+    # A, a_u and h_x multiply x̂ = α̂ x̃̂: their VE values are divided by α̂ (hist_scale)
+    return _assemble(method, options, times, t_hat, steps, P, [math.exp(v) for v in la_hat], out,
+                     [t_u[k] if st.stage else 0.0 for k, st in enumerate(steps)], u_scale, inv_hat)
+
+
+def _times_for(process, wanted, grid_sigma, grid_times, name):
+    """Times where σ̃ equals `wanted`, taking the grid time itself where `wanted` is that grid value."""
+    out = grid_times.tolist()
+    todo = [k for k, (w, g) in enumerate(zip(wanted, grid_sigma, strict=True)) if w != g]
+    if todo:
+        solved = _time_of_sigma_tilde(process, torch.tensor([wanted[k] for k in todo], dtype=torch.float64), name)
+        for k, v in zip(todo, solved.tolist(), strict=True):
+            out[k] = v
+    return out
+
+
+def _wrap_step_table(st) -> MethodTable:
+    """A first-order StepTable as a MethodTable: its A, B, C columns unchanged (the same tensors' values)."""
+    K = len(st)
+    zeros = torch.zeros(K, dtype=torch.float64)
+    return MethodTable(method=st.method, options={"eta": st.eta}, times=st.times, t=st.t, P=torch.ones_like(zeros),
+                       C_churn=zeros, A=st.A, B=st.B.reshape(K, 1), C=st.C,
+                       staged=torch.zeros(K, dtype=torch.bool), t_u=zeros, a_u=zeros, b_u=zeros, c_u=zeros,
+                       B1=zeros, rho=zeros, hist_x=zeros, hist_d=torch.ones_like(zeros))
+
+
+# --------------------------------------------------------------------------------------------- noise
+
+def contract_normal(seed: int, sample_index: torch.Tensor, step: int, like: torch.Tensor) -> torch.Tensor:
+    """fastdiff.noise.normal(seed, sample_index, step, d) shaped like `like` ([M, ...], d = its row size),
+    without noise.normal's argument checks: those read the index tensor back to the host, which on a GPU
+    would synchronise once per draw. sample_index: an int64 tensor [M] on like's device (checked by callers)."""
+    dim = like[0].numel()
+    quads = torch.arange((dim + 3) // 4, dtype=torch.int64, device=sample_index.device).view(1, -1)
+    idx = sample_index.view(-1, 1)
+    r = _noise.philox4x32_10((quads, int(step), idx & 0xFFFFFFFF, idx >> 32), (seed & 0xFFFFFFFF, seed >> 32))
+    u = ((torch.stack(r, dim=-1).reshape(idx.shape[0], -1) >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    u = u.to(torch.float64).view(idx.shape[0], -1, 2, 2)
+    radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))
+    angle = (2 * math.pi) * u[..., 1]
+    z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
+    return z.reshape(idx.shape[0], -1)[:, :dim].to(like.dtype).view(like.shape)
+
+
+class ContractNoise:
+    """The noise of a table run from fastdiff's counter-based contract (step indices in the module docstring).
+
+    Row i of the state is global sample sample_offset + i, so the noise does not depend on the batch.
+    """
+
+    def __init__(self, table: MethodTable, seed: int, sample_offset: int, rows: int, device):
+        self.rho = table.lists()["rho"]
+        self.seed = int(seed)
+        self.index = torch.arange(sample_offset, sample_offset + rows, dtype=torch.int64, device=device)
+        self._stage = None
+
+    def __call__(self, k: int, kind: str, like: torch.Tensor) -> torch.Tensor:
+        if kind == "churn":
+            return contract_normal(self.seed, self.index, CHURN_STEP_BASE + k, like)
+        if kind == "stage":
+            self._stage = contract_normal(self.seed, self.index, STAGE_STEP_BASE + k, like)
+            return self._stage
+        w = contract_normal(self.seed, self.index, k, like)
+        rho = self.rho[k]
+        if rho == 0.0:
+            return w
+        # one Brownian path through σ_s: the step's increment contains the stage's (k-diffusion's dpmpp_sde)
+        return w.mul_(math.sqrt(1 - rho * rho)).add_(self._stage, alpha=rho)
+
+
+# ------------------------------------------------------------------------------------------ the executor
+
+def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None, progress=None) -> torch.Tensor:
+    """Run `table` from the state x ([M, ...], not modified) and return the final state.
+
+    denoise(x, k, stage) -> D at table.t[k] (stage 0) or table.t_u[k] (stage 1), same shape and dtype as x;
+    noise(k, kind, like) -> z like `like`, kind in ("churn", "stage", "step");
+    callback(k, x̂, D_0), if given, runs after D_0 and before the update (it may modify x̂ in place).
+    The coefficients are Python floats read once from the table: no tensor is read back inside the loop.
+    A step with one D term applies exactly fastdiff.reference.affine_step's operations.
+    """
+    c = table.lists()
+    hist = []                                            # H₋₁, H₋₂, … (most recent first)
+    depth = table.history
+    x = x.clone()
+    for k in range(len(table)):
+        if c["C_churn"][k] != 0.0:
+            x = torch.add(x if c["P"][k] == 1.0 else x * c["P"][k], noise(k, "churn", x), alpha=c["C_churn"][k])
+        elif c["P"][k] != 1.0:
+            x = x * c["P"][k]
+        D0 = _checked(denoise(x, k, 0), x, "denoise")
+        if callback is not None:
+            callback(k, x, D0)
+        D1 = None
+        if c["staged"][k]:
+            u = torch.mul(x, c["a_u"][k]).add_(D0, alpha=c["b_u"][k])
+            if c["c_u"][k] != 0.0:
+                u.add_(noise(k, "stage", x), alpha=c["c_u"][k])
+            D1 = _checked(denoise(u, k, 1), x, "denoise")
+        out = torch.add(torch.mul(x, c["A"][k]), D0, alpha=c["B"][k][0])
+        for j, Hj in enumerate(hist, start=1):
+            if c["B"][k][j] != 0.0:
+                out.add_(Hj, alpha=c["B"][k][j])
+        if D1 is not None:
+            out.add_(D1, alpha=c["B1"][k])
+        if c["C"][k] != 0.0:
+            out.add_(noise(k, "step", x), alpha=c["C"][k])
+        if depth:
+            item = D0 if (c["hist_x"][k] == 0.0 and c["hist_d"][k] == 1.0) else \
+                torch.add(torch.mul(x, c["hist_x"][k]), D0, alpha=c["hist_d"][k])
+            hist = [item, *hist[: depth - 1]]
+        x = out
+        if progress is not None:
+            progress(k)
+    return x
+
+
+def _checked(D, x, name):
+    if not isinstance(D, torch.Tensor) or D.shape != x.shape or D.dtype != x.dtype or D.device != x.device:
+        raise ValueError(f"{name} must return a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device}); got "
+                         f"{tuple(getattr(D, 'shape', ()))}, {getattr(D, 'dtype', type(D).__name__)}")
+    return D
+
+
+def sample_table(denoiser, table: MethodTable, x: torch.Tensor, *, seed: int = 0, sample_offset: int = 0,
+                 callback=None) -> torch.Tensor:
+    """The plain-torch reference sampler: run `table` (method_table on denoiser.process's grid) with a
+    fastdiff denoiser's D (denoiser.denoise(x, t)) from x [M, d], noise from the contract (row i is sample
+    sample_offset + i). callback(info) gets {"step", "t", "x", "prediction"} before each update."""
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+    if int(sample_offset) < 0:
+        raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
+    c = table.lists()
+
+    def denoise(xk, k, stage):
+        return denoiser.denoise(xk, c["t_u"][k] if stage else c["t"][k])
+
+    cb = None
+    if callback is not None:
+        def cb(k, xk, D0):
+            callback({"step": k, "t": c["t"][k], "x": xk, "prediction": D0})
+    with torch.no_grad():
+        return run_table(table, denoise, x, ContractNoise(table, seed, int(sample_offset), x.shape[0], x.device), cb)
+
+
+# ---------------------------------------------------------------------------------- the Gaussian oracle
+
+def table_oracle(table: MethodTable, data, *, final_denoise: bool = False):
+    """(mean [d], cov [d, d]), float64, of the law `sample_table` produces from the prior N(0, prior_std² I)
+    on Gaussian data (a fd.Gaussian on the table's process) with the contract noise (MATH.md §6).
+
+    The state (x, H₋₁, …, H₋_H) is jointly Gaussian: every step is affine in it, in D = M x + c (exact for
+    Gaussian data) and in independent standard normals (z_churn, z_stage, w), with z = ρ z_stage + √(1 − ρ²) w.
+    """
+    c = table.lists()
+    d, H = data.dim, table.history
+    n = (1 + H) * d
+    eye = torch.eye(d, dtype=torch.float64)
+    mu = torch.zeros(n, dtype=torch.float64)
+    S = torch.zeros(n, n, dtype=torch.float64)
+    S[:d, :d] = data.process.prior_std ** 2 * eye
+    for k in range(len(table)):
+        m = n + 3 * d                                    # state, then z_churn, z_stage, w
+        block = lambda i: torch.nn.functional.pad(eye, (i * d, m - (i + 1) * d))   # noqa: E731
+        L_x = c["P"][k] * block(0) + c["C_churn"][k] * block(1 + H)
+        M0, c0 = data.linear_map(c["t"][k])
+        L_D0, k_D0 = M0 @ L_x, c0
+        L_new = c["A"][k] * L_x + c["B"][k][0] * L_D0
+        k_new = c["B"][k][0] * k_D0
+        for j in range(1, H + 1):
+            L_new = L_new + c["B"][k][j] * block(j)
+        if c["staged"][k]:
+            L_u = c["a_u"][k] * L_x + c["b_u"][k] * L_D0 + c["c_u"][k] * block(2 + H)
+            M1, c1 = data.linear_map(c["t_u"][k])
+            L_new = L_new + c["B1"][k] * (M1 @ L_u)
+            k_new = k_new + c["B1"][k] * (M1 @ (c["b_u"][k] * k_D0) + c1)
+        rho = c["rho"][k]
+        L_new = L_new + c["C"][k] * (rho * block(2 + H) + math.sqrt(1 - rho * rho) * block(3 + H))
+        rows, consts = [L_new], [k_new]
+        if H:
+            rows.append(c["hist_x"][k] * L_x + c["hist_d"][k] * L_D0)
+            consts.append(c["hist_d"][k] * k_D0)
+            for j in range(1, H):
+                rows.append(block(j))
+                consts.append(torch.zeros(d, dtype=torch.float64))
+        L = torch.cat(rows)
+        mu_e = torch.cat([mu, torch.zeros(3 * d, dtype=torch.float64)])
+        S_e = torch.block_diag(S, torch.eye(3 * d, dtype=torch.float64))
+        mu, S = L @ mu_e + torch.cat(consts), L @ S_e @ L.T
+    mu, S = mu[:d], S[:d, :d]
+    if final_denoise:
+        Mk, ck = data.linear_map(float(table.times[-1]))
+        mu, S = Mk @ mu + ck, Mk @ S @ Mk.T
+    return mu, 0.5 * (S + S.T)

@@ -1,0 +1,261 @@
+"""fastdiff.k_diffusion against the real k_diffusion.sampling (installed by scripts/setup.sh): the same
+signatures and callback dicts, and, given the same noise, the same results to 1e-12 relative in float64.
+
+The model is the exact denoiser of a 3-component Gaussian mixture in 3-D under k-diffusion's σ = t (PureVE),
+nonlinear in x, so every D evaluation matters. Noise for both comes from one deterministic noise sampler built
+from fastdiff.noise and keyed by its (sigma, sigma_next) arguments (a pure function of them), so both libraries
+get identical numbers wherever they draw; k-diffusion's churn noise (torch.randn_like) is patched to the same
+numbers.
+"""
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+import fastdiff as fd
+import fastdiff.k_diffusion as FK
+
+RTOL = 1e-12
+
+
+def _kdiffusion_sampling():
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        pytest.skip("k-diffusion is not installed (pip install k-diffusion)")
+    try:
+        return importlib.import_module("k_diffusion.sampling")
+    except ImportError:
+        # k_diffusion/__init__ imports its training stack; the samplers need only sampling and utils
+        for name in [m for m in sys.modules if m == "k_diffusion" or m.startswith("k_diffusion.")]:
+            del sys.modules[name]
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["k_diffusion"] = pkg
+        try:
+            return importlib.import_module("k_diffusion.sampling")
+        except ImportError as exc:
+            pytest.skip(f"k_diffusion.sampling cannot be imported here: {exc}")
+
+
+@pytest.fixture(scope="module")
+def K():
+    return _kdiffusion_sampling()
+
+
+PROC = fd.PureVE(T=1000.0)
+GM = fd.GaussianMixture([0.5, 0.3, 0.2], [[1.0, -2.0, 0.5], [-1.5, 1.0, 2.0], [0.0, 3.0, -1.0]],
+                        torch.stack([torch.eye(3) * 0.3, torch.diag(torch.tensor([0.5, 0.1, 0.2])), torch.eye(3) * 0.05]), PROC)
+
+
+def model(x, sigma):
+    return GM.denoise(x, sigma)
+
+
+def x_T(sigma_max, n=6, seed=3):
+    return sigma_max * fd.noise.normal(seed, range(n), 0, 3, dtype=torch.float64)
+
+
+class KeyedNoise:
+    """noise_sampler(sigma, sigma_next) → z, a pure function of its arguments: the grid index i of sigma and
+    whether sigma_next is the grid's next entry (a step), a smaller value (a stage) or a larger one (churn)."""
+
+    def __init__(self, sigmas, n, seed=17):
+        self.sig = sigmas.double().tolist()
+        self.n, self.seed = n, seed
+
+    def index(self, sigma):
+        s = float(sigma)
+        i = min(range(len(self.sig)), key=lambda j: abs(self.sig[j] - s))
+        assert abs(self.sig[i] - s) <= 1e-9 * s
+        return i
+
+    def draw(self, i, kind):
+        return fd.noise.normal(self.seed, range(self.n), 4 * i + kind, 3, dtype=torch.float64)
+
+    def __call__(self, sigma, sigma_next):
+        i = self.index(sigma)
+        nxt = float(sigma_next)
+        if nxt > float(sigma):
+            return self.draw(i, 2)                                         # churn
+        if abs(nxt - self.sig[i + 1]) <= 1e-9 * max(nxt, 1e-300):
+            return self.draw(i, 0)                                         # the step's noise
+        return self.draw(i, 1)                                             # a stage's noise
+
+
+def karras(n=12, sigma_min=0.02, sigma_max=80.0, zero=True):
+    s = FK.get_sigmas_karras(n, sigma_min, sigma_max).double()
+    return s if zero else s[:-1]
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# (name, options): every sampler with its own settings
+CASES = [
+    ("sample_euler", {}),
+    ("sample_euler", {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 50.0, "s_noise": 1.003}),
+    ("sample_euler_ancestral", {}),
+    ("sample_euler_ancestral", {"eta": 0.6, "s_noise": 0.9}),
+    ("sample_heun", {}),
+    ("sample_heun", {"s_churn": 5.0, "s_noise": 1.01}),
+    ("sample_dpm_2", {}),
+    ("sample_dpm_2", {"s_churn": 1.0, "s_tmin": 0.1}),
+    ("sample_dpm_2_ancestral", {}),
+    ("sample_dpm_2_ancestral", {"eta": 0.5}),
+    ("sample_dpm_2_ancestral", {"eta": 1.2}),           # σ_down = 0 on the later steps
+    ("sample_lms", {}),
+    ("sample_lms", {"order": 2}),
+    ("sample_dpmpp_2s_ancestral", {}),
+    ("sample_dpmpp_2s_ancestral", {"eta": 0.3, "s_noise": 1.1}),
+    ("sample_dpmpp_2s_ancestral", {"eta": 1.2}),
+    ("sample_dpmpp_sde", {}),
+    ("sample_dpmpp_sde", {"eta": 0.5, "r": 0.3}),
+    ("sample_dpmpp_sde", {"eta": 0.0}),
+    ("sample_dpmpp_sde", {"eta": 1.7}),
+    ("sample_dpmpp_2m", {}),
+    ("sample_dpmpp_2m_sde", {}),
+    ("sample_dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7, "s_noise": 0.8}),
+    ("sample_dpmpp_2m_sde", {"eta": 0.0}),
+    ("sample_dpmpp_3m_sde", {}),
+    ("sample_dpmpp_3m_sde", {"eta": 0.4, "s_noise": 1.2}),
+    ("sample_dpmpp_3m_sde", {"eta": 0.0}),
+]
+
+
+def _patched_randn_like(monkeypatch, noise):
+    """k-diffusion's churn noise: one torch.randn_like(x) per step i, here the keyed noise (i, churn)."""
+    calls = iter(range(10**6))
+    monkeypatch.setattr(torch, "randn_like", lambda x, *a, **k: noise.draw(next(calls), 2).to(x.dtype))
+
+
+@pytest.mark.parametrize("zero", [True, False], ids=["to_zero", "to_sigma_min"])
+@pytest.mark.parametrize("name,options", CASES, ids=[f"{n[7:]}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_equals_k_diffusion(K, monkeypatch, name, options, zero):
+    sigmas = karras(zero=zero)
+    x = x_T(float(sigmas[0]))
+    noisy = "noise_sampler" in inspect.signature(getattr(K, name)).parameters
+    ns = KeyedNoise(sigmas, x.shape[0])
+    kw = dict(options, noise_sampler=ns) if noisy else dict(options)
+    ours_kw = dict(options, noise_sampler=ns) if noisy or "s_churn" in options else dict(options)
+    ours = getattr(FK, name)(model, x.clone(), sigmas.clone(), disable=True, **ours_kw)
+    with monkeypatch.context() as m:
+        _patched_randn_like(m, ns)
+        theirs = getattr(K, name)(model, x.clone(), sigmas.clone(), disable=True, **kw)
+    assert torch.isfinite(theirs).all()
+    assert rel_err(ours, theirs) <= RTOL
+    assert rel_err(theirs, x) > 1e-3                  # the sampler really moved the state
+
+
+def test_brownian_tree_noise_sampler_for_the_sde_samplers(K):
+    """k-diffusion's default for dpmpp_sde / 2m_sde / 3m_sde: a BrownianTreeNoiseSampler. Passing the same
+    one to both gives the same result (its value depends on the last bit of its arguments)."""
+    sigmas = karras(10)
+    x = x_T(float(sigmas[0]))
+    lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
+    for name in ("sample_dpmpp_sde", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"):
+        ours = getattr(FK, name)(model, x.clone(), sigmas, disable=True,
+                                 noise_sampler=K.BrownianTreeNoiseSampler(x, lo, hi, seed=5))
+        theirs = getattr(K, name)(model, x.clone(), sigmas, disable=True,
+                                  noise_sampler=K.BrownianTreeNoiseSampler(x, lo, hi, seed=5))
+        assert rel_err(ours, theirs) <= RTOL, name
+
+
+def test_callback_dicts_match(K, monkeypatch):
+    sigmas = karras(8)
+    x = x_T(float(sigmas[0]))
+    ns = KeyedNoise(sigmas, x.shape[0])
+    for name, kw in (("sample_heun", {"s_churn": 3.0}), ("sample_dpmpp_2m", {}), ("sample_dpmpp_sde", {})):
+        got = {"ours": [], "theirs": []}
+        extra = {"noise_sampler": ns} if name != "sample_dpmpp_2m" else {}
+        getattr(FK, name)(model, x.clone(), sigmas, disable=True, callback=got["ours"].append, **kw, **extra)
+        with monkeypatch.context() as m:
+            _patched_randn_like(m, ns)
+            theirs_kw = dict(kw, **extra) if name == "sample_dpmpp_sde" else kw
+            getattr(K, name)(model, x.clone(), sigmas, disable=True, callback=got["theirs"].append, **theirs_kw)
+        assert len(got["ours"]) == len(got["theirs"]) == len(sigmas) - 1
+        for a, b in zip(got["ours"], got["theirs"], strict=True):
+            assert set(a) == set(b) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+            assert a["i"] == b["i"]
+            assert float(a["sigma"]) == float(b["sigma"]) and float(a["sigma_hat"]) == float(b["sigma_hat"])
+            assert rel_err(a["x"], b["x"]) <= RTOL and rel_err(a["denoised"], b["denoised"]) <= RTOL
+
+
+def test_signatures_extend_k_diffusion(K):
+    """k-diffusion's parameters, in order with the same defaults; fastdiff's extras only keyword-only."""
+    for name in FK.__all__:
+        if not name.startswith("sample_"):
+            continue
+        theirs = list(inspect.signature(getattr(K, name)).parameters.values())
+        ours = list(inspect.signature(getattr(FK, name)).parameters.values())
+        assert [(p.name, p.default, p.kind) for p in ours[: len(theirs)]] == \
+               [(p.name, p.default, p.kind) for p in theirs], name
+        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):]), name
+
+
+def test_grid_helpers_match(K):
+    for name, args in (("get_sigmas_karras", (10, 0.03, 14.6)), ("get_sigmas_exponential", (10, 0.03, 14.6)),
+                       ("get_sigmas_polyexponential", (10, 0.03, 14.6, 2.0)), ("get_sigmas_vp", (10,))):
+        assert torch.equal(getattr(FK, name)(*args), getattr(K, name)(*args)), name
+
+
+@pytest.mark.parametrize("name", ["sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"])
+def test_one_step_grid_to_zero(K, name):
+    """k-diffusion raises UnboundLocalError here; the answer is D(x, σ_0)."""
+    sigmas = torch.tensor([3.0, 0.0], dtype=torch.float64)
+    x = x_T(3.0)
+    with pytest.raises(UnboundLocalError):
+        getattr(K, name)(model, x.clone(), sigmas, disable=True)
+    assert torch.equal(getattr(FK, name)(model, x.clone(), sigmas, disable=True, seed=1), model(x, torch.full((6,), 3.0)))
+
+
+def test_default_noise_is_batch_invariant_and_seeded():
+    sigmas = karras(10)
+    x = x_T(float(sigmas[0]), n=8)
+    for name in ("sample_euler_ancestral", "sample_dpmpp_2m_sde", "sample_dpmpp_sde", "sample_dpmpp_3m_sde"):
+        full = getattr(FK, name)(model, x.clone(), sigmas, disable=True, seed=9)
+        part = getattr(FK, name)(model, x[3:5].clone(), sigmas, disable=True, seed=9, sample_offset=3)
+        assert torch.equal(full[3:5], part), name
+        assert not torch.allclose(getattr(FK, name)(model, x.clone(), sigmas, disable=True, seed=10), full)
+    torch.manual_seed(0)
+    a = FK.sample_euler_ancestral(model, x.clone(), sigmas, disable=True)
+    torch.manual_seed(0)
+    b = FK.sample_euler_ancestral(model, x.clone(), sigmas, disable=True)
+    assert torch.equal(a, b)                    # seed=None draws the seed from torch's generator
+
+
+def test_default_noise_follows_the_contract():
+    """euler_ancestral with eta = 1 is fastdiff's ei-x0 SDE step (η = 1): with no noise_sampler it uses the
+    contract's step-k noise, so it equals fd.sample's torch reference bit for bit on PureVE."""
+    cloud_x = x_T(40.0, n=5)
+    times = fd.time_grid(PROC, 12, "karras", 0.05)
+    times = times * (40.0 / float(times[0]))
+    ours = FK.sample_euler_ancestral(model, cloud_x.clone(), times, disable=True, seed=4)
+    ref = fd.sample(GM, x=cloud_x.clone(), times=times, method="ei-x0", seed=4, backend="torch")
+    assert rel_err(ours, ref) <= RTOL
+
+
+def test_named_errors():
+    sigmas = karras(5)
+    x = x_T(80.0)
+    with pytest.raises(ValueError, match="solver_type"):
+        FK.sample_dpmpp_2m_sde(model, x, sigmas, disable=True, solver_type="rk4")
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        FK.sample_dpmpp_2m(model, x, sigmas.flip(0), disable=True)
+    with pytest.raises(ValueError, match="eta"):
+        FK.sample_euler_ancestral(model, x, sigmas, disable=True, eta=-1.0)
+    with pytest.raises(ValueError, match="order"):
+        FK.sample_lms(model, x, sigmas, disable=True, order=0)
+    with pytest.raises(TypeError, match="noise_sampler"):
+        FK.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=3)
+    with pytest.raises(ValueError, match="seed"):
+        FK.sample_euler_ancestral(model, x, sigmas, disable=True, seed=-1)
+    before = x.clone()
+    FK.sample_dpmpp_2m(model, x, sigmas, disable=True)
+    assert torch.equal(x, before)               # the caller's state is never modified
+    assert math.isfinite(float(sigmas[0]))
