@@ -386,12 +386,13 @@ def unit_gaussian_variance(process, table) -> float:
 
 def _warn_if_poor_grid(process, table, low: float = 0.25, high: float = 4.0):
     var = unit_gaussian_variance(process, table)
+    hint = " or method='ei-x0'" if table.method != "ei-x0" and var > high else ""
     if not low <= var <= high:
         warnings.warn(
             f"fastdiff.sample: this grid is poor for {process!r} with method={table.method!r}, eta={table.eta}: "
             f"on unit-Gaussian data the sampler's exact output variance would be {var:.3g}, not 1 "
-            f"(fd.gaussian_oracle). Use more steps, or method='ei-x0' (the default schedule, logsnr, is good from "
-            f"about 10 steps). "
+            f"(fd.gaussian_oracle). Use more steps{hint} (the default schedule, logsnr, is good from about 10 steps "
+            f"on most processes; docs/defaults.md). "
             f"Silence with warnings.simplefilter('ignore', fd.GridWarning).", GridWarning, stacklevel=4)
 
 
