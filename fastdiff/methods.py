@@ -470,7 +470,7 @@ def method_table(process: Process, times, method: str, *, ode: bool = False, eta
 
     euler / ei / ei-x0 wrap fd.step_table(process, times, method, ode, eta) unchanged (one D column). Every
     other method is k-diffusion's on the σ̃ = σ/α grid, lifted by x = α x̃; eta there is k-diffusion's eta
-    (ode is not used: pass eta=0 for the deterministic variants).
+    (k-diffusion's default where not given), and ode=True sets it to 0 (the deterministic variant).
     """
     check_choice(method, "method", ALL_METHODS)
     if method in FIRST_ORDER_METHODS:
@@ -479,6 +479,12 @@ def method_table(process: Process, times, method: str, *, ode: bool = False, eta
         return _wrap_step_table(step_table(process, times, method, ode, eta))
     if eta is not None:
         options["eta"] = eta
+    if ode:                     # the deterministic variant: no noise of any kind
+        if float(options.get("eta") or 0.0) != 0.0 or float(options.get("s_churn") or 0.0) != 0.0:
+            raise ValueError(f"ode=True means no noise; got eta={options.get('eta')}, "
+                             f"s_churn={options.get('s_churn')} for {method!r}")
+        if "eta" in METHOD_OPTIONS[method]:
+            options["eta"] = 0.0
     options = method_options(method, **options)
     times = check_times(process, times)
     if times.numel() - 1 > MAX_STEPS:

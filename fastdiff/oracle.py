@@ -11,15 +11,26 @@ import torch
 
 from .denoisers import Gaussian
 from .processes import Process
-from .steps import step_table
+from .steps import METHODS, step_table
 
 
 def gaussian_oracle(process: Process, times, method: str = "ei", ode: bool = False, mean=None, cov=None,
-                    *, eta: float | None = None, final_denoise: bool = False):
-    """(mean [d], cov [d, d]) in float64 of the law `fd.sample` produces for data N(mean, cov)."""
+                    *, eta: float | None = None, final_denoise: bool = False, **method_options):
+    """(mean [d], cov [d, d]) in float64 of the law `fd.sample` produces for data N(mean, cov).
+
+    The multistep and two-stage methods of fastdiff.methods (MATH.md §3b) are covered too (their state
+    (x, D history) is jointly Gaussian): `method_options` are theirs (s_noise=, s_churn=, solver_type=, ...),
+    and the law is that of fastdiff.methods.sample_table with the contract noise.
+    """
     if mean is None or cov is None:
         raise ValueError("gaussian_oracle needs the data law: pass mean=[d] and cov=[d, d]")
     data = Gaussian(mean, cov, process)
+    if method not in METHODS:
+        from .methods import method_table, table_oracle
+        table = method_table(process, times, method, ode=ode, eta=eta, **method_options)
+        return table_oracle(table, data, final_denoise=final_denoise)
+    if method_options:
+        raise TypeError(f"method {method!r} takes no option {', '.join(sorted(method_options))}")
     table = step_table(process, times, method, ode, eta)
     d = data.dim
     eye = torch.eye(d, dtype=torch.float64)

@@ -1,0 +1,254 @@
+"""fastdiff.methods: the one table of every MATH.md §3b method, its torch executor and its Gaussian oracle.
+
+- euler / ei / ei-x0 wrapped in the general table keep every bit (columns, samples, oracle);
+- the contract noise drawn without host reads equals fastdiff.noise.normal bit for bit;
+- the lift to other processes (σ̃ = σ/α) is checked by identities with fastdiff's own first-order tables
+  (ei-x0 is euler_ancestral, DDIM is edm_euler) and by convergence of the exact output law (the oracle) to
+  the data law at the method's order, on every process;
+- sampled moments of the executor agree with the oracle within Monte Carlo error for every method;
+- k-diffusion's own coefficients are checked in tests/test_k_diffusion.py.
+"""
+import math
+
+import pytest
+import torch
+
+import fastdiff as fd
+import fastdiff.methods as M
+
+MEAN = torch.tensor([0.5, -1.0], dtype=torch.float64)
+COV = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
+PROCESSES = {"VP": fd.VP(), "OU": fd.OU(0.5, 1.0, 10.0), "PureVE": fd.PureVE(80.0),
+             "DriftedVE": fd.DriftedVE(100.0, "t"), "VE": fd.VE(0.01, 50.0)}
+FIRST_ORDER = ("edm_euler", "euler_ancestral")
+
+
+def grid(p, K):
+    return fd.time_grid(p, K, "logsnr", 1e-3 * p.T)
+
+
+# ------------------------------------------------------------------------------ the first-order tables
+
+@pytest.mark.parametrize("method", ["euler", "ei", "ei-x0"])
+@pytest.mark.parametrize("pname", ["VP", "DriftedVE"])
+def test_first_order_tables_wrap_bit_for_bit(method, pname):
+    p = PROCESSES[pname]
+    times = grid(p, 12)
+    for ode in (False, True):
+        st = fd.step_table(p, times, method, ode)
+        mt = M.method_table(p, times, method, ode=ode)
+        assert torch.equal(mt.A, st.A) and torch.equal(mt.B0, st.B) and torch.equal(mt.C, st.C)
+        assert torch.equal(mt.t, st.t) and mt.history == 0 and not bool(mt.staged.any())
+
+
+@pytest.mark.parametrize("method", ["euler", "ei", "ei-x0"])
+def test_first_order_samples_are_fd_sample_bit_for_bit(method):
+    p = PROCESSES["VP"]
+    data = fd.Gaussian(MEAN, COV, p)
+    times = grid(p, 10)
+    for dtype in (torch.float32, torch.float64):
+        x = p.prior(50, 2, seed=3, dtype=dtype)
+        ref = fd.sample(data, x=x, times=times, method=method, seed=8, sample_offset=20, backend="torch")
+        ours = M.sample_table(data, M.method_table(p, times, method), x, seed=8, sample_offset=20)
+        assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("method", ["euler", "ei", "ei-x0"])
+def test_first_order_oracle_unchanged(method):
+    p = PROCESSES["OU"]
+    times = grid(p, 15)
+    mu, S = fd.gaussian_oracle(p, times, method, mean=MEAN, cov=COV)
+    mu2, S2 = M.table_oracle(M.method_table(p, times, method), fd.Gaussian(MEAN, COV, p))
+    assert torch.allclose(mu, mu2, rtol=1e-13, atol=1e-14) and torch.allclose(S, S2, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------ the noise
+
+def test_contract_normal_is_noise_normal_bit_for_bit():
+    for seed, idx, step, d in ((0, [0, 1, 2], 0, 3), (2**64 - 1, [5, 2**32 + 7, 2**40], M.STAGE_STEP_BASE + 9, 9),
+                               (123456789, list(range(40)), M.CHURN_STEP_BASE + 3, 1)):
+        like = torch.empty(len(idx), d, dtype=torch.float64)
+        got = M.contract_normal(seed, torch.tensor(idx, dtype=torch.int64), step, like)
+        assert torch.equal(got, fd.noise.normal(seed, torch.tensor(idx), step, d, dtype=torch.float64))
+    like = torch.empty(4, 2, 3, 2, dtype=torch.float32)                  # any per-sample shape
+    got = M.contract_normal(7, torch.arange(4), 11, like)
+    assert got.shape == like.shape and got.dtype == torch.float32
+    assert torch.equal(got.reshape(4, -1), fd.noise.normal(7, range(4), 11, 12))
+
+
+def test_stage_and_churn_streams_are_distinct():
+    idx = torch.arange(1000)
+    like = torch.empty(1000, 2, dtype=torch.float64)
+    zs = [M.contract_normal(1, idx, base + 4, like) for base in (0, M.STAGE_STEP_BASE, M.CHURN_STEP_BASE)]
+    for i in range(3):
+        for j in range(i):
+            assert abs(float((zs[i] * zs[j]).mean())) < 0.15                # independent, not copies
+
+
+# --------------------------------------------------------------------------------------- the lift
+
+@pytest.mark.parametrize("pname", ["VP", "OU", "DriftedVE", "PureVE"])
+def test_lift_reproduces_fastdiffs_own_first_order_tables(pname):
+    """k-diffusion's euler_ancestral with eta = 1 is ei-x0 (η = 1) and its euler is DDIM (ei-x0, η = 0) on every
+    process: the lifted tables equal fastdiff's directly derived ones."""
+    p = PROCESSES[pname]
+    times = grid(p, 20)
+    anc, sde = M.method_table(p, times, "euler_ancestral"), fd.step_table(p, times, "ei-x0")
+    ddim, ode = M.method_table(p, times, "edm_euler"), fd.step_table(p, times, "ei-x0", ode=True)
+    for got, want in ((anc.A, sde.A), (anc.B0, sde.B), (anc.C, sde.C), (ddim.A, ode.A), (ddim.B0, ode.B)):
+        assert torch.allclose(got, want, rtol=1e-11, atol=1e-300)
+    # dpmpp_2m_sde's first step with eta = η² is ei-x0 with η
+    for eta in (0.25, 1.0):
+        two = M.method_table(p, times, "dpmpp_2m_sde", eta=eta)
+        one = fd.step_table(p, times, "ei-x0", eta=math.sqrt(eta))
+        assert torch.allclose(torch.stack([two.A[0], two.B0[0], two.C[0]]), torch.stack([one.A[0], one.B[0], one.C[0]]),
+                              rtol=1e-11)
+
+
+def test_ve_process_table_is_the_sigma_table():
+    p = PROCESSES["PureVE"]                                             # σ = t, α = 1
+    times = grid(p, 9)
+    for method in M.NEW_METHODS:
+        a, b = M.method_table(p, times, method), M.sigma_table(times, method)
+        for name in ("A", "B", "C", "a_u", "b_u", "c_u", "B1", "hist_x", "hist_d", "P", "C_churn"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-14, atol=0), (method, name)
+        assert torch.allclose(a.t_u[a.staged], b.t_u[b.staged], rtol=1e-14)
+
+
+def _error_to_target(p, method, K, **options):
+    times = grid(p, K)
+    t_end = float(times[-1])
+    a, s2 = p.alpha(t_end), p.sigma2(t_end)
+    mu, S = fd.gaussian_oracle(p, times, method, mean=MEAN, cov=COV, **options)
+    return float((mu - a * MEAN).norm() + (S - a * a * COV - s2 * torch.eye(2, dtype=torch.float64)).norm())
+
+
+@pytest.mark.parametrize("pname", ["VP", "OU", "PureVE", "DriftedVE"])
+def test_exact_output_law_converges_at_the_methods_order(pname):
+    """The oracle's output law tends to the law of X_{t_end} as the grid is refined: by ≥ 2.8× from 16 to 64
+    steps for first-order methods, ≥ 4.5× for the higher-order ones. A wrong lift or coefficient stalls."""
+    p = PROCESSES[pname]
+    for method in M.NEW_METHODS:
+        e16, e64 = _error_to_target(p, method, 16), _error_to_target(p, method, 64)
+        assert e64 < 0.2, (method, e64)
+        assert e16 / e64 >= (2.8 if method in FIRST_ORDER else 4.5), (method, e16, e64)
+
+
+# -------------------------------------------------------------------------- executor against the oracle
+
+MC_CASES = [
+    ("VP", "edm_euler", {}), ("OU", "edm_euler", {"s_churn": 4.0, "s_tmax": 5.0, "s_noise": 1.02}),
+    ("VP", "euler_ancestral", {"eta": 0.7}), ("DriftedVE", "heun", {}),
+    ("PureVE", "heun", {"s_churn": 3.0, "s_tmax": 40.0}), ("VP", "dpm_2", {"s_churn": 2.0, "s_tmax": 50.0}),
+    ("OU", "dpm_2_ancestral", {}), ("VP", "dpmpp_2s_ancestral", {"eta": 0.8}), ("VP", "dpmpp_sde", {}),
+    ("OU", "dpmpp_sde", {"eta": 0.6, "r": 0.4}), ("VP", "dpmpp_2m", {}), ("DriftedVE", "dpmpp_2m_sde", {}),
+    ("VP", "dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.5}), ("OU", "dpmpp_3m_sde", {}),
+    ("VE", "dpmpp_3m_sde", {"eta": 0.3}), ("PureVE", "lms", {}), ("VP", "lms", {"order": 3}),
+]
+
+
+@pytest.mark.parametrize("pname,method,options", MC_CASES, ids=[f"{p}-{m}-{i}" for i, (p, m, _) in enumerate(MC_CASES)])
+def test_sampled_moments_match_the_oracle(pname, method, options):
+    """10 000 samples (coarse 5-step grid, so the law is far from the data's and the method matters): the sample
+    mean and covariance agree with the oracle within 5 Monte Carlo standard errors."""
+    p = PROCESSES[pname]
+    times = grid(p, 5)
+    table = M.method_table(p, times, method, **options)
+    data = fd.Gaussian(MEAN, COV, p)
+    n = 10_000
+    x = p.prior(n, 2, seed=1, dtype=torch.float64)
+    out = M.sample_table(data, table, x, seed=2)
+    mu, S = M.table_oracle(table, data)
+    mean_err = (out.mean(0) - mu).abs()
+    assert bool((mean_err <= 5 * (S.diagonal() / n).sqrt()).all()), (mean_err, mu)
+    emp = torch.cov(out.T)
+    se = ((S.diagonal()[:, None] * S.diagonal()[None, :] + S * S) / n).sqrt()
+    assert bool(((emp - S).abs() <= 5 * se).all()), (emp, S)
+    # the sampler's law is not the data's on this coarse grid: the comparison has something to find
+    assert float((S - COV).abs().max()) > 5 * float(se.max()) or float((mu - MEAN).abs().max()) > 0.05
+
+
+def test_oracle_through_gaussian_oracle_and_final_denoise():
+    p = PROCESSES["VP"]
+    times = grid(p, 10)
+    table = M.method_table(p, times, "dpmpp_2m_sde", solver_type="heun")
+    data = fd.Gaussian(MEAN, COV, p)
+    for fdn in (False, True):
+        a = fd.gaussian_oracle(p, times, "dpmpp_2m_sde", mean=MEAN, cov=COV, solver_type="heun", final_denoise=fdn)
+        b = M.table_oracle(table, data, final_denoise=fdn)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(TypeError, match="solver_type"):
+        fd.gaussian_oracle(p, times, "ei", mean=MEAN, cov=COV, solver_type="heun")
+
+
+# --------------------------------------------------------------------------------- executor behaviour
+
+def test_noise_does_not_depend_on_the_batch():
+    p = PROCESSES["OU"]
+    data = fd.Gaussian(MEAN, COV, p)
+    times = grid(p, 6)
+    x = p.prior(12, 2, seed=5, dtype=torch.float64)
+    for method in ("dpmpp_sde", "heun", "dpmpp_3m_sde"):
+        table = M.method_table(p, times, method, **({"s_churn": 2.0, "s_tmax": 5.0} if method == "heun" else {}))
+        full = M.sample_table(data, table, x, seed=3)
+        part = M.sample_table(data, table, x[4:9], seed=3, sample_offset=4)
+        assert torch.equal(full[4:9], part), method
+        assert not torch.allclose(M.sample_table(data, table, x, seed=4), full), method
+
+
+def test_callback_sees_each_step_and_state_is_untouched():
+    p = PROCESSES["VP"]
+    data = fd.Gaussian(MEAN, COV, p)
+    times = grid(p, 5)
+    table = M.method_table(p, times, "heun")
+    x = p.prior(7, 2, seed=5, dtype=torch.float32)
+    before = x.clone()
+    seen = []
+    out = M.sample_table(data, table, x, callback=seen.append)
+    assert torch.equal(x, before) and out.dtype == torch.float32
+    assert [s["step"] for s in seen] == list(range(5))
+    assert seen[0]["t"] == float(times[0]) and torch.equal(seen[0]["x"], before)
+    assert torch.allclose(seen[2]["prediction"], data.denoise(seen[2]["x"], seen[2]["t"]))
+
+
+def test_history_table_columns():
+    """B₋₁ and B₋₂ are the named columns; LMS keeps derivatives (h_x = 1/σ, h_D = −1/σ on a σ-grid)."""
+    sig = torch.tensor([10.0, 4.0, 1.5, 0.5, 0.1, 0.0], dtype=torch.float64)
+    t3 = M.sigma_table(sig, "dpmpp_3m_sde")
+    assert t3.history == 2 and float(t3.Bm1[0]) == 0 and float(t3.Bm2[1]) == 0 and float(t3.Bm2[2]) != 0
+    assert torch.equal(t3.B[:, 1], t3.Bm1) and torch.equal(t3.B[:, 2], t3.Bm2)
+    lms = M.sigma_table(sig, "lms", order=3)
+    assert torch.allclose(lms.hist_x, 1 / sig[:-1]) and torch.allclose(lms.hist_d, -1 / sig[:-1])
+    # one-step methods have no history columns; asking for B₋₁ gives zeros
+    eu = M.sigma_table(sig, "edm_euler")
+    assert eu.history == 0 and torch.equal(eu.Bm1, torch.zeros(5, dtype=torch.float64))
+    # the exactly integrated LMS weights sum to σ' − σ (they integrate a partition of unity)
+    for k in range(5):
+        c = M._lms_coefficients(sig.tolist(), k, min(k + 1, 3))
+        assert math.isclose(sum(c), float(sig[k + 1] - sig[k]), rel_tol=1e-13)
+
+
+def test_named_errors():
+    p = PROCESSES["VP"]
+    times = grid(p, 5)
+    with pytest.raises(ValueError, match="method"):
+        M.method_table(p, times, "rk45")
+    with pytest.raises(TypeError, match="solver_type"):
+        M.method_table(p, times, "dpmpp_2m", solver_type="heun")
+    with pytest.raises(ValueError, match="solver_type"):
+        M.method_table(p, times, "dpmpp_2m_sde", solver_type="rk4")
+    with pytest.raises(ValueError, match="s_churn"):                    # σ̂ above the process's σ/α at T
+        M.method_table(p, times, "heun", s_churn=3.0)
+    with pytest.raises(ValueError, match="ode=True"):
+        M.method_table(p, times, "dpmpp_sde", ode=True, eta=0.5)
+    assert float(M.method_table(p, times, "dpmpp_sde", ode=True).C.abs().max()) == 0
+    with pytest.raises(ValueError, match="sigmas"):
+        M.sigma_table(torch.tensor([1.0, 2.0]), "dpmpp_2m")
+    with pytest.raises(ValueError, match="r must"):
+        M.sigma_table(torch.tensor([2.0, 1.0]), "dpmpp_sde", r=0)
+    table = M.method_table(p, times, "dpmpp_2m")
+    data = fd.Gaussian(MEAN, COV, p)
+    with pytest.raises(ValueError, match="seed"):
+        M.sample_table(data, table, torch.zeros(3, 2), seed=-1)
+    with pytest.raises(ValueError, match="denoise must return"):
+        M.run_table(table, lambda x, k, s: x[:, :1], torch.ones(3, 2), None)
