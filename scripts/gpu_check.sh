@@ -28,7 +28,8 @@
 # Writes into $OUT as it goes, so a kill at any moment leaves every finished result (8 files, what a lent
 # machine returns):
 #   summary.txt         one screen: each phase's status and counts, failed tests, the targets measured,
-#                       the measured backend order (rewritten atomically whenever a phase starts or ends)
+#                       the measured backend order (rewritten atomically whenever a phase starts or ends,
+#                       by scripts/gpu_check_summary.py from the files below)
 #   env.txt             nvidia-smi, versions, toolchain checks, a Triton JIT check
 #   build.log           the build, then what fastdiff._C was built with (`fastdiff info`)
 #   tests.log           pytest -v output of the triton phase, then of the cuda phase (line by line)
@@ -77,153 +78,7 @@ write_summary() {
         table+="$p|${STATUS[$p]}|${SECS[$p]}|${DETAIL[$p]}"$'\n'
     done
     GC_TABLE="$table" GC_ELAPSED=$((SECONDS - START)) GC_TOTAL=$TOTAL GC_DRY=$DRY GC_INTERRUPTED=$INTERRUPTED \
-        GC_ROOT=$ROOT "$PY" - "$OUT" <<'PYEOF' || echo "gpu_check.sh: could not write summary.txt" >&2
-import json, os, re, subprocess, sys, time
-import xml.etree.ElementTree as ET
-out = sys.argv[1]
-lines = []
-
-
-def git(*args):
-    try:
-        return subprocess.run(["git", "-C", os.environ["GC_ROOT"], *args], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except Exception:
-        return ""
-
-
-def env_line(key):
-    try:
-        with open(os.path.join(out, "env.txt")) as f:
-            for line in f:
-                if line.startswith(key):
-                    return line[len(key):].strip()
-    except OSError:
-        pass
-    return None
-
-
-def junit(name):
-    """(passed, failed, errors, skipped, [failed test ids]) from a junit file, or None."""
-    try:
-        root = ET.parse(os.path.join(out, name)).getroot()
-    except (OSError, ET.ParseError):
-        return None
-    cases = list(root.iter("testcase"))
-    bad, skipped = [], 0
-    for c in cases:
-        kinds = {child.tag for child in c}
-        if kinds & {"failure", "error"}:
-            bad.append(f"{c.get('classname', '')}::{c.get('name', '')}")
-        elif "skipped" in kinds:
-            skipped += 1
-    errors = sum(1 for c in cases if any(ch.tag == "error" for ch in c))
-    return len(cases) - len(bad) - skipped, len(bad) - errors, errors, skipped, bad
-
-
-def log_counts(phase):
-    """Counts from the -v lines of tests.log for a phase whose junit file is not (yet) written."""
-    counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0}
-    bad, inside = [], False
-    try:
-        with open(os.path.join(out, "tests.log"), errors="replace") as f:
-            for line in f:
-                if line.startswith("=== gpu_check phase "):
-                    inside = line.split()[3] == phase
-                    continue
-                # `tests/x.py::t PASSED [ 5%]`, or with pytest-xdist `[gw0] [ 5%] PASSED tests/x.py::t`
-                m = inside and (re.match(r"(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)\b", line) or
-                                re.match(r"\[gw\d+\] \[ *\d+%\] (PASSED|FAILED|ERROR|SKIPPED) (\S+::\S+)", line))
-                if m:
-                    word, test = (m.group(2), m.group(1)) if "::" in m.group(1) else (m.group(1), m.group(2))
-                    counts[word] += 1
-                    if word in ("FAILED", "ERROR"):
-                        bad.append(test)
-    except OSError:
-        return None
-    return counts, bad
-
-
-mode = "DRY RUN (no CUDA: skips, tiny sizes)" if os.environ["GC_DRY"] == "1" else "GPU run"
-commit = git("rev-parse", "--short", "HEAD") or "?"
-dirty = "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
-lines.append(f"fastdiff GPU check, {mode}: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, git {commit}{dirty}")
-for key in ("device:", "versions:"):
-    v = env_line(key)
-    if v:
-        lines.append(f"  {key} {v}")
-table = [row.split("|", 3) for row in os.environ["GC_TABLE"].strip().splitlines()]
-states = [s for _, s, _, _ in table]
-if os.environ["GC_INTERRUPTED"]:
-    state = f"INTERRUPTED by SIG{os.environ['GC_INTERRUPTED']}"
-elif any(s in ("running", "pending") for s in states):
-    state = "running (this file is rewritten as the phases end)"
-else:
-    state = "finished"
-lines.append(f"  {state}; {os.environ['GC_ELAPSED']} s of the {os.environ['GC_TOTAL']} s budget")
-lines.append("")
-lines.append(f"{'phase':<8} {'status':<11} {'time':>6}  result")
-failed_ids = []
-for name, status, secs, detail in table:
-    result = detail
-    if name in ("triton", "cuda") and status not in ("pending",):
-        j = junit(f"{name}.xml")
-        if j is not None:
-            p, f, e, s, bad = j
-            result = f"{p} passed, {f} failed, {e} errors, {s} skipped ({name}.xml)" + (f"; {detail}" if detail else "")
-            failed_ids += bad
-        else:
-            c = log_counts(name)
-            if c is not None and sum(c[0].values()):
-                counts, bad = c
-                result = (f"so far: {counts['PASSED']} passed, {counts['FAILED']} failed, {counts['ERROR']} errors, "
-                          f"{counts['SKIPPED']} skipped (tests.log)" + (f"; {detail}" if detail else ""))
-                failed_ids += bad
-    lines.append(f"{name:<8} {status:<11} {secs + ' s' if secs else '':>6}  {result}"[:160])
-if failed_ids:
-    lines.append("")
-    lines.append(f"failed tests ({len(failed_ids)}; tracebacks in tests.log):")
-    lines += [f"  {t}"[:160] for t in failed_ids[:8]]
-    if len(failed_ids) > 8:
-        lines.append(f"  ... and {len(failed_ids) - 8} more")
-
-try:
-    with open(os.path.join(out, "bench", "results.json")) as f:
-        doc = json.load(f)
-except (OSError, ValueError):
-    doc = None
-if doc is not None:
-    reduced = "reduced repetitions" if doc.get("environment", {}).get("brief") else "full repetitions"
-    lines.append("")
-    lines.append(f"targets ({doc.get('device')}, {reduced}, {len(doc.get('rows', []))} measurements"
-                 f"{', complete' if doc.get('complete') else ', cut short'}; bench/results.json):")
-    for t in doc.get("targets", []):
-        lines.append(f"  {t['met']:<12} {t['id']:<28} {str(t['measured'])[:24]:<24} required {t['required']}"[:160])
-    summary = (doc.get("auto_order") or {}).get("summary") or {}
-    wins = {}
-    for op, s in summary.items():
-        lines.append(f"  fastest first, {op}: " + ", ".join(f"{b} {n}" for b, n in
-                     sorted(s.get("fastest", {}).items(), key=lambda kv: -kv[1])) + " (cases won)")
-        for b, n in s.get("fastest", {}).items():
-            wins[b] = wins.get(b, 0) + n
-    if wins:
-        # the backends by cases won; torch (accepts everything) stays last, as the fallback of the order
-        device = doc.get("device", "cuda")
-        known = ("cuda", "triton") if device == "cuda" else ("cpu",)
-        order = [b for b in sorted(wins, key=lambda b: -wins[b]) if b in known]
-        order += [b for b in known if b not in order] + ["torch"]
-        lines.append(f"  measured order: AUTO_ORDER[\"{device}\"] = {tuple(order)!r} (fastdiff/_backend.py)")
-errors = [n for n in (doc or {}).get("notes", []) if n.get("kind") == "error"]
-if errors:
-    lines.append(f"  bench errors ({len(errors)}): " + "; ".join(f"{n['provider']}: {n['note']}" for n in errors[:2])[:300])
-lines.append("")
-names = ("env.txt", "build.log", "tests.log", "triton.xml", "cuda.xml", "bench.log", os.path.join("bench", "results.json"))
-lines.append("files: summary.txt " + " ".join(n for n in names if os.path.exists(os.path.join(out, n))))
-tmp = os.path.join(out, "summary.txt.tmp")
-with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-os.replace(tmp, os.path.join(out, "summary.txt"))
-PYEOF
+        GC_ROOT=$ROOT "$PY" "$ROOT/scripts/gpu_check_summary.py" "$OUT" || echo "gpu_check.sh: could not write summary.txt" >&2
 }
 
 # ------------------------------------------------------------------------------------------- phases

@@ -49,13 +49,13 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
 
 
 def _phases(summary: str) -> dict:
-    """{phase: (status, rest of the line)} from summary.txt's phase table."""
+    """{phase: (status, rest of the line with its spaces collapsed)} from summary.txt's phase table."""
     out = {}
     for line in summary.splitlines():
         m = re.match(r"(env|build|triton|cuda|bench) +(ok|FAILED|time limit|killed|interrupted|skipped|running|pending)"
                      r"\b(.*)$", line)
         if m:
-            out[m.group(1)] = (m.group(2), m.group(3))
+            out[m.group(1)] = (m.group(2), " ".join(m.group(3).split()))
     return out
 
 
@@ -165,7 +165,7 @@ def test_junit_parses_and_matches_the_summary(dry_run):
     for name in ("triton", "cuda"):
         n, skipped = _junit_counts(out / f"{name}.xml")
         assert n > 0 and skipped == n, name                    # no CUDA: every gpu test skips
-        assert f"0 passed, 0 failed, 0 errors, {n} skipped ({name}.xml)" in phases[name][1]
+        assert f"0 passed, 0 failed, 0 errors, {n} skipped of {n} ({name}.xml)" in phases[name][1]
     log = (out / "tests.log").read_text()
     assert "=== gpu_check phase triton: pytest tests/test_triton.py" in log
     assert "=== gpu_check phase cuda: pytest -m gpu tests --ignore=tests/test_triton.py" in log
@@ -249,7 +249,7 @@ def test_a_kill_mid_run_leaves_every_finished_result(tmp_path):
     assert set(phases) == set(PHASES) and phases["cuda"][0] == "running" and phases["bench"][0] == "pending"
     assert phases["triton"][0] == "ok" and phases["env"][0] == "ok"
     n, skipped = _junit_counts(out / "triton.xml")
-    assert n > 0 and f"{skipped} skipped (triton.xml)" in phases["triton"][1]
+    assert n > 0 and f"{skipped} skipped of {n} (triton.xml)" in phases["triton"][1]
     assert "versions: python" in (out / "env.txt").read_text()
     assert "fastdiff info" in (out / "build.log").read_text() or not _extension_built()
     assert {"summary.txt", "env.txt", "build.log", "tests.log", "triton.xml"} <= _files(out)
@@ -298,3 +298,98 @@ def test_cli_accepts_the_reduced_run_options(capsys):
     listed = capsys.readouterr().out.splitlines()
     assert listed[0] == "posterior\tposterior d=2 M=65536 N=65536 (target, issue 3)"
     assert listed[-1] == "posterior\tposterior: speedups" and len(listed) == 4
+
+
+# ------------------------------------------------------------------------------------------- summary of a GPU run
+def _summary_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check_summary", ROOT / "scripts" / "gpu_check_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpu_run_files(out: Path):
+    """What a GPU run leaves: triton phase (pytest-xdist) finished with one failure, cuda phase killed before
+    its junit file, a bench cut short with two cuda targets and the backend order."""
+    (out / "bench").mkdir(parents=True)
+    (out / "env.txt").write_text("device: NVIDIA H200\nversions: python 3.12.3, torch 2.11.0+cu130 (CUDA 13.0), "
+                                 "triton 3.6.0\n")
+    (out / "triton.xml").write_text(
+        '<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="4">'
+        '<testcase classname="tests.test_triton" name="test_a"/>'
+        '<testcase classname="tests.test_triton" name="test_b"><failure message="x">tb</failure></testcase>'
+        '<testcase classname="tests.test_triton" name="test_c"><error message="y">tb</error></testcase>'
+        '<testcase classname="tests.test_triton" name="test_d"><skipped message="z"/></testcase>'
+        '</testsuite></testsuites>')
+    (out / "tests.log").write_text(
+        "=== gpu_check phase triton: pytest tests/test_triton.py\n"
+        "8 workers [4 items]\n"
+        "[gw0] [ 25%] PASSED tests/test_triton.py::test_a \n"
+        "=== gpu_check phase cuda: pytest -m gpu tests --ignore=tests/test_triton.py\n"
+        "collecting ... collected 1102 items / 1066 deselected / 36 selected\n"
+        "[gw1] [  3%] PASSED tests/test_kernels.py::test_posterior[cuda-2] \n"
+        "[gw2] [  6%] FAILED tests/test_kernels.py::test_noise[cuda] \n"
+        "[gw3] [  8%] SKIPPED tests/test_graphs.py::test_replay[True] \n"
+        "tests/test_kernels.py::test_step[cuda] ERROR [ 11%]\n")
+    doc = {"device": "cuda", "complete": False, "environment": {"brief": True}, "rows": [{}, {}, {}],
+           "targets": [{"met": "yes", "id": "I3-posterior-d2-rate", "measured": "1.3e+12 pairs/s",
+                        "required": "≥ 1.0e12 pairs/s"},
+                       {"met": "not measured", "id": "I3-pointcloud-sample", "measured": "–", "required": "≥ 50×"}],
+           "auto_order": {"summary": {"posterior": {"fastest": {"triton": 2, "cuda": 1}},
+                                      "affine_step": {"fastest": {"cuda": 1}},
+                                      "pointcloud_sample": {"fastest": {"triton": 1}}}},
+           "notes": [{"kind": "error", "provider": "sdpa", "note": "case failed: OutOfMemoryError"}]}
+    (out / "bench" / "results.json").write_text(json.dumps(doc))
+
+
+def test_summary_of_a_gpu_run_reads_junit_xdist_logs_targets_and_order(tmp_path):
+    mod = _summary_module()
+    out = tmp_path / "out"
+    _gpu_run_files(out)
+    table = [("env", "ok", "12", "0 problem(s) (env.txt)"), ("build", "ok", "80", "build.log"),
+             ("triton", "ok", "95", ""), ("cuda", "killed", "115", "limit 100 s reached"),
+             ("bench", "time limit", "180", "limit 180 s reached; bench/results.json")]
+    lines = mod.summarize(str(out), table, 470, 480, dry=False, root=str(tmp_path))
+    text = "\n".join(lines)
+    assert lines[0].startswith("fastdiff GPU check, GPU run: ") and "git ?" in lines[0]     # no git checkout here
+    assert "  device: NVIDIA H200" in lines and "  finished; 470 s of the 480 s budget" in lines
+    rows = _phases(text)
+    assert rows["triton"] == ("ok", "95 s 1 passed, 1 failed, 1 errors, 1 skipped of 4 (triton.xml)")
+    # killed before its junit file: the counts so far from the -v lines, both line formats, and the selection
+    assert rows["cuda"][1].endswith("so far: 1 passed, 1 failed, 1 errors, 1 skipped of 36 (tests.log); "
+                                    "limit 100 s reached")
+    failed = lines[lines.index("failed tests (4; tracebacks in tests.log):") + 1:][:4]
+    assert failed == ["  tests.test_triton::test_b", "  tests.test_triton::test_c",
+                      "  tests/test_kernels.py::test_noise[cuda]", "  tests/test_kernels.py::test_step[cuda]"]
+    assert "targets (cuda, reduced repetitions, 3 measurements, cut short; bench/results.json):" in lines
+    assert any(line.split()[:2] == ["yes", "I3-posterior-d2-rate"] for line in lines)
+    assert "  fastest first, posterior: triton 2, cuda 1 (cases won)" in lines
+    # triton won 3 cases, cuda 2: triton first, torch last
+    assert """  measured order: AUTO_ORDER["cuda"] = ('triton', 'cuda', 'torch') (fastdiff/_backend.py)""" in lines
+    assert "  bench errors (1): sdpa: case failed: OutOfMemoryError" in lines
+    assert lines[-1] == ("files: summary.txt env.txt tests.log triton.xml bench/results.json")
+    assert all(len(line) <= 160 for line in lines) and len(lines) <= 40
+
+
+def test_summary_states_and_atomic_write(tmp_path):
+    mod = _summary_module()
+    out = tmp_path / "out"
+    out.mkdir()
+    running = [("env", "ok", "3", ""), ("build", "running", "", "limit 240 s"), ("triton", "pending", "", ""),
+               ("cuda", "pending", "", ""), ("bench", "pending", "", "")]
+    lines = mod.summarize(str(out), running, 3, 480, dry=True)
+    assert "DRY RUN" in lines[0] and any(line.startswith("  running (this file") for line in lines)
+    assert not [line for line in lines if line.startswith("targets") or line.startswith("failed tests")]
+    lines = mod.summarize(str(out), running, 9, 480, dry=True, interrupted="TERM")
+    assert "  INTERRUPTED by SIGTERM; 9 s of the 480 s budget" in lines
+    mod.write(str(out), lines)
+    assert (out / "summary.txt").read_text().splitlines() == lines and sorted(os.listdir(out)) == ["summary.txt"]
+    # the command line: the table from the environment, as gpu_check.sh passes it
+    env = dict(os.environ, GC_TABLE="env|ok|3|\nbuild|FAILED|40|exit 1; build.log\n", GC_ELAPSED="41",
+               GC_TOTAL="480", GC_DRY="0", GC_INTERRUPTED="", GC_ROOT=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check_summary.py"), str(out)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    phases = _phases((out / "summary.txt").read_text())
+    assert phases["build"] == ("FAILED", "40 s exit 1; build.log")
