@@ -78,11 +78,37 @@ def time_grid(process: Process, steps: int = 200, schedule: str = DEFAULT_SCHEDU
         t = process.sigma_inverse((hi + frac * (lo - hi)) ** rho)
     else:  # logsnr
         lam_T, lam_d = process.log_snr(T), process.log_snr(delta)
-        t = process.log_snr_inverse(lam_T + frac * (lam_d - lam_T))
+        t = _log_snr_inverse(process, lam_T + frac * (lam_d - lam_T))
     t[0], t[-1] = T, delta                                              # exact end points
     if append_zero:
         t = torch.cat([t, t.new_zeros(1)])
     return check_times(process, t)
+
+
+def _log_snr_inverse(process: Process, lam: torch.Tensor) -> torch.Tensor:
+    """t with λ(t) = lam in closed form where the process has one (the default grid must stay cheap for a
+    million steps; the generic bisection costs ~70 passes over the grid), else bisection on λ.
+    α = 1 (VE family): σ = e^{−λ}, then σ⁻¹. σ² = c(1 − α²) (OU, VP, DriftedVE): e^{2λ} = α²/σ² gives
+    m = −log α = ½·softplus(−(log c + 2λ)), accurate at both ends (σ would round to √c where α² < 1e-16),
+    then t from m: OU m/θ, VP the root of ¼Δt² + ½β₀t = m, DriftedVE B⁻¹(τm)."""
+    from .processes import OU, VP, DriftedVE
+
+    if process.drift_free:
+        return process._sigma_inverse(torch.exp(-lam)).clamp(0.0, process.T)
+    m = None
+    if process.variance_scale is not None:
+        u = -(math.log(process.variance_scale) + 2 * lam)
+        m = 0.5 * (u.clamp_min(0) + torch.log1p(torch.exp(-u.abs())))    # softplus(u), no cut-off at u = 20
+    if isinstance(process, OU):
+        t = m / process.theta
+    elif isinstance(process, VP):
+        b = 0.5 * process.beta_min
+        t = 2 * m / (b + torch.sqrt(b * b + (process.beta_max - process.beta_min) * m))
+    elif isinstance(process, DriftedVE) and process._B_inverse is not None:
+        t = process._B_inverse(process.tau * m)
+    else:
+        return process.log_snr_inverse(lam)
+    return t.clamp(0.0, process.T)
 
 
 def check_times(process: Process, times) -> torch.Tensor:

@@ -86,3 +86,17 @@ def test_defaults_png_is_committed():
     png = README.parent / "docs" / "cli_defaults_swiss_roll.png"
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "docs/cli_defaults_swiss_roll.png" in README.read_text()
+
+
+@pytest.mark.parametrize("process", [fd.DriftedVE(T=100.0), fd.DriftedVE(T=625.0, beta="t^2"), fd.VP(), fd.OU(),
+                                     fd.OU(theta=1.0, g=1.0, T=10.0), fd.VE(), fd.PureVE(T=80.0),
+                                     fd.DriftedVE(T=10.0, beta=lambda t: 1 + t)])
+def test_default_grid_closed_form_inverse_matches_bisection(process):
+    """The log-SNR grid inverts λ in closed form (cheap for 10⁶ steps); it must agree with the generic bisection,
+    including near T where α² < 1e-16 (the aggressive drifted VE at T = 625: α(T) = e^-208)."""
+    grid = fd.time_grid(process, 400)
+    lam = process.log_snr(grid)
+    assert torch.allclose(lam[1:-1], process.log_snr(process.log_snr_inverse(lam[1:-1])), rtol=1e-12, atol=0)
+    assert torch.allclose(grid[1:-1], process.log_snr_inverse(lam[1:-1]), rtol=1e-10, atol=0)
+    step = lam[1:] - lam[:-1]
+    assert float((step - step.mean()).abs().max()) <= 1e-12 * float(lam.abs().max())
