@@ -18,7 +18,8 @@
 #   bench    the issues' speed targets at reduced repetitions:
 #            fastdiff bench posterior step sample --targets-only
 #            --brief (posterior d=2 and d=3072, affine_step bandwidth,
-#            pointcloud_sample swiss roll, the MLP loop)                GPU_CHECK_BENCH_S   200
+#            pointcloud_sample swiss roll, the MLP loop; then issue 4's
+#            GPU comparisons while time is left)                        GPU_CHECK_BENCH_S   260
 # and the whole run within GPU_CHECK_TOTAL_S (480). A phase over its budget gets SIGINT (pytest and the
 # bench stop cleanly, print their summaries and write their files), then SIGKILL GPU_CHECK_GRACE_S (15) s
 # later; a phase's budget is cut to what is left of the total less that grace and 5 s for the summary, and
@@ -272,7 +273,7 @@ if [ "$DRY" = 1 ]; then
 else
     BENCH_ARGS=(--device cuda)
 fi
-budget=${GPU_CHECK_BENCH_S:-200}
+budget=${GPU_CHECK_BENCH_S:-260}
 limit=$(left); [ "$budget" -lt "$limit" ] && limit=$budget
 # stop starting cases a minute before the limit (one case can take that long); SIGINT at the limit still
 # writes results.json with what was measured
