@@ -73,13 +73,14 @@ void pointcloud_sample(uintptr_t x, uintptr_t y, uintptr_t log_w, int64_t M, int
 }
 
 // ---------------------------------------------------------------- the emulator's own checks
+// 64 threads; dynamic shared memory: 64 doubles.
 __global__ void fresh_shared_kernel(int* was_nan) {
-  FD_SHARED(float, st, 4);
+  FD_SHARED(float, st, 64);
   FD_EXTERN_SHARED(double, dyn);
-  if (threadIdx.x == 0) was_nan[blockIdx.x] = st[3] != st[3] && dyn[1] != dyn[1];   // NaN at every block start
+  if (threadIdx.x == 0) was_nan[blockIdx.x] = st[63] != st[63] && dyn[63] != dyn[63];   // NaN at every block start
   __syncthreads();
-  st[threadIdx.x % 4] = 1.0f;
-  dyn[threadIdx.x % 2] = 1.0;
+  st[threadIdx.x] = 1.0f;
+  dyn[threadIdx.x] = 1.0;
 }
 
 __global__ void neighbour_kernel(int* out) {
@@ -116,7 +117,7 @@ int status(dim3 grid, dim3 block, size_t shmem, void (*k)(P...), A... args) {
 pybind11::dict selftest() {
   pybind11::dict r;
   std::vector<int> flags(5, -1);
-  r["fresh_shared_status"] = status(dim3(5), dim3(64), 2 * sizeof(double), fresh_shared_kernel, flags.data());
+  r["fresh_shared_status"] = status(dim3(5), dim3(64), 64 * sizeof(double), fresh_shared_kernel, flags.data());
   r["fresh_shared"] = flags;
   std::vector<int> nb(2 * 96, -1);
   r["neighbour_status"] = status(dim3(2), dim3(96), 0, neighbour_kernel, nb.data());
