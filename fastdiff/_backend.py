@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from ._checks import check_counters
+
 OPS = ("posterior", "affine_step", "pointcloud_step", "pointcloud_sample")
 
 # `auto` order per device type. CPU: the C++ kernels beat the torch reference in benchmarks/results
@@ -118,22 +120,41 @@ class _CompiledBackend(Backend):
             reasons.append(f"d={d} exceeds the CUDA point-cloud kernels' limit of 12288")
         return reasons
 
-    # Adapters: alpha/sigma as float64 tensors; tables as float64 tensors.
+    # Adapters: alpha/sigma as float64 tensors; tables as float64 tensors. The launchers (which the sampler
+    # calls directly, fastdiff.ops calls them under autograd's forward) refuse inputs that require grad: the
+    # kernels write through raw pointers, so autograd would see an identity and give a wrong gradient.
     def posterior(self, x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
+        _refuse_grad("posterior", x=x, data=data, log_weights=log_weights)
         return extension().posterior(x, data, _f64(alpha), _f64(sigma), log_weights, float(bandwidth))
 
     def affine_step(self, x, D, A, B, C, seed, step, sample_offset=0, out=None):
-        return extension().affine_step(x, D, float(A), float(B), float(C), int(seed), int(step), int(sample_offset), out)
+        _refuse_grad("affine_step", x=x, D=D, out=out)
+        seed, sample_offset, step = check_counters(seed, sample_offset, x.shape[0], step)
+        return extension().affine_step(x, D, float(A), float(B), float(C), seed, step, sample_offset, out)
 
     def pointcloud_step(self, x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0, log_weights=None,
                         bandwidth=0.0, out=None):
-        return extension().pointcloud_step(x, data, _f64(alpha), _f64(sigma), float(A), float(B), float(C), int(seed),
-                                           int(step), int(sample_offset), log_weights, float(bandwidth), out)
+        _refuse_grad("pointcloud_step", x=x, data=data, log_weights=log_weights, out=out)
+        seed, sample_offset, step = check_counters(seed, sample_offset, x.shape[0], step)
+        return extension().pointcloud_step(x, data, _f64(alpha), _f64(sigma), float(A), float(B), float(C), seed,
+                                           step, sample_offset, log_weights, float(bandwidth), out)
 
     def pointcloud_sample(self, x, data, alpha, sigma, A, B, C, seed, sample_offset=0, log_weights=None,
                           bandwidth=0.0, return_trajectory=False):
-        return extension().pointcloud_sample(x, data, _f64(alpha), _f64(sigma), _f64(A), _f64(B), _f64(C), int(seed),
-                                             int(sample_offset), log_weights, float(bandwidth), bool(return_trajectory))
+        _refuse_grad("pointcloud_sample", x=x, data=data, log_weights=log_weights)
+        seed, sample_offset, _ = check_counters(seed, sample_offset, x.shape[0], steps=len(A))
+        return extension().pointcloud_sample(x, data, _f64(alpha), _f64(sigma), _f64(A), _f64(B), _f64(C), seed,
+                                             sample_offset, log_weights, float(bandwidth), bool(return_trajectory))
+
+
+def _refuse_grad(op, **tensors):
+    """A kernel launcher has no autograd: refuse (rather than return a silently wrong gradient) when grad mode
+    is on and an input requires grad."""
+    if torch.is_grad_enabled():
+        names = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+        if names:
+            raise ValueError(f"{op}: {', '.join(names)} requires grad, but the backend launchers have no autograd; "
+                             "use fastdiff.ops (differentiable in x) or run under torch.no_grad()")
 
 
 def _f64(v):
@@ -192,16 +213,21 @@ class TritonBackend(Backend):
 
     def posterior(self, x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
         # fastdiff.ops.posterior (the only caller) has checked x for NaN/inf: no second scan and sync
+        _refuse_grad("posterior", x=x, data=data, log_weights=log_weights)
         from .triton._posterior import posterior
         return posterior(x, data, alpha, sigma, log_weights, bandwidth, check_finite=False)
 
     def affine_step(self, x, D, A, B, C, seed, step, sample_offset=0, out=None):
         # callers (fastdiff.ops, the sampler) validate inputs or outputs: no per-step device sync here
+        _refuse_grad("affine_step", x=x, D=D, out=out)
+        seed, sample_offset, step = check_counters(seed, sample_offset, x.shape[0], step)
         from .triton._affine_step import affine_step
         return affine_step(x, D, A, B, C, seed, step, sample_offset, out, check_finite=False)
 
     def pointcloud_step(self, x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0, log_weights=None,
                         bandwidth=0.0, out=None):
+        _refuse_grad("pointcloud_step", x=x, data=data, log_weights=log_weights, out=out)
+        seed, sample_offset, step = check_counters(seed, sample_offset, x.shape[0], step)
         return self._module().pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset,
                                               log_weights, bandwidth, out)
 
@@ -209,6 +235,8 @@ class TritonBackend(Backend):
                           bandwidth=0.0, return_trajectory=False):
         """The backends' contract (x updated in place; the trajectory or None) over the Triton launcher,
         which takes a [K, 6] table (t unused) and returns a new x."""
+        _refuse_grad("pointcloud_sample", x=x, data=data, log_weights=log_weights)
+        seed, sample_offset, _ = check_counters(seed, sample_offset, x.shape[0], steps=len(A))
         columns = [torch.zeros(len(A), dtype=torch.float64)] + [_f64(v) for v in (alpha, sigma, A, B, C)]
         res = self._module().pointcloud_sample(x, data, columns, seed, sample_offset, log_weights, bandwidth,
                                                return_trajectory)

@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
+
+# Noise-counter limits (the counter (quad, step, sample lo, sample hi) of the noise contract). Global sample
+# indices, and the end sample_offset + M of a range of them, are held in int64 by the torch reference and by
+# every index tensor, so every backend enforces sample_offset + M < 2**63 (a documented limit below the
+# counter's 2**64); steps use the 32-bit step word.
+MAX_SAMPLES = 2**63
+MAX_STEPS = 2**32
+MAX_SEED = 2**64
 
 
 def as_time(t, name: str = "t", T: float | None = None, allow_zero: bool = False):
@@ -49,6 +58,8 @@ def check_points(x, name: str = "x", dim: int | None = None) -> torch.Tensor:
         raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"{name} must have shape [M, d], got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column (d >= 1), got shape {tuple(x.shape)}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} must have {dim} columns (the data dimension), got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
@@ -92,3 +103,193 @@ def check_choice(value, name: str, choices):
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, choices))}")
     return value
+
+
+# ---------------------------------------------------------------- the ops layer's checks (fastdiff.ops)
+# Every op validates here, once, before any backend runs or anything is written, so each backend gets the same
+# answer to a bad input and the caller's tensors are untouched when an op raises.
+
+def check_int(value, name: str, low: int, high: int) -> int:
+    """An integer-like value (int, numpy integer, integer 0-d tensor; not bool or float) in [low, high)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+    if not low <= v < high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}), got {v}")
+    return v
+
+
+def check_counters(seed, sample_offset, M: int, step=None, steps: int = 0):
+    """(seed, sample_offset, step) as ints within the noise counter's limits, for M rows and, when a whole
+    table runs, steps 0..steps-1. Raises ValueError/TypeError naming the argument."""
+    seed = check_int(seed, "seed", 0, MAX_SEED)
+    sample_offset = check_int(sample_offset, "sample_offset", 0, MAX_SAMPLES)
+    if sample_offset + M >= MAX_SAMPLES:
+        raise ValueError(f"sample_offset + M must be < 2**63 (global sample indices are int64), got "
+                         f"sample_offset={sample_offset} with M={M} rows")
+    if step is not None:
+        step = check_int(step, "step", 0, MAX_STEPS)
+    if steps > MAX_STEPS:
+        raise ValueError(f"a table has at most 2**32 steps (the counter's step word), got {steps}")
+    return seed, sample_offset, step
+
+
+def check_number(value, name: str) -> float:
+    """A finite real number (Python/numpy scalar or a one-element tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        if value.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but gradients flow to x (and D) only")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def check_bandwidth(bandwidth) -> float:
+    v = check_number(bandwidth, "bandwidth")
+    if v < 0:
+        raise ValueError(f"bandwidth must be >= 0 (a variance), got {v}")
+    return v
+
+
+def check_times(alpha, sigma, M: int, device):
+    """alpha (finite) and sigma (finite, > 0), each a scalar or per-row [M], as float64 tensors [1] or [M]."""
+    for name, v in (("alpha", alpha), ("sigma", sigma)):
+        if isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but gradients flow to x only")
+    a = per_row64(alpha, "alpha", M, "cpu" if not isinstance(alpha, torch.Tensor) else device)
+    s = torch.as_tensor(sigma.detach() if isinstance(sigma, torch.Tensor) else sigma, dtype=torch.float64)
+    if s.ndim > 1 or s.numel() not in (1, M):
+        raise ValueError(f"sigma must be a scalar or have shape [M]=[{M}], got {tuple(s.shape)}")
+    if not bool((s > 0).all()) or not bool(torch.isfinite(s).all()):   # NaN fails s > 0
+        raise ValueError("sigma must be finite and positive (D is never evaluated at t = 0)")
+    return a, s.reshape(-1)
+
+
+def check_table(value, name: str, K: int | None = None) -> torch.Tensor:
+    """One column of a step table: K finite numbers, as a float64 CPU tensor [K]."""
+    if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but pointcloud_sample has no backward")
+    try:
+        v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64,
+                            device="cpu").reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a sequence of numbers or a 1-D tensor, got {type(value).__name__}") from None
+    if K is not None and v.numel() != K:
+        raise ValueError(f"{name} must have the table length K={K}, got {v.numel()}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name} contains NaN or inf (at step {int((~torch.isfinite(v)).nonzero()[0])})")
+    return v
+
+
+def minmax(**tensors):
+    """{name: (min, max) as floats, or None for an empty tensor}: one reduction per tensor (aminmax reads it
+    once; NaN propagates to both ends) and one host transfer for all of them."""
+    names = [k for k, t in tensors.items() if t is not None and t.numel()]
+    if not names:
+        return {k: None for k in tensors}
+    # tensors share a device (checked before): stack there, then one transfer
+    values = torch.stack([torch.stack(torch.aminmax(tensors[k].detach())).to(torch.float64) for k in names]).tolist()
+    found = dict(zip(names, values))
+    return {k: (tuple(found[k]) if k in found else None) for k in tensors}
+
+
+def _finite_ends(ends) -> bool:
+    return ends is None or (math.isfinite(ends[0]) and math.isfinite(ends[1]))
+
+
+def check_floating(t, name: str, shape=None, device=None) -> torch.Tensor:
+    """A floating tensor (any float storage dtype), of `shape` and on `device` when given."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}")
+    return t
+
+
+class Checked:
+    """What the checks learned about the inputs, for callers that need it (e.g. max|x|, max|y| for the
+    float32/float64 decision): floats, or None when a tensor was not given or is empty."""
+
+    def __init__(self, ends):
+        self.ends = ends
+
+    def absmax(self, name: str):
+        e = self.ends.get(name)
+        return None if e is None else max(abs(e[0]), abs(e[1]))
+
+
+def check_values(x=None, data=None, log_weights=None, D=None) -> Checked:
+    """The value checks of the ops (NaN/inf in x, data, D; NaN, +inf or all -inf log_weights), one scan each."""
+    ends = minmax(x=x, data=data, log_weights=log_weights, D=D)
+    for name in ("x", "data", "D"):
+        if not _finite_ends(ends[name]):
+            raise ValueError(f"{name} contains NaN or inf")
+    lw = ends["log_weights"]
+    if lw is not None:
+        lo, hi = lw
+        if math.isnan(lo) or math.isnan(hi) or hi == math.inf:
+            raise ValueError("log_weights contains NaN or +inf")
+        if hi == -math.inf:
+            raise ValueError("log_weights gives every data point zero weight (all -inf)")
+    return Checked(ends)
+
+
+def check_cloud_args(x, data, log_weights):
+    """Shapes, dtypes and devices of a point-cloud op's tensors (values are checked by check_values)."""
+    check_points_shape(x, "x")
+    check_floating(data, "data")
+    if data.ndim != 2:
+        raise ValueError(f"data must have shape [N, d], got {tuple(data.shape)}")
+    if data.shape[0] == 0:
+        raise ValueError("data must contain at least one point")
+    if data.shape[1] != x.shape[1]:
+        raise ValueError(f"x has d={x.shape[1]} columns but data has d={data.shape[1]}")
+    check_same_device(x=x, data=data, log_weights=log_weights)
+    if log_weights is not None:
+        check_floating(log_weights, "log_weights", (data.shape[0],))
+    for name, t in (("data", data), ("log_weights", log_weights)):
+        if t is not None and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name} requires grad, but gradients flow to x only (detach it, or compute the "
+                             "gradient with respect to the data yourself from the torch reference)")
+
+
+def check_points_shape(x, name: str = "x") -> torch.Tensor:
+    """check_points without the value scan (done by check_values together with the other tensors)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape [M, d], got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column (d >= 1), got shape {tuple(x.shape)}")
+    return x
+
+
+def check_out(out, x, *requires):
+    """out= must match x (shape, dtype, device), and cannot be combined with autograd."""
+    if out is None:
+        return None
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                         f"({tuple(out.shape)}, {out.dtype}, {out.device})")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (out, *requires)):
+        raise ValueError("out= cannot be used while x, D or out requires grad: autograd needs a new output tensor "
+                         "(and writing into a tensor that requires grad breaks its graph); drop out=, or run under "
+                         "torch.no_grad()")
+    return out

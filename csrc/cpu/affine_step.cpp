@@ -65,6 +65,7 @@ void affine_step_blocked(const float* x, const float* D, float* out, int64_t M, 
 template <typename T>
 void affine_step(const T* x, const T* D, T* out, int64_t M, int64_t d, double A, double B, double C, uint64_t seed,
                  uint32_t step, uint64_t sample_offset) {
+  if (M <= 0 || d <= 0) return;   // nothing to write; and the blocked path divides by the quad count of a row
   if constexpr (std::is_same_v<T, float>) {
     if (C != 0.0) return affine_step_blocked(x, D, out, M, d, A, B, C, seed, step, sample_offset);
   }

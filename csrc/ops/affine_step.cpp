@@ -17,19 +17,21 @@ at::Tensor affine_step(const at::Tensor& x_in, const at::Tensor& D_in, double A,
   check_supported_device(x_in);
   TORCH_CHECK(D_in.sizes() == x_in.sizes(), "D must have the shape of x ", shape_str(x_in), ", got ", shape_str(D_in));
   check_device(D_in, x_in, "D", "x");
+  check_sample_range(sample_offset, x_in.size(0));
   const at::Tensor x = x_in.contiguous();
   const at::Tensor D = D_in.to(x.scalar_type()).contiguous();
-  at::Tensor out;
+  at::Tensor result;
   if (out_in.has_value()) {
-    out = *out_in;
-    TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device(),
+    result = *out_in;
+    TORCH_CHECK(result.sizes() == x.sizes() && result.scalar_type() == x.scalar_type() && result.device() == x.device(),
                 "out must match x (", shape_str(x), ", ", x.scalar_type(), ", ", x.device(), "), got ",
-                shape_str(out), ", ", out.scalar_type(), ", ", out.device());
-    TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
+                shape_str(result), ", ", result.scalar_type(), ", ", result.device());
   } else {
-    out = at::empty_like(x);
+    result = at::empty_like(x);
   }
   const int64_t M = x.size(0), d = x.size(1);
+  if (M == 0) return result;
+  at::Tensor out = writable(result);
   if (x.is_cpu()) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_affine_step_cpu", [&] {
       cpu::affine_step<scalar_t>(x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, d, A, B,
@@ -47,7 +49,8 @@ at::Tensor affine_step(const at::Tensor& x_in, const at::Tensor& D_in, double A,
     });
   }
 #endif
-  return out;
+  finish_out(result, out);
+  return result;
 }
 
 }  // namespace fastdiff::ops

@@ -13,6 +13,24 @@ inline void check_points(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, " must have shape [M, d], got ", shape_str(t));
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
               " must be float32 or float64, got ", t.scalar_type());
+  // d = 0 has no noise quads and no distances: refused here rather than special-cased in every kernel
+  TORCH_CHECK_VALUE(t.size(1) >= 1, name, " must have at least one column (d >= 1), got shape ", shape_str(t));
+}
+
+// Global sample indices sample_offset .. sample_offset + M - 1, and the range's end, are int64 on every backend
+// (the torch reference indexes with int64 tensors): sample_offset + M < 2^63, so no index wraps the counter.
+inline void check_sample_range(uint64_t sample_offset, int64_t M) {
+  constexpr uint64_t kEnd = uint64_t{1} << 63;
+  TORCH_CHECK_VALUE(sample_offset < kEnd && static_cast<uint64_t>(M) < kEnd - sample_offset,
+                    "sample_offset + M must be < 2**63 (global sample indices are int64), got sample_offset=",
+                    sample_offset, " with M=", M, " rows");
+}
+
+// An output the kernels can write: `out` itself when contiguous, else a contiguous temporary whose values
+// finish_out copies into `out` (so a strided in-place update, out = x, still ends with the right values).
+inline at::Tensor writable(const at::Tensor& out) { return out.is_contiguous() ? out : at::empty_like(out, at::MemoryFormat::Contiguous); }
+inline void finish_out(at::Tensor& out, const at::Tensor& written) {
+  if (!written.is_same(out)) out.copy_(written);
 }
 
 inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {

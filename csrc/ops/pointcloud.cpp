@@ -19,15 +19,17 @@ at::Tensor pointcloud_step(const at::Tensor& x_in, const at::Tensor& data_in, co
   check_supported_device(x_in);
   TORCH_CHECK(bandwidth >= 0, "bandwidth must be >= 0, got ", bandwidth);
   TORCH_CHECK(alpha.numel() == 1 && sigma.numel() == 1, "pointcloud_step takes scalar alpha and sigma (one time step)");
+  check_sample_range(sample_offset, x_in.size(0));
   const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0), d = x.size(1);
   const at::Tensor data = prepare_data(data_in, x);
   const int64_t N = data.size(0);
   const auto lw = prepare_log_weights(log_weights, x, N);
-  at::Tensor out = out_in.has_value() ? *out_in : at::empty_like(x);
-  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device() &&
-                  out.is_contiguous(),
-              "out must be a contiguous tensor matching x (", shape_str(x), ", ", x.scalar_type(), ")");
+  at::Tensor result = out_in.has_value() ? *out_in : at::empty_like(x);
+  TORCH_CHECK(result.sizes() == x.sizes() && result.scalar_type() == x.scalar_type() && result.device() == x.device(),
+              "out must be a tensor matching x (", shape_str(x), ", ", x.scalar_type(), ")");
+  if (M == 0) return result;
+  at::Tensor out = writable(result);
   const Coeffs co = prepare_coeffs(alpha, sigma, M, x.device());
   if (x.is_cpu()) {
     // Rows are independent and each reads only its own x row before writing it: out may alias x.
@@ -38,7 +40,8 @@ at::Tensor pointcloud_step(const at::Tensor& x_in, const at::Tensor& data_in, co
                                      co.alpha.item<double>(), co.sigma.item<double>(), A, B, C, seed, step,
                                      sample_offset);
     });
-    return out;
+    finish_out(result, out);
+    return result;
   }
 #ifdef FASTDIFF_WITH_CUDA
   TORCH_CHECK(d <= 12288, "the CUDA point-cloud step supports d <= 12288, got d=", d);
@@ -53,18 +56,22 @@ at::Tensor pointcloud_step(const at::Tensor& x_in, const at::Tensor& data_in, co
     TORCH_CHECK(err == cudaSuccess, "fastdiff pointcloud_step CUDA launch failed: ", cudaGetErrorString(err));
   });
 #endif
-  return out;
+  finish_out(result, out);
+  return result;
 }
 
-std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& data_in, const at::Tensor& alpha,
+std::optional<at::Tensor> pointcloud_sample(at::Tensor& x_io, const at::Tensor& data_in, const at::Tensor& alpha,
                                             const at::Tensor& sigma, const at::Tensor& A, const at::Tensor& B,
                                             const at::Tensor& C, uint64_t seed, uint64_t sample_offset,
                                             const std::optional<at::Tensor>& log_weights, double bandwidth,
                                             bool return_trajectory) {
-  check_points(x, "x");
-  check_supported_device(x);
-  TORCH_CHECK(x.is_contiguous(), "x must be contiguous (it is updated in place)");
+  check_points(x_io, "x");
+  check_supported_device(x_io);
   TORCH_CHECK(bandwidth >= 0, "bandwidth must be >= 0, got ", bandwidth);
+  check_sample_range(sample_offset, x_io.size(0));
+  // x is updated in place: a strided x is run as a contiguous copy, written back at the end
+  at::Tensor x = writable(x_io);
+  if (!x.is_same(x_io)) x.copy_(x_io);
   const int64_t M = x.size(0), d = x.size(1), K = alpha.numel();
   for (const auto& [t, name] : {std::pair{&alpha, "alpha"}, {&sigma, "sigma"}, {&A, "A"}, {&B, "B"}, {&C, "C"}})
     check_table(*t, K, name);
@@ -75,6 +82,7 @@ std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& dat
   const at::Tensor a_h = host(alpha), s_h = host(sigma), A_h = host(A), B_h = host(B), C_h = host(C);
   std::optional<at::Tensor> traj;
   if (return_trajectory) traj = at::empty({K + 1, M, d}, x.options());
+  if (M == 0) return traj;
   if (x.is_cpu()) {
     const at::Tensor yT = data.t().contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_sample_cpu", [&] {
@@ -83,6 +91,7 @@ std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& dat
                                        A_h.data_ptr<double>(), B_h.data_ptr<double>(), C_h.data_ptr<double>(), seed,
                                        sample_offset, traj ? traj->data_ptr<scalar_t>() : nullptr);
     });
+    finish_out(x_io, x);
     return traj;
   }
 #ifdef FASTDIFF_WITH_CUDA
@@ -101,6 +110,7 @@ std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& dat
     TORCH_CHECK(err == cudaSuccess, "fastdiff pointcloud_sample CUDA launch failed: ", cudaGetErrorString(err));
   });
 #endif
+  finish_out(x_io, x);
   return traj;
 }
 

@@ -24,6 +24,7 @@ std::tuple<at::Tensor, at::Tensor> posterior(const at::Tensor& x_in, const at::T
   const auto lw = prepare_log_weights(log_weights, x, N);
   at::Tensor D = at::empty_like(x);
   at::Tensor L = at::empty({M}, x.options());
+  if (M == 0) return {D, L};
   const Coeffs co = prepare_coeffs(alpha, sigma, M, x.device());
   if (x.is_cpu()) {
     const at::Tensor yT = data.t().contiguous();

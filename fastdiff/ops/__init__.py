@@ -1,19 +1,46 @@
 """Public kernel ops with backend dispatch (DESIGN.md "Kernels"). `backend="torch"` is the plain-torch
-reference; `auto` picks the fastest backend that accepts the inputs (see fastdiff._backend)."""
+reference; `auto` picks the fastest backend that accepts the inputs (see fastdiff._backend).
+
+The same contract on every backend:
+- Inputs are validated here, once, before anything runs or is written (fastdiff._checks): bad shapes, dtypes,
+  devices, NaN/inf and out-of-range values raise ValueError/TypeError naming the argument, and the caller's
+  tensors (x, out) are then unchanged. x needs d >= 1 columns; M = 0 rows is a no-op (empty results).
+- Any strides: x, D, data and out may be non-contiguous; an in-place update (out=x, or pointcloud_sample's x)
+  writes the caller's tensor whatever its layout.
+- Noise counters: seed in [0, 2**64), step in [0, 2**32), sample_offset >= 0 with sample_offset + M < 2**63
+  (global sample indices are int64 on every backend).
+- Autograd: gradients flow to x (posterior: D and L; pointcloud_step) and to x and D (affine_step), computed by
+  fastdiff.ops._autograd in float64 from the inputs, identically for every backend (first order only:
+  no double backward). dL/dx is the score (alpha*D - x)/c for bandwidth 0. data, log_weights, alpha, sigma and
+  the coefficients get no gradient: passing one that requires grad raises. pointcloud_sample (in place) has
+  no backward and raises when x requires grad; out= raises when x, D or out requires grad. Under
+  torch.no_grad() nothing is recorded and every op runs as usual.
+"""
 from __future__ import annotations
 
 import torch
 
-from .. import _backend
-from .._checks import check_cloud, check_points, check_same_device
+from .. import _backend, _checks
+from . import _autograd
 
 __all__ = ["posterior", "affine_step", "pointcloud_step", "pointcloud_sample"]
 
 
-def _check_sigma(sigma):
-    s = torch.as_tensor(sigma, dtype=torch.float64)
-    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-        raise ValueError("sigma must be finite and positive (D is never evaluated at t = 0)")
+def _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth):
+    """Every check of a point-cloud op (shapes, devices, values), before anything runs."""
+    _checks.check_cloud_args(x, data, log_weights)
+    _checks.check_times(alpha, sigma, x.shape[0], x.device)
+    _checks.check_bandwidth(bandwidth)
+    return _checks.check_values(x=x, data=data, log_weights=log_weights)
+
+
+def _into(out, result):
+    """Write result into the caller's out (any strides) and return out; or return result when out is None."""
+    if out is None:
+        return result
+    if result is not out:
+        out.copy_(result)
+    return out
 
 
 def posterior(x, data, alpha, sigma, log_weights=None, bandwidth: float = 0.0, *, backend: str = "auto"):
@@ -21,43 +48,85 @@ def posterior(x, data, alpha, sigma, log_weights=None, bandwidth: float = 0.0, *
 
     alpha, sigma: scalars or per-row [M]; data may be stored in any float dtype (upcast to x's).
     """
-    check_cloud(x, data, log_weights)
-    _check_sigma(sigma)
-    return _backend.select("posterior", backend, **_backend.facts(x)).posterior(
-        x, data, alpha, sigma, log_weights, bandwidth)
+    _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
+    impl = _backend.select("posterior", backend, **_backend.facts(x))
+    if x.shape[0] == 0:
+        return _autograd.posterior(_empty_posterior, x, data, alpha, sigma, log_weights, bandwidth)
+
+    def run(xx, data, alpha, sigma, log_weights, bandwidth):
+        return impl.posterior(xx.contiguous(), data.contiguous(), alpha, sigma, log_weights, bandwidth)
+    return _autograd.posterior(run, x, data, alpha, sigma, log_weights, bandwidth)
+
+
+def _empty_posterior(x, data, *_):
+    return x.new_empty(x.shape), x.new_empty(0)
 
 
 def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, out=None, backend: str = "auto"):
     """x_s = A·x + B·D + C·z with z from the noise contract (row i is global sample sample_offset + i).
-    Pass out=x for an in-place update."""
-    check_points(x, "x")
-    if not isinstance(D, torch.Tensor) or D.shape != x.shape:
-        raise ValueError(f"D must have the shape of x {tuple(x.shape)}, got {getattr(D, 'shape', type(D))}")
-    check_same_device(x=x, D=D, out=out)
-    return _backend.select("affine_step", backend, **_backend.facts(x)).affine_step(
-        x, D, A, B, C, seed, step, sample_offset, out=out)
+    A, B, C: numbers. Pass out=x for an in-place update (any strides). Differentiable in x and D."""
+    _checks.check_points_shape(x, "x")
+    _checks.check_floating(D, "D", x.shape)
+    _checks.check_same_device(x=x, D=D, out=out)
+    A, B, C = (_checks.check_number(v, n) for v, n in ((A, "A"), (B, "B"), (C, "C")))
+    seed, sample_offset, step = _checks.check_counters(seed, sample_offset, x.shape[0], step)
+    _checks.check_out(out, x, x, D)
+    _checks.check_values(x=x, D=D)
+    impl = _backend.select("affine_step", backend, **_backend.facts(x))
+    if x.shape[0] == 0:
+        return _into(out, x.new_empty(x.shape))
+    # Compute straight into a contiguous out (nothing can fail once the inputs are checked); a strided out
+    # gets the result copied in.
+    direct = out if out is not None and out.is_contiguous() else None
+
+    def run(xx, DD):
+        return impl.affine_step(xx.contiguous(), DD.contiguous(), A, B, C, seed, step, sample_offset, out=direct)
+    return _into(out, _autograd.affine_step(run, x, D, A, B))
 
 
 def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample_offset: int = 0,
                     log_weights=None, bandwidth: float = 0.0, *, out=None, backend: str = "auto"):
-    """The fused step: D of the point cloud at scalar (alpha, sigma), then x_s = A x + B D + C z."""
-    check_cloud(x, data, log_weights)
-    _check_sigma(sigma)
-    return _backend.select("pointcloud_step", backend, **_backend.facts(x)).pointcloud_step(
-        x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights, bandwidth, out=out)
+    """The fused step: D of the point cloud at scalar (alpha, sigma), then x_s = A x + B D + C z.
+    out=x updates in place (any strides). Differentiable in x."""
+    _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
+    A, B, C = (_checks.check_number(v, n) for v, n in ((A, "A"), (B, "B"), (C, "C")))
+    seed, sample_offset, step = _checks.check_counters(seed, sample_offset, x.shape[0], step)
+    _checks.check_out(out, x, x)
+    impl = _backend.select("pointcloud_step", backend, **_backend.facts(x))
+    if x.shape[0] == 0:
+        return _into(out, x.new_empty(x.shape))
+    direct = out if out is not None and out.is_contiguous() else None
+
+    def run(xx):
+        return impl.pointcloud_step(xx.contiguous(), data.contiguous(), alpha, sigma, A, B, C, seed, step,
+                                    sample_offset, log_weights, bandwidth, out=direct)
+    return _into(out, _autograd.pointcloud_step(run, x, data, alpha, sigma, A, B, log_weights, bandwidth))
 
 
 def pointcloud_sample(x, data, alpha, sigma, A, B, C, seed: int, sample_offset: int = 0, log_weights=None,
                       bandwidth: float = 0.0, return_trajectory: bool = False, *, backend: str = "auto"):
     """Every step of a table (alpha, sigma, A, B, C: [K] each) for a point cloud; x is updated in place.
-    Returns the trajectory [K+1, M, d] when asked, else None."""
-    check_cloud(x, data, log_weights)
-    _check_sigma(sigma)
-    if not x.is_contiguous():
-        raise ValueError("x must be contiguous (it is updated in place)")
-    K = len(A)
-    for name, v in (("alpha", alpha), ("sigma", sigma), ("B", B), ("C", C)):
-        if len(v) != K:
-            raise ValueError(f"{name} must have the table length K={K}, got {len(v)}")
-    return _backend.select("pointcloud_sample", backend, **_backend.facts(x)).pointcloud_sample(
-        x, data, alpha, sigma, A, B, C, seed, sample_offset, log_weights, bandwidth, return_trajectory)
+    Returns the trajectory [K+1, M, d] when asked, else None. x may have any strides. No backward: x must not
+    require grad while grad mode is on."""
+    if _autograd.grad_needed(x, data, log_weights):
+        raise ValueError("pointcloud_sample has no backward (x is updated in place through every step): call it "
+                         "under torch.no_grad(), or loop over pointcloud_step for gradients")
+    A = _checks.check_table(A, "A")
+    alpha, sigma, B, C = (_checks.check_table(v, n, len(A)) for v, n in
+                          ((alpha, "alpha"), (sigma, "sigma"), (B, "B"), (C, "C")))
+    if not bool((sigma > 0).all()):
+        raise ValueError("sigma must be finite and positive at every step (D is never evaluated at t = 0)")
+    _check_cloud_call(x, data, 1.0, 1.0, log_weights, bandwidth)
+    seed, sample_offset, _ = _checks.check_counters(seed, sample_offset, x.shape[0], steps=len(A))
+    impl = _backend.select("pointcloud_sample", backend, **_backend.facts(x))
+    # The backends write x as they go (the torch reference step by step): run on a contiguous copy and copy the
+    # result back only when every step has succeeded, so an error leaves the caller's x as it was.
+    work = x.detach().clone(memory_format=torch.contiguous_format)
+    if x.shape[0] == 0:
+        traj = x.new_empty((len(A) + 1, *x.shape)) if return_trajectory else None
+    else:
+        traj = impl.pointcloud_sample(work, data.contiguous(), alpha, sigma, A, B, C, seed, sample_offset,
+                                      log_weights, bandwidth, return_trajectory)
+    with torch.no_grad():
+        x.copy_(work)
+    return traj

@@ -1,0 +1,180 @@
+"""Autograd for fastdiff.ops: one set of rules for every backend (torch reference included).
+
+The forward runs the selected backend's kernel with grad mode off; the backward is computed here, in float64
+from the inputs, so it does not depend on the backend (nor on its working precision). Gradients flow to x
+(and to D for affine_step); no double backward.
+
+Posterior (MATH.md §5), with a_i = log π_i − |x − α y_i|²/(2c), w = softmax(a), ȳ = Σ w_i y_i, c = α²v + σ²:
+  ∂L/∂x = (α ȳ − x)/c                         (the score ∇ log p_t(x): the Gaussian normaliser is constant in x)
+  ∂ȳ/∂x = (α/c)·Cov_w(y)                      (Cov_w(y) = Σ w_i (y_i − ȳ)(y_i − ȳ)ᵀ, symmetric)
+  D = (σ²/c)·ȳ + (αv/c)·x  ⇒  ∂D/∂x = (σ²α/c²)·Cov_w(y) + (αv/c)·I
+The covariance product is taken in a second pass over the data (per row block: an online log-sum-exp pass for
+the weights and ȳ, then Σ w_i (y_i − ȳ)·((y_i − ȳ)·g)), never forming M×N×d; the data are centred on their
+mean first (x − αy = (x − αμ) − α(y − μ)), so a cloud far from the origin does not cancel digits.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .._checks import per_row64
+
+_F64 = torch.float64
+_MAX64 = torch.finfo(_F64).max
+
+
+def grad_needed(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _sq_dist(xq, aq, y):
+    """|x_m − α_m y_n|² by direct differences: [m, n] (column by column for small d)."""
+    if xq.shape[1] <= 8:
+        out = torch.zeros(xq.shape[0], y.shape[0], dtype=_F64, device=xq.device)
+        for j in range(xq.shape[1]):
+            diff = xq[:, j:j + 1] - aq * y[:, j]
+            out.addcmul_(diff, diff)
+        return out
+    diff = xq.unsqueeze(1) - aq.unsqueeze(-1) * y.unsqueeze(0)
+    return (diff * diff).sum(-1)
+
+
+def _logits(xq, aq, iq, y, lw):
+    """The forward's logits (the shared numeric rule: inv2c clamped, finite-weight logits ≥ −max)."""
+    t = -_sq_dist(xq, aq, y) * iq
+    if lw is None:
+        return t.clamp_min(-_MAX64)
+    return torch.where(lw == -torch.inf, lw.expand_as(t), (t + lw).clamp_min(-_MAX64))
+
+
+def posterior_vjp(x, data, alpha, sigma, log_weights, bandwidth, gD, gL, block_elems: int = 1 << 20):
+    """x̄ = (∂D/∂x)ᵀ gD + (∂L/∂x)ᵀ gL for the point-cloud posterior, as a float64 [M, d] tensor.
+    gD [M, d] or None, gL [M] or None."""
+    M, d = x.shape
+    N = data.shape[0]
+    dev = x.device
+    a = per_row64(alpha, "alpha", M, dev).view(-1, 1)
+    s = per_row64(sigma, "sigma", M, dev).view(-1, 1)
+    v = float(bandwidth)
+    c = a * a * v + s * s
+    inv2c = (0.5 / c).clamp_max(_MAX64)
+    mu = data.to(_F64).mean(0)
+    xs = x.detach().to(_F64) - a * mu                    # x − αμ: distances to the centred data are unchanged
+    lw = None if log_weights is None else log_weights.detach().to(dev, _F64)
+    gD = None if gD is None else gD.to(_F64)
+    gL = None if gL is None else gL.to(_F64)
+    per_pair = d if d > 8 else 1
+    cols = max(1, min(N, 2048, block_elems // per_pair))
+    rows = max(1, min(M, block_elems // (cols * per_pair)))
+    blocks = [(c0, data[c0:c0 + cols].to(_F64) - mu, None if lw is None else lw[c0:c0 + cols])
+              for c0 in range(0, N, cols)] if N <= cols * 4 else None   # small clouds: centre once
+    out = torch.zeros(M, d, dtype=_F64, device=dev)
+    for r0 in range(0, M, rows):
+        sl = slice(r0, r0 + rows)
+        xq = xs[sl]
+        pick = lambda t: t if t.shape[0] == 1 else t[sl]  # noqa: E731 (scalar or per-row)
+        aq, iq, cq, sq = pick(a), pick(inv2c), pick(c), pick(s)
+
+        def data_blocks():
+            if blocks is not None:
+                yield from blocks
+            else:
+                for c0 in range(0, N, cols):
+                    yield c0, data[c0:c0 + cols].to(_F64) - mu, None if lw is None else lw[c0:c0 + cols]
+
+        # pass 1: online log-sum-exp, Σ e^{a − m} y
+        m = torch.full((xq.shape[0], 1), -torch.inf, dtype=_F64, device=dev)
+        tot = torch.zeros_like(m)
+        acc = torch.zeros_like(xq)
+        for _, y, lwb in data_blocks():
+            lg = _logits(xq, aq, iq, y, lwb)
+            new_m = torch.maximum(m, lg.max(1, keepdim=True).values)
+            safe = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m))
+            scale, p = torch.exp(m - safe), torch.exp(lg - safe)
+            tot, acc, m = tot * scale + p.sum(1, keepdim=True), acc * scale + p @ y, new_m
+        ybar = acc / tot                                  # centred ȳ − μ
+        gx = torch.zeros_like(xq)
+        if gL is not None:
+            gx += gL[sl].unsqueeze(1) * (aq * ybar - xq) / cq
+        if gD is not None:
+            g = gD[sl]
+            # pass 2: Cov_w(y)·g = Σ w_i (y_i − ȳ)((y_i − ȳ)·g)
+            cov_g = torch.zeros_like(xq)
+            for _, y, lwb in data_blocks():
+                w = torch.exp(_logits(xq, aq, iq, y, lwb) - m) / tot            # [rows, cols]
+                proj = g @ y.T - (ybar * g).sum(1, keepdim=True)                  # (y_i − ȳ)·g
+                wp = w * proj
+                cov_g += wp @ y - ybar * wp.sum(1, keepdim=True)
+            gx += (sq * sq * aq / (cq * cq)) * cov_g + (aq * v / cq) * g
+        out[sl] = gx
+    return out
+
+
+class _Posterior(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, run, data, alpha, sigma, log_weights, bandwidth):
+        ctx.args = (data, alpha, sigma, log_weights, bandwidth)
+        ctx.save_for_backward(x)
+        return run(x.detach(), data, alpha, sigma, log_weights, bandwidth)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gD, gL):
+        (x,) = ctx.saved_tensors
+        gx = posterior_vjp(x, *ctx.args, gD, gL)
+        return gx.to(x.dtype), None, None, None, None, None, None
+
+
+class _AffineStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, D, run, A, B):
+        ctx.coeffs = (A, B)
+        ctx.D_dtype = D.dtype
+        return run(x.detach(), D.detach())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        A, B = ctx.coeffs
+        gx = (g.to(_F64) * A).to(g.dtype) if ctx.needs_input_grad[0] else None
+        gD = (g.to(_F64) * B).to(ctx.D_dtype) if ctx.needs_input_grad[1] else None
+        return gx, gD, None, None, None
+
+
+class _PointcloudStep(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, run, data, alpha, sigma, A, B, log_weights, bandwidth):
+        ctx.args = (data, alpha, sigma, log_weights, bandwidth)
+        ctx.coeffs = (A, B)
+        ctx.save_for_backward(x)
+        return run(x.detach())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        A, B = ctx.coeffs
+        g64 = g.to(_F64)
+        gx = A * g64 + posterior_vjp(x, *ctx.args, B * g64, None)
+        return gx.to(x.dtype), None, None, None, None, None, None, None, None
+
+
+def posterior(run, x, data, alpha, sigma, log_weights, bandwidth):
+    """run(x, data, alpha, sigma, log_weights, bandwidth) -> (D, L), differentiable in x when x requires grad."""
+    if grad_needed(x):
+        return _Posterior.apply(x, run, data, alpha, sigma, log_weights, bandwidth)
+    return run(x, data, alpha, sigma, log_weights, bandwidth)
+
+
+def affine_step(run, x, D, A: float, B: float):
+    """run(x, D) -> A x + B D + C z, differentiable in x and D (gradients A·g and B·g)."""
+    if grad_needed(x, D):
+        return _AffineStep.apply(x, D, run, A, B)
+    return run(x, D)
+
+
+def pointcloud_step(run, x, data, alpha, sigma, A: float, B: float, log_weights, bandwidth):
+    """run(x) -> A x + B D(x) + C z, differentiable in x (A·g + (∂D/∂x)ᵀ B·g)."""
+    if grad_needed(x):
+        return _PointcloudStep.apply(x, run, data, alpha, sigma, A, B, log_weights, bandwidth)
+    return run(x)
