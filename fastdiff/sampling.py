@@ -286,7 +286,9 @@ def check_device(device, name: str = "device") -> torch.device:
 def _initial_state(denoiser, n, x, shape, device, dtype):
     """(x or None, n, per-sample shape, device, dtype) from whichever of n / x / shape was given."""
     data = getattr(denoiser, "data", None)
-    data_device = data.device if isinstance(data, torch.Tensor) else None
+    data_device = data.device if isinstance(data, torch.Tensor) else getattr(denoiser, "device", None)
+    if not isinstance(data_device, torch.device):     # (a streamed cloud names the device it reduces on)
+        data_device = None
     if x is not None:
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
             raise ValueError(f"x must be a tensor [M, ...] of initial noise, got {getattr(x, 'shape', type(x))}")

@@ -338,3 +338,13 @@ def test_sample_documents_every_parameter():
     for name in inspect.signature(fd.sample).parameters:
         assert f"\n    {name} " in doc or f" {name} " in doc.split("Autograd")[0], name
     assert "before the update" in doc and "no_grad" in doc
+
+
+def test_default_device_follows_a_denoiser_that_names_one():
+    """A streamed cloud names the device it reduces on (no .data tensor): samples are drawn there by default."""
+    den = fd.from_model(lambda x, t: x, fd.OU(), event_shape=(2,))
+    den.device = torch.device("meta")
+    with pytest.raises(ValueError, match="device 'meta'|device meta"):
+        fd.sample(den, n=3, steps=2)
+    den.device = torch.device("cpu")
+    assert fd.sample(den, n=3, steps=2).device.type == "cpu"
