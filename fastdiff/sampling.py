@@ -265,22 +265,23 @@ def _resolve_process(denoiser, process):
 def check_device(device, name: str = "device") -> torch.device:
     """A torch.device fastdiff can sample on: the CPU, or an existing CUDA device; anything else (a typo,
     "meta", "cpu:1", CUDA without a GPU) raises ValueError naming `name`."""
+    shown = repr(str(device)) if isinstance(device, torch.device) else repr(device)   # 'meta', not device(type=...)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"{name} {device!r} is not a device: use 'cpu' or 'cuda' (or 'cuda:<index>')") from None
+        raise ValueError(f"{name} {shown} is not a device: use 'cpu' or 'cuda' (or 'cuda:<index>')") from None
     if dev.type == "cpu":
         if dev.index not in (None, 0):
-            raise ValueError(f"{name} {device!r} does not exist: the CPU is device 'cpu' (index 0 only)")
+            raise ValueError(f"{name} {shown} does not exist: the CPU is device 'cpu' (index 0 only)")
         return torch.device("cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{name} {device!r} is not available: torch sees no CUDA device here "
+            raise ValueError(f"{name} {shown} is not available: torch sees no CUDA device here "
                              "(torch.cuda.is_available() is False); use 'cpu'")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{name} {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+            raise ValueError(f"{name} {shown} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
         return dev
-    raise ValueError(f"{name} {device!r} is not supported: fastdiff samples on 'cpu' or 'cuda' devices")
+    raise ValueError(f"{name} {shown} is not supported: fastdiff samples on 'cpu' or 'cuda' devices")
 
 
 def _initial_state(denoiser, n, x, shape, device, dtype):
