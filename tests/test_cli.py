@@ -197,11 +197,16 @@ def test_progress_is_on_by_default_for_long_runs(tmp_path, capsys, monkeypatch):
     out = tmp_path / "s.npy"
     _run_sample(capsys, "--n", "40", "--steps", "10", "--out", str(out))
     assert "samples" not in capsys.readouterr().err             # a short run: quiet
-    monkeypatch.setattr(cli, "AUTO_PROGRESS_WORK", 0)            # every run counts as long
+    monkeypatch.setattr(cli, "AUTO_PROGRESS_SECONDS", 0)         # every run counts as long
     rc, _, err = _run_sample(capsys, "--n", "40", "--steps", "10", "--out", str(out))
     assert rc == 0 and "40/40" in err and "10 steps each" in err
     rc, _, err = _run_sample(capsys, "--n", "40", "--steps", "10", "--out", str(out), "--no-progress")
     assert rc == 0 and "40/40" not in err
+    monkeypatch.undo()
+    # long runs: the default command, and a million steps on a few samples (the silent 40 s)
+    assert cli._estimated_seconds(10_000, 200, 2000, 2) > cli.AUTO_PROGRESS_SECONDS
+    assert cli._estimated_seconds(4, 10**6, 50, 2) > cli.AUTO_PROGRESS_SECONDS
+    assert cli._estimated_seconds(40, 10, 2000, 2) < cli.AUTO_PROGRESS_SECONDS
 
 
 def test_info_says_triton_needs_a_gpu(capsys):
