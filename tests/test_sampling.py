@@ -285,7 +285,7 @@ def test_sampling_runs_without_autograd_but_models_may_enable_it():
     assert torch.equal(fd.sample(den, x=x0.detach(), steps=5), fd.sample(G, x=x0.detach(), steps=5))
 
 
-def test_progress_counts_samples_for_a_point_cloud_and_steps_for_a_model(cloud, capsys, monkeypatch):
+def test_progress_counts_steps_or_finished_samples_never_both(cloud, capsys, monkeypatch):
     import builtins
     real_import = builtins.__import__
 
@@ -295,6 +295,13 @@ def test_progress_counts_samples_for_a_point_cloud_and_steps_for_a_model(cloud, 
         return real_import(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_tqdm)
     ref = fd.sample(cloud, n=100, steps=30, seed=3)
+    for backend in ("cpu", "torch"):                         # counted step by step: the same bits
+        assert torch.equal(fd.sample(cloud, n=100, steps=30, seed=3, progress=True, backend=backend),
+                           fd.sample(cloud, n=100, steps=30, seed=3, backend=backend))
+        err = capsys.readouterr().err
+        assert "fastdiff.sample: 30/30 steps" in err and "600" not in err and "100/100" not in err
+    from fastdiff import sampling                            # a fused backend (cuda, triton) counts samples
+    monkeypatch.setattr(sampling, "_STEPWISE_EXACT", ())
     x = fd.sample(cloud, n=100, steps=30, seed=3, progress=True)
     assert torch.equal(x, ref)                               # the bar's chunking changes nothing
     err = capsys.readouterr().err
