@@ -25,6 +25,7 @@ _PROGRESS_CHUNKS = 20             # with progress=True a fused point cloud runs 
 # (tests/test_sampling.py::test_point_cloud_with_a_no_op_callback_equals_the_fused_run), so a progress bar
 # can count steps there without changing the result.
 _STEPWISE_EXACT = ("cpu", "torch")
+_MIN_PROGRESS_ROWS = 64           # fewer rows per chunk than this: count steps instead (see _sample)
 # Host memory per step of the grid: the float64 grid and step table with their temporaries (~30 columns)
 # plus the Python float lists of the per-step loop (4 lists × 32 bytes), rounded up.
 _HOST_BYTES_PER_STEP = 512
@@ -65,10 +66,11 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
                    a run split over calls or machines reproduces the single run bit for bit
     return_trajectory   also return every x_k: [K + 1, n, ...] on the sample's device (memory is checked
                    up front: a run that cannot fit raises ValueError before allocating)
-    progress       show a progress bar on stderr (tqdm if installed, else a line every 10 %) counting the K
-                   steps (of each chunk, when there are several). A point cloud on the cuda or triton backend
-                   counts finished samples instead (each runs all K steps in one kernel call; the rows are
-                   split into ~20 chunks so the bar moves). Neither changes the results.
+    progress       show a progress bar on stderr (tqdm if installed, else a line every 10 %). A point cloud
+                   counts finished samples (each runs all K steps in one kernel call; the rows are split into
+                   ~20 chunks so the bar moves); under 1280 samples on the cpu or torch backend it counts
+                   the K steps instead (run step by step through the same ops). Any other denoiser counts the
+                   K steps of each chunk. None of this changes the results.
     callback       callback(info) is called once per step k, after the denoiser has been evaluated at
                    (x_k, t_k) and before the update, with info = {"step": k, "t": t_k (float),
                    "x": x_k (the live [m, d] state of the current chunk, before step k's update),
@@ -130,9 +132,11 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
     engine = _backend.select("pointcloud_sample" if cloud else "affine_step", backend,
                              **_backend.facts(device=device, dtype=dtype, d=d))
     # A point cloud runs whole trajectories in one op (fused kernels where a backend has them), unless a
-    # callback needs every step, or a progress bar can count steps on a backend whose step-by-step ops give
-    # the fused op's bits (cpu, torch: tested); anything else runs the loop.
-    stepwise = cloud and (callback is not None or (bool(progress) and engine.name in _STEPWISE_EXACT))
+    # callback needs every step, or a progress bar has too few rows to split into chunks (each chunk repeats
+    # every step's fixed cost) and the backend's step-by-step ops give the fused op's bits (cpu, torch:
+    # tested). Step by step costs ~2x the fused op on the CPU, so larger runs split their rows instead.
+    few_rows = n < _PROGRESS_CHUNKS * _MIN_PROGRESS_ROWS
+    stepwise = cloud and (callback is not None or (bool(progress) and few_rows and engine.name in _STEPWISE_EXACT))
     fused = cloud and not stepwise
     graphed = bool(cuda_graph) and not cloud
     if cuda_graph and callback is not None:

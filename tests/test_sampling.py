@@ -300,6 +300,10 @@ def test_progress_counts_steps_or_finished_samples_never_both(cloud, capsys, mon
                            fd.sample(cloud, n=100, steps=30, seed=3, backend=backend))
         err = capsys.readouterr().err
         assert "fastdiff.sample: 30/30 steps" in err and "600" not in err and "100/100" not in err
+    big = fd.sample(cloud, n=1300, steps=5, seed=3)          # enough rows to split: finished samples
+    assert torch.equal(fd.sample(cloud, n=1300, steps=5, seed=3, progress=True), big)
+    err = capsys.readouterr().err
+    assert "1300/1300 samples" in err and "5 steps each" in err
     from fastdiff import sampling                            # a fused backend (cuda, triton) counts samples
     monkeypatch.setattr(sampling, "_STEPWISE_EXACT", ())
     x = fd.sample(cloud, n=100, steps=30, seed=3, progress=True)
