@@ -39,6 +39,25 @@ inline float exp_nonpositive(float x) {
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// The shared numeric rule (every backend alike), so D and L are finite for every finite input:
+// 1. 1/(2c) is clamped to [smallest subnormal, largest finite] of T: a query on a data point (distance 0)
+//    never forms 0·inf, an overflowed distance never meets inv2c = 0 (inf·0); the lower clamp moves a
+//    logit by at most max·subnormal (5e-7 in float, 1e-15 in double).
+// 2. A point with finite log-weight keeps a logit ≥ −max_finite(T) even when its distance overflows; a
+//    point with log-weight −inf stays excluded.
+template <typename T>
+inline double clamped_inv2c(double c) {
+  const double lo = static_cast<double>(std::numeric_limits<T>::denorm_min());
+  const double hi = static_cast<double>(std::numeric_limits<T>::max());
+  const double v = 0.5 / c;                       // c > 0 (checked); inf when c underflows
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+template <typename L, typename T>
+inline L finite_logit(L l, L lw) {
+  const L lo = -static_cast<L>(std::numeric_limits<T>::max());
+  return lw == -std::numeric_limits<L>::infinity() ? lw : (l < lo ? lo : l);
+}
+
 // Small d (DD = 1..4, the exp-bound regime): the logits of a tile in one pass, and e^{l − m}, its sum
 // and the DD dot products in a second, instead of d + 1 and d + 1 passes through the tile.
 template <typename T, int DD, bool Weighted>
@@ -56,7 +75,11 @@ inline T tile_logits_small(const T* __restrict yT, int64_t N, int64_t j0, int64_
       d2 += diff * diff;
     }
     T l = -d2 * inv2c;
-    if constexpr (Weighted) l += lw[j];
+    if constexpr (Weighted) {
+      l = finite_logit<T, T>(lw[j] + l, lw[j]);
+    } else {
+      l = finite_logit<T, T>(l, T(0));
+    }
     buf[j] = l;
     tmax = std::max(tmax, l);
   }
@@ -87,14 +110,76 @@ inline T tile_exp_dot_small(const T* __restrict yT, int64_t N, int64_t j0, int64
   return tsum;
 }
 
-// D (d values) and L of one query x against the whole cloud. `buf` holds kTile scratch values.
-// DD = d for the fused small-d loops (1..4), 0 for any d.
+// Large d: the squared distances of a tile, and then its logits, in double (dist [n]).
+// Why: for a far query (d = 300, σ = 300, x = 1e4·1, data ~ 3·N(0, I)) |x − y|² ≈ 3e10 while the logit
+// differences that set the weights are O(1) in units of 2c = 1.8e5: the distances must keep ~1e-7 relative
+// accuracy *between points*. A sequential float sum over d errs by up to d·u·|x − y|² (≈ 0.2 of a logit
+// here: D erred by 2e-2·max|y|), and a float logit of −1.7e5 rounds by 0.008 on its own. Here each block of
+// kDimBlock = 8 dimensions is summed in T (error ≤ 8u of the block's sum) and the blocks are added in double
+// (no further error worth counting), so the sum errs by ≤ 8u·|x − y|² instead of d·u·|x − y|² (the torch
+// reference's halving tree: log2(d)·u); the logit is formed in double and rounded once, relative to the
+// running maximum, when it becomes a weight (|l − m| ≤ 87 in float: absolute error ≤ 2⁻¹⁸). What remains is
+// the rounding of x − αy itself (≤ u·|x − y| per component, as in the reference). At small σ (MATH.md §7:
+// σ = 1e-3, d = 3072) the same bounds hold with smaller distances. Cost: one conversion and one double
+// add per 8 dimensions; the inner loop stays in T at full SIMD width.
+constexpr int kDimBlock = 8;
+
+template <typename T, int KB>
+inline void add_block_distances(const T* __restrict yk, int64_t N, int64_t n, const T* __restrict xk, int kb,
+                                T c1, T c2, double* __restrict dist) {
+  const int kn = KB > 0 ? KB : kb;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    T part = T(0);
+    for (int kk = 0; kk < kn; ++kk) {
+      const T y = yk[kk * N + j];
+      const T diff = (xk[kk] - c1 * y) + c2 * y;
+      part += diff * diff;
+    }
+    dist[j] += static_cast<double>(part);
+  }
+}
+
+template <typename T>
+inline double tile_logits_large(const Cloud<T>& c, int64_t j0, int64_t n, const T* __restrict x, T c1, T c2,
+                                double inv2c, double* __restrict dist) {
+  const int64_t N = c.N, d = c.d;
+  for (int64_t j = 0; j < n; ++j) dist[j] = 0.0;
+  int64_t k0 = 0;
+  for (; k0 + kDimBlock <= d; k0 += kDimBlock)    // |x − α y_j|² by direct differences, x − αy = (x − c1·y) + c2·y
+    add_block_distances<T, kDimBlock>(c.yT + k0 * N + j0, N, n, x + k0, kDimBlock, c1, c2, dist);
+  if (k0 < d)
+    add_block_distances<T, 0>(c.yT + k0 * N + j0, N, n, x + k0, static_cast<int>(d - k0), c1, c2, dist);
+  double tmax = -std::numeric_limits<double>::infinity();
+  if (c.log_w) {
+    const T* __restrict lw = c.log_w + j0;
+#pragma omp simd reduction(max : tmax)
+    for (int64_t j = 0; j < n; ++j) {
+      const double w = static_cast<double>(lw[j]);
+      dist[j] = finite_logit<double, T>(w - dist[j] * inv2c, w);
+      tmax = std::max(tmax, dist[j]);
+    }
+  } else {
+#pragma omp simd reduction(max : tmax)
+    for (int64_t j = 0; j < n; ++j) {
+      dist[j] = finite_logit<double, T>(-dist[j] * inv2c, 0.0);
+      tmax = std::max(tmax, dist[j]);
+    }
+  }
+  return tmax;
+}
+
+// D (d values) and L of one query x against the whole cloud. `buf` holds kTile scratch values of T,
+// `dist` kTile doubles (large d only). DD = d for the fused small-d loops (1..4), 0 for any d.
+// Row-invariant: everything here depends on this query alone (one query per thread), so a row's result
+// never depends on which other rows are computed in the same call.
 template <typename T, int DD>
 void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
-                     double* __restrict acc, T* __restrict D, T* L) {
+                     double* __restrict dist, double* __restrict acc, T* __restrict D, T* L) {
   const int64_t N = c.N, d = c.d;
   const double cdbl = alpha * alpha * c.bandwidth + sigma * sigma;
-  const T inv2c = static_cast<T>(0.5 / cdbl);
+  const double inv2c_d = clamped_inv2c<T>(cdbl);
+  const T inv2c = static_cast<T>(inv2c_d);
   // x − αy as (x − c1·y) + c2·y: for α ≥ ½ (every process at small σ) c1 = 1 and c2 = 1 − α from double,
   // so x − y is exact and the tiny (1 − α)y term carries α's rounding; x − fl(α)·y would move a logit
   // at σ = 1e-3, d = 784 by ~2e-3 (MATH.md §7 allows 1e-3).
@@ -104,51 +189,26 @@ void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, dou
   std::fill(acc, acc + d, 0.0);
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
     const int64_t n = std::min(kTile, N - j0);
-    T tmax;
+    double tmax;
     if constexpr (DD > 0) {
       tmax = c.log_w ? tile_logits_small<T, DD, true>(c.yT, N, j0, n, x, c1, c2, inv2c, c.log_w + j0, buf)
                      : tile_logits_small<T, DD, false>(c.yT, N, j0, n, x, c1, c2, inv2c, nullptr, buf);
     } else {
-      for (int64_t j = 0; j < n; ++j) buf[j] = T(0);
-      for (int64_t k = 0; k < d; ++k) {               // |x − α y_j|² by direct differences
-        const T xk = x[k];
-        const T* __restrict y = c.yT + k * N + j0;
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const T diff = (xk - c1 * y[j]) + c2 * y[j];
-          buf[j] += diff * diff;
-        }
-      }
-      tmax = -std::numeric_limits<T>::infinity();
-      if (c.log_w) {
-        const T* __restrict lw = c.log_w + j0;
-#pragma omp simd reduction(max : tmax)
-        for (int64_t j = 0; j < n; ++j) {
-          buf[j] = lw[j] - buf[j] * inv2c;
-          tmax = std::max(tmax, buf[j]);
-        }
-      } else {
-#pragma omp simd reduction(max : tmax)
-        for (int64_t j = 0; j < n; ++j) {
-          buf[j] = -buf[j] * inv2c;
-          tmax = std::max(tmax, buf[j]);
-        }
-      }
+      tmax = tile_logits_large<T>(c, j0, n, x, c1, c2, inv2c_d, dist);
     }
-    if (!(tmax > -std::numeric_limits<T>::infinity())) continue;   // a tile of zero-weight points
-    const double m_new = std::max(m, static_cast<double>(tmax));
+    if (!(tmax > -std::numeric_limits<double>::infinity())) continue;   // a tile of zero-weight points
+    const double m_new = std::max(m, tmax);
     const double rescale = std::exp(m - m_new);                      // 0 on the first tile
-    const T mt = static_cast<T>(m_new);
     if constexpr (DD > 0) {
       T dots[DD];
-      const T tsum = tile_exp_dot_small<T, DD>(c.yT, N, j0, n, mt, buf, dots);
+      const T tsum = tile_exp_dot_small<T, DD>(c.yT, N, j0, n, static_cast<T>(m_new), buf, dots);
       s = s * rescale + static_cast<double>(tsum);
       for (int k = 0; k < DD; ++k) acc[k] = acc[k] * rescale + static_cast<double>(dots[k]);
     } else {
       T tsum = T(0);
 #pragma omp simd reduction(+ : tsum)
       for (int64_t j = 0; j < n; ++j) {
-        buf[j] = exp_nonpositive(buf[j] - mt);
+        buf[j] = exp_nonpositive(static_cast<T>(dist[j] - m_new));   // l − m in double, rounded once
         tsum += buf[j];
       }
       s = s * rescale + static_cast<double>(tsum);
@@ -170,13 +230,13 @@ void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, dou
 
 template <typename T>
 void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
-                   double* __restrict acc, T* __restrict D, T* L) {
+                   double* __restrict dist, double* __restrict acc, T* __restrict D, T* L) {
   switch (c.d) {
-    case 1: return posterior_row_d<T, 1>(c, x, alpha, sigma, buf, acc, D, L);
-    case 2: return posterior_row_d<T, 2>(c, x, alpha, sigma, buf, acc, D, L);
-    case 3: return posterior_row_d<T, 3>(c, x, alpha, sigma, buf, acc, D, L);
-    case 4: return posterior_row_d<T, 4>(c, x, alpha, sigma, buf, acc, D, L);
-    default: return posterior_row_d<T, 0>(c, x, alpha, sigma, buf, acc, D, L);
+    case 1: return posterior_row_d<T, 1>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    case 2: return posterior_row_d<T, 2>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    case 3: return posterior_row_d<T, 3>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    case 4: return posterior_row_d<T, 4>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    default: return posterior_row_d<T, 0>(c, x, alpha, sigma, buf, dist, acc, D, L);
   }
 }
 
@@ -188,11 +248,11 @@ void posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, co
 #pragma omp parallel
   {
     std::vector<T> buf(kTile);
-    std::vector<double> acc(c.d);
+    std::vector<double> dist(kTile), acc(c.d);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
       const int64_t r = per_row ? i : 0;
-      posterior_row(c, x + i * c.d, alpha[r], sigma[r], buf.data(), acc.data(), D + i * c.d, L + i);
+      posterior_row(c, x + i * c.d, alpha[r], sigma[r], buf.data(), dist.data(), acc.data(), D + i * c.d, L + i);
     }
   }
 }
@@ -203,10 +263,10 @@ void pointcloud_step(const Cloud<T>& c, const T* x, T* out, int64_t M, double al
 #pragma omp parallel
   {
     std::vector<T> buf(kTile), Drow(c.d);
-    std::vector<double> acc(c.d), z(c.d + 4);
+    std::vector<double> dist(kTile), acc(c.d), z(c.d + 4);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
-      posterior_row(c, x + i * c.d, alpha, sigma, buf.data(), acc.data(), Drow.data(), static_cast<T*>(nullptr));
+      posterior_row(c, x + i * c.d, alpha, sigma, buf.data(), dist.data(), acc.data(), Drow.data(), static_cast<T*>(nullptr));
       update_row(x + i * c.d, Drow.data(), out + i * c.d, c.d, A, B, C, seed, step, sample_offset + i, z.data());
     }
   }
@@ -220,13 +280,13 @@ void pointcloud_sample(const Cloud<T>& c, T* x, int64_t M, int64_t K, const doub
 #pragma omp parallel
   {
     std::vector<T> buf(kTile), Drow(d);
-    std::vector<double> acc(d), z(d + 4);
+    std::vector<double> dist(kTile), acc(d), z(d + 4);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
       T* xi = x + i * d;
       if (traj) std::copy(xi, xi + d, traj + i * d);
       for (int64_t k = 0; k < K; ++k) {
-        posterior_row(c, xi, alpha[k], sigma[k], buf.data(), acc.data(), Drow.data(), static_cast<T*>(nullptr));
+        posterior_row(c, xi, alpha[k], sigma[k], buf.data(), dist.data(), acc.data(), Drow.data(), static_cast<T*>(nullptr));
         update_row(xi, Drow.data(), xi, d, A[k], B[k], C[k], seed, static_cast<uint32_t>(k), sample_offset + i, z.data());
         if (traj) std::copy(xi, xi + d, traj + ((k + 1) * M + i) * d);
       }

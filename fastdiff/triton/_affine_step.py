@@ -95,12 +95,13 @@ def launch_affine_step(x, D, out, coef, has_noise, seed, step, sample_offset, co
     per_row = scalars is None
     a, b, c = (0.0, 0.0, 0.0) if per_row else scalars
     grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(d, cfg["BK"]))
-    _affine_step_kernel[grid](x, D, out, x if coef is None else coef,
-                              0 if coef is None or coef.shape[0] == 1 else coef.stride(0), a, b, c,
-                              x if counters is None else counters, M, d,
-                              x.stride(0), D.stride(0), out.stride(0), s_lo, s_hi, step, o_lo, o_hi,
-                              HAS_NOISE=has_noise, PER_ROW=per_row, CTR_PTR=counters is not None,
-                              BM=cfg["BM"], BK=cfg["BK"], num_warps=cfg["num_warps"])
+    with C.device_guard(x.device):      # the tensors' GPU, not the current one
+        _affine_step_kernel[grid](x, D, out, x if coef is None else coef,
+                                  0 if coef is None or coef.shape[0] == 1 else coef.stride(0), a, b, c,
+                                  x if counters is None else counters, M, d,
+                                  x.stride(0), D.stride(0), out.stride(0), s_lo, s_hi, step, o_lo, o_hi,
+                                  HAS_NOISE=has_noise, PER_ROW=per_row, CTR_PTR=counters is not None,
+                                  BM=cfg["BM"], BK=cfg["BK"], num_warps=cfg["num_warps"])
     return out
 
 

@@ -3,6 +3,7 @@ configurations (a plain Python heuristic: autotuning with several configs needs 
 accuracy constants of the large-d screening. Imports no Triton and never queries a GPU driver."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -11,6 +12,8 @@ import torch
 from .._checks import per_row64  # noqa: F401 (shared with the reference; used by the launchers as C.per_row64)
 
 LOG2E = 1.4426950408889634
+F32_MAX = 3.4028234663852886e38
+F32_TINY = 1.401298464324817e-45     # smallest positive (subnormal) float32
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ROWS_MAX = 2**31 - 4096   # row indices (program_id·BM + lane) are int32; addresses are int64
 SMALL_D_MAX = 64            # d ≤ 64: direct-difference kernel, whole rows on chip; above: large-d kernel
@@ -48,21 +51,39 @@ SPLIT_SCRATCH_BYTES = 1 << 30   # the split posterior's partial accumulators [S,
 MAX_SPLITS = 65535              # the launch grid's second dimension
 
 
-def large_splits(M: int, N: int, d: int, device, scratch_bytes: int = SPLIT_SCRATCH_BYTES) -> int:
-    """How many parts the large-d posterior splits the data into: with few rows (M = 1024 is 32 programs of
+SPLITS_PER_SM = 1 / 8            # the default split count: one part per 8 SMs (16 on a 132-SM H100/H200)
+
+
+def large_splits(N: int, d: int, device) -> int:
+    """How many parts the large-d posterior splits the data into. With few rows (M = 1024 is 32 programs of
     BM = 32 on a 132-SM H100) one program per row block leaves most of the GPU idle, so the data is split
-    until there are about two programs per SM, keeping ≥ 8 tiles of BN points per split and the partial
-    accumulators [S, M, d] under scratch_bytes. 1 off CUDA (the interpreter) and when M fills the GPU."""
+    (SMs/8 parts: M = 1024 then runs 512 programs, ~4 per SM), keeping ≥ 8 tiles of BN points per split.
+    A function of N, d and the device only, never of M: the split changes the summation order, and row i's
+    result must not depend on how many rows are computed with it (batch invariance; the launcher bounds the
+    partials' scratch by launching rows in chunks instead). 1 off CUDA (the interpreter)."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return 1
     cfg = large_config(d)
-    programs = -(-M // cfg["BM"])
-    want = -(-2 * _sm_count(dev) // programs)
-    return max(1, min(want, N // (8 * cfg["BN"]), MAX_SPLITS, scratch_bytes // max(1, 4 * M * d)))
+    want = max(1, int(_sm_count(dev) * SPLITS_PER_SM))
+    return max(1, min(want, N // (8 * cfg["BN"]), MAX_SPLITS))
+
+
+def split_row_chunk(S: int, d: int, BM: int, scratch_bytes: int | None = None) -> int:
+    """Rows per launch of the split posterior so its float32 partials [S, rows, d] stay under scratch_bytes
+    (default SPLIT_SCRATCH_BYTES; a multiple of BM; at least BM)."""
+    rows = (SPLIT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes) // max(1, 4 * S * d)
+    return max(BM, rows // BM * BM)
 
 
 _SMS: dict = {}
+
+
+def device_guard(device):
+    """Launch on the tensors' device, not the current one (tensors on cuda:1 while cuda:0 is current would
+    otherwise run on the wrong GPU): every launcher enters this around its kernel launches."""
+    dev = torch.device(device)
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
 
 
 def _sm_count(dev: torch.device) -> int:
@@ -166,6 +187,22 @@ def check_offset(sample_offset, M) -> int:
     return o
 
 
+def check_float32_range(x, data, alpha, sigma, bandwidth, what, table=None):
+    """The Triton kernels compute in float32 only: refuse rows that the shared numeric rule (point 3,
+    fastdiff._precision) would compute in float64 (logits that could overflow float32), instead of
+    returning the equal-weight answer that clamped logits would give. table: (A, B, C) for a trajectory."""
+    from .. import _precision
+    if table is None:
+        need = _precision.float64_rows(x, data, alpha, sigma, bandwidth)
+    else:
+        need = _precision.float64_rows_trajectory(x, data, alpha, sigma, *table, bandwidth)
+    if bool(need.any()):
+        row = int(need.nonzero()[0, 0])
+        raise ValueError(f"x row {row}: |x| is so large (or sigma so small) that float32 logits could overflow in the "
+                         f"Triton {what}, which computes in float32 only; use fastdiff.ops with backend 'auto', "
+                         "'torch', 'cpu' or 'cuda' (they compute such rows in float64)")
+
+
 def log_weights2(log_weights, N, device, return_shift=False):
     """log π in log2 units as float32 [N] (zeros when None); −inf allowed (zero weight).
 
@@ -232,7 +269,9 @@ def reduction_params(alpha, sigma, bandwidth, M, device, what="posterior") -> to
     par[:, 0] = a
     par[:, 1] = near_one.to(torch.float64)
     par[:, 2] = torch.where(near_one, 1.0 - a, -a)
-    par[:, 3] = inv2c * LOG2E
+    # the shared numeric rule, point 1: 1/(2c) within [smallest subnormal, largest finite] of float32 (the
+    # refusal above keeps it ≤ 1e30 here; the clamp keeps k2 finite and nonzero whatever that limit is)
+    par[:, 3] = (inv2c.clamp(min=F32_TINY, max=F32_MAX) * LOG2E).clamp(max=F32_MAX)
     par[:, 4] = 1.0 - a * a * v / c
     par[:, 5] = a * v / c
     return par.to(device, non_blocking=True)     # from pageable memory: staged, no stream synchronisation

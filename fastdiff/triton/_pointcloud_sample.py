@@ -127,18 +127,20 @@ def launch_pointcloud_sample(x, data, lw2, tab, K, seed, sample_offset, traj, fi
         traj[0].copy_(x)
     if d <= C.SMALL_D_MAX:
         cfg = config or C.small_config(d)
-        _pointcloud_sample_small_kernel[(triton.cdiv(M, cfg["BM"]),)](
-            x, data, lw2, tab, out, traj_arg, M, N, d, K, x.stride(0), data.stride(0), traj_stride,
-            s_lo, s_hi, o_lo, o_hi, first_step, int(save),
-            BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"], num_warps=cfg["num_warps"])
+        with C.device_guard(x.device):      # the tensors' GPU, not the current one
+            _pointcloud_sample_small_kernel[(triton.cdiv(M, cfg["BM"]),)](
+                x, data, lw2, tab, out, traj_arg, M, N, d, K, x.stride(0), data.stride(0), traj_stride,
+                s_lo, s_hi, o_lo, o_hi, first_step, int(save),
+                BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"], num_warps=cfg["num_warps"])
         return out
     tf32 = _posterior.SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
     cfg = config or C.large_config(d)
     acc = torch.empty_like(x)
-    _pointcloud_sample_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
-        data, lw2, tab, out, acc, traj_arg, M, N, d, K, data.stride(0), traj_stride,
-        C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2, s_lo, s_hi, o_lo, o_hi, first_step, int(save),
-        SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"], num_warps=cfg["num_warps"])
+    with C.device_guard(x.device):      # the tensors' GPU, not the current one
+        _pointcloud_sample_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
+            data, lw2, tab, out, acc, traj_arg, M, N, d, K, data.stride(0), traj_stride,
+            C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2, s_lo, s_hi, o_lo, o_hi, first_step, int(save),
+            SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"], num_warps=cfg["num_warps"])
     return out
 
 
@@ -165,6 +167,7 @@ def pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=None, b
     C.check_step(first_step + K - 1)
     lw2 = C.log_weights2(log_weights, data.shape[0], x.device)
     tab = build_table(alpha, sigma, A, B, Cc, bandwidth, x.device)
+    C.check_float32_range(x, data, alpha, sigma, bandwidth, "pointcloud_sample", table=(A, B, Cc))
     traj = torch.empty(K + 1, M, d, dtype=torch.float32, device=x.device) if return_trajectory else None
     if M == 0:
         out = x.clone()

@@ -85,19 +85,21 @@ def launch_pointcloud_step(x, data, lw2, par, coef, has_noise, out, seed, step, 
     coef_stride = 0 if coef.shape[0] == 1 else coef.stride(0)
     if d <= C.SMALL_D_MAX:
         cfg = C.small_config(d)
-        _pointcloud_step_small_kernel[(triton.cdiv(M, cfg["BM"]),)](
-            x, data, lw2, par, coef, out, M, N, d, x.stride(0), data.stride(0), out.stride(0), par_stride,
-            coef_stride, s_lo, s_hi, step, o_lo, o_hi, int(has_noise),
-            BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"], num_warps=cfg["num_warps"])
+        with C.device_guard(x.device):      # the tensors' GPU, not the current one
+            _pointcloud_step_small_kernel[(triton.cdiv(M, cfg["BM"]),)](
+                x, data, lw2, par, coef, out, M, N, d, x.stride(0), data.stride(0), out.stride(0), par_stride,
+                coef_stride, s_lo, s_hi, step, o_lo, o_hi, int(has_noise),
+                BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"], num_warps=cfg["num_warps"])
         return out
     tf32 = _posterior.SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
     cfg = C.large_config(d)
     acc = torch.empty_like(x) if out.data_ptr() == x.data_ptr() else out
-    _pointcloud_step_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
-        x, data, lw2, par, coef, acc, out, M, N, d, x.stride(0), data.stride(0), acc.stride(0), out.stride(0),
-        par_stride, coef_stride, C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2,
-        s_lo, s_hi, step, o_lo, o_hi, int(has_noise),
-        SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"], num_warps=cfg["num_warps"])
+    with C.device_guard(x.device):      # the tensors' GPU, not the current one
+        _pointcloud_step_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
+            x, data, lw2, par, coef, acc, out, M, N, d, x.stride(0), data.stride(0), acc.stride(0), out.stride(0),
+            par_stride, coef_stride, C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2,
+            s_lo, s_hi, step, o_lo, o_hi, int(has_noise),
+            SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"], num_warps=cfg["num_warps"])
     return out
 
 
@@ -123,6 +125,7 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C_, seed, step, sample_offset=0
     sample_offset = C.check_offset(sample_offset, M)
     lw2 = C.log_weights2(log_weights, data.shape[0], x.device)
     par = C.as_f32_table(C.reduction_params(alpha, sigma, bandwidth, M, x.device, "pointcloud_step"))
+    C.check_float32_range(x, data, alpha, sigma, bandwidth, "pointcloud_step")
     coef, has_noise = coefficient_table(A, B, C_, M, x.device)
     if M == 0:
         return out

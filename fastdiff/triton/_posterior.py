@@ -21,9 +21,10 @@ Large d (matrix-product-bound), the accuracy method — screening plus exact re-
   2. Keep a running lower bound m_lb of each row's maximum logit (max of screened − bound). A tile
      whose every upper bound (screened + bound) is below m_lb − Δ (Δ = log2 N + 40) holds less than
      2⁻⁴⁰ of the weight: it is skipped (no exp, no accumulation).
-  3. Any other tile is re-scored exactly by direct differences ((x − y) + b·y, BKE columns at a time)
-     unless the bound of every pair that matters is already below τ = 1e−6 (huge σ), and then goes
-     through the online log-sum-exp; its p·y product uses tl.dot(..., input_precision="ieee").
+  3. Any other tile goes through the online log-sum-exp; each of its pairs whose bound exceeds τ = 1e−6
+     (all but huge σ) is re-scored exactly by direct differences ((x − y) + b·y, BKE columns at a time,
+     Kahan-summed) and formed relative to the row's running maximum (far queries keep float32 precision
+     in l − m); its p·y product uses tl.dot(..., input_precision="ieee").
   At small σ (the hard case: 1/(2c) ~ 10⁶ multiplies the cancellation error of the expanded form)
   only the few tiles that hold a near neighbour of some row in the block are re-scored, so the cost is
   about one TF32 screening product; at large σ nearly every tile is re-scored (direct differences,
@@ -36,7 +37,12 @@ Large d (matrix-product-bound), the accuracy method — screening plus exact re-
   read-modify-write of it (rescaled by the online max), skipped tiles touch nothing.
   Few rows (M = 1024 is 32 programs for 132 SMs): the posterior op splits the data into parts reduced by
   separate programs into partial (m, s, acc) and merges them (combine_splits), as split-K does for a
-  matrix product; _common.large_splits picks the count from the device's SM count.
+  matrix product; _common.large_splits picks the count from N, d and the device's SM count, never from M.
+
+Batch invariance: row i's D and L never depend on which other rows are computed with it. Every screening
+decision (skip a pair, re-score it exactly) is made per pair from that row's own bounds; a block of rows
+only decides whether a tile is touched at all, and a pair its row does not need contributes exactly
+nothing. The split count does not depend on M, and the split merge uses elementwise operations only.
 """
 from __future__ import annotations
 
@@ -64,9 +70,10 @@ def _load_params(par_ptr, rows, par_stride, rmask):
 
 @triton.jit
 def finite_logit(lg, lw):
-    """A pair with finite weight keeps a finite logit even when its distance term overflows float32
-    (|x − αy| ≳ 1e19): the row's softmax then still has a finite maximum (no 0/0 = NaN)."""
-    return tl.where(lw > float("-inf"), tl.maximum(lg, -3.0e38), lg)
+    """The shared numeric rule, point 2: a pair with finite weight keeps a logit ≥ −max_float32 even when its
+    distance term overflows float32 (|x − αy| ≳ 1e19): the row's softmax then still has a finite maximum
+    (no 0/0 = NaN). A pair with weight −inf stays −inf (excluded)."""
+    return tl.where(lw > float("-inf"), tl.maximum(lg, -3.4028234663852886e38), lg)
 
 
 @triton.jit
@@ -120,7 +127,10 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
                      mask=rmask[:, None] & (kk < d)[None, :], other=0.0)
         xn2 += tl.sum(xk * xk, axis=1)
     xn = tl.sqrt(xn2)
+    # The running maximum is a pair (m, m_lo): m a float32 logit of the row, m_lo the row's true maximum
+    # relative to it (0 unless the logits are so large that float32 cannot hold them to within 1).
     m = tl.full([BM], NEG_INF, tl.float32)
+    m_lo = tl.zeros([BM], tl.float32)
     s = tl.zeros([BM], tl.float32)
     m_lb = tl.full([BM], NEG_INF, tl.float32)
     for n0 in range(0, N, BN):
@@ -156,12 +166,16 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
         need = valid & (((upper - m_lb[:, None]) >= -delta2) | (upper != upper))
         n_need = tl.sum(tl.sum(need.to(tl.int32), axis=1), axis=0)
         if n_need > 0:
-            # -- 2. exact re-scoring unless the screened logits that matter are already exact enough
+            # -- 2. exact re-scoring of the pairs whose screened logit is not exact enough. Every decision is
+            # per pair (its own bound against its own row's m_lb), never per block: a row's result must not
+            # depend on which other rows share its block (batch invariance); the block only decides whether
+            # any work is done.
             lg = la
-            e_max = tl.max(tl.max(tl.where(need, E, 0.0), axis=1), axis=0)
-            if e_max > tau2:
-                d2 = tl.zeros([BM, BN], tl.float32)
-                comp = tl.zeros([BM, BN], tl.float32)      # Kahan: the slices are summed in sequence
+            rescore = need & (E > tau2)
+            n_rescore = tl.sum(tl.sum(rescore.to(tl.int32), axis=1), axis=0)
+            d2 = tl.zeros([BM, BN], tl.float32)
+            comp = tl.zeros([BM, BN], tl.float32)          # Kahan: the slices are summed in sequence
+            if n_rescore > 0:
                 for k0 in range(0, d, BKE):
                     ke = k0 + tl.arange(0, BKE)
                     kem = ke < d
@@ -174,13 +188,30 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
                     tot = d2 + part
                     comp = (tot - d2) - part
                     d2 = tot
-                lg = lw[None, :] - d2 * k2[:, None]
-            lg = tl.where(nm[None, :], finite_logit(lg, lw[None, :]), NEG_INF)
+                d2 = tl.where(d2 == d2, d2, float("inf"))     # an overflowed distance (inf − inf in Kahan)
+                lg = tl.where(rescore, lw[None, :] - d2 * k2[:, None], la)
+            # pairs this row does not need contribute exactly nothing (as if the tile were skipped for it)
+            lg = tl.where(need, finite_logit(lg, lw[None, :]), NEG_INF)
             # -- 3. online log-sum-exp and the accumulator's read-modify-write
             m_new = tl.maximum(m, tl.max(lg, axis=1))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-            scale = tl.exp2(m - m_safe)
-            p = tl.exp2(lg - m_safe[:, None])
+            rel = lg - m_safe[:, None]
+            if n_rescore > 0:
+                # Re-scored logits relative to m_new, rounded once: a far query (d = 300, σ = 300, |x| = 1.7e5)
+                # has logits ≈ −2.4e5 log2 units, whose float32 rounding (±0.008) would swamp the O(1)
+                # differences that set the weights. fma(−d2, k2, −m) rounds once after the exact product, at
+                # the small magnitude of l − m for the pairs that matter, and the Kahan remainder adds back what
+                # d2's own rounding lost (comp·k2). A relative error of k2 scales every logit of the row alike
+                # (a common shift, cancelled by the softmax). Clamped or excluded pairs keep lg − m.
+                fine = rescore & (lg > -3.4028234663852886e38)
+                exact = (tl.fma(-d2, k2[:, None], -m_safe[:, None]) + lw[None, :]) + comp * k2[:, None]
+                rel = tl.where(fine, exact, rel)
+            # the frame of the new maximum: m_new + lo, lo = the largest relative logit, old frame included
+            prev = (m - m_safe) + m_lo                 # −inf when nothing has been accumulated yet
+            lo = tl.maximum(prev, tl.max(rel, axis=1))
+            lo = tl.where(lo == NEG_INF, 0.0, lo)
+            scale = tl.exp2(prev - lo)
+            p = tl.exp2(rel - lo[:, None])
             s = s * scale + tl.sum(p, axis=1)
             fresh = m == NEG_INF                       # nothing accumulated yet: acc memory is garbage
             for k0 in range(0, d, BK):
@@ -195,10 +226,11 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
                 tl.debug_barrier()                 # loads of the tile before its stores
                 tl.store(aptr, new, mask=amask)
             m = m_new
+            m_lo = lo
             # The next read of this accumulator tile may come from other threads of the program (other
             # layouts): order it after these stores.
             tl.debug_barrier()
-    return m, s
+    return m + m_lo, s
 
 
 @triton.jit
@@ -289,21 +321,21 @@ def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None, splits=None):
     """x [M, d] float32 contiguous, data [N, d] contiguous, lw2 [N] float32 (log2 units),
     par [R, NPAR] float32 (R = 1 or M), D [M, d] / L [M] float32 outputs.
     splits (large d): split the data into this many parts, reduced in parallel and merged; None = as
-    _common.large_splits chooses for the device (enough programs to fill the GPU when M is small)."""
+    _common.large_splits chooses for N, d and the device (never M: batch invariance)."""
     M, d = x.shape
     N = data.shape[0]
     par_stride = 0 if par.shape[0] == 1 else par.stride(0)
-    if d <= C.SMALL_D_MAX:
-        cfg = C.small_config(d)
-        grid = (triton.cdiv(M, cfg["BM"]),)
-        _posterior_small_kernel[grid](x, data, lw2, par, D, L, M, N, d, x.stride(0), data.stride(0), D.stride(0),
-                                      par_stride, BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"],
-                                      num_warps=cfg["num_warps"])
-    else:
+    with C.device_guard(x.device):
+        if d <= C.SMALL_D_MAX:
+            cfg = C.small_config(d)
+            grid = (triton.cdiv(M, cfg["BM"]),)
+            _posterior_small_kernel[grid](x, data, lw2, par, D, L, M, N, d, x.stride(0), data.stride(0), D.stride(0),
+                                          par_stride, BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"],
+                                          num_warps=cfg["num_warps"])
+            return D, L
         tf32 = SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
         cfg = C.large_config(d)
-        S = C.large_splits(M, N, d, x.device) if splits is None else \
-            max(1, min(int(splits), N, C.MAX_SPLITS, C.SPLIT_SCRATCH_BYTES // max(1, 4 * M * d)))
+        S = C.large_splits(N, d, x.device) if splits is None else max(1, min(int(splits), N, C.MAX_SPLITS))
         screen = (C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2)
         meta = dict(SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"],
                     num_warps=cfg["num_warps"])
@@ -311,13 +343,19 @@ def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None, splits=None):
             grid = (triton.cdiv(M, cfg["BM"]),)
             _posterior_large_kernel[grid](x, data, lw2, par, D, L, M, N, d, x.stride(0), data.stride(0), D.stride(0),
                                           par_stride, *screen, **meta)
-        else:
-            n_chunk = triton.cdiv(N, S)
-            S = triton.cdiv(N, n_chunk)
-            acc, ms = _scratch((S, M, d), x.device), _scratch((S, 2, M), x.device)
-            _posterior_large_split_kernel[(triton.cdiv(M, cfg["BM"]), S)](
-                x, data, lw2, par, acc, ms, M, N, d, n_chunk, x.stride(0), data.stride(0), par_stride, *screen, **meta)
-            combine_splits(acc, ms, x, par, D, L)
+            return D, L
+        n_chunk = triton.cdiv(N, S)
+        S = triton.cdiv(N, n_chunk)
+        step = C.split_row_chunk(S, d, cfg["BM"])
+        for r0 in range(0, M, step):           # rows in chunks: the partials' scratch stays bounded
+            r1 = min(M, r0 + step)
+            Mc = r1 - r0
+            xc, parc = x[r0:r1], par if par.shape[0] == 1 else par[r0:r1]
+            acc, ms = _scratch((S, Mc, d), x.device), _scratch((S, 2, Mc), x.device)
+            _posterior_large_split_kernel[(triton.cdiv(Mc, cfg["BM"]), S)](
+                xc, data, lw2, parc, acc, ms, Mc, N, d, n_chunk, xc.stride(0), data.stride(0), par_stride,
+                *screen, **meta)
+            combine_splits(acc, ms, xc, parc, D[r0:r1], L[r0:r1])
     return D, L
 
 
@@ -326,18 +364,33 @@ def _scratch(shape, device):
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
+def _tree_sum0(t):
+    """Σ over dim 0 by halving (elementwise adds, an odd last slice added into the first): the order depends
+    only on t.shape[0], never on the row count (torch's reductions choose theirs from the whole shape)."""
+    n = t.shape[0]
+    while n > 1:
+        h = n // 2
+        head = t[:h] + t[h:2 * h]
+        if n % 2:
+            head[0] += t[2 * h]
+        t, n = head, h
+    return t[0]
+
+
 def combine_splits(acc, ms, x, par, D, L):
     """Merge split partials: m = max_j m_j, w_j = 2^{m_j − m}, s = Σ w_j s_j, acc = Σ w_j acc_j, then
     D = acc·cy/s + cx·x and L = (m + log2 s)·ln 2, as the whole-data kernel's epilogue. A split whose
-    points all have zero weight has m_j = −inf and an unwritten acc_j: it gets weight 0 and is not read."""
+    points all have zero weight has m_j = −inf and an unwritten acc_j: it gets weight 0 and is not read.
+    Elementwise operations and halving sums only: row i's result depends on row i alone."""
     m_j, s_j = ms[:, 0], ms[:, 1]
     m = m_j.max(dim=0).values
     live = m_j > float("-inf")
     w = torch.where(live, torch.exp2(m_j - torch.where(m == float("-inf"), 0.0, m)), 0.0)
-    s = (w * s_j).sum(0)
-    total = acc.masked_fill_(~live[..., None], 0.0).mul_(w[..., None]).sum(0)   # in place: acc is our scratch
+    s = _tree_sum0(w * s_j)
+    total = _tree_sum0(acc.masked_fill_(~live[..., None], 0.0).mul_(w[..., None]))   # in place: acc is our scratch
     cy, cx = par[:, 4:5], par[:, 5:6]
-    torch.addcmul(cx * x, total, cy / s[:, None], out=D)
+    torch.mul(total, cy / s[:, None], out=D)
+    D.add_(cx * x)
     torch.mul(m + torch.log2(s), LN2, out=L)
 
 
@@ -354,6 +407,8 @@ def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_
     M, d = x.shape
     lw2, shift = C.log_weights2(log_weights, data.shape[0], x.device, return_shift=True)
     par = C.as_f32_table(C.reduction_params(alpha, sigma, bandwidth, M, x.device))
+    if check_finite:       # (fastdiff.ops has made this decision already, row by row)
+        C.check_float32_range(x, data, alpha, sigma, bandwidth, "posterior")
     D = torch.empty(M, d, dtype=torch.float32, device=x.device)
     L = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
