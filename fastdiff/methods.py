@@ -403,9 +403,9 @@ def _check_sigmas(sigmas) -> torch.Tensor:
 
 
 def _assemble(method, options, times, t_hat, steps, P, churn_scale, out_scale, t_u, u_scale, hist_scale):
-    """Stack per-step records into a MethodTable; the *_scale lists lift the VE coefficients (all 1 on a
-    σ-grid): churn noise × churn_scale, x' terms × out_scale (α'), the stage × u_scale (α_u),
-    h_x × hist_scale (1/α̂), A and a_u additionally × 1/α̂ through P-relative scales given by the caller."""
+    """Stack per-step records into a MethodTable, lifting the VE coefficients to x = α x̃ (all scales 1 on a
+    plain σ-grid): P = α̂/α; churn noise × α̂ (churn_scale); the terms of x' × α' (out_scale); the stage's × α_u
+    (u_scale); and the coefficients of x̂ (A, a_u, h_x) also × 1/α̂ (hist_scale), since x̃̂ = x̂/α̂."""
     K = len(steps)
     H = max(len(st.B) for st in steps) - 1
     f64 = torch.float64
@@ -434,10 +434,13 @@ def _assemble(method, options, times, t_hat, steps, P, churn_scale, out_scale, t
     return table
 
 
-def sigma_table(sigmas, method: str, **options) -> MethodTable:
-    """The table of `method` on a VE σ-grid (α ≡ 1: k-diffusion's convention, D evaluated at σ itself).
+def sigma_table(sigmas, method: str, *, log_alpha=None, **options) -> MethodTable:
+    """The table of `method` on a σ-grid: k-diffusion's convention (α ≡ 1, D evaluated at σ itself), or, with
+    `log_alpha`, lifted to a process whose state is x = α x̃ (MATH.md §3b, "Other processes").
 
     sigmas: strictly decreasing, positive except a last 0 (any device: it is copied to the host once).
+    log_alpha: None, or a function from a float64 tensor of σ̃ to log α there (e.g. diffusers' discrete VP
+    schedules: log α = −½ log(1 + σ̃²)); the table's times are then the σ̃ themselves.
     options: the method's own (METHOD_OPTIONS), e.g. eta=, s_noise=, s_churn=, solver_type=, order=.
     """
     options = method_options(method, **options)
@@ -445,10 +448,16 @@ def sigma_table(sigmas, method: str, **options) -> MethodTable:
     sl = sig.tolist()
     steps = _ve_steps(sl, method, options)
     K = len(steps)
-    ones = [1.0] * K
+    t_hat = [st.sigma_hat for st in steps]
     t_u = [st.stage[0] if st.stage is not None else 0.0 for st in steps]
-    return _assemble(method, options, sig, [st.sigma_hat for st in steps], steps, ones, ones, ones, t_u,
-                     ones, ones)
+    if log_alpha is None:
+        ones = [1.0] * K
+        return _assemble(method, options, sig, t_hat, steps, ones, ones, ones, t_u, ones, ones)
+    la = lambda v: log_alpha(torch.tensor(v, dtype=torch.float64)).tolist()     # noqa: E731
+    la_grid, la_hat, la_u = la(sl), la(t_hat), la([u if st.stage else 1.0 for u, st in zip(t_u, steps, strict=True)])
+    return _assemble(method, options, sig, t_hat, steps, [math.exp(la_hat[k] - la_grid[k]) for k in range(K)],
+                     [math.exp(v) for v in la_hat], [math.exp(la_grid[k + 1]) for k in range(K)], t_u,
+                     [math.exp(v) for v in la_u], [math.exp(-v) for v in la_hat])
 
 
 def _time_of_sigma_tilde(process: Process, s: torch.Tensor, name: str) -> torch.Tensor:

@@ -252,3 +252,16 @@ def test_named_errors():
         M.sample_table(data, table, torch.zeros(3, 2), seed=-1)
     with pytest.raises(ValueError, match="denoise must return"):
         M.run_table(table, lambda x, k, s: x[:, :1], torch.ones(3, 2), None)
+
+
+def test_sigma_table_lift_is_the_process_table():
+    """sigma_table(σ̃, log_alpha=...) (what the diffusers scheduler runs) lifts exactly as method_table does for a
+    process with the same α(σ̃): VP, whose σ² = 1 − α² gives α = (1 + σ̃²)^(−1/2)."""
+    p = PROCESSES["VP"]
+    times = grid(p, 9)
+    sig_t = (p.sigma2(times).sqrt() / p.alpha(times))
+    for method in M.NEW_METHODS:
+        a = M.method_table(p, times, method)
+        b = M.sigma_table(sig_t, method, log_alpha=lambda s: -0.5 * torch.log1p(s * s))
+        for name in ("A", "B", "C", "P", "a_u", "b_u", "c_u", "B1", "hist_x", "hist_d"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-10, atol=1e-14), (method, name)

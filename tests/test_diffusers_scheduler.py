@@ -1,0 +1,277 @@
+"""fastdiff.diffusers.FastdiffScheduler in diffusers loops, with a tiny UNet2DModel built here (nothing downloaded).
+
+With method="dpmpp_2m" it matches DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2) within
+1e-6 relative in float32 (not bit for bit: diffusers rounds every coefficient, λ included, in float32; see the
+module docstring); every other method runs in the same loops, two-stage ones with two calls per step.
+"""
+import math
+import types
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'fastdiff[diffusers]')")
+
+import fastdiff.methods as M  # noqa: E402
+from fastdiff.diffusers import FastdiffScheduler  # noqa: E402
+
+RTOL32 = 1e-6
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 num_class_embeds=3).eval()
+
+
+class GaussianEps:
+    """The exact noise prediction of data N(m, v I) under the discrete VP schedule (a cheap stand-in for a
+    network where only the scheduler is under test): ε̂ = σ(x − αm)/(α²v + σ²), v̂ and x̂_0 likewise."""
+
+    def __init__(self, scheduler, prediction_type="epsilon", m=0.3, v=0.25):
+        self.sig = scheduler._train_sigmas().astype("float64")
+        self.prediction_type, self.m, self.v = prediction_type, m, v
+
+    def __call__(self, x, t, class_labels=None):
+        import numpy as np
+        s = float(np.interp(float(t), np.arange(len(self.sig)), self.sig))
+        alpha, sigma = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
+        eps = sigma * (x - alpha * self.m) / (alpha * alpha * self.v + sigma * sigma)
+        if class_labels is not None:                 # a "conditional" model: labels shift the data mean a little
+            eps = eps - 0.05 * sigma * class_labels.view(-1, 1, 1, 1).to(x.dtype)
+        x0 = (x - sigma * eps) / alpha
+        out = {"epsilon": eps, "sample": x0, "v_prediction": alpha * eps - sigma * x0}[self.prediction_type]
+        return types.SimpleNamespace(sample=out)
+
+
+def ddpm_loop(unet, scheduler, n, generator=None, batch=1):
+    """DDPMPipeline's loop: no input scaling, the step's generator."""
+    scheduler.set_timesteps(n)
+    x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * scheduler.init_noise_sigma
+    labels = torch.zeros(batch, dtype=torch.int64)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = unet(x, t, class_labels=labels).sample
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
+    return x
+
+
+def sd_loop(unet, scheduler, n, guidance=3.0, batch=1, scale=1.0):
+    """StableDiffusionPipeline's loop: classifier-free guidance on a doubled batch, scale_model_input,
+    set_timesteps(device=), step(..., return_dict=False)[0]."""
+    scheduler.set_timesteps(n, device="cpu")
+    x = torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * scheduler.init_noise_sigma * scale
+    labels = torch.cat([torch.zeros(batch, dtype=torch.int64), torch.full((batch,), 2, dtype=torch.int64)])
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            inp = scheduler.scale_model_input(torch.cat([x] * 2), t)
+            uncond, cond = unet(inp, t, class_labels=labels).sample.chunk(2)
+            x = scheduler.step(uncond + guidance * (cond - uncond), t, x, return_dict=False)[0]
+    return x
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def base_config(**kw):
+    return diffusers.DDPMScheduler(num_train_timesteps=1000, **kw).config
+
+
+def pair(final="zero", prediction_type="epsilon", diffusers_rounding=False, **kw):
+    cfg = base_config(prediction_type=prediction_type)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                            final_sigmas_type=final, **kw)
+    return ref, FastdiffScheduler.from_config(cfg, method="dpmpp_2m", final_sigmas_type=final,
+                                              diffusers_rounding=diffusers_rounding, **kw)
+
+
+# (loop, steps, final sigma): below and above diffusers' lower_order_final threshold (15 steps)
+UNET_CASES = [(ddpm_loop, 6, "zero"), (sd_loop, 16, "zero"), (sd_loop, 6, "sigma_min"), (ddpm_loop, 16, "sigma_min")]
+
+
+@pytest.mark.parametrize("loop,n,final", UNET_CASES, ids=[f"{c[0].__name__}-{c[1]}-{c[2]}" for c in UNET_CASES])
+def test_dpmpp_2m_matches_dpm_solver_multistep_on_a_unet(unet, loop, n, final):
+    ref, ours = pair(final)
+    a, b = loop(unet, ref, n), loop(unet, ours, n)
+    assert torch.equal(ref.timesteps, ours.timesteps)
+    assert a.dtype == b.dtype == torch.float32
+    assert rel(b, a) <= RTOL32
+    assert rel(a, torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))) > 0.1
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_other_predictions_on_a_unet(unet, prediction_type):
+    ref, ours = pair(prediction_type=prediction_type)
+    assert rel(ddpm_loop(unet, ours, 8), ddpm_loop(unet, ref, 8)) <= RTOL32
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+def test_diffusers_rounding_is_bit_exact_everywhere(prediction_type, final):
+    """diffusers_rounding=True forms dpmpp_2m's coefficients in float32 as diffusers does and applies them in its
+    order of operations: bit for bit equal, on the exact Gaussian model, in both loops, 5 to 25 steps, on the
+    linspace / Karras / trailing / leading grids."""
+    for kw in ({}, {"use_karras_sigmas": True}, {"timestep_spacing": "trailing"},
+               {"timestep_spacing": "leading", "steps_offset": 1}):
+        ref, ours = pair(final, prediction_type, diffusers_rounding=True, **kw)
+        model = GaussianEps(ours, prediction_type)
+        for n in (5, 14, 25):
+            for loop in (ddpm_loop, sd_loop):
+                a, b = loop(model, ref, n, batch=2), loop(model, ours, n, batch=2)
+                assert torch.equal(ref.timesteps, ours.timesteps) and torch.equal(ref.sigmas, ours.sigmas)
+                assert torch.equal(a, b), (kw, n, loop.__name__)
+
+
+def test_diffusers_rounding_on_a_unet(unet):
+    ref, ours = pair("zero", diffusers_rounding=True)
+    assert torch.equal(sd_loop(unet, ref, 8), sd_loop(unet, ours, 8))
+
+
+def test_stock_ddpm_pipeline_accepts_it(unet):
+    plain = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                  block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+    pipe = diffusers.DDPMPipeline(unet=plain, scheduler=diffusers.DDPMScheduler(num_train_timesteps=1000))
+    pipe.scheduler = FastdiffScheduler.from_config(pipe.scheduler.config, method="dpmpp_2m_sde", seed=5)
+    pipe.set_progress_bar_config(disable=True)
+    a = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np").images
+    b = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np").images
+    assert a.shape == (2, 8, 8, 3) and (a == b).all()                    # seeded: reproducible
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert isinstance(pipe.scheduler, FastdiffScheduler) and "DPMSolverMultistepScheduler" in \
+        [c.__name__ for c in pipe.scheduler.compatibles]
+    assert ref.config.num_train_timesteps == pipe.scheduler.config.num_train_timesteps
+
+
+@pytest.mark.parametrize("method", M.NEW_METHODS)
+def test_every_method_runs_in_both_loops(method):
+    cfg = base_config()
+    s = FastdiffScheduler.from_config(cfg, method=method, seed=3)
+    unet = GaussianEps(s)
+    n = 6
+    out = sd_loop(unet, s, n, batch=2)
+    calls = len(s.timesteps)
+    assert s.order == (2 if method in M.TWO_STAGE_METHODS else 1)
+    # two-stage: two calls per step except the last step to σ = 0 (an Euler step)
+    assert calls == (2 * n - 1 if method in M.TWO_STAGE_METHODS else n)
+    assert torch.isfinite(out).all() and out.shape == (2, 3, 8, 8)
+    again = sd_loop(unet, FastdiffScheduler.from_config(cfg, method=method, seed=3), n, batch=2)
+    assert torch.equal(out, again)
+    b = ddpm_loop(unet, s, n, generator=torch.Generator().manual_seed(4))
+    assert torch.isfinite(b).all()
+
+
+def _heun_pair_run(dtype):
+    cfg = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                  beta_schedule="linear").config
+    ref = diffusers.HeunDiscreteScheduler.from_config(cfg)
+    ours = FastdiffScheduler.from_config(cfg, method="heun")
+    model = GaussianEps(ours)
+    ref.set_timesteps(6)
+    if dtype == torch.float64:                # no float32 coefficient rounding left on diffusers' side either
+        ref.sigmas = ref.sigmas.double()
+    ours.set_timesteps(timesteps=ref.timesteps.unique_consecutive().numpy())    # its 6 (fractional) timesteps
+    assert torch.equal(ref.timesteps, ours.timesteps)
+    assert torch.equal(ref.sigmas.unique_consecutive().float(), ours.sigmas)
+    s_max = float(ours.sigmas[0])
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = []
+    # diffusers starts at x̃_T = σ̃_max z, i.e. x_T = α_T σ̃_max z here
+    for sch, start in ((ref, s_max * z), (ours, s_max / math.sqrt(1 + s_max * s_max) * z)):
+        x = start.to(dtype)
+        for t in sch.timesteps:
+            x = sch.step(model(sch.scale_model_input(x, t), t).sample, t, x).prev_sample
+        results.append(x)
+    return results
+
+
+def test_heun_matches_diffusers_heun():
+    """diffusers' HeunDiscreteScheduler runs k-diffusion's Heun on the scaled state x̃ = x/α; lifted, it is ours.
+    On its grid (its fractional timesteps), from its start, two calls per step: in float64 equal to 1e-12. In
+    float32 the two work in different coordinates (x̃ = x/α, α_T ≈ 0.04), so their roundings differ and are
+    amplified by up to 1/α: within 1e-5 (measured 2.4e-6)."""
+    ours64, ref64 = _heun_pair_run(torch.float64)[::-1]
+    assert ours64.dtype == torch.float64 and rel(ours64, ref64) <= 1e-12
+    ours32, ref32 = _heun_pair_run(torch.float32)[::-1]
+    assert rel(ours32, ref32) <= 1e-5
+
+
+def test_noise_is_batch_invariant_and_follows_the_seed():
+    cfg = base_config()
+    for method in ("euler_ancestral", "dpmpp_sde", "dpmpp_3m_sde"):
+        s = FastdiffScheduler.from_config(cfg, method=method, seed=11)
+        s.set_timesteps(4)
+        x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+        eps = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(4)) * 0.1
+        full, part = x.clone(), x[1:3].clone()
+        for t in s.timesteps:
+            full = s.step(eps, t, full).prev_sample
+        s.set_timesteps(4)
+        for t in s.timesteps:
+            part = s.step(eps[1:3], t, part).prev_sample
+        # rows 1, 2 of the batch of 5 are samples 1, 2; alone they are samples 0, 1: the contract keys by row
+        seeded = FastdiffScheduler.from_config(cfg, method=method, seed=11)
+        seeded.set_timesteps(4)
+        xs = x[:2].clone()
+        for t in seeded.timesteps:
+            xs = seeded.step(eps[:2], t, xs).prev_sample
+        assert torch.equal(full[:2], xs), method
+        assert not torch.allclose(part, full[1:3]), method               # different sample indices
+    # a generator (not the config seed) picks the seed: the same generator seed gives the same run
+    s = FastdiffScheduler.from_config(cfg, method="euler_ancestral")
+    unet = GaussianEps(s)
+    r1 = ddpm_loop(unet, s, 4, generator=torch.Generator().manual_seed(9))
+    r2 = ddpm_loop(unet, s, 4, generator=torch.Generator().manual_seed(9))
+    r3 = ddpm_loop(unet, s, 4, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(r1, r2) and not torch.allclose(r1, r3)
+
+
+def test_add_noise_and_begin_index():
+    cfg = base_config()
+    s = FastdiffScheduler.from_config(cfg, method="dpmpp_2m")
+    unet = GaussianEps(s)
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([10, 700])
+    ab = s.alphas_cumprod[t].double()
+    want = ab.sqrt().view(-1, 1, 1, 1) * x0.double() + (1 - ab).sqrt().view(-1, 1, 1, 1) * z.double()
+    assert torch.allclose(s.add_noise(x0, z, t).double(), want, rtol=1e-6, atol=1e-6)
+    # img2img: start at step 3 of 8 (the table restarts there: first order, as DPMSolverMultistep does)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2)
+    results = []
+    for sch in (ref, s):
+        sch.set_timesteps(8)
+        sch.set_begin_index(3)
+        x = sch.add_noise(x0, z, sch.timesteps[3:4])
+        labels = torch.zeros(2, dtype=torch.int64)
+        with torch.no_grad():
+            for tt in sch.timesteps[3:]:
+                x = sch.step(unet(x, tt, class_labels=labels).sample, tt, x).prev_sample
+        results.append(x)
+    assert rel(results[1], results[0]) <= RTOL32
+
+
+def test_named_errors():
+    cfg = base_config()
+    with pytest.raises(ValueError, match="method"):
+        FastdiffScheduler.from_config(cfg, method="rk4")
+    with pytest.raises(ValueError, match="prediction_type"):
+        FastdiffScheduler.from_config(cfg, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="solver_type"):
+        FastdiffScheduler.from_config(cfg, method="dpmpp_2m", solver_type="heun")
+    with pytest.raises(ValueError, match="seed"):
+        FastdiffScheduler.from_config(cfg, seed=-3)
+    s = FastdiffScheduler.from_config(cfg)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        s.step(torch.zeros(1, 3, 8, 8), 999, torch.zeros(1, 3, 8, 8))
+    s.set_timesteps(2)
+    x = torch.ones(1, 3, 8, 8)
+    for t in s.timesteps:
+        x = s.step(torch.zeros_like(x), t, x).prev_sample
+    with pytest.raises(ValueError, match="after the last timestep"):
+        s.step(torch.zeros_like(x), s.timesteps[-1], x)
+    assert math.isfinite(float(x.abs().max()))
