@@ -276,13 +276,27 @@ def _peer_failure(rank, fail):
     return ("returned", "", time.monotonic() - start)
 
 
-@pytest.mark.parametrize("scenario", ["_scenario_peer_dies", "_scenario_peer_hangs"])
+def _scenario_peer_hangs_at_build(rank, world):
+    """Rank 1 never arrives at the collective input check: rank 0's constructor must give up, not wait."""
+    from fastdiff.distributed import PeerError, ShardedPointCloud
+    y, _, _ = _global_data()
+    if rank == 1:
+        time.sleep(10 * PEER_TIMEOUT_S)
+    start = time.monotonic()
+    try:
+        ShardedPointCloud(_shard(y, 2, rank), fd.VP(), timeout=PEER_TIMEOUT_S)
+    except PeerError as exc:
+        return ("PeerError", str(exc), time.monotonic() - start)
+    return ("returned", "", time.monotonic() - start)
+
+
+@pytest.mark.parametrize("scenario", ["_scenario_peer_dies", "_scenario_peer_hangs", "_scenario_peer_hangs_at_build"])
 def test_dead_or_hung_rank_makes_the_others_fail_within_the_timeout(scenario):
     out = _spawn(2, scenario, wait_for=[0])
     assert 0 in out and out[0][0] == "ok", f"rank 0 reported nothing or crashed: {out}"
     kind, msg, seconds = out[0][1]
     assert kind == "PeerError", f"rank 0 returned instead of raising: {out[0]}"
-    assert "rank 0" in msg and "all_reduce" in msg, msg
+    assert "rank 0" in msg and ("input check" if scenario.endswith("at_build") else "all_reduce") in msg, msg
     assert seconds <= PEER_TIMEOUT_S + 5, f"rank 0 needed {seconds:.1f} s to notice (timeout {PEER_TIMEOUT_S} s)"
 
 
