@@ -15,6 +15,9 @@ pip_install "$TORCH_SPEC" numpy pytest ninja pybind11 setuptools wheel tqdm matp
 # Peers for the cross-check tests: k-diffusion's sampler module and what it imports (its package
 # metadata also pulls in a training stack (wandb, CLIP, ...) that fastdiff never uses).
 pip_install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline
+# diffusers (optional): the FastdiffScheduler tests run against its DPMSolverMultistep/Heun schedulers
+pip_install "diffusers==0.42.1" \
+  || echo "fastdiff setup: diffusers unavailable; the fastdiff.diffusers tests will skip"
 if [ "$TORCH_SPEC" = "torch==2.14.1" ]; then   # torchvision pins its torch: only the matching release
   pip_install pillow safetensors "torchvision==0.29.1" "$TORCH_SPEC" \
     || echo "fastdiff setup: torchvision unavailable; the k-diffusion cross-check will skip"
