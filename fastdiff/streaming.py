@@ -144,6 +144,13 @@ class StreamingPointCloud(Denoiser):
         self.device = torch.device(device)
         self.backend, self.prefetch = backend, bool(prefetch)
         self.log_weights = None if weights is None else self._log_weights(weights)
+        # chunks holding a point of positive weight: the others are never read (and the kernels refuse a chunk
+        # whose weights are all zero); decided once here, so a posterior adds no host sync per chunk
+        bounds = [(s, min(s + self.chunk_rows, self.rows)) for s in range(0, self.rows, self.chunk_rows)]
+        if self.log_weights is not None:
+            live = torch.isfinite(self.log_weights).cpu()
+            bounds = [(s, e) for s, e in bounds if bool(live[s:e].any())]
+        self._weighted_bounds = bounds
         if check:
             for start, chunk in self._chunks():
                 if not bool(torch.isfinite(chunk).all()):
@@ -160,9 +167,11 @@ class StreamingPointCloud(Denoiser):
         return (w / w.sum()).log().to(self.device)     # zero weights: −inf, excluded by the kernels
 
     # -- chunks -------------------------------------------------------------------------------------------
-    def _chunks(self):
-        """(start row, chunk on self.device) for every chunk, in order; the next is read while one is used."""
-        bounds = [(s, min(s + self.chunk_rows, self.rows)) for s in range(0, self.rows, self.chunk_rows)]
+    def _chunks(self, bounds=None):
+        """(start row, chunk on self.device) for the chunks (start, stop) in bounds (default: all), in order; the
+        next is read while one is used."""
+        if bounds is None:
+            bounds = [(s, min(s + self.chunk_rows, self.rows)) for s in range(0, self.rows, self.chunk_rows)]
         if self.device.type == "cuda":
             yield from self._cuda_chunks(bounds)
             return
@@ -217,12 +226,8 @@ class StreamingPointCloud(Denoiser):
         m = torch.full((M,), -math.inf, dtype=torch.float64, device=x.device)
         s = torch.zeros(M, dtype=torch.float64, device=x.device)
         acc = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device)
-        for start, chunk in self._chunks():
-            lw = None
-            if self.log_weights is not None:
-                lw = self.log_weights[start:start + chunk.shape[0]]
-                if not bool(torch.isfinite(lw).any()):
-                    continue                         # every point of this chunk has weight zero
+        for start, chunk in self._chunks(self._weighted_bounds):
+            lw = None if self.log_weights is None else self.log_weights[start:start + chunk.shape[0]]
             L_c, ybar_c = local_posterior(x, chunk, alpha, c, lw, self.backend)
             new_m = torch.maximum(m, L_c)
             keep, add = torch.exp(m - new_m), torch.exp(L_c - new_m)

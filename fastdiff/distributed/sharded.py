@@ -148,13 +148,18 @@ class ShardedPointCloud(Denoiser):
     def posterior(self, x: torch.Tensor, t):
         """(D [M, d], L [M]) over the whole sharded cloud, identical on every rank (MATH.md §5)."""
         self._check(x)
+        return self._posterior(x, t)
+
+    def _posterior(self, x, t):
         alpha, sig2 = _coeffs(self.process, t, x)
         c = alpha * alpha * self.bandwidth + sig2
         ybar, L = self.merge(self.partial(x, alpha, c), x.shape[0], x.device)
         return _affine_D(ybar, x, alpha, c, self.bandwidth).to(x.dtype), L.to(x.dtype)
 
     def predict(self, x, t):
-        return self.posterior(x, t)[0]
+        # the sampler's per-step call: no second scan of x here (ops.posterior checks it), so the step adds no
+        # host sync of its own to the fused call and the all_reduces
+        return self._posterior(x, t)[0]
 
     def log_prob(self, x: torch.Tensor, t) -> torch.Tensor:
         """log p_t(x) = L − (d/2) log(2π c_t), c_t = α²v + σ²."""
