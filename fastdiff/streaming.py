@@ -28,16 +28,16 @@ from .denoisers import Denoiser, _coeffs
 from .distributed.merge import _affine_D, local_posterior
 from .processes import Process
 
-__all__ = ["NpySource", "StreamingPointCloud", "as_source"]
+__all__ = ["ArraySource", "NpySource", "StreamingPointCloud", "TensorSource", "as_source"]
 
 DEFAULT_CHUNK_BYTES = 32 << 20     # storage bytes per chunk: big enough to keep every core busy per call
 
 
 class TensorSource:
-    """Rows of a host tensor (or a NumPy array / memmap, viewed without a copy)."""
+    """Rows of a host tensor, as views (no copy)."""
 
-    def __init__(self, array):
-        self.tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+    def __init__(self, tensor):
+        self.tensor = tensor
         self.rows, self.dim = self.tensor.shape
         self.dtype = self.tensor.dtype
 
@@ -47,6 +47,23 @@ class TensorSource:
             return view
         out[:stop - start].copy_(view)
         return out[:stop - start]
+
+
+class ArraySource:
+    """Rows of a NumPy array or np.memmap, copied chunk by chunk into a buffer (a memmap may be read-only, which
+    a torch view cannot be; the copy also lets the prefetch thread page the next chunk in)."""
+
+    def __init__(self, array):
+        self.array = array
+        self.rows, self.dim = array.shape
+        self.dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+
+    def read(self, start, stop, out=None):
+        if out is None:
+            out = torch.empty(stop - start, self.dim, dtype=self.dtype)
+        view = out[:stop - start]
+        view.numpy()[...] = self.array[start:stop]
+        return view
 
 
 class NpySource:
@@ -100,7 +117,9 @@ def as_source(data):
     elif isinstance(data, np.ndarray):
         if data.ndim != 2 or data.dtype.kind != "f":
             raise ValueError(f"data must be a float array [N, d], got {data.dtype} of shape {data.shape}")
-        src = TensorSource(np.ascontiguousarray(data) if not data.flags.c_contiguous else data)
+        if data.dtype not in (np.float16, np.float32, np.float64):
+            raise ValueError(f"data must hold float16/32/64, got {data.dtype}")
+        src = ArraySource(data)
     elif isinstance(data, torch.Tensor):
         if data.ndim != 2 or not data.is_floating_point():
             raise ValueError(f"data must be a floating tensor [N, d], got {data.dtype} of shape {tuple(data.shape)}")
@@ -108,7 +127,7 @@ def as_source(data):
             raise ValueError(f"data must be in host memory (a CPU tensor) to be streamed, got a tensor on {data.device}; "
                              "a cloud that fits on the device is a fd.PointCloud")
         src = TensorSource(data.contiguous())
-    elif isinstance(data, (TensorSource, NpySource)):
+    elif isinstance(data, (TensorSource, ArraySource, NpySource)):
         src = data
     else:
         raise TypeError(f"data must be a CPU tensor, a NumPy array or the path of a .npy file, got {type(data).__name__}")
