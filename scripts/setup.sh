@@ -11,7 +11,7 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.14.1}
 pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
 
 echo "fastdiff setup: installing $TORCH_SPEC and the core/optional packages into $VENV"
-pip_install "$TORCH_SPEC" numpy pytest ninja pybind11 setuptools wheel tqdm matplotlib scipy pot
+pip_install "$TORCH_SPEC" numpy pytest hypothesis ninja pybind11 setuptools wheel tqdm matplotlib scipy pot
 # Peers for the cross-check tests: k-diffusion's sampler module and what it imports (its package
 # metadata also pulls in a training stack (wandb, CLIP, ...) that fastdiff never uses).
 pip_install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend, _checks
+from .. import _backend, _checks, _precision
 from . import _autograd
 
 __all__ = ["posterior", "affine_step", "pointcloud_step", "pointcloud_sample"]
@@ -54,7 +54,8 @@ def posterior(x, data, alpha, sigma, log_weights=None, bandwidth: float = 0.0, *
         return _autograd.posterior(_empty_posterior, x, data, alpha, sigma, log_weights, bandwidth)
 
     def run(xx, data, alpha, sigma, log_weights, bandwidth):
-        return impl.posterior(xx.contiguous(), data.contiguous(), alpha, sigma, log_weights, bandwidth)
+        return _precision.posterior(impl, backend, xx.contiguous(), data.contiguous(), alpha, sigma, log_weights,
+                                    bandwidth)
     return _autograd.posterior(run, x, data, alpha, sigma, log_weights, bandwidth)
 
 
@@ -98,8 +99,8 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample
     direct = out if out is not None and out.is_contiguous() else None
 
     def run(xx):
-        return impl.pointcloud_step(xx.contiguous(), data.contiguous(), alpha, sigma, A, B, C, seed, step,
-                                    sample_offset, log_weights, bandwidth, out=direct)
+        return _precision.pointcloud_step(impl, backend, xx.contiguous(), data.contiguous(), alpha, sigma, A, B, C,
+                                          seed, step, sample_offset, log_weights, bandwidth, out=direct)
     return _into(out, _autograd.pointcloud_step(run, x, data, alpha, sigma, A, B, log_weights, bandwidth))
 
 
@@ -125,8 +126,8 @@ def pointcloud_sample(x, data, alpha, sigma, A, B, C, seed: int, sample_offset: 
     if x.shape[0] == 0:
         traj = x.new_empty((len(A) + 1, *x.shape)) if return_trajectory else None
     else:
-        traj = impl.pointcloud_sample(work, data.contiguous(), alpha, sigma, A, B, C, seed, sample_offset,
-                                      log_weights, bandwidth, return_trajectory)
+        traj = _precision.pointcloud_sample(impl, backend, work, data.contiguous(), alpha, sigma, A, B, C, seed,
+                                            sample_offset, log_weights, bandwidth, return_trajectory)
     with torch.no_grad():
         x.copy_(work)
     return traj
