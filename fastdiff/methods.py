@@ -550,7 +550,10 @@ def contract_normal(seed: int, sample_index: torch.Tensor, step: int, like: torc
     dim = like[0].numel()
     quads = torch.arange((dim + 3) // 4, dtype=torch.int64, device=sample_index.device).view(1, -1)
     idx = sample_index.view(-1, 1)
-    r = _noise.philox4x32_10((quads, int(step), idx & 0xFFFFFFFF, idx >> 32), (seed & 0xFFFFFFFF, seed >> 32))
+    # the step word as a tensor on the index's device: a CPU scalar broadcast against device tensors would not
+    # stay a scalar (and a Python int → device copy per draw is what this function avoids)
+    step_word = torch.full((1, 1), int(step), dtype=torch.int64, device=sample_index.device)
+    r = _noise.philox4x32_10((quads, step_word, idx & 0xFFFFFFFF, idx >> 32), (seed & 0xFFFFFFFF, seed >> 32))
     u = ((torch.stack(r, dim=-1).reshape(idx.shape[0], -1) >> 9).to(torch.float32) + 0.5) * 2.0**-23
     u = u.to(torch.float64).view(idx.shape[0], -1, 2, 2)
     radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))

@@ -275,3 +275,57 @@ def test_dpmpp_sde_contract_correlation_is_the_brownian_paths(K):
         z1, z2 = ns(sigmas[k], s), ns(sigmas[k], sigmas[k + 1])
         assert abs(float((z1 * z2).mean()) - float(table.rho[k])) < 4 / 100          # 4 standard errors
         assert 0.3 < float(table.rho[k]) < 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sigmas_on_a_gpu_cost_one_host_sync():
+    """The grid is read back once per call; the loop (model, table step, contract noise) never syncs."""
+    dev = torch.device("cuda")
+    sigmas = karras(10).to(dev)
+    x = x_T(float(sigmas[0]), n=4).to(dev)
+    def cheap_model(x, sigma):                              # sync-free: no host reads
+        return x / (1 + sigma.view(-1, 1) ** 2)
+    for name, kw in (("sample_dpmpp_2m_sde", {"seed": 1}), ("sample_dpmpp_sde", {"seed": 1}),
+                     ("sample_heun", {"s_churn": 2.0, "seed": 1}), ("sample_lms", {})):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with __import__("warnings").catch_warnings(record=True) as caught:
+                __import__("warnings").simplefilter("always")
+                out = getattr(FK, name)(cheap_model, x, sigmas, disable=True, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 1, (name, [str(w.message) for w in syncs])
+        assert out.device.type == "cuda" and bool(torch.isfinite(out).all())
+
+
+class _HostReadCounter(torch.Tensor):
+    """A grid that counts how often it (or a tensor computed from it) is read back to the host: on a GPU each
+    such read is a synchronisation. A .to()/.cpu() copy counts once and returns a plain tensor."""
+
+    reads = 0
+    _READS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in ("to", "cpu"):
+            cls.reads += 1
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {})).as_subclass(torch.Tensor)
+        if name in cls._READS:
+            cls.reads += 1
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize("name,kw", [("sample_dpmpp_2m_sde", {"seed": 1}), ("sample_dpmpp_sde", {"seed": 1}),
+                                     ("sample_heun", {"s_churn": 2.0, "seed": 1}), ("sample_lms", {}),
+                                     ("sample_dpmpp_3m_sde", {"seed": 2})])
+def test_the_grid_is_read_back_once_per_call(name, kw):
+    sigmas = karras(10).as_subclass(_HostReadCounter)
+    _HostReadCounter.reads = 0
+    out = getattr(FK, name)(model, x_T(80.0), sigmas, disable=True, **kw)
+    assert _HostReadCounter.reads == 1
+    assert torch.isfinite(out).all()
