@@ -12,7 +12,6 @@ about 30 s on two CPU cores, derandomised so CI is reproducible) and `long` (tho
 `FASTDIFF_HYPOTHESIS_PROFILE=long pytest tests/test_properties.py`). The Triton backend runs under
 TRITON_INTERPRET=1 when there is no GPU: few, small examples there.
 """
-import math
 import os
 
 import pytest

@@ -72,8 +72,7 @@ def posterior_vjp(x, data, alpha, sigma, log_weights, bandwidth, gD, gL, block_e
     for r0 in range(0, M, rows):
         sl = slice(r0, r0 + rows)
         xq = xs[sl]
-        pick = lambda t: t if t.shape[0] == 1 else t[sl]  # noqa: E731 (scalar or per-row)
-        aq, iq, cq, sq = pick(a), pick(inv2c), pick(c), pick(s)
+        aq, iq, cq, sq = (t if t.shape[0] == 1 else t[sl] for t in (a, inv2c, c, s))   # scalar or per-row
 
         def data_blocks():
             if blocks is not None:
