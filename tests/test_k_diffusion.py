@@ -64,25 +64,26 @@ class KeyedNoise:
     """noise_sampler(sigma, sigma_next) → z, a pure function of its arguments: the grid index i of sigma and
     whether sigma_next is the grid's next entry (a step), a smaller value (a stage) or a larger one (churn)."""
 
-    def __init__(self, sigmas, n, seed=17):
+    def __init__(self, sigmas, n, seed=17, dtype=torch.float64):
         self.sig = sigmas.double().tolist()
-        self.n, self.seed = n, seed
+        self.n, self.seed, self.dtype = n, seed, dtype
+        self.tol = 1e-9 if sigmas.dtype == torch.float64 else 1e-5       # sigma_fn(t_fn(σ)) is σ to rounding
 
     def index(self, sigma):
         s = float(sigma)
         i = min(range(len(self.sig)), key=lambda j: abs(self.sig[j] - s))
-        assert abs(self.sig[i] - s) <= 1e-9 * s
+        assert abs(self.sig[i] - s) <= self.tol * s
         return i
 
     def draw(self, i, kind):
-        return fd.noise.normal(self.seed, range(self.n), 4 * i + kind, 3, dtype=torch.float64)
+        return fd.noise.normal(self.seed, range(self.n), 4 * i + kind, 3, dtype=self.dtype)
 
     def __call__(self, sigma, sigma_next):
         i = self.index(sigma)
         nxt = float(sigma_next)
         if nxt > float(sigma):
             return self.draw(i, 2)                                         # churn
-        if abs(nxt - self.sig[i + 1]) <= 1e-9 * max(nxt, 1e-300):
+        if abs(nxt - self.sig[i + 1]) <= self.tol * max(nxt, 1e-300):
             return self.draw(i, 0)                                         # the step's noise
         return self.draw(i, 1)                                             # a stage's noise
 
@@ -329,3 +330,21 @@ def test_the_grid_is_read_back_once_per_call(name, kw):
     out = getattr(FK, name)(model, x_T(80.0), sigmas, disable=True, **kw)
     assert _HostReadCounter.reads == 1
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ["sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_heun", "sample_dpmpp_sde",
+                                  "sample_lms", "sample_euler_ancestral", "sample_dpmpp_3m_sde"])
+def test_float32_and_extra_args(K, name):
+    """float32 state, grid and model, with extra_args: equal to k-diffusion to float32 rounding (32 ulps of the
+    largest value; measured ≤ 6e-7 relative)."""
+    def model32(x, sigma, shift=0.0):
+        return GM.denoise(x.double(), sigma.double()).float() + shift
+    sigmas = karras(12).float()
+    x = x_T(80.0).float()
+    ns = KeyedNoise(sigmas, x.shape[0], dtype=torch.float32)
+    kw = {"noise_sampler": ns} if "noise_sampler" in inspect.signature(getattr(K, name)).parameters else {}
+    ours = getattr(FK, name)(model32, x.clone(), sigmas, extra_args={"shift": 0.01}, disable=True, **kw)
+    theirs = getattr(K, name)(model32, x.clone(), sigmas, extra_args={"shift": 0.01}, disable=True, **kw)
+    assert ours.dtype == torch.float32
+    assert rel_err(ours, theirs) <= 32 * torch.finfo(torch.float32).eps
+    assert rel_err(ours, getattr(FK, name)(model32, x.clone(), sigmas, disable=True, **kw)) > 1e-4   # shift used

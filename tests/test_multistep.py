@@ -265,3 +265,15 @@ def test_sigma_table_lift_is_the_process_table():
         b = M.sigma_table(sig_t, method, log_alpha=lambda s: -0.5 * torch.log1p(s * s))
         for name in ("A", "B", "C", "P", "a_u", "b_u", "c_u", "B1", "hist_x", "hist_d"):
             assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-10, atol=1e-14), (method, name)
+
+
+def test_peers_stay_optional():
+    """fastdiff.k_diffusion needs no k-diffusion; fastdiff.diffusers without diffusers says how to get it."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['diffusers'] = None; sys.modules['k_diffusion'] = None\n"
+            "import fastdiff, fastdiff.methods, fastdiff.k_diffusion\n"
+            "try:\n    import fastdiff.diffusers\nexcept ImportError as e:\n    print('ImportError:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ImportError: fastdiff.diffusers needs diffusers: pip install" in out.stdout
