@@ -1,7 +1,7 @@
 """A property-based net over fastdiff.ops (issue 12, item 15), on every backend this machine has.
 
 For random shapes (M, N, d including 0 and 1), dtypes, strides, extreme σ/α, NaN/inf placed anywhere and
-noise offsets near the limits, every op either
+noise offsets near the limits, every op (and fd.sample on a point cloud, for row independence) either
 - returns the right answer: within the dtype's own error of the float64 torch reference on the same inputs
   (MATH.md §7 for the posterior where its leading logits are moderate, the dtype's eps·|logit| beyond), or
 - raises ValueError/TypeError, and then the caller's tensors are unchanged;
@@ -369,3 +369,26 @@ def test_pointcloud_step_right_or_clear_error(backend, data):
 def test_pointcloud_step_right_or_clear_error_triton(data):
     _check_pointcloud_step("triton", data.draw(cloud_case("triton", max_m=3, max_n=3, max_d=3)), data.draw(COEFFS),
                            data.draw(st.sampled_from(OFFSETS)), data.draw(st.booleans()))
+
+
+# ---------------------------------------------------------------- the sampler on a point cloud
+@pytest.mark.filterwarnings("ignore::fastdiff.GridWarning")      # 1-4 steps: poor grids, on purpose
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@settings(max_examples=max(10, settings().max_examples // 10))
+@given(data=st.data())
+def test_sample_rows_are_independent_and_finite(backend, data):
+    """fd.sample on a point cloud: finite, and sample i equals the run of that sample alone (batch invariance,
+    any chunk_size), or a clear error for a bad sample_offset."""
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    d = data.draw(st.integers(1, 3))
+    dtype = data.draw(st.sampled_from([F32, F64]))
+    cloud = fd.PointCloud(torch.randn(data.draw(st.integers(1, 6)), d, generator=g, dtype=dtype),
+                          data.draw(st.sampled_from([fd.VP(0.1, 20.0), fd.OU(0.5, 1.0, 10.0), fd.PureVE(10.0)])))
+    n = data.draw(st.integers(1, 5))
+    kw = dict(steps=data.draw(st.integers(1, 4)), seed=data.draw(st.sampled_from([0, 2**64 - 1])),
+              ode=data.draw(st.booleans()), backend=backend, dtype=dtype)
+    offset = data.draw(st.sampled_from([0, 3, 2**40, 2**63 - 1 - n]))
+    x = fd.sample(cloud, n=n, sample_offset=offset, chunk_size=data.draw(st.integers(1, 5)), **kw)
+    assert x.shape == (n, d) and x.dtype == dtype and torch.isfinite(x).all()
+    i = data.draw(st.integers(0, n - 1))
+    assert torch.equal(fd.sample(cloud, n=1, sample_offset=offset + i, **kw)[0], x[i])
