@@ -50,7 +50,10 @@ def philox4x32_10(counter, key):
 
     Returns the four output words as int64 tensors holding uint32 values.
     """
-    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in counter))
+    # Plain-int words go to the device of the tensor words: a CPU scalar expanded beside CUDA tensors is no
+    # longer a 0-d tensor, and the XOR below would mix devices.
+    device = next((c.device for c in counter if isinstance(c, torch.Tensor)), None)
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64, device=device) for c in counter))
     k0, k1 = (int(k) & _MASK32 for k in key)
     for _ in range(10):
         hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)

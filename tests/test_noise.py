@@ -119,3 +119,15 @@ def test_bad_sample_index():
         noise.normal(0, torch.tensor([-1, 2]), 0, 2)
     with pytest.raises(ValueError, match="sample_index"):
         noise.normal(0, torch.tensor([0.5]), 0, 2)
+
+
+def test_philox_keeps_plain_int_words_on_the_tensor_words_device():
+    # A plain-int word (the step) beside device tensors must not stay a CPU tensor: once expanded it is no
+    # longer a 0-d scalar and the rounds would mix devices (what noise.normal(device="cuda") hit). The meta
+    # device shows the mix without a GPU.
+    q = torch.arange(3, dtype=torch.int64, device="meta")
+    words = noise.philox4x32_10((q, 5, q, q), (7, 0))
+    assert all(w.device.type == "meta" and w.shape == (3,) for w in words)
+    cpu = noise.philox4x32_10((torch.arange(3), 5, torch.arange(3), torch.arange(3)), (7, 0))
+    ref = noise.philox4x32_10((torch.arange(3), torch.full((3,), 5), torch.arange(3), torch.arange(3)), (7, 0))
+    assert all(torch.equal(a, b) for a, b in zip(cpu, ref, strict=True))
