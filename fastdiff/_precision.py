@@ -91,7 +91,9 @@ def runs(need: torch.Tensor):
 
 
 def _rows(value, r0, r1, M):
-    """Rows r0:r1 of a per-row value (a scalar or a [M] tensor stays as it is when it is not per-row)."""
+    """Rows r0:r1 of a per-row value (a scalar, or a [1] value, stays as it is)."""
+    if not isinstance(value, torch.Tensor) and hasattr(value, "__len__"):
+        value = torch.as_tensor(value, dtype=torch.float64)
     if isinstance(value, torch.Tensor) and value.ndim == 1 and value.numel() == M and M > 1:
         return value[r0:r1]
     return value

@@ -366,3 +366,20 @@ def test_triton_launchers_guard_the_tensors_device(monkeypatch):
             seen.clear()
             call()
             assert seen and all(dev == x.device for dev in seen), seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_promotion_is_per_row_with_per_row_coefficients(backend):
+    """Rows 0 and 2 need float64 (|x| = 1e20), rows 1 and 3 do not: four runs; per-row alpha and sigma given as
+    lists are split with the rows; every row equals the same row computed alone."""
+    data = torch.tensor([[0.0], [1e5]])
+    x = torch.tensor([[1e20], [0.3], [-1e20], [0.5]])
+    alpha, sigma = [1.0, 0.9, 1.0, 0.8], [1.0, 0.5, 2.0, 0.25]
+    assert _precision.float64_rows(x, data, alpha, sigma).tolist() == [True, False, True, False]
+    assert _precision.runs(_precision.float64_rows(x, data, alpha, sigma)) == [
+        (0, 1, True), (1, 2, False), (2, 3, True), (3, 4, False)]
+    D, L = fd.ops.posterior(x, data, alpha, sigma, backend=backend)
+    assert D[:, 0].tolist()[0::2] == [1e5, 0.0]          # the nearest point, not the equal-weight mean 5e4
+    for r in range(4):
+        Dr, Lr = fd.ops.posterior(x[r:r + 1], data, alpha[r], sigma[r], backend=backend)
+        assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), f"row {r}"
