@@ -590,7 +590,8 @@ class ContractNoise:
 
 # ------------------------------------------------------------------------------------------ the executor
 
-def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None, progress=None) -> torch.Tensor:
+def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None, progress=None, *,
+              reuse_state: bool = False, trajectory: torch.Tensor | None = None) -> torch.Tensor:
     """Run `table` from the state x ([M, ...], not modified) and return the final state.
 
     denoise(x, k, stage) -> D at table.t[k] (stage 0) or table.t_u[k] (stage 1), same shape and dtype as x;
@@ -598,26 +599,40 @@ def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None
     callback(k, x̂, D_0), if given, runs after D_0 and before the update (it may modify x̂ in place).
     The coefficients are Python floats read once from the table: no tensor is read back inside the loop.
     A step with one D term applies exactly fastdiff.reference.affine_step's operations.
+
+    The history H₋₁ … H₋_H lives in H buffers allocated once and rotated (no per-step allocation; D_0 is copied
+    into the oldest one after the update, so a callback's in-place edit of D_0 reaches the history, as in
+    k-diffusion). reuse_state=False gives every step's state a fresh tensor (k-diffusion's semantics: a callback
+    may keep x̂); reuse_state=True alternates two state buffers (a callback must copy what it keeps).
+    trajectory: None, or a preallocated tensor [K + 1, *x.shape] that receives x and every step's state.
     """
     c = table.lists()
-    hist = []                                            # H₋₁, H₋₂, … (most recent first)
     depth = table.history
     x = x.clone()
+    hist = [torch.empty_like(x) for _ in range(depth)]   # H₋₁, H₋₂, … (most recent first)
+    spare = torch.empty_like(x) if reuse_state else None
+    u = None
+    if trajectory is not None:
+        trajectory[0].copy_(x)
     for k in range(len(table)):
         if c["C_churn"][k] != 0.0:
-            x = torch.add(x if c["P"][k] == 1.0 else x * c["P"][k], noise(k, "churn", x), alpha=c["C_churn"][k])
+            if c["P"][k] != 1.0:
+                x.mul_(c["P"][k])
+            x.add_(noise(k, "churn", x), alpha=c["C_churn"][k])
         elif c["P"][k] != 1.0:
-            x = x * c["P"][k]
+            x.mul_(c["P"][k])
         D0 = _checked(denoise(x, k, 0), x, "denoise")
         if callback is not None:
             callback(k, x, D0)
         D1 = None
         if c["staged"][k]:
-            u = torch.mul(x, c["a_u"][k]).add_(D0, alpha=c["b_u"][k])
+            u = torch.empty_like(x) if u is None else u
+            torch.mul(x, c["a_u"][k], out=u).add_(D0, alpha=c["b_u"][k])
             if c["c_u"][k] != 0.0:
                 u.add_(noise(k, "stage", x), alpha=c["c_u"][k])
             D1 = _checked(denoise(u, k, 1), x, "denoise")
-        out = torch.add(torch.mul(x, c["A"][k]), D0, alpha=c["B"][k][0])
+        out = torch.mul(x, c["A"][k], out=spare) if reuse_state else torch.mul(x, c["A"][k])
+        out.add_(D0, alpha=c["B"][k][0])
         for j, Hj in enumerate(hist, start=1):
             if c["B"][k][j] != 0.0:
                 out.add_(Hj, alpha=c["B"][k][j])
@@ -626,10 +641,17 @@ def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None
         if c["C"][k] != 0.0:
             out.add_(noise(k, "step", x), alpha=c["C"][k])
         if depth:
-            item = D0 if (c["hist_x"][k] == 0.0 and c["hist_d"][k] == 1.0) else \
-                torch.add(torch.mul(x, c["hist_x"][k]), D0, alpha=c["hist_d"][k])
-            hist = [item, *hist[: depth - 1]]
+            oldest = hist.pop()
+            if c["hist_x"][k] == 0.0 and c["hist_d"][k] == 1.0:
+                oldest.copy_(D0)
+            else:
+                torch.mul(x, c["hist_x"][k], out=oldest).add_(D0, alpha=c["hist_d"][k])
+            hist.insert(0, oldest)
+        if reuse_state:
+            spare = x
         x = out
+        if trajectory is not None:
+            trajectory[k + 1].copy_(x)
         if progress is not None:
             progress(k)
     return x
