@@ -9,6 +9,8 @@ Nothing here imports a compiled module or queries a GPU driver at import time.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -37,6 +39,12 @@ def facts(x=None, **extra):
 class Backend:
     name = "?"
     ops: tuple = ()
+    # The ops named in OPS, looked up by name on the backend `select` returns: methods of the compiled and
+    # Triton backends, fastdiff.reference's functions for the torch backend (its __getattr__).
+    posterior: Callable[..., Any]
+    affine_step: Callable[..., Any]
+    pointcloud_step: Callable[..., Any]
+    pointcloud_sample: Callable[..., Any]
 
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run at all on this installation (empty when it can)."""
@@ -73,7 +81,7 @@ def extension():
     global _EXTENSION, _EXTENSION_ERROR
     if _EXTENSION is None and _EXTENSION_ERROR is None:
         try:
-            from . import _C
+            import fastdiff._C as _C   # (by its full name: mypy then treats the compiled module as untyped)
             _EXTENSION = _C
         except Exception as exc:   # ImportError, or an undefined symbol from a torch mismatch
             _EXTENSION_ERROR = (f"fastdiff._C could not be loaded ({type(exc).__name__}: {exc}); it is built by "
@@ -105,7 +113,8 @@ class _CompiledBackend(Backend):
             return [str(exc)]
         if self.device_type == "cuda":
             if not ext.build_config()["cuda"]:
-                return ["fastdiff._C was built without CUDA kernels (torch CPU build, no CUDA toolkit, or FASTDIFF_BUILD_CUDA=0)"]
+                return ["fastdiff._C was built without CUDA kernels (torch CPU build, no CUDA toolkit, or "
+                        "FASTDIFF_BUILD_CUDA=0)"]
             if not torch.cuda.is_available():     # asked only when a backend is being chosen, never at import
                 return ["no CUDA device is available"]
         return []
@@ -181,7 +190,7 @@ class TritonBackend(Backend):
     ops = OPS
 
     def _module(self):
-        from . import triton as mod   # noqa: PLC0415 (lazy: never at fastdiff import time)
+        from . import triton as mod   # lazy: never at fastdiff import time
         return mod
 
     def unavailable_reasons(self):

@@ -85,6 +85,8 @@ class PointCloud(Denoiser):
     Every posterior goes through fastdiff.ops.posterior, the kernels fd.sample's whole-trajectory op uses.
     """
 
+    dim: int                   # data's d, always known
+
     def __init__(self, data: torch.Tensor, process: Process, weights=None, bandwidth: float = 0.0,
                  backend: str = "auto"):
         super().__init__(process)
@@ -150,6 +152,8 @@ class GaussianMixture(Denoiser):
     Each Σ_k = U_k diag(λ_k) U_kᵀ is diagonalised once, so for any t (per-row too)
     C_k = α²Σ_k + σ²I = U_k diag(α²λ_k + σ²) U_kᵀ is inverted exactly. Computed in float64.
     """
+
+    dim: int                   # the means' d, always known
 
     def __init__(self, weights, means, covs, process: Process):
         super().__init__(process)

@@ -218,8 +218,8 @@ def kl_histogram(samples, density=None, reference=None, bins=100, range=None, fl
         if not callable(density):
             raise ValueError("density must be a callable mapping a float64 tensor [k, d] to densities [k]")
         q = 8 if d == 1 else 4
-        t, w = np.polynomial.legendre.leggauss(q)                       # nodes/weights on [−1, 1]
-        t, w = torch.from_numpy((t + 1) / 2), torch.from_numpy(w / 2)    # on [0, 1], weights sum to 1
+        nodes, weights = np.polynomial.legendre.leggauss(q)             # on [−1, 1]
+        t, w = torch.from_numpy((nodes + 1) / 2), torch.from_numpy(weights / 2)   # on [0, 1], weights sum to 1
         axes = []
         for (lo, hi), b in zip(rng, nb):
             h = (hi - lo) / b

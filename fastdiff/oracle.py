@@ -27,8 +27,8 @@ def gaussian_oracle(process: Process, times, method: str = "ei", ode: bool = Fal
     data = Gaussian(mean, cov, process)
     if method not in METHODS:
         from .methods import method_table, table_oracle
-        table = method_table(process, times, method, ode=ode, eta=eta, **method_options)
-        return table_oracle(table, data, final_denoise=final_denoise)
+        mtable = method_table(process, times, method, ode=ode, eta=eta, **method_options)
+        return table_oracle(mtable, data, final_denoise=final_denoise)
     if method_options:
         raise TypeError(f"method {method!r} takes no option {', '.join(sorted(method_options))}")
     table = step_table(process, times, method, ode, eta)

@@ -194,6 +194,8 @@ class OU(Process):
     The CEM paper uses OU(theta=0.5, g=1, T=10); the ODE–SDE gap paper OU(theta=1, g=1, T=10).
     """
 
+    variance_scale: float      # always set: g²/2θ
+
     def __init__(self, theta: float = 0.5, g: float = 1.0, T: float = 10.0):
         self.theta = _positive(theta, "theta")
         self.g = _positive(g, "g")
@@ -353,6 +355,9 @@ class DriftedVE(Process):
     beta: "t" (conservative, B = t²/2), "t^2" (aggressive, B = t³/3), or a callable β(t) on float64
     tensors; pass its integral as `B=` if you have it, else B is computed by Gauss–Legendre quadrature.
     """
+
+    variance_scale: float      # always set: τ
+    _B_inverse: Callable[[torch.Tensor], torch.Tensor] | None     # None for a callable β: no closed form
 
     def __init__(self, T: float = 100.0, beta="t", tau: float | None = None, B: Callable | None = None):
         self.T = _positive(T, "T")

@@ -95,10 +95,10 @@ def _log_snr_inverse(process: Process, lam: torch.Tensor) -> torch.Tensor:
 
     if process.drift_free:
         return process._sigma_inverse(torch.exp(-lam)).clamp(0.0, process.T)
-    m = None
-    if process.variance_scale is not None:
-        u = -(math.log(process.variance_scale) + 2 * lam)
-        m = 0.5 * (u.clamp_min(0) + torch.log1p(torch.exp(-u.abs())))    # softplus(u), no cut-off at u = 20
+    if process.variance_scale is None:     # (OU, VP and DriftedVE always have one)
+        return process.log_snr_inverse(lam)
+    u = -(math.log(process.variance_scale) + 2 * lam)
+    m = 0.5 * (u.clamp_min(0) + torch.log1p(torch.exp(-u.abs())))    # softplus(u), no cut-off at u = 20
     if isinstance(process, OU):
         t = m / process.theta
     elif isinstance(process, VP):

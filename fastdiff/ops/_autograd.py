@@ -120,7 +120,8 @@ class _Posterior(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gD, gL):
         (x,) = ctx.saved_tensors
-        gx = posterior_vjp(x, *ctx.args, gD, gL)
+        data, alpha, sigma, log_weights, bandwidth = ctx.args
+        gx = posterior_vjp(x, data, alpha, sigma, log_weights, bandwidth, gD, gL)
         return gx.to(x.dtype), None, None, None, None, None, None
 
 
@@ -153,8 +154,9 @@ class _PointcloudStep(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         A, B = ctx.coeffs
+        data, alpha, sigma, log_weights, bandwidth = ctx.args
         g64 = g.to(_F64)
-        gx = A * g64 + posterior_vjp(x, *ctx.args, B * g64, None)
+        gx = A * g64 + posterior_vjp(x, data, alpha, sigma, log_weights, bandwidth, B * g64, None)
         return gx.to(x.dtype), None, None, None, None, None, None, None, None
 
 
