@@ -33,12 +33,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from .common import (Case, Context, backend_refusal, cleanup, describe_error, fastdiff_backends, fastdiff_provider,
-                     fill_speedups, ladder, mem_cap, optional_import)
+from .common import (
+    Case,
+    Context,
+    backend_refusal,
+    cleanup,
+    describe_error,
+    fastdiff_backends,
+    fastdiff_provider,
+    fill_speedups,
+    ladder,
+    mem_cap,
+    optional_import,
+)
 from .timing import measure
 
 SUITE = "posterior"
@@ -340,7 +352,7 @@ def run_case(ctx: Context, d: int, M: int, N: int, accuracy_case: bool, target: 
                 if p.name not in acc["results"]:
                     acc["results"][p.name] = accuracy(p.fn, acc["x"], acc["y"], acc["ref"])
                 err_D, err_L, err_Ds, ok = acc["results"][p.name]
-            t = measure(lambda: p.fn(x, y, ALPHA, SIGMA_TIME), ctx.device, ctx.policy, warm_first=p.warm_first)
+            t = measure(partial(p.fn, x, y, ALPHA, SIGMA_TIME), ctx.device, ctx.policy, warm_first=p.warm_first)
         except Exception as exc:
             # a refusal at call time, or torch.compile unusable here (no compiler): a note, not a harness error
             refusal = p.backend is not None and isinstance(exc, ValueError)

@@ -127,7 +127,8 @@ def markdown(doc: dict, pngs: dict) -> str:
         s += ["**Incomplete run**: the run stopped before its last case; what it measured is below.", ""]
     s.append(_table(["", ""], [
         ["device", f"{env.get('device')}: **{env.get('device_name')}**"],
-        ["CPU", f"{env.get('cpu_model')} ({env.get('cpu_count')} logical CPUs, torch uses {env.get('torch_threads')} threads)"],
+        ["CPU", f"{env.get('cpu_model')} ({env.get('cpu_count')} logical CPUs, torch uses "
+                f"{env.get('torch_threads')} threads)"],
         ["GPU", env.get("gpu_model") or "none"],
         ["versions", f"fastdiff {env.get('fastdiff_version')} (git {env.get('fastdiff_git')}), torch "
                      f"{env.get('torch_version')} (CUDA {env.get('torch_cuda')}), triton {env.get('triton_version')}, "
@@ -244,7 +245,8 @@ def _suite_md(suite, rs, doc):
         if fits:
             out += ["Fitted log–log slopes (time and peak memory against M·N for the N and M sweeps, against d "
                     "for the d sweep):", "",
-                    _table(["sweep", "provider", "points", "time slope", "memory slope", "peak / (4·M·N) at the largest"],
+                    _table(["sweep", "provider", "points", "time slope", "memory slope",
+                            "peak / (4·M·N) at the largest"],
                            [[f["sweep"], f["provider"], f["points"], _f(f["time_slope"], "{:.2f}"),
                              _f(f["mem_slope"], "{:.2f}"), _f(f["mem_vs_MxN_at_largest"], "{:.3g}")] for f in fits]),
                     ""]
@@ -341,7 +343,7 @@ def _legend(fig, axes, ncol=3):
     """One legend for the figure (labels in first-seen order), below the panels."""
     seen = {}
     for ax in axes:
-        for h, label in zip(*ax.get_legend_handles_labels()):
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, h)
     if seen:
         fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=ncol, fontsize=7, frameon=False)
@@ -350,7 +352,7 @@ def _legend(fig, axes, ncol=3):
 def _plot_posterior(plt, rs, fits):
     ds = sorted({r["d"] for r in rs})
     fig, axes = _grid(plt, len(ds))
-    for ax, d in zip(axes, ds):
+    for ax, d in zip(axes, ds, strict=False):   # spare panels of the grid stay empty
         sub = [r for r in rs if r["d"] == d]
         _lines(ax, sub, "n_elems", "throughput",
                lambda p, pr: p + (" (inaccurate)" if any(r["accurate"] is False for r in pr) else ""))
@@ -367,7 +369,7 @@ def _plot_posterior(plt, rs, fits):
 def _plot_step(plt, rs, fits):
     ds = sorted({r["d"] for r in rs})
     fig, axes = _grid(plt, len(ds))
-    for ax, d in zip(axes, ds):
+    for ax, d in zip(axes, ds, strict=False):   # spare panels of the grid stay empty
         sub = [r for r in rs if r["d"] == d]
         _lines(ax, sub, "n_elems", "throughput")
         ceil = next((r["ceiling_throughput"] for r in sub if r["ceiling_throughput"]), None)
@@ -383,13 +385,18 @@ def _plot_step(plt, rs, fits):
 def _plot_sample(plt, rs, fits):
     ops = list(dict.fromkeys(r["op"] for r in rs))
     fig, axes = _grid(plt, len(ops))
-    for ax, op in zip(axes, ops):
+    for ax, op in zip(axes, ops, strict=False):   # spare panels of the grid stay empty
         _lines(ax, [r for r in rs if r["op"] == op], "n_elems", "throughput")
         ax.set_title(op, fontsize=9)
         ax.set_xlabel("samples per run", fontsize=8)
         ax.set_ylabel("samples/s", fontsize=8)
     _legend(fig, axes, ncol=2)
     return fig
+
+
+def _slope_label(fit, sweep, key):
+    """Labels each provider's line with its fitted slope `key` on this sweep."""
+    return lambda p, pr: f"{p} (slope {_f(fit.get((sweep, p), {}).get(key), '{:.2f}')})"
 
 
 def _plot_scaling(plt, rs, fits):
@@ -403,7 +410,7 @@ def _plot_scaling(plt, rs, fits):
             ax = axes[i][j]
             key = "time_slope" if y == "median_s" else "mem_slope"
             use = [r for r in sub if r.get(y)]
-            _lines(ax, use, a, y, lambda p, pr: f"{p} (slope {_f(fit.get((a, p), {}).get(key), '{:.2f}')})")
+            _lines(ax, use, a, y, _slope_label(fit, a, key))
             if y == "peak_mem_bytes" and use and a != "d":
                 xs = sorted({r[a] for r in use})
                 ax.plot(xs, [4 * r_mn(a, x, fixed) for x in xs], "k:", linewidth=0.8, label="fp32 M×N matrix")

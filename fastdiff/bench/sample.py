@@ -30,11 +30,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 
 import torch
 
-from .common import (Case, Context, backend_refusal, cleanup, describe_error, fastdiff_backends, fastdiff_provider,
-                     fill_speedups, kdiffusion_sampling, optional_import)
+from .common import (
+    Case,
+    Context,
+    backend_refusal,
+    cleanup,
+    describe_error,
+    fastdiff_backends,
+    fastdiff_provider,
+    fill_speedups,
+    kdiffusion_sampling,
+    optional_import,
+)
 from .timing import measure
 
 SUITE = "sample"
@@ -193,7 +204,6 @@ def fd_sampler(ctx: Context, S, den, method: str, times, backend: str, **extra):
 
 def samplers(ctx: Context, S, den_name: str, den, method: str, times, peers: bool = True):
     """[(provider, backend, fn(xT) -> samples, warm_first)] for one denoiser and method."""
-    fd = S["fd"]
     out = []
     for name in fastdiff_backends():
         out.append((fastdiff_provider(name), name, fd_sampler(ctx, S, den, method, times, name),
@@ -202,10 +212,13 @@ def samplers(ctx: Context, S, den_name: str, den, method: str, times, peers: boo
         return out
     sig = times.to(torch.float32).to(ctx.device)
     if den_name == "pointcloud":
-        model = lambda x, sigma: den.denoise(x, float(sigma.reshape(-1)[0]))
+        def model(x, sigma):
+            return den.denoise(x, float(sigma.reshape(-1)[0]))
     else:
         net = S["net"]
-        model = lambda x, sigma: net(x, sigma.reshape(-1)[:1].expand(x.shape[0]) if sigma.numel() == 1 else sigma)
+
+        def model(x, sigma):
+            return net(x, sigma.reshape(-1)[:1].expand(x.shape[0]) if sigma.numel() == 1 else sigma)
     K, reason = kdiffusion_sampling()
     if K is None:
         ctx.note(SUITE, "k-diffusion", reason)
@@ -322,9 +335,16 @@ def _floor_row(ctx, S, DS, op, case, n, steps, target):
     if n not in DS["floor"]:    # the estimators' floor: exact draws of the same size
         DS["floor"][n] = metrics(S, DS, exact_draws(DS, n))
     kl0, w20 = DS["floor"][n]
-    ctx.add_row(suite=SUITE, op=op, provider="exact draws (floor)", case=case, shape=f"n={n},N={DS['N']},d=2,steps={steps}",
-                N=DS["N"], d=2, n_elems=n, steps=steps, dtype="float32", kl=kl0, w2=w20, target=target,
+    ctx.add_row(suite=SUITE, op=op, provider="exact draws (floor)", case=case,
+                shape=f"n={n},N={DS['N']},d=2,steps={steps}", N=DS["N"], d=2, n_elems=n, steps=steps, dtype="float32",
+                kl=kl0, w2=w20, target=target,
                 note="exact samples of the true density: the floor of the KL and W2 estimators at this n")
+
+
+def _sample_into(last: dict, fn, xT):
+    """One timed run; its samples are kept in last["x"] for the metrics."""
+    with torch.no_grad():
+        last["x"] = fn(xT)
 
 
 def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, compare_ode, scaled=None):
@@ -348,15 +368,13 @@ def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, c
         last = {}
         failed = False
         try:
-            def call():
-                with torch.no_grad():
-                    last["x"] = fn(xT)
-            t = measure(call, ctx.device, policy, warm_first=warm_first)
+            t = measure(partial(_sample_into, last, fn, xT), ctx.device, policy, warm_first=warm_first)
             factor = scaled.get(provider)
             if factor is None:
                 kl, w2 = metrics(S, DS, last["x"])
             else:
-                t = replace(t, **{k: getattr(t, k) * factor for k in ("median_s", "q25_s", "q75_s", "min_s", "first_s")})
+                t = replace(t, **{k: getattr(t, k) * factor
+                                  for k in ("median_s", "q25_s", "q75_s", "min_s", "first_s")})
                 kl = w2 = None
         except (ValueError, TypeError) as exc:
             # a backend refusing (ValueError), or fd.sample without a keyword this harness passes (TypeError)

@@ -15,12 +15,21 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 
 import torch
 
 from . import posterior as P
-from .common import (Case, Context, backend_refusal, cleanup, describe_error, fastdiff_backends, fastdiff_provider,
-                     mem_cap)
+from .common import (
+    Case,
+    Context,
+    backend_refusal,
+    cleanup,
+    describe_error,
+    fastdiff_backends,
+    fastdiff_provider,
+    mem_cap,
+)
 from .timing import cuda_peak, measure
 
 SUITE = "scaling"
@@ -99,7 +108,7 @@ def run_sweep(ctx: Context, axis: str, points):
                 continue
             if ctx.progress is not None:
                 ctx.progress.start(f"scaling {axis}: M={M} N={N} d={d} {name}")
-            call = lambda: fn(x, y, P.ALPHA, P.SIGMA_TIME)
+            call = partial(fn, x, y, P.ALPHA, P.SIGMA_TIME)
             failed = False
             try:
                 t = measure(call, ctx.device, ctx.policy, warm_first=_warm_first(name))
@@ -110,6 +119,7 @@ def run_sweep(ctx: Context, axis: str, points):
                     kind = "skipped"
                 ctx.note(SUITE, name, f"failed at M={M} N={N} d={d}: {describe_error(exc)}", kind=kind)
                 failed = True
+            del call     # it holds x and y, which are freed before the next point's data are made
             if failed:
                 cleanup(ctx.device)
                 continue
@@ -132,7 +142,7 @@ def cpu_memory(ctx: Context):
     if not todo:
         return
     peaks = cpu_peaks([(name, backend, M, N, d) for _, name, backend, M, N, d in todo])
-    for (row, *_rest), peak in zip(todo, peaks):
+    for (row, *_rest), peak in zip(todo, peaks, strict=True):
         if isinstance(peak, str):
             kind = "skipped" if "clear_refs" in peak else "error"
             ctx.note(SUITE, row["provider"], f"peak memory not measured: {peak}", kind=kind)
@@ -176,7 +186,7 @@ def worker_main():
     provs = {name: fn for name, _, fn, _ in providers(None)}
     warm = set()
     out = []
-    for name, backend, M, N, d in items:
+    for name, _, M, N, d in items:
         fn = provs[name]
         try:
             if (name, d) not in warm:
@@ -185,7 +195,7 @@ def worker_main():
                 del xs, ys
                 warm.add((name, d))
             x, y = P.make_data(d, M, N, P.SIGMA_TIME, "cpu")
-            out.append(cpu_peak(lambda: fn(x, y, P.ALPHA, P.SIGMA_TIME)))
+            out.append(cpu_peak(partial(fn, x, y, P.ALPHA, P.SIGMA_TIME)))
             del x, y
         except Exception as exc:
             out.append(f"{type(exc).__name__}: {exc}")
@@ -195,7 +205,7 @@ def worker_main():
 # ----------------------------------------------------------------------------------------- fits
 def slope(xs, ys):
     """Least-squares slope of log y against log x (None with fewer than 2 usable points)."""
-    pts = [(math.log(a), math.log(b)) for a, b in zip(xs, ys) if a and b and a > 0 and b > 0]
+    pts = [(math.log(a), math.log(b)) for a, b in zip(xs, ys, strict=True) if a and b and a > 0 and b > 0]
     if len(pts) < 2:
         return None
     mx = sum(p[0] for p in pts) / len(pts)

@@ -13,8 +13,16 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from .common import (Case, Context, backend_refusal, cleanup, describe_error, fastdiff_backends, fastdiff_provider,
-                     fill_speedups)
+from .common import (
+    Case,
+    Context,
+    backend_refusal,
+    cleanup,
+    describe_error,
+    fastdiff_backends,
+    fastdiff_provider,
+    fill_speedups,
+)
 from .timing import measure
 
 SUITE = "step"
@@ -62,6 +70,12 @@ def cases(ctx: Context) -> list[Case]:
     return out
 
 
+def _stepping(fn, x, D, out):
+    """One call of the step per timed call, each with a new step counter (fresh noise every time)."""
+    counter = iter(range(10**9))
+    return lambda: fn(x, D, out, next(counter))
+
+
 def run_case(ctx: Context, M: int, d: int, target: str | None = None):
     if "step_providers" not in ctx.cache:
         ctx.cache["step_providers"] = providers(ctx)
@@ -79,10 +93,9 @@ def run_case(ctx: Context, M: int, d: int, target: str | None = None):
                 continue
         if ctx.progress is not None:
             ctx.progress.start(f"step M={M} d={d} {name}")
-        counter = iter(range(10**9))
         failed = False
         try:
-            t = measure(lambda: fn(x, D, out, next(counter)), ctx.device, ctx.policy, warm_first=warm_first)
+            t = measure(_stepping(fn, x, D, out), ctx.device, ctx.policy, warm_first=warm_first)
         except Exception as exc:
             kind = "skipped" if backend is not None and isinstance(exc, ValueError) else "error"
             ctx.note(SUITE, name, f"failed at M={M} d={d}: {describe_error(exc)}", kind=kind)

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
@@ -193,7 +194,7 @@ def _copy_ceiling(device, quick, policy):
         method = "memcpy: dst.copy_(src) on the CPU"
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    t = measure(lambda: dst.copy_(src), device, policy)
+    t = measure(partial(dst.copy_, src), device, policy)
     nbytes = 2 * n * 4
     del src, dst
     return Ceiling("copy", nbytes / t.median_s / 1e9, "GB/s", f"{method}, {n * 4 >> 20} MiB, read + write counted",
@@ -219,7 +220,8 @@ def _fma_ceiling(device, quick, policy):
         if flags is not None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
     what = "TF32 off" if device.type == "cuda" else f"{torch.get_num_threads()} thread(s)"
-    return Ceiling("fma", 2 * n**3 / t.median_s / 1e9, "GFLOP/s", f"fp32 matmul {n}x{n} ({what}), 2n^3 flops", asdict(t))
+    return Ceiling("fma", 2 * n**3 / t.median_s / 1e9, "GFLOP/s", f"fp32 matmul {n}x{n} ({what}), 2n^3 flops",
+                   asdict(t))
 
 
 _EXP_ITERS = 64
@@ -409,7 +411,9 @@ def environment(device, argv=None) -> dict:
         env["loadavg_start"] = None
     try:
         here = os.path.dirname(os.path.abspath(fastdiff.__file__))
-        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
+
+        def git(*a):
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
         head = git("rev-parse", "--short", "HEAD") or None
         # uncommitted changes to tracked files make the commit alone not what ran
         env["fastdiff_git"] = head and head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
