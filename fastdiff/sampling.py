@@ -13,6 +13,7 @@ import warnings
 import torch
 
 from . import _backend, _graphs, ops
+from . import methods as _methods
 from ._checks import check_choice
 from .denoisers import Denoiser, PointCloud
 from .processes import Process
@@ -44,11 +45,16 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
            final_denoise: bool = False, seed: int = 0, sample_offset: int = 0, return_trajectory: bool = False,
            progress: bool = False, callback=None, backend: str = "auto", *, x: torch.Tensor | None = None,
            times=None, eta: float | None = None, chunk_size: int | None = None, shape=None,
-           device=None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False):
+           device=None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False,
+           s_churn: float | None = None, s_tmin: float | None = None, s_tmax: float | None = None,
+           s_noise: float | None = None, solver_type: str | None = None, order: int | None = None,
+           r: float | None = None):
     """Draw n samples by running the reverse SDE (ode=False) or the PF-ODE (ode=True) from T to t_end.
 
     Each step k = 0..K−1 evaluates the denoiser at (x_k, t_k) and forms x_{k+1} = A_k x_k + B_k·out + C_k z_k
-    from a float64 step table (fd.step_table), z_k from the noise contract (fastdiff.noise).
+    from a float64 step table (fd.step_table), z_k from the noise contract (fastdiff.noise). The multistep and
+    two-stage methods (k-diffusion's, below) run one float64 table too (fastdiff.methods.method_table): a step
+    adds the last one or two D's (kept in buffers allocated once) and, for two-stage methods, a second D.
 
     denoiser       an analytic denoiser (PointCloud, GaussianMixture, Gaussian) or fd.from_model(...)
     process        defaults to denoiser.process (must be the same process if given)
@@ -57,8 +63,20 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
     schedule       the grid: "logsnr" (default: good on every process from ~10 steps), "uniform",
                    "quadratic", "exponential", "karras" (see fd.time_grid)
     method         "ei" (default, exponential integrator with the score frozen), "euler", "ei-x0" (D frozen:
-                   DDIM / DPM-Solver++(1) / the DDPM posterior)
-    ode            False: the reverse SDE (eta = 1); True: the probability-flow ODE (eta = 0)
+                   DDIM / DPM-Solver++(1) / the DDPM posterior), or one of k-diffusion's samplers, run on any
+                   process through σ̃ = σ/α, x̃ = x/α (k-diffusion's name in brackets where it differs):
+                   "edm_euler" (sample_euler, with churn), "euler_ancestral", "heun", "dpm_2",
+                   "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde",
+                   "dpmpp_3m_sde", "lms". These run the torch table executor (fastdiff.methods.run_table): a
+                   point cloud's D comes from ops.posterior on the chosen backend, step by step (the fused
+                   multistep kernels are later work), and cuda_graph is not available for them.
+                   Their options (an option a method does not take raises ValueError naming its valid ones):
+                   eta (euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde,
+                   dpmpp_3m_sde), s_noise (those, and the churn methods), s_churn/s_tmin/s_tmax (edm_euler,
+                   heun, dpm_2), solver_type (dpmpp_2m_sde), order (lms), r (dpmpp_sde). Each defaults
+                   to k-diffusion's value.
+    ode            False: the reverse SDE (eta = 1); True: the probability-flow ODE (eta = 0; for k-diffusion's
+                   methods: no noise of any kind, so eta and s_churn must be 0 or unset)
     t_end          the last time of the grid, in (0, T); default 1e-3
     final_denoise  return D(x_K, t_end) instead of x_K (score_sde's "noise removal")
     seed           an integer in [0, 2**64): the noise contract's key
@@ -76,15 +94,31 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
                    "x": x_k (the live [m, d] state of the current chunk, before step k's update),
                    "prediction": the denoiser's output at (x_k, t_k) (D for a point cloud),
                    "sample_offset": the global index of the chunk's first row}. Modifying info["x"] in place
-                   changes the run; copy what you keep. A point cloud with a callback runs the same backend
+                   changes the run; copy what you keep (the buffers are reused). For k-diffusion's methods
+                   "t" is where D_0 is evaluated (t̂ after churn), "x" the state there (x̂), "prediction" the
+                   denoiser's native output and info["denoised"] its D = E[X_0 | x̂] (what the table uses);
+                   a two-stage method's second evaluation is not reported (as in k-diffusion). A point cloud with a callback runs the same backend
                    kernels step by step (ops.posterior + ops.affine_step) instead of one whole-trajectory call;
                    on the cpu and torch backends the results are identical bit for bit.
     backend        "auto" (default) or a named backend ("cpu", "torch", "cuda", "triton"); one that cannot
-                   run the inputs raises ValueError with its reasons (never a silent fallback)
+                   run the inputs raises ValueError with its reasons (never a silent fallback). With
+                   k-diffusion's methods it picks a point cloud's posterior; other denoisers need "auto" or
+                   "torch" there (the step is the torch table executor)
     x              the initial state itself, [M, ...] float32/float64 (any strides; it is copied, never
                    modified); its device and dtype are used, and n, if given, must equal M
     times          an explicit strictly decreasing grid [K + 1] (replaces steps, schedule, t_end)
-    eta            in [0, 1]: interpolates the ODE (0) and the SDE (1); default from `ode`
+    eta            in [0, 1]: interpolates the ODE (0) and the SDE (1); default from `ode`. For k-diffusion's
+                   methods it is their eta (>= 0, default 1, or 0 with ode=True): the share of ancestral noise
+    s_churn        churn of Karras et al.'s Algorithm 2 (edm_euler, heun, dpm_2; >= 0, default 0): each step
+                   with s_tmin <= σ̃ <= s_tmax first raises the noise level to σ̂ = σ̃ (1 + γ),
+                   γ = min(s_churn / K, √2 − 1), with fresh noise scaled by s_noise; σ̂ must stay within the
+                   process's range of σ/α (else ValueError)
+    s_tmin         (churn) the lowest σ̃ = σ/α that is churned (default 0)
+    s_tmax         (churn) the highest σ̃ that is churned (default inf)
+    s_noise        the scale of the fresh noise (churn and ancestral methods; default 1)
+    solver_type    dpmpp_2m_sde's second-order correction: "midpoint" (default) or "heun"
+    order          lms's order (an integer >= 1, default 4)
+    r              dpmpp_sde's stage position in log σ̃, in (0, 1] (default 1/2)
     chunk_size     rows run at once (an integer >= 1; default 2**24 // d); results do not depend on it
     shape          the per-sample shape (e.g. (3, 32, 32)); defaults to the denoiser's dimension
     device         "cpu" or "cuda[:i]" for samples drawn from the prior (default: the point cloud's device,
@@ -103,17 +137,33 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
     is drawn in the kernel.
     Returns x [n, ...] (and the trajectory when asked).
     """
+    options = {name: value for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax),
+                                                ("s_noise", s_noise), ("solver_type", solver_type),
+                                                ("order", order), ("r", r)) if value is not None}
     with torch.no_grad():
         return _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_denoise, seed, sample_offset,
                        return_trajectory, progress, callback, backend, x, times, eta, chunk_size, shape, device,
-                       dtype, cuda_graph)
+                       dtype, cuda_graph, options)
+
+
+def _check_method_options(method, eta, options):
+    """ValueError, naming the valid choices, for an unknown method or an option the method does not take."""
+    check_choice(method, "method", _methods.ALL_METHODS)
+    allowed = ("eta",) if method in _methods.FIRST_ORDER_METHODS else tuple(_methods.METHOD_OPTIONS[method])
+    given = sorted(options) + (["eta"] if eta is not None else [])
+    refused = [name for name in given if name not in allowed]
+    if refused:
+        raise ValueError(f"method {method!r} takes no {', '.join(refused)}; its options are "
+                         f"{', '.join(allowed) or 'none'} (see help(fastdiff.sample))")
 
 
 def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_denoise, seed, sample_offset,
             return_trajectory, progress, callback, backend, x, times, eta, chunk_size, shape, device, dtype,
-            cuda_graph):
+            cuda_graph, options=None):
     process = _resolve_process(denoiser, process)
-    check_choice(method, "method", ("euler", "ei", "ei-x0"))
+    options = options or {}
+    _check_method_options(method, eta, options)
+    table_method = method not in _methods.FIRST_ORDER_METHODS      # a MATH.md §3b method: the table executor
     seed = as_integer(seed, "seed", 0, 2**64 - 1)
     sample_offset = as_integer(sample_offset, "sample_offset", 0, _MAX_INDEX - 1)
     if callback is not None and not callable(callback):
@@ -129,15 +179,22 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
                          f"got {sample_offset} + {n}")
     d = math.prod(event_shape)
     cloud = isinstance(denoiser, PointCloud)
-    engine = _backend.select("pointcloud_sample" if cloud else "affine_step", backend,
-                             **_backend.facts(device=device, dtype=dtype, d=d))
+    if table_method:
+        if cuda_graph:
+            raise ValueError(f"cuda_graph=True runs the first-order methods only (euler, ei, ei-x0); method "
+                             f"{method!r} runs the torch table executor (fastdiff.methods.run_table)")
+        if not cloud and backend not in ("auto", "torch"):
+            raise ValueError(f"method {method!r} steps with the torch table executor; backend={backend!r} has no "
+                             "multistep/two-stage kernels yet (use backend='auto' or 'torch')")
+    op = "posterior" if cloud and table_method else "pointcloud_sample" if cloud else "affine_step"
+    engine = _backend.select(op, backend, **_backend.facts(device=device, dtype=dtype, d=d))
     # A point cloud runs whole trajectories in one op (fused kernels where a backend has them), unless a
     # callback needs every step, or a progress bar has too few rows to split into chunks (each chunk repeats
     # every step's fixed cost) and the backend's step-by-step ops give the fused op's bits (cpu, torch:
     # tested). Step by step costs ~2x the fused op on the CPU, so larger runs split their rows instead.
     few_rows = n < _PROGRESS_CHUNKS * _MIN_PROGRESS_ROWS
     stepwise = cloud and (callback is not None or (bool(progress) and few_rows and engine.name in _STEPWISE_EXACT))
-    fused = cloud and not stepwise
+    fused = cloud and not stepwise and not table_method
     graphed = bool(cuda_graph) and not cloud
     if cuda_graph and callback is not None:
         raise ValueError("cuda_graph=True cannot call a per-step callback (the captured loop runs without the "
@@ -155,15 +212,19 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
     else:
         chunk_size = as_integer(chunk_size, "chunk_size", 1)
     chunk_size = min(chunk_size, n)
-    _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory)
-
     grid = times if times is not None else time_grid(process, K, schedule, t_end)
     if final_denoise and float(grid[-1]) <= 0:
         raise ValueError("final_denoise needs t_end > 0 (D is never evaluated at t = 0)")
-    table = step_table(process, grid, method, ode, eta)
-    _warn_if_poor_grid(process, table)
-    A, B, C = table.for_prediction(denoiser.prediction)
-    run = _Run(denoiser, engine, table, A, B, C, seed, callback, return_trajectory, graphed, fused)
+    if table_method:
+        mtable = _methods.method_table(process, grid, method, ode=ode, eta=eta, **options)
+        _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory, mtable.history + 4)
+        run = _TableRun(denoiser, engine, mtable, seed, callback, return_trajectory)
+    else:
+        _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory)
+        table = step_table(process, grid, method, ode, eta)
+        _warn_if_poor_grid(process, table)
+        A, B, C = table.for_prediction(denoiser.prediction)
+        run = _Run(denoiser, engine, table, A, B, C, seed, callback, return_trajectory, graphed, fused)
 
     result = torch.empty((n, d), dtype=dtype, device=device)
     trajectory = torch.empty((K + 1, n, d), dtype=dtype, device=device) if return_trajectory else None
@@ -179,11 +240,15 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
             xc = torch.empty((m, d), dtype=dtype, device=device).copy_(x0[c0:c0 + m].reshape(m, d))
         if not fused and chunks > 1:
             bar.new_pass(f"fastdiff.sample chunk {i + 1}/{chunks}")
-        xc, traj = run.chunk(xc, offset, bar)
+        if table_method:   # the executor writes the chunk's trajectory in place
+            traj = None
+            xc = run.chunk(xc, offset, bar, None if trajectory is None else trajectory[:, c0:c0 + m])
+        else:
+            xc, traj = run.chunk(xc, offset, bar)
         if final_denoise:
             xc = run.denoise(xc, float(grid[-1]))
         result[c0:c0 + m] = xc
-        if trajectory is not None:
+        if trajectory is not None and traj is not None:
             trajectory[:, c0:c0 + m] = traj.view(K + 1, m, d)
         del traj
     bar.close()
@@ -251,12 +316,65 @@ class _Run:
         return torch.stack(traj) if traj is not None else None
 
     def denoise(self, xc, t_end):
-        if isinstance(self.den, PointCloud):
-            cloud = self.den
-            alpha, sigma = cloud.process.alpha(t_end), cloud.process.sigma(t_end)
-            return ops.posterior(xc, cloud.data, alpha, sigma, cloud.log_weights, cloud.bandwidth,
-                                 backend=self.engine.name)[0]
-        return self.den.denoise(xc, t_end)
+        return _final_denoise(self.den, self.engine, xc, t_end)
+
+
+def _final_denoise(den, engine, xc, t_end):
+    if isinstance(den, PointCloud):
+        alpha, sigma = den.process.alpha(t_end), den.process.sigma(t_end)
+        return ops.posterior(xc, den.data, alpha, sigma, den.log_weights, den.bandwidth, backend=engine.name)[0]
+    return den.denoise(xc, t_end)
+
+
+class _TableRun:
+    """One chunk of a MATH.md §3b method: fastdiff.methods.run_table (torch) with the contract noise, D from the
+    point cloud's ops.posterior on the chosen backend or from the denoiser's prediction turned into x0."""
+
+    def __init__(self, denoiser, engine, table, seed, callback, want_traj):
+        self.den, self.engine, self.table, self.seed = denoiser, engine, table, seed
+        self.callback, self.want_traj = callback, want_traj
+        self.cols = table.lists()
+        process = denoiser.process
+        # α and σ where D_0 (t) and D_1 (t_u) are evaluated, as Python floats (no tensor read inside the loop)
+        self.at = {}
+        for stage, name in ((0, "t"), (1, "t_u")):
+            tt = getattr(table, name)
+            self.at[stage] = (torch.exp(process._log_alpha(tt)).tolist(), torch.sqrt(process._sigma2(tt)).tolist())
+        self.native = None
+
+    def _time(self, k, stage):
+        return self.cols["t_u" if stage else "t"][k]
+
+    def _denoise(self, xk, k, stage):
+        alpha, sigma = self.at[stage][0][k], self.at[stage][1][k]
+        den = self.den
+        if isinstance(den, PointCloud):
+            D = ops.posterior(xk, den.data, alpha, sigma, den.log_weights, den.bandwidth, backend=self.engine.name)[0]
+            native = D
+        else:
+            native = den.predict(xk, self._time(k, stage)).detach()    # a model may build a graph under enable_grad
+            if den.prediction == "x0":
+                D = native
+            elif den.prediction == "eps":                   # D = (x − σ ε)/α
+                D = torch.add(xk, native, alpha=-sigma).div_(alpha)
+            else:                                           # score: D = (x + σ² s)/α
+                D = torch.add(xk, native, alpha=sigma * sigma).div_(alpha)
+        if stage == 0:
+            self.native = native
+        return D
+
+    def chunk(self, xc, offset, bar, traj):
+        noise = _methods.ContractNoise(self.table, self.seed, offset, xc.shape[0], xc.device)
+        cb = None
+        if self.callback is not None:
+            def cb(k, xk, D0):
+                self.callback({"step": k, "t": self.cols["t"][k], "x": xk, "prediction": self.native,
+                               "denoised": D0, "sample_offset": offset})
+        return _methods.run_table(self.table, self._denoise, xc, noise, cb, lambda k: bar.update(),
+                                  reuse_state=True, trajectory=traj)
+
+    def denoise(self, xc, t_end):
+        return _final_denoise(self.den, self.engine, xc, t_end)
 
 
 def _resolve_process(denoiser, process):
@@ -360,13 +478,14 @@ def _available_host_bytes() -> int | None:
     return None
 
 
-def _check_memory(K, n, d, chunk, dtype, device, want_traj):
+def _check_memory(K, n, d, chunk, dtype, device, want_traj, table_buffers=0):
     """Refuse, before allocating anything, a run whose buffers cannot fit: the step table (host), the result,
-    the chunk's working buffers and (when asked) the trajectory [K + 1, n, d] (on the sample's device)."""
+    the chunk's working buffers and (when asked) the trajectory [K + 1, n, d] (on the sample's device).
+    table_buffers: the table executor's extra state-sized buffers (history, stage, second state, noise)."""
     item = torch.empty((), dtype=dtype).element_size()
     parts = {f"step table for {K} steps": K * _HOST_BYTES_PER_STEP}
-    dev = {f"samples [{n}, {d}]": n * d * item,
-           f"working buffers for a chunk of {chunk} rows": chunk * d * (4 * item + 64)}   # x, D, prior temporaries
+    dev = {f"samples [{n}, {d}]": n * d * item,      # x, D, prior temporaries, and the executor's buffers
+           f"working buffers for a chunk of {chunk} rows": chunk * d * ((4 + table_buffers) * item + 64)}
     if want_traj:
         dev[f"trajectory [{K + 1}, {n}, {d}]"] = (K + 1) * (n + chunk) * d * item   # the whole one + one chunk's
     budgets = []

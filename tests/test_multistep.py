@@ -277,3 +277,209 @@ def test_peers_stay_optional():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ImportError: fastdiff.diffusers needs diffusers: pip install" in out.stdout
+
+
+# ------------------------------------------------------------------- fd.sample with every §3b method
+
+def _k_sampler(method):
+    return "sample_euler" if method == "edm_euler" else f"sample_{method}"
+
+
+def _sigma_tilde_at_T(p):
+    return math.exp(-float(p.log_snr(torch.tensor(p.T, dtype=torch.float64))))
+
+
+def _fd_options(method, p):
+    """Non-default settings of each method's own options (churn kept inside the process's range of σ/α)."""
+    top = _sigma_tilde_at_T(p)
+    return {"edm_euler": {"s_churn": 2.0, "s_tmax": 0.4 * top, "s_noise": 1.01},
+            "euler_ancestral": {"eta": 0.7}, "heun": {"s_churn": 1.5, "s_tmin": 0.05, "s_tmax": 0.4 * top},
+            "dpm_2": {"s_churn": 1.0, "s_tmax": 0.4 * top}, "dpm_2_ancestral": {"eta": 0.8, "s_noise": 0.95},
+            "dpmpp_2s_ancestral": {"eta": 0.6}, "dpmpp_sde": {"eta": 0.7, "r": 0.4}, "dpmpp_2m": {},
+            "dpmpp_2m_sde": {"solver_type": "heun", "eta": 0.5}, "dpmpp_3m_sde": {"eta": 0.8, "s_noise": 1.05},
+            "lms": {"order": 3}}[method]
+
+
+@pytest.mark.parametrize("pname", ["VP", "DriftedVE"])
+@pytest.mark.parametrize("method", M.NEW_METHODS)
+def test_fd_sample_moments_match_the_table_oracle(method, pname):
+    """fd.sample with every §3b method (default options, then the method's own settings): the moments of 4000
+    float64 samples on a coarse 5-step grid agree with fd.gaussian_oracle within 5 Monte Carlo standard errors."""
+    p = PROCESSES[pname]
+    times = grid(p, 5)
+    data = fd.Gaussian(MEAN, COV, p)
+    n = 4000
+    for i, options in enumerate(({}, _fd_options(method, p))):
+        out = fd.sample(data, n=n, times=times, method=method, seed=11 + i, dtype=torch.float64, **options)
+        mu, S = fd.gaussian_oracle(p, times, method, mean=MEAN, cov=COV, **options)
+        mean_err = (out.mean(0) - mu).abs()
+        assert bool((mean_err <= 5 * (S.diagonal() / n).sqrt()).all()), (options, mean_err, mu)
+        se = ((S.diagonal()[:, None] * S.diagonal()[None, :] + S * S) / n).sqrt()
+        assert bool(((torch.cov(out.T) - S).abs() <= 5 * se).all()), (options, torch.cov(out.T), S)
+
+
+def test_fd_sample_moments_see_a_wrong_option():
+    """The moment test has power: the oracle of another option setting is rejected by the same samples."""
+    p = PROCESSES["VP"]
+    times = grid(p, 5)
+    n = 4000
+    out = fd.sample(fd.Gaussian(MEAN, COV, p), n=n, times=times, method="dpmpp_2m_sde", seed=11, dtype=torch.float64)
+    mu, S = fd.gaussian_oracle(p, times, "dpmpp_2m_sde", mean=MEAN, cov=COV, eta=0.3)
+    se = ((S.diagonal()[:, None] * S.diagonal()[None, :] + S * S) / n).sqrt()
+    mean_ok = bool(((out.mean(0) - mu).abs() <= 5 * (S.diagonal() / n).sqrt()).all())
+    assert not (mean_ok and bool(((torch.cov(out.T) - S).abs() <= 5 * se).all()))
+
+
+K_CASES = [(m, {}) for m in M.NEW_METHODS] + [
+    ("edm_euler", {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 30.0, "s_noise": 1.003}),
+    ("heun", {"s_churn": 5.0, "s_tmax": 50.0, "s_noise": 1.01}), ("dpm_2", {"s_churn": 1.0, "s_tmin": 0.1, "s_tmax": 50.0}),
+    ("euler_ancestral", {"eta": 0.6, "s_noise": 0.9}), ("dpm_2_ancestral", {"eta": 1.2}),
+    ("dpmpp_2s_ancestral", {"eta": 0.3, "s_noise": 1.1}), ("dpmpp_sde", {"eta": 0.5, "r": 0.3}),
+    ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.4}), ("dpmpp_2m_sde", {"s_noise": 0.8}),
+    ("dpmpp_3m_sde", {"eta": 0.5}), ("lms", {"order": 2}),
+]
+
+
+@pytest.mark.parametrize("method,options", K_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(K_CASES)])
+def test_fd_sample_on_a_ve_process_is_fastdiff_k_diffusion(method, options):
+    """On k-diffusion's own process (σ = t, α = 1) fd.sample(method=X, seed=s) is fastdiff.k_diffusion's sample_X
+    with the same contract noise (seed=s), whose results equal k-diffusion's (tests/test_k_diffusion.py): equal to
+    float64 rounding (1e-12 relative: both run methods.run_table, but fd.sample's table is built from the
+    process's σ(t) = exp(½ log σ²(t)), which may differ from t in the last bit)."""
+    import fastdiff.k_diffusion as FK
+    p = fd.PureVE(T=80.0)
+    data = fd.GaussianMixture([0.6, 0.4], [[1.0, -2.0], [-1.5, 1.0]],
+                              torch.stack([torch.eye(2) * 0.3, torch.diag(torch.tensor([0.5, 0.1]))]), p)
+    times = fd.time_grid(p, 9, "karras", 0.02)
+    x = p.prior(6, 2, seed=3, dtype=torch.float64)
+    ours = fd.sample(data, x=x, times=times, method=method, seed=7, sample_offset=5, **options)
+    noisy = any(name in options for name in ("s_churn",)) or "eta" in M.METHOD_OPTIONS[method]
+    extra = {"seed": 7, "sample_offset": 5} if noisy else {}
+    theirs = getattr(FK, _k_sampler(method))(lambda xx, s: data.denoise(xx, float(s[0])), x.clone(), times,
+                                              disable=True, **extra, **options)
+    assert float((ours - theirs).abs().max()) <= 1e-12 * float(theirs.abs().max())
+
+
+@pytest.fixture
+def small_cloud():
+    g = torch.Generator().manual_seed(0)
+    return fd.PointCloud(torch.randn(40, 2, generator=g), fd.VP())
+
+
+@pytest.mark.parametrize("method", M.NEW_METHODS)
+def test_fd_sample_rows_do_not_depend_on_the_batch(method, small_cloud, capsys):
+    """Row i of a chunked, offset or progress-bar run equals the single run bit for bit (point cloud, float32;
+    a network predicting eps, float64)."""
+    top = _sigma_tilde_at_T(small_cloud.process)
+    options = {"s_churn": 1.0, "s_tmax": 0.4 * top} if "s_churn" in M.METHOD_OPTIONS[method] else {}
+    kw = dict(steps=4, method=method, seed=5, **options)
+    full = fd.sample(small_cloud, n=12, **kw)
+    assert bool(torch.isfinite(full).all())
+    assert torch.equal(full, fd.sample(small_cloud, n=12, progress=True, chunk_size=5, **kw))
+    err = capsys.readouterr().err
+    assert "chunk 3/3" in err and "4/4" in err                          # the bar counts each chunk's steps
+    assert torch.equal(full[7:11], fd.sample(small_cloud, n=4, sample_offset=7, **kw))
+    G = fd.Gaussian(MEAN, COV, small_cloud.process)
+    net = fd.from_model(lambda x, t: torch.tanh(x) * 0.3 + G.eps(x, float(t[0])), G.process, "eps")
+    kw64 = dict(kw, dtype=torch.float64, shape=2)
+    full = fd.sample(net, n=20, **kw64)
+    assert torch.equal(full, fd.sample(net, n=20, chunk_size=3, **kw64))
+    assert torch.equal(full[9:], fd.sample(net, n=11, sample_offset=9, **kw64))
+    if method != "dpmpp_2m" and method != "lms":     # (deterministic methods: the seed does not matter)
+        if options or "eta" in M.METHOD_OPTIONS[method]:
+            assert not torch.equal(full, fd.sample(net, n=20, **(kw64 | {"seed": 6})))
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps", "score"])
+@pytest.mark.parametrize("method", ["heun", "dpmpp_2m_sde", "dpmpp_3m_sde", "lms"])
+def test_networks_of_every_prediction_sample_like_the_analytic_denoiser(method, prediction):
+    p = fd.DriftedVE(T=100.0, beta="t^2")
+    G = fd.Gaussian(MEAN, COV, p)
+    native = {"x0": G.denoise, "eps": G.eps, "score": G.score}[prediction]
+    net = fd.from_model(lambda x, t: native(x, float(t[0])), p, prediction)
+    kw = dict(n=200, steps=12, method=method, seed=1, dtype=torch.float64, shape=2)
+    assert torch.allclose(fd.sample(net, **kw), fd.sample(G, **kw), rtol=1e-8, atol=1e-8)
+
+
+def test_fd_sample_callback_trajectory_and_final_denoise(small_cloud):
+    p = small_cloud.process
+    G = fd.Gaussian(MEAN, COV, p)
+    net = fd.from_model(lambda x, t: G.eps(x, float(t[0])), p, "eps")
+    seen, ptrs = [], set()
+
+    def keep(info):
+        seen.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in info.items()})
+        ptrs.add(info["x"].data_ptr())
+
+    top = _sigma_tilde_at_T(p)
+    kw = dict(steps=6, method="heun", seed=2, dtype=torch.float64, shape=2, s_churn=2.0, s_tmax=0.4 * top)
+    x, traj = fd.sample(net, n=9, callback=keep, return_trajectory=True, chunk_size=5, **kw)
+    assert [s["step"] for s in seen] == [0, 1, 2, 3, 4, 5] * 2
+    assert [s["sample_offset"] for s in seen] == [0] * 6 + [5] * 6
+    assert set(seen[0]) == {"step", "t", "x", "prediction", "denoised", "sample_offset"}
+    table = M.method_table(p, seen and fd.time_grid(p, 6), "heun", s_churn=2.0, s_tmax=0.4 * top)
+    assert [s["t"] for s in seen[:6]] == table.t.tolist()                   # t̂: churned where σ̃ <= s_tmax
+    assert float(table.t[-1]) > float(table.times[-2]) and float(table.t[0]) == float(table.times[0])
+    for s in seen[:6]:
+        assert torch.allclose(s["prediction"], G.eps(s["x"], s["t"]), rtol=1e-12, atol=1e-12)       # native
+        assert torch.allclose(s["denoised"], G.denoise(s["x"], s["t"]), rtol=1e-10, atol=1e-10)    # D
+    assert len(ptrs) <= 4                    # the state buffers are reused (two per chunk), not one per step
+    assert traj.shape == (7, 9, 2) and torch.equal(traj[-1], x)
+    assert torch.equal(traj[0], p.prior(9, 2, seed=2, dtype=torch.float64))
+    assert torch.equal(x, fd.sample(net, n=9, **kw))                       # a reading callback changes nothing
+    den = fd.sample(net, n=9, final_denoise=True, **kw)
+    assert torch.allclose(den, G.denoise(x, float(fd.time_grid(p, 6)[-1])), rtol=1e-12, atol=1e-12)
+    # modifying info["x"] in place changes the run
+    def shift(info):
+        info["x"].add_(1.0) if info["step"] == 3 else None
+    assert not torch.allclose(fd.sample(net, n=9, callback=shift, **kw), x)
+    # a point cloud with a callback: D is its posterior
+    got = []
+    fd.sample(small_cloud, n=4, steps=3, method="dpmpp_2m", callback=lambda info: got.append(
+        {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in info.items()}))
+    assert torch.allclose(got[1]["denoised"], small_cloud.denoise(got[1]["x"], got[1]["t"]), rtol=1e-5, atol=1e-5)
+
+
+def test_fd_sample_method_errors_name_the_valid_choices(small_cloud):
+    x = torch.randn(5, 2) * 3
+    before = x.clone()
+    with pytest.raises(ValueError, match="unknown method 'dpmpp_4m'.*'dpmpp_2m'.*'lms'"):
+        fd.sample(small_cloud, x=x, steps=4, method="dpmpp_4m")
+    with pytest.raises(ValueError, match="'dpmpp_2m' takes no s_churn; its options are none"):
+        fd.sample(small_cloud, x=x, steps=4, method="dpmpp_2m", s_churn=1.0)
+    with pytest.raises(ValueError, match="'heun' takes no eta; its options are s_churn, s_tmin, s_tmax, s_noise"):
+        fd.sample(small_cloud, x=x, steps=4, method="heun", eta=0.5)
+    with pytest.raises(ValueError, match="'ei' takes no order; its options are eta"):
+        fd.sample(small_cloud, x=x, steps=4, method="ei", order=2)
+    with pytest.raises(ValueError, match="unknown solver_type 'rk4'; choose one of 'midpoint', 'heun'"):
+        fd.sample(small_cloud, x=x, steps=4, method="dpmpp_2m_sde", solver_type="rk4")
+    with pytest.raises(ValueError, match="order must be an integer >= 1"):
+        fd.sample(small_cloud, x=x, steps=4, method="lms", order=0)
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+        fd.sample(small_cloud, x=x, steps=4, method="dpmpp_sde", eta=-1.0)
+    with pytest.raises(ValueError, match="s_churn"):                     # σ̂ beyond the process's σ/α at T
+        fd.sample(small_cloud, x=x, steps=4, method="heun", s_churn=3.0)
+    with pytest.raises(ValueError, match="ode=True"):
+        fd.sample(small_cloud, x=x, steps=4, method="dpmpp_2m_sde", ode=True, eta=0.5)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        fd.sample(small_cloud, x=x, steps=4, method="dpmpp_2m", cuda_graph=True)
+    net = fd.from_model(lambda x, t: x, small_cloud.process)
+    with pytest.raises(ValueError, match="backend='cpu' has no multistep"):
+        fd.sample(net, x=x, steps=4, method="dpmpp_2m", backend="cpu")
+    assert torch.equal(x, before)
+
+
+def test_fd_sample_ode_variant_is_deterministic(small_cloud):
+    x = small_cloud.process.prior(6, 2, seed=4)
+    kw = dict(x=x, steps=5, method="dpmpp_2m_sde")
+    assert torch.equal(fd.sample(small_cloud, seed=1, ode=True, **kw), fd.sample(small_cloud, seed=2, ode=True, **kw))
+    assert not torch.equal(fd.sample(small_cloud, seed=1, **kw), fd.sample(small_cloud, seed=2, **kw))
+
+
+def test_help_documents_every_method_and_option():
+    doc = fd.sample.__doc__
+    for name in M.NEW_METHODS:
+        assert f'"{name}"' in doc, name
+    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "solver_type", "order", "r", "eta"):
+        assert f"\n    {name} " in doc, name
+    assert "later work" in doc and "denoised" in doc
