@@ -705,7 +705,7 @@ def table_oracle(table: MethodTable, data, *, final_denoise: bool = False):
     S[:d, :d] = data.process.prior_std ** 2 * eye
     for k in range(len(table)):
         m = n + 3 * d                                    # state, then z_churn, z_stage, w
-        block = lambda i: torch.nn.functional.pad(eye, (i * d, m - (i + 1) * d))   # noqa: E731
+        block = lambda i, m=m: torch.nn.functional.pad(eye, (i * d, m - (i + 1) * d))   # noqa: E731
         L_x = c["P"][k] * block(0) + c["C_churn"][k] * block(1 + H)
         M0, c0 = data.linear_map(c["t"][k])
         L_D0, k_D0 = M0 @ L_x, c0

@@ -97,9 +97,10 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
                    changes the run; copy what you keep (the buffers are reused). For k-diffusion's methods
                    "t" is where D_0 is evaluated (t̂ after churn), "x" the state there (x̂), "prediction" the
                    denoiser's native output and info["denoised"] its D = E[X_0 | x̂] (what the table uses);
-                   a two-stage method's second evaluation is not reported (as in k-diffusion). A point cloud with a callback runs the same backend
-                   kernels step by step (ops.posterior + ops.affine_step) instead of one whole-trajectory call;
-                   on the cpu and torch backends the results are identical bit for bit.
+                   a two-stage method's second evaluation is not reported (as in k-diffusion).
+                   With euler/ei/ei-x0, a point cloud with a callback runs the same backend kernels step by
+                   step (ops.posterior + ops.affine_step) instead of one whole-trajectory call; on the cpu and
+                   torch backends the results are identical bit for bit.
     backend        "auto" (default) or a named backend ("cpu", "torch", "cuda", "triton"); one that cannot
                    run the inputs raises ValueError with its reasons (never a silent fallback). With
                    k-diffusion's methods it picks a point cloud's posterior; other denoisers need "auto" or

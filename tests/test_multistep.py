@@ -272,7 +272,10 @@ def test_peers_stay_optional():
     import subprocess
     import sys
     code = ("import sys; sys.modules['diffusers'] = None; sys.modules['k_diffusion'] = None\n"
-            "import fastdiff, fastdiff.methods, fastdiff.k_diffusion\n"
+            "import fastdiff\n"
+            "assert 'fastdiff.k_diffusion' not in sys.modules and 'fastdiff.diffusers' not in sys.modules\n"
+            "assert callable(fastdiff.k_diffusion.sample_dpmpp_2m) and fastdiff.methods.run_table\n"
+            "import fastdiff.methods, fastdiff.k_diffusion\n"
             "try:\n    import fastdiff.diffusers\nexcept ImportError as e:\n    print('ImportError:', e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -332,7 +335,8 @@ def test_fd_sample_moments_see_a_wrong_option():
 
 K_CASES = [(m, {}) for m in M.NEW_METHODS] + [
     ("edm_euler", {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 30.0, "s_noise": 1.003}),
-    ("heun", {"s_churn": 5.0, "s_tmax": 50.0, "s_noise": 1.01}), ("dpm_2", {"s_churn": 1.0, "s_tmin": 0.1, "s_tmax": 50.0}),
+    ("heun", {"s_churn": 5.0, "s_tmax": 50.0, "s_noise": 1.01}),
+    ("dpm_2", {"s_churn": 1.0, "s_tmin": 0.1, "s_tmax": 50.0}),
     ("euler_ancestral", {"eta": 0.6, "s_noise": 0.9}), ("dpm_2_ancestral", {"eta": 1.2}),
     ("dpmpp_2s_ancestral", {"eta": 0.3, "s_noise": 1.1}), ("dpmpp_sde", {"eta": 0.5, "r": 0.3}),
     ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.4}), ("dpmpp_2m_sde", {"s_noise": 0.8}),
