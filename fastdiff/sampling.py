@@ -133,7 +133,8 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
     Autograd: sampling runs under torch.no_grad() (as k-diffusion's samplers do): the result has no grad_fn.
     A model that needs gradients inside (guidance, a potential's score) opens torch.enable_grad() itself.
     Grids: when the 1-D Gaussian oracle says the grid is poor (unit-Gaussian data would come out with
-    variance outside [1/4, 4]) a GridWarning is issued; it costs one pass over the K step coefficients.
+    variance outside [1/4, 4]) a GridWarning is issued; it costs one pass over the K step coefficients
+    (every method, k-diffusion's too: fastdiff.methods.unit_gaussian_variance).
     On CUDA the loop never synchronises with the host: coefficients are kernel arguments and the noise
     is drawn in the kernel.
     Returns x [n, ...] (and the trajectory when asked).
@@ -218,6 +219,8 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
         raise ValueError("final_denoise needs t_end > 0 (D is never evaluated at t = 0)")
     if table_method:
         mtable = _methods.method_table(process, grid, method, ode=ode, eta=eta, **options)
+        _check_x0_range(denoiser, mtable, dtype, method)
+        _warn_if_poor_table(process, mtable)
         _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory, mtable.history + 4)
         run = _TableRun(denoiser, engine, mtable, seed, callback, return_trajectory)
     else:
@@ -320,6 +323,33 @@ class _Run:
         return _final_denoise(self.den, self.engine, xc, t_end)
 
 
+def _x0_from(prediction, x, out, alpha, sigma):
+    """D = (x − σ ε)/α or (x + σ² s)/α (the range is checked up front: _check_x0_range)."""
+    return torch.add(x, out, alpha=-sigma if prediction == "eps" else sigma * sigma).div_(alpha)
+
+
+# An eps or score network's D = (x − σ ε)/α carries the network's rounding times σ/α: beyond this σ/α (or below
+# this α, where x − σ ε ≈ α D underflows) D overflows or is lost in the working type, while the table still
+# multiplies it by a coefficient small enough to give a finite step. The first-order methods never form D.
+_X0_RANGE = {torch.float32: 1e30, torch.float64: 1e290}
+
+
+def _check_x0_range(denoiser, table, dtype, method):
+    if isinstance(denoiser, PointCloud) or denoiser.prediction == "x0":
+        return
+    process = denoiser.process
+    tt = torch.cat([table.t, table.t_u[table.staged]])
+    la = process._log_alpha(tt)
+    worst_alpha = float(torch.exp(la.min()))
+    worst_ratio = float(torch.exp(0.5 * torch.log(process._sigma2(tt)) - la).max())
+    limit = _X0_RANGE[dtype]
+    if worst_alpha < 1 / limit or worst_ratio > limit:
+        raise ValueError(f"method {method!r} forms D = E[X_0 | x] from the network's {denoiser.prediction} "
+                         f"output, which needs α >= {1 / limit:g} and σ/α <= {limit:g} in {dtype}; on this grid "
+                         f"α reaches {worst_alpha:.3g} and σ/α {worst_ratio:.3g}. Use dtype=torch.float64, an x0 "
+                         "network, a smaller T, or method 'ei'/'ei-x0'/'euler' (they never form D)")
+
+
 def _final_denoise(den, engine, xc, t_end):
     if isinstance(den, PointCloud):
         alpha, sigma = den.process.alpha(t_end), den.process.sigma(t_end)
@@ -354,12 +384,7 @@ class _TableRun:
             native = D
         else:
             native = den.predict(xk, self._time(k, stage)).detach()    # a model may build a graph under enable_grad
-            if den.prediction == "x0":
-                D = native
-            elif den.prediction == "eps":                   # D = (x − σ ε)/α
-                D = torch.add(xk, native, alpha=-sigma).div_(alpha)
-            else:                                           # score: D = (x + σ² s)/α
-                D = torch.add(xk, native, alpha=sigma * sigma).div_(alpha)
+            D = native if den.prediction == "x0" else _x0_from(den.prediction, xk, native, alpha, sigma)
         if stage == 0:
             self.native = native
         return D
@@ -526,6 +551,20 @@ def _warn_if_poor_grid(process, table, low: float = 0.25, high: float = 4.0):
             f"on unit-Gaussian data the sampler's exact output variance would be {var:.3g}, not 1 "
             f"(fd.gaussian_oracle). Use more steps{hint} (the default schedule, logsnr, is good from about 10 steps "
             f"on most processes; docs/defaults.md). "
+            f"Silence with warnings.simplefilter('ignore', fd.GridWarning).", GridWarning, stacklevel=4)
+
+
+def _warn_if_poor_table(process, table, low: float = 0.25, high: float = 4.0):
+    """_warn_if_poor_grid for a MATH.md §3b method: the same test on the exact variance of its table."""
+    var = _methods.unit_gaussian_variance(table, process)
+    if not low <= var <= high:
+        shown = ", ".join(f"{k}={v!r}" for k, v in table.options.items())
+        warnings.warn(
+            f"fastdiff.sample: this grid is poor for {process!r} with method={table.method!r} "
+            f"({shown or 'no options'}): "
+            f"on unit-Gaussian data the sampler's exact output variance would be {var:.3g}, not 1 "
+            f"(fd.gaussian_oracle). Use more steps (the default schedule, logsnr, is good from about 10 steps on "
+            f"most processes; docs/defaults.md). "
             f"Silence with warnings.simplefilter('ignore', fd.GridWarning).", GridWarning, stacklevel=4)
 
 
