@@ -303,6 +303,7 @@ def _fd_options(method, p):
             "lms": {"order": 3}}[method]
 
 
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
 @pytest.mark.parametrize("pname", ["VP", "DriftedVE"])
 @pytest.mark.parametrize("method", M.NEW_METHODS)
 def test_fd_sample_moments_match_the_table_oracle(method, pname):
@@ -321,6 +322,7 @@ def test_fd_sample_moments_match_the_table_oracle(method, pname):
         assert bool(((torch.cov(out.T) - S).abs() <= 5 * se).all()), (options, torch.cov(out.T), S)
 
 
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
 def test_fd_sample_moments_see_a_wrong_option():
     """The moment test has power: the oracle of another option setting is rejected by the same samples."""
     p = PROCESSES["VP"]
@@ -370,6 +372,7 @@ def small_cloud():
     return fd.PointCloud(torch.randn(40, 2, generator=g), fd.VP())
 
 
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
 @pytest.mark.parametrize("method", M.NEW_METHODS)
 def test_fd_sample_rows_do_not_depend_on_the_batch(method, small_cloud, capsys):
     """Row i of a chunked, offset or progress-bar run equals the single run bit for bit (point cloud, float32;
@@ -405,6 +408,7 @@ def test_networks_of_every_prediction_sample_like_the_analytic_denoiser(method, 
     assert torch.allclose(fd.sample(net, **kw), fd.sample(G, **kw), rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
 def test_fd_sample_callback_trajectory_and_final_denoise(small_cloud):
     p = small_cloud.process
     G = fd.Gaussian(MEAN, COV, p)
@@ -473,6 +477,7 @@ def test_fd_sample_method_errors_name_the_valid_choices(small_cloud):
     assert torch.equal(x, before)
 
 
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
 def test_fd_sample_ode_variant_is_deterministic(small_cloud):
     x = small_cloud.process.prior(6, 2, seed=4)
     kw = dict(x=x, steps=5, method="dpmpp_2m_sde")
