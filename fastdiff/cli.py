@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -143,6 +144,67 @@ def _check_coverage(data, process):
               f"({process!r}); samples will miss most of the data: rescale the data or raise --T", file=sys.stderr)
 
 
+def _launch() -> tuple[int, int]:
+    """(rank, world size) from the environment torchrun sets; (0, 1) for a plain process (WORLD_SIZE unset or 1).
+    Checked before any work, so a broken launch is one clear line, not a hang in the rendezvous."""
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(text)
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={text!r} is not an integer (torchrun sets it; unset it for one "
+                         "process)") from None
+    if world < 1:
+        raise ValueError(f"WORLD_SIZE={world} must be >= 1 (torchrun sets it; unset it for one process)")
+    if world == 1:
+        return 0, 1
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun "
+                         "(torchrun --nproc-per-node=K -m fastdiff sample ...)")
+    try:
+        rank = int(os.environ["RANK"])
+    except ValueError:
+        raise ValueError(f"RANK={os.environ['RANK']!r} is not an integer (torchrun sets it)") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} is outside [0, WORLD_SIZE={world})")
+    return rank, world
+
+
+def _check_timeout(seconds: float):
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {seconds:g}")
+
+
+def _check_rank_device(device: torch.device):
+    """Under torchrun, `--device cuda` puts each rank on cuda:LOCAL_RANK; one explicit index for several ranks
+    of a node would put them all on one GPU (NCCL refuses that, with an obscure error)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda" and device.index is not None and local_world > 1:
+        raise ValueError(f"--device {str(device)!r} would put all {local_world} ranks of this node on one GPU; "
+                         "give --device cuda (each rank then uses cuda:LOCAL_RANK)")
+
+
+def _sample_on_ranks(args, data, process, device, dtype, kw):
+    """fd.sample over the torchrun group: every rank gets the same x [n, d] (see --distributed)."""
+    import fastdiff as fd
+    from fastdiff import distributed as fdd
+
+    ours = not torch.distributed.is_initialized()              # main() called inside a caller's group: keep it
+    device = fdd.init(device, timeout=args.timeout)            # gloo on the CPU, NCCL on cuda:LOCAL_RANK
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if args.distributed == "data":
+        start, count = fdd.sample_slice(data.shape[0], rank, world)
+        cloud = fdd.ShardedPointCloud(data[start:start + count].to(device=device, dtype=dtype), process,
+                                      bandwidth=args.bandwidth, timeout=args.timeout, backend=args.backend)
+        x = fd.sample(cloud, **kw)
+    else:
+        cloud = fd.PointCloud(data.to(device=device, dtype=dtype), process, bandwidth=args.bandwidth)
+        x = fdd.sample_parallel(cloud, timeout=args.timeout, **kw)
+    if ours:    # every collective has completed on every rank (x is the same everywhere): leaving is safe
+        torch.distributed.destroy_process_group()
+    return x
+
+
 def cmd_sample(args):
     import numpy as np
 
@@ -152,24 +214,41 @@ def cmd_sample(args):
     from fastdiff.schedules import as_integer
 
     as_integer(args.seed, "seed", 0, 2**64 - 1)       # before the data set's generator overflows on it
+    _check_timeout(args.timeout)
+    rank, world = _launch()
     device = check_device(args.device, "--device")
+    if world > 1:
+        _check_rank_device(device)
     out = Path(args.out)
-    _check_out(out)
+    if rank == 0:                                      # rank 0 alone writes --out (and --plot)
+        _check_out(out)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     process = make_process(args.process, args.T)
-    data = _load_data(args.data, args.n_data, args.seed)
-    cloud = fd.PointCloud(data.to(device=device, dtype=dtype), process, bandwidth=args.bandwidth)
-    _check_coverage(data, process)
+    data = _load_data(args.data, args.n_data, args.seed)    # every rank: the same data (named sets from --seed)
+    if rank == 0:
+        _check_coverage(data, process)
     progress = args.progress
     if progress is None:     # auto: a bar when the run takes more than a few seconds
-        progress = _estimated_seconds(args.n, args.steps, data.shape[0], data.shape[1]) > AUTO_PROGRESS_SECONDS
+        n_per_rank, points_per_rank = args.n, data.shape[0]
+        if world > 1 and args.distributed == "samples":
+            n_per_rank = -(-args.n // world)
+        elif world > 1:
+            points_per_rank = -(-data.shape[0] // world)
+        progress = _estimated_seconds(n_per_rank, args.steps, points_per_rank, data.shape[1]) > AUTO_PROGRESS_SECONDS
+    kw = dict(n=args.n, steps=args.steps, schedule=args.schedule, method=args.method, ode=args.ode,
+              t_end=args.t_end, final_denoise=args.final_denoise, seed=args.seed, progress=progress and rank == 0,
+              backend=args.backend, dtype=dtype)
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", fd.GridWarning)
-        x = fd.sample(cloud, n=args.n, steps=args.steps, schedule=args.schedule, method=args.method, ode=args.ode,
-                      t_end=args.t_end, final_denoise=args.final_denoise, seed=args.seed, progress=progress,
-                      backend=args.backend, dtype=dtype)
+        if world > 1:
+            x = _sample_on_ranks(args, data, process, device, dtype, kw)
+        else:
+            cloud = fd.PointCloud(data.to(device=device, dtype=dtype), process, bandwidth=args.bandwidth)
+            x = fd.sample(cloud, **kw)
     seconds = time.perf_counter() - t0
+    if rank != 0:                                      # the same x as rank 0's, which reports and writes it
+        return 0
     for w in caught:
         if issubclass(w.category, fd.GridWarning):
             print(f"fastdiff sample: warning: {str(w.message).removeprefix('fastdiff.sample: ')}", file=sys.stderr)
@@ -183,8 +262,10 @@ def cmd_sample(args):
         else:
             np.savez(f, samples=arr, data=data.cpu().numpy(), settings=json.dumps(vars(args), default=str))
     what = "samples" if out.suffix == ".npy" else "samples, data and settings"
+    ranks = "" if world == 1 else (f"; {world} ranks, " + ("samples split" if args.distributed == "samples"
+                                                            else "data sharded"))
     print(f"wrote {arr.shape[0]} samples of dimension {arr.shape[1]} to {out} ({what}; {process!r}, "
-          f"{args.method}, {'ODE' if args.ode else 'SDE'}, {args.steps} {args.schedule} steps, {seconds:.1f} s)")
+          f"{args.method}, {'ODE' if args.ode else 'SDE'}, {args.steps} {args.schedule} steps{ranks}, {seconds:.1f} s)")
     if args.plot:
         png = _scatter([("data", data), (f"{args.process} {args.method}, {args.steps} {args.schedule} steps", x)],
                        Path(args.plot), repr(process))
@@ -310,12 +391,22 @@ def build_parser():
     s.add_argument("--bandwidth", type=float, default=0.0,
                    help="variance v of the Gaussian kernel around each point (kernel std = sqrt(v)); 0: the points")
     s.add_argument("--final-denoise", action="store_true", help="return D(x, t_end) instead of x_{t_end}")
-    s.add_argument("--n", type=_count, default=10_000, help="number of samples")
+    # -n: torchrun's own parser stops at `--n` (an ambiguous abbreviation of its --nnodes, --nproc-per-node...)
+    s.add_argument("-n", "--n", type=_count, default=10_000,
+                   help="number of samples (under torchrun write -n: torchrun takes --n for one of its own options)")
     s.add_argument("--seed", type=_count, default=0, help="integer in [0, 2**64)")
-    s.add_argument("--device", default="cpu", help="cpu or cuda[:index]")
+    s.add_argument("--device", default="cpu", help="cpu or cuda[:index] (under torchrun: cuda means cuda:LOCAL_RANK)")
     s.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision")
     s.add_argument("--backend", choices=("auto", "cpu", "cuda", "triton", "torch"), default="auto",
                    help="kernels to run (auto: the fastest that accepts the inputs; see `fastdiff info`)")
+    s.add_argument("--distributed", choices=("samples", "data"), default="samples",
+                   help="under torchrun (WORLD_SIZE > 1) only; a plain process ignores it. samples: every rank "
+                        "holds the whole cloud and draws its slice of the n samples (the result is one "
+                        "process's, bit for bit); data: every rank holds 1/K of the points and the posteriors "
+                        "are merged each step (for clouds too large for one device; equal to one process's up "
+                        "to rounding). Every rank reads the whole --data; rank 0 writes --out")
+    s.add_argument("--timeout", type=float, default=600.0,
+                   help="under torchrun only: seconds a rank waits for the others before failing with an error")
     s.add_argument("--out", default="samples.npz", help=".npz (samples, data, settings) or .npy (samples); "
                    "exactly this path is written")
     s.add_argument("--plot", default=None, help="also write a scatter (2-D) or histogram (1-D) PNG here")
@@ -384,11 +475,28 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError) as exc:   # bad input: one clear line, not a traceback
-        print(f"fastdiff {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_who(args.command)}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:                   # a file that cannot be read or written mid-run
-        print(f"fastdiff {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_who(args.command)}: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        if not _is_peer_error(exc):
+            raise
+        print(f"{_who(args.command)}: error: {exc}", file=sys.stderr)    # another torchrun rank failed
+        return 1
+
+
+def _who(command: str) -> str:
+    """The error prefix; under torchrun it names the rank (every rank prints its own errors)."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE", "1")
+    return f"fastdiff {command}" if rank is None or world == "1" else f"fastdiff {command} (rank {rank} of {world})"
+
+
+def _is_peer_error(exc: Exception) -> bool:
+    """fastdiff.distributed.PeerError, without importing torch.distributed for commands that never use it."""
+    fdd = sys.modules.get("fastdiff.distributed")
+    return fdd is not None and isinstance(exc, fdd.PeerError)
 
 
 if __name__ == "__main__":

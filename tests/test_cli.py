@@ -93,6 +93,9 @@ def _run_sample(capsys, *argv):
     (["--seed", str(2**64)], "seed must be <="),
     (["--steps", "1e10"], "would need about"),                 # refused before the table is built
     (["--backend", "cuda"], "backend 'cuda' cannot run"),
+    (["--timeout", "0"], "--timeout must be a positive number of seconds, got 0"),
+    (["--timeout", "-5"], "--timeout must be a positive number of seconds, got -5"),
+    (["--timeout", "nan"], "--timeout must be a positive number of seconds, got nan"),
 ] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device 'cuda' is not available")]))
 def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, needle):
     out = tmp_path / "s.npz"
@@ -214,3 +217,183 @@ def test_info_says_triton_needs_a_gpu(capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  triton"))
     if not torch.cuda.is_available():
         assert "interpreter only (CPU tensors with TRITON_INTERPRET=1)" in line or "unavailable" in line
+
+
+# ---- issue 16 section 4: `torchrun --nproc-per-node=K -m fastdiff sample ...` ------------------------------
+
+TORCHRUN_DEADLINE_S = 150    # hard limit per launch: start-up of 3 interpreters on 2 loaded cores included
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun():
+    import os
+    import shutil
+    exe = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if exe is None:
+        pytest.skip("torchrun is not installed")
+    return exe
+
+
+def _launch(argv, cwd):
+    """torchrun with 2 CPU ranks on 127.0.0.1 in its own session (so a timeout can kill every rank)."""
+    import os
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [_torchrun(), "--nnodes=1", "--nproc-per-node=2", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "fastdiff", "sample", *argv]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc):
+    import os
+    import signal
+    try:
+        out, err = proc.communicate(timeout=TORCHRUN_DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)              # torchrun and both ranks: the test never hangs
+        proc.communicate()
+        pytest.fail(f"torchrun did not finish within {TORCHRUN_DEADLINE_S} s")
+    return proc.returncode, out, err
+
+
+# 301 points (shards of 151 and 150), 7 samples (slices of 4 and 3), a kernel bandwidth, float64
+TORCHRUN_ARGS = ["--data", "swiss_roll", "--n-data", "301", "-n", "7", "--steps", "20", "--bandwidth", "0.001",
+                 "--dtype", "float64", "--seed", "5", "--timeout", "60"]
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, capsys):
+    """Both layouts under torchrun (launched together: start-up dominates) against `fastdiff sample` with the
+    same arguments in one process: --distributed samples bit for bit, data within 1e-9 (float64)."""
+    runs = {mode: (tmp_path / mode, ["--distributed", mode, "--out", f"{mode}.npy"]) for mode in ("samples", "data")}
+    procs = {}
+    for mode, (folder, argv) in runs.items():
+        folder.mkdir()
+        procs[mode] = _launch(TORCHRUN_ARGS + argv, folder)
+    single = {}
+    for mode in runs:        # meanwhile, one process each (which ignores --distributed: no WORLD_SIZE)
+        out = tmp_path / f"single_{mode}.npy"
+        assert main(["sample", *TORCHRUN_ARGS, "--distributed", mode, "--out", str(out)]) == 0
+        single[mode] = np.load(out)
+    capsys.readouterr()
+    assert np.array_equal(single["samples"], single["data"])
+    ref = single["samples"]
+    assert ref.shape == (7, 2) and ref.dtype == np.float64 and ref.std() > 0.1
+    for mode, (folder, _) in runs.items():
+        rc, out, err = _finish(procs[mode])
+        assert rc == 0, err[-3000:]
+        assert sorted(p.name for p in folder.iterdir()) == [f"{mode}.npy"]       # rank 0 alone writes
+        said = "samples split" if mode == "samples" else "data sharded"
+        assert out.count("wrote 7 samples") == 1 and f"2 ranks, {said}" in out, out
+        x = np.load(folder / f"{mode}.npy")
+        assert x.shape == ref.shape and x.dtype == ref.dtype
+        if mode == "samples":
+            assert np.array_equal(x, ref), np.abs(x - ref).max()
+        else:
+            assert np.abs(x - ref).max() <= 1e-9 * (1 + np.abs(ref).max())
+
+
+def test_every_sample_option_passes_through_torchrun_unchanged():
+    """torchrun's parser sees the script's arguments too: an option it reads as an abbreviation of its own
+    would stop the launch. --n is one (--nnodes, --nproc-per-node, ...); -n is the spelling that passes."""
+    from torch.distributed.run import get_args_parser
+
+    from fastdiff.cli import build_parser
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    options = [o for a in sample._actions for o in a.option_strings if o not in ("-h", "--help")]
+    assert "-n" in options and "--distributed" in options and "--timeout" in options
+    blocked = []
+    for option in options:
+        argv = ["sample", option, "1"]
+        try:
+            parsed = get_args_parser().parse_args(["--nproc-per-node=2", "-m", "fastdiff", *argv])
+        except SystemExit:
+            blocked.append(option)
+            continue
+        assert parsed.training_script == "fastdiff" and parsed.training_script_args == argv, option
+    assert blocked == ["--n"]
+
+
+def test_help_says_the_distributed_options_need_torchrun(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--distributed {samples,data}" in text and "under torchrun (WORLD_SIZE > 1) only" in text
+    assert "a plain process ignores it" in text and "under torchrun only: seconds a rank waits" in text
+    assert "under torchrun write -n" in text
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", "--distributed", "both"])
+    assert exc.value.code == 2 and "invalid choice: 'both'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be >= 1"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but RANK, MASTER_ADDR, MASTER_PORT not set: launch with torchrun"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT not set"),
+    ({"WORLD_SIZE": "2", "RANK": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}, "RANK='x' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+     "RANK=2 is outside [0, WORLD_SIZE=2)"),
+])
+def test_a_broken_launch_environment_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, env, needle):
+    import torch.distributed as dist
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "s.npy"
+    rc, _, err = _run_sample(capsys, "-n", "5", "--steps", "3", "--out", str(out))
+    assert rc == 2 and needle in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists() and not dist.is_initialized()
+    if "RANK" in env:
+        assert err.startswith(f"fastdiff sample (rank {env['RANK']} of 2): error: ")   # every rank prints its own
+
+
+def test_one_explicit_gpu_for_several_ranks_of_a_node_is_refused(monkeypatch):
+    from fastdiff.cli import _check_rank_device
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="--device 'cuda:0' would put all 2 ranks of this node on one GPU"):
+        _check_rank_device(torch.device("cuda", 0))
+    _check_rank_device(torch.device("cuda"))             # cuda:LOCAL_RANK per rank
+    _check_rank_device(torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    _check_rank_device(torch.device("cuda", 0))          # one rank per node may pick its GPU
+
+
+def test_a_failed_peer_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    import fastdiff as fd
+    from fastdiff.distributed import PeerError
+
+    def dead_peer(*args, **kwargs):
+        raise PeerError("fastdiff.distributed: rank 0: the posterior's all_reduce(SUM) did not complete within 60 s")
+    monkeypatch.setattr(fd, "sample", dead_peer)
+    out = tmp_path / "x.npy"
+    rc, _, err = _run_sample(capsys, "-n", "5", "--out", str(out))
+    assert rc == 1 and "did not complete within 60 s" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_reproduce_all_smoke_issues_no_grid_warning(tmp_path, monkeypatch, capsys):
+    """Smoke sizes use poor grids on purpose (ode-sde-gap: 10 steps); the experiments say so by filtering
+    fd.GridWarning there, so `fastdiff reproduce all --smoke` (CI) prints none."""
+    import warnings
+
+    import fastdiff as fd
+    from fastdiff import reproduce
+
+    monkeypatch.chdir(tmp_path)                         # 'all' writes reproductions/<name> here
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", fd.GridWarning)
+        assert main(["reproduce", "all", "--smoke", "--no-progress"]) == 0
+    grid = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, fd.GridWarning)]
+    assert grid == [], grid
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == len(reproduce.EXPERIMENTS) and all(p.endswith("results.md") for p in printed)
