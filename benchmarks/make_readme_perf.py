@@ -148,11 +148,16 @@ def step_md(rows, doc):
         cells = []
         for p in provs:
             r = big.get(p)
-            cells.append("–" if r is None else f"{num(r['throughput'])} ({num(100 * (r['roofline_fraction'] or 0), '{:.0f}')}%)")
+            percent = "–" if r is None else num(100 * (r["roofline_fraction"] or 0), "{:.0f}")
+            cells.append("–" if r is None else f"{num(r['throughput'])} ({percent}%)")
         body.append([d, next(iter(big.values()))["M"]] + cells)
     return ["**step** — the affine update x ← A x + B D + C z with noise, GB/s of compulsory traffic (read x, D; "
             "write x) at the largest size per d, (% of the measured copy bandwidth).", "",
             table(["d", "M"] + [f"`{p}`" for p in provs], body), ""]
+
+
+def _extrapolated(r) -> bool:
+    return str(r.get("note") or "").startswith("extrapolated")
 
 
 def sample_md(rows, doc):
@@ -163,13 +168,14 @@ def sample_md(rows, doc):
         sub = [r for r in rows if (r["op"], r["N"], r.get("steps")) == (op, N, steps)]
         top = max(r["n_elems"] for r in sub)
         target = next((r["target"] for r in sub if r.get("target")), None)
-        big = sorted((r for r in sub if r["n_elems"] == top), key=lambda r: (r["median_s"] is None, -(r["throughput"] or 0)))
+        big = sorted((r for r in sub if r["n_elems"] == top),
+                     key=lambda r: (r["median_s"] is None, -(r["throughput"] or 0)))
         for r in big:
             rate = "–" if r["median_s"] is None else f"{si(r['throughput'])}/s"
             vs = "–" if r.get("speedup_vs_ref") is None else f"{r['speedup_vs_ref']:.2f}×"
             body.append([op + (f" (target, {target})" if target else ""), top, N, steps if steps is not None else "–",
-                         f"`{r['provider']}`" + (" (extrapolated†)" if str(r.get("note") or "").startswith("extrapolated")
-                                                 else ""), rate, vs, num(r["kl"], "{:.3f}"), num(r["w2"], "{:.3f}")])
+                         f"`{r['provider']}`" + (" (extrapolated†)" if _extrapolated(r) else ""), rate, vs,
+                         num(r["kl"], "{:.3f}"), num(r["w2"], "{:.3f}")])
     return ["**sample** — end to end, the same denoiser, grid, step count and initial noise for every sampler, "
             f"at the largest n of each setting: samples/s, speedup over `{REF}` (in the `mlp loop` case over the "
             "hand-written eager loop), KL to the true density and W2 to exact draws (`exact draws (floor)`: what "

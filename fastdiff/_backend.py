@@ -81,7 +81,7 @@ def extension():
     global _EXTENSION, _EXTENSION_ERROR
     if _EXTENSION is None and _EXTENSION_ERROR is None:
         try:
-            import fastdiff._C as _C   # (by its full name: mypy then treats the compiled module as untyped)
+            import fastdiff._C as _C  # (by its full name: mypy then treats the compiled module as untyped)
             _EXTENSION = _C
         except Exception as exc:   # ImportError, or an undefined symbol from a torch mismatch
             _EXTENSION_ERROR = (f"fastdiff._C could not be loaded ({type(exc).__name__}: {exc}); it is built by "
@@ -190,7 +190,7 @@ class TritonBackend(Backend):
     ops = OPS
 
     def _module(self):
-        from . import triton as mod   # lazy: never at fastdiff import time
+        from . import triton as mod  # lazy: never at fastdiff import time
         return mod
 
     def unavailable_reasons(self):

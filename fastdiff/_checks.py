@@ -198,7 +198,7 @@ def minmax(**tensors):
         return {k: None for k in tensors}
     # tensors share a device (checked before): stack there, then one transfer
     values = torch.stack([torch.stack(torch.aminmax(tensors[k].detach())).to(torch.float64) for k in names]).tolist()
-    found = dict(zip(names, values))
+    found = dict(zip(names, values, strict=True))
     return {k: (tuple(found[k]) if k in found else None) for k in tensors}
 
 

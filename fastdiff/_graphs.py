@@ -28,7 +28,7 @@ CACHE_SIZE = 4     # graphs hold their own memory pool; keep a few (LRU)
 @dataclass
 class _Captured:
     denoiser: object
-    graph: "torch.cuda.CUDAGraph"
+    graph: torch.cuda.CUDAGraph
     x: torch.Tensor            # the static input/output buffer, updated in place by the graph
     counters: torch.Tensor     # int64 [4]: seed and sample_offset words, read by the kernels
     traj: torch.Tensor | None  # [K + 1, M, d] when a trajectory is recorded
@@ -38,7 +38,8 @@ def refuse_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Why the captured loop cannot run for samples on `device` with `dtype` ([] = it can)."""
     reasons = []
     if torch.device(device).type != "cuda":
-        reasons.append(f"the samples are on {device}; CUDA graphs need CUDA tensors (pass device='cuda' or x on the GPU)")
+        reasons.append(f"the samples are on {device}; CUDA graphs need CUDA tensors (pass device='cuda' or x on "
+                       "the GPU)")
     elif not torch.cuda.is_available():
         reasons.append("no CUDA device is available")
     if dtype != torch.float32:

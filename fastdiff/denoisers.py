@@ -35,7 +35,8 @@ class Denoiser:
 
     def __init__(self, process: Process):
         if not isinstance(process, Process):
-            raise TypeError(f"process must be a fastdiff process (OU, VP, VE, PureVE, DriftedVE), got {type(process).__name__}")
+            raise TypeError("process must be a fastdiff process (OU, VP, VE, PureVE, DriftedVE), got "
+                            f"{type(process).__name__}")
         self.process = process
 
     def predict(self, x: torch.Tensor, t) -> torch.Tensor:
@@ -92,7 +93,8 @@ class PointCloud(Denoiser):
         super().__init__(process)
         self.backend = backend
         if not isinstance(data, torch.Tensor) or data.ndim != 2 or not data.is_floating_point():
-            raise ValueError(f"data must be a floating tensor of shape [N, d], got {getattr(data, 'shape', type(data))}")
+            raise ValueError("data must be a floating tensor of shape [N, d], got "
+                             f"{getattr(data, 'shape', type(data))}")
         if data.shape[0] == 0 or data.shape[1] == 0:
             raise ValueError(f"data must be non-empty, got shape {tuple(data.shape)}")
         if not bool(torch.isfinite(data).all()):
@@ -200,7 +202,8 @@ class GaussianMixture(Denoiser):
         a, z, q, alpha = self._parts(x, t)
         r = torch.softmax(a, dim=1)                                  # [M, K]
         # D_k = μ_k + α Σ_k C_k⁻¹ (x − αμ_k) = μ_k + U_k diag(αλ/q) z
-        Dk = self.means.to(x.device) + torch.einsum("mke,kde->mkd", alpha.unsqueeze(-1) * self.lam.to(x.device) / q * z, self.U.to(x.device))
+        scaled_z = alpha.unsqueeze(-1) * self.lam.to(x.device) / q * z
+        Dk = self.means.to(x.device) + torch.einsum("mke,kde->mkd", scaled_z, self.U.to(x.device))
         return (r.unsqueeze(-1) * Dk).sum(1).to(x.dtype)
 
     def score(self, x, t):
@@ -262,8 +265,9 @@ class ModelDenoiser(Denoiser):
             t_in = self._rows(t, lambda u: self.process._sigma2(u).sqrt() * torch.exp(-self.process._log_alpha(u)), x)
             for v in (inv_alpha, t_in):
                 if not _fits(v, x.dtype):
-                    raise ValueError(f"time_input='sigma' feeds the network x/α and σ/α, and 1/α(t) overflows {x.dtype} "
-                                     f"for {self.process!r} at this t; use float64, a smaller T, or time_input='t'")
+                    raise ValueError(f"time_input='sigma' feeds the network x/α and σ/α, and 1/α(t) overflows "
+                                     f"{x.dtype} for {self.process!r} at this t; use float64, a smaller T, or "
+                                     "time_input='t'")
             if isinstance(inv_alpha, torch.Tensor):
                 inv_alpha = inv_alpha.to(x.dtype).view(M, *([1] * (xin.ndim - 1)))
             if not (isinstance(inv_alpha, float) and inv_alpha == 1.0):
@@ -274,7 +278,8 @@ class ModelDenoiser(Denoiser):
         if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
             raise ValueError(f"model(x, t) must return a tensor shaped like x {tuple(xin.shape)}, "
                              f"got {getattr(out, 'shape', type(out))}")
-        if inv_alpha is not None and self.prediction == "score" and not (isinstance(inv_alpha, float) and inv_alpha == 1.0):
+        unit_alpha = isinstance(inv_alpha, float) and inv_alpha == 1.0
+        if inv_alpha is not None and self.prediction == "score" and not unit_alpha:
             # y = x/α has density α^d p_t(α y): the network's score is α ∇ log p_t(x), so divide by α.
             out = out * inv_alpha
         # (x0 and eps need no conversion: E[x0 | y] = E[x0 | x], and y's noise is x's noise z)
@@ -297,7 +302,8 @@ def _fits(v, dtype) -> bool:
     return math.isfinite(v) and abs(v) <= big
 
 
-def from_model(model, process: Process, prediction: str = "x0", *, event_shape=None, time_input: str = "t") -> ModelDenoiser:
+def from_model(model, process: Process, prediction: str = "x0", *, event_shape=None,
+               time_input: str = "t") -> ModelDenoiser:
     """Wrap `model(x, t)` whose output is x0 (the CEM paper's conditional expectation), eps or the score.
 
     The model receives x shaped [M, *event_shape] (or [M, d]) and a tensor [M] in x's dtype:

@@ -117,7 +117,7 @@ def _hist(x: torch.Tensor, rng, nb) -> torch.Tensor:
     last bin); points outside the grid are not counted. Returns a flat float64 tensor (row-major)."""
     flat = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     inside = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    for k, ((lo, hi), b) in enumerate(zip(rng, nb)):
+    for k, ((lo, hi), b) in enumerate(zip(rng, nb, strict=True)):
         i = torch.floor((x[:, k] - lo) / (hi - lo) * b).long()
         i = torch.where(x[:, k] == hi, b - 1, i)
         inside &= (i >= 0) & (i < b)
@@ -206,7 +206,7 @@ def kl_histogram(samples, density=None, reference=None, bins=100, range=None, fl
     if range is None:
         base = x if ref is None else ref
         lo, hi = base.min(0).values.tolist(), base.max(0).values.tolist()
-        range = [(a - (0.05 * (b - a) or 0.5), b + (0.05 * (b - a) or 0.5)) for a, b in zip(lo, hi)]
+        range = [(a - (0.05 * (b - a) or 0.5), b + (0.05 * (b - a) or 0.5)) for a, b in zip(lo, hi, strict=True)]
     rng = _grid(range, d)
 
     p_hat = _hist(x, rng, nb) / x.shape[0]
@@ -221,7 +221,7 @@ def kl_histogram(samples, density=None, reference=None, bins=100, range=None, fl
         nodes, weights = np.polynomial.legendre.leggauss(q)             # on [−1, 1]
         t, w = torch.from_numpy((nodes + 1) / 2), torch.from_numpy(weights / 2)   # on [0, 1], weights sum to 1
         axes = []
-        for (lo, hi), b in zip(rng, nb):
+        for (lo, hi), b in zip(rng, nb, strict=True):
             h = (hi - lo) / b
             axes.append(((lo + h * torch.arange(b, dtype=_F64)).unsqueeze(1) + h * t).reshape(-1))
         pts = torch.cartesian_prod(*axes).reshape(-1, d)                 # row-major over (bin, node)
@@ -313,7 +313,7 @@ def w2_binned(x, y, bins: int = 64, range=((-3.5, 3.5), (-3.5, 3.5))) -> float:
         raise ValueError(f"x and y must be 2-D samples [n, 2], got dimension {x.shape[1]}")
     nb, rng = _bins(bins, 2), _grid(range, 2)
     centres = torch.cartesian_prod(*[lo + (hi - lo) * (torch.arange(b, dtype=_F64) + 0.5) / b
-                                     for (lo, hi), b in zip(rng, nb)])
+                                     for (lo, hi), b in zip(rng, nb, strict=True)])
     masses = []
     for t, name in ((x, "x"), (y, "y")):
         h = _hist(t, rng, nb)

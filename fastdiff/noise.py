@@ -77,7 +77,8 @@ def _sample_index(sample_index, device) -> torch.Tensor:
         sample_index = torch.arange(sample_index.start, sample_index.stop, sample_index.step, dtype=torch.int64)
     idx = torch.as_tensor(sample_index, device=device)
     if idx.dtype not in (torch.int32, torch.int64) or idx.ndim != 1:
-        raise ValueError(f"sample_index must be an int, a range or a 1-D integer tensor, got {idx.dtype} {tuple(idx.shape)}")
+        raise ValueError("sample_index must be an int, a range or a 1-D integer tensor, got "
+                         f"{idx.dtype} {tuple(idx.shape)}")
     idx = idx.to(torch.int64)
     if idx.numel() and int(idx.min()) < 0:
         raise ValueError("sample_index must be non-negative")

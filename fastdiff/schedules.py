@@ -120,7 +120,8 @@ def check_times(process: Process, times) -> torch.Tensor:
         raise ValueError("times contains NaN or inf")
     if not bool((t[1:] < t[:-1]).all()):
         k = int(torch.nonzero(t[1:] >= t[:-1])[0])
-        raise ValueError(f"times must be strictly decreasing; times[{k}]={float(t[k])} <= times[{k + 1}]={float(t[k + 1])}")
+        raise ValueError(f"times must be strictly decreasing; times[{k}]={float(t[k])} <= "
+                         f"times[{k + 1}]={float(t[k + 1])}")
     if float(t[0]) > process.T * (1 + 1e-12):
         raise ValueError(f"times[0]={float(t[0])} exceeds the process end time T={process.T}")
     if float(t[-1]) < 0 or float(t[-2]) <= 0:

@@ -124,13 +124,14 @@ def as_source(data):
         if data.ndim != 2 or not data.is_floating_point():
             raise ValueError(f"data must be a floating tensor [N, d], got {data.dtype} of shape {tuple(data.shape)}")
         if data.device.type != "cpu":
-            raise ValueError(f"data must be in host memory (a CPU tensor) to be streamed, got a tensor on {data.device}; "
-                             "a cloud that fits on the device is a fd.PointCloud")
+            raise ValueError("data must be in host memory (a CPU tensor) to be streamed, got a tensor on "
+                             f"{data.device}; a cloud that fits on the device is a fd.PointCloud")
         src = TensorSource(data.contiguous())
     elif isinstance(data, (TensorSource, ArraySource, NpySource)):
         src = data
     else:
-        raise TypeError(f"data must be a CPU tensor, a NumPy array or the path of a .npy file, got {type(data).__name__}")
+        raise TypeError("data must be a CPU tensor, a NumPy array or the path of a .npy file, got "
+                        f"{type(data).__name__}")
     if src.rows == 0 or src.dim == 0:
         raise ValueError(f"data must be non-empty, got shape [{src.rows}, {src.dim}]")
     return src
@@ -201,7 +202,7 @@ class StreamingPointCloud(Denoiser):
         buffers = [torch.empty(self.chunk_rows, self.dim, dtype=self.source.dtype) for _ in range(2)]
         with ThreadPoolExecutor(1, thread_name_prefix="fastdiff-prefetch") as pool:
             pending = pool.submit(self.source.read, *bounds[0], buffers[0])
-            for i, (s, e) in enumerate(bounds):
+            for i, (s, _) in enumerate(bounds):
                 chunk = pending.result()
                 if i + 1 < len(bounds):      # buffer (i+1)%2 held chunk i-1, whose reduction has finished
                     pending = pool.submit(self.source.read, *bounds[i + 1], buffers[(i + 1) % 2])

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -316,7 +316,7 @@ def train(model: nn.Module, data, process: Process, loss: str = "cem", *, iters:
     if fp_weight:
         if fp_box is None:
             lo, hi = box_src.min(0).values.double() - 1, box_src.max(0).values.double() + 1
-            fp_box = list(zip(lo.tolist(), hi.tolist()))
+            fp_box = list(zip(lo.tolist(), hi.tolist(), strict=True))
         fp_lo = torch.tensor([float(a) for a, _ in fp_box], dtype=torch.float64)
         fp_hi = torch.tensor([float(b) for _, b in fp_box], dtype=torch.float64)
         if fp_lo.numel() != d:
@@ -362,7 +362,8 @@ def train(model: nn.Module, data, process: Process, loss: str = "cem", *, iters:
             recent = sum(result.losses[-int(log_every):]) / len(result.losses[-int(log_every):])
             info = {"step": step + 1, "loss": recent}
             if fp_weight:
-                info["fp_residual"] = sum(result.fp_residuals[-int(log_every):]) / len(result.fp_residuals[-int(log_every):])
+                recent = result.fp_residuals[-int(log_every):]
+                info["fp_residual"] = sum(recent) / len(recent)
             bar.status(info)
             if callback is not None:
                 callback(info)

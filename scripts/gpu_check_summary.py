@@ -150,7 +150,8 @@ def _bench_lines(out: str) -> list[str]:
     lines += per_op + ([order] if order else [])
     errors = [n for n in doc.get("notes", []) if n.get("kind") == "error"]
     if errors:
-        lines.append(f"  bench errors ({len(errors)}): " + "; ".join(f"{n['provider']}: {n['note']}" for n in errors[:2]))
+        lines.append(f"  bench errors ({len(errors)}): "
+                     + "; ".join(f"{n['provider']}: {n['note']}" for n in errors[:2]))
     return lines
 
 
@@ -180,7 +181,8 @@ def summarize(out: str, table: list[tuple[str, str, str, str]], elapsed: int, to
             failed += bad
         lines.append(f"{name:<8} {status:<11} {secs + ' s' if secs else '':>6}  {result}")
     if failed:
-        lines += ["", f"failed tests ({len(failed)}; tracebacks in tests.log):"] + [f"  {t}" for t in failed[:MAX_FAILED]]
+        lines += ["", f"failed tests ({len(failed)}; tracebacks in tests.log):"]
+        lines += [f"  {t}" for t in failed[:MAX_FAILED]]
         if len(failed) > MAX_FAILED:
             lines.append(f"  ... and {len(failed) - MAX_FAILED} more")
     lines += _bench_lines(out)

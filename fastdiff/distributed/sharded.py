@@ -25,7 +25,8 @@ def _shard_summary(shard, weights, bandwidth, process, expected):
     s = {"problems": [], "d": None, "dtype": None, "device": None, "rows": 0, "weight_sum": 0.0,
          "weighted": weights is not None, "bandwidth": bandwidth, "process": repr(process)}
     if not isinstance(shard, torch.Tensor) or shard.ndim != 2 or not shard.is_floating_point():
-        s["problems"].append(f"shard must be a floating tensor [N_r, d], got {getattr(shard, 'shape', type(shard).__name__)}"
+        s["problems"].append("shard must be a floating tensor [N_r, d], got "
+                             f"{getattr(shard, 'shape', type(shard).__name__)}"
                              + (f" of dtype {shard.dtype}" if isinstance(shard, torch.Tensor) else ""))
         return s
     s.update(d=shard.shape[1], dtype=str(shard.dtype), device=str(shard.device), rows=shard.shape[0])
@@ -35,8 +36,8 @@ def _shard_summary(shard, weights, bandwidth, process, expected):
     if shard.shape[0] and not bool(torch.isfinite(shard).all()):
         s["problems"].append("shard contains NaN or inf")
     if weights is not None:
-        w = torch.as_tensor(weights, dtype=torch.float64, device=shard.device) if not isinstance(weights, torch.Tensor) \
-            else weights.to(dtype=torch.float64)
+        w = (torch.as_tensor(weights, dtype=torch.float64, device=shard.device)
+             if not isinstance(weights, torch.Tensor) else weights.to(dtype=torch.float64))
         if w.shape != (shard.shape[0],):
             s["problems"].append(f"weights must have shape [N_r]=[{shard.shape[0]}], got {tuple(w.shape)}")
         elif w.device != shard.device:
