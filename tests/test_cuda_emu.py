@@ -49,7 +49,8 @@ def emu():
         return module
     from torch.utils.cpp_extension import load
     if TSAN and "libtsan" not in os.environ.get("LD_PRELOAD", ""):
-        pytest.fail("FASTDIFF_EMU_TSAN=1 needs the TSan runtime preloaded: LD_PRELOAD=$(g++ -print-file-name=libtsan.so)")
+        pytest.fail("FASTDIFF_EMU_TSAN=1 needs the TSan runtime preloaded: "
+                    "LD_PRELOAD=$(g++ -print-file-name=libtsan.so)")
     name = "fastdiff_cuda_emu_tsan" if TSAN else "fastdiff_cuda_emu"
     build_dir = Path(os.environ.get("FASTDIFF_EMU_BUILD_DIR", ROOT / "build" / name))
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,9 @@ def test_gmm_1d_distribution():
     assert torch.equal(w, torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
     assert mu.flatten().tolist() == [-3.0, 0.0, 3.0] and cov.flatten().tolist() == [0.25] * 3
     x = D.gmm_1d(N, seed=4, dtype=torch.float64).numpy()[:, 0]
-    cdf = lambda t: sum(float(wk) * stats.norm.cdf(t, float(mk), 0.5) for wk, mk in zip(w, mu[:, 0]))
+
+    def cdf(t):
+        return sum(float(wk) * stats.norm.cdf(t, float(mk), 0.5) for wk, mk in zip(w, mu[:, 0], strict=True))
     assert stats.kstest(x, cdf).pvalue > 1e-3
 
 

@@ -77,7 +77,8 @@ def test_readme_quick_start_runs_and_draws_the_data(capsys):
     printed = capsys.readouterr().out
     for schedule, quoted in (("logsnr", 1.28), ("uniform", 4.59)):
         line = next(ln for ln in printed.splitlines() if ln.startswith(schedule))
-        assert f"{quoted}" in block and float(re.findall(r"[\d.]+", line.split("[")[1])[0]) == pytest.approx(quoted, abs=0.005)
+        assert f"{quoted}" in block
+        assert float(re.findall(r"[\d.]+", line.split("[")[1])[0]) == pytest.approx(quoted, abs=0.005)
     xs, ds = scope["x"].std(0), scope["data"].std(0)
     assert f"({xs[0]:.2f}, {xs[1]:.2f}) against ({ds[0]:.2f}, {ds[1]:.2f})" in block
 

@@ -1,5 +1,6 @@
 """Analytic denoisers (MATH.md §5) against float64 brute force, finite differences and each other."""
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -88,6 +89,11 @@ def test_point_cloud_is_a_gaussian_mixture(process):
         assert torch.allclose(pc.log_prob(x, t), gm.log_prob(x, t), rtol=1e-10, atol=1e-9)
 
 
+def _at_scalar_time(fn):
+    """A model(x, t) calling fn(x, t) with t as a Python float (from_model hands the network a [M] time tensor)."""
+    return lambda z, tt: fn(z, float(tt[0]))
+
+
 def _fd_grad(fn, x, h=1e-5):
     g = torch.zeros_like(x)
     for j in range(x.shape[1]):
@@ -101,16 +107,17 @@ def test_score_is_the_gradient_of_log_prob(process):
     t = 0.2 * process.T
     x = _data(8, 3, 10)
     mix = fd.GaussianMixture(torch.tensor([0.3, 0.7]), _data(2, 3, 11),
-                             torch.stack([torch.eye(3, dtype=F64), torch.diag(torch.tensor([2.0, 0.0, 0.5], dtype=F64))]),
-                             process)
+                             torch.stack([torch.eye(3, dtype=F64),
+                                          torch.diag(torch.tensor([2.0, 0.0, 0.5], dtype=F64))]), process)
     pc = fd.PointCloud(_data(25, 3, 12), process, bandwidth=0.01)
     for den in (mix, pc):
-        assert torch.allclose(den.score(x, t), _fd_grad(lambda z: den.log_prob(z, t), x), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(den.score(x, t), _fd_grad(partial(den.log_prob, t=t), x), rtol=1e-5, atol=1e-6)
 
 
 def test_log_prob_is_a_normalised_density():
     p = fd.OU()
-    mix = fd.GaussianMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-1.0], [2.0]]), torch.tensor([[[0.3]], [[0.0]]]), p)
+    mix = fd.GaussianMixture(torch.tensor([0.5, 0.5]), torch.tensor([[-1.0], [2.0]]), torch.tensor([[[0.3]], [[0.0]]]),
+                             p)
     grid = torch.linspace(-12, 12, 20001, dtype=F64).unsqueeze(1)
     for t in (0.01, 1.0, 10.0):
         mass = torch.trapezoid(mix.log_prob(grid, t).exp(), grid[:, 0])
@@ -135,12 +142,13 @@ def test_gaussian_denoiser_closed_form_and_linear_map():
 
 
 def test_tweedie_conversions_between_x0_eps_and_score(process):
-    mix = fd.GaussianMixture(torch.tensor([0.4, 0.6]), _data(2, 2, 14), torch.eye(2, dtype=F64).expand(2, 2, 2) * 0.3, process)
+    mix = fd.GaussianMixture(torch.tensor([0.4, 0.6]), _data(2, 2, 14), torch.eye(2, dtype=F64).expand(2, 2, 2) * 0.3,
+                             process)
     x = _data(6, 2, 15)
     t = 0.3 * process.T
     for kind in ("x0", "eps", "score"):
         native = {"x0": mix.denoise, "eps": mix.eps, "score": mix.score}[kind]
-        wrapped = fd.from_model(lambda z, tt: native(z, float(tt[0])), process, prediction=kind)
+        wrapped = fd.from_model(_at_scalar_time(native), process, prediction=kind)
         assert torch.allclose(wrapped.denoise(x, t), mix.denoise(x, t), rtol=1e-9, atol=1e-9)
         assert torch.allclose(wrapped.score(x, t), mix.score(x, t), rtol=1e-9, atol=1e-9)
         assert torch.allclose(wrapped.eps(x, t), mix.eps(x, t), rtol=1e-9, atol=1e-9)
@@ -239,7 +247,8 @@ def test_sigma_time_input_passes_scaled_inputs():
     for p in (fd.VP(), fd.DriftedVE(T=10.0, beta="t^2"), fd.OU(), fd.PureVE(T=5.0)):
         fd.from_model(model, p, time_input="sigma").denoise(x, 0.4 * p.T)
         a, s = p.alpha(0.4 * p.T), p.sigma(0.4 * p.T)
-        assert torch.allclose(seen["y"], x / a, rtol=1e-14) and torch.allclose(seen["s"], torch.full((3,), s / a, dtype=F64), rtol=1e-14)
+        assert torch.allclose(seen["y"], x / a, rtol=1e-14)
+        assert torch.allclose(seen["s"], torch.full((3,), s / a, dtype=F64), rtol=1e-14)
     fd.from_model(model, fd.PureVE(T=5.0), time_input="sigma").denoise(x, 2.0)
     assert torch.equal(seen["y"], x)                         # α = 1: nothing changes, bit for bit
 

@@ -145,7 +145,8 @@ def _scenario_main(rank, world):
             out[(name, sigma)] = (D1, L1, D2, L2)
     y, w, x = _global_data(torch.float64)
     pc = ShardedPointCloud(_shard(y, world, rank), proc, weights=_shard(w, world, rank), bandwidth=0.01)
-    out["trajectory"] = fd.sample(pc, n=6, steps=15, schedule="logsnr", seed=11, return_trajectory=True, dtype=torch.float64)
+    out["trajectory"] = fd.sample(pc, n=6, steps=15, schedule="logsnr", seed=11, return_trajectory=True,
+                                  dtype=torch.float64)
     if world > 1:
         out["sample_parallel"] = _sample_parallel_part(rank, world)
     if world == 3:
@@ -179,7 +180,7 @@ def test_sharded_posterior_and_trajectory_match_one_process(world):
             t = _t_for_sigma(proc, sigma)
             D1, L1, _, _ = outs[0][(name, sigma)]
             for r in range(world):      # every rank holds the same bits, and a second call repeats them
-                for a, b in zip(outs[r][(name, sigma)], (D1, L1, D1, L1)):
+                for a, b in zip(outs[r][(name, sigma)], (D1, L1, D1, L1), strict=True):
                     assert torch.equal(a, b), f"{name} σ={sigma}: rank {r} differs from rank 0 or from its first call"
             D64, L64 = ref64.posterior(x64, t)
             scale = float(_global_data(torch.float64)[0].abs().max())
@@ -380,8 +381,8 @@ def test_streaming_from_an_fp16_npy_file_with_prefetch(tmp_path):
     assert float((runs[0][0] - D64).abs().max()) <= 1e-12 * float(y16.abs().max())
     assert float((runs[0][1] - L64).abs().max()) <= 1e-12 * (1 + float(L64.abs().max()))
     # a whole trajectory through fd.sample, against one point cloud on the same per-step loop
-    xs = fd.sample(StreamingPointCloud(str(path), proc, weights=w, chunk_rows=5), n=4, steps=12, schedule="logsnr", seed=2,
-                   dtype=torch.float64)
+    xs = fd.sample(StreamingPointCloud(str(path), proc, weights=w, chunk_rows=5), n=4, steps=12, schedule="logsnr",
+                   seed=2, dtype=torch.float64)
     single = fd.sample(ref, n=4, steps=12, schedule="logsnr", seed=2, dtype=torch.float64, callback=lambda i: None)
     assert float((xs - single).abs().max()) <= 1e-9 * (1 + float(single.abs().max()))
 

@@ -49,7 +49,8 @@ def K():
 
 PROC = fd.PureVE(T=1000.0)
 GM = fd.GaussianMixture([0.5, 0.3, 0.2], [[1.0, -2.0, 0.5], [-1.5, 1.0, 2.0], [0.0, 3.0, -1.0]],
-                        torch.stack([torch.eye(3) * 0.3, torch.diag(torch.tensor([0.5, 0.1, 0.2])), torch.eye(3) * 0.05]), PROC)
+                        torch.stack([torch.eye(3) * 0.3, torch.diag(torch.tensor([0.5, 0.1, 0.2])),
+                                     torch.eye(3) * 0.05]), PROC)
 
 
 def model(x, sigma):
@@ -212,7 +213,8 @@ def test_one_step_grid_to_zero(K, name):
     x = x_T(3.0)
     with pytest.raises(UnboundLocalError):
         getattr(K, name)(model, x.clone(), sigmas, disable=True)
-    assert torch.equal(getattr(FK, name)(model, x.clone(), sigmas, disable=True, seed=1), model(x, torch.full((6,), 3.0)))
+    assert torch.equal(getattr(FK, name)(model, x.clone(), sigmas, disable=True, seed=1),
+                       model(x, torch.full((6,), 3.0)))
 
 
 def test_default_noise_is_batch_invariant_and_seeded():

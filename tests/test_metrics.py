@@ -83,7 +83,9 @@ def test_kl_histogram_reference_mode_and_outside_mass():
 
 def test_kl_histogram_2d():
     # p = N(0, I₂) on a 60x60 grid over [-6, 6]²; samples from N((0.6, -0.3), I₂): KL = |μ|²/2 = 0.225
-    dens = lambda z: torch.exp(-0.5 * (z ** 2).sum(1)) / (2 * math.pi)
+
+    def dens(z):
+        return torch.exp(-0.5 * (z ** 2).sum(1)) / (2 * math.pi)
     n, rng = 400000, ((-6, 6), (-6, 6))
     z = torch.randn(n, 2, generator=gen(4), dtype=F64)
     assert M.kl_histogram(z, density=dens, bins=60, range=rng) < 3e-3
@@ -186,7 +188,9 @@ def test_mmd():
     assert abs(same) < 2e-3 and diff > 0.05
     # blocked sums equal the dense formula
     h = 0.8
-    K = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * h * h))
+
+    def K(a, b):
+        return torch.exp(-torch.cdist(a, b) ** 2 / (2 * h * h))
     n = 2000
     dense = ((K(x, x).sum() - n) + (K(z, z).sum() - n)) / (n * (n - 1)) - 2 * K(x, z).mean()
     assert M.mmd(x, z, bandwidth=h) == pytest.approx(float(dense), rel=1e-10)

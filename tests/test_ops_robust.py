@@ -15,8 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastdiff as fd  # noqa: E402
-from fastdiff import _backend, _checks, ops  # noqa: E402
+import fastdiff as fd
+from fastdiff import _backend, _checks, ops
 
 F32, F64 = torch.float32, torch.float64
 NAN, INF = float("nan"), float("inf")

@@ -36,11 +36,12 @@ def _kdiffusion_sampling():
 def setup():
     K = _kdiffusion_sampling()
     p = fd.PureVE(T=40.0)
-    g = torch.Generator().manual_seed(0)
     cloud = fd.PointCloud(fd.datasets.swiss_roll(200, seed=1, dtype=torch.float64), p, bandwidth=0.01)
     times = fd.time_grid(p, 25, "karras", 0.01)
     x_T = p.prior(300, 2, seed=7, dtype=torch.float64)
-    model = lambda x, sigma: cloud.denoise(x, float(sigma[0]))          # σ = t for PureVE
+
+    def model(x, sigma):
+        return cloud.denoise(x, float(sigma[0]))          # σ = t for PureVE
     return K, p, cloud, times, x_T, model
 
 
@@ -55,7 +56,9 @@ def test_sde_ei_x0_is_k_diffusion_sample_euler_ancestral(setup):
     K, p, cloud, times, x_T, model = setup
     step = iter(range(len(times)))
     idx = torch.arange(x_T.shape[0])
-    noise_sampler = lambda sigma, sigma_next: fd.noise.normal(11, idx, next(step), 2, dtype=torch.float64)
+
+    def noise_sampler(sigma, sigma_next):
+        return fd.noise.normal(11, idx, next(step), 2, dtype=torch.float64)
     ours = fd.sample(cloud, x=x_T.clone(), times=times, method="ei-x0", seed=11)
     theirs = K.sample_euler_ancestral(model, x_T.clone(), times.clone(), disable=True, noise_sampler=noise_sampler)
     assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-10)

@@ -19,10 +19,10 @@ def _rk4_moments(p, t_end, n=4000):
     t = 0.0
     for _ in range(n):
         k1 = rhs(t, y)
-        k2 = rhs(t + h / 2, tuple(a + h / 2 * b for a, b in zip(y, k1)))
-        k3 = rhs(t + h / 2, tuple(a + h / 2 * b for a, b in zip(y, k2)))
-        k4 = rhs(t + h, tuple(a + h * b for a, b in zip(y, k3)))
-        y = tuple(a + h / 6 * (b1 + 2 * b2 + 2 * b3 + b4) for a, b1, b2, b3, b4 in zip(y, k1, k2, k3, k4))
+        k2 = rhs(t + h / 2, tuple(a + h / 2 * b for a, b in zip(y, k1, strict=True)))
+        k3 = rhs(t + h / 2, tuple(a + h / 2 * b for a, b in zip(y, k2, strict=True)))
+        k4 = rhs(t + h, tuple(a + h * b for a, b in zip(y, k3, strict=True)))
+        y = tuple(a + h / 6 * (b1 + 2 * b2 + 2 * b3 + b4) for a, b1, b2, b3, b4 in zip(y, k1, k2, k3, k4, strict=True))
         t += h
     return y
 
@@ -125,9 +125,10 @@ def test_paper_processes():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: fd.OU(theta=-1.0), "theta"), (lambda: fd.OU(T=0.0), "T"), (lambda: fd.VP(beta_min=float("nan")), "beta_min"),
-    (lambda: fd.VP(beta_min=5.0, beta_max=1.0), "beta_max"), (lambda: fd.VE(sigma_min=2.0, sigma_max=1.0), "sigma_max"),
-    (lambda: fd.PureVE(T=-3.0), "T"), (lambda: fd.DriftedVE(beta="t^3"), "beta"), (lambda: fd.DriftedVE(tau=0.0), "tau"),
+    (lambda: fd.OU(theta=-1.0), "theta"), (lambda: fd.OU(T=0.0), "T"),
+    (lambda: fd.VP(beta_min=float("nan")), "beta_min"), (lambda: fd.VP(beta_min=5.0, beta_max=1.0), "beta_max"),
+    (lambda: fd.VE(sigma_min=2.0, sigma_max=1.0), "sigma_max"), (lambda: fd.PureVE(T=-3.0), "T"),
+    (lambda: fd.DriftedVE(beta="t^3"), "beta"), (lambda: fd.DriftedVE(tau=0.0), "tau"),
 ])
 def test_bad_parameters(make, match):
     with pytest.raises(ValueError, match=match):

@@ -8,9 +8,9 @@ noise offsets near the limits, every op (and fd.sample on a point cloud, for row
 and row i of a result never depends on the other rows (bit for bit against the op on that row alone).
 
 Profiles (FASTDIFF_HYPOTHESIS_PROFILE): `ci` (default: 200 examples per test, 25 under the Triton interpreter,
-about 30 s on two CPU cores, derandomised so CI is reproducible) and `long` (thousands of examples, random seeds: run it before a release, e.g.
-`FASTDIFF_HYPOTHESIS_PROFILE=long pytest tests/test_properties.py`). The Triton backend runs under
-TRITON_INTERPRET=1 when there is no GPU: few, small examples there.
+about 30 s on two CPU cores, derandomised so CI is reproducible) and `long` (thousands of examples, random seeds:
+run it before a release, e.g. `FASTDIFF_HYPOTHESIS_PROFILE=long pytest tests/test_properties.py`). The Triton
+backend runs under TRITON_INTERPRET=1 when there is no GPU: few, small examples there.
 """
 import os
 
@@ -138,7 +138,7 @@ def _expect_error(fn, names, *tensors):
     with pytest.raises((ValueError, TypeError)) as info:
         fn()
     assert any(n in str(info.value) for n in names), (names, str(info.value))
-    for t, k in zip(tensors, keep):
+    for t, k in zip(tensors, keep, strict=True):
         assert torch.equal(t.isnan(), k.isnan()) and torch.equal(t.nan_to_num(), k.nan_to_num())
 
 

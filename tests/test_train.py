@@ -60,9 +60,12 @@ def test_fp_residual_one_dimensional_closed_form():
     process = fd.OU(theta=0.7, g=1.3, T=5.0)
     x = torch.linspace(-3, 3, 41, dtype=F64).unsqueeze(1)
     t = torch.full((41,), 0.8, dtype=F64)
-    u = _mixture_log_density(torch.ones(1, dtype=F64), torch.zeros(1, 1, dtype=F64), torch.tensor([0.3], dtype=F64), process)
+    u = _mixture_log_density(torch.ones(1, dtype=F64), torch.zeros(1, 1, dtype=F64), torch.tensor([0.3], dtype=F64),
+                             process)
     assert float(tr.fp_residual(u, x, t, process, create_graph=False).abs().max()) < 1e-12
-    std_normal = lambda xx, tt: -0.5 * (xx * xx).sum(1) - 0.5 * math.log(2 * math.pi) + 0 * tt
+
+    def std_normal(xx, tt):
+        return -0.5 * (xx * xx).sum(1) - 0.5 * math.log(2 * math.pi) + 0 * tt
     R = tr.fp_residual(std_normal, x, t, process, create_graph=False)
     f, g2 = -0.7, 1.3**2
     expected = f + f * (-x[:, 0] ** 2) - 0.5 * g2 * (-1 + x[:, 0] ** 2)   # ∂t u = 0, ∇u = −x, Δu = −1
@@ -162,7 +165,7 @@ def test_mlp_shapes_seed_and_potential_score():
     state = torch.random.get_rng_state()
     tr.MLP(2, hidden=16, layers=2, seed=6)
     assert torch.equal(state, torch.random.get_rng_state())          # seeded init leaves the global RNG alone
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
     x, t = torch.randn(7, 2), torch.rand(7) + 0.01
     assert a(x, t).shape == (7, 2) and a(x, torch.tensor(0.5)).shape == (7, 2)
@@ -187,7 +190,7 @@ def _tiny(loss, seed=0, iters=150, model_seed=0, **kw):
 def test_training_is_deterministic_given_the_seed():
     a, b, c = _tiny("cem", iters=30), _tiny("cem", iters=30), _tiny("cem", iters=30, seed=1)
     assert a.losses == b.losses and a.losses != c.losses
-    for p, q in zip(a.model.parameters(), b.model.parameters()):
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p, q)
     # data given as a sampler fn(n, seed=...) is seeded too
     s1 = tr.train(tr.MLP(2, 16, 1, seed=0), fd.datasets.spiral, fd.OU(), "eps", iters=5, batch_size=16, seed=2)

@@ -42,7 +42,8 @@ if not CUDA:
     except TypeError:   # triton < 3.7's interpreter turns loop bounds into 1-element arrays and calls int() on them
         if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
             pytest.skip(f"triton {triton.__version__}'s interpreter cannot run with numpy {np.__version__} (int() of a "
-                        "1-element array); use triton >= 3.7 (or a numpy that still converts 1-element arrays) for the interpreter tests",
+                        "1-element array); use triton >= 3.7 (or a numpy that still converts 1-element arrays) for "
+                        "the interpreter tests",
                         allow_module_level=True)
 DEV = "cuda" if CUDA else "cpu"
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
