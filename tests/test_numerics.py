@@ -383,3 +383,90 @@ def test_promotion_is_per_row_with_per_row_coefficients(backend):
     for r in range(4):
         Dr, Lr = fd.ops.posterior(x[r:r + 1], data, alpha[r], sigma[r], backend=backend)
         assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), f"row {r}"
+
+
+# ================================================================ blocked CPU kernel (issue 15)
+# The CPU kernel runs d >= 5 in blocks of 4 queries (padded with copies of the last row) and in groups of rows
+# that share each packed tile: every row's arithmetic must be the same whatever rows share its block or group.
+def blocked_problem(d, M=23, N=700, dtype=F32, seed=0):
+    g = torch.Generator().manual_seed(seed + d)
+    data = torch.randn(N, d, generator=g).to(dtype)
+    data[1::3] = data[::3][: data[1::3].shape[0]] + 1e-3 * torch.randn(data[1::3].shape, generator=g).to(dtype)
+    x = (0.9 * data[torch.randint(N, (M,), generator=g)] + 0.3 * torch.randn(M, d, generator=g)).to(dtype)
+    alpha = torch.rand(M, generator=g, dtype=F64) * 0.6 + 0.4          # both sides of α = ½ (c1 = 0 and 1)
+    sigma = torch.rand(M, generator=g, dtype=F64) * 0.5 + 0.05
+    lw = torch.randn(N, generator=g).to(dtype)
+    lw[::7] = -float("inf")
+    return x, data, alpha, sigma, lw
+
+
+ROW_SLICES = ((0, 1), (1, 4), (3, 10), (5, 23), (22, 23), (4, 8))
+
+
+@needs_cpu
+@pytest.mark.parametrize("d", [5, 64, 300, 784])
+def test_cpu_blocked_rows_alone_equal_rows_in_the_batch(d):
+    """23 rows (not a multiple of the block of 4), per-row α/σ, log-weights with −inf: rows [a:b] alone equal
+    rows a:b of the batch bit for bit (the kernel itself, no ops layer)."""
+    x, data, alpha, sigma, lw = blocked_problem(d)
+    D, L = cpu_kernel_posterior(x, data, alpha, sigma, lw)
+    for a, b in ROW_SLICES:
+        Dp, Lp = cpu_kernel_posterior(x[a:b], data, alpha[a:b], sigma[a:b], lw)
+        assert torch.equal(Dp, D[a:b]) and torch.equal(Lp, L[a:b]), f"d={d} rows {a}:{b}"
+    # the same rows again after other rows: a permuted batch gives every row its own bits
+    perm = torch.randperm(23, generator=torch.Generator().manual_seed(1))
+    Dq, Lq = cpu_kernel_posterior(x[perm], data, alpha[perm], sigma[perm], lw)
+    assert torch.equal(Dq, D[perm]) and torch.equal(Lq, L[perm])
+
+
+@needs_cpu
+@pytest.mark.parametrize("d", [5, 300])
+def test_cpu_blocked_rows_invariant_in_float64_and_many_rows(d):
+    """float64, and more rows than one group (> 128 a thread), N not a multiple of the tile or the vector."""
+    x, data, alpha, sigma, lw = blocked_problem(d, M=301, N=333, dtype=F64)
+    D, L = cpu_kernel_posterior(x, data, alpha, sigma, lw)
+    for a, b in ((0, 1), (127, 131), (255, 301), (300, 301)):
+        Dp, Lp = cpu_kernel_posterior(x[a:b], data, alpha[a:b], sigma[a:b], lw)
+        assert torch.equal(Dp, D[a:b]) and torch.equal(Lp, L[a:b]), f"d={d} rows {a}:{b}"
+
+
+@needs_cpu
+@pytest.mark.parametrize("d", [5, 64, 784])
+def test_cpu_blocked_step_and_sample_rows_invariant_and_equal_to_posterior(d):
+    """pointcloud_step of rows [a:b] alone equals the batch's rows, equals the posterior kernel then the
+    affine step bit for bit; pointcloud_sample of rows [a:b] alone equals the batch's rows."""
+    x, data, _, _, lw = blocked_problem(d, M=13)
+    step = fd.ops.pointcloud_step(x, data, 0.8, 0.3, 1.1, 0.4, 0.3, 5, 2, 0, lw, backend="cpu")
+    D, _ = cpu_kernel_posterior(x, data, 0.8, 0.3, lw)
+    assert torch.equal(step, fd.ops.affine_step(x, D, 1.1, 0.4, 0.3, 5, 2, 0, backend="cpu"))
+    alpha = torch.tensor([0.6, 0.8, 0.95], dtype=F64)
+    sigma = torch.tensor([0.8, 0.4, 0.1], dtype=F64)
+    A, B, C = torch.tensor([0.5, 0.4, 0.3], dtype=F64), torch.tensor([0.6, 0.7, 0.8], dtype=F64), torch.full((3,), 0.1, dtype=F64)
+    xs = x.clone()
+    fd.ops.pointcloud_sample(xs, data, alpha, sigma, A, B, C, 7, 0, lw, backend="cpu")
+    assert torch.isfinite(xs).all()
+    for a, b in ((0, 1), (3, 10), (12, 13)):
+        sa = fd.ops.pointcloud_step(x[a:b], data, 0.8, 0.3, 1.1, 0.4, 0.3, 5, 2, a, lw, backend="cpu")
+        assert torch.equal(sa, step[a:b]), f"step rows {a}:{b}"
+        xa = x[a:b].clone()
+        fd.ops.pointcloud_sample(xa, data, alpha, sigma, A, B, C, 7, a, lw, backend="cpu")
+        assert torch.equal(xa, xs[a:b]), f"sample rows {a}:{b}"
+
+
+@needs_cpu
+@pytest.mark.parametrize("d", [16, 300, 3072])
+def test_cpu_blocked_small_sigma_contract_random_and_near_duplicates(d):
+    """MATH.md §7 at σ = 1e-3 (and 1, 1e3) through the blocked kernel in float32, random and near-duplicate data,
+    against float64 direct differences; 11 rows (a padded block), several tiles of points."""
+    g = torch.Generator().manual_seed(d)
+    N = 2 * (1024 if d <= 64 else 96) + 37
+    for near in (False, True):
+        data = torch.randn(N, d, generator=g)
+        if near:
+            data[1::2] = data[::2][: N // 2] + 1e-3 / d ** 0.5 * torch.randn(N // 2, d, generator=g)
+        x = 0.9 * data[torch.randint(N, (11,), generator=g)] + 1e-3 * torch.randn(11, d, generator=g)
+        for sigma in (1e-3, 1.0, 1e3):
+            D, L = cpu_kernel_posterior(x, data, 0.9, sigma)
+            D64, L64 = ref_posterior(x.double(), data.double(), 0.9, sigma)
+            assert d_error(D, D64, data) <= 1e-4, (near, sigma)
+            assert float(((L.double() - L64).abs() - (1e-3 + 1e-6 * L64.abs())).max()) <= 0, (near, sigma)

@@ -1,0 +1,85 @@
+// Fixed-width SIMD values through the GCC/Clang vector extensions: the register-blocked posterior kernel
+// names its accumulators as whole vectors so they stay in registers, and the compiler emits the native
+// instructions of the build's -march (AVX-512, AVX2 or SSE2) without intrinsics.
+#pragma once
+#include <cstring>
+#include <utility>
+
+namespace fastdiff::cpu::simd {
+
+#if defined(__AVX512F__)
+constexpr int kBytes = 64;
+#elif defined(__AVX__)
+constexpr int kBytes = 32;
+#else
+constexpr int kBytes = 16;
+#endif
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float V __attribute__((vector_size(kBytes)));
+  typedef double D __attribute__((vector_size(kBytes)));
+  static constexpr int W = kBytes / 4;   // lanes of T
+  static constexpr int H = 2;            // double vectors per T vector
+};
+template <>
+struct Vec<double> {
+  typedef double V __attribute__((vector_size(kBytes)));
+  typedef double D __attribute__((vector_size(kBytes)));
+  static constexpr int W = kBytes / 8;
+  static constexpr int H = 1;
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V, typename T>
+inline void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+// Every lane equal to s: s − 0 is exact for every s (−0 − 0 = −0), and compiles to one broadcast.
+template <typename T>
+inline typename Vec<T>::V splat(T s) {
+  return s - typename Vec<T>::V{};
+}
+
+namespace detail {
+template <typename D, typename V, int... I>
+inline D widen(V v, std::integer_sequence<int, I...>) {
+  return __builtin_convertvector(__builtin_shufflevector(v, v, I...), D);
+}
+template <int Off, int... I>
+constexpr auto shifted(std::integer_sequence<int, I...>) {
+  return std::integer_sequence<int, (I + Off)...>{};
+}
+}  // namespace detail
+
+// acc[0..H) (doubles) += the lanes of v, lane for lane: the exact conversion of T partial sums into double.
+template <typename T>
+inline void add_wide(typename Vec<T>::D* acc, typename Vec<T>::V v) {
+  using S = Vec<T>;
+  if constexpr (S::H == 1) {
+    acc[0] += v;
+  } else {
+    constexpr auto lo = std::make_integer_sequence<int, S::W / 2>{};
+    acc[0] += detail::widen<typename S::D>(v, lo);
+    acc[1] += detail::widen<typename S::D>(v, detail::shifted<S::W / 2>(lo));
+  }
+}
+
+// The lanes of v summed by halving (lane i + lane i + W/2, ...): one fixed order for every caller.
+template <typename T>
+inline T lane_sum(typename Vec<T>::V v) {
+  T a[Vec<T>::W];
+  std::memcpy(a, &v, sizeof v);
+  for (int h = Vec<T>::W / 2; h >= 1; h /= 2)
+    for (int i = 0; i < h; ++i) a[i] = a[i] + a[i + h];
+  return a[0];
+}
+
+}  // namespace fastdiff::cpu::simd
