@@ -86,7 +86,8 @@ def test_posterior_reports_accuracy_beside_speed(quick_run):
     rows = [r for r in doc["rows"] if r["suite"] == "posterior"]
     assert {r["d"] for r in rows} == {2, 64, 784}
     providers = {r["provider"] for r in rows}
-    assert {"fastdiff[torch]", "torch naive", "torch.compile(naive)", "torch chunked (cuBLAS fp32)", "sdpa"} <= providers
+    assert {"fastdiff[torch]", "torch naive", "torch.compile(naive)", "torch chunked (cuBLAS fp32)",
+            "sdpa"} <= providers
     for r in rows:
         assert r["accurate"] in (True, False) and r["acc_shape"]
         assert r["err_D"] is not None and r["err_D_sigma"] is not None
@@ -131,7 +132,8 @@ def test_missing_peers_are_notes_not_errors(quick_run):
     _, doc, _ = quick_run
     errors = [n for n in doc["notes"] if n["kind"] == "error"]
     # harness-owned providers and whole cases must not fail; a fastdiff backend still under construction may
-    assert not [n for n in errors if n["provider"] in HARNESS_PROVIDERS or n["provider"].startswith(tuple(bench.SUITES))], errors
+    assert not [n for n in errors
+                if n["provider"] in HARNESS_PROVIDERS or n["provider"].startswith(tuple(bench.SUITES))], errors
     keops = [n for n in doc["notes"] if n["provider"] == "keops"]
     assert keops and keops[0]["kind"] == "skipped"      # not installed, or not in --quick runs
 
