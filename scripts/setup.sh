@@ -12,6 +12,8 @@ pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check
 
 echo "fastdiff setup: installing $TORCH_SPEC and the core/optional packages into $VENV"
 pip_install "$TORCH_SPEC" numpy pytest hypothesis ninja pybind11 setuptools wheel tqdm matplotlib scipy pot
+# Lint and type checkers for .ci/run, pinned: a new release brings new findings (.pre-commit-config.yaml matches ruff)
+pip_install ruff==0.17.6 mypy==2.4.1
 # Peers for the cross-check tests: k-diffusion's sampler module and what it imports (its package
 # metadata also pulls in a training stack (wandb, CLIP, ...) that fastdiff never uses).
 pip_install --no-deps k-diffusion==0.1.1.post1 torchsde torchdiffeq trampoline
