@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,9 +55,9 @@ CHURN_STEP_BASE = 2**31 + 2**30
 MAX_STEPS = 2**30 - 1
 
 # The options each method takes, with k-diffusion's defaults.
-_CHURN = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
-_ANCESTRAL = {"eta": 1.0, "s_noise": 1.0}
-METHOD_OPTIONS = {
+_CHURN: dict[str, Any] = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+_ANCESTRAL: dict[str, Any] = {"eta": 1.0, "s_noise": 1.0}
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "edm_euler": _CHURN,
     "euler_ancestral": _ANCESTRAL,
     "heun": _CHURN,
@@ -99,7 +100,7 @@ class MethodTable:
     rho: torch.Tensor
     hist_x: torch.Tensor
     hist_d: torch.Tensor
-    _lists: dict = field(default=None, repr=False, compare=False)
+    _lists: dict | None = field(default=None, repr=False, compare=False)
 
     def __len__(self):
         return self.A.numel()
@@ -135,6 +136,7 @@ class MethodTable:
             lists = {n: getattr(self, n).tolist() for n in names}
             lists["B"] = self.B.tolist()
             object.__setattr__(self, "_lists", lists)
+            return lists
         return self._lists
 
 
@@ -572,7 +574,7 @@ class ContractNoise:
         self.rho = table.lists()["rho"]
         self.seed = int(seed)
         self.index = torch.arange(sample_offset, sample_offset + rows, dtype=torch.int64, device=device)
-        self._stage = None
+        self._stage: torch.Tensor | None = None
 
     def __call__(self, k: int, kind: str, like: torch.Tensor) -> torch.Tensor:
         if kind == "churn":
@@ -584,6 +586,7 @@ class ContractNoise:
         rho = self.rho[k]
         if rho == 0.0:
             return w
+        assert self._stage is not None, "a correlated step noise follows its stage's draw"
         # one Brownian path through σ_s: the step's increment contains the stage's (k-diffusion's dpmpp_sde)
         return w.mul_(math.sqrt(1 - rho * rho)).add_(self._stage, alpha=rho)
 

@@ -222,7 +222,7 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
         _check_x0_range(denoiser, mtable, dtype, method)
         _warn_if_poor_table(process, mtable)
         _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory, mtable.history + 4)
-        run = _TableRun(denoiser, engine, mtable, seed, callback, return_trajectory)
+        run: _Run | _TableRun = _TableRun(denoiser, engine, mtable, seed, callback, return_trajectory)
     else:
         _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory)
         table = step_table(process, grid, method, ode, eta)
@@ -244,8 +244,8 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
             xc = torch.empty((m, d), dtype=dtype, device=device).copy_(x0[c0:c0 + m].reshape(m, d))
         if not fused and chunks > 1:
             bar.new_pass(f"fastdiff.sample chunk {i + 1}/{chunks}")
-        if table_method:   # the executor writes the chunk's trajectory in place
-            traj = None
+        traj: torch.Tensor | None = None
+        if isinstance(run, _TableRun):   # the executor writes the chunk's trajectory in place
             xc = run.chunk(xc, offset, bar, None if trajectory is None else trajectory[:, c0:c0 + m])
         else:
             xc, traj = run.chunk(xc, offset, bar)
@@ -261,7 +261,7 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
     if not bool(torch.isfinite(result).all()):
         warnings.warn("fastdiff.sample produced NaN or inf: the step table or the denoiser is unstable on this "
                       "grid (try more steps, method='ei-x0', or float64)", RuntimeWarning, stacklevel=3)
-    if return_trajectory:
+    if trajectory is not None:
         return result, trajectory.view(K + 1, n, *event_shape)
     return result
 
@@ -283,6 +283,7 @@ class _Run:
 
     def chunk(self, xc, offset, bar):
         if self.graphed:
+            assert self.lists is not None
             A, B, C = self.lists
             out = _graphs.run_chunk(self.den, xc, self.t, A, B, C, self.seed, offset, self.want_traj)
             bar.update(len(self.t))
@@ -299,6 +300,7 @@ class _Run:
         return xc, self._loop(xc, offset, bar)
 
     def _loop(self, xc, offset, bar):
+        assert self.lists is not None                                # (built for every non-fused run)
         A, B, C = self.lists
         traj = [xc.clone()] if self.want_traj else None
         cloud = self.den if isinstance(self.den, PointCloud) else None
@@ -514,7 +516,7 @@ def _check_memory(K, n, d, chunk, dtype, device, want_traj, table_buffers=0):
            f"working buffers for a chunk of {chunk} rows": chunk * d * ((4 + table_buffers) * item + 64)}
     if want_traj:
         dev[f"trajectory [{K + 1}, {n}, {d}]"] = (K + 1) * (n + chunk) * d * item   # the whole one + one chunk's
-    budgets = []
+    budgets: list[tuple[str, dict, int | None]] = []
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         budgets.append(("GPU memory free", dev, free))
