@@ -15,13 +15,15 @@ The same contract on every backend:
   the coefficients get no gradient: passing one that requires grad raises. pointcloud_sample (in place) has
   no backward and raises when x requires grad; out= raises when x, D or out requires grad. Under
   torch.no_grad() nothing is recorded and every op runs as usual.
+- torch.compile: while being compiled, each function calls its torch.library custom op (fastdiff.ops._library),
+  whose implementation is this eager function, so a compiled loop has no graph break and computes the same bits.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _backend, _checks, _precision
-from . import _autograd
+from . import _autograd, _library
 
 __all__ = ["posterior", "affine_step", "pointcloud_step", "pointcloud_sample"]
 
@@ -48,6 +50,8 @@ def posterior(x, data, alpha, sigma, log_weights=None, bandwidth: float = 0.0, *
 
     alpha, sigma: scalars or per-row [M]; data may be stored in any float dtype (upcast to x's).
     """
+    if torch.compiler.is_compiling():   # traced as one custom op (fastdiff.ops._library): no graph break
+        return _library.posterior(x, data, alpha, sigma, log_weights, bandwidth, backend=backend)
     _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
     impl = _backend.select("posterior", backend, **_backend.facts(x))
     if x.shape[0] == 0:
@@ -66,6 +70,8 @@ def _empty_posterior(x, data, *_):
 def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, out=None, backend: str = "auto"):
     """x_s = A·x + B·D + C·z with z from the noise contract (row i is global sample sample_offset + i).
     A, B, C: numbers. Pass out=x for an in-place update (any strides). Differentiable in x and D."""
+    if torch.compiler.is_compiling():
+        return _library.affine_step(x, D, A, B, C, seed, step, sample_offset, out=out, backend=backend)
     _checks.check_points_shape(x, "x")
     _checks.check_floating(D, "D", x.shape)
     _checks.check_same_device(x=x, D=D, out=out)
@@ -89,6 +95,9 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample
                     log_weights=None, bandwidth: float = 0.0, *, out=None, backend: str = "auto"):
     """The fused step: D of the point cloud at scalar (alpha, sigma), then x_s = A x + B D + C z.
     out=x updates in place (any strides). Differentiable in x."""
+    if torch.compiler.is_compiling():
+        return _library.pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights,
+                                        bandwidth, out=out, backend=backend)
     _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
     A, B, C = (_checks.check_number(v, n) for v, n in ((A, "A"), (B, "B"), (C, "C")))
     seed, sample_offset, step = _checks.check_counters(seed, sample_offset, x.shape[0], step)
@@ -109,6 +118,9 @@ def pointcloud_sample(x, data, alpha, sigma, A, B, C, seed: int, sample_offset: 
     """Every step of a table (alpha, sigma, A, B, C: [K] each) for a point cloud; x is updated in place.
     Returns the trajectory [K+1, M, d] when asked, else None. x may have any strides. No backward: x must not
     require grad while grad mode is on."""
+    if torch.compiler.is_compiling():
+        return _library.pointcloud_sample(x, data, alpha, sigma, A, B, C, seed, sample_offset, log_weights,
+                                          bandwidth, return_trajectory, backend=backend)
     if _autograd.grad_needed(x, data, log_weights):
         raise ValueError("pointcloud_sample has no backward (x is updated in place through every step): call it "
                          "under torch.no_grad(), or loop over pointcloud_step for gradients")
