@@ -96,7 +96,7 @@ def _mlp_step(model):
     return step
 
 
-def test_mlp_step_loop_compiles_once_and_gives_eager_bits():
+def test_mlp_step_loop_recompiles_once_only_and_gives_eager_bits():
     """A per-step compiled function: changing numbers (σ, A, B, C) and counters (step, sample_offset) are symbolic
     after the first step; dynamo compiles once more (its automatic-dynamic pass) and never again."""
     step = _mlp_step(_mlp())
