@@ -271,10 +271,11 @@ void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, doubl
 // kRows is padded with copies of its last row (results discarded), so every row runs the same
 // instantiation whatever rows share its block.
 constexpr int kRows = 4;
-constexpr int kVecs = 4;                // dimension vectors per weighted-sum block (kRows × kVecs accumulators)
+constexpr int kVecs = 4;                 // dimension vectors per weighted-sum block (kRows × kVecs accumulators)
 constexpr int64_t kChunk = 128;         // points summed in T before a weighted sum goes to double
-constexpr int64_t kGroupRows = 128;     // rows that share one packing of each tile
+constexpr int64_t kGroupRows = 128;     // rows that go through each tile together (reuse in L2)
 constexpr int64_t kTileBytes = 196608;  // one copy of a tile (x2 with the row-major copy) kept in L2
+static_assert(kGroupRows % kRows == 0, "a group is padded to whole blocks within kGroupRows rows");
 
 template <typename T>
 constexpr int kW = simd::Vec<T>::W;
