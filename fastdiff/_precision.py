@@ -64,7 +64,7 @@ def float64_rows_trajectory(x, data, alpha, sigma, A, B, C, bandwidth=0.0) -> to
     xmax = x.detach().abs().amax(1).to("cpu", torch.float64)
     need = torch.zeros(M, dtype=torch.bool)
     for a, s, Ak, Bk, Ck in zip(*(torch.as_tensor(t, dtype=torch.float64).reshape(-1).tolist()
-                                  for t in (alpha, sigma, A, B, C))):
+                                  for t in (alpha, sigma, A, B, C)), strict=True):
         c = a * a * v + s * s
         inv2c = torch.tensor(0.5 / c if c > 0 else float("inf"), dtype=torch.float64)
         need |= _needs64(xmax, torch.tensor(a, dtype=torch.float64), inv2c, ymax, d)

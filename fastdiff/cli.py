@@ -90,10 +90,11 @@ def _scatter(panels, path: Path, title: str):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("fastdiff: matplotlib is not installed (pip install 'fastdiff[plot]'); no figure written", file=sys.stderr)
+        print("fastdiff: matplotlib is not installed (pip install 'fastdiff[plot]'); no figure written",
+              file=sys.stderr)
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
-    for ax, (name, x) in zip(axes[0], panels):
+    for ax, (name, x) in zip(axes[0], panels, strict=True):
         x = x.detach().cpu().double().numpy()
         if x.shape[1] == 1:
             ax.hist(x[:, 0], bins=100, density=True, color="tab:blue")
@@ -210,7 +211,6 @@ def cmd_sample(args):
 
     import fastdiff as fd
     from fastdiff.sampling import check_device
-
     from fastdiff.schedules import as_integer
 
     as_integer(args.seed, "seed", 0, 2**64 - 1)       # before the data set's generator overflows on it
@@ -294,8 +294,8 @@ def cmd_info(args):
         lines.append("fastdiff._C: not loaded")
     else:
         lines.append("fastdiff._C: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
-    lines.append("backends (auto order: " + "; ".join(f"{dev}: {' > '.join(o)}" for dev, o in _backend.AUTO_ORDER.items())
-                 + "):")
+    auto_order = "; ".join(f"{dev}: {' > '.join(o)}" for dev, o in _backend.AUTO_ORDER.items())
+    lines.append("backends (auto order: " + auto_order + "):")
     for name, reasons in _backend.describe().items():
         lines.append(f"  {name:7s} {_backend_status(name, reasons, cuda)}")
     import importlib.util
@@ -329,9 +329,13 @@ def run_demo(out_dir: Path, n_data: int = 500, n: int = 10_000, steps: int = 100
     data32 = data.float()
     grid = ((-1.6, 1.6), (-1.6, 1.6))
     g = torch.Generator().manual_seed(seed)
-    exact = data[torch.randint(n_data, (n,), generator=g)] + bandwidth**0.5 * torch.randn(n, 2, generator=g, dtype=torch.float64)
+    centres = data[torch.randint(n_data, (n,), generator=g)]     # drawn before the noise: g's order is the seed's
+    exact = centres + bandwidth**0.5 * torch.randn(n, 2, generator=g, dtype=torch.float64)
     truth = fd.PointCloud(data, fd.PureVE(T=T), bandwidth=bandwidth)       # p_0 does not depend on the process
-    density = lambda z: truth.data_log_prob(z).exp()
+
+    def density(z):
+        return truth.data_log_prob(z).exp()
+
     # KL of exact draws from the truth: the floor set by the histogram estimator at this n and grid.
     floor = fd.metrics.kl_histogram(exact, density=density, bins=50, range=grid)
     results = [{"process": "exact samples (floor)", "repr": "kernel density", "kl": floor, "seconds": 0.0}]
@@ -356,7 +360,8 @@ def cmd_demo(args):
     t0 = time.perf_counter()
     n, steps = (2000, 50) if args.quick else (args.n, args.steps)
     results, png = run_demo(Path(args.out), n=n, steps=steps, seed=args.seed, progress=args.progress)
-    print(f"swiss roll (kernel density, bandwidth v = {DEMO_BANDWIDTH:g}: a kernel variance, std {DEMO_BANDWIDTH ** 0.5:g}), "
+    print(f"swiss roll (kernel density, bandwidth v = {DEMO_BANDWIDTH:g}: a kernel variance, "
+          f"std {DEMO_BANDWIDTH ** 0.5:g}), "
           f"{n} samples, {steps} steps, reverse SDE, method ei")
     print("KL(samples || true density), 50x50 histogram on [-1.6, 1.6]^2, empty-bin floor 1e-12:")
     for r in results:
@@ -368,7 +373,8 @@ def cmd_demo(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="fastdiff", description="Correct and fast samplers for score-based diffusion models.")
+    p = argparse.ArgumentParser(prog="fastdiff",
+                                description="Correct and fast samplers for score-based diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sample", help="sample a point cloud (a data set or a file) with its exact score",
@@ -460,7 +466,8 @@ def cmd_reproduce(args):
     from . import reproduce
     names = list(reproduce.EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     if args.experiment != "all" and args.experiment not in reproduce.EXPERIMENTS:
-        raise ValueError(f"unknown experiment {args.experiment!r}; choose one of {', '.join(reproduce.EXPERIMENTS)} or all")
+        raise ValueError(f"unknown experiment {args.experiment!r}; "
+                         f"choose one of {', '.join(reproduce.EXPERIMENTS)} or all")
     if args.out is not None and len(names) > 1:
         raise ValueError("--out names one experiment's folder; with 'all' the default folders are used")
     for name in names:

@@ -4,8 +4,8 @@ import subprocess
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from fastdiff.cli import main
 
@@ -25,8 +25,8 @@ def test_sample_from_a_user_file_to_npy(tmp_path):
     src = tmp_path / "pts.csv"
     src.write_text("x,y,z\n" + "\n".join(f"{i % 3},{i % 5},{i % 7}" for i in range(30)))
     out = tmp_path / "s.npy"
-    assert main(["sample", "--data", str(src), "--process", "pure-ve", "--T", "20", "--steps", "30", "--schedule", "karras",
-                 "--n", "40", "--method", "ei-x0", "--ode", "--out", str(out)]) == 0
+    assert main(["sample", "--data", str(src), "--process", "pure-ve", "--T", "20", "--steps", "30",
+                 "--schedule", "karras", "--n", "40", "--method", "ei-x0", "--ode", "--out", str(out)]) == 0
     x = np.load(out)
     assert x.shape == (40, 3)
     # ODE with the exact score of 30 points: samples land near data points
@@ -133,7 +133,8 @@ def test_empty_or_corrupt_data_files_exit_2(tmp_path, capsys):
 
 def test_n_data_is_used_for_every_data_set_and_refused_for_files(tmp_path, capsys):
     out = tmp_path / "c.npz"
-    assert _run_sample(capsys, "--data", "circle", "--n-data", "5", "--n", "20", "--steps", "30", "--out", str(out))[0] == 0
+    code = _run_sample(capsys, "--data", "circle", "--n-data", "5", "--n", "20", "--steps", "30", "--out", str(out))[0]
+    assert code == 0
     assert np.load(out)["data"].shape == (5, 2)
     assert _run_sample(capsys, "--data", "circle", "--n", "20", "--steps", "30", "--out", str(out))[0] == 0
     assert np.load(out)["data"].shape == (8, 2)                 # circle's own default

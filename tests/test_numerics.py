@@ -6,6 +6,7 @@ Triton runs under the interpreter on CPU tensors when there is no GPU (as in tes
 """
 import contextlib
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -13,9 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastdiff as fd  # noqa: E402
-from fastdiff import _backend, _precision  # noqa: E402
-from fastdiff.reference import posterior as ref_posterior  # noqa: E402
+import fastdiff as fd
+from fastdiff import _backend, _precision
+from fastdiff.reference import posterior as ref_posterior
 
 F32, F64 = torch.float32, torch.float64
 F32_MAX = torch.finfo(F32).max
@@ -354,14 +355,15 @@ def test_triton_launchers_guard_the_tensors_device(monkeypatch):
     for d in (3, 67):
         x = torch.randn(5, d, generator=g).to(DEV)
         data = torch.randn(40, d, generator=g).to(DEV)
+        # partial binds this iteration's x and data (the calls run within the iteration)
         calls = [
-            lambda: ft.posterior(x, data, 0.9, 0.5),
-            lambda: ft.affine_step(x, x, 0.5, 0.5, 0.1, 1, 0),
-            lambda: ft.pointcloud_step(x, data, 0.9, 0.5, 0.5, 0.5, 0.1, 1, 0),
-            lambda: ft.pointcloud_sample(x, data, torch.tensor([[1.0, 0.9, 0.5, 0.5, 0.5, 0.1]], dtype=F64), 1),
+            partial(ft.posterior, x, data, 0.9, 0.5),
+            partial(ft.affine_step, x, x, 0.5, 0.5, 0.1, 1, 0),
+            partial(ft.pointcloud_step, x, data, 0.9, 0.5, 0.5, 0.5, 0.1, 1, 0),
+            partial(ft.pointcloud_sample, x, data, torch.tensor([[1.0, 0.9, 0.5, 0.5, 0.5, 0.1]], dtype=F64), 1),
         ]
         if d > 64:
-            calls.append(lambda: _triton_posterior()(x, data, 0.9, 0.5, splits=2))
+            calls.append(partial(_triton_posterior(), x, data, 0.9, 0.5, splits=2))
         for call in calls:
             seen.clear()
             call()
@@ -441,7 +443,8 @@ def test_cpu_blocked_step_and_sample_rows_invariant_and_equal_to_posterior(d):
     assert torch.equal(step, fd.ops.affine_step(x, D, 1.1, 0.4, 0.3, 5, 2, 0, backend="cpu"))
     alpha = torch.tensor([0.6, 0.8, 0.95], dtype=F64)
     sigma = torch.tensor([0.8, 0.4, 0.1], dtype=F64)
-    A, B, C = torch.tensor([0.5, 0.4, 0.3], dtype=F64), torch.tensor([0.6, 0.7, 0.8], dtype=F64), torch.full((3,), 0.1, dtype=F64)
+    A, B = torch.tensor([0.5, 0.4, 0.3], dtype=F64), torch.tensor([0.6, 0.7, 0.8], dtype=F64)
+    C = torch.full((3,), 0.1, dtype=F64)
     xs = x.clone()
     fd.ops.pointcloud_sample(xs, data, alpha, sigma, A, B, C, 7, 0, lw, backend="cpu")
     assert torch.isfinite(xs).all()

@@ -109,11 +109,15 @@ def posterior(x: torch.Tensor, data: torch.Tensor, alpha, sigma, log_weights=Non
         return _posterior(x, data, a64, s64, lw, v, block_elems)
     D, L = torch.empty_like(x), torch.empty(M, dtype=x.dtype, device=x.device)
     for r0, r1, promote in _precision.runs(need64):
-        rows = lambda t: t if t.numel() == 1 else t[r0:r1]   # noqa: E731
         xr = x[r0:r1].to(torch.float64) if promote else x[r0:r1]
-        Dr, Lr = _posterior(xr, data, rows(a64), rows(s64), lw, v, block_elems)
+        Dr, Lr = _posterior(xr, data, _rows(a64, r0, r1), _rows(s64, r0, r1), lw, v, block_elems)
         D[r0:r1], L[r0:r1] = Dr, _precision.saturate(Lr, L.dtype)
     return D, L
+
+
+def _rows(t, r0, r1):
+    """Rows r0:r1 of a per-row [M] tensor; a broadcast [1] tensor as it is."""
+    return t if t.numel() == 1 else t[r0:r1]
 
 
 def _posterior(x, data, a64, s64, lw, v, block_elems):

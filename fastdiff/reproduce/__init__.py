@@ -68,8 +68,10 @@ def run(name: str, quick: bool = False, smoke: bool = False, out=None, seed: int
     flag = {"smoke": " --smoke", "quick": " --quick", "full": ""}[mode]
     header = (f"# `{name}`: {DESCRIPTIONS[name]}\n\n"
               f"Command: `fastdiff reproduce {name}{flag} --seed {seed}` · mode **{mode}** · "
-              f"runtime {seconds:.0f} s on {torch.get_num_threads() if not threads else min(int(threads), prev_threads)} "
-              f"CPU thread(s) · fastdiff {__version__}, torch {torch.__version__}, python {platform.python_version()}\n")
+              f"runtime {seconds:.0f} s on "
+              f"{torch.get_num_threads() if not threads else min(int(threads), prev_threads)} "
+              f"CPU thread(s) · fastdiff {__version__}, torch {torch.__version__}, python "
+              f"{platform.python_version()}\n")
     if mode == "smoke":
         header += "\n> **Smoke mode**: tiny sizes that only exercise the code; the numbers below mean nothing.\n"
     path = out / "results.md"

@@ -155,10 +155,12 @@ def experiment(ctx: Context) -> str:
             per_step = []
             for tk, tn in itertools.pairwise(times):
                 x0 = samplers[name](ctx.pick(100, 500, 2000))
-                xt = process.alpha(tk) * x0 + process.sigma(tk) * torch.randn(x0.shape[0], 2, generator=g, dtype=torch.float64)
+                xt = (process.alpha(tk) * x0
+                      + process.sigma(tk) * torch.randn(x0.shape[0], 2, generator=g, dtype=torch.float64))
                 a = _targets(den, xt, tk)
                 b = _targets(den, xt, tn)
-                per_step.append((tk, [float((u - v).pow(2).sum(1).mean().sqrt() / v.pow(2).sum(1).mean().sqrt().clamp_min(1e-300))
+                per_step.append((tk, [float((u - v).pow(2).sum(1).mean().sqrt()
+                                            / v.pow(2).sum(1).mean().sqrt().clamp_min(1e-300))
                                       for u, v in zip(a, b, strict=True)]))
             frozen[(name, sched)] = per_step
             frozen_rows.append([name, sched] + [max(r[1][i] for r in per_step) for i in (0, 2)]
@@ -172,7 +174,8 @@ def experiment(ctx: Context) -> str:
     width = 0.27
     for i, sched in enumerate(SCHEDULES):
         w = cloud_res[(20, K0, sched, "ei")]["weights"]
-        ax.bar([j + (i - 1) * width for j in range(20)], w, width=width, label=f"{sched} (TV {fmt(cloud_res[(20, K0, sched, 'ei')]['tv'])})")
+        ax.bar([j + (i - 1) * width for j in range(20)], w, width=width,
+               label=f"{sched} (TV {fmt(cloud_res[(20, K0, sched, 'ei')]['tv'])})")
     ax.axhline(1 / 20, color="k", lw=1)
     ax.set_title(f"20-point cloud: recovered weights, K = {K0}, ei, n = {n}", fontsize=9)
     ax.set_xlabel("data point")
@@ -186,14 +189,17 @@ def experiment(ctx: Context) -> str:
     ax.scatter(xs[:, 0], xs[:, 1], s=3, alpha=0.4, label="uniform grid", color="tab:blue", rasterized=True)
     ax.scatter(xe[:, 0], xe[:, 1], s=3, alpha=0.4, label="exponential grid", color="tab:red", rasterized=True)
     ax.scatter(y[:, 0], y[:, 1], s=30, facecolors="none", edgecolors="k", label="data")
-    ax.set_title(f"20 points, ei-x0, K = {K0}: samples off the data (uniform: {fmt(1 - cloud_res[(20, K0, 'uniform', 'ei-x0')]['mem'])} not memorised)", fontsize=8)
+    ax.set_title(f"20 points, ei-x0, K = {K0}: samples off the data "
+                 f"(uniform: {fmt(1 - cloud_res[(20, K0, 'uniform', 'ei-x0')]['mem'])} not memorised)", fontsize=8)
     ax.legend(fontsize=7)
     ax.set_aspect("equal")
     ax = axes[1][0]
     rows = sing["line"]
-    for col, lab, c in ((2, "score s (RMS over p_t)", "tab:red"), (3, "ε (RMS)", "tab:orange"), (4, "D (RMS)", "tab:green"),
-                        (5, "score at x* = (1, 0)", "tab:red"), (6, "ε at x*", "tab:orange"), (7, "D at x*", "tab:green")):
-        ax.loglog([r[0] for r in rows], [r[col] for r in rows], "-" if col < 5 else "--", color=c, label=lab, marker=".")
+    for col, lab, c in ((2, "score s (RMS over p_t)", "tab:red"), (3, "ε (RMS)", "tab:orange"),
+                        (4, "D (RMS)", "tab:green"), (5, "score at x* = (1, 0)", "tab:red"),
+                        (6, "ε at x*", "tab:orange"), (7, "D at x*", "tab:green")):
+        ax.loglog([r[0] for r in rows], [r[col] for r in rows], "-" if col < 5 else "--", color=c, label=lab,
+                  marker=".")
     ax.set_xlabel("t")
     ax.set_title("line distribution: size of the targets (dashed: off the line)", fontsize=9)
     ax.legend(fontsize=7)
@@ -259,24 +265,39 @@ the conditional expectation D stays bounded; smaller t₁ gives smaller errors.
   against {fmt(tv_mc[5])} ± {fmt(tv_sd[5])} expected from {n} exact multinomial draws (the paper's own Table 1 has
   TV {fmt(paper_tv)} from its 10 000 samples).
 - (ii) **{label_ii}**. The uniform grid is the worst of the three on the point clouds in {unif_worst}/{len(cells)}
-  (points, K, method) cells; at K = {K0} with ei the TV is {fmt(tvs['uniform'][0])} / {fmt(tvs['quadratic'][0])} / {fmt(tvs['exponential'][0])}
-  (5 points) and {fmt(tvs['uniform'][1])} / {fmt(tvs['quadratic'][1])} / {fmt(tvs['exponential'][1])} (20 points) for uniform / quadratic / exponential
-  (Monte Carlo level {fmt(tv_mc[5])} ± {fmt(tv_sd[5])} and {fmt(tv_mc[20])} ± {fmt(tv_sd[20])}); the χ² test (p < 0.01) rejects exact weights in
-  {rejects['uniform']} / {rejects['quadratic']} / {rejects['exponential']} of the {len(cells)} cells per grid (uniform / quadratic / exponential). Exponential vs quadratic: the exponential grid is the best of the three in {exp_wins}/{len(wins)} cells, but the
+  (points, K, method) cells; at K = {K0} with ei the TV is {fmt(tvs['uniform'][0])} / {fmt(tvs['quadratic'][0])} / \
+{fmt(tvs['exponential'][0])}
+  (5 points) and {fmt(tvs['uniform'][1])} / {fmt(tvs['quadratic'][1])} / {fmt(tvs['exponential'][1])} (20 points) for \
+uniform / quadratic / exponential
+  (Monte Carlo level {fmt(tv_mc[5])} ± {fmt(tv_sd[5])} and {fmt(tv_mc[20])} ± {fmt(tv_sd[20])}); the χ² test (p < \
+0.01) rejects exact weights in
+  {rejects['uniform']} / {rejects['quadratic']} / {rejects['exponential']} of the {len(cells)} cells per grid (uniform \
+/ quadratic / exponential). Exponential vs quadratic: the exponential grid is the best of the three in \
+{exp_wins}/{len(wins)} cells, but the
   difference exceeds the Monte Carlo resolution (≈ 2√2 sd) in only {exp_beats_quad} cell(s) in its favour and
   {quad_beats_exp} against, so "quadratic slightly inferior" is **not resolved** at n = {n}. On the line (exact
-  law by the oracle, ei, K = {K0}) the along-line KL is {fmt(line_kl['uniform'])} / {fmt(line_kl['quadratic'])} / {fmt(line_kl['exponential'])}
-  (uniform / quadratic / exponential): the {line_best} grid is best{"" if line_best == "exponential" else f" and the exponential one is {fmt(line_kl['exponential'] / line_kl[line_best])}× worse — **disagree** for this distribution"}.
+  law by the oracle, ei, K = {K0}) the along-line KL is {fmt(line_kl['uniform'])} / {fmt(line_kl['quadratic'])} / \
+{fmt(line_kl['exponential'])}
+  (uniform / quadratic / exponential): the {line_best} grid is \
+best{"" if line_best == "exponential" else
+      f" and the exponential one is {fmt(line_kl['exponential'] / line_kl[line_best])}× worse"
+      " — **disagree** for this distribution"}.
   The *distance to the support* does not depend on the grid for euler and ei: it is set by the noise
-  of the last step from t₁ to 0 (√(1 − e^(−t₁)) ≈ {fmt(math.sqrt(-math.expm1(-T1)))}); ei-x0, which steps to σ = 0 exactly, lands on
+  of the last step from t₁ to 0 (√(1 − e^(−t₁)) ≈ {fmt(math.sqrt(-math.expm1(-T1)))}); ei-x0, which steps to σ = 0 \
+exactly, lands on
   the data (distance ~1e−7, float32) except for samples the uniform grid leaves between points. Smaller
   t₁ shrinks that distance as √t₁ (t₁ table), as the paper says.
-- (iii) **{"agree" if ok_iii else "disagree"}**. Fitted exponents in σ for t ≤ 1e−2 (table below): at the fixed off-support point the
+- (iii) **{"agree" if ok_iii else "disagree"}**. Fitted exponents in σ for t ≤ 1e−2 (table below): at the fixed \
+off-support point the
   score grows like σ^{fmt(sl['line'][3])} (theory −2), ε like σ^{fmt(sl['line'][4])} (theory −1) and D like
-  σ^{fmt(sl['line'][5])} (bounded); averaged over p_t the score grows like σ^{fmt(sl['line'][0])} (−1), ε and D stay O(1).
-  Over one step the score changes by up to {fmt(max(r[1][0] for r in frozen[('line', 'uniform')]))}× its size on the uniform grid and
-  {fmt(max(r[1][0] for r in frozen[('line', 'exponential')]))}× on the exponential one (eq. (41) equalises the drift per step, as designed), while D
-  changes by at most {fmt(max(r[1][2] for r in frozen[('line', 'uniform')]))} (uniform) and {fmt(max(r[1][2] for r in frozen[('line', 'exponential')]))} (exponential): D is the smooth
+  σ^{fmt(sl['line'][5])} (bounded); averaged over p_t the score grows like σ^{fmt(sl['line'][0])} (−1), ε and D stay \
+O(1).
+  Over one step the score changes by up to {fmt(max(r[1][0] for r in frozen[('line', 'uniform')]))}× its size on the \
+uniform grid and
+  {fmt(max(r[1][0] for r in frozen[('line', 'exponential')]))}× on the exponential one (eq. (41) equalises the drift \
+per step, as designed), while D
+  changes by at most {fmt(max(r[1][2] for r in frozen[('line', 'uniform')]))} (uniform) and \
+{fmt(max(r[1][2] for r in frozen[('line', 'exponential')]))} (exponential): D is the smooth
   target, but the exponential grid's few large steps at large t are where D moves most.
 """
     return f"""
@@ -284,11 +305,15 @@ the conditional expectation D stays bounded; smaller t₁ gives smaller errors.
 
 {settings_list({
     "process": "OU(θ = ½, g = 1), T = 10 (α = e^(−t/2), σ² = 1 − e^(−t)), prior N(0, I)",
-    "data": f"point clouds of 5 and 20 points drawn from N(0, I₂) (seed {ctx.seed}), equal weights (`fd.PointCloud`, bandwidth 0); the line N(0, [[1, 1], [1, 1]]) (`fd.Gaussian`, singular)",
-    "grids": f"uniform, quadratic, exponential (eq. (41)) with K ∈ {Ks} steps from T to t₁ = {T1}, then one step to 0 (D never evaluated at 0)",
+    "data": f"point clouds of 5 and 20 points drawn from N(0, I₂) (seed {ctx.seed}), equal weights (`fd.PointCloud`, "
+            "bandwidth 0); the line N(0, [[1, 1], [1, 1]]) (`fd.Gaussian`, singular)",
+    "grids": f"uniform, quadratic, exponential (eq. (41)) with K ∈ {Ks} steps from T to t₁ = {T1}, then one step to 0 "
+             "(D never evaluated at 0)",
     "methods": ", ".join(methods) + " (reverse SDE); ei is closest to the paper's splitting scheme",
     "samples": f"{n} per configuration (the paper: 10 000)",
-    "metrics": "recovered weights (nearest data point), total variation to 1/N and χ²/(N−1) (≈ 1 for exact weights), distance to the nearest data point, memorisation ratio (nearest < ⅓ second nearest); for the line the exact output law from `fd.gaussian_oracle`",
+    "metrics": "recovered weights (nearest data point), total variation to 1/N and χ²/(N−1) (≈ 1 for exact weights), "
+               "distance to the nearest data point, memorisation ratio (nearest < ⅓ second nearest); for the line the "
+               "exact output law from `fd.gaussian_oracle`",
 })}
 
 ## Verdict
@@ -299,7 +324,8 @@ the conditional expectation D stays bounded; smaller t₁ gives smaller errors.
 
 {table(["N", "K", "grid", "method", "TV", "χ²/dof", "p", "mean dist", "99% dist", "max dist", "memorised"], cloud_rows)}
 
-Total variation expected from exact multinomial sampling at n = {n}: {fmt(tv_mc[5])} (5 points), {fmt(tv_mc[20])} (20 points).
+Total variation expected from exact multinomial sampling at n = {n}: {fmt(tv_mc[5])} (5 points), {fmt(tv_mc[20])} (20 \
+points).
 
 ## The line (exact, by the Gaussian oracle)
 
@@ -307,7 +333,8 @@ RMS distance to the line and KL of the along-line marginal against N(0, 2):
 
 {table(["K", "grid", "method", "RMS distance", "KL along the line"], line_rows)}
 
-Sampling check (exponential grid, K = {max(Ks)}, ei, {n} samples): RMS distance {fmt(line_check[0])} sampled vs {fmt(line_check[1])} exact.
+Sampling check (exponential grid, K = {max(Ks)}, ei, {n} samples): RMS distance {fmt(line_check[0])} sampled vs \
+{fmt(line_check[1])} exact.
 
 Effect of t₁ (exponential grid, K = {max(Ks)}): RMS distance and along-line KL per method:
 

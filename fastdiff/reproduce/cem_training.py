@@ -134,7 +134,8 @@ def _experiment(ctx: Context) -> str:
     n_ref = ctx.pick(2_000, 200_000, 1_000_000)
     m_err = ctx.pick(200, 4_000, 20_000)
     ts = ctx.pick([1e-4, 1e-2, 1.0], [1e-4, 1e-3, 1e-2, 1e-1, 1.0], [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
-    datasets = {"line": _Line(), "spiral": _Spiral(dense=ctx.pick(2_001, 10_001, 20_001), cloud=ctx.pick(200, 1_000, 2_000))}
+    datasets = {"line": _Line(),
+                "spiral": _Spiral(dense=ctx.pick(2_001, 10_001, 20_001), cloud=ctx.pick(200, 1_000, 2_000))}
     times = fd.time_grid(process, K, "exponential", T1, append_zero=True)
     gen = torch.Generator().manual_seed(ctx.seed + 1)
 
@@ -147,7 +148,8 @@ def _experiment(ctx: Context) -> str:
         # no structure at all: a Gaussian with the data's mean and covariance (for the line that is the
         # line itself, so this reference only means something for the spiral)
         mu, c = reference.mean(0), torch.cov(reference.T)
-        fit = mu + torch.randn(n, 2, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(c + 1e-12 * torch.eye(2, dtype=torch.float64)).T
+        fit = mu + (torch.randn(n, 2, generator=gen, dtype=torch.float64)
+                    @ torch.linalg.cholesky(c + 1e-12 * torch.eye(2, dtype=torch.float64)).T)
         blob[dname] = float(ds.project(fit)[0].mean())
         # the best this sampler can do: the exact conditional expectation on the same grid
         x = fd.sample(ds.exact_denoiser(process), n=n, times=times, method="ei", seed=ctx.seed)
@@ -217,8 +219,10 @@ def _experiment(ctx: Context) -> str:
     ax = axes[-1]
     for loss in LOSSES:
         e = errors[loss]
-        ax.loglog([r[0] for r in e], [max(r[1], 1e-12) for r in e], "-o", ms=3, color=colors[loss], label=f"{LABEL[loss]}: own target")
-        ax.loglog([r[0] for r in e], [max(r[3], 1e-12) for r in e], ":", color=colors[loss], label=f"{LABEL[loss]}: implied D")
+        ax.loglog([r[0] for r in e], [max(r[1], 1e-12) for r in e], "-o", ms=3, color=colors[loss],
+                  label=f"{LABEL[loss]}: own target")
+        ax.loglog([r[0] for r in e], [max(r[3], 1e-12) for r in e], ":", color=colors[loss],
+                  label=f"{LABEL[loss]}: implied D")
     ax.set_xlabel("t")
     ax.set_title("line: L2 error against the exact formulas", fontsize=9)
     ax.legend(fontsize=6)
@@ -250,8 +254,10 @@ def _experiment(ctx: Context) -> str:
                      + f": DSM/CEM = {fmt(pol[d]['dsm'] / pol[d]['cem'])}×, ε/CEM = "
                      f"{fmt(pol[d]['eps'] / pol[d]['cem'])}×, CEM/exact = {fmt(pol[d]['cem'] / pol[d]['exact'])}×."
                      + ("" if d in resolved else " **No network has learned this manifold in this mode** (best "
-                        f"{fmt(min(pol[d][k] for k in LOSSES) / pol[d]['exact'])}× the exact distance): the ordering here is not evidence."))
-    kl_lines = "; ".join(f"{d}: CEM {fmt(kl[d]['cem'])}, DSM {fmt(kl[d]['dsm'])}, ε {fmt(kl[d]['eps'])} (floor {fmt(floors[d]['kl_along'])})"
+                        f"{fmt(min(pol[d][k] for k in LOSSES) / pol[d]['exact'])}× the exact distance): the ordering "
+                        f"here is not evidence."))
+    kl_lines = "; ".join(f"{d}: CEM {fmt(kl[d]['cem'])}, DSM {fmt(kl[d]['dsm'])}, ε {fmt(kl[d]['eps'])} "
+                         f"(floor {fmt(floors[d]['kl_along'])})"
                          for d in datasets)
     ctx.results.update({
         "metrics": {f"{d}|{k}": v for (d, k), v in res.items()}, "floors": floors, "gaussian_fit_distance": blob,
@@ -274,39 +280,61 @@ steps (t → 0) while the error of the CEM target stays small.
 **What we find** (same network, initial weights, data stream and sampler for all three losses):
 - pollution, the mean distance of the samples to the data manifold:
 {chr(10).join(lines)}
-  On the {nr} data set(s) where the comparison resolves ({", ".join(resolved) or "none"}), CEM has the least pollution on
-  {len(cem_best)}/{nr} and ε beats DSM on {len(eps_lt_dsm)}/{nr}: **{word(len(cem_best), nr)}** with the CEM claim, **{word(len(eps_lt_dsm), nr).lower()}** with DDPM better
+  On the {nr} data set(s) where the comparison resolves ({", ".join(resolved) or "none"}), CEM has the least pollution \
+on
+  {len(cem_best)}/{nr} and ε beats DSM on {len(eps_lt_dsm)}/{nr}: **{word(len(cem_best), nr)}** with the CEM claim, \
+**{word(len(eps_lt_dsm), nr).lower()}** with DDPM better
   than SGM{"" if nr == len(datasets) else " (on the resolved data only)"}.
-- L2 error on the line at t = {fmt(e0['cem'][0])} vs t = {fmt(e_last['cem'][0])}, own target (relative to the exact target's RMS in brackets):
-  DSM {fmt(e0['dsm'][1])} [{fmt(e0['dsm'][1] / e0['dsm'][2])}] vs {fmt(e_last['dsm'][1])}: {fmt(growth['dsm'])}× growth; ε {fmt(e0['eps'][1])} [{fmt(e0['eps'][1] / e0['eps'][2])}]
-  vs {fmt(e_last['eps'][1])}: {fmt(growth['eps'])}×; CEM {fmt(e0['cem'][1])} [{fmt(e0['cem'][1] / e0['cem'][2])}] vs {fmt(e_last['cem'][1])}: {fmt(growth['cem'])}×.
-  **{"Agree" if growth['dsm'] > growth['cem'] and growth['eps'] > growth['cem'] else "Disagree"}** that the score and ε errors grow faster towards t = 0 than the CEM error (a relative
+- L2 error on the line at t = {fmt(e0['cem'][0])} vs t = {fmt(e_last['cem'][0])}, own target (relative to the exact \
+target's RMS in brackets):
+  DSM {fmt(e0['dsm'][1])} [{fmt(e0['dsm'][1] / e0['dsm'][2])}] vs {fmt(e_last['dsm'][1])}: {fmt(growth['dsm'])}× \
+growth; ε {fmt(e0['eps'][1])} [{fmt(e0['eps'][1] / e0['eps'][2])}]
+  vs {fmt(e_last['eps'][1])}: {fmt(growth['eps'])}×; CEM {fmt(e0['cem'][1])} [{fmt(e0['cem'][1] / e0['cem'][2])}] vs \
+{fmt(e_last['cem'][1])}: {fmt(growth['cem'])}×.
+  **{"Agree" if growth['dsm'] > growth['cem'] and growth['eps'] > growth['cem'] else "Disagree"}** that the score and \
+ε errors grow faster towards t = 0 than the CEM error (a relative
   error near 1 means the network does not follow the blow-up at all). But the sampler uses the D each
-  network implies, D = (x + σ²s)/α, and σ² hides the score's error at the very end: at t = {fmt(e0['cem'][0])} the implied D is
-  off by {fmt(e0['cem'][3])} (CEM), {fmt(e0['dsm'][3])} (DSM), {fmt(e0['eps'][3])} (ε). The worst implied-D error is {fmt(d_peak['cem'][3])} at t = {fmt(d_peak['cem'][0])} (CEM),
-  {fmt(d_peak['dsm'][3])} at t = {fmt(d_peak['dsm'][0])} (DSM), {fmt(d_peak['eps'][3])} at t = {fmt(d_peak['eps'][0])} (ε){early}
+  network implies, D = (x + σ²s)/α, and σ² hides the score's error at the very end: at t = {fmt(e0['cem'][0])} the \
+implied D is
+  off by {fmt(e0['cem'][3])} (CEM), {fmt(e0['dsm'][3])} (DSM), {fmt(e0['eps'][3])} (ε). The worst implied-D error is \
+{fmt(d_peak['cem'][3])} at t = {fmt(d_peak['cem'][0])} (CEM),
+  {fmt(d_peak['dsm'][3])} at t = {fmt(d_peak['dsm'][0])} (DSM), {fmt(d_peak['eps'][3])} at t = {fmt(d_peak['eps'][0])} \
+(ε){early}
 - KL along the manifold (the law of the position along the line / spiral; the paper makes no claim
-  about it): {kl_lines}. Lowest for {", ".join(f"{LABEL[min(LOSSES, key=lambda k: kl[d][k])]} on the {d}" for d in datasets)}{tradeoff}
+  about it): {kl_lines}. Lowest for \
+{", ".join(f"{LABEL[min(LOSSES, key=lambda k: kl[d][k])]} on the {d}" for d in datasets)}{tradeoff}
   The 2-D histogram KL mixes both effects (the "data" row is the estimator's floor).
 - Caveats: our MLP sees log t through Fourier features (the authors' network takes t itself); training
   times are uniform on [{T1}, 10] as in the paper, so t < 0.01 is 0.1% of the training signal.
-  {f"This is the {ctx.mode} mode: {iters} Adam steps of batch {batch}; the full mode trains 20 000 steps of batch 10 000 (the authors' 10⁶ samples × 200 epochs)." if ctx.mode != "full" else ""}
+  {f"This is the {ctx.mode} mode: {iters} Adam steps of batch {batch}; the full mode trains 20 000 steps of "
+   "batch 10 000 (the authors' 10⁶ samples × 200 epochs)." if ctx.mode != "full" else ""}
 """
     return f"""
 ## Settings
 
 {settings_list({
     "process": "OU(θ = ½, g = 1), T = 10 (the CEM paper), prior N(0, I)",
-    "data": "line x = z·(1, 1), z ~ N(0, 1) (`fd.datasets.line`); spiral θ = π(0.5 + 3u), x = 2θ(cos θ, sin θ)/(3.5π) (`fd.datasets.spiral`); fresh draws every step",
-    "network": f"`fastdiff.train.MLP`: 3 hidden layers of {hidden} (SiLU), input x and Fourier features of log t; same seed ({ctx.seed}) for every loss",
-    "losses": "cem: E α²/σ² ‖x0 − D_θ‖² (x0 output); dsm: E ‖σ s_θ + z‖² (score output); eps: E ‖ε_θ − z‖² (noise output) — one objective in three parameterisations (MATH.md §9)",
-    "training": f"{iters} Adam steps, batch {batch}, lr 1e−3 cosine-decayed to 1e−4, t uniform on [{T1}, 10] (the paper: Adam, lr 1e−3, uniform t)",
-    "sampler": f"`ei` (the paper's splitting scheme), reverse SDE, exponential grid (eq. (41)) of {K} steps from 10 to t₁ = {T1}, then one step to 0; {n} samples",
-    "exact denoiser": f"line: `fd.Gaussian` (singular covariance); spiral: `fd.PointCloud` of {datasets['spiral'].cloud.shape[0]} equally spaced curve points",
-    "distance to the manifold": f"line |x₁ − x₂|/√2 (exact); spiral: nearest of {datasets['spiral'].curve.shape[0]} curve points (spacing ≤ {fmt(datasets['spiral'].spacing)})",
-    "KL along the manifold": "KL of the line coordinate (x₁ + x₂)/2 against N(0, 1) (64 bins on [−4, 4]); of the spiral parameter u of the nearest curve point against U(0, 1) (50 bins)",
-    "KL 2-D": f"`kl_histogram` against {n_ref} exact draws, {BINS2D}×{BINS2D} bins on [−3.5, 3.5]², empty-bin floor 1e−12 (the data are singular, so this penalises pollution that leaves the data's bins); mass outside a grid drops out of both KLs, so read them with the “outside” column",
-    "L2 errors (line)": f"RMS over x_t ~ p_t ({m_err} draws) of the network's own output minus the exact one (score, ε or D), and of the D it implies",
+    "data": "line x = z·(1, 1), z ~ N(0, 1) (`fd.datasets.line`); spiral θ = π(0.5 + 3u), x = 2θ(cos θ, sin θ)/(3.5π) "
+            "(`fd.datasets.spiral`); fresh draws every step",
+    "network": f"`fastdiff.train.MLP`: 3 hidden layers of {hidden} (SiLU), input x and Fourier features of log t; same "
+               f"seed ({ctx.seed}) for every loss",
+    "losses": "cem: E α²/σ² ‖x0 − D_θ‖² (x0 output); dsm: E ‖σ s_θ + z‖² (score output); eps: E ‖ε_θ − z‖² (noise "
+              "output) — one objective in three parameterisations (MATH.md §9)",
+    "training": f"{iters} Adam steps, batch {batch}, lr 1e−3 cosine-decayed to 1e−4, t uniform on [{T1}, 10] (the "
+                "paper: Adam, lr 1e−3, uniform t)",
+    "sampler": f"`ei` (the paper's splitting scheme), reverse SDE, exponential grid (eq. (41)) of {K} steps from 10 to "
+               f"t₁ = {T1}, then one step to 0; {n} samples",
+    "exact denoiser": "line: `fd.Gaussian` (singular covariance); spiral: `fd.PointCloud` of "
+                      f"{datasets['spiral'].cloud.shape[0]} equally spaced curve points",
+    "distance to the manifold": f"line |x₁ − x₂|/√2 (exact); spiral: nearest of {datasets['spiral'].curve.shape[0]} "
+                                f"curve points (spacing ≤ {fmt(datasets['spiral'].spacing)})",
+    "KL along the manifold": "KL of the line coordinate (x₁ + x₂)/2 against N(0, 1) (64 bins on [−4, 4]); of the "
+                             "spiral parameter u of the nearest curve point against U(0, 1) (50 bins)",
+    "KL 2-D": f"`kl_histogram` against {n_ref} exact draws, {BINS2D}×{BINS2D} bins on [−3.5, 3.5]², empty-bin floor "
+              "1e−12 (the data are singular, so this penalises pollution that leaves the data's bins); mass outside a "
+              "grid drops out of both KLs, so read them with the “outside” column",
+    "L2 errors (line)": f"RMS over x_t ~ p_t ({m_err} draws) of the network's own output minus the exact one (score, ε "
+                        "or D), and of the D it implies",
 })}
 
 ## Verdict

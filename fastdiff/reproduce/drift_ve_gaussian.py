@@ -171,9 +171,9 @@ def experiment(ctx: Context) -> str:
     exp_worse = sum(1 for r in exp_rows if r[3] > r[5])
     small_ok = all(ratio[m][0] < ratio[m][2] for m in METHODS)
     big_flip = [m for m in METHODS if big[m][0] > big[m][2]]
-    flip_text = (f"But at large steps the order flips: at h = {fmt(h_big)} Euler gives {fmt(big['euler'][0])} (aggressive) vs "
-                 f"{fmt(big['euler'][2])} (pure), because β = t² makes g² = 2t² and the drift large at t ≈ T, where a coarse "
-                 f"step overshoots (flipped for {', '.join(big_flip)}). " if big_flip else "")
+    flip_text = (f"But at large steps the order flips: at h = {fmt(h_big)} Euler gives {fmt(big['euler'][0])} "
+                 f"(aggressive) vs {fmt(big['euler'][2])} (pure), because β = t² makes g² = 2t² and the drift large "
+                 f"at t ≈ T, where a coarse step overshoots (flipped for {', '.join(big_flip)}). " if big_flip else "")
     label_aggr = ("**Agree**" if small_ok else "**Disagree**") + " at the smallest step" + (
         ", **disagree** for coarse steps." if big_flip else ".")
     median_rel = sorted(cons_pure_rel)[len(cons_pure_rel) // 2] if cons_pure_rel else float("nan")
@@ -195,21 +195,28 @@ exponential integrator — the drift "balances the error terms".
 - *aggressive vs the rest*: the aggressive drifted VE is below the conservative one in
   {order_stats['aggr<cons']}/{cells} cells and below pure VE in {order_stats['aggr<pure']}/{cells}. At the smallest
   step (h = {fmt(h_small)}, T = {fmt(T0)}) its KL is {fmt(ratio['euler'][0])} vs {fmt(ratio['euler'][2])} (pure) with
-  Euler, {fmt(ratio['ei'][0])} vs {fmt(ratio['ei'][2])} with EI, {fmt(ratio['ei-x0'][0])} vs {fmt(ratio['ei-x0'][2])} with EI-x0.
+  Euler, {fmt(ratio['ei'][0])} vs {fmt(ratio['ei'][2])} with EI, {fmt(ratio['ei-x0'][0])} vs {fmt(ratio['ei-x0'][2])} \
+with EI-x0.
   {flip_text}{label_aggr}
 - *conservative vs pure*: the two are the same to a median relative difference of {fmt(median_rel)} (max
   {fmt(max_rel)}); conservative is lower in {order_stats['cons<pure']}/{cells} cells but by amounts far below anything
-  a figure could show{"" if cons_gain else " (median relative difference below 5%)"}. On a uniform grid the KL is set by the last few
+  a figure could show{"" if cons_gain else " (median relative difference below 5%)"}. On a uniform grid the KL is set \
+by the last few
   steps near t = δ, where β = t, τ = T² gives α = e^{{−t²/2T²}} ≈ 1 and σ² ≈ t², i.e. exactly the pure VE.
-  {"**Agree**: the conservative drift is lower in most cells by more than 5%." if cons_gain else "**Disagree**: we see no visible gain of the conservative drift over pure VE on this problem."}
+  {"**Agree**: the conservative drift is lower in most cells by more than 5%." if cons_gain else
+   "**Disagree**: we see no visible gain of the conservative drift over pure VE on this problem."}
 - *where the drift does help*: the forward-convergence term KL(p_T ‖ prior), which the paper's
   theory is about, is smallest for the aggressive process, then conservative, then pure (table
-  below) — the paper's ordering — but at T ≥ 100 it is ≤ {fmt(max([max(r[1:]) for r in prior_rows if float(r[0]) >= 100] or [float('nan')]))}, below the discretisation error at
+  below) — the paper's ordering — but at T ≥ 100 it is ≤ \
+{fmt(max([max(r[1:]) for r in prior_rows if float(r[0]) >= 100] or [float('nan')]))}, below the discretisation error at
   every step size we tried; only at T = 10 with tiny steps does it show in the total KL.
 - *the grid matters more than the process*: on the log-uniform grid with the same number of steps
   (K = 4T) the KL is lower than on the uniform grid by a median factor {fmt(sorted(grid_ratios)[len(grid_ratios) // 2])}
-  (range {fmt(min(grid_ratios))}–{fmt(max(grid_ratios))}; below 1 the uniform grid wins), and there the aggressive process is
-  *worse* than pure VE in {exp_worse}/{len(exp_rows)} (T, method) cells (up to {fmt(max(r[3] / r[5] for r in exp_rows))}×){" — **disagreeing** with the paper's ordering" if exp_worse else " — the paper's ordering holds there too"}.
+  (range {fmt(min(grid_ratios))}–{fmt(max(grid_ratios))}; below 1 the uniform grid wins), and there the aggressive \
+process is
+  *worse* than pure VE in {exp_worse}/{len(exp_rows)} (T, method) cells (up to \
+{fmt(max(r[3] / r[5] for r in exp_rows))}×){" — **disagreeing** with the paper's ordering" if exp_worse else
+                                              " — the paper's ordering holds there too"}.
 - the KL at fixed h hardly depends on T (compare the T tables): the error is made near t = 0.
 - sampling confirms the oracle: {n_mc} samples per configuration at h = {fmt(h_mc)}, T = {fmt(T_mc)};
   KL(fitted Gaussian ‖ oracle law) is at the Monte Carlo level ≈ {fmt(mc_bias)} (check
@@ -225,8 +232,10 @@ exponential integrator — the drift "balances the error terms".
     "grid": f"uniform from T to δ = {T_END}, step size h, K = round((T − δ)/h) steps; output x_δ (no final denoise)",
     "methods": "euler (Euler–Maruyama), ei (exponential integrator, score frozen), ei-x0 (D frozen)",
     "dynamics": "reverse SDE" + (" and PF-ODE" if True in odes else ""),
-    "KL": "KL(output law ‖ data law), exact Gaussian KL of `fd.gaussian_oracle` (MATH.md §6); inf = the step table overflows",
-    "sampling check": f"`fd.sample` with the exact `fd.Gaussian` denoiser, {n_mc} samples, float64, T = {fmt(T_mc)}, h = {fmt(h_mc)}",
+    "KL": "KL(output law ‖ data law), exact Gaussian KL of `fd.gaussian_oracle` (MATH.md §6); inf = the step table "
+          "overflows",
+    "sampling check": f"`fd.sample` with the exact `fd.Gaussian` denoiser, {n_mc} samples, float64, T = {fmt(T_mc)}, h "
+                      f"= {fmt(h_mc)}",
 })}
 
 ## Verdict

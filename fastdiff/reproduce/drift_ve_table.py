@@ -102,17 +102,20 @@ def experiment(ctx: Context) -> str:
               for name in datasets}
     max_gap = {name: max(abs(dlt) for nm, dlt in diffs if nm == name) for name in datasets}
     # how far each kind of cell sits above the floor of exact draws (both processes pooled)
-    excess = {(name, ode): max(kl[(T, name, pn, ode, m)] - floors[name][0] for T in Ts for pn in ("pure VE", "drifted VE")
-                               for m in methods) for name in datasets for ode in (False, True)}
+    excess = {(name, ode): max(kl[(T, name, pn, ode, m)] - floors[name][0]
+                               for T in Ts for pn in ("pure VE", "drifted VE") for m in methods)
+              for name in datasets for ode in (False, True)}
     best_for_drift = max((dlt for _, dlt in diffs), default=0.0)
     if sig_better > sig_worse:
         conclusion = (f"**Partly agree**: the drifted VE is resolvably better in {sig_better} cell(s) (by up to "
                       f"{fmt(best_for_drift)} nats) and resolvably worse in {sig_worse}.")
     else:
-        conclusion = (f"**Disagree: we do not reproduce a clear gap** — the largest difference in the paper's direction is "
-                      f"{fmt(best_for_drift)} nats, and resolvable differences go {sig_better} for and {sig_worse} against the "
-                      f"drifted VE; with the exact score the drift is not a property that improves sampling on this grid.")
-    excess_text = "; ".join(f"{name}: reverse SDE up to {fmt(excess[(name, False)])}, PF-ODE up to {fmt(excess[(name, True)])}"
+        conclusion = (f"**Disagree: we do not reproduce a clear gap** — the largest difference in the paper's "
+                      f"direction is {fmt(best_for_drift)} nats, and resolvable differences go {sig_better} for and "
+                      f"{sig_worse} against the drifted VE; with the exact score the drift is not a property that "
+                      f"improves sampling on this grid.")
+    excess_text = "; ".join(f"{name}: reverse SDE up to {fmt(excess[(name, False)])}, "
+                            f"PF-ODE up to {fmt(excess[(name, True)])}"
                             for name in datasets)
 
     # --- figure: the paper's two figures (1-D GMM, T = 625, PF-ODE; swiss roll, T = 100, reverse SDE) ----
@@ -154,10 +157,15 @@ def experiment(ctx: Context) -> str:
 {settings_list({
     "processes": "PureVE(T) (σ² = t²) and DriftedVE(T, β = t, τ = T²) (the paper's drifted VESDE)",
     "T": ", ".join(fmt(t) for t in Ts),
-    "data": f"1-D GMM 0.2 N(−3, 0.5²) + 0.5 N(0, 0.5²) + 0.3 N(3, 0.5²) (exact `GaussianMixture` denoiser); swiss roll: {N_POINTS} points (seed {ctx.seed}) as a kernel density with bandwidth 0.05 (exact `PointCloud(bandwidth=0.05²)` denoiser)",
-    "sampler": f"{', '.join(methods)} (the paper: Euler–Maruyama), {steps} steps on the `{schedule}` grid (ρ = 7) from T to δ = {T_END}, output x_δ; reverse SDE and PF-ODE",
+    "data": "1-D GMM 0.2 N(−3, 0.5²) + 0.5 N(0, 0.5²) + 0.3 N(3, 0.5²) (exact `GaussianMixture` denoiser); swiss "
+            f"roll: {N_POINTS} points (seed {ctx.seed}) as a kernel density with bandwidth 0.05 (exact "
+            "`PointCloud(bandwidth=0.05²)` denoiser)",
+    "sampler": f"{', '.join(methods)} (the paper: Euler–Maruyama), {steps} steps on the `{schedule}` grid (ρ = 7) from "
+               f"T to δ = {T_END}, output x_δ; reverse SDE and PF-ODE",
     "samples": f"{n} per cell, seed {ctx.seed}",
-    "KL": f"KL(samples ‖ true density) by histogram (`fd.metrics.kl_histogram`): GMM {GMM_BINS} bins on {GMM_RANGE}, swiss roll {ROLL_BINS}×{ROLL_BINS} on [−1.6, 1.6]², true bin masses by Gauss–Legendre, empty-bin floor 1e−12",
+    "KL": f"KL(samples ‖ true density) by histogram (`fd.metrics.kl_histogram`): GMM {GMM_BINS} bins on {GMM_RANGE}, "
+          f"swiss roll {ROLL_BINS}×{ROLL_BINS} on [−1.6, 1.6]², true bin masses by Gauss–Legendre, empty-bin floor "
+          "1e−12",
 })}
 
 ## KL table
@@ -175,8 +183,10 @@ share the sampler's seed and so differ by less noise than two independent cells)
 **What the paper claims**: the drifted VESDE gives lower KL than the pure VESDE in (nearly) every cell of
 this table, for both T, both reverse processes and both data sets.
 
-**What we find**: the drifted VE is lower in {drift_better}/{len(diffs)} cells ({per_ds['1-D GMM'][0]}/{per_ds['1-D GMM'][1]} on the GMM,
-{per_ds['swiss roll'][0]}/{per_ds['swiss roll'][1]} on the swiss roll), but the differences exceed the estimator's noise in
+**What we find**: the drifted VE is lower in {drift_better}/{len(diffs)} cells \
+({per_ds['1-D GMM'][0]}/{per_ds['1-D GMM'][1]} on the GMM,
+{per_ds['swiss roll'][0]}/{per_ds['swiss roll'][1]} on the swiss roll), but the differences exceed the estimator's \
+noise in
 only {sig_better} cell(s) in the paper's direction and {sig_worse} cell(s) in the other; the largest
 |pure − drifted| gap is {fmt(max_gap['1-D GMM'])} on the GMM and {fmt(max_gap['swiss roll'])} on the swiss roll,
 against floors of {fmt(floors['1-D GMM'][0])} and {fmt(floors['swiss roll'][0])}. With exact denoisers and a

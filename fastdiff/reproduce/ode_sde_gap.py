@@ -110,7 +110,8 @@ def _experiment(ctx: Context) -> str:
         # no structure: a Gaussian with the data's mean and covariance; a network that is not clearly
         # closer to the data than this has learned little beyond two moments
         cov = torch.cov(truth.double().T)
-        g_fit = truth.double().mean(0) + torch.randn(n, 2, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(cov).T
+        g_fit = truth.double().mean(0) + (torch.randn(n, 2, generator=gen, dtype=torch.float64)
+                                          @ torch.linalg.cholesky(cov).T)
         fit[name] = _w2sq(g_fit.float(), truth)
         hists[(name, "truth")] = truth[:200_000]
         # --- the exact score: any ODE–SDE difference is discretisation and sampling noise ----------
@@ -127,8 +128,8 @@ def _experiment(ctx: Context) -> str:
         for w in ws:
             model = tr.PotentialMLP(2, hidden=hidden, layers=3, seed=ctx.seed)
             r = tr.train(model, data, process, "dsm", iters=iters, batch_size=batch, lr=lr, lr_final=1e-4,
-                         t_min=T_MIN, t_dist="log-uniform", fp_weight=w, fp_batch=batch, fp_box=GRID, grad_clip=1.0, seed=ctx.seed,
-                         progress=ctx.progress and ctx.mode != "smoke")
+                         t_min=T_MIN, t_dist="log-uniform", fp_weight=w, fp_batch=batch, fp_box=GRID, grad_clip=1.0,
+                         seed=ctx.seed, progress=ctx.progress and ctx.mode != "smoke")
             r2, dsm = _eval_model(model, process, data, ctx.seed + 200, m_eval)
             den = r.denoiser(process)
             xo = fd.sample(den, n=n, steps=K, ode=True, chunk_size=chunk, **sample_kw)
@@ -145,7 +146,8 @@ def _experiment(ctx: Context) -> str:
         rows.append([name, "exact score", "–", "–", b["gap"], b["ode"], b["sde"], 0.0, 0.0])
         for w in ws:
             m = res[(name, w)]
-            rows.append([name, f"w_R = {w:g}", m["r2"], m["dsm"], m["gap"], m["ode"], m["sde"], m["out_ode"], m["out_sde"]])
+            rows.append([name, f"w_R = {w:g}", m["r2"], m["dsm"], m["gap"], m["ode"], m["sde"], m["out_ode"],
+                         m["out_sde"]])
     main_table = table(["data", "score", "mean R² (FP residual)", "DSM loss", "W2²(ODE, SDE)", "W2²(ODE, truth)",
                         "W2²(SDE, truth)", "ODE outside grid", "SDE outside grid"], rows)
     base_rows = [[name, k, b["gap"], b["ode"], b["sde"], b["floor"], floor[name]]
@@ -191,7 +193,8 @@ def _experiment(ctx: Context) -> str:
         return res[(nm, w)][key]
 
     gap0 = {nm: val(nm, 0.0, "gap") for nm in DATASETS}
-    shrinks = [nm for nm in DATASETS if fin(gap0[nm]) and fin(val(nm, w_top, "gap")) and val(nm, w_top, "gap") < gap0[nm]]
+    shrinks = [nm for nm in DATASETS
+               if fin(gap0[nm]) and fin(val(nm, w_top, "gap")) and val(nm, w_top, "gap") < gap0[nm]]
     monotone = [nm for nm in DATASETS if all(fin(val(nm, w, "gap")) for w in ws)
                 and all(val(nm, a, "gap") >= val(nm, b, "gap") for a, b in itertools.pairwise(ws))]
     best_w = {nm: min(ws, key=lambda w: val(nm, w, "gap")) for nm in DATASETS}
@@ -212,7 +215,8 @@ def _experiment(ctx: Context) -> str:
         + " → ".join(fmt(res[(nm, w)]["r2"]) for w in ws) + "."
         for nm in DATASETS)
     nd = len(DATASETS)
-    conv = "; ".join(f"{nm} " + " → ".join(f"{fmt(base[(nm, k)]['gap'])} ({k} steps)" for k in K_exact if (nm, k) in base)
+    conv = "; ".join(f"{nm} "
+                     + " → ".join(f"{fmt(base[(nm, k)]['gap'])} ({k} steps)" for k in K_exact if (nm, k) in base)
                      + f", floor {fmt(base[(nm, k_fine[nm])]['floor'])}" for nm in DATASETS)
     ctx.results.update({"gaussian_fit": fit, "learned_at_w0": learned,
                         "models": {f"{nm}|w_R={w:g}": v for (nm, w), v in res.items()},
@@ -232,40 +236,65 @@ get worse for large w_R. With the exact score the two coincide.
 are sampling noise):
 {per}
 - have the w_R = 0 networks learned the data? Their best W2² to the truth is below half that of a
-  Gaussian with the data's mean and covariance ({"; ".join(f"{nm}: {fmt(min(val(nm, 0.0, 'ode'), val(nm, 0.0, 'sde')))} vs {fmt(fit[nm])}" for nm in DATASETS)})
-  on {len(learned)}/{nd} data sets{"" if len(learned) == nd else ": where not, the comparisons below are between networks that know little more than the data's first two moments"}.
+  Gaussian with the data's mean and covariance \
+({"; ".join(f"{nm}: {fmt(min(val(nm, 0.0, 'ode'), val(nm, 0.0, 'sde')))} vs {fmt(fit[nm])}" for nm in DATASETS)})
+  on {len(learned)}/{nd} data \
+sets{"" if len(learned) == nd else
+     ": where not, the comparisons below are between networks that know little more than the data's first two "
+     "moments"}.
 - a significant gap at w_R = 0 (more than twice both the exact-score gap and the floor): {len(significant)}/{nd}
   ({", ".join(significant) or "none"}). {word(len(significant))}.
-- the gap at w_R = {w_top:g} is below the gap at w_R = 0 on {len(shrinks)}/{nd} ({", ".join(shrinks) or "none"}); it decreases
-  monotonically in w_R on {len(monotone)}/{nd}; the smallest gap is at w_R = {", ".join(f"{best_w[nm]:g} ({nm})" for nm in DATASETS)}. {word(len(monotone))} that the gap shrinks as w_R grows.
+- the gap at w_R = {w_top:g} is below the gap at w_R = 0 on {len(shrinks)}/{nd} ({", ".join(shrinks) or "none"}); it \
+decreases
+  monotonically in w_R on {len(monotone)}/{nd}; the smallest gap is at w_R = \
+{", ".join(f"{best_w[nm]:g} ({nm})" for nm in DATASETS)}. {word(len(monotone))} that the gap shrinks as w_R grows.
 - the penalty does lower the residual (mean R² at w_R = {w_top:g} below w_R = 0 on {len(r2_falls)}/{nd}).
-- samples that leave the grid: at w_R = 0 up to {fmt(max(val(nm, 0.0, "out_ode") for nm in DATASETS))} (ODE) and {fmt(max(val(nm, 0.0, "out_sde") for nm in DATASETS))} (SDE) of them,
-  at w_R = {w_top:g} up to {fmt(max(val(nm, w_top, "out_ode") for nm in DATASETS))} (ODE) and {fmt(max(val(nm, w_top, "out_sde") for nm in DATASETS))} (SDE). Binned W2 (as in the paper) only sees the
+- samples that leave the grid: at w_R = 0 up to {fmt(max(val(nm, 0.0, "out_ode") for nm in DATASETS))} (ODE) and \
+{fmt(max(val(nm, 0.0, "out_sde") for nm in DATASETS))} (SDE) of them,
+  at w_R = {w_top:g} up to {fmt(max(val(nm, w_top, "out_ode") for nm in DATASETS))} (ODE) and \
+{fmt(max(val(nm, w_top, "out_sde") for nm in DATASETS))} (SDE). Binned W2 (as in the paper) only sees the
   samples inside the grid, so where these fractions are large the W2 values understate the damage.
-- the SDE's samples are worse at w_R = {w_top:g} than at 0 on {len(sde_worse)}/{nd} ({", ".join(sde_worse) or "none"}): {word(len(sde_worse))}
-  that the SDE degrades. The ODE's samples improve over w_R = 0 for w_R ∈ {{{"; ".join(f"{nm}: " + (", ".join(f"{w:g}" for w in ode_better[nm]) or "none") for nm in DATASETS)}}}.
+- the SDE's samples are worse at w_R = {w_top:g} than at 0 on {len(sde_worse)}/{nd} \
+({", ".join(sde_worse) or "none"}): {word(len(sde_worse))}
+  that the SDE degrades. The ODE's samples improve over w_R = 0 for w_R ∈ \
+{{{"; ".join(f"{nm}: " + (", ".join(f"{w:g}" for w in ode_better[nm]) or "none") for nm in DATASETS)}}}.
 - exact score: W2²(ODE, SDE): {conv}. On the finest grid run the gap is within 1.5× the floor of two
-  exact draws of the same law on {len(at_floor)}/{nd} ({", ".join(at_floor) or "none"}): {word(len(at_floor))} that it vanishes up to
+  exact draws of the same law on {len(at_floor)}/{nd} ({", ".join(at_floor) or "none"}): {word(len(at_floor))} that it \
+vanishes up to
   discretisation and sampling noise.
 - A caveat on the residual: u(t, x) = d·t (flat in x) solves the log-density Fokker–Planck equation
   exactly for OU (it is the non-normalisable solution p ∝ eᵈᵗ), so the penalty alone pulls u towards a
   flat potential, whose reverse SDE drift x + ∇u pushes samples outwards; only the DSM term prevents
   it. The "outside grid" columns show how many samples escape.
-{"- This is the " + ctx.mode + f" mode: {iters} Adam steps of batch {batch}, width {hidden}, {K} sampling steps; the full mode trains 20 000 steps of batch 1024 at width 128 and samples 200 000 points with 500 steps. The residual term makes each step about 3× as costly and needs far longer training than DSM alone, so the networks with w_R > 0 here are likely under-trained." if ctx.mode != "full" else ""}
+{"- This is the " + ctx.mode + f" mode: {iters} Adam steps of batch {batch}, width {hidden}, {K} sampling steps; "
+ "the full mode trains 20 000 steps of batch 1024 at width 128 and samples 200 000 points with 500 steps. The "
+ "residual term makes each step about 3× as costly and needs far longer training than DSM alone, so the networks "
+ "with w_R > 0 here are likely under-trained." if ctx.mode != "full" else ""}
 """
     return f"""
 ## Settings
 
 {settings_list({
     "process": "OU(θ = 1, g = 1), T = 10 (α = e^(−t), σ² = ½(1 − e^(−2t))), prior N(0, ½I)",
-    "data": "9 Gaussians N(c, 0.3²I), c ∈ {−2, 0, 2}²; two rings (radii 1 and 2, radial noise 0.08); checkerboard (8 dark unit squares of [−2, 2]²) — `fd.datasets`, fresh draws every step",
-    "network": f"`fastdiff.train.PotentialMLP`: u(t, x) ≈ log p_t(x), 3 hidden layers of {hidden} (SiLU), Fourier features of log t; score = ∇_x u by autograd; same initial weights for every w_R",
-    "loss": f"DSM E‖σ∇u + z‖² + w_R · mean R², R = ∂_t u + d f + f x·∇u − (g²/2)(Δu + |∇u|²) (MATH.md §9; Laplacian by autograd); w_R ∈ {{{', '.join(f'{w:g}' for w in ws)}}}",
-    "training": f"{iters} Adam steps, batch {batch} (and {batch} collocation points uniform in [{T_MIN}, 10] × [−3.5, 3.5]²), lr {lr:g} cosine-decayed to 1e−4, gradient norm clipped at 1; DSM times log-uniform on [{T_MIN}, 10] (our choice: uniform times would spend 70% of the signal at t > 3, where p_t is already the prior)",
-    "sampler": f"`ei`, PF-ODE and reverse SDE with the same prior draws, {K} steps on the log-SNR grid from 10 to {T_MIN}, output x_δ; {n} samples each (the paper: 3 000 000)",
-    "W2²": f"`fd.metrics.w2_binned` squared: samples binned on {BINS}×{BINS} cells of [−3.5, 3.5]², exact OT between the bin masses (POT); truth = {n} fresh data draws",
-    "exact score": f"9 Gaussians: the mixture itself (`fd.GaussianMixture`); rings and checkerboard: a kernel density of {n_cloud} data points, bandwidth {KDE_BANDWIDTH} (`fd.PointCloud`), compared with draws of that density",
-    "mean R²": f"of the residual at {m_eval} fixed points uniform in [{T_MIN}, 10] × [−3.5, 3.5]²; DSM loss on {m_eval} fixed draws",
+    "data": "9 Gaussians N(c, 0.3²I), c ∈ {−2, 0, 2}²; two rings (radii 1 and 2, radial noise 0.08); checkerboard (8 "
+            "dark unit squares of [−2, 2]²) — `fd.datasets`, fresh draws every step",
+    "network": f"`fastdiff.train.PotentialMLP`: u(t, x) ≈ log p_t(x), 3 hidden layers of {hidden} (SiLU), Fourier "
+               "features of log t; score = ∇_x u by autograd; same initial weights for every w_R",
+    "loss": "DSM E‖σ∇u + z‖² + w_R · mean R², R = ∂_t u + d f + f x·∇u − (g²/2)(Δu + |∇u|²) (MATH.md §9; Laplacian by "
+            f"autograd); w_R ∈ {{{', '.join(f'{w:g}' for w in ws)}}}",
+    "training": f"{iters} Adam steps, batch {batch} (and {batch} collocation points uniform in [{T_MIN}, 10] × [−3.5, "
+                f"3.5]²), lr {lr:g} cosine-decayed to 1e−4, gradient norm clipped at 1; DSM times log-uniform on "
+                f"[{T_MIN}, 10] (our choice: uniform times would spend 70% of the signal at t > 3, where p_t is "
+                "already the prior)",
+    "sampler": f"`ei`, PF-ODE and reverse SDE with the same prior draws, {K} steps on the log-SNR grid from 10 to "
+               f"{T_MIN}, output x_δ; {n} samples each (the paper: 3 000 000)",
+    "W2²": f"`fd.metrics.w2_binned` squared: samples binned on {BINS}×{BINS} cells of [−3.5, 3.5]², exact OT between "
+           f"the bin masses (POT); truth = {n} fresh data draws",
+    "exact score": "9 Gaussians: the mixture itself (`fd.GaussianMixture`); rings and checkerboard: a kernel density "
+                   f"of {n_cloud} data points, bandwidth {KDE_BANDWIDTH} (`fd.PointCloud`), compared with draws of "
+                   "that density",
+    "mean R²": f"of the residual at {m_eval} fixed points uniform in [{T_MIN}, 10] × [−3.5, 3.5]²; DSM loss on "
+               f"{m_eval} fixed draws",
 })}
 
 ## Verdict

@@ -92,7 +92,8 @@ def _device_reasons(tensors) -> list[str]:
 def _dtype_reason(name, t, allowed) -> list[str]:
     if t.dtype not in allowed:
         names = "/".join(str(a).replace("torch.", "") for a in allowed)
-        extra = " (the kernels compute in float32; float64 runs on the torch backend)" if t.dtype == torch.float64 else ""
+        extra = (" (the kernels compute in float32; float64 runs on the torch backend)"
+                 if t.dtype == torch.float64 else "")
         return [f"{name} has dtype {str(t.dtype).replace('torch.', '')}, the Triton kernels take {names}{extra}"]
     return []
 

@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from .._checks import per_row64  # noqa: F401 (shared with the reference; used by the launchers as C.per_row64)
+from .._checks import per_row64  # shared with the reference; the launchers use it as C.per_row64
 
 LOG2E = 1.4426950408889634
 F32_MAX = 3.4028234663852886e38
@@ -147,7 +147,8 @@ def check_x(x, name="x", finite=True):
     if finite and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or inf")
     if x.shape[0] >= ROWS_MAX:
-        raise ValueError(f"{name} has {x.shape[0]} rows; the Triton kernels index rows in int32 (at most {ROWS_MAX - 1})")
+        raise ValueError(f"{name} has {x.shape[0]} rows; the Triton kernels index rows in int32 "
+                         f"(at most {ROWS_MAX - 1})")
     return x
 
 
@@ -158,7 +159,8 @@ def check_data(data, d, device):
     if data.shape[0] == 0:
         raise ValueError("data must contain at least one point")
     if data.shape[0] >= ROWS_MAX:
-        raise ValueError(f"data has {data.shape[0]} points; the Triton kernels index them in int32 (at most {ROWS_MAX - 1})")
+        raise ValueError(f"data has {data.shape[0]} points; the Triton kernels index them in int32 "
+                         f"(at most {ROWS_MAX - 1})")
     if data.shape[1] != d:
         raise ValueError(f"x has d={d} columns but data has d={data.shape[1]}")
     if data.device != device:

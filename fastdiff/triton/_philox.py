@@ -8,8 +8,8 @@ Triton release. For sample i, step k and component j:
   (n₀, n₁) = √(−2 ln u₀)·(cos 2πu₁, sin 2πu₁), (n₂, n₃) likewise, z_j = n_{j mod 4}
 Box–Muller runs in float32. cos/sin of 2πu use an exact quarter-turn reduction (4u − q is exact for
 these u), so sin and cos are only needed on [−π/4, π/4] (Cephes minimax polynomials, no libdevice) with an
-argument accurate to ~2 ulp in relative terms; with the accurate log (libdevice logf on the GPU, numpy's under the interpreter) and a
-correctly rounded square root, z is within a few float32 ulps of the float64 Box–Muller of
+argument accurate to ~2 ulp in relative terms; with the accurate log (libdevice logf on the GPU, numpy's under the
+interpreter) and a correctly rounded square root, z is within a few float32 ulps of the float64 Box–Muller of
 fd.noise.normal, including near its zeros.
 
 Every 32-bit word enters a kernel as an int64 argument and is truncated to uint32 in the kernel: the

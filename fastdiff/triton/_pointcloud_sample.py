@@ -25,7 +25,8 @@ def _step_record(tab_ptr, k):
             tl.load(tp + 5), tl.load(tp + 6), tl.load(tp + 7), tl.load(tp + 8))
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi", "first_step"])   # per-call values: never recompile
+# per-call values: never recompile
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi", "first_step"])
 def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, out_ptr, traj_ptr, M, N, d, K,
                                     stride_x, stride_y, traj_stride: tl.int64, seed_lo: tl.int64,
                                     seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64,
@@ -47,7 +48,8 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, out_ptr, t
     tl.store(out_ptr + rows64[:, None] * d + cols[None, :], x, mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi", "first_step"])   # per-call values: never recompile
+# per-call values: never recompile
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi", "first_step"])
 def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, out_ptr, acc_ptr, traj_ptr, M, N, d, K,
                                     stride_y, traj_stride: tl.int64, kappa, delta2, tau2,
                                     seed_lo: tl.int64, seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64,
@@ -61,8 +63,8 @@ def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, out_ptr, acc_ptr,
     zero = tl.zeros([BM], tl.float32)
     for k in range(K):
         a, c1, c2, k2, cy, cx, A, B, Cn = _step_record(tab_ptr, k)
-        m, s = large_reduce(out_ptr, d, rows, rmask, zero + a, zero + c1, zero + c2, zero + k2, data_ptr, stride_y, lw_ptr,
-                            acc_ptr, d, N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+        m, s = large_reduce(out_ptr, d, rows, rmask, zero + a, zero + c1, zero + c2, zero + k2, data_ptr, stride_y,
+                            lw_ptr, acc_ptr, d, N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
         fy = cy / s
         for k0 in range(0, d, BK):
             kk = k0 + tl.arange(0, BK)
@@ -97,7 +99,7 @@ def step_records(table, device) -> torch.Tensor:
     K = cols[0].numel()
     if K < 1 or any(c.numel() != K for c in cols):
         raise ValueError(f"table columns must be non-empty and of one length, got {[c.numel() for c in cols]}")
-    for c, n in zip(cols, ("t", "alpha", "sigma", "A", "B", "C")):
+    for c, n in zip(cols, ("t", "alpha", "sigma", "A", "B", "C"), strict=True):
         if not bool(torch.isfinite(c).all()):
             raise ValueError(f"table column {n} contains NaN or inf")
     _t, alpha, sigma, A, B, Cc = cols

@@ -46,9 +46,9 @@ nothing. The split count does not depend on M, and the split merge uses elementw
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-import torch
 
 from . import _common as C
 

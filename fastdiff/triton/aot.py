@@ -115,7 +115,7 @@ def _resources(cubin_path):
         for line in res.stdout.splitlines():
             if "REG:" in line:
                 return " ".join(line.split()[1:5]) if line.strip().startswith("Resource") else line.strip()
-    except Exception:  # noqa: BLE001 - diagnostics only
+    except Exception:  # diagnostics only
         return ""
     return ""
 
@@ -161,7 +161,7 @@ def compile_one(item, arch=90, out_dir=None):
             os.unlink(path)
         return {"kernel": name, "config": label, "ok": True, "ptx": len(ptx), "cubin": len(cubin),
                 "shared": getattr(ck.metadata, "shared", None), "resources": res, "seconds": time.time() - t0}
-    except Exception as e:  # noqa: BLE001 - reported per configuration
+    except Exception as e:  # reported per configuration
         return {"kernel": name, "config": label, "ok": False, "error": f"{type(e).__name__}: {e}",
                 "seconds": time.time() - t0}
 
