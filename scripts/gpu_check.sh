@@ -186,7 +186,10 @@ env_check() {
     command -v nvcc >/dev/null && nvcc --version | tail -2
     # what the build and Triton's JIT need (no registry to fetch them from): setuptools, a C compiler and
     # Python.h (Triton compiles its launcher on first use), nvcc, ninja, pybind11; then one real Triton kernel
-    GC_DRY=$DRY "$PY" - <<'PYEOF'
+    # The probe runs from a file: Triton reads a kernel's source with inspect, which fails for stdin.
+    local probe rc
+    probe=$(mktemp --suffix=.py) || return 1
+    cat > "$probe" <<'PYEOF'
 import importlib.util, os, platform, shutil, sysconfig
 import torch
 dry = os.environ["GC_DRY"] == "1"
@@ -217,6 +220,9 @@ if not dry:
         ok = bool((x == 2 * torch.arange(1000, device="cuda")).all())
         print("triton JIT on the GPU:", "ok" if ok else "WRONG")
 PYEOF
+    GC_DRY=$DRY "$PY" "$probe"; rc=$?
+    rm -f "$probe"
+    return $rc
 }
 export -f env_check 2>/dev/null
 export DRY PY NCPU
