@@ -214,6 +214,9 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
     else:
         chunk_size = as_integer(chunk_size, "chunk_size", 1)
     chunk_size = min(chunk_size, n)
+    # first without the table executor's extra buffers: the grid itself is [K + 1] and must not be built
+    # (80 GB for K = 1e10) before a run that cannot fit is refused
+    _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory)
     grid = times if times is not None else time_grid(process, K, schedule, t_end)
     if final_denoise and float(grid[-1]) <= 0:
         raise ValueError("final_denoise needs t_end > 0 (D is never evaluated at t = 0)")

@@ -1,7 +1,16 @@
+import os
+
 import pytest
 import torch
 
-import fastdiff as fd
+# Triton reads TRITON_INTERPRET once, when it is first imported, and any test module (or a peer such as
+# diffusers or torch._dynamo) may import it first: without a GPU the interpreter must be on before that,
+# for the whole session, or kernels defined later fail with "Cannot call @triton.jit'd outside of the scope
+# of a kernel" depending on which file happened to run first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastdiff as fd  # after the interpreter switch: fastdiff may import triton
 
 # One instance of every process, with parameters from the papers (T kept moderate where the test
 # integrates numerically; the extreme settings have their own tests).

@@ -1,6 +1,5 @@
 """The sampler against the exact Gaussian oracle (MATH.md §6), and its contracts: batch invariance,
 trajectories, callbacks, model adapters, input checks."""
-import math
 
 import pytest
 import torch
@@ -210,7 +209,8 @@ def test_integer_like_arguments_are_accepted():
     ("n", 2.7, TypeError), ("n", 3.0, TypeError), ("n", True, TypeError), ("n", torch.tensor(3.0), TypeError),
     ("n", torch.tensor([3]), TypeError), ("n", 0, ValueError),
     ("steps", 1.5, TypeError), ("steps", False, TypeError), ("steps", 0, ValueError),
-    ("seed", 1.7, TypeError), ("seed", -1, ValueError), ("seed", 2**64, ValueError), ("seed", torch.tensor(True), TypeError),
+    ("seed", 1.7, TypeError), ("seed", -1, ValueError), ("seed", 2**64, ValueError),
+    ("seed", torch.tensor(True), TypeError),
     ("sample_offset", 1.5, TypeError), ("sample_offset", -2, ValueError), ("sample_offset", 2**63, ValueError),
     ("chunk_size", 2.5, TypeError), ("chunk_size", 0, ValueError),
 ])
@@ -245,8 +245,10 @@ def test_device_must_match_x_and_the_point_cloud(cloud):
 
 def test_callback_sees_x_k_before_the_update_and_its_prediction(cloud):
     seen = []
-    x, traj = fd.sample(cloud, n=6, steps=4, return_trajectory=True, seed=1,
-                        callback=lambda info: seen.append((info["step"], info["t"], info["x"].clone(), info["prediction"])))
+    def record(info):
+        seen.append((info["step"], info["t"], info["x"].clone(), info["prediction"]))
+
+    x, traj = fd.sample(cloud, n=6, steps=4, return_trajectory=True, seed=1, callback=record)
     grid = fd.time_grid(cloud.process, 4)
     for k, t, xk, pred in seen:
         assert t == float(grid[k])
@@ -304,7 +306,7 @@ def test_progress_counts_steps_or_finished_samples_never_both(cloud, capsys, mon
     assert torch.equal(fd.sample(cloud, n=1300, steps=5, seed=3, progress=True), big)
     err = capsys.readouterr().err
     assert "1300/1300 samples" in err and "5 steps each" in err
-    from fastdiff import sampling                            # a fused backend (cuda, triton) counts samples
+    from fastdiff import sampling  # a fused backend (cuda, triton) counts samples
     monkeypatch.setattr(sampling, "_STEPWISE_EXACT", ())
     x = fd.sample(cloud, n=100, steps=30, seed=3, progress=True)
     assert torch.equal(x, ref)                               # the bar's chunking changes nothing
