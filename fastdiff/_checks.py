@@ -52,14 +52,7 @@ def _check_range(v: float, name: str, T: float | None, allow_zero: bool):
 
 def check_points(x, name: str = "x", dim: int | None = None) -> torch.Tensor:
     """A finite float32/float64 tensor of shape [M, d] (d == dim when given)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must have shape [M, d], got {tuple(x.shape)}")
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} must have at least one column (d >= 1), got shape {tuple(x.shape)}")
+    check_points_shape(x, name)
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{name} must have {dim} columns (the data dimension), got shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):

@@ -7,39 +7,17 @@ from fastdiff.noise and keyed by its (sigma, sigma_next) arguments (a pure funct
 get identical numbers wherever they draw; k-diffusion's churn noise (torch.randn_like) is patched to the same
 numbers.
 """
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
-import types
 
 import pytest
 import torch
 
 import fastdiff as fd
 import fastdiff.k_diffusion as FK
+from test_peers import _kdiffusion_sampling  # one loader: it skips k-diffusion's training stack
 
 RTOL = 1e-12
-
-
-def _kdiffusion_sampling():
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None:
-        pytest.skip("k-diffusion is not installed (pip install k-diffusion)")
-    try:
-        return importlib.import_module("k_diffusion.sampling")
-    except ImportError:
-        # k_diffusion/__init__ imports its training stack; the samplers need only sampling and utils
-        for name in [m for m in sys.modules if m == "k_diffusion" or m.startswith("k_diffusion.")]:
-            del sys.modules[name]
-        pkg = types.ModuleType("k_diffusion")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["k_diffusion"] = pkg
-        try:
-            return importlib.import_module("k_diffusion.sampling")
-        except ImportError as exc:
-            pytest.skip(f"k_diffusion.sampling cannot be imported here: {exc}")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ import fastdiff as fd
 
 
 def _kdiffusion_sampling():
+    if "k_diffusion.sampling" in sys.modules:      # loaded already (possibly through the stand-in package below,
+        return sys.modules["k_diffusion.sampling"]  # which has no __spec__ for find_spec to read)
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
         pytest.skip("k-diffusion is not installed (pip install k-diffusion)")
