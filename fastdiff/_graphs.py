@@ -55,16 +55,16 @@ def clear_cache():
 
 
 def _steps(x, denoiser, t_list, A, B, C, counters, ks, traj=None):
-    from .triton._affine_step import affine_step
+    from .triton.affine_step import run_affine_step
     for k in ks:
         out = denoiser.predict(x, t_list[k])
-        affine_step(x, out, A[k], B[k], C[k], 0, k, 0, out=x, counters=counters, check_finite=False)
+        run_affine_step(x, out, A[k], B[k], C[k], 0, k, 0, out=x, counters=counters)
         if traj is not None:
             traj[k + 1].copy_(x)
 
 
 def _capture(denoiser, xc, t_list, A, B, C, want_traj) -> _Captured:
-    from .triton._affine_step import noise_counters
+    from .triton.affine_step import noise_counters
     K = len(t_list)
     x = xc.clone()
     counters = noise_counters(0, 0, x.device)
@@ -103,7 +103,7 @@ def run_chunk(denoiser, xc, t_list, A, B, C, seed, sample_offset, want_traj):
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     _CACHE.move_to_end(key)
-    from .triton._affine_step import noise_counters
+    from .triton.affine_step import noise_counters
     entry.x.copy_(xc)
     entry.counters.copy_(noise_counters(seed, sample_offset, xc.device))
     entry.graph.replay()

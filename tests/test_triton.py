@@ -1,7 +1,8 @@
-"""The Triton kernels (fastdiff.triton) against the plain-torch reference.
+"""The Triton kernels (fastdiff.triton.<op> modules, called with the backend contract) against the plain-torch
+reference.
 
-Without a GPU every kernel runs under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1 must be set
-before the kernels are decorated, i.e. before fastdiff.triton's ops are first called), on small grids.
+Without a GPU every kernel runs under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, set in
+conftest.py before anything imports triton), on small grids.
 Tests marked `gpu` run the same checks at full size on a CUDA device and skip without one.
 
 Tolerances (never loosened to pass):
@@ -11,24 +12,23 @@ Tolerances (never loosened to pass):
 - uniforms bit for bit, normals within 4 float32 ulps of the float64 Box–Muller of fd.noise.normal.
 """
 import math
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import fastdiff as fd  # noqa: E402
 import fastdiff.triton as ft  # noqa: E402
+from fastdiff import _table  # noqa: E402
 from fastdiff.reference.affine_step import affine_step as ref_affine  # noqa: E402
-from fastdiff.reference.pointcloud import pointcloud_step as ref_pointcloud_step  # noqa: E402
 from fastdiff.reference.posterior import posterior as ref_posterior  # noqa: E402
-from fastdiff.triton import _affine_step, _common, _philox, _pointcloud_sample  # noqa: E402
-from fastdiff.triton._posterior import posterior as posterior_with  # noqa: E402
+from fastdiff.triton import _common, _philox  # noqa: E402
+from fastdiff.triton.affine_step import affine_step, noise_counters, run_affine_step  # noqa: E402
+from fastdiff.triton.pointcloud_sample import pointcloud_sample, run_pointcloud_sample  # noqa: E402
+from fastdiff.triton.pointcloud_step import pointcloud_step  # noqa: E402
+from fastdiff.triton.posterior import posterior, run_posterior  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
 EPS32 = torch.finfo(F32).eps
@@ -75,8 +75,14 @@ def ulps(z, z64):
     return (z.double() - z64).abs() / ulp
 
 
+def f64(v):
+    """alpha/sigma as the contract passes them: a float64 [1] or [M] tensor on the test device."""
+    return torch.as_tensor(v, dtype=F64).reshape(-1).to(DEV)
+
+
 def check_posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, screen_tf32=None, splits=None):
-    D, L = posterior_with(x, data, alpha, sigma, log_weights, bandwidth, screen_tf32=screen_tf32, splits=splits)
+    D, L = run_posterior(x, data, f64(alpha), f64(sigma), log_weights, bandwidth, screen_tf32=screen_tf32,
+                         splits=splits)
     assert D.dtype == F32 and L.dtype == F32 and D.shape == x.shape and L.shape == (x.shape[0],)
     a64 = torch.as_tensor(alpha, dtype=F64, device=x.device)
     s64 = torch.as_tensor(sigma, dtype=F64, device=x.device)
@@ -150,7 +156,7 @@ def test_affine_step_matches_the_reference(M, d):
     D = (3 * torch.randn(M, d, generator=g)).to(DEV)
     seed, step, off = 2**63 + 12345, 2**32 - 1, 2**32 - 2
     for A, B, C in [(0.93, 0.21, 0.37), (1.0, -2.5, 0.0), (-0.5, 1e-3, 11.0)]:
-        out = ft.affine_step(x, D, A, B, C, seed, step, off)
+        out = affine_step(x, D, A, B, C, seed, step, off, None)
         r64 = ref_affine(x.double(), D.double(), A, B, C, seed, step, off)
         r32 = ref_affine(x, D, A, B, C, seed, step, off)
         fa_close(out, r64, r32, f"affine {A, B, C}")
@@ -160,53 +166,46 @@ def test_affine_step_noise_is_the_contract_and_in_place_works():
     M, d = 65, 10
     x = torch.randn(M, d, device=DEV)
     D = torch.randn(M, d, device=DEV)
-    z = ft.affine_step(x, D, 0.0, 0.0, 1.0, 7, 3, sample_offset=100)
+    z = affine_step(x, D, 0.0, 0.0, 1.0, 7, 3, 100, None)
     z64 = fd.noise.normal(7, range(100, 100 + M), 3, d, dtype=F64, device=DEV)
     assert float(ulps(z, z64).max()) <= 4
-    out = ft.affine_step(x, D, 0.8, 0.3, 0.5, 7, 3)
+    out = affine_step(x, D, 0.8, 0.3, 0.5, 7, 3, 0, None)
     y = x.clone()
-    assert ft.affine_step(y, D, 0.8, 0.3, 0.5, 7, 3, out=y) is y
+    assert affine_step(y, D, 0.8, 0.3, 0.5, 7, 3, 0, y) is y
     assert torch.equal(y, out)
+    o = torch.full_like(x, float("nan"))
+    assert affine_step(x, D, 0.8, 0.3, 0.5, 7, 3, 0, o) is o and torch.equal(o, out)     # a separate out
     # batch invariance: a slice with its sample_offset gives the same rows bit for bit
-    part = ft.affine_step(x[20:40], D[20:40], 0.8, 0.3, 0.5, 7, 3, sample_offset=20)
+    part = affine_step(x[20:40].contiguous(), D[20:40].contiguous(), 0.8, 0.3, 0.5, 7, 3, 20, None)
     assert torch.equal(part, out[20:40])
 
 
-def test_affine_step_device_counters_and_number_coefficients_agree():
-    """counters= (graph replay) gives the numbers of seed/sample_offset; per-row tensors of equal values give
-    the numbers' result; an ODE step (C = 0) draws no noise."""
+def test_affine_step_device_counters_and_the_ode_step():
+    """counters= (graph replay) gives the numbers of seed/sample_offset; an ODE step (C = 0) draws no noise."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(37, 7, generator=g).to(DEV)
     D = torch.randn(37, 7, generator=g).to(DEV)
     seed, off = 2**40 + 5, 2**32 - 7
-    want = ft.affine_step(x, D, 0.8, 0.3, 0.5, seed, 6, off)
-    ctr = _affine_step.noise_counters(seed, off, x.device)
-    assert torch.equal(_affine_step.affine_step(x, D, 0.8, 0.3, 0.5, 0, 6, 0, counters=ctr), want)
-    rows = [torch.full((37,), v, dtype=F64, device=DEV) for v in (0.8, 0.3, 0.5)]
-    assert torch.equal(ft.affine_step(x, D, *rows, seed, 6, off), want)
+    want = affine_step(x, D, 0.8, 0.3, 0.5, seed, 6, off, None)
+    ctr = noise_counters(seed, off, x.device)
+    assert torch.equal(run_affine_step(x, D, 0.8, 0.3, 0.5, 0, 6, 0, counters=ctr), want)
     fa_close(want, ref_affine(x.double(), D.double(), 0.8, 0.3, 0.5, seed, 6, off),
              ref_affine(x, D, 0.8, 0.3, 0.5, seed, 6, off), "numbers")
-    fa_close(ft.affine_step(x, D, 0.8, 0.3, 0.0, seed, 6, off), (0.8 * x.double() + 0.3 * D.double()),
+    fa_close(affine_step(x, D, 0.8, 0.3, 0.0, seed, 6, off, None), (0.8 * x.double() + 0.3 * D.double()),
              0.8 * x + 0.3 * D, "ode")
-    with pytest.raises(ValueError, match="counters"):
-        _affine_step.affine_step(x, D, 0.8, 0.3, 0.5, 0, 6, counters=ctr.int())
-    with pytest.raises(ValueError, match="finite"):
-        ft.affine_step(x, D, float("nan"), 0.3, 0.5, 0, 6)
 
 
-def test_affine_step_per_row_coefficients_and_half_precision_D():
+def test_affine_step_half_precision_D():
     M, d = 33, 5
     x = torch.randn(M, d, device=DEV)
-    A = torch.rand(M, dtype=F64, device=DEV)
-    B = torch.rand(M, dtype=F64, device=DEV) - 0.5
-    C = torch.rand(M, dtype=F64, device=DEV)
+    A, B, C = 0.7, -0.3, 0.45
     z = fd.noise.normal(9, range(M), 4, d, dtype=F64, device=DEV)
     for dt in (F32, torch.float16, torch.bfloat16):
         D = torch.randn(M, d, device=DEV).to(dt)
-        out = ft.affine_step(x, D, A, B, C, 9, 4)
-        r64 = A[:, None] * x.double() + B[:, None] * D.double() + C[:, None] * z
-        r32 = (A.float()[:, None] * x + B.float()[:, None] * D.float()) + C.float()[:, None] * z.float()
-        fa_close(out, r64, r32, f"per-row, D {dt}")
+        out = affine_step(x, D, A, B, C, 9, 4, 0, None)
+        r64 = A * x.double() + B * D.double() + C * z
+        r32 = (A * x + B * D.float()) + C * z.float()
+        fa_close(out, r64, r32, f"D {dt}")
 
 
 # ---------------------------------------------------------------- posterior
@@ -252,8 +251,8 @@ def test_posterior_large_d_split_over_the_data(splits, monkeypatch):
     """The large-d posterior split over the data (how few rows fill a GPU) against the float64 reference and
     the unsplit kernel: uneven parts, per-row σ from 1e-3 up and σ = 1e3, near-duplicate points, a part whose
     points all have zero weight (its partial accumulator, NaN-filled here, must not be read), a bandwidth."""
-    from fastdiff.triton import _posterior
-    monkeypatch.setattr(_posterior, "_scratch", lambda shape, device: torch.full(shape, float("nan"), device=device))
+    from fastdiff.triton import posterior as module
+    monkeypatch.setattr(module, "_scratch", lambda shape, device: torch.full(shape, float("nan"), device=device))
     N = 75
     data, alpha, sigma, x, lw = per_row_problem(6, N, 67, splits, log_sigma=(-3, 0.5))
     data[1] = data[0] + 1e-6                                   # near-duplicate points, in the first part
@@ -262,7 +261,7 @@ def test_posterior_large_d_split_over_the_data(splits, monkeypatch):
     lw = lw - torch.logsumexp(lw, 0)
     for bandwidth in (0.0, 0.2):
         D, L = check_posterior(x, data, alpha, sigma, lw, bandwidth, splits=splits)
-        D1, L1 = posterior_with(x, data, alpha, sigma, lw, bandwidth, splits=1)
+        D1, L1 = run_posterior(x, data, alpha, sigma, lw, bandwidth, splits=1)
         assert torch.allclose(D, D1, rtol=1e-5, atol=1e-5) and torch.allclose(L, L1, rtol=1e-5, atol=1e-4)
     check_posterior(x, data, 0.9, 0.05, None, splits=splits)   # uniform weights, scalar α and σ
     check_across_sigma(5, 60, 65, splits=splits)               # σ = 1e-3, 0.7, 1e3
@@ -319,21 +318,20 @@ def test_posterior_images_at_sigma_1e_3_keeps_float32_accuracy():
     assert float((torch.logsumexp(logits, 1).double() - L64).abs().max()) > 1.0
 
 
-def test_posterior_input_errors_name_the_argument():
-    x = torch.randn(4, 3, device=DEV)
-    data = torch.randn(5, 3, device=DEV)
-    with pytest.raises(TypeError, match="x"):
-        ft.posterior(x.double(), data, 1.0, 1.0)
-    with pytest.raises(ValueError, match="data"):
-        ft.posterior(x, torch.randn(5, 2, device=DEV), 1.0, 1.0)
-    with pytest.raises(ValueError, match="sigma"):
-        ft.posterior(x, data, 1.0, 0.0)
-    with pytest.raises(ValueError, match="alpha"):
-        ft.posterior(x, data, torch.ones(3), 1.0)
-    with pytest.raises(ValueError, match="log_weights"):
-        ft.posterior(x, data, 1.0, 1.0, torch.full((5,), float("-inf")))
-    with pytest.raises(ValueError, match="sigma too small"):
-        ft.posterior(x, data, 1.0, 1e-20)
+def test_package_defines_no_op_functions_and_each_module_has_its_op():
+    """fastdiff.triton.<op> is the module (importing it would replace a package function of that name) and
+    <op>.<op> is the backend op, with the contract's positional parameters."""
+    import importlib
+    import inspect
+
+    from fastdiff import reference
+    for op in ft.OPS:
+        mod = importlib.import_module(f"fastdiff.triton.{op}")
+        assert getattr(ft, op) is mod
+        fn = getattr(mod, op)
+        ref = getattr(reference, op)
+        assert list(inspect.signature(fn).parameters) == [
+            p.name for p in inspect.signature(ref).parameters.values() if p.kind != p.KEYWORD_ONLY], op
 
 
 # ---------------------------------------------------------------- pointcloud_step
@@ -346,18 +344,19 @@ def test_pointcloud_step_equals_posterior_then_affine(M, N, d):
     x = torch.randn(M, d, generator=g).to(DEV)
     lw = torch.log_softmax(torch.randn(N, generator=g, dtype=F64), 0).to(DEV)
     A, B, C, seed, step, off = 0.97, 0.4, 0.3, 5, 12, 2**32 - 3
-    out = ft.pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, off, lw, 0.1)
+    out = pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, off, lw, 0.1, None)
     D64, _ = ref_posterior(x.double(), data.double(), alpha, sigma, lw, 0.1)
     D32, _ = ref_posterior(x, data, alpha, sigma, lw, 0.1)
     r64 = ref_affine(x.double(), D64, A, B, C, seed, step, off)
     r32 = ref_affine(x, D32, A, B, C, seed, step, off)
     fa_close(out, r64, r32, "pointcloud_step")
     y = x.clone()
-    ft.pointcloud_step(y, data, alpha, sigma, A, B, C, seed, step, off, lw, 0.1, out=y)
+    assert pointcloud_step(y, data, alpha, sigma, A, B, C, seed, step, off, lw, 0.1, y) is y
     assert torch.equal(y, out)                                              # in place = out of place
-    part = ft.pointcloud_step(x[2:5], data, alpha[2:5], sigma[2:5], A, B, C, seed, step, off + 2, lw, 0.1)
+    part = pointcloud_step(x[2:5].contiguous(), data, alpha[2:5], sigma[2:5], A, B, C, seed, step, off + 2, lw, 0.1,
+                           None)
     assert torch.equal(part, out[2:5])                                      # batch invariance
-    ode = ft.pointcloud_step(x, data, alpha, sigma, A, B, 0.0, seed, step, off, lw, 0.1)
+    ode = pointcloud_step(x, data, alpha, sigma, A, B, 0.0, seed, step, off, lw, 0.1, None)
     fa_close(ode, ref_affine(x.double(), D64, A, B, 0.0, seed, step), ref_affine(x, D32, A, B, 0.0, seed, step), "ode")
 
 
@@ -370,16 +369,25 @@ def _trajectories(process, method, ode, data, x, K, seed, weights=None, bandwidt
     steps (the score-frozen VP step from T has A ≈ −114, C ≈ 116) is carried and reshaped by every later
     posterior, so the whole-run difference measures that sensitivity, not the kernel."""
     times = fd.time_grid(process, K, schedule, 1e-2 * process.T if process.T > 1 else 1e-2)
-    table = ft.table_columns(process, fd.step_table(process, times, method, ode))
+    table = kernel_table(process, fd.step_table(process, times, method, ode))
     lw = None if weights is None else torch.log(weights / weights.sum()).to(x.device)
-    out, traj = ft.pointcloud_sample(x, data, table, seed, 0, lw, bandwidth, return_trajectory=True)
+    out = x.clone()
+    traj = pointcloud_sample(out, data, table, seed, 0, lw, bandwidth, True)       # out: updated in place
     assert torch.equal(out, traj[-1]) and torch.equal(traj[0], x)
     steps = []
     for k in range(K):
-        _, a, sg, A, B, C = (float(v) for v in table[k])
-        steps.append(tuple(ref_pointcloud_step(traj[k].to(dt), data.to(dt), a, sg, A, B, C, seed, k, 0, lw, bandwidth)
+        row = table[k].tolist()
+        a, sg, A, B, C = (row[c] for c in (_table.ALPHA, _table.SIGMA, _table.A, _table.B0, _table.C))
+        steps.append(tuple(ref_affine(traj[k].to(dt), ref_posterior(traj[k].to(dt), data.to(dt), a, sg, lw,
+                                                                    bandwidth)[0], A, B, C, seed, k, 0)
                            for dt in (F64, F32)))
     return out, traj, steps
+
+
+def kernel_table(process, steps, prediction="x0"):
+    """The float64 [K, 8] kernel table (fastdiff._table) of a StepTable."""
+    A, B, C = steps.for_prediction(prediction)
+    return _table.pack(process.alpha(steps.t), steps.sigma, A, B, C, t=steps.t)
 
 
 def check_steps(traj, steps):
@@ -408,14 +416,35 @@ def test_pointcloud_sample_is_batch_invariant_and_trajectory_optional():
     d, N, M = 2, 17, 45
     data = torch.randn(N, d).to(DEV)
     x = p.prior(M, d, seed=1, device=DEV)
-    table = ft.table_columns(p, fd.step_table(p, fd.time_grid(p, 5, "uniform", 1e-2), "ei"))
-    whole = ft.pointcloud_sample(x, data, table, 1)
-    a = ft.pointcloud_sample(x[:20], data, table, 1)
-    b = ft.pointcloud_sample(x[20:], data, table, 1, sample_offset=20)
+    table = kernel_table(p, fd.step_table(p, fd.time_grid(p, 5, "uniform", 1e-2), "ei"))
+    whole = x.clone()
+    assert pointcloud_sample(whole, data, table, 1, 0, None, 0.0, False) is None      # in place, no trajectory
+    assert not torch.equal(whole, x)
+    a, b = x[:20].clone(), x[20:].clone()
+    pointcloud_sample(a, data, table, 1, 0, None, 0.0, False)
+    pointcloud_sample(b, data, table, 1, 20, None, 0.0, False)
     assert torch.equal(torch.cat([a, b]), whole)
-    assert torch.equal(ft.pointcloud_sample(x, data, table, 1, return_trajectory=True)[0], whole)
-    assert torch.equal(ft.pointcloud_sample(x, data, tuple(table.unbind(1)), 1), whole)    # six columns
-    assert torch.allclose(ft.pointcloud_sample(x, data, table.float(), 1), whole, atol=1e-5)  # a float32 table
+    y = x.clone()
+    traj = pointcloud_sample(y, data, table, 1, 0, None, 0.0, True)
+    assert traj.shape == (len(table) + 1, *x.shape) and torch.equal(traj[-1], whole) and torch.equal(y, whole)
+
+
+@pytest.mark.parametrize("d", [2, 65])
+def test_pointcloud_sample_refuses_the_multistep_columns(d):
+    """B1/B2 nonzero anywhere: a clear error (never ignored), before x is touched; refuse_reasons says so too."""
+    p = fd.VP()
+    x = p.prior(5, d, seed=1, device=DEV)
+    data = torch.randn(7, d).to(DEV)
+    table = kernel_table(p, fd.step_table(p, fd.time_grid(p, 4, "uniform", 1e-2), "ei"))
+    for col in _table.MULTISTEP:
+        bad = table.clone()
+        bad[-1, col] = 0.25
+        y = x.clone()
+        with pytest.raises(ValueError, match="multistep columns B1/B2 are not supported by the triton kernel"):
+            pointcloud_sample(y, data, bad, 1, 0, None, 0.0, False)
+        assert torch.equal(y, x)
+        assert any("B1/B2" in r for r in ft.refuse_reasons("pointcloud_sample", x=x, data=data, table=bad))
+    assert ft.refuse_reasons("pointcloud_sample", x=x, data=data, table=table) == []
 
 
 def _oracle_z(out, mu, S):
@@ -442,10 +471,13 @@ def test_pointcloud_sample_gaussian_oracle():
     n = 20_000 if not CUDA else 400_000
     times = fd.time_grid(p, 6, "quadratic", 0.1)
     for method, ode in (("ei", False), ("ei-x0", True)):
-        table = ft.table_columns(p, fd.step_table(p, times, method, ode))
+        table = kernel_table(p, fd.step_table(p, times, method, ode))
         x = p.prior(n, 2, seed=8, device=DEV)
-        out = _pointcloud_sample.pointcloud_sample(x, data, table, 8, 0, lw, v, config=BIG_SMALL_D)
-        assert torch.equal(out[:40], ft.pointcloud_sample(x[:40], data, table, 8, 0, lw, v))
+        out = x.clone()
+        run_pointcloud_sample(out, data, table, 8, 0, lw, v, config=BIG_SMALL_D)
+        shipped = x[:40].clone()
+        pointcloud_sample(shipped, data, table, 8, 0, lw, v, False)
+        assert torch.equal(out[:40], shipped)
         mu, S = fd.gaussian_oracle(p, times, method, ode, y0[0].double().cpu(), v * torch.eye(2, dtype=F64))
         zm, zc = _oracle_z(out.double().cpu(), mu, S)
         assert zm < 5 and zc < 5, (method, zm, zc)
@@ -465,8 +497,8 @@ def test_affine_step_kernel_in_the_sampler_loop_gaussian_oracle():
         D = G.denoise(x.double().cpu(), float(tab.t[k])).float().to(DEV)
         A, B, C = float(tab.A[k]), float(tab.B[k]), float(tab.C[k])
         if k == 0:
-            shipped = ft.affine_step(x[:300], D[:300], A, B, C, 2, k)
-        _affine_step.affine_step(x, D, A, B, C, 2, k, out=x, config=BIG_AFFINE)
+            shipped = affine_step(x[:300].contiguous(), D[:300].contiguous(), A, B, C, 2, k, 0, None)
+        run_affine_step(x, D, A, B, C, 2, k, 0, x, config=BIG_AFFINE)
         if k == 0:
             assert torch.equal(x[:300], shipped)
     mu, S = fd.gaussian_oracle(p, times, "ei", False, mean, cov)
@@ -485,6 +517,13 @@ def test_refuse_reasons(monkeypatch):
     assert any("not implemented" in r for r in ft.refuse_reasons("frobnicate", x=x))
     assert any("sigma" in r for r in ft.refuse_reasons("pointcloud_step", x=x, data=data, alpha=1.0, sigma=1e-20))
     assert any("[M, d]" in r for r in ft.refuse_reasons("affine_step", x=x[None]))
+    # the kernels' limits, from _common, with tensors or with sizes alone
+    assert ft.refuse_reasons("posterior", M=_common.ROWS_MAX, N=_common.ROWS_MAX, d=_common.D_MAX) == []
+    assert any("int32" in r for r in ft.refuse_reasons("posterior", M=_common.ROWS_MAX + 1, d=3))
+    assert any("data has" in r for r in ft.refuse_reasons("pointcloud_step", N=_common.ROWS_MAX + 1, d=3))
+    assert any("columns" in r for r in ft.refuse_reasons("pointcloud_sample", d=_common.D_MAX + 1))
+    assert any("affine step" in r for r in ft.refuse_reasons("affine_step", d=_common.AFFINE_D_MAX + 1))
+    assert ft.refuse_reasons("affine_step", d=_common.AFFINE_D_MAX) == []
     if not CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert any("TRITON_INTERPRET" in r for r in ft.refuse_reasons("posterior", x=x, data=data))
@@ -513,10 +552,10 @@ def test_gpu_affine_step_and_noise_full_size():
     M, d = 1 << 20, 3
     x = torch.randn(M, d, device=DEV)
     D = torch.randn(M, d, device=DEV)
-    z = ft.affine_step(x, D, 0.0, 0.0, 1.0, 123, 9, sample_offset=2**32 - 1000)
+    z = affine_step(x, D, 0.0, 0.0, 1.0, 123, 9, 2**32 - 1000, None)
     z64 = fd.noise.normal(123, range(2**32 - 1000, 2**32 - 1000 + M), 9, d, dtype=F64, device=DEV)
     assert float(ulps(z, z64).max()) <= 4
-    out = ft.affine_step(x, D, 0.9, 0.2, 0.3, 123, 9)
+    out = affine_step(x, D, 0.9, 0.2, 0.3, 123, 9, 0, None)
     fa_close(out, ref_affine(x.double(), D.double(), 0.9, 0.2, 0.3, 123, 9), ref_affine(x, D, 0.9, 0.2, 0.3, 123, 9))
 
 
@@ -577,19 +616,17 @@ def test_log_weight_offsets_cost_no_precision_and_overflow_is_not_nan(d):
     x = (0.8 * data[:5] + 0.3 * torch.randn(5, d, generator=g).to(DEV)).contiguous()
     lw = torch.log(torch.rand(9, generator=g, dtype=F64) + 0.1).to(DEV)
     D, L = check_posterior(x, data, 0.8, 0.6, lw + 1e9)
-    D0, L0 = posterior_with(x, data, 0.8, 0.6, lw)
+    D0, L0 = posterior(x, data, f64(0.8), f64(0.6), lw, 0.0)
     assert torch.allclose(D, D0, rtol=1e-5, atol=1e-6)
     assert torch.allclose(L.double(), L0.double() + 1e9, rtol=1e-6)
     # 1e300 + lw rounds to 1e300 in float64 already: uniform weights, and no overflow on the way
-    D, _ = posterior_with(x, data, 0.8, 0.6, lw + 1e300)
-    assert torch.allclose(D, posterior_with(x, data, 0.8, 0.6)[0], rtol=1e-6, atol=1e-7)
+    D, _ = posterior(x, data, f64(0.8), f64(0.6), lw + 1e300, 0.0)
+    assert torch.allclose(D, posterior(x, data, f64(0.8), f64(0.6), None, 0.0)[0], rtol=1e-6, atol=1e-7)
     far = x.clone()
     far[0, 0] = 1e20
     # the kernel keeps every logit finite (the shared numeric rule) ...
-    D, _ = posterior_with(far, data, 0.8, 0.6, check_finite=False)
-    assert bool(torch.isfinite(D).all())
-    # ... but a float32-only backend refuses rows whose logits could overflow (fastdiff.ops runs them in float64)
-    with pytest.raises(ValueError, match="x row 0: .*float32 logits could overflow"):
-        posterior_with(far, data, 0.8, 0.6)
-    with pytest.raises(ValueError, match="zero weight"):
-        posterior_with(x, data, 0.8, 0.6, torch.full((9,), float("-inf"), dtype=F64, device=DEV))
+    D, L = posterior(far, data, f64(0.8), f64(0.6), None, 0.0)
+    assert bool(torch.isfinite(D).all()) and bool(torch.isfinite(L).all())
+    # ... and the ops layer never sends it such a row: it needs float64, which this float32-only backend refuses
+    with pytest.raises(ValueError, match="float64"):
+        fd.ops.posterior(far, data, 0.8, 0.6, backend="triton")

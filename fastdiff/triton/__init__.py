@@ -1,8 +1,10 @@
-"""Triton kernels of fastdiff (DESIGN.md "Kernels"): posterior, affine_step, pointcloud_step,
-pointcloud_sample, each checked against the plain-torch reference.
+"""Triton kernels of fastdiff (DESIGN.md "Kernels"): one module per op, fastdiff.triton.posterior,
+.affine_step, .pointcloud_step, .pointcloud_sample, each exposing the op function of the same name with the
+backend contract every backend shares (fastdiff._C, fastdiff.reference): arguments validated and normalised
+by fastdiff.ops, x updated in place by pointcloud_sample. Each is checked against the plain-torch reference.
 
 Importing this package imports neither Triton nor a GPU driver: the kernels are compiled (decorated)
-when an op is first called, so set TRITON_INTERPRET=1 before the first call to run them on CPU tensors
+when an op module is first imported, so set TRITON_INTERPRET=1 before that to run them on CPU tensors
 under the Triton interpreter. `refuse_reasons(op, **inputs)` says why an op cannot run on given inputs.
 
 All ops compute in float32: x, D, L and outputs are float32; data may be stored in float32, float16 or
@@ -18,50 +20,10 @@ from . import _common
 
 OPS = ("posterior", "affine_step", "pointcloud_step", "pointcloud_sample")
 
-__all__ = ["posterior", "affine_step", "pointcloud_step", "pointcloud_sample", "refuse_reasons",
-           "table_columns", "OPS"]
-
-
-def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
-    """Point-cloud posterior mean D [M, d] and log-sum-exp L [M] (MATH.md §5), float32.
-
-    x float32 [M, d]; data [N, d] float32/float16/bfloat16; alpha, sigma numbers or [M] tensors;
-    log_weights [N] (−inf allowed) or None; bandwidth v ≥ 0 (kernel-density data)."""
-    from ._posterior import posterior as _f
-    return _f(x, data, alpha, sigma, log_weights, bandwidth)
-
-
-def affine_step(x, D, A, B, C, seed, step, sample_offset=0, out=None):
-    """x_s = A·x + B·D + C·z, z = fd.noise.normal(seed, sample_offset + row, step, d) computed in-kernel.
-
-    x float32 [M, d]; D [M, d] float32/float16/bfloat16; A, B, C numbers or [M] tensors;
-    out None (new tensor), x (in place) or a float32 [M, d] tensor."""
-    from ._affine_step import affine_step as _f
-    return _f(x, D, A, B, C, seed, step, sample_offset, out)
-
-
-def pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0, log_weights=None,
-                    bandwidth=0.0, out=None):
-    """posterior then affine_step fused in one kernel: x_s = A·x + B·D(x; α, σ) + C·z."""
-    from ._pointcloud_step import pointcloud_step as _f
-    return _f(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights, bandwidth, out)
-
-
-def pointcloud_sample(x, data, table_t_alpha_sigma_A_B_C, seed, sample_offset=0, log_weights=None,
-                      bandwidth=0.0, return_trajectory=False):
-    """The whole trajectory in one launch: for k = 0..K−1, x ← A_k x + B_k D(x; α_k, σ_k) + C_k z_k.
-
-    table_t_alpha_sigma_A_B_C: [K, 6] tensor or six [K] tensors (see table_columns). Returns x_K, and
-    the trajectory [K + 1, M, d] (x_0 first) when return_trajectory."""
-    from ._pointcloud_sample import pointcloud_sample as _f
-    return _f(x, data, table_t_alpha_sigma_A_B_C, seed, sample_offset, log_weights, bandwidth, return_trajectory)
-
-
-def table_columns(process, table, prediction="x0") -> torch.Tensor:
-    """The [K, 6] float64 table (t, α(t), σ(t), A, B, C) that pointcloud_sample takes, from a StepTable."""
-    A, B, C = table.for_prediction(prediction)
-    t = table.t
-    return torch.stack([t, process.alpha(t), table.sigma, A, B, C], 1)
+# No op functions here: each op is the function of the same name in its submodule, fastdiff.triton.<op>
+# (importlib.import_module(f"fastdiff.triton.{op}").<op>), whose import would replace a package attribute of
+# that name.
+__all__ = ["refuse_reasons", "OPS"]
 
 
 # ---------------------------------------------------------------- refusals
@@ -115,13 +77,34 @@ def _small_sigma_reason(inputs) -> list[str]:
     return []
 
 
+def _shape_facts(inputs):
+    """(M, N, d) from the tensors x and data, or from the facts M, N, d (a sampler choosing before it has
+    tensors); None where unknown."""
+    x, data = inputs.get("x"), inputs.get("data")
+    M, N, d = inputs.get("M"), inputs.get("N"), inputs.get("d")
+    if isinstance(x, torch.Tensor) and x.ndim == 2:
+        M, d = x.shape
+    if isinstance(data, torch.Tensor) and data.ndim == 2:
+        N = data.shape[0]
+    return M, N, d
+
+
+def _table_reason(op, table) -> list[str]:
+    from .. import _table
+    if op == "pointcloud_sample" and isinstance(table, torch.Tensor) and table.ndim == 2 \
+            and table.shape[1] == _table.WIDTH and _table.uses_history(table):
+        return ["the multistep columns B1/B2 are not supported by the triton kernel yet"]
+    return []
+
+
 def refuse_reasons(op: str, **inputs) -> list[str]:
     """Why the Triton backend cannot run `op` on these inputs ([] = it can). Never raises for bad inputs
-    (those raise in the op itself with a message naming the argument); never touches a GPU driver beyond
+    (fastdiff.ops validates them, with messages naming the argument); never touches a GPU driver beyond
     what the tensors' devices imply.
 
-    Recognised inputs: x, data, D, out (tensors), alpha, sigma, bandwidth (to detect a σ too small for
-    float32 logits). Unknown keys are ignored."""
+    Recognised inputs: x, data, D, out (tensors), M, N, d (sizes, when there are no tensors yet; checked
+    against the kernels' limits in _common), alpha, sigma, bandwidth (to detect a σ too small for float32
+    logits), table (pointcloud_sample: multistep columns). Unknown keys are ignored."""
     reasons = list(_unavailable())
     if op not in OPS:
         reasons.append(f"op {op!r} is not implemented by the triton backend (it has {', '.join(OPS)})")
@@ -129,7 +112,7 @@ def refuse_reasons(op: str, **inputs) -> list[str]:
     reasons += _device_reasons(tensors)
     x = inputs.get("x")
     if isinstance(x, torch.Tensor):
-        reasons += _dtype_reason("x", x, (torch.float32,))
+        reasons += _dtype_reason("x", x, _common.X_DTYPES)
         if x.ndim != 2:
             reasons.append(f"x must be [M, d] (flatten event dimensions first), got shape {tuple(x.shape)}")
     for name in ("data", "D"):
@@ -138,8 +121,9 @@ def refuse_reasons(op: str, **inputs) -> list[str]:
             reasons += _dtype_reason(name, t, _common.DATA_DTYPES)
     out = inputs.get("out")
     if isinstance(out, torch.Tensor):
-        reasons += _dtype_reason("out", out, (torch.float32,))
+        reasons += _dtype_reason("out", out, _common.X_DTYPES)
+    reasons += _common.limit_reasons(op, *_shape_facts(inputs))
     if op in ("posterior", "pointcloud_step", "pointcloud_sample"):
         reasons += _small_sigma_reason(inputs)
+    reasons += _table_reason(op, inputs.get("table"))
     return reasons
-

@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the Triton ops: input checks, per-row parameter tables, launch
+"""Host-side helpers shared by the Triton ops: the kernels' limits, per-row parameter tables, launch
 configurations (a plain Python heuristic: autotuning with several configs needs a GPU driver) and the
 accuracy constants of the large-d screening. Imports no Triton and never queries a GPU driver."""
 from __future__ import annotations
@@ -9,15 +9,17 @@ import os
 
 import torch
 
-from .._checks import per_row64  # shared with the reference; the launchers use it as C.per_row64
-
 LOG2E = 1.4426950408889634
 F32_MAX = 3.4028234663852886e38
 F32_TINY = 1.401298464324817e-45     # smallest positive (subnormal) float32
 DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ROWS_MAX = 2**31 - 4096   # row indices (program_id·BM + lane) are int32; addresses are int64
+# ---- the kernels' limits, written once (read by refuse_reasons through limit_reasons)
+ROWS_MAX = 2**31 - 4097     # most query rows / data points: row indices (program_id·BM + lane) are int32
+D_MAX = 2**31 - 4097        # most columns: column indices (k0 + lane) are int32; addresses are int64
+X_DTYPES = (torch.float32,)  # the kernels compute in float32 (x, out, D and L)
 SMALL_D_MAX = 64            # d ≤ 64: direct-difference kernel, whole rows on chip; above: large-d kernel
-INV2C_MAX = 1e30            # 1/(2c) beyond this overflows float32 logits: the Triton ops refuse
+INV2C_MAX = 1e30            # 1/(2c) beyond this: float32 logits lose their meaning (fastdiff._precision's
+#                             F32_SAFE_INV2C: such rows go to a float64 backend; refuse_reasons names it)
 NPAR = 9                    # per-row (or per-step) parameter record, float32:
 # 0 a = α   1 c1   2 c2   3 k2 = log2(e)/(2c)   4 cy = 1 − α²v/c   5 cx = αv/c   6 A   7 B   8 C
 # x − αy is formed as (x − c1·y) + c2·y: (c1, c2) = (1, 1 − α) for α ≥ ½ (x − y is then exact near the
@@ -48,7 +50,7 @@ def large_config(d: int) -> dict:
 
 
 SPLIT_SCRATCH_BYTES = 1 << 30   # the split posterior's partial accumulators [S, M, d] stay below this
-MAX_SPLITS = 65535              # the launch grid's second dimension
+MAX_SPLITS = 65535              # the launch grid's second dimension (GRID_YZ_MAX)
 
 
 SPLITS_PER_SM = 1 / 8            # the default split count: one part per 8 SMs (16 on a 132-SM H100/H200)
@@ -100,6 +102,8 @@ def affine_config(d: int) -> dict:
 
 SMALL_DPS = (4, 8, 16, 32, 64)
 AFFINE_BKS = (4, 8, 16, 32, 64, 128)
+GRID_YZ_MAX = 65535                       # CUDA's limit on a launch grid's second and third dimensions
+AFFINE_D_MAX = GRID_YZ_MAX * AFFINE_BKS[-1]   # the affine step tiles d over the grid's second dimension
 
 
 # ---------------------------------------------------------------- large-d screening constants
@@ -126,105 +130,53 @@ def screen_delta2(N: int) -> float:
 SCREEN_TAU2 = 1e-6          # screened logits (log2 units) are used as they are when their bound is below this
 
 
-# ---------------------------------------------------------------- checks
+# ---------------------------------------------------------------- kernel limits (read by refuse_reasons)
+def limit_reasons(op, M=None, N=None, d=None) -> list[str]:
+    """Why the kernels of `op` cannot take M query rows, N data points, d columns ([] = they can): the limits
+    above, written once here, read by fastdiff.triton.refuse_reasons and by the ops (which raise with them)."""
+    reasons = []
+    if op == "affine_step" and d is not None and int(d) > AFFINE_D_MAX:
+        reasons.append(f"d={int(d)} exceeds the Triton affine step's limit of {AFFINE_D_MAX} columns (its launch "
+                       f"grid's second dimension, d/{AFFINE_BKS[-1]}, is at most {GRID_YZ_MAX})")
+    for name, n in (("x", M), ("data", N)):
+        if n is not None and int(n) > ROWS_MAX:
+            reasons.append(f"{name} has {int(n)} rows; the Triton kernels index rows in int32 (at most {ROWS_MAX})")
+    if d is not None and int(d) > D_MAX:
+        reasons.append(f"d={int(d)} exceeds the Triton kernels' limit of {D_MAX} columns (int32 column indices)")
+    return reasons
+
+
+def check_limits(op, x, data=None):
+    """Raise ValueError for shapes beyond the kernels' limits (limit_reasons); no scan of values."""
+    reasons = limit_reasons(op, x.shape[0], None if data is None else data.shape[0], x.shape[1])
+    if reasons:
+        raise ValueError("; ".join(reasons))
+
+
 def words(value: int):
     """(low, high) 32-bit words of a non-negative integer < 2⁶⁴."""
     v = int(value)
     return v & 0xFFFFFFFF, v >> 32
 
 
-def check_x(x, name="x", finite=True):
-    """x must be a float32 [M, d] tensor; finite=True also scans for NaN/inf (a device synchronisation:
-    the sampler's hot loop skips it and checks its output instead)."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 for the Triton kernels, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must have shape [M, d], got {tuple(x.shape)}")
-    if x.shape[1] < 1:
-        raise ValueError(f"{name} must have at least one column, got shape {tuple(x.shape)}")
-    if finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    if x.shape[0] >= ROWS_MAX:
-        raise ValueError(f"{name} has {x.shape[0]} rows; the Triton kernels index rows in int32 "
-                         f"(at most {ROWS_MAX - 1})")
-    return x
-
-
-def check_data(data, d, device):
-    if not isinstance(data, torch.Tensor) or data.ndim != 2 or data.dtype not in DATA_DTYPES:
-        raise ValueError("data must be a float32, float16 or bfloat16 tensor of shape [N, d], got "
-                         f"{getattr(data, 'dtype', type(data))} {tuple(getattr(data, 'shape', ()))}")
-    if data.shape[0] == 0:
-        raise ValueError("data must contain at least one point")
-    if data.shape[0] >= ROWS_MAX:
-        raise ValueError(f"data has {data.shape[0]} points; the Triton kernels index them in int32 "
-                         f"(at most {ROWS_MAX - 1})")
-    if data.shape[1] != d:
-        raise ValueError(f"x has d={d} columns but data has d={data.shape[1]}")
-    if data.device != device:
-        raise ValueError(f"tensors must be on one device, got x on {device}, data on {data.device}")
-    return data.contiguous()
-
-
-def check_seed(seed) -> int:
-    s = int(seed)
-    if not 0 <= s < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
-    return s
-
-
-def check_step(step) -> int:
-    k = int(step)
-    if not 0 <= k < 2**32:
-        raise ValueError(f"step must be in [0, 2**32), got {step}")
-    return k
-
-
-def check_offset(sample_offset, M) -> int:
-    o = int(sample_offset)
-    if o < 0 or o + M > 2**64:
-        raise ValueError(f"sample_offset must be >= 0 and sample_offset + M <= 2**64, got {sample_offset}")
-    return o
-
-
-def check_float32_range(x, data, alpha, sigma, bandwidth, what, table=None):
-    """The Triton kernels compute in float32 only: refuse rows that the shared numeric rule (point 3,
-    fastdiff._precision) would compute in float64 (logits that could overflow float32), instead of
-    returning the equal-weight answer that clamped logits would give. table: (A, B, C) for a trajectory."""
-    from .. import _precision
-    if table is None:
-        need = _precision.float64_rows(x, data, alpha, sigma, bandwidth)
-    else:
-        need = _precision.float64_rows_trajectory(x, data, alpha, sigma, *table, bandwidth)
-    if bool(need.any()):
-        row = int(need.nonzero()[0, 0])
-        raise ValueError(f"x row {row}: |x| is so large (or sigma so small) that float32 logits could overflow in the "
-                         f"Triton {what}, which computes in float32 only; use fastdiff.ops with backend 'auto', "
-                         "'torch', 'cpu' or 'cuda' (they compute such rows in float64)")
+def rows64(value, device) -> torch.Tensor:
+    """alpha or sigma as a float64 [1] or [M] tensor on device (fastdiff.ops has validated it; a Python
+    number is accepted for direct calls in tests). No value is read on the host: no device synchronisation."""
+    return torch.as_tensor(value, dtype=torch.float64).to(device).reshape(-1)
 
 
 def log_weights2(log_weights, N, device, return_shift=False):
     """log π in log2 units as float32 [N] (zeros when None); −inf allowed (zero weight).
 
     The largest weight is shifted to 0 in float64 first, so a common offset (log-weights of 1e9, or of
-    1e300) costs no float32 precision and cannot overflow; the shift (natural log units) is returned
-    when asked, for L. D does not depend on it."""
+    1e300) costs no float32 precision and cannot overflow; the shift (natural log units, a 0-d float64
+    tensor on device, read by no host code: no synchronisation) is returned when asked, for L. D does not
+    depend on it. fastdiff.ops has checked the values (no NaN or +inf, not all −inf)."""
     if log_weights is None:
         zeros = _zeros(N, device)
-        return (zeros, 0.0) if return_shift else zeros
-    lw = torch.as_tensor(log_weights, device=device)
-    if lw.shape != (N,):
-        raise ValueError(f"log_weights must have shape [N]=[{N}], got {tuple(lw.shape)}")
-    if not lw.is_floating_point():
-        raise TypeError(f"log_weights must be a floating tensor, got {lw.dtype}")
-    if bool(torch.isnan(lw).any()) or bool((lw == float("inf")).any()):
-        raise ValueError("log_weights contains NaN or +inf")
-    lw = lw.to(torch.float64)
-    shift = float(lw.max())
-    if not math.isfinite(shift):
-        raise ValueError("log_weights gives every data point zero weight")
+        return (zeros, None) if return_shift else zeros
+    lw = log_weights.to(device=device, dtype=torch.float64)
+    shift = lw.max()
     lw2 = ((lw - shift) * LOG2E).to(torch.float32).contiguous()   # ≤ 0; far below: −inf = zero weight
     return (lw2, shift) if return_shift else lw2
 
@@ -245,38 +197,30 @@ def _zeros(N: int, device) -> torch.Tensor:
     return buf[:N]
 
 
-def reduction_params(alpha, sigma, bandwidth, M, device, what="posterior") -> torch.Tensor:
+def reduction_params(alpha, sigma, bandwidth, M, device) -> torch.Tensor:
     """float64 [R, NPAR] records (R = 1 or M) with a, c1, c2, k2, cy, cx filled (A, B, C zero) on `device`.
 
-    Built and checked on the host unless alpha or sigma already live on another device, so scalar
-    coefficients cost one small copy and no device synchronisation."""
-    on_device = [v.device for v in (alpha, sigma) if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
-    work = on_device[0] if on_device else torch.device("cpu")
-    a = per_row64(alpha, "alpha", M, work)
-    s = per_row64(sigma, "sigma", M, work)
-    if not bool((s > 0).all()):
-        raise ValueError("sigma must be positive (D is never evaluated at t = 0)")
-    v = float(bandwidth)
-    if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
+    Computed where alpha and sigma live (float64 tensors on x's device, as fastdiff.ops passes them; Python
+    numbers from direct calls are built on the host), without reading any value back: no synchronisation.
+    fastdiff.ops has checked sigma > 0 and bandwidth, and sends the rows whose 1/(2c) exceeds INV2C_MAX (or
+    whose logits could overflow float32) to a float64 backend (fastdiff._precision)."""
+    a, s = rows64(alpha, device), rows64(sigma, device)
     R = max(a.numel(), s.numel())
     a, s = a.expand(R), s.expand(R)
+    v = float(bandwidth)
     c = a * a * v + s * s
     inv2c = 0.5 / c
-    if float(inv2c.max()) > INV2C_MAX:
-        raise ValueError(f"1/(2c) = {float(inv2c.max()):.3g} overflows float32 logits in the Triton {what} "
-                         "(sigma too small); use the torch backend, which switches to float64")
-    par = torch.zeros(R, NPAR, dtype=torch.float64, device=work)
+    par = torch.zeros(R, NPAR, dtype=torch.float64, device=a.device)
     near_one = a >= 0.5
     par[:, 0] = a
     par[:, 1] = near_one.to(torch.float64)
     par[:, 2] = torch.where(near_one, 1.0 - a, -a)
     # the shared numeric rule, point 1: 1/(2c) within [smallest subnormal, largest finite] of float32 (the
-    # refusal above keeps it ≤ 1e30 here; the clamp keeps k2 finite and nonzero whatever that limit is)
+    # ops layer keeps it ≤ INV2C_MAX here; the clamp keeps k2 finite and nonzero whatever that limit is)
     par[:, 3] = (inv2c.clamp(min=F32_TINY, max=F32_MAX) * LOG2E).clamp(max=F32_MAX)
     par[:, 4] = 1.0 - a * a * v / c
     par[:, 5] = a * v / c
-    return par.to(device, non_blocking=True)     # from pageable memory: staged, no stream synchronisation
+    return par
 
 
 def as_f32_table(par64: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ memory, and registers/stack from cuobjdump when available) is printed.
 
 The configurations are exactly those the launchers can pick: every padded width DP of the small-d
 kernels and the large-d kernels with both screening precisions, each for float32/float16/bfloat16 data,
-and the affine step for every tile width, with and without noise, per-row or scalar coefficients and
-device-side noise counters, for each D dtype; plus, for float32, the variants Triton picks when integer
+and the affine step for every tile width, with and without noise and with device-side noise counters,
+for each D dtype; plus, for float32, the variants Triton picks when integer
 sizes and strides are multiples of 16.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
 # per-call values, declared do_not_specialize in the kernels
-_NEVER_SPECIALISED = ("seed_lo", "seed_hi", "step", "off_lo", "off_hi", "first_step")
+_NEVER_SPECIALISED = ("seed_lo", "seed_hi", "step", "off_lo", "off_hi")
 
 
 def _small_cfg(DP):
@@ -51,58 +51,56 @@ def configurations():
     for dt in DTYPES:
         for DP in C.SMALL_DPS:
             cex, nw = _small_cfg(DP)
-            out.append(("_posterior", "_posterior_small_kernel", {
+            out.append(("posterior", "_posterior_small_kernel", {
                 "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "D_ptr": "*fp32",
                 "L_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "stride_x": i32, "stride_y": i32, "stride_D": i32,
                 "par_stride": i32}, cex, nw, f"data={dt} DP={DP}"))
-            out.append(("_pointcloud_step", "_pointcloud_step_small_kernel", {
-                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "coef_ptr": "*fp32",
-                "out_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "stride_x": i32, "stride_y": i32, "stride_o": i32,
-                "par_stride": i32, "coef_stride": i32, "seed_lo": i64, "seed_hi": i64, "step": i64, "off_lo": i64,
+            out.append(("pointcloud_step", "_pointcloud_step_small_kernel", {
+                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "out_ptr": "*fp32",
+                "A": f32, "B": f32, "Cn": f32, "M": i32, "N": i32, "d": i32, "stride_x": i32, "stride_y": i32,
+                "stride_o": i32, "par_stride": i32, "seed_lo": i64, "seed_hi": i64, "step": i64, "off_lo": i64,
                 "off_hi": i64, "has_noise": i32}, cex, nw, f"data={dt} DP={DP}"))
-            out.append(("_pointcloud_sample", "_pointcloud_sample_small_kernel", {
-                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32", "out_ptr": "*fp32",
+            out.append(("pointcloud_sample", "_pointcloud_sample_small_kernel", {
+                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32",
                 "traj_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "K": i32, "stride_x": i32, "stride_y": i32,
                 "traj_stride": i64, "seed_lo": i64, "seed_hi": i64, "off_lo": i64, "off_hi": i64,
-                "first_step": i64, "save_traj": i32}, cex, nw, f"data={dt} DP={DP}"))
+                "save_traj": i32}, cex, nw, f"data={dt} DP={DP}"))
         for tf32 in (True, False):
             cex, nw = _large_cfg(tf32)
             screen = "tf32" if tf32 else "ieee"
-            out.append(("_posterior", "_posterior_large_kernel", {
+            out.append(("posterior", "_posterior_large_kernel", {
                 "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "D_ptr": "*fp32",
                 "L_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "stride_x": i32, "stride_y": i32, "stride_D": i32,
                 "par_stride": i32, "kappa": f32, "delta2": f32, "tau2": f32}, cex, nw, f"data={dt} screen={screen}"))
-            out.append(("_posterior", "_posterior_large_split_kernel", {
+            out.append(("posterior", "_posterior_large_split_kernel", {
                 "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "acc_ptr": "*fp32",
                 "ms_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "n_chunk": i32, "stride_x": i32, "stride_y": i32,
                 "par_stride": i32, "kappa": f32, "delta2": f32, "tau2": f32}, cex, nw, f"data={dt} screen={screen}"))
-            out.append(("_pointcloud_step", "_pointcloud_step_large_kernel", {
-                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "coef_ptr": "*fp32",
-                "acc_ptr": "*fp32", "out_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "stride_x": i32,
-                "stride_y": i32, "stride_acc": i32, "stride_o": i32, "par_stride": i32, "coef_stride": i32,
+            out.append(("pointcloud_step", "_pointcloud_step_large_kernel", {
+                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32",
+                "acc_ptr": "*fp32", "out_ptr": "*fp32", "A": f32, "B": f32, "Cn": f32, "M": i32, "N": i32, "d": i32,
+                "stride_x": i32, "stride_y": i32, "stride_acc": i32, "stride_o": i32, "par_stride": i32,
                 "kappa": f32, "delta2": f32, "tau2": f32, "seed_lo": i64, "seed_hi": i64, "step": i64,
                 "off_lo": i64, "off_hi": i64, "has_noise": i32}, cex, nw, f"data={dt} screen={screen}"))
-            out.append(("_pointcloud_sample", "_pointcloud_sample_large_kernel", {
-                "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32", "out_ptr": "*fp32", "acc_ptr": "*fp32",
+            out.append(("pointcloud_sample", "_pointcloud_sample_large_kernel", {
+                "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32", "x_ptr": "*fp32", "acc_ptr": "*fp32",
                 "traj_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "K": i32, "stride_y": i32, "traj_stride": i64,
                 "kappa": f32, "delta2": f32, "tau2": f32, "seed_lo": i64, "seed_hi": i64, "off_lo": i64,
-                "off_hi": i64, "first_step": i64, "save_traj": i32}, cex, nw, f"data={dt} screen={screen}"))
+                "off_hi": i64, "save_traj": i32}, cex, nw, f"data={dt} screen={screen}"))
         for BK in C.AFFINE_BKS:
             cfg = C.affine_config(BK)
-            for noise, per_row, ctr in ((True, False, False), (False, False, False), (True, True, False),
-                                        (False, True, False), (True, False, True)):
-                out.append(("_affine_step", "_affine_step_kernel", {
-                    "x_ptr": "*fp32", "D_ptr": f"*{dt}", "out_ptr": "*fp32", "coef_ptr": "*fp32", "coef_stride": i32,
-                    "a": f32, "b": f32, "c": f32, "ctr_ptr": "*i64",
-                    "M": i32, "d": i32, "stride_x": i32, "stride_D": i32, "stride_o": i32, "seed_lo": i64,
-                    "seed_hi": i64, "step": i64, "off_lo": i64, "off_hi": i64},
-                    {"HAS_NOISE": noise, "PER_ROW": per_row, "CTR_PTR": ctr, "BM": cfg["BM"], "BK": cfg["BK"]},
-                    cfg["num_warps"], f"D={dt} BK={BK} noise={noise} per_row={per_row} ctr={ctr}"))
+            for noise, ctr in ((True, False), (False, False), (True, True)):
+                out.append(("affine_step", "_affine_step_kernel", {
+                    "x_ptr": "*fp32", "D_ptr": f"*{dt}", "out_ptr": "*fp32", "a": f32, "b": f32, "c": f32,
+                    "ctr_ptr": "*i64", "M": i32, "d": i32, "stride_x": i32, "stride_D": i32, "stride_o": i32,
+                    "seed_lo": i64, "seed_hi": i64, "step": i64, "off_lo": i64, "off_hi": i64},
+                    {"HAS_NOISE": noise, "CTR_PTR": ctr, "BM": cfg["BM"], "BK": cfg["BK"]},
+                    cfg["num_warps"], f"D={dt} BK={BK} noise={noise} ctr={ctr}"))
     # At run time Triton specialises integer arguments divisible by 16 (sizes and strides of 16, 64,
     # 3072, ...), which switches on vectorised loads: compile one such variant of every float32
     # configuration too (the integer arguments marked tt.divisibility = 16).
     out += [(mod, name, sig, cex, nw, label + " div16") for mod, name, sig, cex, nw, label in out
-            if ("data=fp32" in label or "D=fp32" in label) and "per_row=True" not in label]
+            if "data=fp32" in label or "D=fp32" in label]
     return out
 
 

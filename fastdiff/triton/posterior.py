@@ -399,25 +399,26 @@ def combine_splits(acc, ms, x, par, D, L):
 
 
 # ================================================================ public function
-def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_tf32=None, check_finite=True,
-              splits=None):
-    """Point-cloud posterior mean D [M, d] and log-sum-exp L [M] (float32), as
-    fastdiff.reference.posterior. alpha, sigma: scalars or [M]; data float32/float16/bfloat16.
-    screen_tf32 (large d only): None = module default SCREEN_TF32.
-    check_finite: scan x for NaN/inf (a device synchronisation; off where the caller has checked x).
-    splits (large d): see launch_posterior."""
-    C.check_x(x, finite=check_finite)
-    data = C.check_data(data, x.shape[1], x.device)
+def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
+    """The backend op (the contract of fastdiff.ops.posterior's backends): point-cloud posterior mean
+    D [M, d] and log-sum-exp L [M], float32. x float32 [M, d] contiguous (M ≥ 1); data [N, d] float32/
+    float16/bfloat16; alpha, sigma float64 [1] or [M]; log_weights [N] or None; bandwidth ≥ 0.
+    Inputs are validated by fastdiff.ops, not here (only the kernels' shape limits are checked)."""
+    return run_posterior(x, data, alpha, sigma, log_weights, bandwidth)
+
+
+def run_posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, screen_tf32=None, splits=None):
+    """posterior with the large-d kernel's knobs (tests, benchmarks): screen_tf32 None = module default
+    SCREEN_TF32; splits: see launch_posterior."""
+    C.check_limits("posterior", x, data)
     M, d = x.shape
     lw2, shift = C.log_weights2(log_weights, data.shape[0], x.device, return_shift=True)
     par = C.as_f32_table(C.reduction_params(alpha, sigma, bandwidth, M, x.device))
-    if check_finite:       # (fastdiff.ops has made this decision already, row by row)
-        C.check_float32_range(x, data, alpha, sigma, bandwidth, "posterior")
     D = torch.empty(M, d, dtype=torch.float32, device=x.device)
     L = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return D, L
-    D, L = launch_posterior(x.contiguous(), data, lw2, par, D, L, screen_tf32, splits)
-    if shift != 0.0:
-        L.add_(shift)
+    D, L = launch_posterior(x.contiguous(), data.contiguous(), lw2, par, D, L, screen_tf32, splits)
+    if shift is not None:
+        L.add_(shift)            # (float64 shift into float32 L: one rounding, as the kernel's own)
     return D, L

@@ -1,0 +1,168 @@
+"""Triton whole-trajectory point-cloud sampler: every step k of a step table (MATH.md §3)
+  D = posterior(x; α_k, σ_k),  x ← A_k·x + B0_k·D + C_k·z_k     (z_k: noise contract, step index k)
+in one kernel launch, x updated in place. The table is fastdiff._table's float64 [K, 8] layout; the
+multistep columns B1, B2 are not implemented by these kernels yet (a table using them is refused).
+The kernels read per-step float32 records derived from it on the host (see step_records); no host sync
+between steps.
+
+Small d: each program keeps its [BM, DP] queries in registers for the whole trajectory.
+Large d: queries cannot stay on chip (BM × d floats); each program owns its rows of x (the state)
+and of a scratch accumulator, both L2-resident, and runs all steps on them without leaving the kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _table
+from . import _common as C
+from . import posterior as _posterior
+from ._philox import normal_tile, sample_index_words
+from .posterior import large_reduce, small_reduce, small_row_tile
+
+
+# ================================================================ kernels
+@triton.jit
+def _step_record(tab_ptr, k):
+    tp = tab_ptr + k * 9            # _common.NPAR
+    return (tl.load(tp + 0), tl.load(tp + 1), tl.load(tp + 2), tl.load(tp + 3), tl.load(tp + 4),
+            tl.load(tp + 5), tl.load(tp + 6), tl.load(tp + 7), tl.load(tp + 8))
+
+
+# per-call values: never recompile
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi"])
+def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, traj_ptr, M, N, d, K,
+                                    stride_x, stride_y, traj_stride: tl.int64, seed_lo: tl.int64,
+                                    seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64, save_traj: tl.int32,
+                                    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+    # x is updated in place: this program's rows are read once here and written once at the end (no other
+    # program touches them), the whole trajectory runs in registers in between.
+    rows, rows64, rmask, cols, mask, x = small_row_tile(x_ptr, M, d, stride_x, BM, DP)
+    i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
+    zero = tl.zeros([BM], tl.float32)
+    for k in range(K):
+        a, c1, c2, k2, cy, cx, A, B, Cn = _step_record(tab_ptr, k)
+        acc, m, s = small_reduce(x, zero + c1, zero + c2, zero + k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
+        D = acc * (cy / s)[:, None] + cx * x
+        xn = A * x + B * D
+        if Cn != 0.0:
+            xn += Cn * normal_tile(seed_lo, seed_hi, tl.cast(k, tl.int64), i_lo, i_hi, 0, DP // 4)
+        x = tl.where(mask, xn, 0.0)                 # padding columns must stay 0 (they enter distances)
+        if save_traj != 0:
+            tl.store(traj_ptr + (k + 1) * traj_stride + rows64[:, None] * d + cols[None, :], x, mask=mask)
+    tl.debug_barrier()                              # in place: every load of x before the store
+    tl.store(x_ptr + rows64[:, None] * stride_x + cols[None, :], x, mask=mask)
+
+
+# per-call values: never recompile
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi"])
+def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, x_ptr, acc_ptr, traj_ptr, M, N, d, K,
+                                    stride_y, traj_stride: tl.int64, kappa, delta2, tau2,
+                                    seed_lo: tl.int64, seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64,
+                                    save_traj: tl.int32,
+                                    SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                    BK: tl.constexpr, BKE: tl.constexpr):
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
+    zero = tl.zeros([BM], tl.float32)
+    for k in range(K):
+        a, c1, c2, k2, cy, cx, A, B, Cn = _step_record(tab_ptr, k)
+        m, s = large_reduce(x_ptr, d, rows, rmask, zero + a, zero + c1, zero + c2, zero + k2, data_ptr, stride_y,
+                            lw_ptr, acc_ptr, d, N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+        fy = cy / s
+        for k0 in range(0, d, BK):
+            kk = k0 + tl.arange(0, BK)
+            mask = rmask[:, None] & (kk < d)[None, :]
+            xptr = x_ptr + rows64[:, None] * d + kk[None, :]
+            xk = tl.load(xptr, mask=mask, other=0.0)
+            acc = tl.load(acc_ptr + rows64[:, None] * d + kk[None, :], mask=mask, other=0.0)
+            xn = A * xk + B * (acc * fy[:, None] + cx * xk)
+            if Cn != 0.0:
+                xn += Cn * normal_tile(seed_lo, seed_hi, tl.cast(k, tl.int64), i_lo, i_hi, k0 // 4, BK // 4)
+            tl.debug_barrier()                      # loads of the tile before its stores
+            tl.store(xptr, xn, mask=mask)
+            if save_traj != 0:
+                tl.store(traj_ptr + (k + 1) * traj_stride + rows64[:, None] * d + kk[None, :], xn, mask=mask)
+        tl.debug_barrier()                          # the next step reads these rows through other layouts
+
+
+# ================================================================ launcher
+def step_records(table, bandwidth, device) -> torch.Tensor:
+    """float32 [K, NPAR] per-step records (a, c1, c2, k2, cy, cx, A, B0, C) on device, from the float64 [K, 8]
+    table (fastdiff._table columns).
+
+    Why derived records and not the table itself: the kernels need 1/(2c)·log2(e), 1 − α (the (x − y) + (1 − α)y
+    form of the distance), 1 − α²v/c and αv/c, which must be formed in float64 (1 − α for α near 1, 1/(2c)
+    for small σ lose digits in float32) and the GPU has no fast float64. So they are computed here once per
+    call (K records, the same code as the posterior's per-row records: _common.reduction_params) and
+    cast to float32, which is what the kernels compute in."""
+    if _table.uses_history(table):
+        raise ValueError("table: the multistep columns B1/B2 are not supported by the triton kernel yet "
+                         "(use backend 'torch' for DPM-Solver++(2M)/(3M) tables)")
+    K = table.shape[0]
+    par = C.reduction_params(table[:, _table.ALPHA], table[:, _table.SIGMA], bandwidth, K, "cpu")
+    par[:, 6] = table[:, _table.A]
+    par[:, 7] = table[:, _table.B0]
+    par[:, 8] = table[:, _table.C]
+    return C.as_f32_table(par).to(device)
+
+
+def launch_pointcloud_sample(x, data, lw2, tab, seed, sample_offset, traj, screen_tf32=None, config=None):
+    """x [M, d] float32 contiguous, updated in place; tab: step_records; traj None or [K + 1, M, d]."""
+    M, d = x.shape
+    N, K = data.shape[0], tab.shape[0]
+    s_lo, s_hi = C.words(seed)
+    o_lo, o_hi = C.words(sample_offset)
+    save = traj is not None
+    traj_arg = traj if save else x
+    traj_stride = M * d
+    if save:
+        traj[0].copy_(x)
+    if d <= C.SMALL_D_MAX:
+        cfg = config or C.small_config(d)
+        with C.device_guard(x.device):      # the tensors' GPU, not the current one
+            _pointcloud_sample_small_kernel[(triton.cdiv(M, cfg["BM"]),)](
+                x, data, lw2, tab, traj_arg, M, N, d, K, x.stride(0), data.stride(0), traj_stride,
+                s_lo, s_hi, o_lo, o_hi, int(save),
+                BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"], num_warps=cfg["num_warps"])
+        return traj
+    tf32 = _posterior.SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
+    cfg = config or C.large_config(d)
+    acc = torch.empty_like(x)
+    with C.device_guard(x.device):      # the tensors' GPU, not the current one
+        _pointcloud_sample_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
+            data, lw2, tab, x, acc, traj_arg, M, N, d, K, data.stride(0), traj_stride,
+            C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2, s_lo, s_hi, o_lo, o_hi, int(save),
+            SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"], num_warps=cfg["num_warps"])
+    return traj
+
+
+# ================================================================ public function
+def pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
+                      return_trajectory=False):
+    """The backend op (the contract of fastdiff.ops.pointcloud_sample's backends): every step of `table` on
+    the point cloud `data`, x [M, d] (float32, contiguous) UPDATED IN PLACE.
+
+    table: the float64 [K, 8] CPU tensor of fastdiff._table (t, alpha, sigma, A, B0, B1, B2, C); B1/B2 must be
+    zero (the multistep columns are not implemented here yet: ValueError). Step k draws its noise with step
+    index k; row i is global sample sample_offset + i. Returns the trajectory [K + 1, M, d] (x_0 first) when
+    return_trajectory, else None. Validated by fastdiff.ops, not here."""
+    return run_pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth, return_trajectory)
+
+
+def run_pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
+                          return_trajectory=False, *, screen_tf32=None, config=None):
+    """pointcloud_sample with the knobs of the tests: screen_tf32 (large d) and config, a launch configuration
+    replacing the heuristic's (fewer, larger interpreter programs; rows are independent, so the result does
+    not depend on BM)."""
+    C.check_limits("pointcloud_sample", x, data)
+    tab = step_records(table, bandwidth, x.device)
+    M, d = x.shape
+    traj = torch.empty(tab.shape[0] + 1, M, d, dtype=x.dtype, device=x.device) if return_trajectory else None
+    if M == 0:
+        return traj
+    lw2 = C.log_weights2(log_weights, data.shape[0], x.device)
+    return launch_pointcloud_sample(x, data.contiguous(), lw2, tab, seed, sample_offset, traj, screen_tf32, config)
