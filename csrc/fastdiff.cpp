@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "build_info.h"
+#include "common/limits.h"
 #include "ops/ops.h"
 
 namespace {
@@ -21,6 +22,8 @@ py::dict build_config() {
 #else
   cfg["openmp"] = false;
 #endif
+  // The kernels' limits, each stated once (csrc/common/limits.h); fastdiff/_backend.py refuses from these.
+  cfg["cuda_max_d"] = fastdiff::kCudaMaxD;
   cfg["cxx_flags"] = FASTDIFF_CXX_FLAGS;
   cfg["torch_version"] = FASTDIFF_TORCH_VERSION;
   cfg["compiler"] = __VERSION__;
@@ -40,7 +43,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sigma"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("seed"), py::arg("step"),
         py::arg("sample_offset") = 0, py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0,
         py::arg("out") = py::none());
-  m.def("pointcloud_sample", &fastdiff::ops::pointcloud_sample, py::arg("x"), py::arg("data"), py::arg("alpha"),
-        py::arg("sigma"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("seed"), py::arg("sample_offset") = 0,
-        py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0, py::arg("return_trajectory") = false);
+  m.def("pointcloud_sample", &fastdiff::ops::pointcloud_sample, py::arg("x"), py::arg("data"), py::arg("table"),
+        py::arg("seed"), py::arg("sample_offset") = 0, py::arg("log_weights") = py::none(),
+        py::arg("bandwidth") = 0.0, py::arg("return_trajectory") = false);
 }

@@ -17,6 +17,16 @@ def test_build_config_reports_what_was_compiled():
     assert cfg["torch_version"] == torch.__version__, "fastdiff._C was built against another torch: rebuild it"
 
 
+def test_build_config_states_the_cuda_kernels_limit_once():
+    """The CUDA point-cloud kernels' largest d (kCudaMaxD, csrc/common/limits.h), reported even by a CPU-only
+    build: fastdiff/_backend.py's refusals read it from here (the launchers and the glue refuse past it:
+    tests/test_cuda_emu.py and tests/test_kernels.py)."""
+    cfg = _backend.build_config()
+    if cfg is None:
+        pytest.skip(f"fastdiff._C not built: {_backend.BACKENDS['cpu'].unavailable_reasons()}")
+    assert cfg["cuda_max_d"] == 12288
+
+
 @pytest.mark.skipif(os.environ.get("FASTDIFF_BUILD_CUDA") != "1", reason="only where the CUDA build is required (CI)")
 def test_cuda_kernels_were_compiled_for_hopper():
     cfg = _backend.build_config()

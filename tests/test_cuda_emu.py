@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import fastdiff as fd
-from fastdiff import ops
+from fastdiff import _backend, _table, ops
 from fastdiff.reference import affine_step as ref_affine
 from fastdiff.reference import pointcloud_step as ref_step
 from fastdiff.reference import posterior as ref_posterior
@@ -151,16 +151,15 @@ def emu_pointcloud_step(emu, x, data, alpha, sigma, A, B, C, seed, step, sample_
 
 def emu_pointcloud_sample(emu, x, data, table, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
                           return_trajectory=True):
-    """table: (alpha, sigma, A, B, C) float64 [K] each; x is updated in place."""
-    assert x.is_contiguous()
+    """table: the float64 [K, 8] step table (fastdiff._table), passed as it is; x is updated in place."""
+    assert x.is_contiguous() and table.dtype == F64 and table.is_contiguous() and table.shape[1] == _table.WIDTH
     data, lw = _cloud_args(x, data, log_weights)
     M, d = x.shape
-    cols = [torch.as_tensor(c, dtype=F64).contiguous() for c in table]
-    K = cols[0].numel()
+    K = table.shape[0]
     traj = _nan_like(x, (K + 1, M, d)) if return_trajectory else None
     scratch = _nan_like(x, (M * (d + 1),)) if d > 64 else None
-    _fn(emu, "pointcloud_sample", x)(x.data_ptr(), data.data_ptr(), _ptr(lw), M, data.shape[0], d, float(bandwidth),
-                                     K, *(c.data_ptr() for c in cols), seed, sample_offset, _ptr(traj), _ptr(scratch))
+    _fn(emu, "pointcloud_sample", x)(x.data_ptr(), data.data_ptr(), table.data_ptr(), M, data.shape[0], d, K, seed,
+                                     sample_offset, _ptr(lw), float(bandwidth), _ptr(traj), _ptr(scratch))
     return traj
 
 
@@ -200,12 +199,12 @@ def check_step(out, x, data, alpha, sigma, A, B, C, seed, step, off, lw=None, v=
         close64(out, r64, f"step {step}")
 
 
-def _table(process, K, method="ei", ode=False):
-    """(α(t), σ(t), A, B, C) float64 [K] of a sampler grid, as the samplers hand pointcloud_sample."""
+def _step_table(process, K, method="ei", ode=False):
+    """The float64 [K, 8] kernel table (fastdiff._table) of a sampler grid, as the samplers hand pointcloud_sample."""
     times = fd.time_grid(process, K, "karras", 1e-2 * process.T if process.T > 1 else 1e-2)
     tab = fd.step_table(process, times, method, ode)
     A, B, C = tab.for_prediction("x0")
-    return [process.alpha(tab.t), tab.sigma, A, B, C]
+    return _table.pack(process.alpha(tab.t), tab.sigma, A, B, C, t=tab.t)
 
 
 def check_sample(emu, x, data, table, seed, off, lw=None, v=0.0):
@@ -214,8 +213,8 @@ def check_sample(emu, x, data, table, seed, off, lw=None, v=0.0):
     x0 = x.clone()
     traj = emu_pointcloud_sample(emu, x, data, table, seed, off, lw, v)
     assert torch.equal(traj[0], x0) and torch.equal(traj[-1], x)
-    for k in range(len(table[0])):
-        a, sg, A, B, C = (float(c[k]) for c in table)
+    for k, row in enumerate(table.tolist()):
+        a, sg, A, B, C = (row[c] for c in (_table.ALPHA, _table.SIGMA, _table.A, _table.B0, _table.C))
         check_step(traj[k + 1], traj[k], data, a, sg, A, B, C, seed, k, off, lw, v)
     return traj
 
@@ -271,7 +270,7 @@ def test_every_kernel_at_every_d_boundary(emu, dtype, d):
     check_posterior(D, L, x, y, 0.9, sigma)
     out = emu_pointcloud_step(emu, x, y, 0.9, sigma, 1.1, 0.4, 0.3, 9, 4, 100)
     check_step(out, x, y, 0.9, sigma, 1.1, 0.4, 0.3, 9, 4, 100)
-    table = _table(fd.VP(), 2)
+    table = _step_table(fd.VP(), 2)
     check_sample(emu, x.clone(), y, table, 5, 2**32 - 1)
 
 
@@ -360,7 +359,46 @@ def test_pointcloud_sample_follows_the_reference_step_by_step(emu, dtype, proces
     y = torch.randn(N, d, generator=g, dtype=F64).to(dtype)
     x = process.prior(M, d, seed=4).to(dtype).contiguous()
     lw = torch.log(torch.rand(N, generator=g, dtype=F64) + 0.1)
-    check_sample(emu, x, y, _table(process, K, method, ode), 3, 7, lw, 0.01)
+    check_sample(emu, x, y, _step_table(process, K, method, ode), 3, 7, lw, 0.01)
+
+
+@pytest.mark.parametrize("col", [_table.B1, _table.B2], ids=["B1", "B2"])
+def test_pointcloud_sample_refuses_the_multistep_columns(emu, col):
+    """Not implemented by the CUDA kernels yet: a table that uses B1 or B2 anywhere is refused, never run as if
+    they were 0; x is untouched."""
+    x = torch.randn(5, 3, generator=_gen(40))
+    table = _step_table(fd.VP(), 3)
+    table[1, col] = -0.5
+    xc = x.clone()
+    with pytest.raises(ValueError, match="multistep columns B1/B2 .*not supported by the cuda kernel yet.*row 1"):
+        emu_pointcloud_sample(emu, xc, torch.randn(4, 3, generator=_gen(41)), table, 0)
+    assert torch.equal(xc, x)
+
+
+def test_the_launchers_refuse_d_past_cuda_max_d(emu):
+    """kCudaMaxD is the launchers' own limit (the one build_config reports): d = cuda_max_d runs (BOUNDARY_D),
+    d = cuda_max_d + 1 is refused by every point-cloud launcher before anything is written."""
+    assert emu.cuda_max_d == CUDA_MAX_D == max(BOUNDARY_D)
+    if not _backend.BACKENDS["cpu"].unavailable_reasons():
+        assert _backend.build_config()["cuda_max_d"] == emu.cuda_max_d
+    d = CUDA_MAX_D + 1
+    M, N = 1, 2
+    x, y = torch.randn(M, d, generator=_gen(42)), torch.randn(N, d, generator=_gen(43))
+    one = torch.ones(1, dtype=F64)
+    D, L, out = _nan_like(x), _nan_like(x, (M,)), _nan_like(x)
+    scratch = _nan_like(x, (M * (d + 1),))
+    with pytest.raises(RuntimeError, match="posterior CUDA launch failed"):
+        emu.posterior_f32(x.data_ptr(), y.data_ptr(), 0, M, N, d, 0.0, one.data_ptr(), one.data_ptr(), False,
+                          D.data_ptr(), L.data_ptr())
+    with pytest.raises(RuntimeError, match="pointcloud_step CUDA launch failed"):
+        emu.pointcloud_step_f32(x.data_ptr(), y.data_ptr(), 0, out.data_ptr(), M, N, d, 0.0, one.data_ptr(),
+                                one.data_ptr(), 1.0, 0.5, 0.1, 0, 0, 0, scratch.data_ptr())
+    xc = x.clone()
+    table = _table.pack(0.9, 0.5, 1.0, 0.1, 0.2)
+    with pytest.raises(RuntimeError, match="pointcloud_sample CUDA launch failed"):
+        emu.pointcloud_sample_f32(xc.data_ptr(), y.data_ptr(), table.data_ptr(), M, N, d, 1, 0, 0, 0, 0.0, 0,
+                                  scratch.data_ptr())
+    assert D.isnan().all() and L.isnan().all() and out.isnan().all() and torch.equal(xc, x)
 
 
 # ---------------------------------------------------------------- defects of issue 11 §2, one test each

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import fastdiff as fd
-from fastdiff import _backend, ops
+from fastdiff import _backend, _table, ops
+from fastdiff.reference import pointcloud_step as ref_step
 from fastdiff.reference import posterior as ref_posterior
 
 F64 = torch.float64
@@ -245,13 +246,126 @@ def test_bad_inputs_name_the_argument():
         C.affine_step(x, torch.randn(3, 3), 1.0, 1.0, 1.0, 0, 0)
     with pytest.raises(RuntimeError, match="out must match x"):
         C.affine_step(x, x, 1.0, 1.0, 1.0, 0, 0, 0, torch.empty(3, 2, dtype=F64))
-    with pytest.raises(RuntimeError, match="C must have shape"):
-        t = torch.ones(4, dtype=F64)
-        C.pointcloud_sample(x.clone(), y, t, t, t, t, torch.ones(3, dtype=F64), 0)
     with pytest.raises(ValueError, match="sigma must be finite and positive"):
         ops.posterior(x, y, 1.0, 0.0, backend="cpu")
     with pytest.raises(ValueError, match="device"):
         ops.posterior(x, y.to("meta"), 1.0, 1.0, backend="cpu")
+
+
+# ---------------------------------------------------------------- fastdiff._C.pointcloud_sample: the step table
+def _compiled():
+    if _backend.BACKENDS["cpu"].unavailable_reasons():
+        pytest.skip("fastdiff._C not built")
+    return _backend.extension()
+
+
+def _kernel_table(process, K, method="ei-x0"):
+    """The float64 [K, 8] table (fastdiff._table) of a sampler grid."""
+    tab = fd.step_table(process, fd.time_grid(process, K, "karras", 1e-2 * process.T), method)
+    A, B, C = tab.for_prediction("x0")
+    return _table.pack(process.alpha(tab.t), tab.sigma, A, B, C, t=tab.t)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("d", [3, 9])              # the one-query kernel (d <= 4) and the blocked one (d >= 5)
+def test_pointcloud_sample_runs_the_table_row_by_row(backend, device, dtype, d):
+    """_C.pointcloud_sample(x, data, table, ...): each state of the trajectory is the reference step of the
+    table's row k (noise step k) from the kernel's previous state; x ends as the last state, updated in place."""
+    C = _compiled()
+    M, N, K, seed, off = 37, 29, 4, 11, 2**33 + 5
+    p = fd.DriftedVE(T=10.0, beta="t")
+    table = _kernel_table(p, K)
+    y = _cloud(N, d, 21, duplicates=True).to(dtype)
+    lw = torch.log(torch.rand(N, generator=_gen(22), dtype=F64) + 0.1).to(dtype)
+    x = p.prior(M, d, seed=23).to(dtype)
+    xk = x.clone().to(device)
+    traj = C.pointcloud_sample(xk, y.to(device), table, seed, off, lw.to(device), 0.01, True).cpu()
+    assert traj.shape == (K + 1, M, d) and traj.dtype == dtype
+    assert torch.equal(traj[0], x) and torch.equal(traj[-1], xk.cpu()) and not torch.equal(traj[-1], x)
+    eps = torch.finfo(dtype).eps
+    for k, row in enumerate(table.tolist()):
+        a, sg, A, B, Cz = (row[c] for c in (_table.ALPHA, _table.SIGMA, _table.A, _table.B0, _table.C))
+        prev = traj[k]
+        r64 = ref_step(prev.double(), y.double(), a, sg, A, B, Cz, seed, k, off, lw.double(), 0.01)
+        if dtype == torch.float32:
+            r32 = ref_step(prev, y, a, sg, A, B, Cz, seed, k, off, lw, 0.01)
+            tol = 2 * float((r32.double() - r64).abs().max()) + 4 * eps * (float(r64.abs().max()) + 1)
+            assert float((traj[k + 1].double() - r64).abs().max()) <= tol, k
+        else:
+            assert torch.allclose(traj[k + 1], r64, rtol=1e-11, atol=1e-11), k
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+@pytest.mark.parametrize("d", [2, 6])
+def test_pointcloud_step_is_a_one_row_table(backend, device, d):
+    """pointcloud_step and pointcloud_sample share one kernel path: step 0 of a one-row table is bit for bit
+    the step; a strided x is updated in place, and return_trajectory=False returns None."""
+    C = _compiled()
+    y = _cloud(40, d, 24).float().to(device)
+    x = torch.randn(50, d, generator=_gen(25)).to(device)
+    row = _table.pack(0.8, 0.6, 1.05, 0.3, 0.4)
+    stepped = C.pointcloud_step(x, y, torch.tensor([0.8], dtype=F64, device=device),
+                                torch.tensor([0.6], dtype=F64, device=device), 1.05, 0.3, 0.4, 7, 0, 3)
+    xs = x.clone()
+    assert C.pointcloud_sample(xs, y, row, 7, 3) is None
+    assert torch.equal(xs, stepped)
+    strided = torch.zeros(50, 2 * d, device=device)[:, ::2]
+    strided.copy_(x)
+    C.pointcloud_sample(strided, y, row, 7, 3)
+    assert torch.equal(strided, stepped)
+
+
+def test_pointcloud_sample_checks_the_table_and_leaves_x_untouched_on_error():
+    C = _compiled()
+    x, y = torch.randn(3, 2), torch.randn(5, 2)
+    good = _table.pack([0.9, 0.8], [0.5, 0.4], [1.0, 1.0], [0.1, 0.1], [0.2, 0.2])
+    bad = {
+        r"table must have shape \[K, 8\]": (ValueError, good[:, :7].contiguous()),
+        r"table must have shape \[K, 8\].*got \[16\]": (ValueError, good.reshape(-1)),
+        "table must be float64, got Float": (TypeError, good.float()),
+        "table must be a CPU tensor.*meta": (ValueError, good.to("meta")),
+        "table must be contiguous": (ValueError, good.t().contiguous().t()),
+    }
+    for match, (err, table) in bad.items():
+        xc = x.clone()
+        with pytest.raises(err, match=match):
+            C.pointcloud_sample(xc, y, table, 0, 0, None, 0.0, True)
+        assert torch.equal(xc, x)
+
+
+@pytest.mark.parametrize("col", ["B1", "B2"])
+@pytest.mark.parametrize("value", [0.25, -1e-300, math.nan])
+def test_pointcloud_sample_refuses_the_multistep_columns(col, value):
+    """The cpu kernel does not implement B1/B2 yet: a table that uses them anywhere is an error (never run as if
+    they were 0), and x is untouched."""
+    C = _compiled()
+    x, y = torch.randn(4, 3, generator=_gen(26)), torch.randn(6, 3, generator=_gen(27))
+    table = _table.pack([0.9, 0.8, 0.7], [0.5, 0.4, 0.3], [1.0, 0.99, 0.98], 0.1, 0.2)
+    table[2, _table.COLUMNS.index(col)] = value
+    xc = x.clone()
+    with pytest.raises(ValueError, match="multistep columns B1/B2 .*not supported by the cpu kernel yet.*row 2"):
+        C.pointcloud_sample(xc, y, table, 0, 0)
+    assert torch.equal(xc, x)
+
+
+@pytest.mark.gpu
+def test_cuda_glue_refuses_d_past_cuda_max_d():
+    """d = build_config()["cuda_max_d"] + 1 is refused by the glue of every point-cloud op, naming d; x untouched."""
+    if not torch.cuda.is_available() or _backend.BACKENDS["cuda"].unavailable_reasons():
+        pytest.skip("needs the CUDA kernels and a GPU")
+    C = _backend.extension()
+    d = C.build_config()["cuda_max_d"] + 1
+    x, y = torch.randn(2, d, device="cuda"), torch.randn(3, d, device="cuda")
+    one = torch.ones(1, dtype=F64, device="cuda")
+    xc = x.clone()
+    with pytest.raises(ValueError, match=f"posterior: the CUDA kernels support d <= {d - 1}, got d={d}"):
+        C.posterior(x, y, one, one)
+    with pytest.raises(ValueError, match=f"pointcloud_step: the CUDA kernels support d <= {d - 1}, got d={d}"):
+        C.pointcloud_step(x, y, one, one, 1.0, 0.5, 0.1, 0, 0, 0, None, 0.0, x)
+    with pytest.raises(ValueError, match=f"pointcloud_sample: the CUDA kernels support d <= {d - 1}, got d={d}"):
+        C.pointcloud_sample(x, y, _table.pack(0.9, 0.5, 1.0, 0.1, 0.2), 0, 0)
+    assert torch.equal(x, xc)
 
 
 def test_global_sample_indices_beyond_32_bits():

@@ -29,10 +29,11 @@ template <typename T>
 void pointcloud_step(const Cloud<T>& cloud, const T* x, T* out, int64_t M, double alpha, double sigma,
                      double A, double B, double C, uint64_t seed, uint32_t step, uint64_t sample_offset);
 
-// Every step of a table (K steps): x [M, d] updated in place; traj [K+1, M, d] or nullptr.
+// Every row of a step table (float64 [K, kTableWidth] row-major, csrc/common/table.h; host memory): x [M, d]
+// updated in place, step k with noise step index k; traj [K+1, M, d] or nullptr. B1/B2 must be 0 (the glue
+// refuses tables that use them: the kernel does not read those columns yet).
 template <typename T>
-void pointcloud_sample(const Cloud<T>& cloud, T* x, int64_t M, int64_t K, const double* alpha,
-                       const double* sigma, const double* A, const double* B, const double* C,
-                       uint64_t seed, uint64_t sample_offset, T* traj);
+void pointcloud_sample(const Cloud<T>& cloud, T* x, int64_t M, int64_t K, const double* table, uint64_t seed,
+                       uint64_t sample_offset, T* traj);
 
 }  // namespace fastdiff::cpu

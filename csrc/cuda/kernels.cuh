@@ -8,6 +8,9 @@
 
 #include <cstdint>
 
+#include "../common/limits.h"   // kCudaMaxD: the largest d of the point-cloud kernels (launchers refuse more)
+#include "../common/table.h"
+
 namespace fastdiff::cuda {
 
 template <typename T>
@@ -19,7 +22,7 @@ struct Cloud {
   double bandwidth;
 };
 
-// alpha, sigma: device arrays of length M (per_row) or 1.
+// alpha, sigma: device arrays of length M (per_row) or 1. d > kCudaMaxD returns cudaErrorInvalidValue.
 template <typename T>
 cudaError_t launch_posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, const double* sigma,
                              bool per_row, T* D, T* L, cudaStream_t stream);
@@ -35,13 +38,14 @@ cudaError_t launch_pointcloud_step(const Cloud<T>& c, const T* x, T* out, int64_
                                    const double* sigma, double A, double B, double C, uint64_t seed, uint32_t step,
                                    uint64_t sample_offset, T* scratch, cudaStream_t stream);
 
-// All K steps; alpha, sigma, A, B, C are device arrays of length K (A/B/C_host their host copies). One launch
-// for d <= 64 (queries stay in registers across steps); larger d queues two launches per step on the stream
-// (no host synchronisation), using scratch [M, d + 1].
+// Every row of a step table (csrc/common/table.h, float64 [K, kTableWidth] row-major): `table` in device memory,
+// `table_host` the same rows in host memory (the large-d path passes each step's A, B0, C by value). x updated in
+// place, step k with noise step index k; traj [K+1, M, d] or nullptr. One launch for d <= 64 (queries stay in
+// registers across steps); larger d queues two launches per step on the stream (no host synchronisation), using
+// scratch [M, d + 1]. B1/B2 must be 0 (the glue refuses tables that use them: not implemented here yet).
 template <typename T>
-cudaError_t launch_pointcloud_sample(const Cloud<T>& c, T* x, int64_t M, int64_t K, const double* alpha,
-                                     const double* sigma, const double* A, const double* B, const double* C,
-                                     const double* A_host, const double* B_host, const double* C_host,
-                                     uint64_t seed, uint64_t sample_offset, T* traj, T* scratch, cudaStream_t stream);
+cudaError_t launch_pointcloud_sample(const Cloud<T>& c, T* x, int64_t M, int64_t K, const double* table,
+                                     const double* table_host, uint64_t seed, uint64_t sample_offset, T* traj,
+                                     T* scratch, cudaStream_t stream);
 
 }  // namespace fastdiff::cuda

@@ -30,6 +30,9 @@ __global__ void posterior_small_kernel(Cloud<T> c, const T* __restrict__ x, int6
 
 constexpr int kLargeThreads = 256;
 constexpr int kLargeTile = 32;     // points scored per round (8 warps x 4 points)
+// The most slices of a query one thread of the large kernel owns: kCudaMaxD (csrc/common/limits.h) is this limit.
+constexpr int kLargeMaxSlices = static_cast<int>(kCudaMaxD / kLargeThreads);
+static_assert(kLargeMaxSlices * kLargeThreads == kCudaMaxD, "kCudaMaxD must be whole slices of the large kernel");
 
 // The large kernel works in double whatever T is: it is bound by reading the data, so double arithmetic costs
 // little, and far queries keep their accuracy (x = 1e4·1, d = 300, σ = 300: float32 logits near −1.7e5 are
@@ -134,14 +137,14 @@ cudaError_t large(const Cloud<T>& c, const T* x, int64_t M, const double* a, con
 template <typename T>
 cudaError_t launch_posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, const double* sigma,
                              bool per_row, T* D, T* L, cudaStream_t stream) {
+  if (c.d > kCudaMaxD) return cudaErrorInvalidValue;   // refused by the glue before launch (its message names d)
   if (M == 0) return cudaSuccess;
   if (c.d <= 4) return small<T, 4>(c, x, M, alpha, sigma, per_row, D, L, stream);
   if (c.d <= 16) return small<T, 16>(c, x, M, alpha, sigma, per_row, D, L, stream);
   if (c.d <= 64) return small<T, 64>(c, x, M, alpha, sigma, per_row, D, L, stream);
   if (c.d <= 4 * kLargeThreads) return large<T, 4>(c, x, M, alpha, sigma, per_row, D, L, stream);
   if (c.d <= 16 * kLargeThreads) return large<T, 16>(c, x, M, alpha, sigma, per_row, D, L, stream);
-  if (c.d <= 48 * kLargeThreads) return large<T, 48>(c, x, M, alpha, sigma, per_row, D, L, stream);
-  return cudaErrorInvalidValue;   // d > 12288: refused by the glue before launch
+  return large<T, kLargeMaxSlices>(c, x, M, alpha, sigma, per_row, D, L, stream);
 }
 
 template cudaError_t launch_posterior<float>(const Cloud<float>&, const float*, int64_t, const double*, const double*,

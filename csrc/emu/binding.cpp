@@ -10,8 +10,11 @@
 #include <string>
 #include <vector>
 
+#include "../common/limits.h"
+#include "../common/table.h"
 #include "../cuda/affine_step.cu"
-#include "../cuda/pointcloud.cu"
+#include "../cuda/pointcloud_sample.cu"
+#include "../cuda/pointcloud_step.cu"
 #include "../cuda/posterior.cu"
 
 namespace {
@@ -59,16 +62,21 @@ void pointcloud_step(uintptr_t x, uintptr_t y, uintptr_t log_w, uintptr_t out, i
         "pointcloud_step");
 }
 
+// The contract's order (x, data, table, seed, sample_offset, log_weights, bandwidth, trajectory), as pointers, with
+// the sizes and the large-d scratch csrc/ops/ would supply. table: float64 [K, kTableWidth] (csrc/common/table.h);
+// its multistep columns are refused here as csrc/ops/ refuses them.
 template <typename T>
-void pointcloud_sample(uintptr_t x, uintptr_t y, uintptr_t log_w, int64_t M, int64_t N, int64_t d, double bandwidth,
-                       int64_t K, uintptr_t alpha, uintptr_t sigma, uintptr_t A, uintptr_t B, uintptr_t C,
-                       uint64_t seed, uint64_t sample_offset, uintptr_t traj, uintptr_t scratch) {
-  // The emulated device memory is host memory: the device and host copies of A, B, C are the same arrays.
-  check(fc::launch_pointcloud_sample<T>(cloud<T>(y, log_w, N, d, bandwidth), ptr<T>(x), M, K, ptr<const double>(alpha),
-                                        ptr<const double>(sigma), ptr<const double>(A), ptr<const double>(B),
-                                        ptr<const double>(C), ptr<const double>(A), ptr<const double>(B),
-                                        ptr<const double>(C), seed, sample_offset, ptr<T>(traj), ptr<T>(scratch),
-                                        nullptr),
+void pointcloud_sample(uintptr_t x, uintptr_t y, uintptr_t table, int64_t M, int64_t N, int64_t d, int64_t K,
+                       uint64_t seed, uint64_t sample_offset, uintptr_t log_w, double bandwidth, uintptr_t traj,
+                       uintptr_t scratch) {
+  const double* rows = ptr<const double>(table);
+  const int64_t k = fastdiff::first_multistep_row(rows, K);
+  if (k >= 0)
+    throw pybind11::value_error("pointcloud_sample: the multistep columns B1/B2 of table are not supported by the "
+                                "cuda kernel yet (row " + std::to_string(k) + ")");
+  // The emulated device memory is host memory: the device and host copies of the table are the same array.
+  check(fc::launch_pointcloud_sample<T>(cloud<T>(y, log_w, N, d, bandwidth), ptr<T>(x), M, K, rows, rows, seed,
+                                        sample_offset, ptr<T>(traj), ptr<T>(scratch), nullptr),
         "pointcloud_sample");
 }
 
@@ -161,4 +169,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind<float>(m, "f32");
   bind<double>(m, "f64");
   m.def("selftest", &selftest);
+  m.attr("cuda_max_d") = fastdiff::kCudaMaxD;   // the launchers' limit, as fastdiff._C.build_config() reports it
 }

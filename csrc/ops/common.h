@@ -5,6 +5,9 @@
 #include <optional>
 #include <string>
 
+#include "../common/limits.h"
+#include "../common/table.h"
+
 namespace fastdiff::ops {
 
 inline std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
@@ -85,8 +88,29 @@ inline Coeffs prepare_coeffs(const at::Tensor& alpha, const at::Tensor& sigma, i
   return {a, s, per_row};
 }
 
-inline void check_table(const at::Tensor& v, int64_t K, const char* name) {
-  TORCH_CHECK(v.dim() == 1 && v.size(0) == K, name, " must have shape [K]=[", K, "], got ", shape_str(v));
+// The CUDA point-cloud kernels' one limit on d (kCudaMaxD, also build_config()["cuda_max_d"]).
+inline void check_cuda_d(int64_t d, const char* op) {
+  TORCH_CHECK_VALUE(d <= kCudaMaxD, op, ": the CUDA kernels support d <= ", kCudaMaxD, ", got d=", d,
+                    " (x has shape [M, d])");
+}
+
+// The step table of pointcloud_sample (csrc/common/table.h): float64 [K, kTableWidth], contiguous, in host memory
+// (the kernels read it as it is; the CUDA glue copies it to the device once). `kernel` names the kernel that
+// refuses the multistep columns B1/B2 until it implements them: a nonzero entry is an error, never ignored.
+inline void check_step_table(const at::Tensor& table, const char* kernel) {
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == kTableWidth, "table must have shape [K, ", kTableWidth,
+                    "] (columns t, alpha, sigma, A, B0, B1, B2, C; fastdiff/_table.py), got ", shape_str(table));
+  TORCH_CHECK_TYPE(table.scalar_type() == at::kDouble, "table must be float64, got ", table.scalar_type());
+  TORCH_CHECK_VALUE(table.is_cpu(), "table must be a CPU tensor (the step table is host data), got one on ",
+                    table.device());
+  TORCH_CHECK_VALUE(table.is_contiguous(), "table must be contiguous (row-major [K, ", kTableWidth, "])");
+  const int64_t k = first_multistep_row(table.data_ptr<double>(), table.size(0));
+  if (k >= 0) {
+    const double* row = table.data_ptr<double>() + k * kTableWidth;
+    TORCH_CHECK_VALUE(false, "pointcloud_sample: the multistep columns B1/B2 of table are not supported by the ",
+                      kernel, " kernel yet (row ", k, " has B1=", row[kColB1], ", B2=", row[kColB2],
+                      "); run multistep tables on the torch backend");
+  }
 }
 
 }  // namespace fastdiff::ops

@@ -19,11 +19,11 @@ at::Tensor pointcloud_step(const at::Tensor& x, const at::Tensor& data, const at
                            uint64_t sample_offset, const std::optional<at::Tensor>& log_weights, double bandwidth,
                            const std::optional<at::Tensor>& out);
 
-// x [M, d] is updated in place through every step of the table (alpha, sigma, A, B, C: float64 [K]);
-// returns the trajectory [K+1, M, d] when asked, else None.
-std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& data, const at::Tensor& alpha,
-                                            const at::Tensor& sigma, const at::Tensor& A, const at::Tensor& B,
-                                            const at::Tensor& C, uint64_t seed, uint64_t sample_offset,
+// x [M, d] is updated in place through every row of `table` (float64 [K, 8] contiguous CPU tensor,
+// csrc/common/table.h and fastdiff/_table.py); returns the trajectory [K+1, M, d] when asked, else None.
+// A table whose multistep columns B1/B2 are nonzero is refused (not implemented by these kernels yet).
+std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& data, const at::Tensor& table,
+                                            uint64_t seed, uint64_t sample_offset,
                                             const std::optional<at::Tensor>& log_weights, double bandwidth,
                                             bool return_trajectory);
 

@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> posterior(const at::Tensor& x_in, const at::T
     return {D, L};
   }
 #ifdef FASTDIFF_WITH_CUDA
-  TORCH_CHECK(d <= 12288, "the CUDA posterior supports d <= 12288, got d=", d);
+  check_cuda_d(d, "posterior");
   const c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_posterior_cuda", [&] {
     const cuda::Cloud<scalar_t> c{data.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};

@@ -1,0 +1,344 @@
+// The register-blocked point-cloud posterior for d >= 5: blocks of kRows queries, groups of rows per thread,
+// the cloud packed once per call. Shared by the posterior, pointcloud_step and pointcloud_sample kernels.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <omp.h>
+#include <vector>
+
+#include "kernels.h"
+#include "posterior_row.h"
+#include "simd_vec.h"
+
+namespace fastdiff::cpu {
+
+// ============================================================== d >= 5: register-blocked over queries
+// Why: one query at a time (posterior_row_d) loads every y value once per query and keeps its sums in memory
+// (the distance of a tile in a double array, updated every 8 dimensions); at d >= 16 the kernel ran at
+// 15–18% of the FMA ceiling. Here kRows queries go through the data together:
+// - distances: for W points (one SIMD vector, packed [d][W] per tile so the stream is contiguous) and all d
+//   dimensions, the kRows rows' partial sums live in registers; each y vector loaded is used kRows times.
+//   3 vector ops per (query, point, dim): x − c1·y, + c2·y, the square added (see posterior_row_d for why
+//   x − αy is formed that way);
+// - weighted sums Σ e_j y_j: vectorised over dimensions on a row-major copy of the tile, so no horizontal
+//   sums: kRows × kVecs accumulators, each loaded y vector and each broadcast weight reused;
+// - the tile of points is sized to stay in L2 (both copies) and is reused by every block of the group.
+// Arithmetic and error bound (T = float, u = 2⁻²⁴), per row exactly as in posterior_row_d:
+// - |x − αy|²: blocks of kDimBlock = 8 dimensions summed in T in dimension order (≤ 8u of the block's sum),
+//   blocks added in double: ≤ 8u·|x − αy|², plus the rounding of x − αy itself (≤ u·|x − αy| a component);
+// - logit in double, rounded once as l − m (|l − m| ≤ 87 where it matters: ≤ 2⁻¹⁸ absolute);
+// - Σ_j e_j and Σ_j e_j y_j: e_j = e^{l_j − m} ∈ [0, 1] (exp_nonpositive, relative error ~1e-7); the weight
+//   sum in W lanes over a tile (≤ nt/W ≤ 64 terms a lane) then the fixed halving tree, ≤ (nt/W + log₂W)u
+//   relative; the weighted sums in T over runs of ≤ kChunk = 128 points, then in double: ≤ 128u relative
+//   to Σ e_j |y_j| ≤ s·max|y|, so D errs by ≤ 128u·max|y| ≈ 8e-6·max|y| (MATH.md §7 allows 1e-4), L by
+//   ≤ (nt/W + 4)u ≈ 4e-6 from the sum; double merges across tiles with the running-max rescale.
+// Row invariance: a row's lanes are never mixed with another row's, the order of every sum depends on
+// (d, N) only (tile and chunk sizes are functions of d), and a group whose row count is not a multiple of
+// kRows is padded with copies of its last row (results discarded), so every row runs the same
+// instantiation whatever rows share its block.
+inline constexpr int kRows = 4;
+inline constexpr int kVecs = 4;                 // dimension vectors per weighted-sum block (kRows × kVecs accumulators)
+inline constexpr int64_t kChunk = 128;         // points summed in T before a weighted sum goes to double
+inline constexpr int64_t kGroupRows = 128;     // rows that go through each tile together (reuse in L2)
+inline constexpr int64_t kTileBytes = 196608;  // one copy of a tile (x2 with the row-major copy) kept in L2
+static_assert(kGroupRows % kRows == 0, "a group is padded to whole blocks within kGroupRows rows");
+
+template <typename T>
+inline constexpr int kW = simd::Vec<T>::W;
+
+template <typename T>
+int64_t tile_points(int64_t d) {       // a function of d only (row invariance)
+  const int64_t n = kTileBytes / static_cast<int64_t>(sizeof(T)) / d / kW<T> * kW<T>;
+  return std::clamp<int64_t>(n, 4 * kW<T>, 1024);
+}
+
+template <typename T>
+struct RowParams {
+  T c1, c2;                          // x − αy = (x − c1·y) + c2·y
+  double inv2c, shrink, pull;
+};
+
+template <typename T>
+RowParams<T> row_params(const Cloud<T>& c, double alpha, double sigma) {
+  const double cdbl = alpha * alpha * c.bandwidth + sigma * sigma;
+  RowParams<T> p;
+  p.c1 = alpha >= 0.5 ? T(1) : T(0);
+  p.c2 = static_cast<T>(alpha >= 0.5 ? 1.0 - alpha : -alpha);
+  p.inv2c = clamped_inv2c<T>(cdbl);
+  p.shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cdbl : 1.0;
+  p.pull = c.bandwidth > 0 ? alpha * c.bandwidth / cdbl : 0.0;
+  return p;
+}
+
+// Per-thread scratch of the blocked kernel for groups of up to `rows` rows (a multiple of kRows).
+template <typename T>
+struct BlockedWork {
+  int64_t d, dp, nt, np;             // dims, dims padded to W, points per tile, nt padded to W
+  const T* Pt = nullptr;             // the current tile packed [np/W][d][W] (own P or the shared packing)
+  const T* Yt = nullptr;             // the current tile row-major [nt][dp]
+  std::vector<T> P, Yr, E;           // own packing (only when the cloud is not packed once), weights [kRows][np]
+  std::vector<double> lwt, Lg;       // log-weights of the tile [np] (−inf on padding), logits [kRows][np]
+  std::vector<double> acc, m, s;     // per-row state: weighted sums [rows][dp], running max, weight sum
+  std::vector<RowParams<T>> prm;
+  BlockedWork(int64_t d_, int64_t rows, bool own_tiles)
+      : d(d_), dp((d_ + kW<T> - 1) / kW<T> * kW<T>), nt(tile_points<T>(d_)), np(nt),
+        P(own_tiles ? np * d : 0), Yr(own_tiles ? nt * dp : 0, T(0)), E(kRows * np), lwt(np), Lg(kRows * np),
+        acc(rows * dp), m(rows), s(rows), prm(rows) {}
+};
+
+// Rows k ∈ [k0, k1) of the tile [j0, j0 + n) of yT into the packed columns P [nv][d][W] (zero lanes past n).
+template <typename T>
+void pack_columns(const Cloud<T>& c, int64_t j0, int64_t n, int64_t k0, int64_t k1, T* __restrict P) {
+  using V = typename simd::Vec<T>::V;
+  constexpr int W = kW<T>;
+  const int64_t d = c.d, N = c.N, nv = (n + W - 1) / W;
+  for (int64_t k = k0; k < k1; ++k) {
+    const T* __restrict src = c.yT + k * N + j0;
+    T* __restrict dst = P + k * W;
+    int64_t v = 0;
+    for (; (v + 1) * W <= n; ++v) simd::store(dst + v * d * W, simd::load<V>(src + v * W));
+    if (v < nv)
+      for (int64_t l = 0; l < W; ++l) dst[v * d * W + l] = v * W + l < n ? src[v * W + l] : T(0);
+  }
+}
+
+// Packed column v of a tile ([d][W]) into its W rows of the row-major copy (stride dp, zero past d). Through
+// a W × W block in L1: W scalar store streams dp apart alias in L1 (dp·4 bytes a multiple of 4 KiB at
+// d = 3072) and missed on every store. Rows past the end of the cloud are not written (never read).
+template <typename T>
+void columns_to_rows(const T* __restrict col, int64_t d, int64_t dp, int64_t lanes, T* __restrict rows) {
+  using V = typename simd::Vec<T>::V;
+  constexpr int W = kW<T>;
+  alignas(64) T block[W][W];
+  for (int64_t k0 = 0; k0 < dp; k0 += W) {
+    for (int kk = 0; kk < W; ++kk) {
+      const V y = k0 + kk < d ? simd::load<V>(col + (k0 + kk) * W) : V{};
+      for (int l = 0; l < W; ++l) block[l][kk] = y[l];
+    }
+    for (int64_t l = 0; l < lanes; ++l) simd::store(rows + l * dp + k0, simd::load<V>(block[l]));
+  }
+}
+
+// The tile [j0, j0 + n) into the thread's own buffers (clouds too large to pack once).
+template <typename T>
+void pack_tile(const Cloud<T>& c, int64_t j0, int64_t n, BlockedWork<T>& w) {
+  constexpr int W = kW<T>;
+  pack_columns(c, j0, n, 0, c.d, w.P.data());
+  for (int64_t v = 0; v * W < n; ++v)
+    columns_to_rows(w.P.data() + v * c.d * W, c.d, w.dp, std::min<int64_t>(W, n - v * W), w.Yr.data() + v * W * w.dp);
+  w.Pt = w.P.data();
+  w.Yt = w.Yr.data();
+}
+
+// The whole cloud packed once per call (both layouts, tile by tile, the same bits as pack_tile), shared by
+// all threads and groups: each tile packed per group read yT down d rows 4 KiB apart (a TLB miss a row at
+// N = 1024) and cost as much as the arithmetic at d = 3072. Used when both copies fit in kPackBytes.
+inline constexpr int64_t kPackBytes = int64_t(512) << 20;
+
+template <typename T>
+struct PackedCloud {
+  int64_t d, dp, nt, ntiles;
+  std::unique_ptr<T[]> P, Yr;        // tile t at P + t·nt·d, rows of tile t at Yr + t·nt·dp
+  explicit PackedCloud(const Cloud<T>& c)
+      : d(c.d), dp((c.d + kW<T> - 1) / kW<T> * kW<T>), nt(tile_points<T>(c.d)), ntiles((c.N + nt - 1) / nt) {
+    if (static_cast<double>(ntiles) * nt * (d + dp) * sizeof(T) <= static_cast<double>(kPackBytes)) {
+      P.reset(new T[ntiles * nt * d]);
+      Yr.reset(new T[ntiles * nt * dp]);
+    }
+  }
+  bool packed() const { return P != nullptr; }
+  // Called by every thread of a parallel region (work-shared loops, a barrier at the end of each).
+  void pack(const Cloud<T>& c) {
+    if (!packed()) return;                   // the same answer in every thread
+    constexpr int W = kW<T>;
+    constexpr int64_t kRowsAtOnce = 16;     // rows of yT read together: 16 sequential streams
+#pragma omp for schedule(static)
+    for (int64_t k0 = 0; k0 < d; k0 += kRowsAtOnce)
+      for (int64_t t = 0; t < ntiles; ++t)
+        pack_columns(c, t * nt, std::min(nt, c.N - t * nt), k0, std::min(d, k0 + kRowsAtOnce), P.get() + t * nt * d);
+    const int64_t nvt = (c.N + W - 1) / W;
+#pragma omp for schedule(static)
+    for (int64_t v = 0; v < nvt; ++v) {       // global column v = tile v / (nt / W), column v % (nt / W)
+      const int64_t t = v / (nt / W), vl = v % (nt / W);
+      columns_to_rows(P.get() + t * nt * d + vl * d * W, d, dp, std::min<int64_t>(W, c.N - v * W),
+                      Yr.get() + v * W * dp);
+    }
+  }
+  void select(int64_t t, BlockedWork<T>& w) const {
+    w.Pt = P.get() + t * nt * d;
+    w.Yt = Yr.get() + t * nt * dp;
+  }
+};
+
+// Squared distances of kRows queries to the W points of one packed vector column P [d][W] (see above).
+template <typename T, int R>
+inline void block_distances(const T* __restrict P, int64_t d, const T* const* xs, const RowParams<T>* prm,
+                            double* __restrict out) {
+  using S = simd::Vec<T>;
+  using V = typename S::V;
+  using D = typename S::D;
+  constexpr int W = S::W;
+  D acc[R][S::H] = {};
+  V c1[R], c2[R];
+  for (int r = 0; r < R; ++r) { c1[r] = simd::splat<T>(prm[r].c1); c2[r] = simd::splat<T>(prm[r].c2); }
+  auto block = [&](int64_t k0, int kn) {
+    V part[R] = {};
+    for (int kk = 0; kk < kn; ++kk) {
+      const V y = simd::load<V>(P + (k0 + kk) * W);
+      for (int r = 0; r < R; ++r) {
+        const V diff = (simd::splat<T>(xs[r][k0 + kk]) - c1[r] * y) + c2[r] * y;
+        part[r] += diff * diff;
+      }
+    }
+    for (int r = 0; r < R; ++r) simd::add_wide<T>(acc[r], part[r]);
+  };
+  int64_t k0 = 0;
+  for (; k0 + kDimBlock <= d; k0 += kDimBlock) block(k0, kDimBlock);
+  if (k0 < d) block(k0, static_cast<int>(d - k0));
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < S::H; ++h) simd::store(out + r * W + h * (W / S::H), acc[r][h]);
+}
+
+// acc[r][k .. k + KV·W) += Σ_{j ∈ [js, je)} E[r][j] · Yr[j][k ..], summed in T, added in double.
+template <typename T, int R, int KV>
+inline void block_weighted(const BlockedWork<T>& w, int64_t js, int64_t je, int64_t k, double* const* acc) {
+  using S = simd::Vec<T>;
+  using V = typename S::V;
+  using D = typename S::D;
+  constexpr int W = S::W;
+  V a[R][KV] = {};
+  const T* __restrict E = w.E.data();
+  for (int64_t j = js; j < je; ++j) {
+    V y[KV];
+    for (int v = 0; v < KV; ++v) y[v] = simd::load<V>(w.Yt + j * w.dp + k + v * W);
+    for (int r = 0; r < R; ++r) {
+      const V e = simd::splat<T>(E[r * w.np + j]);
+      for (int v = 0; v < KV; ++v) a[r][v] += e * y[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < KV; ++v) {
+      double* p = acc[r] + k + v * W;
+      D cur[S::H];
+      for (int h = 0; h < S::H; ++h) cur[h] = simd::load<D>(p + h * (W / S::H));
+      simd::add_wide<T>(cur, a[r][v]);
+      for (int h = 0; h < S::H; ++h) simd::store(p + h * (W / S::H), cur[h]);
+    }
+}
+
+// One block of kRows rows (first row b of the group) against the packed tile of n points.
+template <typename T>
+void block_tile(BlockedWork<T>& w, int64_t b, int64_t n, const T* const* xs) {
+  constexpr int W = kW<T>, R = kRows;
+  const int64_t np = (n + W - 1) / W * W;
+  double tmax[R];
+  std::fill(tmax, tmax + R, -std::numeric_limits<double>::infinity());
+  const RowParams<T>* prm = w.prm.data() + b;
+  double dist[R * W];
+  for (int64_t v = 0; v < np / W; ++v) {
+    block_distances<T, R>(w.Pt + v * w.d * W, w.d, xs + b, prm, dist);
+    for (int r = 0; r < R; ++r) {
+      double* __restrict lg = w.Lg.data() + r * w.np + v * W;
+      const double* __restrict lw = w.lwt.data() + v * W;
+      const double inv2c = prm[r].inv2c;
+      double t = tmax[r];
+#pragma omp simd reduction(max : t)
+      for (int l = 0; l < W; ++l) {
+        lg[l] = finite_logit<double, T>(lw[l] - dist[r * W + l] * inv2c, lw[l]);
+        t = std::max(t, lg[l]);
+      }
+      tmax[r] = t;
+    }
+  }
+  double* acc[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = b + r;
+    acc[r] = w.acc.data() + i * w.dp;
+    T* __restrict e = w.E.data() + r * w.np;
+    if (!(tmax[r] > -std::numeric_limits<double>::infinity())) {   // a tile of zero-weight points
+      std::fill(e, e + np, T(0));
+      continue;
+    }
+    const double m_new = std::max(w.m[i], tmax[r]);
+    const double rescale = std::exp(w.m[i] - m_new);                 // 0 on the first tile
+    const double* __restrict lg = w.Lg.data() + r * w.np;
+#pragma omp simd
+    for (int64_t j = 0; j < np; ++j) e[j] = exp_nonpositive(static_cast<T>(lg[j] - m_new));   // rounded once
+    typename simd::Vec<T>::V t = {};
+    for (int64_t v = 0; v < np / W; ++v) t += simd::load<typename simd::Vec<T>::V>(e + v * W);
+    w.s[i] = w.s[i] * rescale + static_cast<double>(simd::lane_sum<T>(t));
+    if (rescale != 1.0)
+      for (int64_t k = 0; k < w.dp; ++k) acc[r][k] *= rescale;
+    w.m[i] = m_new;
+  }
+  for (int64_t js = 0; js < n; js += kChunk) {
+    const int64_t je = std::min(n, js + kChunk);
+    int64_t k = 0;
+    for (; k + kVecs * W <= w.dp; k += kVecs * W) block_weighted<T, R, kVecs>(w, js, je, k, acc);
+    for (; k < w.dp; k += W) block_weighted<T, R, 1>(w, js, je, k, acc);
+  }
+}
+
+// D and L of g rows (g a multiple of kRows; pad with copies of a row). L[r] may be nullptr.
+template <typename T>
+void posterior_group(const Cloud<T>& c, int64_t g, const T* const* xs, const double* alpha, const double* sigma,
+                     T* const* D, T* const* L, const PackedCloud<T>& pc, BlockedWork<T>& w) {
+  for (int64_t i = 0; i < g; ++i) {
+    w.prm[i] = row_params(c, alpha[i], sigma[i]);
+    w.m[i] = -std::numeric_limits<double>::infinity();
+    w.s[i] = 0.0;
+  }
+  std::fill(w.acc.begin(), w.acc.begin() + g * w.dp, 0.0);
+  for (int64_t j0 = 0; j0 < c.N; j0 += w.nt) {
+    const int64_t n = std::min(w.nt, c.N - j0);
+    if (pc.packed())
+      pc.select(j0 / w.nt, w);
+    else
+      pack_tile(c, j0, n, w);
+    for (int64_t j = 0; j < w.np; ++j)
+      w.lwt[j] = j >= n ? -std::numeric_limits<double>::infinity() : (c.log_w ? static_cast<double>(c.log_w[j0 + j]) : 0.0);
+    for (int64_t b = 0; b < g; b += kRows) block_tile(w, b, n, xs);
+  }
+  for (int64_t i = 0; i < g; ++i) {
+    const double* acc = w.acc.data() + i * w.dp;
+    const RowParams<T>& p = w.prm[i];
+    for (int64_t k = 0; k < w.d; ++k)
+      D[i][k] = static_cast<T>(acc[k] / w.s[i] * p.shrink + p.pull * static_cast<double>(xs[i][k]));
+    if (L[i]) *L[i] = static_cast<T>(w.m[i] + std::log(w.s[i]));
+  }
+}
+
+// Rows [i0, i0 + g) of a call as one padded group: x/D/L pointers, per-row α and σ (rows past the end repeat
+// the last row and write to scratch).
+template <typename T>
+struct GroupRows {
+  std::vector<const T*> x;
+  std::vector<T*> D, L;
+  std::vector<double> alpha, sigma;
+  std::vector<T> scratch;
+  explicit GroupRows(int64_t rows, int64_t d) : x(rows), D(rows), L(rows), alpha(rows), sigma(rows), scratch(d + 1) {}
+  // Fill rows 0..g-1 by f(r) -> (x, D, L, alpha, sigma); returns g rounded up to kRows.
+  template <typename F>
+  int64_t fill(int64_t g, F&& f) {
+    for (int64_t r = 0; r < g; ++r) f(r, x[r], D[r], L[r], alpha[r], sigma[r]);
+    const int64_t gp = (g + kRows - 1) / kRows * kRows;
+    for (int64_t r = g; r < gp; ++r) {
+      x[r] = x[g - 1]; alpha[r] = alpha[g - 1]; sigma[r] = sigma[g - 1];
+      D[r] = scratch.data(); L[r] = nullptr;
+    }
+    return gp;
+  }
+};
+
+// Rows per group: the thread's share of the rows, at most kGroupRows, a multiple of kRows.
+inline int64_t group_rows(int64_t M) {
+  const int64_t threads = omp_get_max_threads();
+  const int64_t share = (M + threads - 1) / threads;
+  return std::min<int64_t>(kGroupRows, (share + kRows - 1) / kRows * kRows);
+}
+inline bool use_blocked(int64_t d) { return d > 4; }
+
+}  // namespace fastdiff::cpu

@@ -1,0 +1,241 @@
+// The point-cloud posterior of one query at a time (MATH.md §5), and the numeric rule every CPU posterior path
+// shares. The data stream through in tiles with an online log-sum-exp; inner loops run over contiguous points of
+// yT [d, N] and vectorise (omp simd). Used for d <= 4 (see use_blocked in posterior_blocked.h), shared by the
+// posterior, pointcloud_step and pointcloud_sample kernels (csrc/cpu/<op>.cpp).
+#pragma once
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "kernels.h"
+
+namespace fastdiff::cpu {
+
+inline constexpr int64_t kTile = 256;
+
+// e^x for x <= 0 in float: Cody–Waite reduction and a degree-7 polynomial, written without calls or
+// branches (rounding by the 1.5·2²³ shift, the exponent by bit_cast, a select at the end) so the loops
+// around it vectorise; relative error about 1e-7; exactly 0 below −87 (and for −inf).
+inline float exp_nonpositive(float x) {
+  constexpr float kShift = 12582912.0f;                     // 1.5·2²³: adding it rounds to an integer
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float n = (xc * 1.44269504088896341f + kShift) - kShift;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  const float e = p * scale;
+  return x < -87.0f ? 0.0f : e;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// The shared numeric rule (every backend alike), so D and L are finite for every finite input:
+// 1. 1/(2c) is clamped to [smallest subnormal, largest finite] of T: a query on a data point (distance 0)
+//    never forms 0·inf, an overflowed distance never meets inv2c = 0 (inf·0); the lower clamp moves a
+//    logit by at most max·subnormal (5e-7 in float, 1e-15 in double).
+// 2. A point with finite log-weight keeps a logit ≥ −max_finite(T) even when its distance overflows; a
+//    point with log-weight −inf stays excluded.
+template <typename T>
+inline double clamped_inv2c(double c) {
+  const double lo = static_cast<double>(std::numeric_limits<T>::denorm_min());
+  const double hi = static_cast<double>(std::numeric_limits<T>::max());
+  const double v = 0.5 / c;                       // c > 0 (checked); inf when c underflows
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+template <typename L, typename T>
+inline L finite_logit(L l, L lw) {
+  const L lo = -static_cast<L>(std::numeric_limits<T>::max());
+  return lw == -std::numeric_limits<L>::infinity() ? lw : (l < lo ? lo : l);
+}
+
+// Small d (DD = 1..4, the exp-bound regime): the logits of a tile in one pass, and e^{l − m}, its sum
+// and the DD dot products in a second, instead of d + 1 and d + 1 passes through the tile.
+template <typename T, int DD, bool Weighted>
+inline T tile_logits_small(const T* __restrict yT, int64_t N, int64_t j0, int64_t n, const T* __restrict x, T c1,
+                           T c2, T inv2c, const T* __restrict lw, T* __restrict buf) {
+  T xs[DD];
+  const T* __restrict ys[DD];
+  for (int k = 0; k < DD; ++k) { xs[k] = x[k]; ys[k] = yT + k * N + j0; }
+  T tmax = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : tmax)
+  for (int64_t j = 0; j < n; ++j) {
+    T d2 = T(0);
+    for (int k = 0; k < DD; ++k) {
+      const T diff = (xs[k] - c1 * ys[k][j]) + c2 * ys[k][j];
+      d2 += diff * diff;
+    }
+    T l = -d2 * inv2c;
+    if constexpr (Weighted) {
+      l = finite_logit<T, T>(lw[j] + l, lw[j]);
+    } else {
+      l = finite_logit<T, T>(l, T(0));
+    }
+    buf[j] = l;
+    tmax = std::max(tmax, l);
+  }
+  return tmax;
+}
+
+template <typename T, int DD>
+inline T tile_exp_dot_small(const T* __restrict yT, int64_t N, int64_t j0, int64_t n, T mt, const T* __restrict buf,
+                            T* dots) {
+  const T* __restrict y0 = yT + j0;
+  const T* __restrict y1 = yT + (DD > 1 ? 1 : 0) * N + j0;
+  const T* __restrict y2 = yT + (DD > 2 ? 2 : 0) * N + j0;
+  const T* __restrict y3 = yT + (DD > 3 ? 3 : 0) * N + j0;
+  T tsum = T(0), s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+#pragma omp simd reduction(+ : tsum, s0, s1, s2, s3)
+  for (int64_t j = 0; j < n; ++j) {
+    const T e = exp_nonpositive(buf[j] - mt);
+    tsum += e;
+    s0 += e * y0[j];
+    if constexpr (DD > 1) s1 += e * y1[j];
+    if constexpr (DD > 2) s2 += e * y2[j];
+    if constexpr (DD > 3) s3 += e * y3[j];
+  }
+  dots[0] = s0;
+  if constexpr (DD > 1) dots[1] = s1;
+  if constexpr (DD > 2) dots[2] = s2;
+  if constexpr (DD > 3) dots[3] = s3;
+  return tsum;
+}
+
+// Large d: the squared distances of a tile, and then its logits, in double (dist [n]).
+// Why: for a far query (d = 300, σ = 300, x = 1e4·1, data ~ 3·N(0, I)) |x − y|² ≈ 3e10 while the logit
+// differences that set the weights are O(1) in units of 2c = 1.8e5: the distances must keep ~1e-7 relative
+// accuracy *between points*. A sequential float sum over d errs by up to d·u·|x − y|² (≈ 0.2 of a logit
+// here: D erred by 2e-2·max|y|), and a float logit of −1.7e5 rounds by 0.008 on its own. Here each block of
+// kDimBlock = 8 dimensions is summed in T (error ≤ 8u of the block's sum) and the blocks are added in double
+// (no further error worth counting), so the sum errs by ≤ 8u·|x − y|² instead of d·u·|x − y|² (the torch
+// reference's halving tree: log2(d)·u); the logit is formed in double and rounded once, relative to the
+// running maximum, when it becomes a weight (|l − m| ≤ 87 in float: absolute error ≤ 2⁻¹⁸). What remains is
+// the rounding of x − αy itself (≤ u·|x − y| per component, as in the reference). At small σ (MATH.md §7:
+// σ = 1e-3, d = 3072) the same bounds hold with smaller distances. Cost: one conversion and one double
+// add per 8 dimensions; the inner loop stays in T at full SIMD width.
+inline constexpr int kDimBlock = 8;
+
+template <typename T, int KB>
+inline void add_block_distances(const T* __restrict yk, int64_t N, int64_t n, const T* __restrict xk, int kb,
+                                T c1, T c2, double* __restrict dist) {
+  const int kn = KB > 0 ? KB : kb;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    T part = T(0);
+    for (int kk = 0; kk < kn; ++kk) {
+      const T y = yk[kk * N + j];
+      const T diff = (xk[kk] - c1 * y) + c2 * y;
+      part += diff * diff;
+    }
+    dist[j] += static_cast<double>(part);
+  }
+}
+
+template <typename T>
+inline double tile_logits_large(const Cloud<T>& c, int64_t j0, int64_t n, const T* __restrict x, T c1, T c2,
+                                double inv2c, double* __restrict dist) {
+  const int64_t N = c.N, d = c.d;
+  for (int64_t j = 0; j < n; ++j) dist[j] = 0.0;
+  int64_t k0 = 0;
+  for (; k0 + kDimBlock <= d; k0 += kDimBlock)    // |x − α y_j|² by direct differences, x − αy = (x − c1·y) + c2·y
+    add_block_distances<T, kDimBlock>(c.yT + k0 * N + j0, N, n, x + k0, kDimBlock, c1, c2, dist);
+  if (k0 < d)
+    add_block_distances<T, 0>(c.yT + k0 * N + j0, N, n, x + k0, static_cast<int>(d - k0), c1, c2, dist);
+  double tmax = -std::numeric_limits<double>::infinity();
+  if (c.log_w) {
+    const T* __restrict lw = c.log_w + j0;
+#pragma omp simd reduction(max : tmax)
+    for (int64_t j = 0; j < n; ++j) {
+      const double w = static_cast<double>(lw[j]);
+      dist[j] = finite_logit<double, T>(w - dist[j] * inv2c, w);
+      tmax = std::max(tmax, dist[j]);
+    }
+  } else {
+#pragma omp simd reduction(max : tmax)
+    for (int64_t j = 0; j < n; ++j) {
+      dist[j] = finite_logit<double, T>(-dist[j] * inv2c, 0.0);
+      tmax = std::max(tmax, dist[j]);
+    }
+  }
+  return tmax;
+}
+
+// D (d values) and L of one query x against the whole cloud. `buf` holds kTile scratch values of T,
+// `dist` kTile doubles (large d only). DD = d for the fused small-d loops (1..4), 0 for any d.
+// Row-invariant: everything here depends on this query alone (one query per thread), so a row's result
+// never depends on which other rows are computed in the same call.
+template <typename T, int DD>
+void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
+                     double* __restrict dist, double* __restrict acc, T* __restrict D, T* L) {
+  const int64_t N = c.N, d = c.d;
+  const double cdbl = alpha * alpha * c.bandwidth + sigma * sigma;
+  const double inv2c_d = clamped_inv2c<T>(cdbl);
+  const T inv2c = static_cast<T>(inv2c_d);
+  // x − αy as (x − c1·y) + c2·y: for α ≥ ½ (every process at small σ) c1 = 1 and c2 = 1 − α from double,
+  // so x − y is exact and the tiny (1 − α)y term carries α's rounding; x − fl(α)·y would move a logit
+  // at σ = 1e-3, d = 784 by ~2e-3 (MATH.md §7 allows 1e-3).
+  const T c1 = alpha >= 0.5 ? T(1) : T(0);
+  const T c2 = static_cast<T>(alpha >= 0.5 ? 1.0 - alpha : -alpha);
+  double m = -std::numeric_limits<double>::infinity(), s = 0.0;
+  std::fill(acc, acc + d, 0.0);
+  for (int64_t j0 = 0; j0 < N; j0 += kTile) {
+    const int64_t n = std::min(kTile, N - j0);
+    double tmax;
+    if constexpr (DD > 0) {
+      tmax = c.log_w ? tile_logits_small<T, DD, true>(c.yT, N, j0, n, x, c1, c2, inv2c, c.log_w + j0, buf)
+                     : tile_logits_small<T, DD, false>(c.yT, N, j0, n, x, c1, c2, inv2c, nullptr, buf);
+    } else {
+      tmax = tile_logits_large<T>(c, j0, n, x, c1, c2, inv2c_d, dist);
+    }
+    if (!(tmax > -std::numeric_limits<double>::infinity())) continue;   // a tile of zero-weight points
+    const double m_new = std::max(m, tmax);
+    const double rescale = std::exp(m - m_new);                      // 0 on the first tile
+    if constexpr (DD > 0) {
+      T dots[DD];
+      const T tsum = tile_exp_dot_small<T, DD>(c.yT, N, j0, n, static_cast<T>(m_new), buf, dots);
+      s = s * rescale + static_cast<double>(tsum);
+      for (int k = 0; k < DD; ++k) acc[k] = acc[k] * rescale + static_cast<double>(dots[k]);
+    } else {
+      T tsum = T(0);
+#pragma omp simd reduction(+ : tsum)
+      for (int64_t j = 0; j < n; ++j) {
+        buf[j] = exp_nonpositive(static_cast<T>(dist[j] - m_new));   // l − m in double, rounded once
+        tsum += buf[j];
+      }
+      s = s * rescale + static_cast<double>(tsum);
+      for (int64_t k = 0; k < d; ++k) {
+        const T* __restrict y = c.yT + k * N + j0;
+        T dot = T(0);
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < n; ++j) dot += buf[j] * y[j];
+        acc[k] = acc[k] * rescale + static_cast<double>(dot);
+      }
+    }
+    m = m_new;
+  }
+  const double shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cdbl : 1.0;
+  const double pull = c.bandwidth > 0 ? alpha * c.bandwidth / cdbl : 0.0;
+  for (int64_t k = 0; k < d; ++k) D[k] = static_cast<T>(acc[k] / s * shrink + pull * static_cast<double>(x[k]));
+  if (L) *L = static_cast<T>(m + std::log(s));
+}
+
+template <typename T>
+void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
+                   double* __restrict dist, double* __restrict acc, T* __restrict D, T* L) {
+  switch (c.d) {
+    case 1: return posterior_row_d<T, 1>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    case 2: return posterior_row_d<T, 2>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    case 3: return posterior_row_d<T, 3>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    case 4: return posterior_row_d<T, 4>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    default: return posterior_row_d<T, 0>(c, x, alpha, sigma, buf, dist, acc, D, L);
+  }
+}
+
+}  // namespace fastdiff::cpu

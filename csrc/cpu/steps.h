@@ -1,0 +1,82 @@
+// Steps of the point-cloud sampler, shared by pointcloud_step (one step) and pointcloud_sample (every row of a
+// step table): the posterior mean D of each row, then the affine update with in-kernel noise, D never stored.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../common/table.h"
+#include "kernels.h"
+#include "posterior_blocked.h"
+#include "posterior_row.h"
+#include "update_row.h"
+
+namespace fastdiff::cpu {
+
+// Steps k = k0 .. k1 − 1 of rows [M, d]: D at row k − k0 of `table` ([k1 − k0, kTableWidth], csrc/common/table.h:
+// alpha, sigma, A, B0, C), then x ← A x + B0 D + C z(seed, sample_offset + row, noise step k). The first step
+// reads x_in, every step writes x_out, later steps read x_out; x_out may be x_in (each row, or group of rows, is
+// read before it is written). traj: [k1 − k0 + 1, M, d] (x_in first) or nullptr. The multistep columns B1/B2
+// are not read (the glue refuses a table that uses them).
+template <typename T>
+void run_steps(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, const double* table, int64_t k0, int64_t k1,
+               uint64_t seed, uint64_t sample_offset, T* traj) {
+  const int64_t d = c.d;
+  const auto row_of = [&](int64_t k) { return table + (k - k0) * kTableWidth; };
+  const auto source = [&](int64_t k) -> const T* { return k == k0 ? x_in : x_out; };
+  const auto record = [&](int64_t state, int64_t i, const T* xi) {   // traj[state][i] = xi (state 0: x_in)
+    if (traj) std::copy(xi, xi + d, traj + (state * M + i) * d);
+  };
+  if (use_blocked(d)) {
+    const int64_t G = group_rows(M);
+    PackedCloud<T> pc(c);
+#pragma omp parallel
+    {
+      pc.pack(c);
+      BlockedWork<T> w(d, G, !pc.packed());
+      GroupRows<T> rows(G, d);
+      std::vector<T> Dg(G * d);
+      std::vector<double> z(d + 4);
+#pragma omp for schedule(static)
+      for (int64_t i0 = 0; i0 < M; i0 += G) {
+        const int64_t g = std::min(G, M - i0);
+        for (int64_t r = 0; r < g; ++r) record(0, i0 + r, x_in + (i0 + r) * d);
+        for (int64_t k = k0; k < k1; ++k) {
+          const double* step = row_of(k);
+          const T* src = source(k);
+          const int64_t gp = rows.fill(g, [&](int64_t r, const T*& xr, T*& Dr, T*& Lr, double& a, double& s) {
+            xr = src + (i0 + r) * d; Dr = Dg.data() + r * d; Lr = nullptr; a = step[kColAlpha]; s = step[kColSigma];
+          });
+          posterior_group(c, gp, rows.x.data(), rows.alpha.data(), rows.sigma.data(), rows.D.data(), rows.L.data(), pc, w);
+          for (int64_t r = 0; r < g; ++r) {   // after the whole group: x_out may alias x_in
+            const int64_t i = i0 + r;
+            update_row(src + i * d, Dg.data() + r * d, x_out + i * d, d, step[kColA], step[kColB0], step[kColC], seed,
+                       static_cast<uint32_t>(k), sample_offset + i, z.data());
+            record(k - k0 + 1, i, x_out + i * d);
+          }
+        }
+      }
+    }
+    return;
+  }
+#pragma omp parallel
+  {
+    std::vector<T> buf(kTile), Drow(d);
+    std::vector<double> dist(kTile), acc(d), z(d + 4);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M; ++i) {
+      record(0, i, x_in + i * d);
+      for (int64_t k = k0; k < k1; ++k) {
+        const double* step = row_of(k);
+        const T* xi = source(k) + i * d;
+        posterior_row(c, xi, step[kColAlpha], step[kColSigma], buf.data(), dist.data(), acc.data(), Drow.data(),
+                      static_cast<T*>(nullptr));
+        update_row(xi, Drow.data(), x_out + i * d, d, step[kColA], step[kColB0], step[kColC], seed,
+                   static_cast<uint32_t>(k), sample_offset + i, z.data());
+        record(k - k0 + 1, i, x_out + i * d);
+      }
+    }
+  }
+}
+
+}  // namespace fastdiff::cpu

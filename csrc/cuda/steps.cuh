@@ -1,0 +1,76 @@
+// The multi-step point-cloud kernel for d <= 64, shared by pointcloud_step.cu (one step) and
+// pointcloud_sample.cu (every row of a step table): one thread per query, the query in registers across steps.
+// A header of templates like common.cuh; each .cu instantiates what it launches.
+#pragma once
+#include "../common/table.h"
+#include "common.cuh"
+
+namespace fastdiff::cuda {
+
+// Step coefficients: the rows of a device step table (csrc/common/table.h) indexed by k − k0 (whole
+// trajectories), or one step's device alpha/sigma with A, B0, C by value (pointcloud_step).
+struct StepCoeffs {
+  const double* table;   // device [k1 − k0, kTableWidth], or nullptr to use the fields below
+  const double* alpha;   // device scalars
+  const double* sigma;
+  double A, B, C;
+};
+
+// One thread per query; steps [k0, k1) (noise step index k); queries stay in registers across steps. traj, when
+// given, receives the states after each step at [k + 1] (the caller writes [0]). B1/B2 are not read (the glue
+// refuses tables that use them).
+// x_in and x_out may be the same array (whole trajectories, and pointcloud_step with out = x): no __restrict__;
+// each thread reads its own row before it writes it.
+template <typename T, int DMAX>
+__global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
+                                        StepCoeffs co, uint64_t seed, uint64_t sample_offset, T* __restrict__ traj) {
+  FD_EXTERN_SHARED(T, tile);
+  T* tile_lw = tile + kTile * c.d;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool active = i < M;
+  const int d = static_cast<int>(c.d);
+  T xr[DMAX], Dr[DMAX];
+#pragma unroll
+  for (int k = 0; k < DMAX; ++k) xr[k] = (active && k < d) ? x_in[i * d + k] : T(0);
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t t = k - k0;
+    const double* row = co.table ? co.table + t * kTableWidth : nullptr;
+    const double alpha = row ? row[kColAlpha] : *co.alpha, sigma = row ? row[kColSigma] : *co.sigma;
+    posterior_small_d<T, DMAX>(c, xr, alpha, sigma, active, tile, tile_lw, Dr, static_cast<T*>(nullptr));
+    if (active) {
+      const double A = row ? row[kColA] : co.A, B = row ? row[kColB0] : co.B, C = row ? row[kColC] : co.C;
+      update_small_d<T, DMAX>(xr, Dr, d, A, B, C, seed, static_cast<uint32_t>(k), sample_offset + i);
+      if (traj) {
+#pragma unroll
+        for (int e = 0; e < DMAX; ++e)
+          if (e < d) traj[((k + 1) * M + i) * d + e] = xr[e];
+      }
+    }
+  }
+  if (!active) return;
+#pragma unroll
+  for (int e = 0; e < DMAX; ++e)
+    if (e < d) x_out[i * d + e] = xr[e];
+}
+
+template <typename T, int DMAX>
+cudaError_t launch_steps_small(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
+                               const StepCoeffs& co, uint64_t seed, uint64_t off, T* traj, cudaStream_t st) {
+  const size_t shmem = (kTile * c.d + kTile) * sizeof(T);
+  const cudaError_t e = opt_in_shared(pointcloud_steps_kernel<T, DMAX>, (kTile * DMAX + kTile) * sizeof(T));
+  if (e != cudaSuccess) return e;
+  const unsigned blocks = static_cast<unsigned>((M + kThreads - 1) / kThreads);
+  FD_LAUNCH(blocks, kThreads, shmem, st, pointcloud_steps_kernel<T, DMAX>)(c, x_in, x_out, M, k0, k1, co, seed, off,
+                                                                         traj);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_steps(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
+                         const StepCoeffs& co, uint64_t seed, uint64_t off, T* traj, cudaStream_t st) {
+  if (c.d <= 4) return launch_steps_small<T, 4>(c, x_in, x_out, M, k0, k1, co, seed, off, traj, st);
+  if (c.d <= 16) return launch_steps_small<T, 16>(c, x_in, x_out, M, k0, k1, co, seed, off, traj, st);
+  return launch_steps_small<T, 64>(c, x_in, x_out, M, k0, k1, co, seed, off, traj, st);
+}
+
+}  // namespace fastdiff::cuda
