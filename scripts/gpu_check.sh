@@ -20,24 +20,35 @@
 #            --brief (posterior d=2 and d=3072, affine_step bandwidth,
 #            pointcloud_sample swiss roll, the MLP loop; then issue 4's
 #            GPU comparisons while time is left)                        GPU_CHECK_BENCH_S   260
+#   distributed  python -m fastdiff.bench.distributed --device cuda
+#            --quick: the sharded point cloud on NCCL (one rank per
+#            GPU; more ranks than GPUs are skipped with a note) and
+#            the cloud streamed from a .npy through pinned buffers,
+#            with CUDA-synchronised times and peak GPU memory (~30 s
+#            on an H200; kept from the bench's time when the run is
+#            short, see the bench phase below); the dry run: gloo on
+#            the CPU, --smoke sizes, a 90 s default budget             GPU_CHECK_DISTRIBUTED_S 40
 # and the whole run within GPU_CHECK_TOTAL_S (480). A phase over its budget gets SIGINT (pytest and the
 # bench stop cleanly, print their summaries and write their files), then SIGKILL GPU_CHECK_GRACE_S (15) s
 # later; a phase's budget is cut to what is left of the total less that grace and 5 s for the summary, and
 # a phase with under 5 s left is not started. SIGINT or SIGTERM to this script passes SIGINT to the running
 # phases, starts no other, writes the summary and exits 130 / 143.
 #
-# Writes into $OUT as it goes, so a kill at any moment leaves every finished result (8 files, what a lent
-# machine returns):
+# Writes into $OUT as it goes, so a kill at any moment leaves every finished result (8 files, at most what a
+# lent machine returns: so the phases after the build share one log, and the benches write JSON alone):
 #   summary.txt         one screen: each phase's status and counts, failed tests, the targets measured,
 #                       the measured backend order (rewritten atomically whenever a phase starts or ends,
 #                       by scripts/gpu_check_summary.py from the files below)
 #   env.txt             nvidia-smi, versions, toolchain checks, a Triton JIT check
 #   build.log           the build, then what fastdiff._C was built with (`fastdiff info`)
-#   tests.log           pytest -v output of the triton phase, then of the cuda phase (line by line)
+#   phases.log          the output of the triton, cuda, bench and distributed phases, each after a line
+#                       '=== gpu_check phase NAME: ...' (pytest -v line by line; the benches' progress)
 #   triton.xml cuda.xml junit XML of each pytest phase (written when pytest ends, also on SIGINT)
-#   bench.log           the bench's progress, one line per case and provider
 #   bench/results.json  every measurement, the targets and the backend order (rewritten after every case;
 #                       `python -m fastdiff.bench.report DIR` writes the CSV, report and plots from it)
+#   distributed/results.json  the sharded and streamed rows, each marked with its device (rewritten after each
+#                       rank count and streamed case; `python -m fastdiff.bench.distributed --report DIR`
+#                       writes report.md, `--readme README.md --results CPU_DIR GPU_DIR` the README's tables)
 # Exit status: 0 when every phase passed, 1 when one failed or ran out of time, 130 / 143 when interrupted.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,7 +79,7 @@ NCPU=$(nproc 2>/dev/null || echo 2)
 START=$SECONDS
 INTERRUPTED=""
 
-PHASES=(env build triton cuda bench)
+PHASES=(env build triton cuda bench distributed)
 declare -A STATUS SECS DETAIL NOTE T0 PID              # per phase; PID: its `timeout` process
 for p in "${PHASES[@]}"; do STATUS[$p]=pending; SECS[$p]=""; DETAIL[$p]=""; NOTE[$p]=""; PID[$p]=""; done
 
@@ -254,8 +265,8 @@ start_phase build "${GPU_CHECK_BUILD_S:-240}" "$OUT/build.log" "build.log" bash 
 # -------------------------------------------------------------------------- triton tests (now)
 pytest_phase() {
     local name=$1 budget=$2; shift 2
-    echo "=== gpu_check phase $name: pytest $*" >> "$OUT/tests.log"
-    start_phase "$name" "$budget" "$OUT/tests.log" "" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
+    echo "=== gpu_check phase $name: pytest $*" >> "$OUT/phases.log"
+    start_phase "$name" "$budget" "$OUT/phases.log" "" "$PY" -m pytest -v -rfEs -p no:cacheprovider \
         "${XDIST[@]}" "${PT_TIMEOUT[@]}" --junitxml="$OUT/$name.xml" "$@"
 }
 if [ "$DRY" = 1 ]; then
@@ -279,14 +290,41 @@ if [ "$DRY" = 1 ]; then
 else
     BENCH_ARGS=(--device cuda)
 fi
+# The distributed phase's time comes out of the bench's only when the run is short of time. The bench takes its
+# whole budget when what is left of the total also holds the distributed budget after it (the usual case: on the
+# H200, 3448f58, the phases before the bench took 95 s, leaving 365 s for bench 260 + distributed 40); otherwise
+# the bench's limit is cut so that the distributed budget stays, as long as the bench keeps 60 s: its targets
+# come first, and below that the distributed phase gets only what the bench leaves. (A bench that also needs its
+# grace period leaves the distributed phase up to GRACE seconds less.) The dry run gives the distributed phase a
+# longer default budget: on a shared CI machine process start-up dominates (two spawned rank groups and a fresh
+# process per streamed case, ~15 s on 2 idle cores).
+DIST_BUDGET=${GPU_CHECK_DISTRIBUTED_S:-$([ "$DRY" = 1 ] && echo 90 || echo 40)}
 budget=${GPU_CHECK_BENCH_S:-260}
-limit=$(left); [ "$budget" -lt "$limit" ] && limit=$budget
+limit=$(left); [ $(( limit - DIST_BUDGET )) -ge 60 ] && limit=$(( limit - DIST_BUDGET ))
+[ "$budget" -lt "$limit" ] && limit=$budget
 # stop starting cases a minute before the limit (one case can take that long); SIGINT at the limit still
 # writes results.json with what was measured
 soft=$(( limit > 90 ? limit - 60 : limit / 2 )); [ "$soft" -lt 1 ] && soft=1
-start_phase bench "$budget" "$OUT/bench.log" "bench/results.json" "$PY" -m fastdiff.bench posterior step sample \
+echo "=== gpu_check phase bench: fastdiff bench posterior step sample ${BENCH_ARGS[*]}" >> "$OUT/phases.log"
+start_phase bench "$limit" "$OUT/phases.log" "bench/results.json" "$PY" -m fastdiff.bench posterior step sample \
     "${BENCH_ARGS[@]}" --targets-only --brief --json-only --time-limit "$soft" --out "$OUT/bench"
 finish_phase bench
+
+# -------------------------------------------------------------------------- distributed bench
+# A GPU row for the README's distributed tables (issue 16): NCCL with one rank per GPU (a 1-GPU machine runs
+# ranks=1 and notes that 2 was not run), the streamed cloud through pinned buffers. The dry run: the same
+# command on gloo CPU ranks at --smoke sizes.
+if [ "$DRY" = 1 ]; then
+    DIST_ARGS=(--device cpu --smoke)
+else
+    DIST_ARGS=(--device cuda --quick)
+fi
+limit=$(left); [ "$DIST_BUDGET" -lt "$limit" ] && limit=$DIST_BUDGET
+soft=$(( limit > 24 ? limit - 12 : limit / 2 )); [ "$soft" -lt 1 ] && soft=1     # start no case after this
+echo "=== gpu_check phase distributed: fastdiff.bench.distributed ${DIST_ARGS[*]}" >> "$OUT/phases.log"
+start_phase distributed "$limit" "$OUT/phases.log" "distributed/results.json" "$PY" -m fastdiff.bench.distributed \
+    "${DIST_ARGS[@]}" --ranks 1,2 --json-only --time-limit "$soft" --out "$OUT/distributed"
+finish_phase distributed
 
 write_summary
 cat "$OUT/summary.txt"

@@ -4,8 +4,9 @@
 
 Environment (set by gpu_check.sh): GC_TABLE, one line per phase "name|status|seconds|detail"; GC_ELAPSED and
 GC_TOTAL (seconds); GC_DRY ("1" for --dry-run); GC_INTERRUPTED (INT or TERM, or empty); GC_ROOT (the checkout,
-for the commit). Reads env.txt, triton.xml / cuda.xml (junit), tests.log (the pytest -v lines: counts for a
-phase killed before it wrote its junit file, and how many tests were selected) and bench/results.json.
+for the commit). Reads env.txt, triton.xml / cuda.xml (junit), phases.log (the pytest -v lines: counts for a
+phase killed before it wrote its junit file, and how many tests were selected), bench/results.json and
+distributed/results.json.
 Standard library only, so it runs in a fraction of a second, also where torch is broken. Writes
 OUT/summary.txt atomically (a kill never leaves half a summary).
 """
@@ -21,7 +22,9 @@ import xml.etree.ElementTree as ET
 
 WIDTH = 160                 # one line of a terminal, at most
 MAX_FAILED = 8              # failed test ids listed (the rest are counted)
-FILES = ("env.txt", "build.log", "tests.log", "triton.xml", "cuda.xml", "bench.log", "bench/results.json")
+FILES = ("env.txt", "build.log", "phases.log", "triton.xml", "cuda.xml", "bench/results.json",
+         "distributed/results.json")
+LOG = "phases.log"          # the output of the phases after the build, each after '=== gpu_check phase NAME: ...'
 
 
 def _git(root: str, *args) -> str:
@@ -70,7 +73,7 @@ _RESULT = (re.compile(r"(?P<test>\S+::\S+) (?P<word>PASSED|FAILED|ERROR|SKIPPED)
 
 
 def log_counts(path: str, phase: str):
-    """From tests.log, the part of one phase (after its '=== gpu_check phase NAME' line): ({PASSED, FAILED, ERROR,
+    """From phases.log, the part of one phase (after its '=== gpu_check phase NAME' line): ({PASSED, FAILED, ERROR,
     SKIPPED: count}, [failed or erroring test ids], tests selected or None), or None without the file."""
     counts = {"PASSED": 0, "FAILED": 0, "ERROR": 0, "SKIPPED": 0}
     bad, inside, selected = [], False, None
@@ -101,7 +104,7 @@ def log_counts(path: str, phase: str):
 
 def _test_phase_result(out: str, name: str, detail: str):
     """The result column of a pytest phase, and its failed test ids."""
-    logged = log_counts(os.path.join(out, "tests.log"), name)
+    logged = log_counts(os.path.join(out, LOG), name)
     of = f" of {logged[2]}" if logged is not None and logged[2] is not None else ""
     tail = f"; {detail}" if detail else ""
     j = junit(os.path.join(out, f"{name}.xml"))
@@ -111,7 +114,7 @@ def _test_phase_result(out: str, name: str, detail: str):
     if logged is not None and sum(logged[0].values()):
         c, bad, _ = logged
         return (f"so far: {c['PASSED']} passed, {c['FAILED']} failed, {c['ERROR']} errors, {c['SKIPPED']} skipped"
-                f"{of} (tests.log){tail}"), bad
+                f"{of} ({LOG}){tail}"), bad
     return detail, []
 
 
@@ -155,6 +158,45 @@ def _bench_lines(out: str) -> list[str]:
     return lines
 
 
+def _ms(seconds: float) -> str:
+    ms = 1e3 * seconds
+    return f"{ms:.1f} ms" if ms >= 1 else f"{ms:.3g} ms"
+
+
+def _distributed_lines(out: str) -> list[str]:
+    """A few lines from distributed/results.json: the device, each rank count's steps, each streamed case, notes
+    and errors (the tables: `python -m fastdiff.bench.distributed --report DIR`)."""
+    try:
+        with open(os.path.join(out, "distributed", "results.json")) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return []
+    env = doc.get("environment", {})
+    device = doc.get("device", "cpu")
+    where = env.get("gpu_model") if device == "cuda" else f"{env.get('cpu_model')}"
+    state = "interrupted" if doc.get("interrupted") else "complete" if doc.get("complete") else "cut short"
+    lines = ["", f"distributed ({device}: {where}; {state}; distributed/results.json):"]
+    by_ranks: dict = {}
+    for r in doc.get("distributed", []):
+        if r.get("scaling") == "strong":
+            by_ranks.setdefault(r["ranks"], []).append(
+                f"{r['shape']} N={r['N']:,} step {_ms(r['step_s'])} (merge {100 * r['merge_fraction']:.0f} %)")
+    for k, cells in by_ranks.items():
+        lines.append(f"  sharded, {k} rank{'s' if k != 1 else ''}: " + "; ".join(cells))
+    cells = []
+    for r in doc.get("streaming", []):
+        gpu = f", GPU {r['peak_gpu_mb']:.0f} MB" if r.get("peak_gpu_mb") is not None else ""
+        cells.append(f"{r['case']} {r['s_per_call']:.3g} s (RSS {r['peak_rss_mb']:.0f} MB{gpu})")
+    if cells:
+        lines.append("  streamed: " + "; ".join(cells))
+    for n in doc.get("notes", [])[:2]:
+        lines.append(f"  note: {n}")
+    errors = doc.get("errors", [])
+    if errors:
+        lines.append(f"  distributed errors ({len(errors)}): " + "; ".join(e[:100] for e in errors[:2]))
+    return lines
+
+
 def summarize(out: str, table: list[tuple[str, str, str, str]], elapsed: int, total: int, dry: bool,
               interrupted: str = "", root: str = ".") -> list[str]:
     """The summary's lines; table: (phase, status, seconds, detail) per phase, in order."""
@@ -172,20 +214,22 @@ def summarize(out: str, table: list[tuple[str, str, str, str]], elapsed: int, to
         state = "running (this file is rewritten as the phases end)"
     else:
         state = "finished"
-    lines += [f"  {state}; {elapsed} s of the {total} s budget", "", f"{'phase':<8} {'status':<11} {'time':>6}  result"]
+    lines += [f"  {state}; {elapsed} s of the {total} s budget", "",
+              f"{'phase':<11} {'status':<11} {'time':>6}  result"]
     failed = []
     for name, status, secs, detail in table:
         result = detail
         if name in ("triton", "cuda") and status != "pending":
             result, bad = _test_phase_result(out, name, detail)
             failed += bad
-        lines.append(f"{name:<8} {status:<11} {secs + ' s' if secs else '':>6}  {result}")
+        lines.append(f"{name:<11} {status:<11} {secs + ' s' if secs else '':>6}  {result}")
     if failed:
-        lines += ["", f"failed tests ({len(failed)}; tracebacks in tests.log):"]
+        lines += ["", f"failed tests ({len(failed)}; tracebacks in {LOG}):"]
         lines += [f"  {t}" for t in failed[:MAX_FAILED]]
         if len(failed) > MAX_FAILED:
             lines.append(f"  ... and {len(failed) - MAX_FAILED} more")
     lines += _bench_lines(out)
+    lines += _distributed_lines(out)
     lines += ["", "files: summary.txt " + " ".join(n for n in FILES if os.path.exists(os.path.join(out, n)))]
     return [line[:WIDTH] for line in lines]
 

@@ -3,7 +3,9 @@ its targets-only plan at --quick sizes on the CPU), so the command a maintainer 
 cannot rot. Checks the files it writes into $OUT (what a lent machine returns: at most 8 files, two folders
 deep), the one-screen summary, that the junit XML parses, that a phase over its time budget is stopped with
 SIGINT, and that a SIGINT or a kill in the middle of a run leaves every finished result in place. Also the
-bench options the check uses (--targets-only, --brief, --json-only). Nothing here measures speed."""
+bench options the check uses (--targets-only, --brief, --json-only), and the distributed phase (issue 16): gloo
+ranks at --smoke sizes in the dry run, its device-marked rows, the README's GPU row beside the CPU rows, and a
+rank count above the GPU count skipped, never simulated. Nothing here measures speed."""
 import json
 import os
 import re
@@ -19,9 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-PHASES = ("env", "build", "triton", "cuda", "bench")
-FILES = {"summary.txt", "env.txt", "build.log", "tests.log", "triton.xml", "cuda.xml", "bench.log",
-         "bench/results.json"}
+PHASES = ("env", "build", "triton", "cuda", "bench", "distributed")
+FILES = {"summary.txt", "env.txt", "build.log", "phases.log", "triton.xml", "cuda.xml", "bench/results.json",
+         "distributed/results.json"}
 
 if shutil.which("bash") is None or shutil.which("timeout") is None or not Path("/proc/self/stat").exists():
     pytest.skip("the GPU check needs bash, coreutils' timeout and /proc (Linux)", allow_module_level=True)
@@ -54,7 +56,8 @@ def _phases(summary: str) -> dict:
     """{phase: (status, rest of the line with its spaces collapsed)} from summary.txt's phase table."""
     out = {}
     for line in summary.splitlines():
-        m = re.match(r"(env|build|triton|cuda|bench) +(ok|FAILED|time limit|killed|interrupted|skipped|running|pending)"
+        m = re.match(r"(env|build|triton|cuda|bench|distributed) +"
+                     r"(ok|FAILED|time limit|killed|interrupted|skipped|running|pending)"
                      r"\b(.*)$", line)
         if m:
             out[m.group(1)] = (m.group(2), " ".join(m.group(3).split()))
@@ -154,11 +157,14 @@ def test_summary_is_one_screen_with_every_phase(dry_run):
     assert "DRY RUN" in lines[0] and "finished" in summary and "of the 480 s budget" in summary
     phases = _phases(summary)
     assert set(phases) == set(PHASES), summary
-    for name in ("env", "triton", "cuda", "bench"):
+    for name in ("env", "triton", "cuda", "bench", "distributed"):
         assert phases[name][0] == "ok", summary
     assert phases["build"][0] == ("ok" if _extension_built() else "FAILED"), summary
     assert "targets (cpu, reduced repetitions" in summary
     assert """measured order: AUTO_ORDER["cpu"] = ('cpu', 'torch')""" in summary
+    assert "distributed (cpu: " in summary and "complete; distributed/results.json):" in summary
+    assert "  sharded, 1 rank: d=2 N=1,024 step " in summary and "  sharded, 2 ranks: d=2 N=1,024 step " in summary
+    assert "  streamed: d=2 N=1e4 " in summary
 
 
 def test_junit_parses_and_matches_the_summary(dry_run):
@@ -168,7 +174,7 @@ def test_junit_parses_and_matches_the_summary(dry_run):
         n, skipped = _junit_counts(out / f"{name}.xml")
         assert n > 0 and skipped == n, name                    # no CUDA: every gpu test skips
         assert f"0 passed, 0 failed, 0 errors, {n} skipped of {n} ({name}.xml)" in phases[name][1]
-    log = (out / "tests.log").read_text()
+    log = (out / "phases.log").read_text()
     assert "=== gpu_check phase triton: pytest tests/test_triton.py" in log
     assert "=== gpu_check phase cuda: pytest -m gpu tests --ignore=tests/test_triton.py" in log
     assert re.search(r"tests/test_kernels.py::\S+\[cuda\S*\] SKIPPED", log), "the CUDA kernel tests were not selected"
@@ -199,7 +205,30 @@ def test_bench_runs_the_reduced_target_plan(dry_run):
     assert {t["id"] for t in doc["targets"]} == {"I4-cpu-posterior-vs-ref", "I4-cpu-posterior-vs-keops",
                                                  "I4-cpu-sample-vs-ref"}
     assert all(r["reps"] <= 5 for r in doc["rows"] if r["median_s"])       # --brief: at most 5 samples
-    assert "fastdiff bench: " in (out / "bench.log").read_text()
+    bench_log = (out / "phases.log").read_text().split("=== gpu_check phase bench: ")[1]
+    assert "fastdiff bench: " in bench_log.split("=== gpu_check phase distributed: ")[0]
+
+
+def test_distributed_phase_runs_gloo_ranks_and_streaming_at_smoke_sizes(dry_run, tmp_path):
+    out, _, _, _, _ = dry_run
+    doc = json.loads((out / "distributed" / "results.json").read_text())
+    assert doc["device"] == "cpu" and doc["smoke"] is True and doc["complete"] is True
+    assert doc["errors"] == [] and doc["notes"] == [] and doc["time_limit_s"] > 0
+    rows = doc["distributed"]
+    assert [(r["scaling"], r["ranks"]) for r in rows] == [("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)]
+    assert all(r["device"] == "cpu" and 0 < r["merge_s"] < r["step_s"] for r in rows)
+    assert [r["case"] for r in doc["streaming"]] == ["d=2 N=1e4", "d=64 N=2e3 fp16"]
+    assert all(r["device"] == "cpu" and "peak_gpu_mb" not in r and r["peak_rss_mb"] > 0 for r in doc["streaming"])
+    log = (out / "phases.log").read_text().split("=== gpu_check phase distributed: ")[1]
+    assert log.startswith("fastdiff.bench.distributed --device cpu --smoke\n") and "streaming d=64 N=2e3 fp16" in log
+    # --json-only: the report is written afterwards from results.json, as a maintainer does after a GPU run
+    shutil.copy(out / "distributed" / "results.json", tmp_path / "results.json")
+    r = subprocess.run([sys.executable, "-m", "fastdiff.bench.distributed", "--report", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "report.md").read_text()
+    assert "## Sharded point cloud (gloo, CPU ranks, 1 thread each)" in report
+    assert "| weak | d=2 | 16 | 1,024 | 2 |" in report
 
 
 # ------------------------------------------------------------------------------------------- interruptions
@@ -227,9 +256,10 @@ def test_sigint_mid_run_stops_cleanly_and_keeps_finished_results(tmp_path):
     # the signal reached the cuda tests, or (if they had just ended) the bench; nothing starts afterwards
     hit = "cuda" if phases["cuda"][0] == "interrupted" else "bench"
     assert phases[hit][0] == "interrupted", summary
+    assert phases["distributed"][0] == "skipped" and "interrupted" in phases["distributed"][1]
     if hit == "cuda":
         assert phases["bench"][0] == "skipped" and "interrupted" in phases["bench"][1]
-        assert "KeyboardInterrupt" in (out / "tests.log").read_text().split("=== gpu_check phase cuda")[1]
+        assert "KeyboardInterrupt" in (out / "phases.log").read_text().split("=== gpu_check phase cuda")[1]
         if (out / "cuda.xml").exists():                      # written unless pytest was still starting up
             _junit_counts(out / "cuda.xml")
     else:
@@ -249,12 +279,13 @@ def test_a_kill_mid_run_leaves_every_finished_result(tmp_path):
     summary = (out / "summary.txt").read_text()
     phases = _phases(summary)
     assert set(phases) == set(PHASES) and phases["cuda"][0] == "running" and phases["bench"][0] == "pending"
+    assert phases["distributed"][0] == "pending"
     assert phases["triton"][0] == "ok" and phases["env"][0] == "ok"
     n, skipped = _junit_counts(out / "triton.xml")
     assert n > 0 and f"{skipped} skipped of {n} (triton.xml)" in phases["triton"][1]
     assert "versions: python" in (out / "env.txt").read_text()
     assert "fastdiff info" in (out / "build.log").read_text() or not _extension_built()
-    assert {"summary.txt", "env.txt", "build.log", "tests.log", "triton.xml"} <= _files(out)
+    assert {"summary.txt", "env.txt", "build.log", "phases.log", "triton.xml"} <= _files(out)
 
 
 # ------------------------------------------------------------------------------------------- bench options
@@ -311,10 +342,37 @@ def _summary_module():
     return module
 
 
+def _cuda_distributed_doc() -> dict:
+    """distributed/results.json as a 1-GPU run of `--device cuda --quick --ranks 1,2` writes it (made-up times)."""
+    env = {"device": "cuda", "cpu_model": "Intel(R) Xeon(R) Platinum 8480+", "cpu_count": 16,
+           "gpu_model": "NVIDIA H200", "gpu_memory_gib": 139.8, "torch_version": "2.11.0+cu130", "torch_cuda": "13.0",
+           "loadavg_start": [0.5, 0.4, 0.3]}
+    sharded = [{"scaling": mode, "shape": shape, "d": d, "M": M, "N": N, "ranks": 1, "threads_per_rank": 1,
+                "step_s": step, "local_s": step - merge, "merge_s": merge, "merge_fraction": merge / step,
+                "allreduce_bytes_per_step": 8 * M * (d + 2), "pairs_per_s": N * M / step,
+                ("speedup" if mode == "strong" else "efficiency"): 1.0, "device": "cuda"}
+               for mode, shape, d, M, N, step, merge in (("strong", "d=2", 2, 4096, 1 << 22, 2.4e-4, 6e-5),
+                                                         ("weak", "d=2", 2, 4096, 1 << 21, 1.3e-4, 5e-5),
+                                                         ("strong", "d=3072", 3072, 64, 1 << 15, 3.1e-3, 1.2e-4),
+                                                         ("weak", "d=3072", 3072, 64, 1 << 14, 1.7e-3, 1.1e-4))]
+    streamed = [{"case": "d=2 N=1e7", "d": 2, "N": 10**7, "M": 1024, "storage": "float32", "threads": 16,
+                 "file_gb": 0.08, "write_s": 0.9, "reps": 2, "pairs_per_s": 1.1e11, "s_per_call": 0.093,
+                 "s_first_call": 0.4, "chunk_rows": 4194304, "source": ".npy streamed", "peak_rss_mb": 1711.0,
+                 "rss_before_mb": 1650.0, "peak_above_setup_mb": 61.0, "peak_gpu_mb": 97.0, "gpu_before_mb": 0.01,
+                 "gpu_model": "NVIDIA H200", "device": "cuda"}]
+    return {"environment": env, "git": {"commit": "0123456789abcdef", "dirty_files": []}, "quick": True,
+            "commit_env": None, "device": "cuda", "smoke": False, "time_limit_s": 28, "complete": True, "errors": [],
+            "notes": ["ranks=2 not run: NCCL needs one GPU per rank and this machine has 1"],
+            "distributed": sharded, "streaming": streamed, "seconds": 27.0, "loadavg_end": [1.0, 0.6, 0.4]}
+
+
 def _gpu_run_files(out: Path):
     """What a GPU run leaves: triton phase (pytest-xdist) finished with one failure, cuda phase killed before
-    its junit file, a bench cut short with two cuda targets and the backend order."""
+    its junit file, a bench cut short with two cuda targets and the backend order, the distributed bench on
+    one GPU."""
     (out / "bench").mkdir(parents=True)
+    (out / "distributed").mkdir()
+    (out / "distributed" / "results.json").write_text(json.dumps(_cuda_distributed_doc()))
     (out / "env.txt").write_text("device: NVIDIA H200\nversions: python 3.12.3, torch 2.11.0+cu130 (CUDA 13.0), "
                                  "triton 3.6.0\n")
     (out / "triton.xml").write_text(
@@ -324,7 +382,7 @@ def _gpu_run_files(out: Path):
         '<testcase classname="tests.test_triton" name="test_c"><error message="y">tb</error></testcase>'
         '<testcase classname="tests.test_triton" name="test_d"><skipped message="z"/></testcase>'
         '</testsuite></testsuites>')
-    (out / "tests.log").write_text(
+    (out / "phases.log").write_text(
         "=== gpu_check phase triton: pytest tests/test_triton.py\n"
         "8 workers [4 items]\n"
         "[gw0] [ 25%] PASSED tests/test_triton.py::test_a \n"
@@ -333,7 +391,11 @@ def _gpu_run_files(out: Path):
         "[gw1] [  3%] PASSED tests/test_kernels.py::test_posterior[cuda-2] \n"
         "[gw2] [  6%] FAILED tests/test_kernels.py::test_noise[cuda] \n"
         "[gw3] [  8%] SKIPPED tests/test_graphs.py::test_replay[True] \n"
-        "tests/test_kernels.py::test_step[cuda] ERROR [ 11%]\n")
+        "tests/test_kernels.py::test_step[cuda] ERROR [ 11%]\n"
+        "=== gpu_check phase bench: fastdiff bench posterior step sample --device cuda\n"
+        "fastdiff bench: 3 measurements, 1 notes, 170 s -> OUT/bench/results.json\n"
+        "=== gpu_check phase distributed: fastdiff.bench.distributed --device cuda --quick\n"
+        "  strong d=2 N=4194304 M=4096 ranks=1\n")
     doc = {"device": "cuda", "complete": False, "environment": {"brief": True}, "rows": [{}, {}, {}],
            "targets": [{"met": "yes", "id": "I3-posterior-d2-rate", "measured": "1.3e+12 pairs/s",
                         "required": "≥ 1.0e12 pairs/s"},
@@ -351,7 +413,8 @@ def test_summary_of_a_gpu_run_reads_junit_xdist_logs_targets_and_order(tmp_path)
     _gpu_run_files(out)
     table = [("env", "ok", "12", "0 problem(s) (env.txt)"), ("build", "ok", "80", "build.log"),
              ("triton", "ok", "95", ""), ("cuda", "killed", "115", "limit 100 s reached"),
-             ("bench", "time limit", "180", "limit 180 s reached; bench/results.json")]
+             ("bench", "time limit", "180", "limit 180 s reached; bench/results.json"),
+             ("distributed", "ok", "31", "distributed/results.json")]
     lines = mod.summarize(str(out), table, 470, 480, dry=False, root=str(tmp_path))
     text = "\n".join(lines)
     assert lines[0].startswith("fastdiff GPU check, GPU run: ") and "git ?" in lines[0]     # no git checkout here
@@ -359,9 +422,9 @@ def test_summary_of_a_gpu_run_reads_junit_xdist_logs_targets_and_order(tmp_path)
     rows = _phases(text)
     assert rows["triton"] == ("ok", "95 s 1 passed, 1 failed, 1 errors, 1 skipped of 4 (triton.xml)")
     # killed before its junit file: the counts so far from the -v lines, both line formats, and the selection
-    assert rows["cuda"][1].endswith("so far: 1 passed, 1 failed, 1 errors, 1 skipped of 36 (tests.log); "
+    assert rows["cuda"][1].endswith("so far: 1 passed, 1 failed, 1 errors, 1 skipped of 36 (phases.log); "
                                     "limit 100 s reached")
-    failed = lines[lines.index("failed tests (4; tracebacks in tests.log):") + 1:][:4]
+    failed = lines[lines.index("failed tests (4; tracebacks in phases.log):") + 1:][:4]
     assert failed == ["  tests.test_triton::test_b", "  tests.test_triton::test_c",
                       "  tests/test_kernels.py::test_noise[cuda]", "  tests/test_kernels.py::test_step[cuda]"]
     assert "targets (cuda, reduced repetitions, 3 measurements, cut short; bench/results.json):" in lines
@@ -370,7 +433,13 @@ def test_summary_of_a_gpu_run_reads_junit_xdist_logs_targets_and_order(tmp_path)
     # triton won 3 cases, cuda 2: triton first, torch last
     assert """  measured order: AUTO_ORDER["cuda"] = ('triton', 'cuda', 'torch') (fastdiff/_backend.py)""" in lines
     assert "  bench errors (1): sdpa: case failed: OutOfMemoryError" in lines
-    assert lines[-1] == ("files: summary.txt env.txt tests.log triton.xml bench/results.json")
+    assert rows["distributed"] == ("ok", "31 s distributed/results.json")
+    at = lines.index("distributed (cuda: NVIDIA H200; complete; distributed/results.json):")
+    assert lines[at + 1:at + 4] == [
+        "  sharded, 1 rank: d=2 N=4,194,304 step 0.24 ms (merge 25 %); d=3072 N=32,768 step 3.1 ms (merge 4 %)",
+        "  streamed: d=2 N=1e7 0.093 s (RSS 1711 MB, GPU 97 MB)",
+        "  note: ranks=2 not run: NCCL needs one GPU per rank and this machine has 1"]
+    assert lines[-1] == "files: summary.txt env.txt phases.log triton.xml bench/results.json distributed/results.json"
     assert all(len(line) <= 160 for line in lines) and len(lines) <= 40
 
 
@@ -395,3 +464,95 @@ def test_summary_states_and_atomic_write(tmp_path):
     assert r.returncode == 0, r.stderr
     phases = _phases((out / "summary.txt").read_text())
     assert phases["build"] == ("FAILED", "40 s exit 1; build.log")
+
+
+# ------------------------------------------------------------------------------------------- the distributed bench
+def test_readme_regenerates_the_cpu_block_and_puts_a_gpu_run_beside_it(tmp_path, monkeypatch):
+    from fastdiff.bench import distributed as bd
+    monkeypatch.chdir(ROOT)                   # the block names the folders as given, relative to the checkout
+    cpu = Path("benchmarks/results/20261130-cpu-distributed-idle")
+    readme = (ROOT / "README.md").read_text()
+    committed = bd.README_START + readme.split(bd.README_START)[1].split(bd.README_END)[0] + bd.README_END
+    assert bd.readme_section([cpu]) == committed
+    assert bd.report(json.loads((cpu / "results.json").read_text())) == (cpu / "report.md").read_text()
+    gpu = tmp_path / "20261201-cuda-h200-distributed"
+    gpu.mkdir()
+    (gpu / "results.json").write_text(json.dumps(_cuda_distributed_doc()))
+    text = bd.readme_section([cpu, gpu])
+    lines = text.splitlines()
+    cpu_rows = [line for line in committed.splitlines() if line.startswith("| strong") or line.startswith("| weak")]
+    sharded = [line for line in lines if line.startswith("| cpu | strong") or line.startswith("| cpu | weak")]
+    assert len(sharded) == 12 and sharded == ["| cpu " + line for line in cpu_rows]       # the CPU rows unchanged
+    assert "| cuda | strong | d=2 | 4096 | 4,194,304 | 1 | 0.24 | 0.18 | 0.06 | 25.0 | 131,072 | 1.00 |" in lines
+    assert "| cuda | d=2 N=1e7 | float32 | 1024 | 0.08 | 4,194,304 | 0.093 | 2 | 1.1e+11 | 1711 | 61 | 97 |" in lines
+    assert "| cpu | d=2 N=1e6 | float32 | 256 | 0.01 | 1,000,000 | 0.11 | 3 | 2.31e+09 | 541 | 24 | – |" in lines
+    assert any(line.startswith("Run `20261201-cuda-h200-distributed` at commit `0123456789ab` on NVIDIA H200 (host: ")
+               for line in lines)
+    assert "- cuda: ranks=2 not run: NCCL needs one GPU per rank and this machine has 1" in lines
+    assert "#### Sharded point cloud (cpu: gloo, CPU ranks, 1 thread each; cuda: NCCL, one GPU per rank)" in lines
+    assert len([line for line in lines if line.startswith("|---")]) == 2
+    report = bd.report(_cuda_distributed_doc())
+    assert "GPU: NVIDIA H200 (139.8 GiB), CUDA 13.0" in report
+    assert "## Sharded point cloud (NCCL, one GPU per rank)" in report
+    assert "| strong | d=2 | 4096 | 4,194,304 | 1 | 0.24 |" in report and "| peak GPU MB |" in report
+
+
+def test_cuda_rank_counts_above_the_gpu_count_are_skipped_not_simulated(monkeypatch):
+    from fastdiff.bench import distributed as bd
+    spawned = []
+
+    def fake_spawn(world, specs, device="cpu", timeout_s=900):
+        spawned.append((world, device, [s["rows"] for s in specs]))
+        return [[{"step_s": 2e-3, "local_s": 1.5e-3, "merge_s": 5e-4}] * world for _ in specs]
+    monkeypatch.setattr(bd, "_spawn_cases", fake_spawn)
+    monkeypatch.setattr(torch_cuda(), "device_count", lambda: 1)
+    notes, errors, seen = [], [], []
+    rows = bd.distributed_rows([("d=2", 2, 8, 100, 40)], (1, 2, 3), 3, lambda m: None, "cuda", notes=notes,
+                               errors=errors, done=seen.append)
+    assert spawned == [(1, "cuda", [[100], [40]])]            # one spawn, one rank, both scalings
+    assert notes == [f"ranks={k} not run: NCCL needs one GPU per rank and this machine has 1" for k in (2, 3)]
+    assert [(r["scaling"], r["ranks"], r["device"]) for r in rows] == [("strong", 1, "cuda"), ("weak", 1, "cuda")]
+    assert errors == [] and seen == [rows]
+
+
+def torch_cuda():
+    import torch
+    return torch.cuda
+
+
+def test_distributed_bench_without_cuda_is_a_usage_error(tmp_path, capsys):
+    if torch_cuda().is_available():
+        pytest.skip("this machine has CUDA")
+    from fastdiff.bench import distributed as bd
+    assert bd.main(["--device", "cuda", "--smoke", "--out", str(tmp_path / "x")]) == 2
+    assert "--device cuda: no CUDA device is available" in capsys.readouterr().err
+    assert bd.main(["--device", "tpu", "--smoke", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_distributed_bench_interrupted_keeps_the_finished_rank_counts(tmp_path):
+    """SIGINT to the process group (as `timeout` sends it) once ranks=1 is written: exit 130, the rows kept."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.Popen([sys.executable, "-m", "fastdiff.bench.distributed", "--smoke", "--no-streaming",
+                             "--ranks", "1,3", "--json-only", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 120 and proc.poll() is None:
+            try:
+                if json.loads((out / "results.json").read_text())["distributed"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+    assert proc.returncode == 130, stdout[-2000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["interrupted"] is True and doc["complete"] is False
+    assert [r["ranks"] for r in doc["distributed"]] == [1, 1]
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"]

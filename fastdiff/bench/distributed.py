@@ -296,6 +296,8 @@ def _stream_case(spec):
     torch.set_num_threads(spec["threads"])
     dev = torch.device(spec.get("device", "cpu"))
     cuda = dev.type == "cuda"
+    if cuda and dev.index is None:      # StreamingPointCloud compares x.device (always indexed) with its own
+        dev = torch.device("cuda", torch.cuda.current_device())
     sync = _sync_for(dev)
     x = torch.randn(spec["M"], spec["d"], generator=torch.Generator().manual_seed(1)).to(dev)
     in_memory = spec.get("chunk_rows") == "memory"
@@ -405,12 +407,11 @@ def run(out, quick=False, ranks=(1, 2), streaming=True, distributed=True, progre
         raise ValueError("--device cuda: no CUDA device is available to torch here")
     res = {"environment": environment(torch.device(device)), "git": _git_state(), "quick": quick,
            "commit_env": os.environ.get("FASTDIFF_BENCH_COMMIT"), "distributed": [], "streaming": []}
-    if device != "cpu" or smoke or time_limit is not None:      # the committed CPU runs' files stay as they were
-        res.update(device=device, smoke=smoke, time_limit_s=time_limit, notes=[], errors=[], complete=False)
+    res.update(device=device, smoke=smoke, time_limit_s=time_limit, notes=[], errors=[], complete=False)
     shapes, cases = plan(device, quick, smoke)
     t0 = time.perf_counter()
     deadline = None if time_limit is None else time.monotonic() + time_limit
-    extra = {"deadline": deadline, "notes": res.get("notes"), "errors": res.get("errors")}
+    extra = {"deadline": deadline, "notes": res["notes"], "errors": res["errors"]}
 
     def keep(key):
         def done(rows):
@@ -430,8 +431,7 @@ def run(out, quick=False, ranks=(1, 2), streaming=True, distributed=True, progre
         res["interrupted"] = True
         _finish(out, res, t0, json_only)
         raise
-    if "complete" in res:
-        res["complete"] = not res["errors"] and not any("time limit" in n for n in res["notes"])
+    res["complete"] = not res["errors"] and not any("time limit" in n for n in res["notes"])
     _finish(out, res, t0, json_only)
     return out, res
 
