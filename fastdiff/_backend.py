@@ -8,13 +8,12 @@ Nothing here imports a compiled module or queries a GPU driver at import time.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from ._checks import check_counters
 
 OPS = ("posterior", "affine_step", "pointcloud_step", "pointcloud_sample")
 
@@ -37,14 +36,35 @@ def facts(x=None, **extra):
 
 
 class Backend:
+    """One backend: its op functions, looked up by name (`backend.posterior(...)`), each with the signature of
+    fastdiff.reference's function of that name, and `refuse_reasons` for inputs it cannot run.
+
+    Every backend's ops take the same normalised arguments from fastdiff.ops (the one caller), which has
+    validated them already (docs/design.md, "One contract per op"):
+      posterior(x, data, alpha, sigma, log_weights, bandwidth) -> (D, L)
+      affine_step(x, D, A, B, C, seed, step, sample_offset, out) -> out, or a new tensor when out is None
+      pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights, bandwidth, out)
+      pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth, return_trajectory)
+    x [M >= 1, d] contiguous; alpha, sigma float64 tensors [1] or [M] on x's device; A, B, C, bandwidth Python
+    floats; seed, step, sample_offset Python ints; out None or a contiguous tensor like x (possibly x itself);
+    table the float64 [K, 8] CPU tensor of fastdiff._table; pointcloud_sample updates x in place and returns the
+    trajectory [K + 1, M, d] or None. No backend converts or re-checks what fastdiff.ops has checked.
+    """
+
     name = "?"
     ops: tuple = ()
-    # The ops named in OPS, looked up by name on the backend `select` returns: methods of the compiled and
-    # Triton backends, fastdiff.reference's functions for the torch backend (its __getattr__).
     posterior: Callable[..., Any]
     affine_step: Callable[..., Any]
     pointcloud_step: Callable[..., Any]
     pointcloud_sample: Callable[..., Any]
+
+    def __getattr__(self, op):
+        if op not in OPS:
+            raise AttributeError(op)
+        return self._op(op)
+
+    def _op(self, op: str) -> Callable[..., Any]:
+        raise NotImplementedError
 
     def unavailable_reasons(self) -> list[str]:
         """Why this backend cannot run at all on this installation (empty when it can)."""
@@ -59,14 +79,12 @@ class Backend:
 
 
 class TorchBackend(Backend):
-    """The plain-torch reference: any device, float32 and float64."""
+    """The plain-torch reference (fastdiff.reference): any device, float32 and float64."""
 
     name = "torch"
     ops = OPS
 
-    def __getattr__(self, op):
-        if op not in OPS:
-            raise AttributeError(op)
+    def _op(self, op):
         from . import reference
         return getattr(reference, op)
 
@@ -101,10 +119,13 @@ def build_config() -> dict | None:
 
 
 class _CompiledBackend(Backend):
-    """Shared by the `cpu` and `cuda` backends: ops from fastdiff._C on one device type."""
+    """Shared by the `cpu` and `cuda` backends: the ops of fastdiff._C, called as they are."""
 
     ops = OPS
     device_type = "?"
+
+    def _op(self, op):
+        return getattr(extension(), op)
 
     def unavailable_reasons(self):
         try:
@@ -121,53 +142,16 @@ class _CompiledBackend(Backend):
 
     def refuse_reasons(self, op, device=None, dtype=None, d=None, **_):
         reasons = super().refuse_reasons(op)
+        usable = not reasons
         if device is not None and torch.device(device).type != self.device_type:
             reasons.append(f"inputs are on {device}, the {self.name} backend runs on {self.device_type} tensors")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             reasons.append(f"dtype {dtype} is not float32 or float64")
-        if self.device_type == "cuda" and d is not None and d > 12288 and op != "affine_step":
-            reasons.append(f"d={d} exceeds the CUDA point-cloud kernels' limit of 12288")
+        if usable and self.device_type == "cuda" and d is not None and op != "affine_step":
+            max_d = extension().build_config()["cuda_max_d"]     # the kernels' own limit (csrc), stated once
+            if d > max_d:
+                reasons.append(f"d={d} exceeds the CUDA point-cloud kernels' limit of {max_d}")
         return reasons
-
-    # Adapters: alpha/sigma as float64 tensors; tables as float64 tensors. The launchers (which the sampler
-    # calls directly, fastdiff.ops calls them under autograd's forward) refuse inputs that require grad: the
-    # kernels write through raw pointers, so autograd would see an identity and give a wrong gradient.
-    def posterior(self, x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
-        _refuse_grad("posterior", x=x, data=data, log_weights=log_weights)
-        return extension().posterior(x, data, _f64(alpha), _f64(sigma), log_weights, float(bandwidth))
-
-    def affine_step(self, x, D, A, B, C, seed, step, sample_offset=0, out=None):
-        _refuse_grad("affine_step", x=x, D=D, out=out)
-        seed, sample_offset, step = check_counters(seed, sample_offset, x.shape[0], step)
-        return extension().affine_step(x, D, float(A), float(B), float(C), seed, step, sample_offset, out)
-
-    def pointcloud_step(self, x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0, log_weights=None,
-                        bandwidth=0.0, out=None):
-        _refuse_grad("pointcloud_step", x=x, data=data, log_weights=log_weights, out=out)
-        seed, sample_offset, step = check_counters(seed, sample_offset, x.shape[0], step)
-        return extension().pointcloud_step(x, data, _f64(alpha), _f64(sigma), float(A), float(B), float(C), seed,
-                                           step, sample_offset, log_weights, float(bandwidth), out)
-
-    def pointcloud_sample(self, x, data, alpha, sigma, A, B, C, seed, sample_offset=0, log_weights=None,
-                          bandwidth=0.0, return_trajectory=False):
-        _refuse_grad("pointcloud_sample", x=x, data=data, log_weights=log_weights)
-        seed, sample_offset, _ = check_counters(seed, sample_offset, x.shape[0], steps=len(A))
-        return extension().pointcloud_sample(x, data, _f64(alpha), _f64(sigma), _f64(A), _f64(B), _f64(C), seed,
-                                             sample_offset, log_weights, float(bandwidth), bool(return_trajectory))
-
-
-def _refuse_grad(op, **tensors):
-    """A kernel launcher has no autograd: refuse (rather than return a silently wrong gradient) when grad mode
-    is on and an input requires grad."""
-    if torch.is_grad_enabled():
-        names = [k for k, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
-        if names:
-            raise ValueError(f"{op}: {', '.join(names)} requires grad, but the backend launchers have no autograd; "
-                             "use fastdiff.ops (differentiable in x) or run under torch.no_grad()")
-
-
-def _f64(v):
-    return torch.as_tensor(v, dtype=torch.float64).reshape(-1)
 
 
 class CpuBackend(_CompiledBackend):
@@ -183,15 +167,18 @@ class CudaBackend(_CompiledBackend):
 
 
 class TritonBackend(Backend):
-    """Triton kernels (fastdiff.triton), imported on first use. They compute in float32 on CUDA tensors
+    """Triton kernels (fastdiff.triton.<op>), imported on first use. They compute in float32 on CUDA tensors
     (or on CPU tensors under TRITON_INTERPRET=1, for tests)."""
 
     name = "triton"
     ops = OPS
 
-    def _module(self):
-        from . import triton as mod  # lazy: never at fastdiff import time
-        return mod
+    def _module(self, op=None):
+        # imported on first use (never at fastdiff import time)
+        return importlib.import_module("fastdiff.triton" + ("" if op is None else f".{op}"))
+
+    def _op(self, op):
+        return getattr(self._module(op), op)
 
     def unavailable_reasons(self):
         try:
@@ -218,40 +205,9 @@ class TritonBackend(Backend):
         if dtype is not None and dtype != torch.float32:
             reasons.append(f"dtype {dtype} is not float32 (the Triton kernels compute in float32; float64 runs on "
                            "the torch, cpu and cuda backends)")
+        if d is not None:
+            inputs["d"] = d
         return reasons + mod.refuse_reasons(op, **inputs)
-
-    def posterior(self, x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
-        # fastdiff.ops.posterior (the only caller) has checked x for NaN/inf: no second scan and sync
-        _refuse_grad("posterior", x=x, data=data, log_weights=log_weights)
-        from .triton._posterior import posterior
-        return posterior(x, data, alpha, sigma, log_weights, bandwidth, check_finite=False)
-
-    def affine_step(self, x, D, A, B, C, seed, step, sample_offset=0, out=None):
-        # callers (fastdiff.ops, the sampler) validate inputs or outputs: no per-step device sync here
-        _refuse_grad("affine_step", x=x, D=D, out=out)
-        seed, sample_offset, step = check_counters(seed, sample_offset, x.shape[0], step)
-        from .triton._affine_step import affine_step
-        return affine_step(x, D, A, B, C, seed, step, sample_offset, out, check_finite=False)
-
-    def pointcloud_step(self, x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0, log_weights=None,
-                        bandwidth=0.0, out=None):
-        _refuse_grad("pointcloud_step", x=x, data=data, log_weights=log_weights, out=out)
-        seed, sample_offset, step = check_counters(seed, sample_offset, x.shape[0], step)
-        return self._module().pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset,
-                                              log_weights, bandwidth, out)
-
-    def pointcloud_sample(self, x, data, alpha, sigma, A, B, C, seed, sample_offset=0, log_weights=None,
-                          bandwidth=0.0, return_trajectory=False):
-        """The backends' contract (x updated in place; the trajectory or None) over the Triton launcher,
-        which takes a [K, 6] table (t unused) and returns a new x."""
-        _refuse_grad("pointcloud_sample", x=x, data=data, log_weights=log_weights)
-        seed, sample_offset, _ = check_counters(seed, sample_offset, x.shape[0], steps=len(A))
-        columns = [torch.zeros(len(A), dtype=torch.float64)] + [_f64(v) for v in (alpha, sigma, A, B, C)]
-        res = self._module().pointcloud_sample(x, data, columns, seed, sample_offset, log_weights, bandwidth,
-                                               return_trajectory)
-        out, traj = res if return_trajectory else (res, None)
-        x.copy_(out)
-        return traj
 
 
 BACKENDS: dict[str, Backend] = {"triton": TritonBackend(), "cuda": CudaBackend(), "cpu": CpuBackend(),

@@ -167,20 +167,28 @@ def check_times(alpha, sigma, M: int, device):
     return a, s.reshape(-1)
 
 
-def check_table(value, name: str, K: int | None = None) -> torch.Tensor:
-    """One column of a step table: K finite numbers, as a float64 CPU tensor [K]."""
-    if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name} requires grad, but pointcloud_sample has no backward")
+def check_kernel_table(table) -> torch.Tensor:
+    """The kernel step table of pointcloud_sample (fastdiff._table): [K >= 1, 8] finite numbers with sigma > 0,
+    returned as a float64 contiguous CPU tensor (the layout every backend takes as it is)."""
+    from . import _table
+    if isinstance(table, torch.Tensor) and table.requires_grad and torch.is_grad_enabled():
+        raise ValueError("table requires grad, but pointcloud_sample has no backward")
     try:
-        v = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float64,
-                            device="cpu").reshape(-1)
+        t = torch.as_tensor(table.detach() if isinstance(table, torch.Tensor) else table, dtype=torch.float64,
+                            device="cpu")
     except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a sequence of numbers or a 1-D tensor, got {type(value).__name__}") from None
-    if K is not None and v.numel() != K:
-        raise ValueError(f"{name} must have the table length K={K}, got {v.numel()}")
-    if not bool(torch.isfinite(v).all()):
-        raise ValueError(f"{name} contains NaN or inf (at step {int((~torch.isfinite(v)).nonzero()[0])})")
-    return v
+        raise TypeError(f"table must be a [K, {_table.WIDTH}] tensor of numbers, got {type(table).__name__}") from None
+    if t.ndim != 2 or t.shape[1] != _table.WIDTH or t.shape[0] == 0:
+        raise ValueError(f"table must have shape [K >= 1, {_table.WIDTH}] (columns {', '.join(_table.COLUMNS)}; "
+                         f"fastdiff.StepTable.kernel_table builds it), got {tuple(t.shape)}")
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        k, j = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"table column {_table.COLUMNS[j]} contains NaN or inf (at step {k})")
+    sigma = t[:, _table.SIGMA]
+    if not bool((sigma > 0).all()):
+        raise ValueError("table column sigma must be positive at every step (D is never evaluated at t = 0)")
+    return t.contiguous()
 
 
 def minmax(**tensors):

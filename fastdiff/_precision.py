@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _backend, _table
 from ._checks import per_row64
 
 F32_SAFE_INV2C = 1e30     # beyond this 0.5/c a float32 call runs in float64 (the reference's original rule)
@@ -51,25 +51,29 @@ def float64_rows(x, data, alpha, sigma, bandwidth=0.0) -> torch.Tensor:
     return _needs64(xmax, a64, _inv2c(a64, s64, bandwidth), _data_absmax(data), d).expand(M)
 
 
-def float64_rows_trajectory(x, data, alpha, sigma, A, B, C, bandwidth=0.0) -> torch.Tensor:
-    """Bool [M]: the float32 rows of a whole trajectory (tables of K steps) that need float64 at some step.
-    max|x_i| at step k is bounded from x_0 through the table: |x_{k+1}| ≤ |A_k||x_k| + |B_k| max|D_k| + |C_k|·6,
-    with max|D_k| ≤ |1 − α_k²v/c_k|·max|y| + |α_k v/c_k|·|x_k| (D is a convex combination of data points,
-    shrunk and pulled toward x for kernel-density data)."""
+def float64_rows_trajectory(x, data, table, bandwidth=0.0) -> torch.Tensor:
+    """Bool [M]: the float32 rows of a whole trajectory (a kernel step table, fastdiff._table) that need float64
+    at some step. max|x_i| at step k is bounded from x_0 through the table:
+    |x_{k+1}| ≤ |A_k||x_k| + (|B0_k| + |B1_k| + |B2_k|)·max_{j ≤ k} max|D_j| + |C_k|·6, with
+    max|D_k| ≤ |1 − α_k²v/c_k|·max|y| + |α_k v/c_k|·|x_k| (D is a convex combination of data points, shrunk and
+    pulled toward x for kernel-density data)."""
     M, d = x.shape
     if x.dtype != torch.float32 or M == 0:
         return torch.zeros(M, dtype=torch.bool)
     v = float(bandwidth)
     ymax = _data_absmax(data)
     xmax = x.detach().abs().amax(1).to("cpu", torch.float64)
+    dmax_seen = torch.zeros_like(xmax)
     need = torch.zeros(M, dtype=torch.bool)
-    for a, s, Ak, Bk, Ck in zip(*(torch.as_tensor(t, dtype=torch.float64).reshape(-1).tolist()
-                                  for t in (alpha, sigma, A, B, C)), strict=True):
+    for row in table.tolist():
+        a, s = row[_table.ALPHA], row[_table.SIGMA]
         c = a * a * v + s * s
         inv2c = torch.tensor(0.5 / c if c > 0 else float("inf"), dtype=torch.float64)
         need |= _needs64(xmax, torch.tensor(a, dtype=torch.float64), inv2c, ymax, d)
         dmax = abs(1 - a * a * v / c) * ymax + abs(a * v / c) * xmax if c > 0 else ymax + xmax
-        xmax = abs(Ak) * xmax + abs(Bk) * dmax + abs(Ck) * NOISE_ABS_MAX
+        dmax_seen = torch.maximum(dmax_seen, dmax)
+        b = abs(row[_table.B0]) + abs(row[_table.B1]) + abs(row[_table.B2])
+        xmax = abs(row[_table.A]) * xmax + b * dmax_seen + abs(row[_table.C]) * NOISE_ABS_MAX
     return need
 
 
@@ -135,7 +139,7 @@ def pointcloud_step(op_backend, backend, x, data, alpha, sigma, A, B, C, seed, s
     need = float64_rows(x, data, alpha, sigma, bandwidth)
     if not bool(need.any()):
         return op_backend.pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights,
-                                          bandwidth, out=out)
+                                          bandwidth, out)
     M = x.shape[0]
     engine64, data64 = _engine64("pointcloud_step", backend, x), _data64(data)
     results = []
@@ -143,10 +147,10 @@ def pointcloud_step(op_backend, backend, x, data, alpha, sigma, A, B, C, seed, s
         args = [_rows(v, r0, r1, M) for v in (alpha, sigma, A, B, C)]
         if promote:
             res = engine64.pointcloud_step(x[r0:r1].to(torch.float64), data64, *args, seed, step, sample_offset + r0,
-                                           log_weights, bandwidth)
+                                           log_weights, bandwidth, None)
         else:
             res = op_backend.pointcloud_step(x[r0:r1], data, *args, seed, step, sample_offset + r0, log_weights,
-                                             bandwidth)
+                                             bandwidth, None)
         results.append((r0, r1, res))
     if out is None:
         out = torch.empty_like(x)
@@ -155,25 +159,26 @@ def pointcloud_step(op_backend, backend, x, data, alpha, sigma, A, B, C, seed, s
     return out
 
 
-def pointcloud_sample(op_backend, backend, x, data, alpha, sigma, A, B, C, seed, sample_offset=0, log_weights=None,
-                      bandwidth=0.0, return_trajectory=False):
+def pointcloud_sample(op_backend, backend, x, data, table, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
+                      return_trajectory=False):
     """fastdiff.ops.pointcloud_sample after validation: x [M, d] contiguous, updated in place."""
-    need = float64_rows_trajectory(x, data, alpha, sigma, A, B, C, bandwidth)
+    need = float64_rows_trajectory(x, data, table, bandwidth)
     if not bool(need.any()):
-        return op_backend.pointcloud_sample(x, data, alpha, sigma, A, B, C, seed, sample_offset, log_weights,
-                                            bandwidth, return_trajectory)
+        return op_backend.pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth,
+                                            return_trajectory)
     M, d = x.shape
     engine64, data64 = _engine64("pointcloud_sample", backend, x), _data64(data)
-    traj = torch.empty(len(A) + 1, M, d, dtype=x.dtype, device=x.device) if return_trajectory else None
+    traj = torch.empty(len(table) + 1, M, d, dtype=x.dtype, device=x.device) if return_trajectory else None
     for r0, r1, promote in runs(need):
         if promote:
             xw = x[r0:r1].to(torch.float64)
-            tr = engine64.pointcloud_sample(xw, data64, alpha, sigma, A, B, C, seed, sample_offset + r0, log_weights,
+            tr = engine64.pointcloud_sample(xw, data64, table, seed, sample_offset + r0, log_weights,
                                             bandwidth, return_trajectory)
             x[r0:r1] = xw
         else:
-            tr = op_backend.pointcloud_sample(x[r0:r1], data, alpha, sigma, A, B, C, seed, sample_offset + r0,
-                                              log_weights, bandwidth, return_trajectory)
+            xw = x[r0:r1].contiguous()       # (rows of a contiguous x are contiguous: a view, updated in place)
+            tr = op_backend.pointcloud_sample(xw, data, table, seed, sample_offset + r0, log_weights, bandwidth,
+                                              return_trajectory)
         if traj is not None:
             traj[:, r0:r1] = tr
     return traj

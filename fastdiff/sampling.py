@@ -40,16 +40,18 @@ class GridWarning(UserWarning):
     1-D Gaussian oracle) is far from 1. Silence with warnings.simplefilter("ignore", fd.GridWarning)."""
 
 
-def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = None, steps: int = 200,
+def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None = None, steps: int = 200,
            schedule: str = DEFAULT_SCHEDULE, method: str = "ei", ode: bool = False, t_end: float = DEFAULT_T_END,
            final_denoise: bool = False, seed: int = 0, sample_offset: int = 0, return_trajectory: bool = False,
-           progress: bool = False, callback=None, backend: str = "auto", *, x: torch.Tensor | None = None,
+           progress: bool = False, callback=None, backend: str = "auto", x: torch.Tensor | None = None,
            times=None, eta: float | None = None, chunk_size: int | None = None, shape=None,
            device=None, dtype: torch.dtype = torch.float32, cuda_graph: bool = False,
            s_churn: float | None = None, s_tmin: float | None = None, s_tmax: float | None = None,
            s_noise: float | None = None, solver_type: str | None = None, order: int | None = None,
-           r: float | None = None):
+           r: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Draw n samples by running the reverse SDE (ode=False) or the PF-ODE (ode=True) from T to t_end.
+
+    Every parameter after `process` is keyword-only (fd.sample(cloud, n=1000, steps=50)).
 
     Each step k = 0..K−1 evaluates the denoiser at (x_k, t_k) and forms x_{k+1} = A_k x_k + B_k·out + C_k z_k
     from a float64 step table (fd.step_table), z_k from the noise contract (fastdiff.noise). The multistep and
@@ -137,7 +139,7 @@ def sample(denoiser: Denoiser, process: Process | None = None, n: int | None = N
     (every method, k-diffusion's too: fastdiff.methods.unit_gaussian_variance).
     On CUDA the loop never synchronises with the host: coefficients are kernel arguments and the noise
     is drawn in the kernel.
-    Returns x [n, ...] (and the trajectory when asked).
+    Returns x [n, ...], or (x, trajectory [K + 1, n, ...]) with return_trajectory=True.
     """
     options = {name: value for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax),
                                                 ("s_noise", s_noise), ("solver_type", solver_type),
@@ -277,12 +279,14 @@ class _Run:
         self.den, self.engine, self.seed, self.callback = denoiser, engine, seed, callback
         self.want_traj, self.graphed, self.fused = want_traj, graphed, fused
         self.t = table.t.tolist()
-        self.A, self.B, self.C = A, B, C                             # float64 [K] tensors
-        self.lists = (A.tolist(), B.tolist(), C.tolist()) if not fused else None   # per-step Python floats
-        if isinstance(denoiser, PointCloud):
-            self.alpha = denoiser.process.alpha(table.t)             # float64 [K]
-            self.sigma = table.sigma
-            self.alpha_list, self.sigma_list = self.alpha.tolist(), self.sigma.tolist()
+        self.lists: tuple[list[float], list[float], list[float]] | None = None
+        if fused:     # the whole trajectory in one op: the kernel table, built once, goes down as it is
+            self.kernel_table = table.kernel_table(denoiser.process, denoiser.prediction)
+        else:         # a step per op: the per-step numbers, read once as Python floats (kernel arguments)
+            self.lists = (A.tolist(), B.tolist(), C.tolist())
+            if isinstance(denoiser, PointCloud):
+                self.alpha_list = denoiser.process.alpha(table.t).tolist()
+                self.sigma_list = table.sigma.tolist()
 
     def chunk(self, xc, offset, bar):
         if self.graphed:
@@ -295,9 +299,8 @@ class _Run:
             # Through fastdiff.ops with the chosen backend: the same entry (checks, precision rule) as the
             # step-by-step point-cloud path below, so both give the same numbers.
             cloud = self.den
-            traj = ops.pointcloud_sample(xc, cloud.data, self.alpha, self.sigma, self.A, self.B, self.C, self.seed,
-                                         offset, cloud.log_weights, cloud.bandwidth, self.want_traj,
-                                         backend=self.engine.name)
+            traj = ops.pointcloud_sample(xc, cloud.data, self.kernel_table, self.seed, offset, cloud.log_weights,
+                                         cloud.bandwidth, self.want_traj, backend=self.engine.name)
             bar.update(xc.shape[0])
             return xc, traj
         return xc, self._loop(xc, offset, bar)
@@ -315,10 +318,10 @@ class _Run:
                 out = self.den.predict(xc, t).detach()          # a model may build a graph under enable_grad
             if self.callback is not None:
                 self.callback({"step": k, "t": t, "x": xc, "prediction": out, "sample_offset": offset})
-            if cloud is not None:
-                ops.affine_step(xc, out, A[k], B[k], C[k], self.seed, k, offset, out=xc, backend=self.engine.name)
-            else:   # no per-step checks (on CUDA they would synchronise); the result is checked at the end
-                self.engine.affine_step(xc, out, A[k], B[k], C[k], self.seed, k, offset, out=xc)
+            # A model's output is not scanned for NaN/inf per step (on CUDA the scan waits for the GPU): the result
+            # is checked once at the end. A point cloud's D is finite by construction, but scanning it is cheap.
+            ops.affine_step(xc, out, A[k], B[k], C[k], self.seed, k, offset, out=xc, backend=self.engine.name,
+                            check_values=cloud is not None)
             if traj is not None:
                 traj.append(xc.clone())
             bar.update()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _table
 from ._checks import check_choice
 from .processes import Process
 from .schedules import check_times
@@ -54,6 +55,12 @@ class StepTable:
         if prediction == "score":
             return self.A_score, self.K_score, self.C
         return self.A_score, -self.K_score / self.sigma, self.C
+
+    def kernel_table(self, process: Process, prediction: str = "x0") -> torch.Tensor:
+        """The [K, 8] float64 table (t, α(t), σ(t), A, B0, 0, 0, C) that fastdiff.ops.pointcloud_sample and every
+        backend's whole-trajectory kernel take (fastdiff._table); B1 = B2 = 0 for these one-step methods."""
+        A, B, C = self.for_prediction(prediction)
+        return _table.pack(process.alpha(self.t), self.sigma, A, B, C, t=self.t)
 
 
 def _resolve_eta(ode: bool, eta) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fastdiff import bench
+from fastdiff.bench import report as bench_report
 from fastdiff.bench.common import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +174,7 @@ def test_mlp_loop_compares_cuda_graph_and_an_eager_loop(quick_run):
 
 def test_targets_and_backend_order_are_recorded(quick_run):
     path, doc, _ = quick_run
-    from fastdiff.bench.targets import TARGETS
+    TARGETS = bench_report.load_targets().TARGETS
     ids = {t["id"] for t in doc["targets"]}
     assert ids == {t["id"] for t in TARGETS if t["device"] == "cpu"}
     for t in doc["targets"]:
@@ -193,8 +194,7 @@ def test_report_can_be_rewritten_from_results_json(quick_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(path, copy)
     (copy / "report.md").unlink()
-    from fastdiff.bench import report
-    report.rerender(copy)
+    bench_report.rerender(copy)
     assert "## Targets" in (copy / "report.md").read_text()
     assert json.loads((copy / "results.json").read_text())["rows"] == doc["rows"]
 
@@ -208,7 +208,7 @@ def _row(provider, median_s, **kw):
 
 
 def test_targets_are_evaluated_from_rows():
-    from fastdiff.bench.targets import evaluate
+    evaluate = bench_report.load_targets().evaluate
     shape = dict(d=2, M=16384, N=16384)
     rows = [_row("fastdiff[cpu]", 1.0, **shape), _row("fastdiff[torch]", 5.0, **shape), _row("keops", 0.5, **shape)]
     got = {t["id"]: t for t in evaluate(rows, "cpu")}

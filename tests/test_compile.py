@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from fastdiff import _backend, ops
+from fastdiff._table import pack as pack_table
 
 F32, F64 = torch.float32, torch.float64
 BACKENDS = [pytest.param(name, id=name, marks=(pytest.mark.skip(reason="; ".join(why)),) if why else ())
@@ -48,7 +49,7 @@ def _opcheck_cases(backend):
     n = lambda v: torch.scalar_tensor(v, dtype=F64)  # noqa: E731 (numbers cross the boundary as 0-d tensors)
     per_row = torch.linspace(0.6, 0.9, x.shape[0], dtype=F64)
     cloud = (x, y, per_row, n(0.7))
-    tables = [torch.tensor(v, dtype=F64) for v in ([0.6, 0.8], [0.9, 0.5], [0.98, 0.96], [0.05, 0.1], [0.2, 0.1])]
+    table = pack_table([0.6, 0.8], [0.9, 0.5], [0.98, 0.96], [0.05, 0.1], [0.2, 0.1])
     return {
         "posterior": (x.clone().requires_grad_(), y, per_row, n(0.7), lw, n(0.2), backend),
         "affine_step": (x.clone().requires_grad_(), y[:6].clone().requires_grad_(), n(0.9), n(0.1), n(0.3), -5, 7,
@@ -58,7 +59,7 @@ def _opcheck_cases(backend):
                             n(0.0), backend),
         "pointcloud_step_out": (x, y, n(0.8), n(0.5), n(0.9), n(0.1), n(0.3), 4, 7, 11, None, n(0.0), backend,
                                 torch.empty_like(x)),
-        "pointcloud_sample": (x.clone(), y, *tables, 4, 11, lw, n(0.0), True, backend),
+        "pointcloud_sample": (x.clone(), y, table, 4, 11, lw, n(0.0), True, backend),
         "posterior_vjp": (*cloud, lw, n(0.2), torch.randn_like(x), torch.randn(x.shape[0], dtype=F64)),
     }
 
@@ -174,11 +175,10 @@ def test_gradients_through_compiled_ops_equal_eager():
 def test_pointcloud_sample_compiled_updates_x_in_place():
     x0, y = _cloud(M=10, N=12, d=2, dtype=F32)
     table = _table(5)
-    cols = {k: [t[k] for t in table] for k in table[0]}
+    kernel_table = pack_table(*([t[k] for t in table] for k in ("alpha", "sigma", "A", "B", "C")))
 
     def sample(x):
-        return ops.pointcloud_sample(x, y, cols["alpha"], cols["sigma"], cols["A"], cols["B"], cols["C"], SEED, 9,
-                                     return_trajectory=True)
+        return ops.pointcloud_sample(x, y, kernel_table, SEED, 9, return_trajectory=True)
 
     x, xe = x0.clone(), x0.clone()
     traj = torch.compile(sample, fullgraph=True, backend="aot_eager")(x)

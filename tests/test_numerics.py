@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastdiff as fd
-from fastdiff import _backend, _precision
+from fastdiff import _backend, _precision, _table
 from fastdiff.reference import posterior as ref_posterior
 
 F32, F64 = torch.float32, torch.float64
@@ -152,9 +152,9 @@ def test_trajectory_bound_promotes_rows_that_grow():
     ones = torch.ones(3, dtype=F64)
     # the second step multiplies x by 1e19: from then on |x| ≈ 2e19, |x|²·0.5/c = 2e38 > 1e36
     A = torch.tensor([1.0, 1e19, 1.0], dtype=F64)
-    need = _precision.float64_rows_trajectory(x, data, ones, ones, A, 0 * ones, 0 * ones)
+    need = _precision.float64_rows_trajectory(x, data, _table.pack(ones, ones, A, 0 * ones, 0 * ones))
     assert need.tolist() == [True, True]
-    need = _precision.float64_rows_trajectory(x, data, ones, ones, ones, 0 * ones, 0 * ones)
+    need = _precision.float64_rows_trajectory(x, data, _table.pack(ones, ones, ones, 0 * ones, 0 * ones))
     assert need.tolist() == [False, False]
 
 
@@ -167,17 +167,18 @@ def test_pointcloud_sample_and_step_promote_overflowing_rows(backend):
     K = 3
     alpha, sigma = torch.ones(K, dtype=F64), torch.tensor([2.0, 1.0, 0.5], dtype=F64)
     A, B, C = torch.full((K,), 0.5, dtype=F64), torch.full((K,), 0.5, dtype=F64), torch.full((K,), 0.1, dtype=F64)
+    table = _table.pack(alpha, sigma, A, B, C)
     xs = x.clone()
-    traj = fd.ops.pointcloud_sample(xs, data, alpha, sigma, A, B, C, 7, 0, return_trajectory=True, backend=backend)
+    traj = fd.ops.pointcloud_sample(xs, data, table, 7, 0, return_trajectory=True, backend=backend)
     assert_finite(xs, traj)
     assert torch.equal(traj[-1], xs)
     for r in range(4):
         xr = x[r:r + 1].clone()
-        fd.ops.pointcloud_sample(xr, data, alpha, sigma, A, B, C, 7, r, backend=backend)
+        fd.ops.pointcloud_sample(xr, data, table, 7, r, backend=backend)
         assert torch.equal(xr, xs[r:r + 1]), f"row {r}"
     # the overflowing rows approach the nearest point (D = y exactly), not the mean of the cloud
     x64 = x[1:3].double()
-    fd.ops.pointcloud_sample(x64, data.double(), alpha, sigma, A, B, C, 7, 1, backend=backend)
+    fd.ops.pointcloud_sample(x64, data.double(), table, 7, 1, backend=backend)
     torch.testing.assert_close(xs[1:3], x64.float(), rtol=2e-7, atol=0)
     out = fd.ops.pointcloud_step(x, data, 1.0, 1.0, 0.5, 0.5, 0.0, 7, 0, backend=backend)
     assert_finite(out)
@@ -269,8 +270,8 @@ def test_sample_chunking_does_not_change_the_samples(backend):
 
 # ================================================================ triton
 def _triton_posterior():
-    from fastdiff.triton._posterior import posterior
-    return posterior
+    from fastdiff.triton.posterior import run_posterior
+    return run_posterior
 
 
 @needs_triton
@@ -327,10 +328,9 @@ def test_triton_refuses_what_float32_cannot_represent():
     """Triton computes in float32 only: rows that need float64 are refused with the reason, never clamped."""
     posterior = _triton_posterior()
     data = torch.zeros(2, 1, device=DEV)
-    with pytest.raises(ValueError, match="float32 logits could overflow"):
-        posterior(torch.tensor([[1e20]], device=DEV), data, 1.0, 1.0)
-    with pytest.raises(ValueError, match="sigma"):
-        posterior(torch.tensor([[0.0]], device=DEV), data, 1.0, 1e-20)
+    # (the ops layer decides, fastdiff._precision; the backend op itself takes what it is given)
+    with pytest.raises(ValueError, match="need float64"):
+        fd.ops.posterior(torch.tensor([[0.0]], device=DEV), data, 1.0, 1e-20, backend="triton")
     with pytest.raises(ValueError, match="need float64"):
         fd.ops.posterior(torch.tensor([[1e20]], device=DEV), data, 1.0, 1.0, backend="triton")
     # a query on a data point at σ = 1e-10 (0.5/c = 5e19: float32 is fine) gets that point
@@ -342,8 +342,12 @@ def test_triton_refuses_what_float32_cannot_represent():
 def test_triton_launchers_guard_the_tensors_device(monkeypatch):
     """Every launcher enters device_guard(x.device) around its kernel launch (tensors on cuda:1 must not run on
     the current device). No multi-GPU machine: record the guard's arguments instead."""
-    from fastdiff import triton as ft
+    from fastdiff import _table
     from fastdiff.triton import _common
+    from fastdiff.triton.affine_step import affine_step
+    from fastdiff.triton.pointcloud_sample import pointcloud_sample
+    from fastdiff.triton.pointcloud_step import pointcloud_step
+    from fastdiff.triton.posterior import posterior
     seen = []
 
     def recording_guard(device):
@@ -357,10 +361,10 @@ def test_triton_launchers_guard_the_tensors_device(monkeypatch):
         data = torch.randn(40, d, generator=g).to(DEV)
         # partial binds this iteration's x and data (the calls run within the iteration)
         calls = [
-            partial(ft.posterior, x, data, 0.9, 0.5),
-            partial(ft.affine_step, x, x, 0.5, 0.5, 0.1, 1, 0),
-            partial(ft.pointcloud_step, x, data, 0.9, 0.5, 0.5, 0.5, 0.1, 1, 0),
-            partial(ft.pointcloud_sample, x, data, torch.tensor([[1.0, 0.9, 0.5, 0.5, 0.5, 0.1]], dtype=F64), 1),
+            partial(posterior, x, data, 0.9, 0.5),
+            partial(affine_step, x, x, 0.5, 0.5, 0.1, 1, 0),
+            partial(pointcloud_step, x, data, 0.9, 0.5, 0.5, 0.5, 0.1, 1, 0),
+            partial(pointcloud_sample, x.clone(), data, _table.pack(0.9, 0.5, 0.5, 0.5, 0.1, t=1.0), 1),
         ]
         if d > 64:
             calls.append(partial(_triton_posterior(), x, data, 0.9, 0.5, splits=2))
@@ -445,14 +449,15 @@ def test_cpu_blocked_step_and_sample_rows_invariant_and_equal_to_posterior(d):
     sigma = torch.tensor([0.8, 0.4, 0.1], dtype=F64)
     A, B = torch.tensor([0.5, 0.4, 0.3], dtype=F64), torch.tensor([0.6, 0.7, 0.8], dtype=F64)
     C = torch.full((3,), 0.1, dtype=F64)
+    table = _table.pack(alpha, sigma, A, B, C)
     xs = x.clone()
-    fd.ops.pointcloud_sample(xs, data, alpha, sigma, A, B, C, 7, 0, lw, backend="cpu")
+    fd.ops.pointcloud_sample(xs, data, table, 7, 0, lw, backend="cpu")
     assert torch.isfinite(xs).all()
     for a, b in ((0, 1), (3, 10), (12, 13)):
         sa = fd.ops.pointcloud_step(x[a:b], data, 0.8, 0.3, 1.1, 0.4, 0.3, 5, 2, a, lw, backend="cpu")
         assert torch.equal(sa, step[a:b]), f"step rows {a}:{b}"
         xa = x[a:b].clone()
-        fd.ops.pointcloud_sample(xa, data, alpha, sigma, A, B, C, 7, a, lw, backend="cpu")
+        fd.ops.pointcloud_sample(xa, data, table, 7, a, lw, backend="cpu")
         assert torch.equal(xa, xs[a:b]), f"sample rows {a}:{b}"
 
 

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastdiff as fd
-from fastdiff import _backend, _checks, ops
+from fastdiff import _backend, _checks, _table, ops
 
 F32, F64 = torch.float32, torch.float64
 NAN, INF = float("nan"), float("inf")
@@ -88,7 +88,7 @@ def _call(op, backend, x, y, **kw):
                                0.9, 0.1, 0.3, 1, 2, backend=backend, **kw)
     if op == "pointcloud_step":
         return ops.pointcloud_step(x, y, 0.8, 0.5, 0.9, 0.1, 0.3, 1, 2, backend=backend, **kw)
-    return ops.pointcloud_sample(x, y, [0.8, 0.9], [0.5, 0.3], [0.9, 0.9], [0.1, 0.1], [0.3, 0.2], 1,
+    return ops.pointcloud_sample(x, y, _table.pack([0.8, 0.9], [0.5, 0.3], [0.9, 0.9], [0.1, 0.1], [0.3, 0.2]), 1,
                                  backend=backend, **kw)
 
 
@@ -101,7 +101,7 @@ def test_no_rows_is_a_no_op(backend):
     assert ops.affine_step(x, x, 0.9, 0.1, 0.3, 1, 2, backend=backend).shape == (0, 3)
     assert ops.affine_step(x, x, 0.9, 0.1, 0.3, 1, 2, out=x, backend=backend) is x
     assert ops.pointcloud_step(x, y, 0.8, 0.5, 0.9, 0.1, 0.3, 1, 2, backend=backend).shape == (0, 3)
-    traj = ops.pointcloud_sample(x, y, [0.8], [0.5], [0.9], [0.1], [0.3], 1, return_trajectory=True,
+    traj = ops.pointcloud_sample(x, y, _table.pack([0.8], [0.5], [0.9], [0.1], [0.3]), 1, return_trajectory=True,
                                  backend=backend)
     assert traj.shape == (2, 0, 3)
 
@@ -186,18 +186,41 @@ def test_ops_without_backward_refuse_inputs_that_require_grad(backend):
     assert out.grad_fn is None and not out.requires_grad
 
 
-def test_backend_launchers_refuse_grad_instead_of_a_wrong_gradient():
-    """The compiled launchers (which the sampler calls directly) write through raw pointers: autograd would
-    see an identity. They refuse inputs that require grad while grad mode is on."""
-    if _backend.BACKENDS["cpu"].unavailable_reasons():
-        pytest.skip("fastdiff._C not built")
-    x, y = _problem(dtype=F32)
-    xg = x.clone().requires_grad_(True)
-    cpu = _backend.BACKENDS["cpu"]
-    with pytest.raises(ValueError, match="requires grad"):
-        cpu.pointcloud_step(xg, y, 0.8, 0.5, 0.9, 0.1, 0.3, 1, 2)
-    with pytest.raises(ValueError, match="requires grad"):
-        cpu.posterior(xg, y, 0.8, 0.5)
+def test_every_sampler_call_goes_through_fastdiff_ops(monkeypatch):
+    """One call path: fd.sample reaches a backend only from inside fastdiff.ops (which validates, handles autograd
+    and precision), in the fused run, the step-by-step run and a model loop."""
+    calls, depth = [], [0]
+
+    def spy_op(name, real):
+        def op(*args, **kwargs):
+            calls.append(name)
+            depth[0] += 1
+            try:
+                return real(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return op
+
+    def spy_backend(self, op, real=_backend.TorchBackend._op):
+        fn = real(self, op)
+
+        def backend_op(*args):
+            assert depth[0] > 0, f"backend {op} called outside fastdiff.ops"
+            return fn(*args)
+        return backend_op
+
+    for name in _backend.OPS:
+        monkeypatch.setattr(ops, name, spy_op(name, getattr(ops, name)))
+    monkeypatch.setattr(_backend.TorchBackend, "_op", spy_backend)
+    cloud = fd.PointCloud(torch.randn(20, 2, generator=torch.Generator().manual_seed(0)), fd.VP())
+    fd.sample(cloud, n=4, steps=3, schedule="logsnr", backend="torch")
+    assert calls == ["pointcloud_sample"]
+    calls.clear()
+    fd.sample(cloud, n=4, steps=3, backend="torch", callback=lambda info: None)
+    assert calls == ["posterior", "affine_step"] * 3
+    calls.clear()
+    fd.sample(fd.from_model(lambda x, t: 0.5 * x, fd.VP(), event_shape=(2,)), n=4, steps=3, backend="torch")
+    assert calls == ["affine_step"] * 3
 
 
 # ------------------------------------------------------------------ items 4 and 5: validation, all-or-nothing
@@ -221,7 +244,7 @@ def _bad_cases():
         ("pointcloud_step", {"alpha": NAN}, "alpha"), ("pointcloud_step", {"data": "nan"}, "data"),
         ("pointcloud_step", {"log_weights": "all -inf"}, "log_weights"),
         ("pointcloud_step", {"bandwidth": INF}, "bandwidth"),
-        ("pointcloud_sample", {"A": nan_tab}, "A"), ("pointcloud_sample", {"B": inf_tab}, "B"),
+        ("pointcloud_sample", {"A": nan_tab}, "A"), ("pointcloud_sample", {"B": inf_tab}, "B0"),
         ("pointcloud_sample", {"C": nan_tab}, "C"), ("pointcloud_sample", {"alpha": nan_tab}, "alpha"),
         ("pointcloud_sample", {"alpha": inf_tab}, "alpha"), ("pointcloud_sample", {"sigma": nan_tab}, "sigma"),
         ("pointcloud_sample", {"data": "nan"}, "data"), ("pointcloud_sample", {"log_weights": "nan"}, "log_weights"),
@@ -267,6 +290,8 @@ def test_bad_value_is_named_and_leaves_x_untouched(backend, op, kw, name):
             "pointcloud_sample": dict(data=y, alpha=[0.8, 0.9], sigma=[0.5, 0.3], A=[0.9, 0.9], B=[0.1, 0.1],
                                       C=[0.3, 0.2], seed=1, log_weights=None, bandwidth=0.0)}[op]
     args.update(kw)
+    if op == "pointcloud_sample":       # the columns go down as one kernel table (fastdiff._table)
+        args["table"] = _table.pack(*(args.pop(k) for k in ("alpha", "sigma", "A", "B", "C")))
     if op in ("affine_step", "pointcloud_step"):
         args["out"] = xin                                   # in place: must stay untouched on error
     with pytest.raises(ValueError, match=rf"\b{name}\b") as info:
@@ -300,7 +325,8 @@ def test_sample_indices_past_the_limit_are_refused(backend):
         with pytest.raises(ValueError, match="sample_offset"):
             ops.affine_step(x, x, 0.0, 0.0, 1.0, 1, 2, offset, out=x, backend=backend)
         with pytest.raises(ValueError, match="sample_offset"):
-            ops.pointcloud_sample(x, x[:2], [0.8], [0.5], [0.9], [0.1], [0.3], 1, offset, backend=backend)
+            ops.pointcloud_sample(x, x[:2], _table.pack([0.8], [0.5], [0.9], [0.1], [0.3]), 1, offset,
+                                  backend=backend)
     assert torch.equal(x, keep)
     last = ops.affine_step(x, x, 0.0, 0.0, 1.0, 1, 2, 2**63 - 9, backend=backend)   # the last 8 indices
     ref = fd.noise.normal(1, list(range(2**63 - 9, 2**63 - 1)), 2, 3, dtype=F64)
@@ -355,9 +381,9 @@ def test_any_strides_same_answer_and_in_place_updates(backend):
     assert torch.equal(xs, want)
 
     xc, xs = x.clone(), _strided(x)
-    table = ([0.8, 0.9], [0.5, 0.3], [0.9, 0.9], [0.1, 0.2], [0.3, 0.2])
-    t1 = ops.pointcloud_sample(xc, y, *table, 5, 7, return_trajectory=True, backend=backend)
-    t2 = ops.pointcloud_sample(xs, _strided(y), *table, 5, 7, return_trajectory=True, backend=backend)
+    table = _table.pack([0.8, 0.9], [0.5, 0.3], [0.9, 0.9], [0.1, 0.2], [0.3, 0.2])
+    t1 = ops.pointcloud_sample(xc, y, table, 5, 7, return_trajectory=True, backend=backend)
+    t2 = ops.pointcloud_sample(xs, _strided(y), table, 5, 7, return_trajectory=True, backend=backend)
     assert torch.equal(xs, xc) and torch.equal(t1, t2) and not torch.equal(xc, x)
 
 
@@ -367,10 +393,10 @@ def test_compiled_glue_accepts_strided_in_place_tensors():
         pytest.skip("fastdiff._C not built")
     C = _backend.extension()
     x, y = _problem(M=6, N=5, d=3, seed=4, dtype=F32)
-    t = lambda *v: torch.tensor(v, dtype=F64)  # noqa: E731
+    table = _table.pack([0.8, 0.9], [0.5, 0.3], [0.9, 0.9], [0.1, 0.2], [0.3, 0.2])
     xc, xs = x.clone(), _strided(x)
-    C.pointcloud_sample(xc, y, t(0.8, 0.9), t(0.5, 0.3), t(0.9, 0.9), t(0.1, 0.2), t(0.3, 0.2), 5, 7)
-    C.pointcloud_sample(xs, y, t(0.8, 0.9), t(0.5, 0.3), t(0.9, 0.9), t(0.1, 0.2), t(0.3, 0.2), 5, 7)
+    C.pointcloud_sample(xc, y, table, 5, 7, None, 0.0, False)
+    C.pointcloud_sample(xs, y, table, 5, 7, None, 0.0, False)
     assert torch.equal(xs, xc)
     xc, xs = x.clone(), _strided(x)
     C.affine_step(xc, y[[0, 1, 2, 3, 4, 0]], 0.9, 0.2, 0.3, 1, 2, 3, xc)
@@ -390,8 +416,7 @@ def test_compiled_glue_refuses_sample_indices_past_the_limit():
         with pytest.raises(ValueError, match="sample_offset"):
             C.pointcloud_step(x, x, torch.ones(1, dtype=F64), torch.ones(1, dtype=F64), 0.0, 0.0, 1.0, 1, 2, offset)
         with pytest.raises(ValueError, match="sample_offset"):
-            t = torch.ones(1, dtype=F64)
-            C.pointcloud_sample(x, x, t, t, t, t, t, 1, offset)
+            C.pointcloud_sample(x, x, _table.pack([1.0], [1.0], [1.0], [1.0], [1.0]), 1, offset, None, 0.0, False)
     assert torch.equal(x, torch.zeros(8, 3))
     last = C.affine_step(x, x, 0.0, 0.0, 1.0, 1, 2, 2**63 - 9)          # the last 8 indices: the contract's noise
     assert torch.equal(last, fd.noise.normal(1, list(range(2**63 - 9, 2**63 - 1)), 2, 3))

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fastdiff as fd  # noqa: E402
-from fastdiff import _backend, ops  # noqa: E402
+from fastdiff import _backend, _table, ops  # noqa: E402
 from fastdiff.reference import posterior as ref_posterior  # noqa: E402
 
 F32, F64 = torch.float32, torch.float64
@@ -287,15 +287,17 @@ def test_pointcloud_sample_right_or_clear_error(backend, data):
         names.append("x")
     if bad_col is not None:
         table[bad_col][-1] = case["bad_value"]
-        names.append(bad_col)
+        names.append("B0" if bad_col == "B" else bad_col)      # the kernel table's column name
     if not 0 <= offset <= 2**63 - 1 - x.shape[0]:
         names.append("sample_offset")
     if c["bad"] not in ("alpha", "sigma"):       # (those two are the table's here)
         bad = _apply_bad(c)
         names += [bad] if bad else []
-    args = [table[k] for k in ("alpha", "sigma", "A", "B", "C")]
-    call = lambda xx, off: ops.pointcloud_sample(xx, c["data"], *args, 3, off, c["log_weights"],  # noqa: E731
-                                                 c["bandwidth"], return_trajectory=True, backend=backend)
+    kernel_table = _table.pack(*(table[k] for k in ("alpha", "sigma", "A", "B", "C")))
+
+    def call(xx, off):
+        return ops.pointcloud_sample(xx, c["data"], kernel_table, 3, off, c["log_weights"], c["bandwidth"],
+                                     return_trajectory=True, backend=backend)
     if names:
         return _expect_error(lambda: call(x, offset), names, x)
     x0 = x.clone()

@@ -10,9 +10,9 @@ grow); default: all. Writes DIR/results.json (also after every case), results.cs
 measurement), report.md and PNG plots. Ceilings (copy bandwidth, fp32 FMA rate, exp rate) are measured
 first, in the same run. fastdiff backends are discovered from fastdiff._backend.BACKENDS: every backend
 whose refuse_reasons(op, ...) is empty is measured, so new backends appear without changes here. Peers
-that are not installed are skipped with a note. The issues' benchmark targets (fastdiff/bench/targets.py)
-are measured by every full run on their device type and reported with target / measured / met; the
-measured order of the fastdiff backends per (op, shape) is results.json["auto_order"].
+that are not installed are skipped with a note. The issues' benchmark targets (benchmarks/targets.py, read
+from a repository checkout) are measured by every full run on their device type and reported with
+target / measured / met; the measured order of the fastdiff backends per (op, shape) is results.json["auto_order"].
 
 For a machine lent for minutes (scripts/gpu_check.sh): --targets-only runs only the cases that carry the
 targets (issue by issue, the lowest issue number first; a --quick run has none, so the first case of each

@@ -8,19 +8,41 @@ against size, one line per provider).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 from .common import COLUMNS, fmt_si
+from .order import auto_order
 from .timing import to_jsonable
 
 SCHEMA = "fastdiff-bench/1"
 
 
+def load_targets():
+    """The project's benchmark targets (benchmarks/targets.py of a repository checkout, or the file named by
+    FASTDIFF_BENCH_TARGETS) as a module with TARGETS and evaluate(rows, device, quick, suites); None when
+    fastdiff runs from an installed package without the repository."""
+    path = Path(os.environ.get("FASTDIFF_BENCH_TARGETS") or Path(__file__).resolve().parents[2] / "benchmarks"
+                / "targets.py")
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location("fastdiff_benchmark_targets", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def evaluate_targets(rows, device, quick=False, suites=None) -> list[dict]:
+    targets = load_targets()
+    return [] if targets is None else targets.evaluate(rows, device, quick, suites)
+
+
 def document(ctx, suites, duration_s: float, load_end, complete: bool = True) -> dict:
-    from .targets import auto_order, evaluate
     return {
         "schema": SCHEMA,
         "run_id": ctx.run_id,
@@ -32,7 +54,7 @@ def document(ctx, suites, duration_s: float, load_end, complete: bool = True) ->
         "ceilings": {k: to_jsonable(v) for k, v in ctx.ceilings.items()},
         "duration_s": duration_s,
         "loadavg_end": load_end,
-        "targets": evaluate(ctx.rows, ctx.device.type, ctx.quick, list(suites)),
+        "targets": evaluate_targets(ctx.rows, ctx.device.type, ctx.quick, list(suites)),
         "auto_order": auto_order(ctx.rows),
         "rows": ctx.rows,
         "notes": ctx.notes,
@@ -80,10 +102,9 @@ def render(doc: dict, out: Path) -> None:
 
 def rerender(path) -> Path:
     """Re-evaluate targets and backend order and rewrite report.md, plots and CSV from DIR/results.json."""
-    from .targets import auto_order, evaluate
     out = Path(path)
     doc = json.loads((out / "results.json").read_text())
-    doc["targets"] = evaluate(doc["rows"], doc["device"], doc.get("quick", False), doc.get("suites"))
+    doc["targets"] = evaluate_targets(doc["rows"], doc["device"], doc.get("quick", False), doc.get("suites"))
     doc["auto_order"] = auto_order(doc["rows"])
     doc.setdefault("loadavg_end", None)
     _write_data(doc, out)

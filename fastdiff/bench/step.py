@@ -52,7 +52,7 @@ def providers(ctx: Context):
     out = []
     for name in fastdiff_backends():
         def fd_step(x, D, out, step, _impl=_backend.BACKENDS[name]):
-            return _impl.affine_step(x, D, A, B, C, 1234, step, 0, out=out)
+            return _impl.affine_step(x, D, A, B, C, 1234, step, 0, out)
         out.append((fastdiff_provider(name), name, fd_step, name in ("torch", "cpu")))
 
     def eager(x, D, out, step):

@@ -29,11 +29,13 @@ __all__ = ["posterior", "affine_step", "pointcloud_step", "pointcloud_sample"]
 
 
 def _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth):
-    """Every check of a point-cloud op (shapes, devices, values), before anything runs."""
+    """Every check of a point-cloud op (shapes, devices, values), before anything runs; returns alpha and sigma
+    as float64 tensors [1] or [M] and bandwidth as a float (the backends' normalised arguments)."""
     _checks.check_cloud_args(x, data, log_weights)
-    _checks.check_times(alpha, sigma, x.shape[0], x.device)
-    _checks.check_bandwidth(bandwidth)
-    return _checks.check_values(x=x, data=data, log_weights=log_weights)
+    alpha, sigma = _checks.check_times(alpha, sigma, x.shape[0], x.device)
+    bandwidth = _checks.check_bandwidth(bandwidth)
+    _checks.check_values(x=x, data=data, log_weights=log_weights)
+    return alpha, sigma, bandwidth
 
 
 def _into(out, result):
@@ -46,13 +48,13 @@ def _into(out, result):
 
 
 def posterior(x, data, alpha, sigma, log_weights=None, bandwidth: float = 0.0, *, backend: str = "auto"):
-    """Point-cloud posterior mean D [M, d] and log-sum-exp L [M] (MATH.md §5).
+    """Point-cloud posterior mean D [M, d] and log-sum-exp L [M] (docs/math.md §5).
 
     alpha, sigma: scalars or per-row [M]; data may be stored in any float dtype (upcast to x's).
     """
     if torch.compiler.is_compiling():   # traced as one custom op (fastdiff.ops._library): no graph break
         return _library.posterior(x, data, alpha, sigma, log_weights, bandwidth, backend=backend)
-    _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
+    alpha, sigma, bandwidth = _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
     impl = _backend.select("posterior", backend, **_backend.facts(x))
     if x.shape[0] == 0:
         return _autograd.posterior(_empty_posterior, x, data, alpha, sigma, log_weights, bandwidth)
@@ -67,9 +69,13 @@ def _empty_posterior(x, data, *_):
     return x.new_empty(x.shape), x.new_empty(0)
 
 
-def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, out=None, backend: str = "auto"):
+def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, out=None, backend: str = "auto",
+                check_values: bool = True):
     """x_s = A·x + B·D + C·z with z from the noise contract (row i is global sample sample_offset + i).
-    A, B, C: numbers. Pass out=x for an in-place update (any strides). Differentiable in x and D."""
+    A, B, C: numbers. Pass out=x for an in-place update (any strides). Differentiable in x and D.
+
+    check_values=False skips the NaN/inf scan of x and D (on a CUDA device the scan waits for the GPU): for a
+    loop that checks its result once at the end, as fd.sample does. Every other check still runs."""
     if torch.compiler.is_compiling():
         return _library.affine_step(x, D, A, B, C, seed, step, sample_offset, out=out, backend=backend)
     _checks.check_points_shape(x, "x")
@@ -78,7 +84,8 @@ def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, 
     A, B, C = (_checks.check_number(v, n) for v, n in ((A, "A"), (B, "B"), (C, "C")))
     seed, sample_offset, step = _checks.check_counters(seed, sample_offset, x.shape[0], step)
     _checks.check_out(out, x, x, D)
-    _checks.check_values(x=x, D=D)
+    if check_values:
+        _checks.check_values(x=x, D=D)
     impl = _backend.select("affine_step", backend, **_backend.facts(x))
     if x.shape[0] == 0:
         return _into(out, x.new_empty(x.shape))
@@ -87,7 +94,7 @@ def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, 
     direct = out if out is not None and out.is_contiguous() else None
 
     def run(xx, DD):
-        return impl.affine_step(xx.contiguous(), DD.contiguous(), A, B, C, seed, step, sample_offset, out=direct)
+        return impl.affine_step(xx.contiguous(), DD.contiguous(), A, B, C, seed, step, sample_offset, direct)
     return _into(out, _autograd.affine_step(run, x, D, A, B))
 
 
@@ -98,7 +105,8 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample
     if torch.compiler.is_compiling():
         return _library.pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights,
                                         bandwidth, out=out, backend=backend)
-    _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
+    _checks.check_number(alpha, "alpha"), _checks.check_number(sigma, "sigma")    # one time step: scalars
+    alpha, sigma, bandwidth = _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
     A, B, C = (_checks.check_number(v, n) for v, n in ((A, "A"), (B, "B"), (C, "C")))
     seed, sample_offset, step = _checks.check_counters(seed, sample_offset, x.shape[0], step)
     _checks.check_out(out, x, x)
@@ -109,37 +117,36 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample
 
     def run(xx):
         return _precision.pointcloud_step(impl, backend, xx.contiguous(), data.contiguous(), alpha, sigma, A, B, C,
-                                          seed, step, sample_offset, log_weights, bandwidth, out=direct)
+                                          seed, step, sample_offset, log_weights, bandwidth, direct)
     return _into(out, _autograd.pointcloud_step(run, x, data, alpha, sigma, A, B, log_weights, bandwidth))
 
 
-def pointcloud_sample(x, data, alpha, sigma, A, B, C, seed: int, sample_offset: int = 0, log_weights=None,
-                      bandwidth: float = 0.0, return_trajectory: bool = False, *, backend: str = "auto"):
-    """Every step of a table (alpha, sigma, A, B, C: [K] each) for a point cloud; x is updated in place.
+def pointcloud_sample(x, data, table, seed: int, sample_offset: int = 0, log_weights=None, bandwidth: float = 0.0,
+                      return_trajectory: bool = False, *, backend: str = "auto"):
+    """Every step of a kernel step table for a point cloud; x is updated in place.
+
+    table: [K, 8] numbers, one row per step with columns (t, alpha, sigma, A, B0, B1, B2, C) (fastdiff._table;
+    fd.step_table(...).kernel_table(process) builds it): x ← A x + B0 D_k + B1 D_{k−1} + B2 D_{k−2} + C z_k.
     Returns the trajectory [K+1, M, d] when asked, else None. x may have any strides. No backward: x must not
     require grad while grad mode is on."""
     if torch.compiler.is_compiling():
-        return _library.pointcloud_sample(x, data, alpha, sigma, A, B, C, seed, sample_offset, log_weights,
-                                          bandwidth, return_trajectory, backend=backend)
+        return _library.pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth,
+                                          return_trajectory, backend=backend)
     if _autograd.grad_needed(x, data, log_weights):
         raise ValueError("pointcloud_sample has no backward (x is updated in place through every step): call it "
                          "under torch.no_grad(), or loop over pointcloud_step for gradients")
-    A = _checks.check_table(A, "A")
-    alpha, sigma, B, C = (_checks.check_table(v, n, len(A)) for v, n in
-                          ((alpha, "alpha"), (sigma, "sigma"), (B, "B"), (C, "C")))
-    if not bool((sigma > 0).all()):
-        raise ValueError("sigma must be finite and positive at every step (D is never evaluated at t = 0)")
-    _check_cloud_call(x, data, 1.0, 1.0, log_weights, bandwidth)
-    seed, sample_offset, _ = _checks.check_counters(seed, sample_offset, x.shape[0], steps=len(A))
+    table = _checks.check_kernel_table(table)
+    _, _, bandwidth = _check_cloud_call(x, data, 1.0, 1.0, log_weights, bandwidth)
+    seed, sample_offset, _ = _checks.check_counters(seed, sample_offset, x.shape[0], steps=len(table))
     impl = _backend.select("pointcloud_sample", backend, **_backend.facts(x))
     # The backends write x as they go (the torch reference step by step): run on a contiguous copy and copy the
     # result back only when every step has succeeded, so an error leaves the caller's x as it was.
     work = x.detach().clone(memory_format=torch.contiguous_format)
     if x.shape[0] == 0:
-        traj = x.new_empty((len(A) + 1, *x.shape)) if return_trajectory else None
+        traj = x.new_empty((len(table) + 1, *x.shape)) if return_trajectory else None
     else:
-        traj = _precision.pointcloud_sample(impl, backend, work, data.contiguous(), alpha, sigma, A, B, C, seed,
-                                            sample_offset, log_weights, bandwidth, return_trajectory)
+        traj = _precision.pointcloud_sample(impl, backend, work, data.contiguous(), table, seed, sample_offset,
+                                            log_weights, bandwidth, bool(return_trajectory))
     with torch.no_grad():
         x.copy_(work)
     return traj

@@ -173,20 +173,20 @@ def _(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights, ba
 
 
 @torch.library.custom_op("fastdiff::pointcloud_sample", mutates_args=("x",))
-def pointcloud_sample_op(x: Tensor, data: Tensor, alpha: Tensor, sigma: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                         seed: int, sample_offset: int, log_weights: Tensor | None, bandwidth: Tensor,
-                         return_trajectory: bool, backend: str) -> Tensor:
+def pointcloud_sample_op(x: Tensor, data: Tensor, table: Tensor, seed: int, sample_offset: int,
+                         log_weights: Tensor | None, bandwidth: Tensor, return_trajectory: bool,
+                         backend: str) -> Tensor:
     """fastdiff.ops.pointcloud_sample (x updated in place); the trajectory, or an empty tensor when not asked
     (an op returns a tensor)."""
-    traj = _eager().pointcloud_sample(x, data, alpha, sigma, A, B, C, seed % _SEED_WRAP, sample_offset, log_weights,
+    traj = _eager().pointcloud_sample(x, data, table, seed % _SEED_WRAP, sample_offset, log_weights,
                                       _number_value(bandwidth), return_trajectory, backend=backend)
     return traj if traj is not None else x.new_empty(0)
 
 
 @pointcloud_sample_op.register_fake
-def _(x, data, alpha, sigma, A, B, C, seed, sample_offset, log_weights, bandwidth, return_trajectory, backend):
+def _(x, data, table, seed, sample_offset, log_weights, bandwidth, return_trajectory, backend):
     _checks.check_cloud_args(x, data, log_weights)
-    return x.new_empty((A.numel() + 1, *x.shape)) if return_trajectory else x.new_empty(0)
+    return x.new_empty((table.shape[0] + 1, *x.shape)) if return_trajectory else x.new_empty(0)
 
 
 # ------------------------------------------------------------------ autograd (fastdiff.ops._autograd's rules)
@@ -274,15 +274,14 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0,
     return out
 
 
-def pointcloud_sample(x, data, alpha, sigma, A, B, C, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
+def pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
                       return_trajectory=False, *, backend="auto"):
     if _autograd.grad_needed(x, data, log_weights):
         raise ValueError("pointcloud_sample has no backward (x is updated in place through every step): call it "
                          "under torch.no_grad(), or loop over pointcloud_step for gradients")
     _checks.check_cloud_args(x, data, log_weights)
-    _refuse_grad("pointcloud_sample has no backward", alpha=alpha, sigma=sigma, A=A, B=B, C=C, bandwidth=bandwidth)
-    tables = [_number_arg(v) for v in (alpha, sigma, A, B, C)]
-    traj = torch.ops.fastdiff.pointcloud_sample(x, data, *tables, _seed_arg(seed),
+    _refuse_grad("pointcloud_sample has no backward", table=table, bandwidth=bandwidth)
+    traj = torch.ops.fastdiff.pointcloud_sample(x, data, torch.as_tensor(table, dtype=_F64), _seed_arg(seed),
                                                 _counter_arg(sample_offset, "sample_offset", _checks.MAX_SAMPLES),
                                                 log_weights, _number_arg(bandwidth), bool(return_trajectory),
                                                 backend)
