@@ -43,8 +43,9 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, traj_ptr, 
     zero = tl.zeros([BM], tl.float32)
     for k in range(K):
         a, c1, c2, k2, cy, cx, A, B, Cn = _step_record(tab_ptr, k)
-        acc, m, s = small_reduce(x, zero + c1, zero + c2, zero + k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
-        D = acc * (cy / s)[:, None] + cx * x
+        acc, m, s = small_reduce(x, zero + a, zero + c1, zero + c2, zero + k2, data_ptr, stride_y, lw_ptr, N, d,
+                                 BM, BN, DP)
+        D = (acc / s).to(tl.float32) * cy + cx * x
         xn = A * x + B * D
         if Cn != 0.0:
             xn += Cn * normal_tile(seed_lo, seed_hi, tl.cast(k, tl.int64), i_lo, i_hi, 0, DP // 4)

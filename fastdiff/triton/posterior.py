@@ -76,36 +76,92 @@ def finite_logit(lg, lw):
     return tl.where(lw > float("-inf"), tl.maximum(lg, -3.4028234663852886e38), lg)
 
 
+FAR_LOG2 = tl.constexpr(256.0)
+# A row whose largest logit is below −FAR_LOG2 (log2 units) is recomputed relative to its best point: the float32
+# rounding of logits that large (≈ 3·2⁻²⁴·|l| per logit, 5e-5 at 256) would otherwise set the error of its
+# weights, where the logits' differences are what matters (issue 11 defect 8: a query 471σ from the data
+# has logits ≈ −1.6e5, rounded by ±0.008).
+
+
 @triton.jit
-def small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d,
+def _merge_tile(acc, s, m, lg, y, nm):
+    """One online log-sum-exp step: logits lg [BM, BN] (log2 units) of the points y [BN, DP] (mask nm [BN])
+    merged into acc [BM, DP] = Σ 2^{l − m} y and s [BM, DP] = Σ 2^{l − m} (float64, m float32 [BM]).
+
+    Rule 4: the tile's sums are float32, merged into float64, so s and acc keep their precision for any N.
+    s is summed from the same [BM, BN, DP] weights as acc, one copy per column: D = acc/s then never mixes two
+    roundings of p (the compiler may rematerialise p in each layout it is used in, with another reduction
+    order for the distances: on an H200 one-hot rows came out ~20 ulps off at d = 32)."""
+    m_new = tl.maximum(m, tl.max(lg, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp2(m - m_safe).to(tl.float64)[:, None]
+    p = tl.exp2(lg - m_safe[:, None])
+    # Not sum(p[:, :, None] * y[None, :, :]): Triton's combine pass rewrites that form into tl.dot, which on a
+    # GPU runs in TF32 (D off by ~5e-4 of max|y|, seen on an H200 at d = 32, 64); the select on the point mask
+    # (p is already 0 there) keeps it a float32 multiply-add reduction on every target.
+    w = tl.where(nm[None, :, None], p[:, :, None] + tl.zeros_like(y)[None, :, :], 0.0)
+    acc = acc * scale + tl.sum(w * y[None, :, :], axis=1).to(tl.float64)
+    s = s * scale + tl.sum(w, axis=1).to(tl.float64)
+    return acc, s, m_new
+
+
+@triton.jit
+def _load_tile(data_ptr, stride_y, lw_ptr, n0, N, cols, cmask, BN: tl.constexpr):
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < N
+    y = tl.load(data_ptr + rn.to(tl.int64)[:, None] * stride_y + cols[None, :],
+                mask=nm[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    lw = tl.load(lw_ptr + rn, mask=nm, other=float("-inf"))
+    return rn, nm, y, lw
+
+
+@triton.jit
+def small_reduce(x, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d,
                  BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
     """Online log-sum-exp of the rows x [BM, DP] (padding columns zero) against all N data points.
-    Returns (acc [BM, DP] = Σ 2^{l − m} y, m [BM] (log2 units), s [BM] = Σ 2^{l − m})."""
+    Returns (acc [BM, DP] = Σ 2^{l − m} y, m [BM] (log2 units, float32), s [BM, DP] = Σ 2^{l − m}), acc and s
+    float64 (every column of s holds the same sum, formed from that column's weights).
+
+    Direct pass: l = lw − |x − αy|²·k2 with x − αy = (x − c1·y) + c2·y. Far rows (m < −FAR_LOG2) are then
+    recomputed relative to their best point r: with e = x − αy_r and t = y_r − y,
+        |x − αy|² − |x − αy_r|² = α t·(2e + αt),
+    whose float32 error is relative to |t|·|e| (the points' spread times the distance), not to |x − αy|²: the
+    large common part cancels exactly instead of being rounded into every logit. m is then r's direct logit plus
+    the best logit relative to r."""
     cols = tl.arange(0, DP)
     cmask = cols < d
     m = tl.full([BM], float("-inf"), tl.float32)
-    s = tl.zeros([BM], tl.float32)
-    acc = tl.zeros([BM, DP], tl.float32)
+    s = tl.zeros([BM, DP], tl.float64)
+    acc = tl.zeros([BM, DP], tl.float64)
+    best = tl.zeros([BM], tl.int32)
     for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        nm = rn < N
-        y = tl.load(data_ptr + rn.to(tl.int64)[:, None] * stride_y + cols[None, :],
-                    mask=nm[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        lw = tl.load(lw_ptr + rn, mask=nm, other=float("-inf"))
+        rn, nm, y, lw = _load_tile(data_ptr, stride_y, lw_ptr, n0, N, cols, cmask, BN)
         diff = (x[:, None, :] - c1[:, None, None] * y[None, :, :]) + c2[:, None, None] * y[None, :, :]
         d2 = tl.sum(diff * diff, axis=2)
         lg = finite_logit(lw[None, :] - d2 * k2[:, None], lw[None, :])
-        m_new = tl.maximum(m, tl.max(lg, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        scale = tl.exp2(m - m_safe)
-        p = tl.exp2(lg - m_safe[:, None])
-        s = s * scale + tl.sum(p, axis=1)
-        # Not sum(p[:, :, None] * y[None, :, :]): Triton's combine pass rewrites that form into tl.dot, which
-        # on a GPU runs in TF32 (D off by ~5e-4 of max|y|, seen on an H200 at d = 32, 64); the select on the
-        # point mask (p is already 0 there) keeps it a float32 multiply-add reduction on every target.
-        prod = tl.where(nm[None, :, None], p[:, :, None] * y[None, :, :], 0.0)
-        acc = acc * scale[:, None] + tl.sum(prod, axis=1)
-        m = m_new
+        tile_max = tl.max(lg, axis=1)
+        best = tl.where(tile_max > m, n0 + tl.argmax(lg, axis=1), best)
+        acc, s, m = _merge_tile(acc, s, m, lg, y, nm)
+    far = (m < -FAR_LOG2) & (m > float("-inf"))
+    if tl.sum(far.to(tl.int32), axis=0) > 0:
+        yr = tl.load(data_ptr + best.to(tl.int64)[:, None] * stride_y + cols[None, :], mask=cmask[None, :],
+                     other=0.0).to(tl.float32)
+        lwr = tl.load(lw_ptr + best)
+        e2 = 2.0 * ((x - c1[:, None] * yr) + c2[:, None] * yr)
+        m_r = tl.full([BM], float("-inf"), tl.float32)
+        s_r = tl.zeros([BM, DP], tl.float64)
+        acc_r = tl.zeros([BM, DP], tl.float64)
+        for n0 in range(0, N, BN):
+            rn, nm, y, lw = _load_tile(data_ptr, stride_y, lw_ptr, n0, N, cols, cmask, BN)
+            t = yr[:, None, :] - y[None, :, :]
+            dd = a[:, None] * tl.sum(t * (e2[:, None, :] + a[:, None, None] * t), axis=2)
+            lg = finite_logit((lw[None, :] - lwr[:, None]) - dd * k2[:, None], lw[None, :])
+            acc_r, s_r, m_r = _merge_tile(acc_r, s_r, m_r, lg, y, nm)
+        # m_r: the best logit relative to r's. Not folded into s (2^{m_r} can overflow): the direct pass finds r
+        # only to within its own rounding, which at σ = 1e-12 is millions of log2 units.
+        acc = tl.where(far[:, None], acc_r, acc)
+        s = tl.where(far[:, None], s_r, s)
+        m = tl.where(far, m + m_r, m)
     return acc, m, s
 
 
@@ -254,12 +310,12 @@ def small_row_tile(x_ptr, M, d, stride_x, BM: tl.constexpr, DP: tl.constexpr):
 def small_rows_posterior(x_ptr, data_ptr, lw_ptr, par_ptr, M, N, d, stride_x, stride_y, par_stride,
                          BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
     """This program's BM rows of x and their posterior mean D (the small-d kernels' common part).
-    Returns (rows, rows64, rmask, cols, mask, x, D, m, s); m, s as small_reduce."""
+    Returns (rows, rows64, rmask, cols, mask, x, D, m, s); m as small_reduce, s [BM] float32 (for L)."""
     rows, rows64, rmask, cols, mask, x = small_row_tile(x_ptr, M, d, stride_x, BM, DP)
     a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
-    acc, m, s = small_reduce(x, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
-    D = acc * (cy / s)[:, None] + cx[:, None] * x
-    return rows, rows64, rmask, cols, mask, x, D, m, s
+    acc, m, s = small_reduce(x, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, N, d, BM, BN, DP)
+    D = (acc / s).to(tl.float32) * cy[:, None] + cx[:, None] * x
+    return rows, rows64, rmask, cols, mask, x, D, m, tl.max(s, axis=1).to(tl.float32)
 
 
 @triton.jit
