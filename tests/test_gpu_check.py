@@ -249,7 +249,11 @@ def test_sigint_mid_run_stops_cleanly_and_keeps_finished_results(tmp_path):
     phases = _phases(summary)
     assert "INTERRUPTED by SIGINT" in summary
     assert phases["env"][0] == "time limit" and "limit 1 s reached" in phases["env"][1], summary
-    assert "KeyboardInterrupt" in (out / "env.txt").read_text()       # SIGINT, not SIGKILL: Python saw it
+    # "time limit" is timeout's 124: SIGINT ended the phase within the grace, no SIGKILL (that would read
+    # "killed"). Python shows a KeyboardInterrupt when the signal lands after its handler is installed; on a
+    # loaded machine it can land earlier, during interpreter start-up, and end the process without a traceback.
+    env_txt = (out / "env.txt").read_text()
+    assert "Traceback" not in env_txt or "KeyboardInterrupt" in env_txt, env_txt[-2000:]
     assert phases["triton"][0] == "ok" and _junit_counts(out / "triton.xml")[0] > 0
     if _extension_built():
         assert phases["build"][0] == "ok"
