@@ -161,6 +161,25 @@ def t_best_of(spec, rows):
     return _entry(spec, _fmt_x(v), v, "yes" if v >= spec["threshold"] else "no", detail)
 
 
+def t_vs_peer(spec, rows):
+    """The fastest of spec['providers'] (fastdiff backends) against a peer's loop (spec['versus']); the detail
+    gives the same fastdiff row against the other loops of spec['beside'] and the CPU thread count."""
+    cands = [r for r in (_find(rows, n, **spec["match"]) for n in spec["providers"]) if r is not None]
+    b = _find(rows, spec["versus"], **spec["match"])
+    if not cands or b is None:
+        return _not_measured(spec, f"{'no fastdiff backend' if not cands else spec['versus']} measured on this case")
+    a = min(cands, key=lambda r: r["median_s"])
+    v = b["median_s"] / a["median_s"]
+    detail = f"{a['provider']} {a['median_s']:.4g} s vs {spec['versus']} {b['median_s']:.4g} s"
+    beside = [(n, _find(rows, n, **spec["match"])) for n in spec.get("beside", ())]
+    beside = [f"{n} {r['median_s']:.4g} s ({r['median_s'] / a['median_s']:.3g}×)" for n, r in beside if r is not None]
+    if beside:
+        detail += "; beside: " + ", ".join(beside)
+    if a.get("threads"):
+        detail += f"; {a['threads']} CPU thread(s)"
+    return _entry(spec, _fmt_x(v), v, "yes" if v >= spec["threshold"] else "no", detail)
+
+
 def t_info(spec, rows):
     ref = _find(rows, spec["versus"], **spec["match"])
     got = _others(rows, spec["match"], spec["providers"], ref)
@@ -173,6 +192,12 @@ def t_info(spec, rows):
 _SAMPLE_I3 = {"suite": "sample", "op": "pointcloud/ancestral SDE", "n_elems": 100_000, "steps": 1000, "N": 10_000}
 _SAMPLE_I4 = {"suite": "sample", "op": "pointcloud/ancestral SDE", "n_elems": 10_000, "steps": 200, "N": 10_000}
 _LOOP = {"suite": "sample", "op": "mlp loop", "n_elems": 1024, "steps": 1000}
+# issue 14: 100 steps of dpmpp_2m on the suite's Karras grid (VE, σ 80 → 1e-3); the MLP case samples its own
+# training density (the 500-point swiss roll), the point-cloud case the 10⁴-point one
+_SAMPLE_I14_MLP = {"suite": "sample", "op": "mlp/dpmpp_2m", "n_elems": 1024, "steps": 100, "N": 500}
+_SAMPLE_I14_PC = {"suite": "sample", "op": "pointcloud/dpmpp_2m", "n_elems": 10_000, "steps": 100, "N": 10_000}
+_FD_CPU_SIDE = (_fd("cpu"), _fd("torch"))
+_KD_2M = "k-diffusion sample_dpmpp_2m"
 _TORCH_ALTS = ("fastdiff[torch]", "torch naive", "torch.compile(naive)", "torch chunked (cuBLAS fp32)")
 _GRAPHS = tuple(f"{_fd(b)} cuda_graph" for b in ("triton", "cuda", "torch"))
 
@@ -235,6 +260,19 @@ TARGETS = [
                 "reference",
          required="≥ 4×", match=_SAMPLE_I4, provider=_fd("cpu"), versus=_fd("torch"), threshold=4.0,
          threads_note=True),
+    # ---- issue 14: against the peers' loops (run with --threads 2)
+    dict(id="I14-cpu-mlp-dpmpp_2m-vs-kdiffusion", issue="14", device="cpu", fn=t_vs_peer,
+         target="MLP denoiser (3 hidden layers of 128), M=1,024, d=2, 100 steps of dpmpp_2m on the CPU, 2 threads: "
+                "fd.sample (fastest fastdiff backend) vs k-diffusion's sample_dpmpp_2m loop with the same model",
+         required="≥ 1.5×", match=_SAMPLE_I14_MLP, providers=_FD_CPU_SIDE, versus=_KD_2M, threshold=1.5,
+         beside=("diffusers EDMDPMSolverMultistepScheduler",)),
+    dict(id="I14-cpu-pointcloud-dpmpp_2m-vs-kdiffusion", issue="14", device="cpu", fn=t_vs_peer,
+         target="point cloud, swiss roll N=10⁴, M=10⁴, 100 steps of dpmpp_2m on the CPU, 2 threads: fd.sample "
+                "(fastdiff[cpu], the fused trajectory) vs k-diffusion's sample_dpmpp_2m loop calling a naive torch "
+                "point-cloud denoiser (cdist / logsumexp / matmul, float32: what a user writes without fastdiff)",
+         required="≥ 10×", match=_SAMPLE_I14_PC, providers=(_fd("cpu"),), versus=f"{_KD_2M} + naive torch denoiser",
+         threshold=10.0, beside=(f"{_KD_2M} + fastdiff PointCloud.denoise",
+                                 "diffusers EDMDPMSolverMultistepScheduler + naive torch denoiser", _fd("torch"))),
 ]
 
 

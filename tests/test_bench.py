@@ -16,7 +16,9 @@ from fastdiff.bench.common import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS_PROVIDERS = ("torch naive", "torch chunked (cuBLAS fp32)", "sdpa", "k-diffusion sample_euler",
-                     "k-diffusion sample_euler_ancestral", "torch eager (randn)", "torch eager loop (randn)")
+                     "k-diffusion sample_euler_ancestral", "torch eager (randn)", "torch eager loop (randn)",
+                     "k-diffusion sample_dpmpp_2m", "k-diffusion sample_dpmpp_2m_sde",
+                     "diffusers EDMDPMSolverMultistepScheduler")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,8 @@ def test_sample_reports_quality_and_peers(quick_run):
     _, doc, _ = quick_run
     rows = [r for r in doc["rows"] if r["suite"] == "sample"]
     ops = {r["op"] for r in rows}
-    assert ops == {"pointcloud/euler ODE", "pointcloud/ancestral SDE", "mlp/euler ODE", "mlp/ancestral SDE", "mlp loop"}
+    assert ops == {f"{den}/{m}" for den in ("pointcloud", "mlp")
+                   for m in ("euler ODE", "ancestral SDE", "dpmpp_2m", "dpmpp_2m_sde")} | {"mlp loop"}
     for r in rows:
         assert r["kl"] is not None and r["w2"] is not None and math.isfinite(r["w2"])
     providers = {r["provider"] for r in rows}
@@ -117,6 +120,23 @@ def test_sample_reports_quality_and_peers(quick_run):
     # k-diffusion is either measured or skipped with a note; never an error
     assert "k-diffusion sample_euler" in providers or "k-diffusion" in peers
     assert "diffusers EulerDiscreteScheduler" in providers or "diffusers" in peers
+    # issue 14: the multistep peers on the same grid; a point cloud's k-diffusion loop runs fastdiff's denoiser and
+    # a naive torch one; diffusers' schedulers that cannot take the grid say why (never a different grid)
+    if "k-diffusion" not in peers:
+        for m in ("dpmpp_2m", "dpmpp_2m_sde"):
+            assert f"k-diffusion sample_{m}" in {r["provider"] for r in rows if r["op"] == f"mlp/{m}"}
+            pc = {r["provider"] for r in rows if r["op"] == f"pointcloud/{m}"}
+            assert {f"k-diffusion sample_{m} + fastdiff PointCloud.denoise",
+                    f"k-diffusion sample_{m} + naive torch denoiser"} <= pc
+    if "diffusers" not in peers:
+        assert "diffusers EDMDPMSolverMultistepScheduler" in {r["provider"] for r in rows if r["op"] == "mlp/dpmpp_2m"}
+        not_comparable = {n["provider"] for n in doc["notes"] if n["kind"] == "not comparable"}
+        assert {"diffusers DPMSolverMultistepScheduler",
+                "diffusers EDMDPMSolverMultistepScheduler (sde-dpmsolver++)"} <= not_comparable
+    # the deterministic multistep run is the same map for every loop: float32 round-off apart (samples |x| < 2;
+    # 20 steps of a few ops each: a thousand ulps at that scale)
+    diffs = [r["max_abs_diff"] for r in rows if r["op"].endswith("/dpmpp_2m") and r["median_s"]]
+    assert diffs and all(v is not None and v < 1e3 * 2 * 2**-23 for v in diffs)
 
 
 def test_scaling_fits_and_memory(quick_run):
@@ -226,6 +246,24 @@ def test_targets_are_evaluated_from_rows():
     assert got["I3-posterior-d2-rate"]["met"] == "not measured"
 
 
+def test_issue14_targets_take_the_fastest_fastdiff_backend_against_the_peer_loop():
+    evaluate = bench_report.load_targets().evaluate
+    mlp = dict(suite="sample", op="mlp/dpmpp_2m", n_elems=1024, steps=100, N=500)
+    pc = dict(suite="sample", op="pointcloud/dpmpp_2m", n_elems=10_000, steps=100, N=10_000)
+    rows = [_row("fastdiff[torch]", 2.0, **mlp), _row("k-diffusion sample_dpmpp_2m", 2.5, **mlp),
+            _row("diffusers EDMDPMSolverMultistepScheduler", 3.0, **mlp),
+            _row("fastdiff[cpu]", 0.5, **pc), _row("fastdiff[torch]", 4.0, **pc),
+            _row("k-diffusion sample_dpmpp_2m + naive torch denoiser", 6.0, **pc),
+            _row("k-diffusion sample_dpmpp_2m + fastdiff PointCloud.denoise", 0.75, **pc)]
+    got = {t["id"]: t for t in evaluate(rows, "cpu")}
+    m, p = got["I14-cpu-mlp-dpmpp_2m-vs-kdiffusion"], got["I14-cpu-pointcloud-dpmpp_2m-vs-kdiffusion"]
+    assert m["met"] == "no" and m["value"] == pytest.approx(1.25) and "diffusers" in m["detail"]
+    assert p["met"] == "yes" and p["value"] == pytest.approx(12.0)        # against the naive torch denoiser's loop
+    assert "PointCloud.denoise 0.75 s (1.5×)" in p["detail"] and "2 CPU thread(s)" in p["detail"]
+    got = {t["id"]: t for t in evaluate(rows[:3] + rows[4:], "cpu")}       # no fastdiff[cpu] row: not measured
+    assert got["I14-cpu-pointcloud-dpmpp_2m-vs-kdiffusion"]["met"] == "not measured"
+
+
 def test_the_cases_include_the_targets_exact_sizes():
     """What a full run would measure (nothing is run): the targets' shapes on each device type."""
     cuda = [label for _, label in bench.plan(device="cuda")]
@@ -234,7 +272,8 @@ def test_the_cases_include_the_targets_exact_sizes():
                  "sample pointcloud ancestral SDE n=10000 steps=200 N=10000", "sample mlp loop n=1024 steps=1000"):
         assert any(label.startswith(want) for label in cuda), want
     cpu = [label for _, label in bench.plan(device="cpu")]
-    for want in ("posterior d=2 M=16384 N=16384", "sample pointcloud ancestral SDE n=10000 steps=200 N=10000"):
+    for want in ("posterior d=2 M=16384 N=16384", "sample pointcloud ancestral SDE n=10000 steps=200 N=10000",
+                 "sample mlp dpmpp_2m n=1024 steps=100", "sample pointcloud dpmpp_2m n=10000 steps=100 N=10000"):
         assert any(label.startswith(want) for label in cpu), want
     assert not [label for _, label in bench.plan(device="cpu", quick=True) if "target" in label]
 

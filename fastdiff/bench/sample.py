@@ -12,8 +12,18 @@ Pairs of equivalent samplers (MATH.md §3):
                |  diffusers EulerDiscreteScheduler(prediction_type="sample").set_timesteps(sigmas=grid)
   ancestral    fd.sample(method="ei-x0", ode=False) |  k_diffusion.sampling.sample_euler_ancestral
                (diffusers' EulerAncestralDiscreteScheduler takes no custom sigmas: not comparable)
+  dpmpp_2m     fd.sample(method="dpmpp_2m")          |  k_diffusion.sampling.sample_dpmpp_2m
+               |  diffusers EDMDPMSolverMultistepScheduler(dpmsolver++, solver_order=2), the same Karras grid
+               plus a zero-length last step (see diffusers_multistep; DPMSolverMultistepScheduler cannot take the
+               grid: not comparable)
+  dpmpp_2m_sde fd.sample(method="dpmpp_2m_sde")      |  k_diffusion.sampling.sample_dpmpp_2m_sde (its default
+               BrownianTree noise); diffusers' sde-dpmsolver++ cannot run the grid (see diffusers_multistep)
+A point cloud's dpmpp peers run two models each: fastdiff's own PointCloud.denoise and a naive torch denoiser
+(naive_pointcloud_denoiser: cdist / logsumexp / matmul in float32, what a user writes without fastdiff); the
+provider names say which.
 Every fastdiff backend runs through fd.sample(..., backend=name); a point cloud goes through the fused
-whole-trajectory op pointcloud_sample. The reference is fd.sample(..., backend="torch").
+whole-trajectory op pointcloud_sample (fd.sample picks the fused path for a method where the backend has
+one). The reference is fd.sample(..., backend="torch").
 
 The `mlp loop` case is a user network's loop (M = 1024, d = 2, 1000 steps on CUDA; ancestral SDE):
 fd.sample(fd.from_model(mlp, ...), cuda_graph=True) (the whole loop captured in a CUDA graph and replayed),
@@ -55,7 +65,16 @@ GRID = ((-1.6, 1.6), (-1.6, 1.6))
 REF = fastdiff_provider("torch")
 EAGER_LOOP = "torch eager loop (randn)"
 MLP_WIDTH = 128
-METHODS = {"euler ODE": ("euler", True), "ancestral SDE": ("ei-x0", False)}
+METHODS = {"euler ODE": ("euler", True), "ancestral SDE": ("ei-x0", False),
+           "dpmpp_2m": ("dpmpp_2m", False), "dpmpp_2m_sde": ("dpmpp_2m_sde", False)}
+DETERMINISTIC = ("euler ODE", "dpmpp_2m")          # max |x − x_first| is reported for these
+# k-diffusion's sampler for each method (k_diffusion.sampling.<name>, called with its defaults)
+KDIFFUSION = {"euler ODE": "sample_euler", "ancestral SDE": "sample_euler_ancestral",
+              "dpmpp_2m": "sample_dpmpp_2m", "dpmpp_2m_sde": "sample_dpmpp_2m_sde"}
+MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde")            # issue 14: peers with both point-cloud denoisers
+NAIVE = "naive torch denoiser"
+EDM_SCHEDULER = "diffusers EDMDPMSolverMultistepScheduler"
+SIGMA_DATA = 0.5                                     # the MLP's EDM preconditioning (and diffusers' EDM scheduler)
 
 
 def settings(ctx: Context):
@@ -73,6 +92,12 @@ def settings(ctx: Context):
 REF_STEPS = 100
 
 
+# Targets against the peers' loops (issue 14): these target cases run the peers too (the others time fastdiff only).
+PEER_TARGETS = ("issue 14",)
+# Issue 14's sizes: the MLP at M = 1024, d = 2 and the point cloud at N = M = 10⁴, both 100 steps of dpmpp_2m.
+TARGET_STEPS_I14 = 100
+
+
 def target_cases(ctx: Context):
     """[(denoiser, method, n, steps, N data points, label)]: the targets' exact sizes."""
     if ctx.quick:
@@ -80,7 +105,9 @@ def target_cases(ctx: Context):
     if ctx.cuda:
         return [("pointcloud", "ancestral SDE", 100_000, 1000, N_DATA_TARGET, "issue 3"),
                 ("pointcloud", "ancestral SDE", 10_000, 200, N_DATA_TARGET, "issue 4")]
-    return [("pointcloud", "ancestral SDE", 10_000, 200, N_DATA_TARGET, "issue 4")]
+    return [("pointcloud", "ancestral SDE", 10_000, 200, N_DATA_TARGET, "issue 4"),
+            ("mlp", "dpmpp_2m", 1024, TARGET_STEPS_I14, N_DATA, "issue 14"),
+            ("pointcloud", "dpmpp_2m", 10_000, TARGET_STEPS_I14, N_DATA_TARGET, "issue 14")]
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -161,9 +188,21 @@ def dataset(ctx: Context, S, N: int):
     ref_draws = data64[torch.randint(N, (w2_n,), generator=g)] + math.sqrt(BANDWIDTH) * torch.randn(
         w2_n, 2, generator=g, dtype=torch.float64)
     S["datasets"][N] = out = {
-        "N": N, "data64": data64, "density": lambda z: truth.data_log_prob(z).exp(), "ref_draws": ref_draws,
+        "N": N, "data64": data64, "density": _memo_density(truth), "ref_draws": ref_draws,
         "cloud": fd.PointCloud(data64.float().to(ctx.device), process, bandwidth=BANDWIDTH), "floor": {}}
     return out
+
+
+def _memo_density(truth):
+    """The true density, remembered for the last points asked: kl_histogram evaluates it on the same quadrature
+    nodes for every row (40 000 nodes × N points in float64, most of a quick row's cost otherwise)."""
+    last = {}
+
+    def density(z):
+        if "z" not in last or last["z"].shape != z.shape or not torch.equal(last["z"], z):
+            last["z"], last["f"] = z.clone(), truth.data_log_prob(z).exp()
+        return last["f"]
+    return density
 
 
 def grid(S, steps: int):
@@ -219,15 +258,23 @@ def samplers(ctx: Context, S, den_name: str, den, method: str, times, peers: boo
 
         def model(x, sigma):
             return net(x, sigma.reshape(-1)[:1].expand(x.shape[0]) if sigma.numel() == 1 else sigma)
+    multistep = method in MULTISTEP
+    # the models each peer loop runs, labelled: a point cloud's multistep peers run both fastdiff's own denoiser
+    # and the naive torch one a user would write without fastdiff, so both ratios are visible
+    if den_name == "pointcloud" and multistep:
+        naive = naive_pointcloud_denoiser(den.data, BANDWIDTH)
+        k_models = [(" + fastdiff PointCloud.denoise", model), (f" + {NAIVE}", naive)]
+        d_models = [(f" + {NAIVE}", naive)]
+    else:
+        k_models = d_models = [("", model)]
     K, reason = kdiffusion_sampling()
     if K is None:
         ctx.note(SUITE, "k-diffusion", reason)
-    elif method == "euler ODE":
-        out.append(("k-diffusion sample_euler", None,
-                    lambda xT: K.sample_euler(model, xT.clone(), sig, disable=True), not ctx.cuda))
     else:
-        out.append(("k-diffusion sample_euler_ancestral", None,
-                    lambda xT: K.sample_euler_ancestral(model, xT.clone(), sig, disable=True), not ctx.cuda))
+        fn = getattr(K, KDIFFUSION[method])
+        for suffix, m in k_models:
+            out.append((f"k-diffusion {KDIFFUSION[method]}{suffix}", None,
+                        lambda xT, fn=fn, m=m: fn(m, xT.clone(), sig, disable=True), not ctx.cuda))
     sched_mod, reason = optional_import("diffusers", "pip install diffusers")
     if sched_mod is None:
         ctx.note(SUITE, "diffusers", reason)
@@ -244,10 +291,88 @@ def samplers(ctx: Context, S, den_name: str, den, method: str, times, peers: boo
                 x = sched.step(pred, t, x, return_dict=False)[0]
             return x
         out.append(("diffusers EulerDiscreteScheduler", None, diffusers_loop, not ctx.cuda))
+    elif multistep:
+        out += diffusers_multistep(ctx, S, sched_mod, den_name, method, times, d_models)
     else:
         ctx.note(SUITE, "diffusers EulerAncestralDiscreteScheduler", "set_timesteps takes no custom sigmas, so "
                  "it cannot run the same grid: not compared", kind="not comparable")
     return out
+
+
+def naive_pointcloud_denoiser(data: torch.Tensor, bandwidth: float):
+    """What a user writes without fastdiff: D(x, σ) of the kernel density (points y_i, variance `bandwidth`)
+    under the suite's VE process (α = 1), in float32 with stock torch ops, the whole [M, N] logit matrix at once:
+    w = softmax_i(−|x − y_i|² / 2c) (cdist, logsumexp), c = σ² + bandwidth, D = (σ² Σ w_i y_i + bandwidth x) / c."""
+    y = data.to(torch.float32)
+
+    def denoise(x, sigma):
+        # a 0-dim tensor: no host sync per step (k-diffusion's σ is on the device, diffusers' on the CPU)
+        s2 = sigma.reshape(-1)[0].to(device=x.device, dtype=torch.float32).square()
+        c = s2 + bandwidth
+        logits = torch.cdist(x, y).square_().div_(-2 * c)
+        w = (logits - torch.logsumexp(logits, 1, keepdim=True)).exp_()
+        return (s2 * (w @ y) + bandwidth * x) / c
+    return denoise
+
+
+def diffusers_multistep(ctx: Context, S, sched_mod, den_name: str, method: str, times, models):
+    """diffusers' DPM-Solver++(2M) loops on the suite's grid, or notes saying why a scheduler cannot run it.
+
+    DPMSolverMultistepScheduler takes no custom sigmas: its grid comes from its discrete training schedule (integer
+    timesteps, float32 alphas_cumprod), which cannot hold the Karras grid 80 → 1e-3. EDMDPMSolverMultistepScheduler
+    (the same solver for the VE / EDM parametrisation) builds exactly that Karras grid (sigma_min, sigma_max, rho = 7;
+    computed in float32) and appends a last σ: 0 (one more step, to 0) or sigma_min. With sigma_min and
+    num_inference_steps = K + 1 it runs the suite's K steps followed by one zero-length step, which leaves x
+    unchanged (to float32 rounding: its σ is recomputed) and costs one more model evaluation. Its model is
+    EDM's F: the loop feeds c_in·x and c_noise = log(σ)/4 and the scheduler forms D = c_skip x + c_out F
+    (σ_data = 0.5, the MLP's own preconditioning; a point cloud's D is converted to F = (D − c_skip x) / c_out)."""
+    ctx.note(SUITE, "diffusers DPMSolverMultistepScheduler", "set_timesteps takes only a step count or integer "
+             "timesteps of its discrete training schedule (float32 alphas_cumprod), so it cannot run the Karras grid "
+             "σ = 80 → 1e-3: not compared; EDMDPMSolverMultistepScheduler (the same solver, VE/EDM form) runs it",
+             kind="not comparable")
+    if method == "dpmpp_2m_sde":
+        # the zero-length last step goes from the float32 Karras σ_K (just below 1e-3) up to sigma_min = 1e-3 exactly:
+        # h < 0 there, and sde-dpmsolver++'s noise scale sqrt(1 − e^{−2h}) is NaN
+        ctx.note(SUITE, f"{EDM_SCHEDULER} (sde-dpmsolver++)", "cannot run the suite's grid (K steps ending at "
+                 "σ = 1e-3): its final σ is 0 (one more step) or sigma_min, and with sigma_min its zero-length last "
+                 "step has h < 0 after float32 rounding, where the SDE noise scale sqrt(1 − e^(−2h)) is NaN: "
+                 "not compared",
+                 kind="not comparable")
+        return []
+    steps = times.numel() - 1
+    sched = sched_mod.EDMDPMSolverMultistepScheduler(
+        sigma_min=float(times[-1]), sigma_max=float(times[0]), sigma_data=SIGMA_DATA, rho=7.0,
+        algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="sigma_min")
+    sched.set_timesteps(steps + 1, device=ctx.device)
+    if not torch.allclose(sched.sigmas[:-1].double(), times.double().cpu(), rtol=1e-5, atol=0.0):
+        ctx.note(SUITE, EDM_SCHEDULER, "its Karras grid differs from the suite's beyond float32 rounding: not compared",
+                 kind="not comparable")
+        return []
+    net = S["net"]
+    out = []
+    for suffix, model in models:
+        if den_name == "pointcloud":
+            def F(x_in, x, sigma, c_noise, model=model):
+                c_skip, c_out = _edm_skip_out(sigma)
+                return (model(x, sigma) - c_skip * x) / c_out
+        else:
+            def F(x_in, x, sigma, c_noise):
+                return net.net(torch.cat([x_in, c_noise.reshape(1, 1).expand(x.shape[0], 1)], 1))
+
+        def loop(xT, F=F):
+            sched.set_timesteps(steps + 1, device=ctx.device)
+            x = xT.clone()
+            for i, t in enumerate(sched.timesteps):
+                x_in = sched.scale_model_input(x, t)
+                x = sched.step(F(x_in, x, sched.sigmas[i], t), t, x, return_dict=False)[0]
+            return x
+        out.append((f"{EDM_SCHEDULER}{suffix}", None, loop, not ctx.cuda))
+    return out
+
+
+def _edm_skip_out(sigma):
+    sd2 = SIGMA_DATA**2
+    return sd2 / (sigma * sigma + sd2), sigma * SIGMA_DATA / (sigma * sigma + sd2).sqrt()
 
 
 def loop_samplers(ctx: Context, S, times):
@@ -341,6 +466,23 @@ def _floor_row(ctx, S, DS, op, case, n, steps, target):
                 note="exact samples of the true density: the floor of the KL and W2 estimators at this n")
 
 
+def row_note(provider: str) -> str | None:
+    """What a peer row runs beyond its name (None for the others)."""
+    notes = []
+    if provider.startswith(EDM_SCHEDULER):
+        notes.append("the suite's Karras grid (σ computed by diffusers in float32) plus one zero-length last step "
+                     "(σ_min to σ_min: x unchanged to float32 rounding, one more model evaluation); dpmsolver++, "
+                     "solver_order=2")
+    if provider.startswith("k-diffusion sample_dpmpp_2m_sde"):
+        notes.append("k-diffusion's default noise: BrownianTreeNoiseSampler (torchsde)")
+    if provider.endswith(NAIVE):
+        notes.append(f"{NAIVE}: stock torch in float32, the whole [M, N] logit matrix at once (cdist, logsumexp, "
+                     "matmul); not fastdiff's kernels")
+    elif provider.endswith("fastdiff PointCloud.denoise"):
+        notes.append("the peer's loop calling fastdiff's own point-cloud denoiser each step")
+    return "; ".join(notes) or None
+
+
 def _sample_into(last: dict, fn, xT):
     """One timed run; its samples are kept in last["x"] for the metrics."""
     with torch.no_grad():
@@ -398,9 +540,11 @@ def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, c
                        shape=f"n={n},N={DS['N']},d=2,steps={steps}", N=DS["N"], d=2, n_elems=n, steps=steps,
                        dtype="float32", throughput=n / t.median_s, unit="samples/s", ceiling=ceiling,
                        ceiling_throughput=bound, roofline_fraction=frac, kl=kl, w2=w2, max_abs_diff=diff,
-                       target=target, note=None if provider not in scaled else
+                       target=target, note=row_note(provider) if provider not in scaled else
                        f"extrapolated: timed over the first {round(steps / scaled[provider])} of {steps} steps "
                        f"(the cost of a step does not depend on the step) and scaled by {scaled[provider]:g}")
+        if row_note(provider):      # once per provider in the report's notes too (each row's note is in the CSV)
+            ctx.note(SUITE, provider, row_note(provider), kind="how measured")
         del last
     cleanup(ctx.device)
 
@@ -414,14 +558,14 @@ def run_case(ctx: Context, den: str, method: str, n: int, steps: int, N: int, ta
     denoiser = DS["cloud"] if den == "pointcloud" else S["mlp"]
     xT = S["process"].prior(n, 2, seed=3, dtype=torch.float32, device=ctx.device)
     _floor_row(ctx, S, DS, op, case, n, steps, target)
-    provs = samplers(ctx, S, den, denoiser, method, times, peers=target is None)
+    provs = samplers(ctx, S, den, denoiser, method, times, peers=target is None or target in PEER_TARGETS)
     scaled = {}
     if ctx.cuda and steps > REF_STEPS:
         provs = [(p, b, fd_sampler(ctx, S, denoiser, method, times[:REF_STEPS + 1], b), w) if p == REF else (p, b, f, w)
                  for p, b, f, w in provs]
         scaled[REF] = steps / REF_STEPS
     _time_providers(ctx, S, DS, provs, xT, op=op, case=case, den=den, n=n, steps=steps, target=target,
-                    compare_ode=method == "euler ODE", scaled=scaled)
+                    compare_ode=method in DETERMINISTIC, scaled=scaled)
 
 
 def run_loop_case(ctx: Context, n: int, steps: int, target: str | None):
