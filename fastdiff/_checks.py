@@ -188,6 +188,10 @@ def check_kernel_table(table) -> torch.Tensor:
     sigma = t[:, _table.SIGMA]
     if not bool((sigma > 0).all()):
         raise ValueError("table column sigma must be positive at every step (D is never evaluated at t = 0)")
+    early = [k for k, col in ((0, _table.B1), (0, _table.B2), (1, _table.B2)) if k < t.shape[0] and t[k, col] != 0]
+    if early:   # there is no D_{-1} or D_{-2} (csrc/common/table.h first_row_before_history)
+        raise ValueError(f"table row {early[0]} uses a D from before the first step: B1 must be 0 at row 0 and B2 "
+                         "at rows 0 and 1")
     return t.contiguous()
 
 

@@ -292,7 +292,9 @@ class CudaEmuBackend(_backend.Backend):
         M, d = x.shape
         K = table.shape[0]
         traj = _nan_like(x, (K + 1, M, d)) if return_trajectory else None
-        scratch = _emu_scratch(x)                      # held for the call: the launcher gets its pointer
+        # held for the call: the launcher gets its pointer; sized as csrc/ops/ sizes it (history buffers included)
+        n_scratch = emulator().sample_scratch(table.data_ptr(), K, M, d)
+        scratch = _nan_like(x, (n_scratch,)) if n_scratch else None
         _emu_fn("pointcloud_sample", x)(x.data_ptr(), data.data_ptr(), table.data_ptr(), M, data.shape[0], d, K,
                                         seed, sample_offset, _ptr(lw), float(bandwidth), _ptr(traj), _ptr(scratch))
         return traj

@@ -157,7 +157,8 @@ def emu_pointcloud_sample(emu, x, data, table, seed, sample_offset=0, log_weight
     M, d = x.shape
     K = table.shape[0]
     traj = _nan_like(x, (K + 1, M, d)) if return_trajectory else None
-    scratch = _nan_like(x, (M * (d + 1),)) if d > 64 else None
+    n_scratch = emu.sample_scratch(table.data_ptr(), K, M, d)      # as csrc/ops/ sizes it (history included)
+    scratch = _nan_like(x, (n_scratch,)) if n_scratch else None
     _fn(emu, "pointcloud_sample", x)(x.data_ptr(), data.data_ptr(), table.data_ptr(), M, data.shape[0], d, K, seed,
                                      sample_offset, _ptr(lw), float(bandwidth), _ptr(traj), _ptr(scratch))
     return traj
@@ -362,15 +363,15 @@ def test_pointcloud_sample_follows_the_reference_step_by_step(emu, dtype, proces
     check_sample(emu, x, y, _step_table(process, K, method, ode), 3, 7, lw, 0.01)
 
 
-@pytest.mark.parametrize("col", [_table.B1, _table.B2], ids=["B1", "B2"])
-def test_pointcloud_sample_refuses_the_multistep_columns(emu, col):
-    """Not implemented by the CUDA kernels yet: a table that uses B1 or B2 anywhere is refused, never run as if
-    they were 0; x is untouched."""
+@pytest.mark.parametrize("row, col", [(0, _table.B1), (1, _table.B2)], ids=["B1-row0", "B2-row1"])
+def test_pointcloud_sample_refuses_history_from_before_the_first_row(emu, row, col):
+    """The CUDA kernels run B1/B2 with the D's of earlier rows; a first row that would use D_{-1} or D_{-2} (which
+    do not exist) is refused, never run on unset history; x is untouched."""
     x = torch.randn(5, 3, generator=_gen(40))
     table = _step_table(fd.VP(), 3)
-    table[1, col] = -0.5
+    table[row, col] = -0.5
     xc = x.clone()
-    with pytest.raises(ValueError, match="multistep columns B1/B2 .*not supported by the cuda kernel yet.*row 1"):
+    with pytest.raises(ValueError, match=f"table row {row} uses a D from before the first step"):
         emu_pointcloud_sample(emu, xc, torch.randn(4, 3, generator=_gen(41)), table, 0)
     assert torch.equal(xc, x)
 

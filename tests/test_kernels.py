@@ -334,17 +334,17 @@ def test_pointcloud_sample_checks_the_table_and_leaves_x_untouched_on_error():
         assert torch.equal(xc, x)
 
 
-@pytest.mark.parametrize("col", ["B1", "B2"])
+@pytest.mark.parametrize("row, col", [(0, "B1"), (0, "B2"), (1, "B2")])
 @pytest.mark.parametrize("value", [0.25, -1e-300, math.nan])
-def test_pointcloud_sample_refuses_the_multistep_columns(col, value):
-    """The cpu kernel does not implement B1/B2 yet: a table that uses them anywhere is an error (never run as if
-    they were 0), and x is untouched."""
+def test_pointcloud_sample_refuses_history_from_before_the_first_row(row, col, value):
+    """The cpu glue runs the multistep columns B1/B2 with the D's of earlier rows; a first row that would use
+    D_{-1} or D_{-2} (which do not exist) is an error, never run on unset history, and x is untouched."""
     C = _compiled()
     x, y = torch.randn(4, 3, generator=_gen(26)), torch.randn(6, 3, generator=_gen(27))
     table = _table.pack([0.9, 0.8, 0.7], [0.5, 0.4, 0.3], [1.0, 0.99, 0.98], 0.1, 0.2)
-    table[2, _table.COLUMNS.index(col)] = value
+    table[row, _table.COLUMNS.index(col)] = value
     xc = x.clone()
-    with pytest.raises(ValueError, match="multistep columns B1/B2 .*not supported by the cpu kernel yet.*row 2"):
+    with pytest.raises(ValueError, match=f"table row {row} uses a D from before the first step"):
         C.pointcloud_sample(xc, y, table, 0, 0)
     assert torch.equal(xc, x)
 

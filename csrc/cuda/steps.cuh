@@ -16,12 +16,40 @@ struct StepCoeffs {
   double A, B, C;
 };
 
+// The multistep terms of one query after its one-step update, in T as the affine update (x += B1 D_{k−1}, then
+// x += B2 D_{k−2}; a zero coefficient reads nothing: the first rows' history is unset), then the history moves
+// on: D_{k−2} ← D_{k−1} ← D_k. Registers only (the arrays are indexed by unrolled constants).
+template <typename T, int DMAX, int HIST>
+__device__ __forceinline__ void add_history_small_d(T (&x)[DMAX], const T (&D)[DMAX], T (&H1)[HIST >= 1 ? DMAX : 1],
+                                                    T (&H2)[HIST >= 2 ? DMAX : 1], int d, double B1, double B2) {
+  if (B1 != 0.0) {
+    const T b = static_cast<T>(B1);
+#pragma unroll
+    for (int e = 0; e < DMAX; ++e)
+      if (e < d) x[e] = x[e] + b * H1[e];
+  }
+  if constexpr (HIST >= 2) {
+    if (B2 != 0.0) {
+      const T b = static_cast<T>(B2);
+#pragma unroll
+      for (int e = 0; e < DMAX; ++e)
+        if (e < d) x[e] = x[e] + b * H2[e];
+    }
+#pragma unroll
+    for (int e = 0; e < DMAX; ++e) H2[e] = H1[e];
+  }
+#pragma unroll
+  for (int e = 0; e < DMAX; ++e) H1[e] = D[e];
+}
+
 // One thread per query; steps [k0, k1) (noise step index k); queries stay in registers across steps. traj, when
-// given, receives the states after each step at [k + 1] (the caller writes [0]). B1/B2 are not read (the glue
-// refuses tables that use them).
+// given, receives the states after each step at [k + 1] (the caller writes [0]). HIST (0..2): how many past D's
+// the table uses (history_depth, csrc/common/table.h); they stay in registers too, and after each one-step update
+// x += B1 D_{k−1}, then x += B2 D_{k−2} (a zero coefficient reads nothing). HIST = 0 reads no B1/B2 (one-step
+// tables, pointcloud_step): the kernel as it was before the multistep columns.
 // x_in and x_out may be the same array (whole trajectories, and pointcloud_step with out = x): no __restrict__;
 // each thread reads its own row before it writes it.
-template <typename T, int DMAX>
+template <typename T, int DMAX, int HIST = 0>
 __global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
                                         StepCoeffs co, uint64_t seed, uint64_t sample_offset, T* __restrict__ traj) {
   FD_EXTERN_SHARED(T, tile);
@@ -30,6 +58,7 @@ __global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int
   const bool active = i < M;
   const int d = static_cast<int>(c.d);
   T xr[DMAX], Dr[DMAX];
+  T H1[HIST >= 1 ? DMAX : 1], H2[HIST >= 2 ? DMAX : 1];   // D_{k−1}, D_{k−2} (unset until written)
 #pragma unroll
   for (int k = 0; k < DMAX; ++k) xr[k] = (active && k < d) ? x_in[i * d + k] : T(0);
   for (int64_t k = k0; k < k1; ++k) {
@@ -40,6 +69,7 @@ __global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int
     if (active) {
       const double A = row ? row[kColA] : co.A, B = row ? row[kColB0] : co.B, C = row ? row[kColC] : co.C;
       update_small_d<T, DMAX>(xr, Dr, d, A, B, C, seed, static_cast<uint32_t>(k), sample_offset + i);
+      if constexpr (HIST > 0) add_history_small_d<T, DMAX, HIST>(xr, Dr, H1, H2, d, row[kColB1], row[kColB2]);
       if (traj) {
 #pragma unroll
         for (int e = 0; e < DMAX; ++e)
@@ -53,15 +83,15 @@ __global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int
     if (e < d) x_out[i * d + e] = xr[e];
 }
 
-template <typename T, int DMAX>
+template <typename T, int DMAX, int HIST = 0>
 cudaError_t launch_steps_small(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
                                const StepCoeffs& co, uint64_t seed, uint64_t off, T* traj, cudaStream_t st) {
   const size_t shmem = (kTile * c.d + kTile) * sizeof(T);
-  const cudaError_t e = opt_in_shared(pointcloud_steps_kernel<T, DMAX>, (kTile * DMAX + kTile) * sizeof(T));
+  const cudaError_t e = opt_in_shared(pointcloud_steps_kernel<T, DMAX, HIST>, (kTile * DMAX + kTile) * sizeof(T));
   if (e != cudaSuccess) return e;
   const unsigned blocks = static_cast<unsigned>((M + kThreads - 1) / kThreads);
-  FD_LAUNCH(blocks, kThreads, shmem, st, pointcloud_steps_kernel<T, DMAX>)(c, x_in, x_out, M, k0, k1, co, seed, off,
-                                                                         traj);
+  FD_LAUNCH(blocks, kThreads, shmem, st, pointcloud_steps_kernel<T, DMAX, HIST>)(c, x_in, x_out, M, k0, k1, co, seed,
+                                                                               off, traj);
   return cudaGetLastError();
 }
 

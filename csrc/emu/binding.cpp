@@ -63,21 +63,26 @@ void pointcloud_step(uintptr_t x, uintptr_t y, uintptr_t log_w, uintptr_t out, i
 }
 
 // The contract's order (x, data, table, seed, sample_offset, log_weights, bandwidth, trajectory), as pointers, with
-// the sizes and the large-d scratch csrc/ops/ would supply. table: float64 [K, kTableWidth] (csrc/common/table.h);
-// its multistep columns are refused here as csrc/ops/ refuses them.
+// the sizes and the large-d scratch csrc/ops/ would supply (sample_scratch elements). table: float64 [K, kTableWidth]
+// (csrc/common/table.h); a table whose first rows use D's from before row 0 is refused here as csrc/ops/ refuses it.
 template <typename T>
 void pointcloud_sample(uintptr_t x, uintptr_t y, uintptr_t table, int64_t M, int64_t N, int64_t d, int64_t K,
                        uint64_t seed, uint64_t sample_offset, uintptr_t log_w, double bandwidth, uintptr_t traj,
                        uintptr_t scratch) {
   const double* rows = ptr<const double>(table);
-  const int64_t k = fastdiff::first_multistep_row(rows, K);
+  const int64_t k = fastdiff::first_row_before_history(rows, K);
   if (k >= 0)
-    throw pybind11::value_error("pointcloud_sample: the multistep columns B1/B2 of table are not supported by the "
-                                "cuda kernel yet (row " + std::to_string(k) + ")");
+    throw pybind11::value_error("pointcloud_sample: table row " + std::to_string(k) +
+                                " uses a D from before the first step");
   // The emulated device memory is host memory: the device and host copies of the table are the same array.
   check(fc::launch_pointcloud_sample<T>(cloud<T>(y, log_w, N, d, bandwidth), ptr<T>(x), M, K, rows, rows, seed,
                                         sample_offset, ptr<T>(traj), ptr<T>(scratch), nullptr),
         "pointcloud_sample");
+}
+
+// The scratch elements pointcloud_sample needs for this table (what csrc/ops/pointcloud_sample.cpp allocates).
+int64_t sample_scratch(uintptr_t table, int64_t K, int64_t M, int64_t d) {
+  return fc::pointcloud_sample_scratch(M, d, fastdiff::history_depth(ptr<const double>(table), K));
 }
 
 // ---------------------------------------------------------------- the emulator's own checks
@@ -169,5 +174,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind<float>(m, "f32");
   bind<double>(m, "f64");
   m.def("selftest", &selftest);
+  m.def("sample_scratch", &sample_scratch);
   m.attr("cuda_max_d") = fastdiff::kCudaMaxD;   // the launchers' limit, as fastdiff._C.build_config() reports it
 }

@@ -95,21 +95,20 @@ inline void check_cuda_d(int64_t d, const char* op) {
 }
 
 // The step table of pointcloud_sample (csrc/common/table.h): float64 [K, kTableWidth], contiguous, in host memory
-// (the kernels read it as it is; the CUDA glue copies it to the device once). `kernel` names the kernel that
-// refuses the multistep columns B1/B2 until it implements them: a nonzero entry is an error, never ignored.
-inline void check_step_table(const at::Tensor& table, const char* kernel) {
+// (the kernels read it as it is; the CUDA glue copies it to the device once). Its first rows must not use D's
+// from before the first step (there are none): B1 = 0 at row 0, B2 = 0 at rows 0 and 1.
+inline void check_step_table(const at::Tensor& table) {
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == kTableWidth, "table must have shape [K, ", kTableWidth,
                     "] (columns t, alpha, sigma, A, B0, B1, B2, C; fastdiff/_table.py), got ", shape_str(table));
   TORCH_CHECK_TYPE(table.scalar_type() == at::kDouble, "table must be float64, got ", table.scalar_type());
   TORCH_CHECK_VALUE(table.is_cpu(), "table must be a CPU tensor (the step table is host data), got one on ",
                     table.device());
   TORCH_CHECK_VALUE(table.is_contiguous(), "table must be contiguous (row-major [K, ", kTableWidth, "])");
-  const int64_t k = first_multistep_row(table.data_ptr<double>(), table.size(0));
+  const int64_t k = first_row_before_history(table.data_ptr<double>(), table.size(0));
   if (k >= 0) {
     const double* row = table.data_ptr<double>() + k * kTableWidth;
-    TORCH_CHECK_VALUE(false, "pointcloud_sample: the multistep columns B1/B2 of table are not supported by the ",
-                      kernel, " kernel yet (row ", k, " has B1=", row[kColB1], ", B2=", row[kColB2],
-                      "); run multistep tables on the torch backend");
+    TORCH_CHECK_VALUE(false, "pointcloud_sample: table row ", k, " uses a D from before the first step (B1=",
+                      row[kColB1], ", B2=", row[kColB2], "); B1 must be 0 at row 0 and B2 at rows 0 and 1");
   }
 }
 

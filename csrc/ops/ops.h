@@ -21,7 +21,8 @@ at::Tensor pointcloud_step(const at::Tensor& x, const at::Tensor& data, const at
 
 // x [M, d] is updated in place through every row of `table` (float64 [K, 8] contiguous CPU tensor,
 // csrc/common/table.h and fastdiff/_table.py); returns the trajectory [K+1, M, d] when asked, else None.
-// A table whose multistep columns B1/B2 are nonzero is refused (not implemented by these kernels yet).
+// The multistep columns B1/B2 use the D's of the table's earlier rows; a first row that would use D_{-1} or
+// D_{-2} (B1 at row 0, B2 at rows 0 and 1) is refused.
 std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& data, const at::Tensor& table,
                                             uint64_t seed, uint64_t sample_offset,
                                             const std::optional<at::Tensor>& log_weights, double bandwidth,

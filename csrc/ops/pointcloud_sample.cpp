@@ -17,7 +17,7 @@ std::optional<at::Tensor> pointcloud_sample(at::Tensor& x_io, const at::Tensor& 
                                             bool return_trajectory) {
   check_points(x_io, "x");
   check_supported_device(x_io);
-  check_step_table(table, x_io.is_cpu() ? "cpu" : "cuda");
+  check_step_table(table);
   TORCH_CHECK(bandwidth >= 0, "bandwidth must be >= 0, got ", bandwidth);
   check_sample_range(sample_offset, x_io.size(0));
   const int64_t M = x_io.size(0), d = x_io.size(1), K = table.size(0);
@@ -45,7 +45,8 @@ std::optional<at::Tensor> pointcloud_sample(at::Tensor& x_io, const at::Tensor& 
 #ifdef FASTDIFF_WITH_CUDA
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor table_dev = table.to(x.device());   // the one host-to-device copy of the table per call
-  at::Tensor scratch = d > 64 ? at::empty({M * (d + 1)}, x.options()) : at::Tensor();
+  const int64_t scratch_elems = cuda::pointcloud_sample_scratch(M, d, history_depth(table_host, K));
+  at::Tensor scratch = scratch_elems ? at::empty({scratch_elems}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_sample_cuda", [&] {
     const cuda::Cloud<scalar_t> c{data.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};
     const cudaError_t err = cuda::launch_pointcloud_sample<scalar_t>(
