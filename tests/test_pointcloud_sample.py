@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import fastdiff as fd
-from contract import F64, backend_dtypes, check_trajectory, device, gen, step_table
-from fastdiff import ops
+from contract import CUDA, F32, F64, backend_dtypes, backends, check_trajectory, cloud, device, gen, step_table
+from fastdiff import _table, ops
 
 
 @pytest.mark.parametrize("backend, dtype", backend_dtypes())
@@ -31,9 +31,117 @@ def test_pointcloud_sample_follows_the_reference_step_by_step(backend, dtype, pr
     check_trajectory(traj, x, y, table, 3, 7, lw, 0.01)
 
 
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+@pytest.mark.parametrize("d", [3, 9])              # the CPU's one-query kernel (d <= 4) and the blocked one (d >= 5)
+def test_pointcloud_sample_runs_the_table_row_by_row(backend, dtype, d):
+    """Each state of the trajectory is the reference step of the table's row k (noise step k) from the kernel's
+    previous state; x ends as the last state, updated in place."""
+    M, N, K, seed, off = 37, 29, 4, 11, 2**33 + 5
+    p = fd.DriftedVE(T=10.0, beta="t")
+    table = step_table(p, K, "ei-x0")
+    y = cloud(N, d, 21, duplicates=True).to(dtype)
+    lw = torch.log(torch.rand(N, generator=gen(22), dtype=F64) + 0.1).to(dtype)
+    x = p.prior(M, d, seed=23).to(dtype)
+    dev = device(backend)
+    xk = x.clone().to(dev)
+    traj = ops.pointcloud_sample(xk, y.to(dev), table, seed, off, lw.to(dev), 0.01, True, backend=backend).cpu()
+    assert traj.shape == (K + 1, M, d) and traj.dtype == dtype
+    assert torch.equal(traj[-1], xk.cpu()) and not torch.equal(traj[-1], x)
+    check_trajectory(traj, x, y, table, seed, off, lw, 0.01)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("d", [2, 6])
+def test_pointcloud_step_is_a_one_row_table(backend, d):
+    """pointcloud_step and pointcloud_sample share one kernel path: step 0 of a one-row table is bit for bit
+    the step; a strided x is updated in place, and return_trajectory=False returns None."""
+    dev = device(backend)
+    y = cloud(40, d, 24).float().to(dev)
+    x = torch.randn(50, d, generator=gen(25)).to(dev)
+    row = _table.pack(0.8, 0.6, 1.05, 0.3, 0.4)
+    stepped = ops.pointcloud_step(x, y, 0.8, 0.6, 1.05, 0.3, 0.4, 7, 0, 3, backend=backend)
+    xs = x.clone()
+    assert ops.pointcloud_sample(xs, y, row, 7, 3, backend=backend) is None
+    assert torch.equal(xs, stepped)
+    strided = torch.zeros(50, 2 * d, device=dev)[:, ::2]
+    strided.copy_(x)
+    ops.pointcloud_sample(strided, y, row, 7, 3, backend=backend)
+    assert torch.equal(strided, stepped)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("process, method, ode, d", [
+    (fd.VP(), "ei", False, 2),
+    (fd.DriftedVE(T=10.0, beta="t"), "ei-x0", False, 3),
+    (fd.PureVE(T=10.0), "euler", True, 7),
+    (fd.OU(theta=0.5, g=1.0, T=10.0), "ei", False, 65),
+], ids=["VP-2", "DriftedVE-3", "PureVE-ode-7", "OU-65"])
+def test_pointcloud_sample_normalised_weights_step_by_step(backend, process, method, ode, d):
+    """Normalised weights (a bandwidth for d = 3), K = 6, sample_offset 0, float32."""
+    g = gen(d)
+    N, M, K = 23, 9, 6
+    data = torch.randn(N, d, generator=g)
+    x = process.prior(M, d, seed=4)
+    weights = torch.rand(N, generator=g, dtype=F64) + 0.1
+    lw = torch.log(weights / weights.sum())
+    v = 0.05 if d == 3 else 0.0
+    table = step_table(process, K, method, ode)
+    dev = device(backend)
+    out = x.clone().to(dev)
+    traj = ops.pointcloud_sample(out, data.to(dev), table, 4, 0, lw.to(dev), v, True, backend=backend)
+    assert torch.equal(out, traj[-1])
+    check_trajectory(traj, x, data, table, 4, 0, lw, v)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_pointcloud_sample_is_batch_invariant_and_trajectory_optional(backend):
+    p = fd.VP()
+    d, N, M = 2, 17, 45
+    dev = device(backend)
+    data = torch.randn(N, d, generator=gen(17)).to(dev)
+    x = p.prior(M, d, seed=1).to(dev)
+    table = step_table(p, 5, "ei", schedule="uniform")
+    whole = x.clone()
+    assert ops.pointcloud_sample(whole, data, table, 1, 0, backend=backend) is None      # in place, no trajectory
+    assert not torch.equal(whole, x)
+    a, b = x[:20].clone(), x[20:].clone()
+    ops.pointcloud_sample(a, data, table, 1, 0, backend=backend)
+    ops.pointcloud_sample(b, data, table, 1, 20, backend=backend)
+    assert torch.equal(torch.cat([a, b]), whole)
+    y = x.clone()
+    traj = ops.pointcloud_sample(y, data, table, 1, 0, None, 0.0, True, backend=backend)
+    assert traj.shape == (len(table) + 1, *x.shape) and torch.equal(traj[-1], whole) and torch.equal(y, whole)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("d", [2, 5])
+def test_whole_trajectory_through_fd_sample_matches_the_reference(backend, d):
+    """fd.sample on a PointCloud (ei-x0, 12 karras steps of PureVE) against the torch backend's whole run."""
+    p = fd.PureVE(T=20.0)
+    data = cloud(40, d, 13)
+    cloud_ref = fd.PointCloud(data.float(), p, bandwidth=0.01)
+    kw = dict(n=64, steps=12, schedule="karras", method="ei-x0", seed=3, return_trajectory=True)
+    x_ref, traj_ref = fd.sample(cloud_ref, backend="torch", **kw)
+    cloud_dev = fd.PointCloud(data.float().to(device(backend)), p, bandwidth=0.01)
+    x_k, traj_k = fd.sample(cloud_dev, backend=backend, **kw)
+    assert traj_k.shape == traj_ref.shape == (13, 64, d)
+    for k in range(13):
+        scale = float(traj_ref[k].abs().max())
+        assert torch.allclose(traj_k[k].cpu(), traj_ref[k], rtol=1e-4, atol=1e-5 * scale), k
+
+
+# Triton under the interpreter: half a minute for what test_pointcloud_sample_is_batch_invariant_... checks
+@pytest.mark.parametrize("backend", backends(exclude=() if CUDA else ("triton",)))
+def test_batch_invariance_through_fd_sample(backend):
+    cloud_ = fd.PointCloud(cloud(50, 2, 14).float().to(device(backend)), fd.DriftedVE(T=30.0))
+    kw = dict(steps=10, method="ei", seed=8, backend=backend)
+    big = fd.sample(cloud_, n=300, **kw)
+    assert torch.equal(big[:100], fd.sample(cloud_, n=100, **kw))
+    assert torch.equal(big[120:200], fd.sample(cloud_, n=80, sample_offset=120, **kw))
+    assert torch.equal(big, fd.sample(cloud_, n=300, chunk_size=29, **kw))
+
 # ---------------------------------------------------------------- the multistep columns B1, B2 (issue 14, item 4)
-from contract import F32, backends, fa_close  # noqa: E402
-from fastdiff import _table  # noqa: E402
+from contract import fa_close  # noqa: E402
 from fastdiff.reference import affine_step as ref_affine  # noqa: E402
 from fastdiff.reference import pointcloud_sample as ref_sample  # noqa: E402
 from fastdiff.reference import posterior as ref_posterior  # noqa: E402

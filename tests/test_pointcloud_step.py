@@ -5,8 +5,10 @@ against the reference step from the same x (float32 relative to the float32 refe
 import pytest
 import torch
 
-from contract import F64, backend_dtypes, check_step, device, gen
+import fastdiff as fd
+from contract import F64, backend_dtypes, backends, check_step, cloud, device, gen
 from fastdiff import ops
+from fastdiff.reference import posterior as ref_posterior
 
 
 @pytest.mark.parametrize("backend, dtype", backend_dtypes())
@@ -23,3 +25,15 @@ def test_pointcloud_step_in_place_weights_and_bandwidth(backend, dtype, M, N, d)
     xi = x.clone().to(dev)                              # out = x: the same pointer as input and output
     ops.pointcloud_step(xi, y.to(dev), *args, lw.to(dev), 0.1, out=xi, backend=backend)
     assert torch.equal(xi, out)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_pointcloud_step_is_posterior_then_affine_step(backend):
+    dev = device(backend)
+    y = cloud(90, 3, 11, duplicates=True).float()
+    x = torch.randn(65, 3, generator=gen(12))
+    fused = ops.pointcloud_step(x.to(dev), y.to(dev), 0.7, 0.2, 1.1, 0.4, 0.3, 9, 4, 100, backend=backend).cpu()
+    D0, _ = ref_posterior(x.double(), y.double(), 0.7, 0.2)
+    z = fd.noise.normal(9, torch.arange(100, 165), 4, 3, dtype=F64)
+    ref = 1.1 * x.double() + 0.4 * D0 + 0.3 * z
+    assert torch.allclose(fused.double(), ref, rtol=1e-5, atol=1e-5)
