@@ -319,3 +319,24 @@ def test_a_scaled_provider_is_timed_on_a_prefix_and_scaled(monkeypatch):
     assert ref["provider"] == sample.REF and ref["median_s"] == 2.0 and ref["q75_s"] == 3.0 and ref["min_s"] == 0.5
     assert ref["kl"] is None and ref["w2"] is None and "first 100 of 1000 steps" in ref["note"]
     assert other["median_s"] == 0.2 and other["kl"] == 0.5 and other["note"] is None
+
+
+def test_issue14_pointcloud_target_runs_the_peers_and_a_scaled_reference(monkeypatch):
+    """The CPU point-cloud target (N = M = 10⁴) times the peers' loops beside fastdiff, and the step-by-step torch
+    reference over REF_STEPS_CPU steps only (scaled): nothing is timed here, the plan handed to the timer is read."""
+    import torch
+
+    from fastdiff.bench import sample, timing
+    from fastdiff.bench.common import Context
+    seen = {}
+    monkeypatch.setattr(sample, "_time_providers", lambda ctx, S, DS, provs, xT, **kw: seen.update(provs=provs, **kw))
+    monkeypatch.setattr(sample, "settings", lambda ctx: {"ns": (8,), "steps": 4, "train_iters": 2, "w2_n": 50,
+                                                         "loop": (8, 2)})
+    ctx = Context(device=torch.device("cpu"), quick=False, out=Path("."), policy=timing.QUICK_POLICY, env={})
+    sample.run_case(ctx, "pointcloud", "dpmpp_2m", 8, 20, 500, target="issue 14")
+    names = [p[0] for p in seen["provs"]]
+    assert seen["scaled"] == {sample.REF: 20 / sample.REF_STEPS_CPU}
+    assert "k-diffusion sample_dpmpp_2m + naive torch denoiser" in names or any(
+        n["provider"] == "k-diffusion" for n in ctx.notes)
+    sample.run_case(ctx, "pointcloud", "ancestral SDE", 8, 20, 500, target="issue 4")     # fastdiff alone, unscaled
+    assert seen["scaled"] == {} and all(p[0].startswith("fastdiff[") for p in seen["provs"])
