@@ -32,3 +32,15 @@ def process(request):
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _tsan_subset(request):
+    """FASTDIFF_EMU_TSAN=1 (the emulator built with ThreadSanitizer, .ci/run): only contract.TSAN_SUBSET runs."""
+    if os.environ.get("FASTDIFF_EMU_TSAN") != "1":
+        return
+    from contract import tsan_skip_reason
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    reason = tsan_skip_reason(request.node.originalname, params)
+    if reason:
+        pytest.skip(reason)
