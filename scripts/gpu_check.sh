@@ -11,7 +11,7 @@
 #            background, into build/gpu-check-ext, then moved into
 #            fastdiff/ in one rename (the dry run only imports the
 #            extension already built: it never rebuilds)                GPU_CHECK_BUILD_S   240
-#   triton   tests/test_triton.py on CUDA, started at once, beside
+#   triton   tests/test_triton.py and the per-op files' triton cases on CUDA, started at once, beside
 #            the build (pytest-xdist when present)                      GPU_CHECK_TRITON_S  150
 #   cuda     the `gpu`-marked tests of every other file (the CUDA C++
 #            kernels, CUDA graphs), after the build                     GPU_CHECK_CUDA_S    100
@@ -274,14 +274,19 @@ if [ "$DRY" = 1 ]; then
 else
     TRITON_SEL=()
 fi
-pytest_phase triton "${GPU_CHECK_TRITON_S:-150}" tests/test_triton.py "${TRITON_SEL[@]}"
+# the Triton-only tests, and the Triton cases of the per-op files (each parametrised over every backend; their
+# triton ids carry "triton"); they need no extension, so they run while it builds
+PER_OP=(tests/test_posterior.py tests/test_affine_step.py tests/test_pointcloud_step.py tests/test_pointcloud_sample.py)
+PER_OP_TRITON="triton and (test_posterior.py or test_affine_step.py or test_pointcloud_step.py or test_pointcloud_sample.py)"
+pytest_phase triton "${GPU_CHECK_TRITON_S:-150}" tests/test_triton.py "${PER_OP[@]}" -k "test_triton.py or ($PER_OP_TRITON)" \
+    "${TRITON_SEL[@]}"
 finish_phase triton
 finish_phase env
 [ "${STATUS[build]}" = running ] && echo "[$(( SECONDS - START ))s] waiting for the build"
 finish_phase build
 
 # -------------------------------------------------------------------------- cuda tests
-pytest_phase cuda "${GPU_CHECK_CUDA_S:-100}" -m gpu tests --ignore=tests/test_triton.py
+pytest_phase cuda "${GPU_CHECK_CUDA_S:-100}" -m gpu tests --ignore=tests/test_triton.py -k "not ($PER_OP_TRITON)"
 finish_phase cuda
 
 # -------------------------------------------------------------------------- bench targets

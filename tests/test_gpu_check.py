@@ -176,6 +176,8 @@ def test_junit_parses_and_matches_the_summary(dry_run):
         assert f"0 passed, 0 failed, 0 errors, {n} skipped of {n} ({name}.xml)" in phases[name][1]
     log = (out / "phases.log").read_text()
     assert "=== gpu_check phase triton: pytest tests/test_triton.py" in log
+    triton_cmd = log.split("=== gpu_check phase triton: ")[1].splitlines()[0]
+    assert "tests/test_posterior.py" in triton_cmd and "tests/test_pointcloud_sample.py" in triton_cmd
     assert "=== gpu_check phase cuda: pytest -m gpu tests --ignore=tests/test_triton.py" in log
     assert re.search(r"tests/test_kernels.py::\S+\[cuda\S*\] SKIPPED", log), "the CUDA kernel tests were not selected"
 
