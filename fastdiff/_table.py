@@ -6,7 +6,7 @@ B1 and B2 are the multistep columns (DPM-Solver++(2M) and (3M), docs/math.md §3
 one-step methods (euler, ei, ei-x0). t is the process time of the row, kept for callbacks and reports.
 
 The same column numbers are spelled out for the C++ and CUDA kernels in csrc/common/table.h;
-tests/test_pointcloud_sample.py checks that the two agree.
+tests/test_build.py checks that the two agree.
 """
 from __future__ import annotations
 

@@ -56,3 +56,18 @@ def test_a_failed_load_is_remembered_and_explained(monkeypatch):
     assert _backend.select("posterior", "auto", device=torch.device("cpu"), dtype=torch.float32, d=2).name == "torch"
     with pytest.raises(ValueError, match="backend 'cpu' cannot run posterior: fastdiff._C could not be loaded"):
         _backend.select("posterior", "cpu", device=torch.device("cpu"))
+
+
+def test_the_kernel_table_layout_is_the_same_in_python_and_cpp():
+    """fastdiff/_table.py and csrc/common/table.h spell the same columns in the same order (the kernels read
+    the table the Python side builds, by column number)."""
+    import re
+    from pathlib import Path
+
+    from fastdiff import _table
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "common" / "table.h").read_text()
+    enum = re.search(r"enum TableColumn : int \{([^}]*)\}", header).group(1)
+    names = [n.strip().split("=")[0].strip() for n in enum.split(",")]
+    assert names[-1] == "kTableWidth" and len(names) - 1 == _table.WIDTH
+    spelled = [n.removeprefix("kCol") for n in names[:-1]]
+    assert [s.lower() for s in spelled] == [c.lower() for c in _table.COLUMNS]
