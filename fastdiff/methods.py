@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _table
 from . import noise as _noise
 from ._checks import check_choice
 from .processes import Process
@@ -127,6 +128,34 @@ class MethodTable:
     def Bm2(self):
         """B₋₂, the coefficient of the second previous step's history item."""
         return self._column(2)
+
+    def kernel_table_refusal(self) -> str | None:
+        """Why the whole-trajectory kernels' step table (fastdiff._table) cannot express this table, or None.
+
+        A kernel row is x ← A x + B0 D_k + B1 D_{k−1} + B2 D_{k−2} + C z_k with z_k the contract's draw at step k:
+        no churn (P = 1, C_churn = 0), one D per step (no stage), history items that are D itself
+        (h_x = 0, h_D = 1), at most two of them, and an uncorrelated step noise (ρ = 0)."""
+        checks = (
+            (self.history > 2, f"it uses {self.history} past steps (the kernels keep at most 2)"),
+            (bool((self.P != 1).any()) or bool((self.C_churn != 0).any()), "it churns (s_churn > 0)"),
+            (bool(self.staged.any()), "it evaluates D twice per step (two-stage)"),
+            (self.history > 0 and (bool((self.hist_x != 0).any()) or bool((self.hist_d != 1).any())),
+             "its history is not D itself (lms keeps (x − D)/σ)"),
+            (bool((self.rho != 0).any()), "its step noise is correlated with a stage's"),
+        )
+        reasons = [why for refused, why in checks if refused]
+        return "; ".join(reasons) if reasons else None
+
+    def kernel_table(self, process: Process) -> torch.Tensor | None:
+        """The [K, 8] float64 kernel step table (t, α(t), σ(t), A, B0, B₋₁, B₋₂, C) of fastdiff._table that
+        fastdiff.ops.pointcloud_sample runs, for a point cloud (D is E[X_0 | x] itself) on `process`; None when
+        the table cannot be expressed there (kernel_table_refusal says why). α and σ are computed as the table
+        executor's point-cloud run computes them (fastdiff.sampling), so both evaluate the same D's."""
+        if self.kernel_table_refusal() is not None:
+            return None
+        alpha = torch.exp(process._log_alpha(self.t))
+        sigma = torch.sqrt(process._sigma2(self.t))
+        return _table.pack(alpha, sigma, self.A, self.B0, self.C, t=self.t, B1=self.Bm1, B2=self.Bm2)
 
     def lists(self) -> dict:
         """Every column as Python floats (built once: the executor reads no tensor inside its loop)."""

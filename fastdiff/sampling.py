@@ -69,9 +69,14 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    process through σ̃ = σ/α, x̃ = x/α (k-diffusion's name in brackets where it differs):
                    "edm_euler" (sample_euler, with churn), "euler_ancestral", "heun", "dpm_2",
                    "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde",
-                   "dpmpp_3m_sde", "lms". These run the torch table executor (fastdiff.methods.run_table): a
-                   point cloud's D comes from ops.posterior on the chosen backend, step by step (the fused
-                   multistep kernels are later work), and cuda_graph is not available for them.
+                   "dpmpp_3m_sde", "lms". A point cloud without a callback runs edm_euler (without churn),
+                   euler_ancestral, dpmpp_2m, dpmpp_2m_sde and dpmpp_3m_sde fused, like ei: one
+                   ops.pointcloud_sample call per chunk with the method's kernel table (MethodTable.kernel_table;
+                   the last D's stay in the kernel), equal to the table executor up to rounding, wherever the
+                   backend's whole-trajectory kernel takes that table (cpu, cuda, torch). Otherwise (two-stage
+                   methods, churn, lms, a callback, another denoiser) they run the torch table executor
+                   (fastdiff.methods.run_table), a point cloud's D from ops.posterior on the chosen backend step
+                   by step. cuda_graph is not available for them.
                    Their options (an option a method does not take raises ValueError naming its valid ones):
                    eta (euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde,
                    dpmpp_3m_sde), s_noise (those, and the churn methods), s_churn/s_tmin/s_tmax (edm_euler,
@@ -196,9 +201,11 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
     # callback needs every step, or a progress bar has too few rows to split into chunks (each chunk repeats
     # every step's fixed cost) and the backend's step-by-step ops give the fused op's bits (cpu, torch:
     # tested). Step by step costs ~2x the fused op on the CPU, so larger runs split their rows instead.
+    # A §3b method's table executor rounds differently from the fused op, so a progress bar never switches it.
     few_rows = n < _PROGRESS_CHUNKS * _MIN_PROGRESS_ROWS
-    stepwise = cloud and (callback is not None or (bool(progress) and few_rows and engine.name in _STEPWISE_EXACT))
-    fused = cloud and not stepwise and not table_method
+    stepwise = cloud and (callback is not None or (bool(progress) and few_rows and engine.name in _STEPWISE_EXACT
+                                                   and not table_method))
+    fused = cloud and not stepwise and not table_method     # (a §3b method's, once its table is known)
     graphed = bool(cuda_graph) and not cloud
     if cuda_graph and callback is not None:
         raise ValueError("cuda_graph=True cannot call a per-step callback (the captured loop runs without the "
@@ -209,10 +216,9 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
             reasons.append(f"backend={backend!r}, but the captured loop uses the Triton affine step")
         if reasons:
             raise ValueError("cuda_graph=True cannot run: " + "; ".join(reasons))
+    auto_chunk = chunk_size is None
     if chunk_size is None:
         chunk_size = max(1, _DEFAULT_CHUNK_ELEMS // d)
-        if fused and progress:
-            chunk_size = min(chunk_size, max(1, math.ceil(n / _PROGRESS_CHUNKS)))   # so the bar moves
     else:
         chunk_size = as_integer(chunk_size, "chunk_size", 1)
     chunk_size = min(chunk_size, n)
@@ -227,13 +233,23 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
         _check_x0_range(denoiser, mtable, dtype, method)
         _warn_if_poor_table(process, mtable)
         _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory, mtable.history + 4)
-        run: _Run | _TableRun = _TableRun(denoiser, engine, mtable, seed, callback, return_trajectory)
+        kernel_table = _fused_method_table(mtable, process, engine, device, dtype, d) if cloud and not stepwise \
+            else None
+        fused = kernel_table is not None
+        run: _Run | _TableRun
+        if fused:     # the whole trajectory in one op, like euler / ei / ei-x0
+            run = _Run(denoiser, engine, mtable, None, None, None, seed, None, return_trajectory, False, True,
+                       kernel_table)
+        else:
+            run = _TableRun(denoiser, engine, mtable, seed, callback, return_trajectory)
     else:
         _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory)
         table = step_table(process, grid, method, ode, eta)
         _warn_if_poor_grid(process, table)
         A, B, C = table.for_prediction(denoiser.prediction)
         run = _Run(denoiser, engine, table, A, B, C, seed, callback, return_trajectory, graphed, fused)
+    if fused and progress and auto_chunk:
+        chunk_size = min(chunk_size, max(1, math.ceil(n / _PROGRESS_CHUNKS)))   # so the bar moves
 
     result = torch.empty((n, d), dtype=dtype, device=device)
     trajectory = torch.empty((K + 1, n, d), dtype=dtype, device=device) if return_trajectory else None
@@ -275,13 +291,15 @@ class _Run:
     """One chunk's trajectory on the chosen path: the fused whole-trajectory op (point cloud, no callback),
     the point cloud's step-by-step ops (with a callback), a captured CUDA graph, or the model loop."""
 
-    def __init__(self, denoiser, engine, table, A, B, C, seed, callback, want_traj, graphed, fused):
+    def __init__(self, denoiser, engine, table, A, B, C, seed, callback, want_traj, graphed, fused,
+                 kernel_table=None):
         self.den, self.engine, self.seed, self.callback = denoiser, engine, seed, callback
         self.want_traj, self.graphed, self.fused = want_traj, graphed, fused
         self.t = table.t.tolist()
         self.lists: tuple[list[float], list[float], list[float]] | None = None
         if fused:     # the whole trajectory in one op: the kernel table, built once, goes down as it is
-            self.kernel_table = table.kernel_table(denoiser.process, denoiser.prediction)
+            self.kernel_table = kernel_table if kernel_table is not None else \
+                table.kernel_table(denoiser.process, denoiser.prediction)
         else:         # a step per op: the per-step numbers, read once as Python floats (kernel arguments)
             self.lists = (A.tolist(), B.tolist(), C.tolist())
             if isinstance(denoiser, PointCloud):
@@ -329,6 +347,17 @@ class _Run:
 
     def denoise(self, xc, t_end):
         return _final_denoise(self.den, self.engine, xc, t_end)
+
+
+def _fused_method_table(mtable, process, engine, device, dtype, d):
+    """The kernel step table of a §3b method for the point cloud's whole-trajectory op, or None when the table
+    executor runs it instead: a table the kernel rows cannot express (churn, two stages, lms; see
+    MethodTable.kernel_table_refusal), or one the chosen backend's kernel does not take (its refuse_reasons)."""
+    table = mtable.kernel_table(process)
+    if table is None:
+        return None
+    facts = _backend.facts(device=device, dtype=dtype, d=d)
+    return None if engine.refuse_reasons("pointcloud_sample", table=table, **facts) else table
 
 
 def _x0_from(prediction, x, out, alpha, sigma):

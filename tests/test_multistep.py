@@ -384,7 +384,10 @@ def test_fd_sample_rows_do_not_depend_on_the_batch(method, small_cloud, capsys):
     assert bool(torch.isfinite(full).all())
     assert torch.equal(full, fd.sample(small_cloud, n=12, progress=True, chunk_size=5, **kw))
     err = capsys.readouterr().err
-    assert "chunk 3/3" in err and "4/4" in err                          # the bar counts each chunk's steps
+    if method in FUSED_METHODS and not options:                         # one fused op per chunk: samples
+        assert "12/12" in err and "sample" in err and "chunk" not in err
+    else:
+        assert "chunk 3/3" in err and "4/4" in err                      # the bar counts each chunk's steps
     assert torch.equal(full[7:11], fd.sample(small_cloud, n=4, sample_offset=7, **kw))
     G = fd.Gaussian(MEAN, COV, small_cloud.process)
     net = fd.from_model(lambda x, t: torch.tanh(x) * 0.3 + G.eps(x, float(t[0])), G.process, "eps")
@@ -491,7 +494,7 @@ def test_help_documents_every_method_and_option():
         assert f'"{name}"' in doc, name
     for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "solver_type", "order", "r", "eta"):
         assert f"\n    {name} " in doc, name
-    assert "later work" in doc and "denoised" in doc
+    assert "MethodTable.kernel_table" in doc and "table executor" in doc and "denoised" in doc   # fused or not
 
 
 @pytest.mark.parametrize("pname", ["VP", "DriftedVE", "OU"])
@@ -555,3 +558,132 @@ def test_eps_networks_where_float32_cannot_form_D_are_refused_up_front():
     assert bool(torch.isfinite(fd.sample(net, x=x, steps=40, method="ei-x0")).all())   # never forms D
     kw = dict(x=x.double(), steps=40, method="dpmpp_2m")
     assert torch.allclose(fd.sample(net, **kw), fd.sample(G, **kw), rtol=1e-8, atol=1e-8)
+
+
+# ------------------------------------------------------------------ fused point-cloud runs (issue 14, item 4)
+# The methods whose table the whole-trajectory kernels express (no churn, one stage, history = D, H <= 2).
+FUSED_METHODS = ("edm_euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+FUSED_CASES = [("edm_euler", {}), ("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
+               ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7}),
+               ("dpmpp_3m_sde", {}), ("dpmpp_3m_sde", {"s_noise": 1.1})]
+FUSED_BACKENDS = ["torch", "cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu)]
+
+
+def _backend_or_skip(name):
+    if name == "cuda_emu":
+        import contract  # registers the test-only emulator backend (tests/contract.py)
+        contract.register_cuda_emu()
+    reasons = fd._backend.BACKENDS[name].unavailable_reasons()
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    return name
+
+
+def _count_fused_calls(monkeypatch):
+    calls = []
+    original = fd.ops.pointcloud_sample
+
+    def counting(x, data, table, *args, **kwargs):
+        calls.append(table)
+        return original(x, data, table, *args, **kwargs)
+
+    monkeypatch.setattr(fd.ops, "pointcloud_sample", counting)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("method, options", FUSED_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(FUSED_CASES)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, backend, dtype, monkeypatch):
+    """A point cloud with an expressible method and no callback runs ops.pointcloud_sample once per chunk with
+    the method's kernel table, and equals the table executor on the same backend (a no-op callback runs it):
+    float64 within 1e-12 relative; float32 within twice the executor's own float32 error (both against the
+    float64 executor) + 4 eps32 of the scale, the kernels' float32 standard (tests/contract.py fa_close)."""
+    backend = _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(1)
+    data = torch.randn(31, 3, generator=g, dtype=torch.float64)
+    p = fd.VP()
+    x0 = p.prior(37, 3, seed=2, dtype=torch.float64)
+    cloud, cloud64 = fd.PointCloud(data.to(dtype), p), fd.PointCloud(data, p)
+    kw = dict(steps=9, method=method, seed=4, sample_offset=3, backend=backend, return_trajectory=True, **options)
+    calls = _count_fused_calls(monkeypatch)
+    fused, traj = fd.sample(cloud, x=x0.to(dtype), **kw)
+    assert len(calls) == 1 and calls[0][0, 5] == 0 and not bool(calls[0][:2, 6].any())   # no D before row 0
+    assert bool(calls[0][1:, 5].any()) == method.startswith("dpmpp")   # the multistep columns went down as they are
+    assert bool(calls[0][2:, 6].any()) == (method == "dpmpp_3m_sde")
+    steps = fd.sample(cloud, x=x0.to(dtype), callback=lambda info: None, **kw)
+    assert len(calls) == 1                                           # the callback ran the executor
+    assert torch.equal(traj[-1], fused) and torch.equal(traj[0], x0.to(dtype))
+    if dtype == torch.float64:
+        for a, b in ((fused, steps[0]), (traj, steps[1])):
+            err = float((a - b).abs().max())
+            assert err <= 1e-12 * float(b.abs().max()), f"{method}: {err:.3g}"
+        return
+    ref, ref_traj = fd.sample(cloud64, x=x0, callback=lambda info: None, **kw)
+    for a, b, r in ((fused, steps[0], ref), (traj, steps[1], ref_traj)):
+        err, base = float((a.double() - r).abs().max()), float((b.double() - r).abs().max())
+        atol = 4 * torch.finfo(torch.float32).eps * (float(r.abs().max()) + 1)
+        assert err <= 2 * base + atol, f"{method}: {err:.3g} > 2·{base:.3g} + {atol:.3g}"
+
+
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu)])
+def test_fd_sample_fused_multistep_at_large_d_equals_the_executor(backend, monkeypatch):
+    """d = 65: the kernels' large-d path (history in scratch buffers) for the 3M SDE, float64, with weights and a
+    bandwidth, against the executor (1e-12 relative), rows independent of the chunking."""
+    backend = _backend_or_skip(backend)
+    g = torch.Generator().manual_seed(3)
+    p = fd.VP()
+    cloud = fd.PointCloud(torch.randn(23, 65, generator=g, dtype=torch.float64), p,
+                          weights=torch.rand(23, generator=g, dtype=torch.float64) + 0.1,
+                          bandwidth=0.05)
+    x0 = p.prior(11, 65, seed=3, dtype=torch.float64)
+    kw = dict(steps=6, method="dpmpp_3m_sde", seed=8, backend=backend)
+    calls = _count_fused_calls(monkeypatch)
+    fused = fd.sample(cloud, x=x0, **kw)
+    assert len(calls) == 1
+    steps = fd.sample(cloud, x=x0, callback=lambda info: None, **kw)
+    assert float((fused - steps).abs().max()) <= 1e-12 * float(steps.abs().max())
+    assert torch.equal(fused, fd.sample(cloud, x=x0, chunk_size=4, **kw))
+
+
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
+@pytest.mark.parametrize("method, options", [("heun", {}), ("lms", {}), ("dpmpp_sde", {}), ("dpm_2", {}),
+                                             ("edm_euler", {"s_churn": 1.0, "s_tmax": 5.0})])
+def test_fd_sample_keeps_the_executor_for_tables_the_kernels_cannot_express(method, options, small_cloud,
+                                                                             monkeypatch):
+    """Two-stage methods, lms (history (x − D)/σ, order 4) and churn have no kernel table: the executor runs them
+    (ops.pointcloud_sample is never called), and MethodTable says why."""
+    calls = _count_fused_calls(monkeypatch)
+    out = fd.sample(small_cloud, n=6, steps=5, method=method, seed=1, **options)
+    assert calls == [] and bool(torch.isfinite(out).all())
+    p = small_cloud.process
+    table = M.method_table(p, grid(p, 5), method, **options)
+    assert table.kernel_table(p) is None and table.kernel_table_refusal()
+
+
+@pytest.mark.parametrize("method", FUSED_METHODS)
+def test_kernel_table_is_the_method_tables_columns(method):
+    """MethodTable.kernel_table: t, α(t), σ(t) where D_0 is evaluated, and A, B0, B₋₁, B₋₂, C exactly the method's
+    columns (the executor's coefficients), on a drifted process so α ≠ 1."""
+    p = PROCESSES["DriftedVE"]
+    table = M.method_table(p, grid(p, 7), method)
+    kt = table.kernel_table(p)
+    assert table.kernel_table_refusal() is None and kt.dtype == torch.float64 and kt.shape == (7, 8)
+    expected = torch.stack([table.t, torch.exp(p._log_alpha(table.t)), torch.sqrt(p._sigma2(table.t)), table.A,
+                            table.B0, table.Bm1, table.Bm2, table.C], dim=1)
+    assert torch.equal(kt, expected)
+    assert not bool((kt[:, 1] == 1).all())
+
+
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
+def test_fd_sample_fused_multistep_progress_bar_keeps_the_bits(small_cloud, capsys):
+    """A progress bar with few rows splits a fused multistep run into row chunks (it never switches to the table
+    executor, whose rounding differs): the result is the run without a bar, bit for bit."""
+    kw = dict(n=9, steps=6, method="dpmpp_2m_sde", seed=2, backend="cpu")
+    if fd._backend.BACKENDS["cpu"].unavailable_reasons():
+        kw["backend"] = "torch"
+    assert torch.equal(fd.sample(small_cloud, **kw), fd.sample(small_cloud, progress=True, **kw))
+    err = capsys.readouterr().err
+    assert "9/9" in err and "sample" in err
