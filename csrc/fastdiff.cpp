@@ -38,7 +38,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("posterior", &fastdiff::ops::posterior, py::arg("x"), py::arg("data"), py::arg("alpha"), py::arg("sigma"),
         py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0);
   m.def("affine_step", &fastdiff::ops::affine_step, py::arg("x"), py::arg("D"), py::arg("A"), py::arg("B"),
-        py::arg("C"), py::arg("seed"), py::arg("step"), py::arg("sample_offset") = 0, py::arg("out") = py::none());
+        py::arg("C"), py::arg("seed"), py::arg("step"), py::arg("sample_offset") = 0, py::arg("out") = py::none(),
+        py::arg("D1") = py::none(), py::arg("B1") = 0.0, py::arg("D2") = py::none(), py::arg("B2") = 0.0);
   m.def("pointcloud_step", &fastdiff::ops::pointcloud_step, py::arg("x"), py::arg("data"), py::arg("alpha"),
         py::arg("sigma"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("seed"), py::arg("step"),
         py::arg("sample_offset") = 0, py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0,

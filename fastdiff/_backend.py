@@ -42,7 +42,8 @@ class Backend:
     Every backend's ops take the same normalised arguments from fastdiff.ops (the one caller), which has
     validated them already (docs/design.md, "One contract per op"):
       posterior(x, data, alpha, sigma, log_weights, bandwidth) -> (D, L)
-      affine_step(x, D, A, B, C, seed, step, sample_offset, out) -> out, or a new tensor when out is None
+      affine_step(x, D, A, B, C, seed, step, sample_offset, out, D1, B1, D2, B2) -> out, or a new tensor when out
+        is None (D1, D2: the multistep history, None with B1/B2 = 0.0 when unused, added after the one-step update)
       pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights, bandwidth, out)
       pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth, return_trajectory)
     x [M >= 1, d] contiguous; alpha, sigma float64 tensors [1] or [M] on x's device; A, B, C, bandwidth Python

@@ -8,7 +8,21 @@ import pytest
 import torch
 
 import fastdiff as fd
-from contract import CUDA, EPS32, F16, F32, F64, NOISE_ULPS, backend_dtypes, backends, device, fa_close, gen, step_tol
+from contract import (
+    CUDA,
+    EPS32,
+    F16,
+    F32,
+    F64,
+    NOISE_ULPS,
+    backend_dtypes,
+    backends,
+    close64,
+    device,
+    fa_close,
+    gen,
+    step_tol,
+)
 from fastdiff import ops
 from fastdiff.reference import affine_step as ref_affine
 
@@ -149,3 +163,121 @@ def test_global_sample_indices_beyond_32_bits(backend):
     if _bit_exact_f32(backend):
         assert torch.equal(out, z.float())
     assert not torch.equal(out, fd.noise.normal(1, torch.arange(7, 11), 2, 9))
+
+
+# ---------------------------------------------------------------- the multistep history (issue 14 §4)
+def _history_case(M, d, dtype, seed):
+    """x, D and two history D's (the second stored in float16 once, as a model's output may be), with
+    coefficients of both signs and mixed sizes."""
+    g = gen(seed)
+    x, D, D1 = (s * torch.randn(M, d, generator=g, dtype=dtype) for s in (1.0, 3.0, 2.0))
+    D2 = torch.randn(M, d, generator=g, dtype=dtype)
+    return x, D, D1, D2
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+@pytest.mark.parametrize("M, d", [(1, 1), (7, 3), (129, 7), (3, 129)])
+def test_affine_step_history_matches_the_reference(backend, dtype, M, d):
+    """x_s = A x + B D + C z + B1 D1 + B2 D2 against the float64 reference (float32: fa_close against the
+    reference's own float32 error; float64: close64), with one and two history terms, out of place, in place in
+    a strided x (out=x), and a zero coefficient keeping every bit of the one-step update."""
+    dev = device(backend)
+    x, D, D1, D2 = _history_case(M, d, dtype, 1000 * M + d)
+    seed, step, off = 2**63 + 99, 41, 2**32 + 3
+    for A, B, C, B1, B2 in [(0.93, 0.21, 0.37, 1.4, -0.45), (1.0, -2.5, 0.0, -0.6, 0.0), (-0.5, 1e-3, 11.0, 0.3, 2.2)]:
+        hist = ((B1, D1), (B2, D2))
+        for n_terms in (1, 2):
+            h = hist[:n_terms]
+            out = ops.affine_step(x.to(dev), D.to(dev), A, B, C, seed, step, off, history=tuple(
+                (b, t.to(dev)) for b, t in h), backend=backend)
+            flat = [a for b, t in h for a in (t, b)]
+            r64 = ref_affine(x.double(), D.double(), A, B, C, seed, step, off, None,
+                             *[a.double() if isinstance(a, torch.Tensor) else a for a in flat])
+            if dtype == F64:
+                close64(out, r64, f"history {A, B, C, h[0][0]}, {n_terms} terms")
+            else:
+                fa_close(out, r64, ref_affine(x, D, A, B, C, seed, step, off, None, *flat), f"history {n_terms}")
+            # in place in a strided x: the caller's tensor, whatever its layout, gets the same bits
+            base = torch.full((M, 2 * d), float("nan"), dtype=dtype, device=dev)
+            xs = base[:, ::2]
+            xs.copy_(x.to(dev))
+            assert ops.affine_step(xs, D.to(dev), A, B, C, seed, step, off, out=xs,
+                                   history=tuple((b, t.to(dev)) for b, t in h), backend=backend) is xs
+            assert torch.equal(xs, out)
+            assert bool(torch.isnan(base[:, 1::2]).all())          # nothing written between the columns
+        # a zero coefficient adds (and reads) nothing: the one-step update's bits
+        one = ops.affine_step(x.to(dev), D.to(dev), A, B, C, seed, step, off, backend=backend)
+        zero = ops.affine_step(x.to(dev), D.to(dev), A, B, C, seed, step, off,
+                               history=((0.0, D1.to(dev)), (0.0, D2.to(dev))), backend=backend)
+        assert torch.equal(one, zero)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_affine_step_history_in_half_precision_and_separate_out(backend):
+    """History D's stored in float16/bfloat16 are upcast on load (as D); out= a separate tensor."""
+    M, d = 33, 5
+    dev = device(backend)
+    x, D, D1, D2 = _history_case(M, d, F32, 77)
+    for dt in (torch.float16, torch.bfloat16):
+        h1, h2 = D1.to(dt), D2.to(dt)
+        o = torch.full_like(x, float("nan")).to(dev)
+        ops.affine_step(x.to(dev), D.to(dev), 0.7, -0.3, 0.45, 9, 4, 0, out=o,
+                        history=((0.8, h1.to(dev)), (-0.35, h2.to(dev))), backend=backend)
+        r64 = ref_affine(x.double(), D.double(), 0.7, -0.3, 0.45, 9, 4, 0, None, h1.double(), 0.8, h2.double(), -0.35)
+        r32 = ref_affine(x, D, 0.7, -0.3, 0.45, 9, 4, 0, None, h1.float(), 0.8, h2.float(), -0.35)
+        fa_close(o, r64, r32, f"history {dt}")
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_affine_step_bad_history_is_named_and_x_untouched(backend):
+    dev = device(backend)
+    x, D, D1, D2 = (t.to(dev) for t in _history_case(6, 3, F32, 5))
+    nan = D2.clone()
+    nan[4, 2] = float("nan")
+    cases = [
+        ([(0.5, D1)], None, None),                                           # a list of pairs is fine
+        (D1, TypeError, "history must be a tuple"),
+        (((0.5, D1), (0.2, D2), (0.1, D1)), ValueError, "at most two"),
+        ((D1,), TypeError, r"history\[0\] must be a \(B, D\) pair"),
+        (((0.5, D1[:, :2]),), ValueError, r"history\[0\] D must have shape \(6, 3\)"),
+        (((0.5, D1), (0.2, D2.to(torch.int32))), TypeError, r"history\[1\] D must be a floating tensor"),
+        (((0.5, D1), (0.2, torch.empty(6, 3, device="meta"))), ValueError, r"history\[1\] D is on meta"),
+        (((0.5, D1), (0.2, nan)), ValueError, r"history\[1\] D contains NaN or inf"),
+        ((("a", D1),), TypeError, r"history\[0\] B must be a number"),
+        (((float("inf"), D1),), ValueError, r"history\[0\] B must be finite"),
+    ]
+    for history, error, message in cases:
+        xi = x.clone()
+        if error is None:
+            ops.affine_step(xi, D, 0.9, 0.1, 0.3, 1, 2, out=xi, history=history, backend=backend)
+            assert not torch.equal(xi, x)
+            continue
+        with pytest.raises(error, match=message):
+            ops.affine_step(xi, D, 0.9, 0.1, 0.3, 1, 2, out=xi, history=history, backend=backend)
+        assert torch.equal(xi, x), message
+    # check_values=False skips the value scan only (a NaN in the history then reaches the result, unscanned)
+    got = ops.affine_step(x, D, 0.9, 0.1, 0.3, 1, 2, history=((0.2, nan),), backend=backend, check_values=False)
+    assert bool(torch.isnan(got[4, 2])) and bool(torch.isfinite(got[:4]).all())
+
+
+@pytest.mark.parametrize("backend", backends("cpu", "torch"))
+def test_affine_step_history_gradients(backend):
+    """∂/∂x = A, ∂/∂D = B, ∂/∂D_j = B_j (float64, backend-independent): torch.autograd.gradcheck on x, D and both
+    history D's, with and without noise, and with one history term."""
+    M, d = 5, 3
+    x, D, D1, D2 = (t.requires_grad_() for t in _history_case(M, d, F64, 11))
+    for C in (0.0, 0.6):
+        def f(x, D, D1, D2, C=C):
+            return ops.affine_step(x, D, 0.9, -0.4, C, 3, 7, 2, history=((1.3, D1), (-0.7, D2)), backend=backend)
+        assert torch.autograd.gradcheck(f, (x, D, D1, D2))
+
+        def g(x, D, D1, C=C):
+            return ops.affine_step(x, D, 0.9, -0.4, C, 3, 7, 2, history=((1.3, D1),), backend=backend)
+        assert torch.autograd.gradcheck(g, (x, D, D1))
+    # the gradient values themselves, and a float32 history D's gradient comes back in its own dtype
+    h = D1.detach().float().requires_grad_()
+    out = ops.affine_step(x, D, 0.9, -0.4, 0.6, 3, 7, 2, history=((1.3, h), (-0.7, D2)), backend=backend)
+    w = torch.randn(M, d, generator=gen(3), dtype=F64)
+    gx, gD, g1, g2 = torch.autograd.grad((out * w).sum(), (x, D, h, D2))
+    assert torch.equal(gx, 0.9 * w) and torch.equal(gD, -0.4 * w) and torch.equal(g2, -0.7 * w)
+    assert g1.dtype == F32 and torch.equal(g1, (1.3 * w).float())

@@ -52,9 +52,14 @@ def _opcheck_cases(backend):
     table = pack_table([0.6, 0.8], [0.9, 0.5], [0.98, 0.96], [0.05, 0.1], [0.2, 0.1])
     return {
         "posterior": (x.clone().requires_grad_(), y, per_row, n(0.7), lw, n(0.2), backend),
+        # the multistep history D1, D2 (gradients to both), and without it
         "affine_step": (x.clone().requires_grad_(), y[:6].clone().requires_grad_(), n(0.9), n(0.1), n(0.3), -5, 7,
-                        11, backend),
-        "affine_step_out": (x, y[:6], n(0.9), n(0.1), n(0.3), 4, 7, 11, backend, torch.empty_like(x)),
+                        11, y[1:7].clone().requires_grad_(), n(0.4), y[2:8].clone().requires_grad_(), n(-0.2),
+                        backend),
+        "affine_step_out": (x, y[:6], n(0.9), n(0.1), n(0.3), 4, 7, 11, y[1:7], n(0.4), None, n(0.0), backend,
+                            torch.empty_like(x)),
+        "affine_step_no_history": (x.clone().requires_grad_(), y[:6].clone().requires_grad_(), n(0.9), n(0.1),
+                                   n(0.3), -5, 7, 11, None, n(0.0), None, n(0.0), backend),
         "pointcloud_step": (x.clone().requires_grad_(), y, n(0.8), n(0.5), n(0.9), n(0.1), n(0.3), 4, 7, 11, lw,
                             n(0.0), backend),
         "pointcloud_step_out": (x, y, n(0.8), n(0.5), n(0.9), n(0.1), n(0.3), 4, 7, 11, None, n(0.0), backend,
@@ -65,12 +70,13 @@ def _opcheck_cases(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["posterior", "affine_step", "affine_step_out", "pointcloud_step",
-                                  "pointcloud_step_out", "pointcloud_sample", "posterior_vjp"])
+@pytest.mark.parametrize("name", ["posterior", "affine_step", "affine_step_out", "affine_step_no_history",
+                                  "pointcloud_step", "pointcloud_step_out", "pointcloud_sample", "posterior_vjp"])
 def test_opcheck(name, backend):
     """Schema (declared mutations only), fake tensors (same metadata as the real op), autograd registration, and
     AOT dispatch with static and dynamic shapes (same results as eager)."""
-    torch.library.opcheck(getattr(torch.ops.fastdiff, name), _opcheck_cases(backend)[name])
+    op = name.removesuffix("_no_history")
+    torch.library.opcheck(getattr(torch.ops.fastdiff, op), _opcheck_cases(backend)[name])
 
 
 def test_op_equals_the_public_function_bit_for_bit():
@@ -81,7 +87,12 @@ def test_op_equals_the_public_function_bit_for_bit():
     D2, L2 = torch.ops.fastdiff.posterior(x, y, n(0.8), n(0.6), None, n(0.0), "auto")
     assert torch.equal(D, D2) and torch.equal(L, L2)
     assert torch.equal(ops.affine_step(x, D, 0.9, 0.1, 0.3, SEED, 3, 5),
-                       torch.ops.fastdiff.affine_step(x, D, n(0.9), n(0.1), n(0.3), SEED - 2**64, 3, 5, "auto"))
+                       torch.ops.fastdiff.affine_step(x, D, n(0.9), n(0.1), n(0.3), SEED - 2**64, 3, 5, None, n(0.0),
+                                                      None, n(0.0), "auto"))
+    D1, D2 = torch.randn_like(D), torch.randn_like(D)
+    assert torch.equal(ops.affine_step(x, D, 0.9, 0.1, 0.3, SEED, 3, 5, history=((0.4, D1), (-0.2, D2))),
+                       torch.ops.fastdiff.affine_step(x, D, n(0.9), n(0.1), n(0.3), SEED - 2**64, 3, 5, D1, n(0.4),
+                                                      D2, n(-0.2), "auto"))
 
 
 # ------------------------------------------------------------------ user loops under torch.compile(fullgraph=True)
@@ -222,3 +233,45 @@ def test_metadata_errors_raise_at_trace_time():
         torch._dynamo.reset()
         with pytest.raises(ValueError, match=message):
             torch.compile(f, backend="aot_eager")(*args)
+
+
+# ------------------------------------------------------------------ the multistep history under compile (issue 14)
+def test_multistep_mlp_step_with_history_recompiles_once_only_and_gives_eager_bits():
+    """A dpmpp_2m-like user step: ops.affine_step with history ((B1, D_{k−1}), (B2, D_{k−2})) in place; the
+    history coefficients change per step without recompiling (after dynamo's one automatic-dynamic pass), the
+    history buffers rotate outside the compiled function, and every step equals eager bit for bit."""
+    model = _mlp()
+
+    def step(x, D1, D2, sigma, A, B, C, B1, B2, k):
+        D = model(torch.cat([x, torch.ones_like(x[:, :1]) * sigma], 1))
+        ops.affine_step(x, D, A, B, C, SEED, k, 5, out=x, history=((B1, D1), (B2, D2)))
+        return D
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    x0 = torch.randn(48, 2, generator=torch.Generator().manual_seed(4))
+    runs = []
+    for fn in (compiled, step):
+        x, D1, D2 = x0.clone(), torch.zeros_like(x0), torch.zeros_like(x0)
+        states = []
+        with torch.no_grad():
+            for k, t in enumerate(_table(6)):
+                D = fn(x, D1, D2, t["sigma"], t["A"], t["B"], t["C"], 0.1 + 0.02 * k, -0.05 + 0.01 * k, k)
+                D1, D2 = D, D1
+                states.append(x.clone())
+        runs.append(states)
+    for k, (a, b) in enumerate(zip(*runs, strict=True)):
+        assert torch.equal(a, b), k
+    assert not torch.equal(runs[0][-1], x0)
+    assert counter.frame_count == 2
+
+
+def test_history_errors_raise_at_trace_time():
+    """A history D of the wrong shape is refused while tracing, naming it."""
+    x, _ = _cloud()
+
+    def step(x, D1):
+        return ops.affine_step(x, x, 0.9, 0.1, 0.3, 1, 2, history=((0.5, D1),))
+
+    with pytest.raises(ValueError, match=r"history\[0\] D must have shape \(6, 3\)"):
+        torch.compile(step, backend="aot_eager")(x, x[:, :2])

@@ -19,10 +19,21 @@ template <typename T>
 void posterior(const Cloud<T>& cloud, const T* x, int64_t M, const double* alpha, const double* sigma,
                bool per_row, T* D, T* L);
 
-// out = A x + B D + C z(seed, sample_offset + row, step, col); out may alias x.
+// The multistep history of one affine step: D_{k−1}, D_{k−2} ([M, d] like D, null when unused) and their
+// coefficients.
+template <typename T>
+struct AffineHistory {
+  const T* D1 = nullptr;
+  double B1 = 0.0;
+  const T* D2 = nullptr;
+  double B2 = 0.0;
+};
+
+// out = A x + B D + C z(seed, sample_offset + row, step, col), then out += B1 D1, then out += B2 D2 (a zero
+// coefficient reads nothing); out may alias x.
 template <typename T>
 void affine_step(const T* x, const T* D, T* out, int64_t M, int64_t d, double A, double B, double C,
-                 uint64_t seed, uint32_t step, uint64_t sample_offset);
+                 uint64_t seed, uint32_t step, uint64_t sample_offset, const AffineHistory<T>& history = {});
 
 // The fused step: D of the point cloud at (alpha, sigma), then the affine update, D never stored.
 template <typename T>

@@ -27,9 +27,12 @@ template <typename T>
 cudaError_t launch_posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, const double* sigma,
                              bool per_row, T* D, T* L, cudaStream_t stream);
 
+// out = A x + B D + C z, then out += B1 D1, then out += B2 D2 (D1/D2: the multistep history [M, d], null when
+// unused; a zero coefficient reads nothing); out may alias x.
 template <typename T>
 cudaError_t launch_affine_step(const T* x, const T* D, T* out, int64_t M, int64_t d, double A, double B, double C,
-                               uint64_t seed, uint32_t step, uint64_t sample_offset, cudaStream_t stream);
+                               uint64_t seed, uint32_t step, uint64_t sample_offset, cudaStream_t stream,
+                               const T* D1 = nullptr, double B1 = 0.0, const T* D2 = nullptr, double B2 = 0.0);
 
 // Fused for d <= 64 (D stays in registers); larger d runs posterior into `scratch` [M, d + 1] then the step.
 // alpha, sigma: device scalars.

@@ -44,11 +44,13 @@ void posterior(uintptr_t x, uintptr_t y, uintptr_t log_w, int64_t M, int64_t N, 
         "posterior");
 }
 
+// D1, D2: the multistep history (0 when unused).
 template <typename T>
 void affine_step(uintptr_t x, uintptr_t D, uintptr_t out, int64_t M, int64_t d, double A, double B, double C,
-                 uint64_t seed, uint32_t step, uint64_t sample_offset) {
+                 uint64_t seed, uint32_t step, uint64_t sample_offset, uintptr_t D1, double B1, uintptr_t D2,
+                 double B2) {
   check(fc::launch_affine_step<T>(ptr<const T>(x), ptr<const T>(D), ptr<T>(out), M, d, A, B, C, seed, step,
-                                  sample_offset, nullptr),
+                                  sample_offset, nullptr, ptr<const T>(D1), B1, ptr<const T>(D2), B2),
         "affine_step");
 }
 

@@ -10,9 +10,28 @@
 #endif
 
 namespace fastdiff::ops {
+namespace {
+
+// A history term D_j of the affine step in x's dtype, contiguous; undefined when unused (none, or B_j == 0: a zero
+// coefficient reads nothing).
+at::Tensor history_term(const std::optional<at::Tensor>& Dj, double Bj, const at::Tensor& x, const char* name) {
+  if (!Dj.has_value() || Bj == 0.0) return at::Tensor();
+  TORCH_CHECK(Dj->sizes() == x.sizes(), name, " must have the shape of x ", shape_str(x), ", got ", shape_str(*Dj));
+  check_device(*Dj, x, name, "x");
+  return Dj->to(x.scalar_type()).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace
 
 at::Tensor affine_step(const at::Tensor& x_in, const at::Tensor& D_in, double A, double B, double C, uint64_t seed,
-                       uint32_t step, uint64_t sample_offset, const std::optional<at::Tensor>& out_in) {
+                       uint32_t step, uint64_t sample_offset, const std::optional<at::Tensor>& out_in,
+                       const std::optional<at::Tensor>& D1_in, double B1, const std::optional<at::Tensor>& D2_in,
+                       double B2) {
   check_points(x_in, "x");
   check_supported_device(x_in);
   TORCH_CHECK(D_in.sizes() == x_in.sizes(), "D must have the shape of x ", shape_str(x_in), ", got ", shape_str(D_in));
@@ -20,6 +39,7 @@ at::Tensor affine_step(const at::Tensor& x_in, const at::Tensor& D_in, double A,
   check_sample_range(sample_offset, x_in.size(0));
   const at::Tensor x = x_in.contiguous();
   const at::Tensor D = D_in.to(x.scalar_type()).contiguous();
+  const at::Tensor D1 = history_term(D1_in, B1, x, "D1"), D2 = history_term(D2_in, B2, x, "D2");
   at::Tensor result;
   if (out_in.has_value()) {
     result = *out_in;
@@ -34,8 +54,9 @@ at::Tensor affine_step(const at::Tensor& x_in, const at::Tensor& D_in, double A,
   at::Tensor out = writable(result);
   if (x.is_cpu()) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_affine_step_cpu", [&] {
+      const cpu::AffineHistory<scalar_t> history{ptr_or_null<scalar_t>(D1), B1, ptr_or_null<scalar_t>(D2), B2};
       cpu::affine_step<scalar_t>(x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, d, A, B,
-                                 C, seed, step, sample_offset);
+                                 C, seed, step, sample_offset, history);
     });
   }
 #ifdef FASTDIFF_WITH_CUDA
@@ -44,7 +65,8 @@ at::Tensor affine_step(const at::Tensor& x_in, const at::Tensor& D_in, double A,
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_affine_step_cuda", [&] {
       const cudaError_t err = cuda::launch_affine_step<scalar_t>(
           x.data_ptr<scalar_t>(), D.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M, d, A, B, C, seed, step,
-          sample_offset, c10::cuda::getCurrentCUDAStream());
+          sample_offset, c10::cuda::getCurrentCUDAStream(), ptr_or_null<scalar_t>(D1), B1, ptr_or_null<scalar_t>(D2),
+          B2);
       TORCH_CHECK(err == cudaSuccess, "fastdiff affine_step CUDA launch failed: ", cudaGetErrorString(err));
     });
   }

@@ -11,8 +11,10 @@ std::tuple<at::Tensor, at::Tensor> posterior(const at::Tensor& x, const at::Tens
                                              const at::Tensor& sigma, const std::optional<at::Tensor>& log_weights,
                                              double bandwidth);
 
+// out = A x + B D + C z, then out += B1 D1, then out += B2 D2 (D1/D2 none when unused).
 at::Tensor affine_step(const at::Tensor& x, const at::Tensor& D, double A, double B, double C, uint64_t seed,
-                       uint32_t step, uint64_t sample_offset, const std::optional<at::Tensor>& out);
+                       uint32_t step, uint64_t sample_offset, const std::optional<at::Tensor>& out,
+                       const std::optional<at::Tensor>& D1, double B1, const std::optional<at::Tensor>& D2, double B2);
 
 at::Tensor pointcloud_step(const at::Tensor& x, const at::Tensor& data, const at::Tensor& alpha,
                            const at::Tensor& sigma, double A, double B, double C, uint64_t seed, uint32_t step,

@@ -9,7 +9,8 @@ The same contract on every backend:
   writes the caller's tensor whatever its layout.
 - Noise counters: seed in [0, 2**64), step in [0, 2**32), sample_offset >= 0 with sample_offset + M < 2**63
   (global sample indices are int64 on every backend).
-- Autograd: gradients flow to x (posterior: D and L; pointcloud_step) and to x and D (affine_step), computed by
+- Autograd: gradients flow to x (posterior: D and L; pointcloud_step) and to x, D and the history's D's
+  (affine_step), computed by
   fastdiff.ops._autograd in float64 from the inputs, identically for every backend (first order only:
   no double backward). dL/dx is the score (alpha*D - x)/c for bandwidth 0. data, log_weights, alpha, sigma and
   the coefficients get no gradient: passing one that requires grad raises. pointcloud_sample (in place) has
@@ -19,6 +20,8 @@ The same contract on every backend:
   whose implementation is this eager function, so a compiled loop has no graph break and computes the same bits.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -69,33 +72,70 @@ def _empty_posterior(x, data, *_):
     return x.new_empty(x.shape), x.new_empty(0)
 
 
-def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, out=None, backend: str = "auto",
-                check_values: bool = True):
-    """x_s = A·x + B·D + C·z with z from the noise contract (row i is global sample sample_offset + i).
-    A, B, C: numbers. Pass out=x for an in-place update (any strides). Differentiable in x and D.
+def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, out=None, history=(),
+                backend: str = "auto", check_values: bool = True):
+    """x_s = A·x + B·D + C·z with z from the noise contract (row i is global sample sample_offset + i), plus the
+    multistep history: history=((B1, D1), (B2, D2)) (up to two pairs, numbers and tensors like D) adds B1·D1 and
+    then B2·D2 after the one-step update, in that order (a zero coefficient adds nothing; history=() keeps every
+    bit of the one-step update). A, B, C: numbers. Pass out=x for an in-place update (any strides).
+    Differentiable in x, D and the history's D's.
 
-    check_values=False skips the NaN/inf scan of x and D (on a CUDA device the scan waits for the GPU): for a
-    loop that checks its result once at the end, as fd.sample does. Every other check still runs."""
+    check_values=False skips the NaN/inf scan of x, D and the history (on a CUDA device the scan waits for the
+    GPU): for a loop that checks its result once at the end, as fd.sample does. Every other check still runs."""
     if torch.compiler.is_compiling():
-        return _library.affine_step(x, D, A, B, C, seed, step, sample_offset, out=out, backend=backend)
+        return _library.affine_step(x, D, A, B, C, seed, step, sample_offset, out=out, history=history,
+                                    backend=backend)
     _checks.check_points_shape(x, "x")
     _checks.check_floating(D, "D", x.shape)
     _checks.check_same_device(x=x, D=D, out=out)
     A, B, C = (_checks.check_number(v, n) for v, n in ((A, "A"), (B, "B"), (C, "C")))
+    pairs = check_history(history, x)
+    coeffs = [_checks.check_number(Bj, f"history[{j}] B") for j, (Bj, _) in enumerate(pairs)]
+    hist_D = [Dj for _, Dj in pairs]
     seed, sample_offset, step = _checks.check_counters(seed, sample_offset, x.shape[0], step)
-    _checks.check_out(out, x, x, D)
+    _checks.check_out(out, x, x, D, *hist_D)
     if check_values:
         _checks.check_values(x=x, D=D)
+        _check_history_values(hist_D)
     impl = _backend.select("affine_step", backend, **_backend.facts(x))
     if x.shape[0] == 0:
         return _into(out, x.new_empty(x.shape))
     # Compute straight into a contiguous out (nothing can fail once the inputs are checked); a strided out
     # gets the result copied in.
     direct = out if out is not None and out.is_contiguous() else None
+    B1, B2 = (coeffs + [0.0, 0.0])[:2]
 
-    def run(xx, DD):
-        return impl.affine_step(xx.contiguous(), DD.contiguous(), A, B, C, seed, step, sample_offset, direct)
-    return _into(out, _autograd.affine_step(run, x, D, A, B))
+    def run(xx, DD, D1=None, D2=None):
+        D1, D2 = (None if h is None else h.contiguous() for h in (D1, D2))
+        return impl.affine_step(xx.contiguous(), DD.contiguous(), A, B, C, seed, step, sample_offset, direct,
+                                D1, B1, D2, B2)
+    return _into(out, _autograd.affine_step(run, x, D, A, B, hist_D, coeffs))
+
+
+def check_history(history, x):
+    """The structure of affine_step's history (metadata only, also at trace time): () or up to two (B_j, D_j)
+    pairs, D_j a floating tensor shaped and placed like x. Returns the pairs as a list of tuples."""
+    if isinstance(history, torch.Tensor) or not isinstance(history, (tuple, list)):
+        raise TypeError(f"history must be a tuple of up to two (B, D) pairs, got {type(history).__name__}")
+    if len(history) > 2:
+        raise ValueError(f"history holds at most two (B, D) pairs (D_{{k-1}}, D_{{k-2}}), got {len(history)}")
+    pairs = []
+    for j, pair in enumerate(history):
+        if isinstance(pair, torch.Tensor) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"history[{j}] must be a (B, D) pair: a number and a tensor like D")
+        Bj, Dj = pair
+        _checks.check_floating(Dj, f"history[{j}] D", x.shape)
+        if Dj.device != x.device:
+            raise ValueError(f"history[{j}] D is on {Dj.device} but x is on {x.device}")
+        pairs.append((Bj, Dj))
+    return pairs
+
+
+def _check_history_values(hist_D):
+    ends = _checks.minmax(**{f"history[{j}] D": Dj for j, Dj in enumerate(hist_D)})
+    for name, e in ends.items():
+        if e is not None and not (math.isfinite(e[0]) and math.isfinite(e[1])):
+            raise ValueError(f"{name} contains NaN or inf")
 
 
 def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample_offset: int = 0,

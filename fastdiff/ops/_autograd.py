@@ -2,7 +2,7 @@
 
 The forward runs the selected backend's kernel with grad mode off; the backward is computed here, in float64
 from the inputs, so it does not depend on the backend (nor on its working precision). Gradients flow to x
-(and to D for affine_step); no double backward.
+(and to D and the history's D's for affine_step); no double backward.
 
 Posterior (MATH.md §5), with a_i = log π_i − |x − α y_i|²/(2c), w = softmax(a), ȳ = Σ w_i y_i, c = α²v + σ²:
   ∂L/∂x = (α ȳ − x)/c                         (the score ∇ log p_t(x): the Gaussian normaliser is constant in x)
@@ -127,18 +127,22 @@ class _Posterior(torch.autograd.Function):
 
 class _AffineStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, D, run, A, B):
-        ctx.coeffs = (A, B)
-        ctx.D_dtype = D.dtype
-        return run(x.detach(), D.detach())
+    def forward(ctx, x, D, D1, D2, run, A, B, B1, B2):
+        ctx.coeffs = (A, B, B1, B2)
+        ctx.dtypes = (D.dtype, None if D1 is None else D1.dtype, None if D2 is None else D2.dtype)
+        hist = [h.detach() for h in (D1, D2) if h is not None]
+        return run(x.detach(), D.detach(), *hist)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        A, B = ctx.coeffs
-        gx = (g.to(_F64) * A).to(g.dtype) if ctx.needs_input_grad[0] else None
-        gD = (g.to(_F64) * B).to(ctx.D_dtype) if ctx.needs_input_grad[1] else None
-        return gx, gD, None, None, None
+        A, B, B1, B2 = ctx.coeffs
+        g64 = g.to(_F64)
+        need = ctx.needs_input_grad
+        gx = (g64 * A).to(g.dtype) if need[0] else None
+        gD = [(g64 * c).to(dt) if need[i + 1] else None
+              for i, (c, dt) in enumerate(zip((B, B1, B2), ctx.dtypes, strict=True))]
+        return gx, *gD, None, None, None, None, None
 
 
 class _PointcloudStep(torch.autograd.Function):
@@ -167,11 +171,14 @@ def posterior(run, x, data, alpha, sigma, log_weights, bandwidth):
     return run(x, data, alpha, sigma, log_weights, bandwidth)
 
 
-def affine_step(run, x, D, A: float, B: float):
-    """run(x, D) -> A x + B D + C z, differentiable in x and D (gradients A·g and B·g)."""
-    if grad_needed(x, D):
-        return _AffineStep.apply(x, D, run, A, B)
-    return run(x, D)
+def affine_step(run, x, D, A: float, B: float, history=(), coeffs=()):
+    """run(x, D, *history) -> A x + B D + C z + Σ B_j D_j, differentiable in x, D and the history's D_j
+    (gradients A·g, B·g and B_j·g)."""
+    if grad_needed(x, D, *history):
+        D1, D2 = (list(history) + [None, None])[:2]
+        B1, B2 = (list(coeffs) + [0.0, 0.0])[:2]
+        return _AffineStep.apply(x, D, D1, D2, run, A, B, B1, B2)
+    return run(x, D, *history)
 
 
 def pointcloud_step(run, x, data, alpha, sigma, A: float, B: float, log_weights, bandwidth):

@@ -110,36 +110,52 @@ def _(x, data, alpha, sigma, log_weights, bandwidth, gD, gL):
 
 @torch.library.custom_op("fastdiff::affine_step", mutates_args=())
 def affine_step_op(x: Tensor, D: Tensor, A: Tensor, B: Tensor, C: Tensor, seed: int, step: int, sample_offset: int,
-                   backend: str) -> Tensor:
-    """fastdiff.ops.affine_step into a new tensor (seed as its int64 bit pattern)."""
+                   D1: Tensor | None, B1: Tensor, D2: Tensor | None, B2: Tensor, backend: str) -> Tensor:
+    """fastdiff.ops.affine_step into a new tensor (seed as its int64 bit pattern; the history as D1/B1, D2/B2,
+    D_j None when unused)."""
     return _eager().affine_step(x, D, *map(_number_value, (A, B, C)), seed % _SEED_WRAP, step, sample_offset,
-                                backend=backend)
+                                history=_history_value(D1, B1, D2, B2), backend=backend)
 
 
 @affine_step_op.register_fake
-def _(x, D, A, B, C, seed, step, sample_offset, backend):
-    _check_affine_shapes(x, D)
+def _(x, D, A, B, C, seed, step, sample_offset, D1, B1, D2, B2, backend):
+    _check_affine_shapes(x, D, D1, D2)
     return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fastdiff::affine_step_out", mutates_args=("out",))
 def affine_step_out_op(x: Tensor, D: Tensor, A: Tensor, B: Tensor, C: Tensor, seed: int, step: int,
-                       sample_offset: int, backend: str, out: Tensor) -> None:
+                       sample_offset: int, D1: Tensor | None, B1: Tensor, D2: Tensor | None, B2: Tensor,
+                       backend: str, out: Tensor) -> None:
     """fastdiff.ops.affine_step(..., out=out); out may be x."""
     _eager().affine_step(x, D, *map(_number_value, (A, B, C)), seed % _SEED_WRAP, step, sample_offset, out=out,
-                         backend=backend)
+                         history=_history_value(D1, B1, D2, B2), backend=backend)
 
 
 @affine_step_out_op.register_fake
-def _(x, D, A, B, C, seed, step, sample_offset, backend, out):
-    _check_affine_shapes(x, D)
+def _(x, D, A, B, C, seed, step, sample_offset, D1, B1, D2, B2, backend, out):
+    _check_affine_shapes(x, D, D1, D2)
     _checks.check_out(out, x)
 
 
-def _check_affine_shapes(x, D):
+def _check_affine_shapes(x, D, D1=None, D2=None):
     _checks.check_points_shape(x, "x")
     _checks.check_floating(D, "D", x.shape)
     _checks.check_same_device(x=x, D=D)
+    _eager().check_history(tuple((0.0, Dj) for Dj in (D1, D2) if Dj is not None), x)
+
+
+def _history_arg(history, x):
+    """affine_step's history for the op: (D1, B1, D2, B2), D_j None and B_j 0 where unused (structure checked)."""
+    pairs = _eager().check_history(history, x)
+    _refuse_grad("gradients flow to x and the D's only", **{f"history[{j}] B": Bj for j, (Bj, _) in enumerate(pairs)})
+    pairs = pairs + [(0.0, None)] * (2 - len(pairs))
+    return pairs[0][1], _number_arg(pairs[0][0]), pairs[1][1], _number_arg(pairs[1][0])
+
+
+def _history_value(D1, B1, D2, B2):
+    """The inverse of _history_arg inside the op: the (B_j, D_j) pairs that were given."""
+    return tuple((_number_value(Bj), Dj) for Dj, Bj in ((D1, B1), (D2, B2)) if Dj is not None)
 
 
 @torch.library.custom_op("fastdiff::pointcloud_step", mutates_args=())
@@ -205,17 +221,21 @@ def _posterior_backward(ctx, gD, gL):
 
 
 def _affine_setup(ctx, inputs, output):
-    x, D, A, B = inputs[:4]
-    ctx.save_for_backward(A, B)
-    ctx.D_dtype = D.dtype
+    x, D, A, B, _C, _seed, _step, _offset, D1, B1, D2, B2 = inputs[:12]
+    ctx.save_for_backward(A, B, B1, B2)
+    ctx.dtypes = (D.dtype, None if D1 is None else D1.dtype, None if D2 is None else D2.dtype)
 
 
 def _affine_backward(ctx, g):
-    A, B = ctx.saved_tensors
-    # as _autograd._AffineStep: the product in float64 (a float64 0-d tensor times g64 rounds as the Python float)
-    gx = (g.to(_F64) * A).to(g.dtype) if ctx.needs_input_grad[0] else None
-    gD = (g.to(_F64) * B).to(ctx.D_dtype) if ctx.needs_input_grad[1] else None
-    return gx, gD, None, None, None, None, None, None, None
+    A, B, B1, B2 = ctx.saved_tensors
+    # as _autograd._AffineStep: the products in float64 (a float64 0-d tensor times g64 rounds as the Python float)
+    g64 = g.to(_F64)
+    need = ctx.needs_input_grad
+    gx = (g64 * A).to(g.dtype) if need[0] else None
+    gD = (g64 * B).to(ctx.dtypes[0]) if need[1] else None
+    gD1 = (g64 * B1).to(ctx.dtypes[1]) if need[8] else None
+    gD2 = (g64 * B2).to(ctx.dtypes[2]) if need[10] else None
+    return gx, gD, None, None, None, None, None, None, gD1, None, gD2, None, None
 
 
 def _pointcloud_step_setup(ctx, inputs, output):
@@ -246,13 +266,14 @@ def posterior(x, data, alpha, sigma, log_weights=None, bandwidth=0.0, *, backend
                                         _number_arg(bandwidth), backend)
 
 
-def affine_step(x, D, A, B, C, seed, step, sample_offset=0, *, out=None, backend="auto"):
+def affine_step(x, D, A, B, C, seed, step, sample_offset=0, *, out=None, history=(), backend="auto"):
     _check_affine_shapes(x, D)
     _checks.check_same_device(x=x, D=D, out=out)
     _refuse_grad("gradients flow to x (and D) only", A=A, B=B, C=C)
-    _checks.check_out(out, x, x, D)
+    D1, B1, D2, B2 = _history_arg(history, x)
+    _checks.check_out(out, x, x, D, D1, D2)
     args = (x, D, *map(_number_arg, (A, B, C)), _seed_arg(seed), _counter_arg(step, "step", _checks.MAX_STEPS),
-            _counter_arg(sample_offset, "sample_offset", _checks.MAX_SAMPLES), backend)
+            _counter_arg(sample_offset, "sample_offset", _checks.MAX_SAMPLES), D1, B1, D2, B2, backend)
     if out is None:
         return torch.ops.fastdiff.affine_step(*args)
     torch.ops.fastdiff.affine_step_out(*args, out)
