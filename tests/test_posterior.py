@@ -124,3 +124,67 @@ def test_far_queries_at_least_as_accurate_as_the_torch_reference(backend):
         assert err <= err_torch, (seed, err, err_torch)
         assert float((L.cpu().double() - L64).abs().max()) <= float((Lt.double() - L64).abs().max()), seed
 
+
+# ---------------------------------------------------------------- far queries (issue 11, defect 8)
+# A query far from every data point: each logit lw − |x − αy|²/(2c) has a large distance part p, and every
+# working-precision formulation (the reference's too) loses ≈ u·p of the logit differences that set the weights
+# (D erred by 2e-2·max|y| in float32 at 577σ). The kernels recompute such rows (every point's p > d + 16,
+# csrc/common/far.h) with double-double logits, so they must be at least as accurate as the torch reference,
+# against a float64 brute force (float32 inputs; its own error ≈ 2⁻⁵³·p ≪ 2⁻²⁴) or mpmath (float64 inputs).
+# Slack FAR_SLACK·eps(dtype)·max|y| (L: ·(1 + |L|)): the kernel and the reference each round D to the dtype once
+# (½ ulp) and sum in a different order (≤ 2u for the compensated far sums): 4 eps covers both, never more.
+FAR_DIMS = [1, 2, 3, 4, 5, 8, 16, 47, 64, 65, 300]
+FAR_SLACK = 4
+
+
+def far_problem(d, sigma, reach, dtype, N=64):
+    """data ~ 3·N(0, I) with every other point a near-duplicate (1e-4 away); row 0 `reach`·σ beyond the data along
+    𝟙, row 1 along a random direction. reach ≥ 10·max(1, √d/3) puts the nearest point's distance part above d + 16
+    (at d = 300, 10σ is nearer than the noise's own √d·σ: not far)."""
+    g = gen(1000 + d)
+    y = 3 * torch.randn(N, d, generator=g, dtype=F64)
+    y[1::2] = y[::2] + 1e-4 * torch.randn(N // 2, d, generator=g, dtype=F64)
+    rows = []
+    for e in (torch.ones(d, dtype=F64), torch.randn(d, generator=g, dtype=F64)):
+        e = e / e.norm()
+        rows.append(e * (float((y @ e).max()) + reach * sigma))
+    return torch.stack(rows).to(dtype), y.to(dtype)
+
+
+def far_truth(x, y, sigma):
+    """(D, L) at α = 1 without weights: float64 brute force for float32 inputs, mpmath (40 digits) for float64."""
+    if x.dtype != F64:
+        return ref_posterior(x.double(), y.double(), 1.0, sigma)
+    import mpmath
+    with mpmath.workdps(40):
+        Y = [[mpmath.mpf(float(v)) for v in row] for row in y.tolist()]
+        D, L = [], []
+        for row in x.tolist():
+            xr = [mpmath.mpf(v) for v in row]
+            logits = [-sum((a - b) ** 2 for a, b in zip(xr, yj, strict=True)) / (2 * mpmath.mpf(sigma) ** 2) for yj in Y]
+            m = max(logits)
+            w = [mpmath.exp(v - m) for v in logits]
+            s = mpmath.fsum(w)
+            D.append([float(mpmath.fsum(wj * yj[k] for wj, yj in zip(w, Y, strict=True)) / s) for k in range(len(xr))])
+            L.append(float(m + mpmath.log(s)))
+    return torch.tensor(D, dtype=F64), torch.tensor(L, dtype=F64)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes("cpu", "cuda", "cuda_emu"))
+@pytest.mark.parametrize("d", FAR_DIMS)
+def test_posterior_far_queries_at_least_as_accurate_as_the_reference(backend, dtype, d):
+    """Issue 11 §2.8 at every d (the CPU row and blocked kernels, the CUDA small and large kernels): queries
+    10·max(1, √d/3)σ and 1000σ beyond data ~ 3·N(0, I) with near-duplicates, σ = 1, 30, 300, float32 and float64."""
+    eps = torch.finfo(dtype).eps
+    dev = device(backend)
+    for sigma in (1.0, 30.0, 300.0):
+        for reach in (10 * max(1.0, math.sqrt(d) / 3), 1000.0):
+            x, y = far_problem(d, sigma, reach, dtype)
+            Dt, Lt = far_truth(x, y, sigma)
+            D, L = ops.posterior(x.to(dev), y.to(dev), 1.0, sigma, backend=backend)
+            Dr, Lr = ops.posterior(x, y, 1.0, sigma, backend="torch")
+            ymax = float(y.double().abs().max())
+            err, err_ref = (float((t.double().cpu() - Dt).abs().max()) for t in (D, Dr))
+            assert err <= err_ref + FAR_SLACK * eps * ymax, (sigma, reach, err, err_ref)
+            lerr, lerr_ref = ((t.double().cpu() - Lt).abs() for t in (L, Lr))
+            assert bool((lerr <= lerr_ref + FAR_SLACK * eps * (1 + Lt.abs())).all()), (sigma, reach, lerr, lerr_ref)

@@ -292,6 +292,7 @@ void posterior_group(const Cloud<T>& c, int64_t g, const T* const* xs, const dou
     w.s[i] = 0.0;
   }
   std::fill(w.acc.begin(), w.acc.begin() + g * w.dp, 0.0);
+  double lw_max = c.log_w ? -std::numeric_limits<double>::infinity() : 0.0;   // for the far-row test
   for (int64_t j0 = 0; j0 < c.N; j0 += w.nt) {
     const int64_t n = std::min(w.nt, c.N - j0);
     if (pc.packed())
@@ -300,9 +301,14 @@ void posterior_group(const Cloud<T>& c, int64_t g, const T* const* xs, const dou
       pack_tile(c, j0, n, w);
     for (int64_t j = 0; j < w.np; ++j)
       w.lwt[j] = j >= n ? -std::numeric_limits<double>::infinity() : (c.log_w ? static_cast<double>(c.log_w[j0 + j]) : 0.0);
+    if (c.log_w) lw_max = std::max(lw_max, max_log_weight(c.log_w + j0, n));
     for (int64_t b = 0; b < g; b += kRows) block_tile(w, b, n, xs);
   }
   for (int64_t i = 0; i < g; ++i) {
+    if (far::is_far(w.m[i], lw_max, w.d)) {   // every point far: the logits again in double-double (far.h)
+      posterior_row_far(c, xs[i], alpha[i], sigma[i], D[i], L[i]);
+      continue;
+    }
     const double* acc = w.acc.data() + i * w.dp;
     const RowParams<T>& p = w.prm[i];
     for (int64_t k = 0; k < w.d; ++k)

@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
+#include "../common/far.h"
 #include "kernels.h"
 
 namespace fastdiff::cpu {
@@ -167,6 +169,53 @@ inline double tile_logits_large(const Cloud<T>& c, int64_t j0, int64_t n, const 
   return tmax;
 }
 
+// The largest of n log-weights (−inf when all are −inf): with the row's largest logit it says whether the row is
+// far (csrc/common/far.h).
+template <typename T>
+inline double max_log_weight(const T* __restrict lw, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, lw[j]);
+  return static_cast<double>(mx);
+}
+
+// D and L of a far row (csrc/common/far.h: the reasoning and the bound), recomputed from scratch: logits in
+// double-double, one pass with an online maximum, compensated double sums. Only rows whose every point is far
+// (distance part > d + 16) come here, so its cost (≈ 3x a fast row) never shows in sampling.
+template <typename T>
+void posterior_row_far(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict D, T* L) {
+  const int64_t N = c.N, d = c.d;
+  const double cdbl = alpha * alpha * c.bandwidth + sigma * sigma;
+  const double inv2c = clamped_inv2c<T>(cdbl);
+  const double floor = static_cast<double>(std::numeric_limits<T>::max());
+  const far::Diff diff_of(alpha);
+  std::vector<double> acc(2 * d, 0.0);                 // [0, d): Σ e_j y_j, [d, 2d): their compensations
+  far::DD m{-std::numeric_limits<double>::infinity(), 0.0};
+  double s = 0.0, sc = 0.0;
+  for (int64_t j = 0; j < N; ++j) {
+    far::DD dist{0.0, 0.0};
+    for (int64_t k = 0; k < d; ++k)
+      far::sq_add(dist, diff_of(static_cast<double>(x[k]), static_cast<double>(c.yT[k * N + j])));
+    const far::DD l = far::far_logit_of(c.log_w ? static_cast<double>(c.log_w[j]) : 0.0, dist, inv2c, floor);
+    if (!(l.hi > -std::numeric_limits<double>::infinity())) continue;
+    if (far::dd_greater(l, m)) {                          // a new maximum: rescale what was summed
+      const double r = m.hi > -std::numeric_limits<double>::infinity() ? far::dd_exp_diff(m, l) : 0.0;
+      s *= r; sc *= r;
+      for (int64_t k = 0; k < 2 * d; ++k) acc[k] *= r;
+      m = l;
+    }
+    const double e = far::dd_exp_diff(l, m);
+    far::comp_add(s, sc, e);
+    for (int64_t k = 0; k < d; ++k) far::comp_add(acc[k], acc[d + k], e * static_cast<double>(c.yT[k * N + j]));
+  }
+  const double shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cdbl : 1.0;
+  const double pull = c.bandwidth > 0 ? alpha * c.bandwidth / cdbl : 0.0;
+  const double sum = s + sc;
+  for (int64_t k = 0; k < d; ++k)
+    D[k] = static_cast<T>((acc[k] + acc[d + k]) / sum * shrink + pull * static_cast<double>(x[k]));
+  if (L) *L = static_cast<T>(m.hi + (m.lo + std::log(sum)));
+}
+
 // D (d values) and L of one query x against the whole cloud. `buf` holds kTile scratch values of T,
 // `dist` kTile doubles (large d only). DD = d for the fused small-d loops (1..4), 0 for any d.
 // Row-invariant: everything here depends on this query alone (one query per thread), so a row's result
@@ -184,9 +233,11 @@ void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, dou
   const T c1 = alpha >= 0.5 ? T(1) : T(0);
   const T c2 = static_cast<T>(alpha >= 0.5 ? 1.0 - alpha : -alpha);
   double m = -std::numeric_limits<double>::infinity(), s = 0.0;
+  double lw_max = c.log_w ? -std::numeric_limits<double>::infinity() : 0.0;   // for the far-row test
   std::fill(acc, acc + d, 0.0);
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
     const int64_t n = std::min(kTile, N - j0);
+    if (c.log_w) lw_max = std::max(lw_max, max_log_weight(c.log_w + j0, n));
     double tmax;
     if constexpr (DD > 0) {
       tmax = c.log_w ? tile_logits_small<T, DD, true>(c.yT, N, j0, n, x, c1, c2, inv2c, c.log_w + j0, buf)
@@ -220,6 +271,7 @@ void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, dou
     }
     m = m_new;
   }
+  if (far::is_far(m, lw_max, d)) return posterior_row_far(c, x, alpha, sigma, D, L);
   const double shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cdbl : 1.0;
   const double pull = c.bandwidth > 0 ? alpha * c.bandwidth / cdbl : 0.0;
   for (int64_t k = 0; k < d; ++k) D[k] = static_cast<T>(acc[k] / s * shrink + pull * static_cast<double>(x[k]));

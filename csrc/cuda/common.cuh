@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "../common/far.h"
 #include "../common/philox.h"
 #include "kernels.cuh"
 
@@ -82,6 +83,82 @@ struct ScaledDiff {
   __device__ T operator()(T x, T y) const { return (x - c1 * y) + c2 * y; }
 };
 
+// 0.5/c in double, clamped to T's range as clamped_inv2c<T> (the far rows keep it in double).
+template <typename T>
+__device__ __forceinline__ double clamped_inv2c_double(double c) {
+  const double lo = sizeof(T) == sizeof(float) ? 1.40129846e-45 : 4.9406564584124654e-324;
+  return fmin(fmax(0.5 / c, lo), static_cast<double>(max_finite<T>()));
+}
+
+// posterior_small_d for the far rows of a block (csrc/common/far.h: why, which rows, the bound): logits in
+// double-double, one online maximum, sums in double (compensated for T = double, with D as the compensation;
+// float needs none: N·2⁻⁵³ ≪ 2⁻²⁴). Every thread of the block calls it (tiles staged together); `mine` threads
+// own a far query and write D, L.
+template <typename T, int DMAX>
+__device__ void posterior_small_d_far(const Cloud<T>& c, const T (&x)[DMAX], double alpha, double sigma, bool mine,
+                                      T* tile, T* tile_lw, T (&D)[DMAX], T* L) {
+  const int d = static_cast<int>(c.d);
+  const double cd = alpha * alpha * c.bandwidth + sigma * sigma;
+  const double inv2c = clamped_inv2c_double<T>(cd), floor = static_cast<double>(max_finite<T>());
+  const far::Diff diff_of(alpha);
+  constexpr bool kComp = sizeof(T) == sizeof(double);
+  double acc[DMAX];
+#pragma unroll
+  for (int k = 0; k < DMAX; ++k) {
+    acc[k] = 0.0;
+    if constexpr (kComp) D[k] = T(0);
+  }
+  far::DD m{-INFINITY, 0.0};
+  double s = 0.0, sc = 0.0;
+  for (int64_t j0 = 0; j0 < c.N; j0 += kTile) {
+    const int n = static_cast<int>(min(static_cast<int64_t>(kTile), c.N - j0));
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * d; e += blockDim.x) tile[e] = c.y[j0 * d + e];
+    for (int e = threadIdx.x; e < n; e += blockDim.x) tile_lw[e] = c.log_w ? c.log_w[j0 + e] : T(0);
+    __syncthreads();
+    if (!mine) continue;
+    for (int j = 0; j < n; ++j) {
+      far::DD dist{0.0, 0.0};
+#pragma unroll
+      for (int k = 0; k < DMAX; ++k)
+        if (k < d) far::sq_add(dist, diff_of(static_cast<double>(x[k]), static_cast<double>(tile[j * d + k])));
+      const far::DD l = far::far_logit_of(static_cast<double>(tile_lw[j]), dist, inv2c, floor);
+      if (!(l.hi > -INFINITY)) continue;
+      if (far::dd_greater(l, m)) {      // a new maximum: rescale what was summed
+        const double r = m.hi > -INFINITY ? far::dd_exp_diff(m, l) : 0.0;
+        s *= r;
+        sc *= r;
+#pragma unroll
+        for (int k = 0; k < DMAX; ++k) {
+          acc[k] *= r;
+          if constexpr (kComp) D[k] *= r;
+        }
+        m = l;
+      }
+      const double e = far::dd_exp_diff(l, m);
+      far::comp_add(s, sc, e);
+#pragma unroll
+      for (int k = 0; k < DMAX; ++k) {
+        if (k >= d) continue;
+        const double v = e * static_cast<double>(tile[j * d + k]);
+        if constexpr (kComp) far::comp_add(acc[k], D[k], v);
+        else acc[k] += v;
+      }
+    }
+  }
+  if (!mine) return;
+  const double shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cd : 1.0;
+  const double pull = c.bandwidth > 0 ? alpha * c.bandwidth / cd : 0.0;
+  const double sum = s + sc;
+#pragma unroll
+  for (int k = 0; k < DMAX; ++k) {
+    if (k >= d) continue;
+    const double a = kComp ? acc[k] + static_cast<double>(D[k]) : acc[k];
+    D[k] = static_cast<T>(a / sum * shrink + pull * static_cast<double>(x[k]));
+  }
+  if (L) *L = static_cast<T>(m.hi + (m.lo + log(sum)));
+}
+
 // x (registers, DMAX slots, d used) against the cloud; every thread of the block must call it (it stages
 // data tiles in shared memory `tile` [kTile * d]); `active` threads own a query. Writes D (registers).
 // Within a tile the online log-sum-exp runs in T; each tile's sums are merged into double (shared numeric rule
@@ -98,6 +175,7 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
 #pragma unroll
   for (int k = 0; k < DMAX; ++k) acc[k] = 0.0;
   double m = -INFINITY, s = 0.0;
+  double lw_top = 0.0;             // the log-weight of the point with the largest logit (the far-row test)
   for (int64_t j0 = 0; j0 < c.N; j0 += kTile) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTile), c.N - j0));
     __syncthreads();
@@ -108,7 +186,7 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
     T tacc[DMAX];
 #pragma unroll
     for (int k = 0; k < DMAX; ++k) tacc[k] = T(0);
-    T tm = -INFINITY, ts = T(0);
+    T tm = -INFINITY, ts = T(0), tlw = T(0);
     for (int j = 0; j < n; ++j) {
       T dist = T(0);
 #pragma unroll
@@ -126,6 +204,7 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
         for (int k = 0; k < DMAX; ++k)
           if (k < d) tacc[k] = tacc[k] * r + tile[j * d + k];
         tm = l;
+        tlw = tile_lw[j];
       } else if (l > -INFINITY) {
         const T p = exp(l - tm);
         ts += p;
@@ -135,6 +214,7 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
       }
     }
     if (!(tm > -INFINITY)) continue;   // a tile of zero-weight points
+    if (static_cast<double>(tm) > m) lw_top = static_cast<double>(tlw);
     const double m_new = fmax(m, static_cast<double>(tm));
     const double r_old = exp(m - m_new), r_tile = exp(static_cast<double>(tm) - m_new);
     s = s * r_old + static_cast<double>(ts) * r_tile;
@@ -142,6 +222,13 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
     for (int k = 0; k < DMAX; ++k)
       if (k < d) acc[k] = acc[k] * r_old + static_cast<double>(tacc[k]) * r_tile;
     m = m_new;
+  }
+  // Far rows (every point's distance part > d + 16, csrc/common/far.h) lost ≈ u·p of their logit differences
+  // above: if the block has any, it runs them again with double-double logits (the others wait at its barriers).
+  const bool far_row = active && far::is_far(m, lw_top, d);
+  if (__syncthreads_or(far_row)) {
+    posterior_small_d_far<T, DMAX>(c, x, alpha, sigma, far_row, tile, tile_lw, D, L);
+    if (far_row) return;
   }
   if (!active) return;
   const double shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cd : 1.0;

@@ -118,6 +118,7 @@ struct Block {
   std::unique_ptr<Barrier> bar;
   std::vector<std::unique_ptr<Barrier>> warp_bar;
   std::vector<uint64_t> warp_buf;                   // [warp][phase 0/1][lane]: shuffles, double-buffered
+  std::atomic<int> vote[2] = {0, 0};                // __syncthreads_or, double-buffered like the shuffles
 };
 
 struct ProbeStop {};
@@ -125,7 +126,7 @@ struct ProbeStop {};
 struct Ctx {
   dim3 thread_idx, block_idx, block_dim, grid_dim;
   Block* blk = nullptr;
-  int warp = 0, lane = 0, shfl_phase = 0;
+  int warp = 0, lane = 0, shfl_phase = 0, vote_phase = 0;
   size_t static_off = 0;                            // next FD_SHARED offset (per thread, same sequence in all)
   bool probing = false;
 };
@@ -154,6 +155,18 @@ T* static_shared(size_t n) {
 inline unsigned char* dynamic_shared() { return tls.probing ? nullptr : tls.blk->smem + tls.blk->static_bytes; }
 
 inline void syncthreads() { index_ctx().blk->bar->arrive_and_wait(); }
+
+// __syncthreads_or: a barrier that returns whether any thread passed a nonzero predicate. Votes alternate between
+// two slots; the last thread to arrive clears the other slot (every thread read it before arriving here).
+inline int syncthreads_or(int predicate) {
+  Ctx& c = index_ctx();
+  Block& b = *c.blk;
+  const int ph = c.vote_phase;
+  c.vote_phase ^= 1;
+  if (predicate) b.vote[ph].fetch_or(1, std::memory_order_acq_rel);
+  b.bar->arrive_and_wait([&] { b.vote[ph ^ 1].store(0, std::memory_order_relaxed); });
+  return b.vote[ph].load(std::memory_order_acquire);
+}
 
 // One exchange among the lanes of a warp: each lane publishes v, then reads lane src's value.
 template <typename T>
@@ -259,6 +272,8 @@ cudaError_t run(void (*kernel)(P...), dim3 grid, dim3 block, size_t dynamic_byte
                    static_cast<unsigned>(next / (uint64_t(grid.x) * grid.y)));
     ++next;
     std::memset(blk.smem, 0xFF, smem.size());        // NaN in every float and double slot
+    blk.vote[0].store(0, std::memory_order_relaxed);
+    blk.vote[1].store(0, std::memory_order_relaxed);
     blk.bar = std::make_unique<Barrier>(static_cast<uint32_t>(nthreads));
     for (int w = 0; w < nwarps; ++w) blk.warp_bar[w] = std::make_unique<Barrier>(static_cast<uint32_t>(std::min(kWarp, nthreads - w * kWarp)));
   };
@@ -320,6 +335,7 @@ Launch<P...> launch(dim3 grid, dim3 block, size_t dynamic_bytes, cudaStream_t, v
 #define FD_SHARED(T, name, n) T* const name = ::cuda_emu::static_shared<T>(n)
 
 inline void __syncthreads() { ::cuda_emu::syncthreads(); }
+inline int __syncthreads_or(int predicate) { return ::cuda_emu::syncthreads_or(predicate); }
 
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
