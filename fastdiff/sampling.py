@@ -73,8 +73,12 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    euler_ancestral, dpmpp_2m, dpmpp_2m_sde and dpmpp_3m_sde fused, like ei: one
                    ops.pointcloud_sample call per chunk with the method's kernel table (MethodTable.kernel_table;
                    the last D's stay in the kernel), equal to the table executor up to rounding, wherever the
-                   backend's whole-trajectory kernel takes that table (cpu, cuda, torch). Otherwise (two-stage
-                   methods, churn, lms, a callback, another denoiser) they run the torch table executor
+                   backend's whole-trajectory kernel takes that table (cpu, cuda, torch). Any other denoiser
+                   (a model, GaussianMixture, Gaussian) runs those five methods as one fused ops.affine_step per
+                   step on the chosen backend (cpu, cuda, triton, torch): D_k from the model, in-kernel noise,
+                   and the history (B₋₁, D_{k−1}), (B₋₂, D_{k−2}) in buffers allocated once per chunk and
+                   rotated, equal to the table executor up to rounding. Otherwise (two-stage methods, churn,
+                   lms, a point cloud with a callback) they run the torch table executor
                    (fastdiff.methods.run_table), a point cloud's D from ops.posterior on the chosen backend step
                    by step. cuda_graph is not available for them.
                    Their options (an option a method does not take raises ValueError naming its valid ones):
@@ -110,8 +114,9 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    torch backends the results are identical bit for bit.
     backend        "auto" (default) or a named backend ("cpu", "torch", "cuda", "triton"); one that cannot
                    run the inputs raises ValueError with its reasons (never a silent fallback). With
-                   k-diffusion's methods it picks a point cloud's posterior; other denoisers need "auto" or
-                   "torch" there (the step is the torch table executor)
+                   k-diffusion's methods it picks a point cloud's posterior, and another denoiser's affine step
+                   for the five methods above; for the others, such a denoiser needs "auto" or "torch" (the
+                   step is the torch table executor)
     x              the initial state itself, [M, ...] float32/float64 (any strides; it is copied, never
                    modified); its device and dtype are used, and n, if given, must equal M
     times          an explicit strictly decreasing grid [K + 1] (replaces steps, schedule, t_end)
@@ -192,9 +197,6 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
         if cuda_graph:
             raise ValueError(f"cuda_graph=True runs the first-order methods only (euler, ei, ei-x0); method "
                              f"{method!r} runs the torch table executor (fastdiff.methods.run_table)")
-        if not cloud and backend not in ("auto", "torch"):
-            raise ValueError(f"method {method!r} steps with the torch table executor; backend={backend!r} has no "
-                             "multistep/two-stage kernels yet (use backend='auto' or 'torch')")
     op = "posterior" if cloud and table_method else "pointcloud_sample" if cloud else "affine_step"
     engine = _backend.select(op, backend, **_backend.facts(device=device, dtype=dtype, d=d))
     # A point cloud runs whole trajectories in one op (fused kernels where a backend has them), unless a
@@ -240,7 +242,13 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
         if fused:     # the whole trajectory in one op, like euler / ei / ei-x0
             run = _Run(denoiser, engine, mtable, None, None, None, seed, None, return_trajectory, False, True,
                        kernel_table)
+        elif not cloud and mtable.kernel_table_refusal() is None:   # model → one fused affine step with history
+            run = _HistoryRun(denoiser, engine, mtable, seed, callback, return_trajectory)
         else:
+            if not cloud and backend not in ("auto", "torch"):
+                raise ValueError(f"method {method!r} steps with the torch table executor here: the affine-step "
+                                 f"kernels cannot express its table ({mtable.kernel_table_refusal()}); "
+                                 f"backend={backend!r} has no kernel for it (use backend='auto' or 'torch')")
             run = _TableRun(denoiser, engine, mtable, seed, callback, return_trajectory)
     else:
         _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory)
@@ -438,6 +446,50 @@ class _TableRun:
 
     def denoise(self, xc, t_end):
         return _final_denoise(self.den, self.engine, xc, t_end)
+
+
+class _HistoryRun(_TableRun):
+    """One chunk of a §3b method the affine-step kernels express (no churn, one stage, history = D, H ≤ 2) with a
+    user model: per step D_k = the model's x0 (as _TableRun._denoise forms it), then ONE fused
+    ops.affine_step(x, D_k, A, B0, C, history=((B1, D_{k−1}), (B2, D_{k−2}))) in place on the chosen backend,
+    noise in-kernel at step k (the executor's draw). D_k is written into one of H + 1 buffers allocated per chunk,
+    which rotate (never copied) so that D_k becomes D_{k−1}; a callback sees the executor's info dict, and its
+    in-place edit of `denoised` reaches the history as there. Equal to the executor up to rounding (the history
+    terms are added after the one-step update instead of before the noise)."""
+
+    def chunk(self, xc, offset, bar, traj):
+        c, den, depth = self.cols, self.den, self.table.history
+        # D_k, D_{k−1}, D_{k−2}; an x0 model with no history needs none (its output is D_k itself)
+        bufs = [torch.empty_like(xc) for _ in range(depth + 1)] if depth or den.prediction != "x0" else []
+        if traj is not None:
+            traj[0].copy_(xc)
+        for k in range(len(self.table)):
+            D = self._denoise_into(xc, k, bufs[0] if bufs else None)
+            if self.callback is not None:
+                self.callback({"step": k, "t": c["t"][k], "x": xc, "prediction": self.native, "denoised": D,
+                               "sample_offset": offset})
+            B = c["B"][k]
+            history = tuple((B[j], bufs[j]) for j in range(1, depth + 1) if B[j] != 0.0)
+            ops.affine_step(xc, D, c["A"][k], B[0], c["C"][k], self.seed, k, offset, out=xc, history=history,
+                            backend=self.engine.name, check_values=False)   # the result is checked once, at the end
+            if depth:
+                bufs.insert(0, bufs.pop())          # D_k → D_{k−1} → D_{k−2}; the oldest is next step's D
+            if traj is not None:
+                traj[k + 1].copy_(xc)
+            bar.update()
+        return xc
+
+    def _denoise_into(self, xk, k, buf):
+        """D_k at t_k into buf (the model's output copied, or its eps/score output converted there), or the x0
+        model's output itself when buf is None."""
+        alpha, sigma = self.at[0][0][k], self.at[0][1][k]
+        den = self.den
+        native = _methods._checked(den.predict(xk, self._time(k, 0)).detach(), xk, "the model's output")
+        self.native = native
+        if den.prediction == "x0":
+            return native if buf is None else buf.copy_(native)
+        # _x0_from's operations, written into the buffer
+        return torch.add(xk, native, alpha=-sigma if den.prediction == "eps" else sigma * sigma, out=buf).div_(alpha)
 
 
 def _resolve_process(denoiser, process):

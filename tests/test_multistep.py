@@ -475,8 +475,8 @@ def test_fd_sample_method_errors_name_the_valid_choices(small_cloud):
     with pytest.raises(ValueError, match="cuda_graph"):
         fd.sample(small_cloud, x=x, steps=4, method="dpmpp_2m", cuda_graph=True)
     net = fd.from_model(lambda x, t: x, small_cloud.process)
-    with pytest.raises(ValueError, match="backend='cpu' has no multistep"):
-        fd.sample(net, x=x, steps=4, method="dpmpp_2m", backend="cpu")
+    with pytest.raises(ValueError, match="two-stage.*backend='cpu' has no kernel for it"):
+        fd.sample(net, x=x, steps=4, method="heun", backend="cpu")
     assert torch.equal(x, before)
 
 
@@ -599,7 +599,7 @@ def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, ba
     """A point cloud with an expressible method and no callback runs ops.pointcloud_sample once per chunk with
     the method's kernel table, and equals the table executor on the same backend (a no-op callback runs it):
     float64 within 1e-12 relative; float32 within twice the executor's own float32 error (both against the
-    float64 executor) + 4 eps32 of the scale, the kernels' float32 standard (tests/contract.py fa_close)."""
+    float64 executor on the torch backend) + 4 eps32 of the scale, the kernels' float32 standard (tests/contract.py fa_close)."""
     backend = _backend_or_skip(backend)
     g = torch.Generator().manual_seed(1)
     data = torch.randn(31, 3, generator=g, dtype=torch.float64)
@@ -620,7 +620,7 @@ def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, ba
             err = float((a - b).abs().max())
             assert err <= 1e-12 * float(b.abs().max()), f"{method}: {err:.3g}"
         return
-    ref, ref_traj = fd.sample(cloud64, x=x0, callback=lambda info: None, **kw)
+    ref, ref_traj = fd.sample(cloud64, x=x0, callback=lambda info: None, **(kw | {"backend": "torch"}))
     for a, b, r in ((fused, steps[0], ref), (traj, steps[1], ref_traj)):
         err, base = float((a.double() - r).abs().max()), float((b.double() - r).abs().max())
         atol = 4 * torch.finfo(torch.float32).eps * (float(r.abs().max()) + 1)
@@ -687,3 +687,133 @@ def test_fd_sample_fused_multistep_progress_bar_keeps_the_bits(small_cloud, caps
     assert torch.equal(fd.sample(small_cloud, **kw), fd.sample(small_cloud, progress=True, **kw))
     err = capsys.readouterr().err
     assert "9/9" in err and "sample" in err
+
+
+# ------------------------------------------------------------ a user model's fused multistep loop (issue 14, item 4)
+MODEL_BACKENDS = ["torch", "cpu", "triton", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu)]
+
+
+def _gaussian_net(p, prediction):
+    """A network with the exact Gaussian denoiser's output in `prediction` (x0, eps or score)."""
+    G = fd.Gaussian(MEAN, COV, p)
+    native = {"x0": G.denoise, "eps": G.eps, "score": G.score}[prediction]
+    return fd.from_model(lambda x, t: native(x, float(t[0])), p, prediction)
+
+
+def _executor_sample(monkeypatch, net, **kw):
+    """fd.sample with the torch table executor in place of the fused model loop (the reference)."""
+    import fastdiff.sampling as S
+    with monkeypatch.context() as m:
+        m.setattr(S, "_HistoryRun", S._TableRun)
+        return fd.sample(net, **kw)
+
+
+def _count_affine_calls(monkeypatch):
+    calls = []
+    original = fd.ops.affine_step
+
+    def counting(*args, history=(), **kwargs):
+        calls.append((len(history), kwargs.get("backend")))
+        return original(*args, history=history, **kwargs)
+
+    monkeypatch.setattr(fd.ops, "affine_step", counting)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+@pytest.mark.parametrize("method, options", FUSED_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(FUSED_CASES)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fd_sample_model_multistep_runs_one_fused_affine_step_per_step(method, options, backend, dtype,
+                                                                       monkeypatch):
+    """A user model with an expressible method runs one ops.affine_step per step on the chosen backend, with the
+    history (B1, D_{k−1}), (B2, D_{k−2}) where the method has it, and equals the table executor: float64 within
+    1e-12 relative; float32 within twice the executor's own float32 error (both against the float64 executor)
+    + 4 eps32 of the scale (tests/contract.py fa_close). The trajectory too; rows do not depend on the chunking."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels run float32")
+    backend = _backend_or_skip(backend)
+    p = fd.VP()
+    net = _gaussian_net(p, "eps" if method in ("dpmpp_2m", "euler_ancestral") else "x0")
+    x0 = p.prior(37, 2, seed=2, dtype=torch.float64)
+    K = 9
+    kw = dict(steps=K, method=method, seed=4, sample_offset=3, backend=backend, return_trajectory=True, **options)
+    calls = _count_affine_calls(monkeypatch)
+    fused, traj = fd.sample(net, x=x0.to(dtype), **kw)
+    assert len(calls) == K and {b for _, b in calls} == {backend}
+    depth = {"dpmpp_2m": 1, "dpmpp_2m_sde": 1, "dpmpp_3m_sde": 2}.get(method, 0)
+    assert max(n for n, _ in calls) == depth and [n for n, _ in calls[:2]] == [0, min(depth, 1)]
+    exe, exe_traj = _executor_sample(monkeypatch, net, x=x0.to(dtype), **kw)
+    assert len(calls) == K                                              # the executor calls no affine_step
+    assert torch.equal(traj[-1], fused) and torch.equal(traj[0], x0.to(dtype))
+    if dtype == torch.float64:
+        for a, b in ((fused, exe), (traj, exe_traj)):
+            err = float((a - b).abs().max())
+            assert err <= 1e-12 * float(b.abs().max()), f"{method}: {err:.3g}"
+    else:
+        ref, ref_traj = _executor_sample(monkeypatch, net, x=x0, **(kw | {"backend": "torch"}))
+        for a, b, r in ((fused, exe, ref), (traj, exe_traj, ref_traj)):
+            err, base = float((a.double() - r).abs().max()), float((b.double() - r).abs().max())
+            atol = 4 * torch.finfo(torch.float32).eps * (float(r.abs().max()) + 1)
+            assert err <= 2 * base + atol, f"{method}: {err:.3g} > 2·{base:.3g} + {atol:.3g}"
+    if backend in ("torch", "cpu"):
+        kw.pop("return_trajectory")
+        assert torch.equal(fused, fd.sample(net, x=x0.to(dtype), chunk_size=10, **kw))
+
+
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
+@pytest.mark.parametrize("prediction", ["x0", "eps", "score"])
+def test_fd_sample_model_multistep_callback_is_the_executors(prediction, monkeypatch):
+    """The fused loop's callback gets the executor's info dict (keys, step, t, x, prediction, denoised,
+    sample_offset) with the same values, and an in-place edit of `denoised` reaches the history as there. (On VP:
+    a drifted VE's eps → D conversion at σ/α ~ 300 multiplies a one-ulp difference ~1e3 per step, on either path.)"""
+    p = fd.VP()
+    net = _gaussian_net(p, prediction)
+    x0 = p.prior(13, 2, seed=5, dtype=torch.float64)
+
+    def run(sampler, edit):
+        infos = []
+
+        def cb(info):
+            infos.append({k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in info.items()})
+            if edit:
+                info["denoised"].mul_(0.75)
+        out = sampler(net, x=x0, steps=7, method="dpmpp_3m_sde", seed=2, sample_offset=5, callback=cb,
+                      backend="cpu")
+        return out, infos
+
+    for edit in (False, True):
+        (got, infos), (want, want_infos) = run(fd.sample, edit), run(partial_executor(monkeypatch), edit)
+        assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+        assert len(infos) == len(want_infos) == 7
+        for a, b in zip(infos, want_infos, strict=True):
+            assert a.keys() == b.keys() == {"step", "t", "x", "prediction", "denoised", "sample_offset"}
+            assert (a["step"], a["t"], a["sample_offset"]) == (b["step"], b["t"], b["sample_offset"])
+            for key in ("x", "prediction", "denoised"):
+                assert torch.allclose(a[key], b[key], rtol=1e-12, atol=1e-12 * float(b[key].abs().max())), key
+    # the edit changed the result (it reached the update and the history)
+    assert not torch.allclose(run(fd.sample, True)[0], run(fd.sample, False)[0])
+
+
+def partial_executor(monkeypatch):
+    return lambda net, **kw: _executor_sample(monkeypatch, net, **kw)
+
+
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
+@pytest.mark.parametrize("method, options, why", [("heun", {}, "two-stage"), ("lms", {}, "lms keeps"),
+                                                  ("dpmpp_sde", {}, "two-stage"),
+                                                  ("edm_euler", {"s_churn": 1.0, "s_tmax": 5.0}, "churns")])
+def test_fd_sample_model_keeps_the_executor_for_tables_the_kernels_cannot_express(method, options, why,
+                                                                                   monkeypatch):
+    """A model with a table the affine step cannot express: backend='auto' (or 'torch') runs the executor (no
+    ops.affine_step), a kernel backend is refused with the table's reason, and x is untouched."""
+    p = fd.VP()
+    net = _gaussian_net(p, "x0")
+    x = p.prior(6, 2, seed=1, dtype=torch.float64)
+    before = x.clone()
+    calls = _count_affine_calls(monkeypatch)
+    out = fd.sample(net, x=x, steps=5, method=method, seed=1, **options)
+    assert calls == [] and bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match=f"{why}.*backend='cpu' has no kernel for it"):
+        fd.sample(net, x=x, steps=5, method=method, seed=1, backend="cpu", **options)
+    assert torch.equal(x, before)
