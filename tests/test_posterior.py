@@ -125,6 +125,64 @@ def test_far_queries_at_least_as_accurate_as_the_torch_reference(backend):
         assert float((L.cpu().double() - L64).abs().max()) <= float((Lt.double() - L64).abs().max()), seed
 
 
+# ---------------------------------------------------------------- issue 11, the Triton large-d kernels (d > 64)
+def _far_problem(d, seed, N=200, M=3):
+    """x = 1e4·𝟙 (+ noise), data ~ 3·N(0, I): every query is hundreds of σ from every point for the σ used below."""
+    g = gen(seed + d)
+    return 1e4 * torch.ones(M, d) + torch.randn(M, d, generator=g), 3 * torch.randn(N, d, generator=g)
+
+
+@pytest.mark.parametrize("backend", backends("triton"))
+@pytest.mark.parametrize("d, seed, far_sigmas", [(65, 0, 577.0), (65, 2, 471.0), (128, 11, 471.0), (300, 5, 577.0),
+                                                 (300, 4, 471.0), (65, 1, 50.0), (65, 1, 1000.0)])
+def test_far_queries_large_d_at_least_as_accurate_as_the_reference(backend, d, seed, far_sigmas):
+    """Issue 11 defect 8 on the large-d path: |x − y| ≥ far_sigmas·σ, so every logit is ≈ −far_sigmas²/2·log2(e)
+    (−1.6e5 log2 units at 471σ) and its own float32 rounding moves the weights by ~1%; the kernel must form the
+    logits' differences without rounding them at that magnitude. Before, its error was 0.1x..2x the reference's
+    (the first five cases 1.2x..2.1x); now ~1e-7·max|y|. The posterior whole, split over the data (the merge of
+    split partials) and the fused step (its D). The slack is half a float32 ulp of max|D64|: D's final rounding,
+    which no float32 result avoids."""
+    from contract import EPS32
+    from fastdiff.triton.posterior import run_posterior
+    x, data = _far_problem(d, seed)
+    sigma = float((x.double()[:, None] - data.double()[None]).norm(dim=2).min()) / far_sigmas
+    D64, _ = ref_posterior(x.double(), data.double(), 1.0, sigma)
+    D32, _ = ref_posterior(x, data, 1.0, sigma)
+    ymax = float(data.abs().max())
+    err_ref = float((D32.double() - D64).abs().max()) / ymax
+    slack = 0.5 * EPS32 * float(D64.abs().max()) / ymax
+    dev = device(backend)
+    xd, yd = x.to(dev), data.to(dev)
+    results = {"posterior": ops.posterior(xd, yd, 1.0, sigma, backend=backend)[0],
+               "split": run_posterior(xd, yd, 1.0, sigma, splits=3)[0],
+               "step": ops.pointcloud_step(xd, yd, 1.0, sigma, 0.0, 1.0, 0.0, seed=0, step=0, backend=backend)}
+    for what, D in results.items():
+        err = float((D.cpu().double() - D64).abs().max()) / ymax
+        assert err <= err_ref + slack, f"{what}: triton {err:.3g} > reference {err_ref:.3g} + {slack:.2g}"
+
+
+@pytest.mark.parametrize("backend", backends("triton"))
+def test_large_d_sums_merge_in_double(backend):
+    """Rule 4 on the large-d path (d = 65): one point of weight 1 at y = 𝟙 and 2¹² points of weight 2⁻³⁰ at y = −𝟙.
+    Each tile of 32 adds 2⁻²⁵ to sums near 1, half a float32 ulp: float32 sums never move, missing 2⁻¹⁸ of the
+    weight (D off by 7.6e-6·max|y|, L by 3.8e-6, where the contract's elementwise bound is ~1e-6). Per-tile sums
+    merged into float64 keep it, in the whole posterior, its split partials and the fused step's accumulator."""
+    from contract import check_step
+    from fastdiff.triton.posterior import run_posterior
+    n, d = 2**12, 65
+    data = torch.cat([torch.ones(1, d), -torch.ones(n, d)])
+    lw = torch.cat([torch.zeros(1, dtype=F64), torch.full((n,), -30 * math.log(2), dtype=F64)])
+    x = 0.01 * torch.randn(2, d, generator=gen(7))
+    dev = device(backend)
+    D, L = ops.posterior(x.to(dev), data.to(dev), 1.0, 1e3, lw.to(dev), backend=backend)
+    check_posterior(D, L, x, data, 1.0, 1e3, lw)
+    D, L = run_posterior(x.to(dev), data.to(dev), 1.0, 1e3, lw.to(dev), splits=2)
+    check_posterior(D, L, x, data, 1.0, 1e3, lw)
+    out = ops.pointcloud_step(x.to(dev), data.to(dev), 1.0, 1e3, 0.0, 1.0, 0.0, seed=0, step=0, log_weights=lw.to(dev),
+                              backend=backend)
+    check_step(out, x, data, 1.0, 1e3, 0.0, 1.0, 0.0, 0, 0, 0, lw)
+
+
 # ---------------------------------------------------------------- far queries (issue 11, defect 8)
 # A query far from every data point: each logit lw − |x − αy|²/(2c) has a large distance part p, and every
 # working-precision formulation (the reference's too) loses ≈ u·p of the logit differences that set the weights

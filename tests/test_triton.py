@@ -202,7 +202,8 @@ def test_posterior_large_d_split_over_the_data(splits, monkeypatch):
     the unsplit kernel: uneven parts, per-row σ from 1e-3 up and σ = 1e3, near-duplicate points, a part whose
     points all have zero weight (its partial accumulator, NaN-filled here, must not be read), a bandwidth."""
     from fastdiff.triton import posterior as module
-    monkeypatch.setattr(module, "_scratch", lambda shape, device: torch.full(shape, float("nan"), device=device))
+    monkeypatch.setattr(module, "_scratch",     # the float64 scratch, NaN-filled
+                        lambda shape, device: torch.full(shape, float("nan"), dtype=F64, device=device))
     N = 75
     data, alpha, sigma, x, lw = per_row_problem(6, N, 67, splits, log_sigma=(-3, 0.5))
     data[1] = data[0] + 1e-6                                   # near-duplicate points, in the first part

@@ -72,9 +72,9 @@ def large_splits(N: int, d: int, device) -> int:
 
 
 def split_row_chunk(S: int, d: int, BM: int, scratch_bytes: int | None = None) -> int:
-    """Rows per launch of the split posterior so its float32 partials [S, rows, d] stay under scratch_bytes
+    """Rows per launch of the split posterior so its float64 partials [S, rows, d] stay under scratch_bytes
     (default SPLIT_SCRATCH_BYTES; a multiple of BM; at least BM)."""
-    rows = (SPLIT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes) // max(1, 4 * S * d)
+    rows = (SPLIT_SCRATCH_BYTES if scratch_bytes is None else scratch_bytes) // max(1, 8 * S * d)
     return max(BM, rows // BM * BM)
 
 

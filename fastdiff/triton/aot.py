@@ -69,21 +69,22 @@ def configurations():
             cex, nw = _large_cfg(tf32)
             screen = "tf32" if tf32 else "ieee"
             out.append(("posterior", "_posterior_large_kernel", {
-                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "D_ptr": "*fp32",
-                "L_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "stride_x": i32, "stride_y": i32, "stride_D": i32,
-                "par_stride": i32, "kappa": f32, "delta2": f32, "tau2": f32}, cex, nw, f"data={dt} screen={screen}"))
+                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "acc_ptr": "*fp64",
+                "D_ptr": "*fp32", "L_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "stride_x": i32, "stride_y": i32,
+                "stride_acc": i32, "stride_D": i32, "par_stride": i32, "kappa": f32, "delta2": f32, "tau2": f32},
+                cex, nw, f"data={dt} screen={screen}"))
             out.append(("posterior", "_posterior_large_split_kernel", {
-                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "acc_ptr": "*fp32",
-                "ms_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "n_chunk": i32, "stride_x": i32, "stride_y": i32,
+                "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32", "acc_ptr": "*fp64",
+                "ms_ptr": "*fp64", "M": i32, "N": i32, "d": i32, "n_chunk": i32, "stride_x": i32, "stride_y": i32,
                 "par_stride": i32, "kappa": f32, "delta2": f32, "tau2": f32}, cex, nw, f"data={dt} screen={screen}"))
             out.append(("pointcloud_step", "_pointcloud_step_large_kernel", {
                 "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "par_ptr": "*fp32",
-                "acc_ptr": "*fp32", "out_ptr": "*fp32", "A": f32, "B": f32, "Cn": f32, "M": i32, "N": i32, "d": i32,
+                "acc_ptr": "*fp64", "out_ptr": "*fp32", "A": f32, "B": f32, "Cn": f32, "M": i32, "N": i32, "d": i32,
                 "stride_x": i32, "stride_y": i32, "stride_acc": i32, "stride_o": i32, "par_stride": i32,
                 "kappa": f32, "delta2": f32, "tau2": f32, "seed_lo": i64, "seed_hi": i64, "step": i64,
                 "off_lo": i64, "off_hi": i64, "has_noise": i32}, cex, nw, f"data={dt} screen={screen}"))
             out.append(("pointcloud_sample", "_pointcloud_sample_large_kernel", {
-                "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32", "x_ptr": "*fp32", "acc_ptr": "*fp32",
+                "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32", "x_ptr": "*fp32", "acc_ptr": "*fp64",
                 "traj_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "K": i32, "stride_y": i32, "traj_stride": i64,
                 "kappa": f32, "delta2": f32, "tau2": f32, "seed_lo": i64, "seed_hi": i64, "off_lo": i64,
                 "off_hi": i64, "save_traj": i32}, cex, nw, f"data={dt} screen={screen}"))

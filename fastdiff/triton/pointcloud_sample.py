@@ -73,14 +73,13 @@ def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, x_ptr, acc_ptr, t
         a, c1, c2, k2, cy, cx, A, B, Cn = _step_record(tab_ptr, k)
         m, s = large_reduce(x_ptr, d, rows, rmask, zero + a, zero + c1, zero + c2, zero + k2, data_ptr, stride_y,
                             lw_ptr, acc_ptr, d, N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
-        fy = cy / s
         for k0 in range(0, d, BK):
             kk = k0 + tl.arange(0, BK)
             mask = rmask[:, None] & (kk < d)[None, :]
             xptr = x_ptr + rows64[:, None] * d + kk[None, :]
             xk = tl.load(xptr, mask=mask, other=0.0)
             acc = tl.load(acc_ptr + rows64[:, None] * d + kk[None, :], mask=mask, other=0.0)
-            xn = A * xk + B * (acc * fy[:, None] + cx * xk)
+            xn = A * xk + B * ((acc / s[:, None]).to(tl.float32) * cy + cx * xk)   # acc, s float64
             if Cn != 0.0:
                 xn += Cn * normal_tile(seed_lo, seed_hi, tl.cast(k, tl.int64), i_lo, i_hi, k0 // 4, BK // 4)
             tl.debug_barrier()                      # loads of the tile before its stores
@@ -132,7 +131,7 @@ def launch_pointcloud_sample(x, data, lw2, tab, seed, sample_offset, traj, scree
         return traj
     tf32 = _posterior.SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
     cfg = config or C.large_config(d)
-    acc = torch.empty_like(x)
+    acc = _posterior._scratch(x.shape, x.device)     # the float64 accumulator (rule 4: sums merged in double)
     with C.device_guard(x.device):      # the tensors' GPU, not the current one
         _pointcloud_sample_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
             data, lw2, tab, x, acc, traj_arg, M, N, d, K, data.stride(0), traj_stride,

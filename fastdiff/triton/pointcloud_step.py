@@ -2,8 +2,8 @@
 the noise contract, in one kernel.
 
 Small d: D never leaves registers. Large d: the [BM, d] accumulator of the reduction cannot stay on chip,
-so it lives in `out` when out is a separate tensor, else in a scratch [M, d] (L2-resident, one program per
-row block); the final D itself is never written, the epilogue streams acc, x and z into out.
+so it lives in a float64 scratch [M, d] (L2-resident, one program per row block; float64: the posterior's
+rule 4); the final D itself is never written, the epilogue streams acc, x and z into out.
 """
 from __future__ import annotations
 
@@ -47,14 +47,13 @@ def _pointcloud_step_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, acc_ptr, out
     a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
     m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
                         N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
-    fy = cy / s
     i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
     for k0 in range(0, d, BK):
         kk = k0 + tl.arange(0, BK)
         mask = rmask[:, None] & (kk < d)[None, :]
         xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=mask, other=0.0)
         acc = tl.load(acc_ptr + rows64[:, None] * stride_acc + kk[None, :], mask=mask, other=0.0)
-        D = acc * fy[:, None] + cx[:, None] * xk
+        D = (acc / s[:, None]).to(tl.float32) * cy[:, None] + cx[:, None] * xk   # acc, s float64: rounded once
         out = A * xk + B * D
         if has_noise != 0:
             out += Cn * normal_tile(seed_lo, seed_hi, step, i_lo, i_hi, k0 // 4, BK // 4)
@@ -80,7 +79,7 @@ def launch_pointcloud_step(x, data, lw2, par, A, B, Cn, out, seed, step, sample_
         return out
     tf32 = _posterior.SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
     cfg = _common.large_config(d)
-    acc = torch.empty_like(x) if out.data_ptr() == x.data_ptr() else out
+    acc = _posterior._scratch(x.shape, x.device)     # the float64 accumulator (rule 4: sums merged in double)
     with _common.device_guard(x.device):      # the tensors' GPU, not the current one
         _pointcloud_step_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
             x, data, lw2, par, acc, out, A, B, Cn, M, N, d, x.stride(0), data.stride(0), acc.stride(0), out.stride(0),

@@ -23,8 +23,11 @@ Large d (matrix-product-bound), the accuracy method — screening plus exact re-
      2⁻⁴⁰ of the weight: it is skipped (no exp, no accumulation).
   3. Any other tile goes through the online log-sum-exp; each of its pairs whose bound exceeds τ = 1e−6
      (all but huge σ) is re-scored exactly by direct differences ((x − y) + b·y, BKE columns at a time,
-     Kahan-summed) and formed relative to the row's running maximum (far queries keep float32 precision
-     in l − m); its p·y product uses tl.dot(..., input_precision="ieee").
+     Kahan-summed) and formed relative to the row's running maximum; its p·y product uses
+     tl.dot(..., input_precision="ieee").
+  4. Far rows (best logit below −FAR_LOG2) are reduced again relative to their best point r (large_reduce):
+     their direct logits each carry a float32 rounding of ~1e-7·|l| (0.02 log2 units at 471σ), the anchored
+     form α(y_r − y)·(2(x − αy_r) + α(y_r − y)) one relative to the points' spread times the distance.
   At small σ (the hard case: 1/(2c) ~ 10⁶ multiplies the cancellation error of the expanded form)
   only the few tiles that hold a near neighbour of some row in the block are re-scored, so the cost is
   about one TF32 screening product; at large σ nearly every tile is re-scored (direct differences,
@@ -32,9 +35,10 @@ Large d (matrix-product-bound), the accuracy method — screening plus exact re-
   Chosen over centring (which shrinks |x|² and |y|² only by a data-dependent factor, far from the
   10⁶ needed at σ = 1e−3 on images) and split products (which at best restore float32 products,
   whereas the cancellation needs ~10⁻¹² relative accuracy of the terms).
-  The [BM, d] accumulator does not fit on chip for d in the thousands: it lives in the output D (or a
-  scratch for the fused ops), owned by one program and resident in L2; each processed tile does one
-  read-modify-write of it (rescaled by the online max), skipped tiles touch nothing.
+  The [BM, d] accumulator does not fit on chip for d in the thousands: it lives in a float64 scratch [M, d]
+  (rule 4: each tile's float32 product merged into double, as the softmax sum s), owned by one program and
+  resident in L2; each processed tile does one read-modify-write of it (rescaled by the online max), skipped
+  tiles touch nothing.
   Few rows (M = 1024 is 32 programs for 132 SMs): the posterior op splits the data into parts reduced by
   separate programs into partial (m, s, acc) and merges them (combine_splits), as split-K does for a
   matrix product; _common.large_splits picks the count from N, d and the device's SM count, never from M.
@@ -172,12 +176,129 @@ def _round_tf32(v):
 
 
 @triton.jit
+def _screen_tile(x_ptr, stride_x, rows64, rmask, a, k2, xn2, xn, data_ptr, stride_y, lw_ptr, n0, N, d, kappa,
+                 SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Step 1 on the points [n0, n0 + BN): screened logits la [BM, BN] (log2 units) from the expanded distance
+    |x|² − 2α x·y + α²|y|² by tl.dot, their rigorous error bound E = κ·k2·(|x| + α|y|)², the points'
+    log-weights lw and the pair mask. Returns (rn64, nm, lw, la, E, valid)."""
+    rn = n0 + tl.arange(0, BN)
+    nm = rn < N
+    rn64 = rn.to(tl.int64)
+    dot = tl.zeros([BM, BN], tl.float32)
+    yn2 = tl.zeros([BN], tl.float32)
+    for k0 in range(0, d, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < d
+        xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        yk = tl.load(data_ptr + rn64[:, None] * stride_y + kk[None, :],
+                     mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        yn2 += tl.sum(yk * yk, axis=1)
+        if SCREEN_TF32:
+            dot = tl.dot(_round_tf32(xk), tl.trans(_round_tf32(yk)), dot, input_precision="tf32")
+        else:
+            dot = tl.dot(xk, tl.trans(yk), dot, input_precision="ieee")
+    lw = tl.load(lw_ptr + rn, mask=nm, other=float("-inf"))
+    yn = tl.sqrt(yn2)
+    half_d2 = 0.5 * xn2[:, None] - a[:, None] * dot + (0.5 * a * a)[:, None] * yn2[None, :]
+    la = lw[None, :] - (2.0 * k2)[:, None] * half_d2
+    t = xn[:, None] + a[:, None] * yn[None, :]
+    E = (kappa * k2)[:, None] * (t * t)
+    valid = nm[None, :] & rmask[:, None]
+    return rn64, nm, lw, la, E, valid
+
+
+@triton.jit
+def _direct_d2(x_ptr, stride_x, rows64, rmask, c1, c2, data_ptr, stride_y, rn64, nm, d,
+               BM: tl.constexpr, BN: tl.constexpr, BKE: tl.constexpr):
+    """|x − αy|² of every pair by direct differences ((x − c1·y) + c2·y), BKE columns at a time, the slices
+    Kahan-summed. Returns (d2, comp): the true sum is ≈ d2 − comp; an overflowed distance (inf − inf in Kahan)
+    is +inf."""
+    d2 = tl.zeros([BM, BN], tl.float32)
+    comp = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, d, BKE):
+        ke = k0 + tl.arange(0, BKE)
+        kem = ke < d
+        xe = tl.load(x_ptr + rows64[:, None] * stride_x + ke[None, :], mask=rmask[:, None] & kem[None, :], other=0.0)
+        ye = tl.load(data_ptr + rn64[:, None] * stride_y + ke[None, :],
+                     mask=nm[:, None] & kem[None, :], other=0.0).to(tl.float32)
+        diff = (xe[:, None, :] - c1[:, None, None] * ye[None, :, :]) + c2[:, None, None] * ye[None, :, :]
+        part = tl.sum(diff * diff, axis=2) - comp
+        tot = d2 + part
+        comp = (tot - d2) - part
+        d2 = tot
+    return tl.where(d2 == d2, d2, float("inf")), comp
+
+
+@triton.jit
+def _anchored_d2(x_ptr, stride_x, rows64, rmask, a, c1, c2, data_ptr, stride_y, best64, rn64, nm, d,
+                 BM: tl.constexpr, BN: tl.constexpr, BKE: tl.constexpr):
+    """|x − αy|² − |x − αy_r|² of every pair, r = best64 (each row's anchor point), as
+        α t·(2e + αt),   t = y_r − y,  e = x − αy_r = (x − c1·y_r) + c2·y_r,
+    BKE columns at a time, the slices Kahan-summed. Returns (dd, comp) with the true value ≈ dd − comp; NaN
+    (inf − inf from overflowing terms) is +inf, and the anchor's own value is exactly 0 (t = 0)."""
+    acc = tl.zeros([BM, BN], tl.float32)
+    comp = tl.zeros([BM, BN], tl.float32)
+    for k0 in range(0, d, BKE):
+        ke = k0 + tl.arange(0, BKE)
+        kem = ke < d
+        xe = tl.load(x_ptr + rows64[:, None] * stride_x + ke[None, :], mask=rmask[:, None] & kem[None, :], other=0.0)
+        ye = tl.load(data_ptr + rn64[:, None] * stride_y + ke[None, :],
+                     mask=nm[:, None] & kem[None, :], other=0.0).to(tl.float32)
+        yr = tl.load(data_ptr + best64[:, None] * stride_y + ke[None, :],
+                     mask=rmask[:, None] & kem[None, :], other=0.0).to(tl.float32)
+        e2 = 2.0 * ((xe - c1[:, None] * yr) + c2[:, None] * yr)
+        t = yr[:, None, :] - ye[None, :, :]
+        part = tl.sum(t * (e2[:, None, :] + a[:, None, None] * t), axis=2) - comp
+        tot = acc + part
+        comp = (tot - acc) - part
+        acc = tot
+    dd = a[:, None] * acc
+    return tl.where(dd == dd, dd, float("inf")), a[:, None] * comp
+
+
+@triton.jit
+def _accumulate_rows(acc_ptr, stride_acc, rows64, wmask, fresh, scale, p, data_ptr, stride_y, rn64, nm, d,
+                     BK: tl.constexpr):
+    """acc[rows] ← acc·scale + p·Y for the tile's points Y, in the float64 accumulator in memory (rule 4: the
+    tile's float32 product, BN points, merged into double). Rows outside wmask are neither read nor written;
+    fresh rows (nothing accumulated yet: their memory is garbage, maybe NaN) start from 0."""
+    for k0 in range(0, d, BK):
+        kk = k0 + tl.arange(0, BK)
+        km = kk < d
+        yk = tl.load(data_ptr + rn64[:, None] * stride_y + kk[None, :],
+                     mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        aptr = acc_ptr + rows64[:, None] * stride_acc + kk[None, :]
+        amask = wmask[:, None] & km[None, :]
+        old = tl.load(aptr, mask=amask, other=0.0)
+        new = tl.where(fresh[:, None], 0.0, old) * scale[:, None] + tl.dot(p, yk, input_precision="ieee").to(tl.float64)
+        tl.debug_barrier()                 # loads of the tile before its stores
+        tl.store(aptr, new, mask=amask)
+    # The next read of this accumulator tile may come from other threads of the program (other layouts): order
+    # it after these stores.
+    tl.debug_barrier()
+
+
+@triton.jit
 def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
                  N, d, kappa, delta2, tau2,
                  SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  BKE: tl.constexpr):
     """Screened online log-sum-exp for rows `rows` of x (in memory) against all N data points.
-    Writes acc[rows, :d] = Σ 2^{l − m} y (unnormalised) and returns (m [BM] log2 units, s [BM])."""
+    Writes acc[rows, :d] = Σ 2^{l − m} y (unnormalised, float64) and returns (m [BM], s [BM]), both float64:
+    m the row's largest logit (log2 units, ≥ −max_float32), s = Σ 2^{l − m}.
+
+    Far rows (m < −FAR_LOG2) are reduced a second time relative to their anchor r (_anchored_d2), as small_reduce
+    does: the direct logits of a query 471σ from the data are ≈ −1.6e5 log2 units and each carries its own
+    float32 rounding, ≈ k2·(BKE + 3)·u·|x − αy|² (≥ u·|l|/2 = 0.005 even rounded once, as the torch reference
+    does; u = 2⁻²⁴), while the weights depend only on the logits' differences. The anchored form's error is
+        |δ(l − l_r)| ≤ k2·γ·α|t|·(2|e| + α|t|) + u·|l − l_r|,   γ ≈ (BKE + 6)·u,
+    (t = y_r − y rounded once, e = x − αy_r to 2u·|e|, then the products and the Kahan-summed slices), relative
+    to the points' spread |t| times the distance |e| instead of the distance squared: at 471σ, d = 300 (|e| ≈
+    1.7e5, |t| ≲ 80) ~2000× smaller. The second pass costs as much as the first and runs only for blocks with a
+    far row; it skips, by the same screening bounds, every pair the first pass's final m_lb rules out. A far
+    row's m is then r's logit computed in float64 (one pass over r's d values) plus the best logit relative to
+    r: L keeps float32 accuracy too, and split partials (combine_splits) are weighted against each other without
+    the ~1e-7·|l| error of each split's own float32 frame."""
     rows64 = rows.to(tl.int64)
     NEG_INF: tl.constexpr = float("-inf")
     xn2 = tl.zeros([BM], tl.float32)
@@ -191,34 +312,12 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
     # relative to it (0 unless the logits are so large that float32 cannot hold them to within 1).
     m = tl.full([BM], NEG_INF, tl.float32)
     m_lo = tl.zeros([BM], tl.float32)
-    s = tl.zeros([BM], tl.float32)
+    s = tl.zeros([BM], tl.float64)
     m_lb = tl.full([BM], NEG_INF, tl.float32)
+    best = tl.zeros([BM], tl.int32)
     for n0 in range(0, N, BN):
-        rn = n0 + tl.arange(0, BN)
-        nm = rn < N
-        rn64 = rn.to(tl.int64)
-        # -- 1. screening: x·y by tl.dot, |y|² alongside
-        dot = tl.zeros([BM, BN], tl.float32)
-        yn2 = tl.zeros([BN], tl.float32)
-        for k0 in range(0, d, BK):
-            kk = k0 + tl.arange(0, BK)
-            km = kk < d
-            xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :],
-                         mask=rmask[:, None] & km[None, :], other=0.0)
-            yk = tl.load(data_ptr + rn64[:, None] * stride_y + kk[None, :],
-                         mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
-            yn2 += tl.sum(yk * yk, axis=1)
-            if SCREEN_TF32:
-                dot = tl.dot(_round_tf32(xk), tl.trans(_round_tf32(yk)), dot, input_precision="tf32")
-            else:
-                dot = tl.dot(xk, tl.trans(yk), dot, input_precision="ieee")
-        lw = tl.load(lw_ptr + rn, mask=nm, other=NEG_INF)
-        yn = tl.sqrt(yn2)
-        half_d2 = 0.5 * xn2[:, None] - a[:, None] * dot + (0.5 * a * a)[:, None] * yn2[None, :]
-        la = lw[None, :] - (2.0 * k2)[:, None] * half_d2
-        t = xn[:, None] + a[:, None] * yn[None, :]
-        E = (kappa * k2)[:, None] * (t * t)
-        valid = nm[None, :] & rmask[:, None]
+        rn64, nm, lw, la, E, valid = _screen_tile(x_ptr, stride_x, rows64, rmask, a, k2, xn2, xn, data_ptr,
+                                                  stride_y, lw_ptr, n0, N, d, kappa, SCREEN_TF32, BM, BN, BK)
         lower = tl.where(valid, la - E, NEG_INF)
         upper = tl.where(valid, la + E, NEG_INF)
         m_lb = tl.maximum(m_lb, tl.max(lower, axis=1))
@@ -234,21 +333,10 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
             rescore = need & (E > tau2)
             n_rescore = tl.sum(tl.sum(rescore.to(tl.int32), axis=1), axis=0)
             d2 = tl.zeros([BM, BN], tl.float32)
-            comp = tl.zeros([BM, BN], tl.float32)          # Kahan: the slices are summed in sequence
+            comp = tl.zeros([BM, BN], tl.float32)
             if n_rescore > 0:
-                for k0 in range(0, d, BKE):
-                    ke = k0 + tl.arange(0, BKE)
-                    kem = ke < d
-                    xe = tl.load(x_ptr + rows64[:, None] * stride_x + ke[None, :],
-                                 mask=rmask[:, None] & kem[None, :], other=0.0)
-                    ye = tl.load(data_ptr + rn64[:, None] * stride_y + ke[None, :],
-                                 mask=nm[:, None] & kem[None, :], other=0.0).to(tl.float32)
-                    diff = (xe[:, None, :] - c1[:, None, None] * ye[None, :, :]) + c2[:, None, None] * ye[None, :, :]
-                    part = tl.sum(diff * diff, axis=2) - comp
-                    tot = d2 + part
-                    comp = (tot - d2) - part
-                    d2 = tot
-                d2 = tl.where(d2 == d2, d2, float("inf"))     # an overflowed distance (inf − inf in Kahan)
+                d2, comp = _direct_d2(x_ptr, stride_x, rows64, rmask, c1, c2, data_ptr, stride_y, rn64, nm, d,
+                                      BM, BN, BKE)
                 lg = tl.where(rescore, lw[None, :] - d2 * k2[:, None], la)
             # pairs this row does not need contribute exactly nothing (as if the tile were skipped for it)
             lg = tl.where(need, finite_logit(lg, lw[None, :]), NEG_INF)
@@ -257,40 +345,68 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
             rel = lg - m_safe[:, None]
             if n_rescore > 0:
-                # Re-scored logits relative to m_new, rounded once: a far query (d = 300, σ = 300, |x| = 1.7e5)
-                # has logits ≈ −2.4e5 log2 units, whose float32 rounding (±0.008) would swamp the O(1)
-                # differences that set the weights. fma(−d2, k2, −m) rounds once after the exact product, at
-                # the small magnitude of l − m for the pairs that matter, and the Kahan remainder adds back what
-                # d2's own rounding lost (comp·k2). A relative error of k2 scales every logit of the row alike
-                # (a common shift, cancelled by the softmax). Clamped or excluded pairs keep lg − m.
+                # Re-scored logits relative to m_new, rounded once: fma(−d2, k2, −m) rounds once after the exact
+                # product, at the small magnitude of l − m for the pairs that matter, and the Kahan remainder
+                # adds back what d2's own rounding lost (comp·k2). A relative error of k2 scales every logit of
+                # the row alike (a common shift, cancelled by the softmax). Clamped or excluded pairs keep
+                # lg − m. (d2's own rounding, relative to |x − αy|², remains: far rows are redone below.)
                 fine = rescore & (lg > -3.4028234663852886e38)
                 exact = (tl.fma(-d2, k2[:, None], -m_safe[:, None]) + lw[None, :]) + comp * k2[:, None]
                 rel = tl.where(fine, exact, rel)
             # the frame of the new maximum: m_new + lo, lo = the largest relative logit, old frame included
             prev = (m - m_safe) + m_lo                 # −inf when nothing has been accumulated yet
-            lo = tl.maximum(prev, tl.max(rel, axis=1))
+            tile_best = tl.max(rel, axis=1)
+            best = tl.where(tile_best > prev, n0 + tl.argmax(rel, axis=1), best)
+            lo = tl.maximum(prev, tile_best)
             lo = tl.where(lo == NEG_INF, 0.0, lo)
             scale = tl.exp2(prev - lo)
             p = tl.exp2(rel - lo[:, None])
-            s = s * scale + tl.sum(p, axis=1)
-            fresh = m == NEG_INF                       # nothing accumulated yet: acc memory is garbage
-            for k0 in range(0, d, BK):
-                kk = k0 + tl.arange(0, BK)
-                km = kk < d
-                yk = tl.load(data_ptr + rn64[:, None] * stride_y + kk[None, :],
-                             mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
-                aptr = acc_ptr + rows64[:, None] * stride_acc + kk[None, :]
-                amask = rmask[:, None] & km[None, :]
-                old = tl.load(aptr, mask=amask, other=0.0)
-                new = tl.where(fresh[:, None], 0.0, old) * scale[:, None] + tl.dot(p, yk, input_precision="ieee")
-                tl.debug_barrier()                 # loads of the tile before its stores
-                tl.store(aptr, new, mask=amask)
+            s = s * scale.to(tl.float64) + tl.sum(p, axis=1).to(tl.float64)
+            _accumulate_rows(acc_ptr, stride_acc, rows64, rmask, m == NEG_INF, scale.to(tl.float64), p,
+                             data_ptr, stride_y, rn64, nm, d, BK)
             m = m_new
             m_lo = lo
-            # The next read of this accumulator tile may come from other threads of the program (other
-            # layouts): order it after these stores.
-            tl.debug_barrier()
-    return m + m_lo, s
+    m = m + m_lo
+    far = rmask & (m < -FAR_LOG2) & (m > NEG_INF)
+    m = m.to(tl.float64)
+    if tl.sum(far.to(tl.int32), axis=0) > 0:
+        best64 = best.to(tl.int64)
+        lwr = tl.load(lw_ptr + best, mask=far, other=0.0)
+        m_r = tl.full([BM], NEG_INF, tl.float32)
+        s_r = tl.zeros([BM], tl.float64)
+        for n0 in range(0, N, BN):
+            rn64, nm, lw, la, E, valid = _screen_tile(x_ptr, stride_x, rows64, rmask, a, k2, xn2, xn, data_ptr,
+                                                      stride_y, lw_ptr, n0, N, d, kappa, SCREEN_TF32, BM, BN, BK)
+            upper = tl.where(valid, la + E, NEG_INF)
+            need = valid & far[:, None] & (((upper - m_lb[:, None]) >= -delta2) | (upper != upper))
+            n_need = tl.sum(tl.sum(need.to(tl.int32), axis=1), axis=0)
+            if n_need > 0:
+                dd, comp = _anchored_d2(x_ptr, stride_x, rows64, rmask, a, c1, c2, data_ptr, stride_y, best64,
+                                        rn64, nm, d, BM, BN, BKE)
+                lg = (lw[None, :] - lwr[:, None]) - (dd - comp) * k2[:, None]
+                lg = tl.where(need, finite_logit(lg, lw[None, :]), NEG_INF)
+                m_new = tl.maximum(m_r, tl.max(lg, axis=1))
+                m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+                scale = tl.exp2(m_r - m_safe)
+                p = tl.exp2(lg - m_safe[:, None])
+                s_r = s_r * scale.to(tl.float64) + tl.sum(p, axis=1).to(tl.float64)
+                _accumulate_rows(acc_ptr, stride_acc, rows64, far, m_r == NEG_INF, scale.to(tl.float64), p,
+                                 data_ptr, stride_y, rn64, nm, d, BK)
+                m_r = m_new
+        # m_r: the best logit relative to r's (0 unless the first pass's rounding picked the wrong anchor); the
+        # row's maximum is r's logit (float64, the kernel's own float32 parameters) plus m_r, kept ≥ −max_float32.
+        e2 = tl.zeros([BM], tl.float64)
+        for k0 in range(0, d, BK):
+            kk = k0 + tl.arange(0, BK)
+            fm = far[:, None] & (kk < d)[None, :]
+            xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=fm, other=0.0).to(tl.float64)
+            yr = tl.load(data_ptr + best64[:, None] * stride_y + kk[None, :], mask=fm, other=0.0).to(tl.float64)
+            e = (xk - c1.to(tl.float64)[:, None] * yr) + c2.to(tl.float64)[:, None] * yr
+            e2 += tl.sum(e * e, axis=1)
+        l_r = lwr.to(tl.float64) - e2 * k2.to(tl.float64)
+        s = tl.where(far, s_r, s)
+        m = tl.where(far, tl.maximum(l_r + m_r.to(tl.float64), -3.4028234663852886e38), m)
+    return m, s
 
 
 @triton.jit
@@ -329,27 +445,25 @@ def _posterior_small_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, D_ptr, L_ptr, M, N
 
 
 @triton.jit
-def _posterior_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, D_ptr, L_ptr, M, N, d,
-                            stride_x, stride_y, stride_D, par_stride, kappa, delta2, tau2,
+def _posterior_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, acc_ptr, D_ptr, L_ptr, M, N, d,
+                            stride_x, stride_y, stride_acc, stride_D, par_stride, kappa, delta2, tau2,
                             SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                             BK: tl.constexpr, BKE: tl.constexpr):
+    """acc_ptr: a float64 [M, d] scratch (the accumulator, rule 4); D, L float32."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
     rows64 = rows.to(tl.int64)
     a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
-    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, D_ptr, stride_D,
+    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
                         N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
-    fy = cy / s
-    for k0 in range(0, d, BK):                     # D = acc·cy/s + cx·x, in place over the accumulator
+    for k0 in range(0, d, BK):      # D = (acc/s)·cy + cx·x, acc/s rounded once to float32 (as the reference)
         kk = k0 + tl.arange(0, BK)
         mask = rmask[:, None] & (kk < d)[None, :]
         xk = tl.load(x_ptr + rows64[:, None] * stride_x + kk[None, :], mask=mask, other=0.0)
-        dptr = D_ptr + rows64[:, None] * stride_D + kk[None, :]
-        acc = tl.load(dptr, mask=mask, other=0.0)
-        Dk = acc * fy[:, None] + cx[:, None] * xk
-        tl.debug_barrier()                          # loads of the tile before its stores
-        tl.store(dptr, Dk, mask=mask)
-    tl.store(L_ptr + rows, (m + tl.log2(s)) * 0.6931471805599453, mask=rmask)
+        acc = tl.load(acc_ptr + rows64[:, None] * stride_acc + kk[None, :], mask=mask, other=0.0)
+        Dk = (acc / s[:, None]).to(tl.float32) * cy[:, None] + cx[:, None] * xk
+        tl.store(D_ptr + rows64[:, None] * stride_D + kk[None, :], Dk, mask=mask)
+    tl.store(L_ptr + rows, ((m + tl.log2(s)) * 0.6931471805599453).to(tl.float32), mask=rmask)
 
 
 @triton.jit
@@ -358,8 +472,8 @@ def _posterior_large_split_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, acc_ptr, ms_
                                   SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                   BK: tl.constexpr, BKE: tl.constexpr):
     """Split over the data: program (i, j) reduces row block i against points [j·n_chunk, (j+1)·n_chunk)
-    into partials acc[j] [M, d] (Σ 2^{l − m_j} y, unnormalised) and ms[j] = (m_j [M], s_j [M]), merged
-    by combine_splits. Each split screens against its own running maximum (never skips more than the
+    into float64 partials acc[j] [M, d] (Σ 2^{l − m_j} y, unnormalised) and ms[j] = (m_j, s_j) [2, M] (float64),
+    merged by combine_splits. Each split screens against its own running maximum (never skips more than the
     whole-data kernel would)."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < M
@@ -401,8 +515,9 @@ def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None, splits=None):
                     num_warps=cfg["num_warps"])
         if S == 1:
             grid = (triton.cdiv(M, cfg["BM"]),)
-            _posterior_large_kernel[grid](x, data, lw2, par, D, L, M, N, d, x.stride(0), data.stride(0), D.stride(0),
-                                          par_stride, *screen, **meta)
+            acc = _scratch((M, d), x.device)
+            _posterior_large_kernel[grid](x, data, lw2, par, acc, D, L, M, N, d, x.stride(0), data.stride(0),
+                                          acc.stride(0), D.stride(0), par_stride, *screen, **meta)
             return D, L
         n_chunk = triton.cdiv(N, S)
         S = triton.cdiv(N, n_chunk)
@@ -420,8 +535,9 @@ def launch_posterior(x, data, lw2, par, D, L, screen_tf32=None, splits=None):
 
 
 def _scratch(shape, device):
-    """Uninitialised float32 scratch for the split partials (a test fills it with NaN instead)."""
-    return torch.empty(shape, dtype=torch.float32, device=device)
+    """Uninitialised float64 scratch for the accumulators and split partials (rule 4: sums merged in double;
+    a test fills it with NaN instead)."""
+    return torch.empty(shape, dtype=torch.float64, device=device)
 
 
 def _tree_sum0(t):
@@ -438,8 +554,9 @@ def _tree_sum0(t):
 
 
 def combine_splits(acc, ms, x, par, D, L):
-    """Merge split partials: m = max_j m_j, w_j = 2^{m_j − m}, s = Σ w_j s_j, acc = Σ w_j acc_j, then
-    D = acc·cy/s + cx·x and L = (m + log2 s)·ln 2, as the whole-data kernel's epilogue. A split whose
+    """Merge split partials, in float64 (rule 4): m = max_j m_j, w_j = 2^{m_j − m}, s = Σ w_j s_j,
+    acc = Σ w_j acc_j, then D = (acc/s)·cy + cx·x and L = (m + log2 s)·ln 2, as the whole-data kernel's epilogue
+    (a far row's m_j is its anchor's float64 logit: the splits' frames agree to float64 accuracy). A split whose
     points all have zero weight has m_j = −inf and an unwritten acc_j: it gets weight 0 and is not read.
     Elementwise operations and halving sums only: row i's result depends on row i alone."""
     m_j, s_j = ms[:, 0], ms[:, 1]
@@ -449,9 +566,8 @@ def combine_splits(acc, ms, x, par, D, L):
     s = _tree_sum0(w * s_j)
     total = _tree_sum0(acc.masked_fill_(~live[..., None], 0.0).mul_(w[..., None]))   # in place: acc is our scratch
     cy, cx = par[:, 4:5], par[:, 5:6]
-    torch.mul(total, cy / s[:, None], out=D)
-    D.add_(cx * x)
-    torch.mul(m + torch.log2(s), LN2, out=L)
+    D.copy_((total / s[:, None]).float() * cy + cx * x)
+    L.copy_(((m + torch.log2(s)) * LN2).clamp(min=-C.F32_MAX))
 
 
 # ================================================================ public function
