@@ -599,7 +599,8 @@ def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, ba
     """A point cloud with an expressible method and no callback runs ops.pointcloud_sample once per chunk with
     the method's kernel table, and equals the table executor on the same backend (a no-op callback runs it):
     float64 within 1e-12 relative; float32 within twice the executor's own float32 error (both against the
-    float64 executor on the torch backend) + 4 eps32 of the scale, the kernels' float32 standard (tests/contract.py fa_close)."""
+    float64 executor on the torch backend) + 4 eps32 of the scale, the kernels' float32 standard
+    (tests/contract.py fa_close)."""
     backend = _backend_or_skip(backend)
     g = torch.Generator().manual_seed(1)
     data = torch.randn(31, 3, generator=g, dtype=torch.float64)
@@ -690,7 +691,8 @@ def test_fd_sample_fused_multistep_progress_bar_keeps_the_bits(small_cloud, caps
 
 
 # ------------------------------------------------------------ a user model's fused multistep loop (issue 14, item 4)
-MODEL_BACKENDS = ["torch", "cpu", "triton", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu)]
+MODEL_BACKENDS = ["torch", "cpu", "triton", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu),
+                  pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _gaussian_net(p, prediction):
@@ -732,10 +734,13 @@ def test_fd_sample_model_multistep_runs_one_fused_affine_step_per_step(method, o
     + 4 eps32 of the scale (tests/contract.py fa_close). The trajectory too; rows do not depend on the chunking."""
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels run float32")
+    on_gpu = backend == "cuda" or backend == "triton" and torch.cuda.is_available()
+    if backend == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
     backend = _backend_or_skip(backend)
     p = fd.VP()
     net = _gaussian_net(p, "eps" if method in ("dpmpp_2m", "euler_ancestral") else "x0")
-    x0 = p.prior(37, 2, seed=2, dtype=torch.float64)
+    x0 = p.prior(37, 2, seed=2, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
     K = 9
     kw = dict(steps=K, method=method, seed=4, sample_offset=3, backend=backend, return_trajectory=True, **options)
     calls = _count_affine_calls(monkeypatch)
@@ -756,7 +761,7 @@ def test_fd_sample_model_multistep_runs_one_fused_affine_step_per_step(method, o
             err, base = float((a.double() - r).abs().max()), float((b.double() - r).abs().max())
             atol = 4 * torch.finfo(torch.float32).eps * (float(r.abs().max()) + 1)
             assert err <= 2 * base + atol, f"{method}: {err:.3g} > 2·{base:.3g} + {atol:.3g}"
-    if backend in ("torch", "cpu"):
+    if backend in ("torch", "cpu", "cuda"):
         kw.pop("return_trajectory")
         assert torch.equal(fused, fd.sample(net, x=x0.to(dtype), chunk_size=10, **kw))
 
