@@ -287,10 +287,11 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
     Writes acc[rows, :d] = Σ 2^{l − m} y (unnormalised, float64) and returns (m [BM], s [BM]), both float64:
     m the row's largest logit (log2 units, ≥ −max_float32), s = Σ 2^{l − m}.
 
-    Far rows (m < −FAR_LOG2) are reduced a second time relative to their anchor r (_anchored_d2), as small_reduce
-    does: the direct logits of a query 471σ from the data are ≈ −1.6e5 log2 units and each carries its own
-    float32 rounding, ≈ k2·(BKE + 3)·u·|x − αy|² (≥ u·|l|/2 = 0.005 even rounded once, as the torch reference
-    does; u = 2⁻²⁴), while the weights depend only on the logits' differences. The anchored form's error is
+    Far rows (m < −max(FAR_LOG2, (d + 16)·log2 e), see the rule below) are reduced a second time relative to
+    their anchor r (_anchored_d2), as small_reduce does: the direct logits of a query 471σ from the data are
+    ≈ −1.6e5 log2 units and each carries its own float32 rounding, ≈ k2·(BKE + 3)·u·|x − αy|² (≥ u·|l|/2 =
+    0.005 even rounded once, as the torch reference does; u = 2⁻²⁴), while the weights depend only on the
+    logits' differences. The anchored form's error is
         |δ(l − l_r)| ≤ k2·γ·α|t|·(2|e| + α|t|) + u·|l − l_r|,   γ ≈ (BKE + 6)·u,
     (t = y_r − y rounded once, e = x − αy_r to 2u·|e|, then the products and the Kahan-summed slices), relative
     to the points' spread |t| times the distance |e| instead of the distance squared: at 471σ, d = 300 (|e| ≈
@@ -367,7 +368,11 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
             m = m_new
             m_lo = lo
     m = m + m_lo
-    far = rmask & (m < -FAR_LOG2) & (m > NEG_INF)
+    # At large d a row of the diffusion's own marginal already has a best logit near −d/2 nats (its distance to
+    # the nearest point is ~χ²_d σ²): it is not far, and redoing it would double the cost of every step at large
+    # σ. So the threshold grows with d, as the CPU and CUDA kernels' rule (lw_max − (d + 16) nats,
+    # csrc/common/far.h) does; a genuinely far query (471σ: −1.6e5) is far by either.
+    far = rmask & (m < -tl.maximum(FAR_LOG2, (d + 16) * 1.4426950408889634)) & (m > NEG_INF)
     m = m.to(tl.float64)
     if tl.sum(far.to(tl.int32), axis=0) > 0:
         best64 = best.to(tl.int64)
