@@ -46,9 +46,10 @@ def test_aot_configurations_cover_every_launcher_choice():
                     assert (name, cex, "data=fp32") in confs, (name, d)
         cfg = C.affine_config(d)
         # numbers as kernel arguments (eager sampler loop), device counters (graph capture), the multistep history
-        for noise, ctr, hist in ((True, False, False), (False, False, False), (True, True, False),
-                                 (True, False, True), (False, False, True)):
-            cex = tuple(sorted({"HAS_NOISE": noise, "CTR_PTR": ctr, "HAS_D1": hist, "HAS_D2": hist, "BM": cfg["BM"],
+        for noise, ctr, h1, h2 in ((True, False, False, False), (False, False, False, False),
+                                   (True, True, False, False), (True, False, True, False), (False, False, True, False),
+                                   (True, False, True, True), (False, False, True, True)):
+            cex = tuple(sorted({"HAS_NOISE": noise, "CTR_PTR": ctr, "HAS_D1": h1, "HAS_D2": h2, "BM": cfg["BM"],
                                 "BK": cfg["BK"]}.items()))
             assert ("_affine_step_kernel", cex, "D=fp32") in confs, d
 

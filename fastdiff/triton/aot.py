@@ -33,6 +33,13 @@ DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 _NEVER_SPECIALISED = ("seed_lo", "seed_hi", "step", "off_lo", "off_hi")
 
 
+# The affine step's launcher choices (HAS_NOISE, CTR_PTR, HAS_D1, HAS_D2): numbers as kernel arguments (eager
+# loop), device counters (graph capture), and the multistep history of the model loop (D1, or D1 and D2).
+AFFINE_VARIANTS = ((True, False, False, False), (False, False, False, False), (True, True, False, False),
+                   (True, False, True, False), (False, False, True, False), (True, False, True, True),
+                   (False, False, True, True))
+
+
 def _small_cfg(DP):
     cfg = C.small_config(DP)
     return {"BM": cfg["BM"], "BN": cfg["BN"], "DP": cfg["DP"]}, cfg["num_warps"]
@@ -90,17 +97,16 @@ def configurations():
                 "off_hi": i64, "save_traj": i32}, cex, nw, f"data={dt} screen={screen}"))
         for BK in C.AFFINE_BKS:
             cfg = C.affine_config(BK)
-            # (the multistep history D1, D2: none, or both, as dpmpp_3m_sde's model loop passes them)
-            for noise, ctr, hist in ((True, False, False), (False, False, False), (True, True, False),
-                                     (True, False, True), (False, False, True)):
+            # the multistep history: none, D1 (dpmpp_2m's model loop) or D1 and D2 (dpmpp_3m_sde's)
+            for noise, ctr, h1, h2 in AFFINE_VARIANTS:
                 out.append(("affine_step", "_affine_step_kernel", {
                     "x_ptr": "*fp32", "D_ptr": f"*{dt}", "out_ptr": "*fp32", "a": f32, "b": f32, "c": f32,
                     "ctr_ptr": "*i64", "M": i32, "d": i32, "stride_x": i32, "stride_D": i32, "stride_o": i32,
                     "seed_lo": i64, "seed_hi": i64, "step": i64, "off_lo": i64, "off_hi": i64,
                     "D1_ptr": "*fp32", "b1": f32, "stride_1": i32, "D2_ptr": "*fp32", "b2": f32, "stride_2": i32},
-                    {"HAS_NOISE": noise, "CTR_PTR": ctr, "HAS_D1": hist, "HAS_D2": hist, "BM": cfg["BM"],
+                    {"HAS_NOISE": noise, "CTR_PTR": ctr, "HAS_D1": h1, "HAS_D2": h2, "BM": cfg["BM"],
                      "BK": cfg["BK"]},
-                    cfg["num_warps"], f"D={dt} BK={BK} noise={noise} ctr={ctr} history={hist}"))
+                    cfg["num_warps"], f"D={dt} BK={BK} noise={noise} ctr={ctr} history={int(h1) + int(h2)}"))
     # At run time Triton specialises integer arguments divisible by 16 (sizes and strides of 16, 64,
     # 3072, ...), which switches on vectorised loads: compile one such variant of every float32
     # configuration too (the integer arguments marked tt.divisibility = 16).
