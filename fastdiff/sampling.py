@@ -484,7 +484,7 @@ class _HistoryRun(_TableRun):
         model's output itself when buf is None."""
         alpha, sigma = self.at[0][0][k], self.at[0][1][k]
         den = self.den
-        native = _methods._checked(den.predict(xk, self._time(k, 0)).detach(), xk, "the model's output")
+        native = _methods._checked(den.predict(xk, self._time(k, 0)).detach(), xk, "denoise")   # the executor's check
         self.native = native
         if den.prediction == "x0":
             return native if buf is None else buf.copy_(native)

@@ -566,7 +566,7 @@ FUSED_METHODS = ("edm_euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dp
 FUSED_CASES = [("edm_euler", {}), ("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
                ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7}),
                ("dpmpp_3m_sde", {}), ("dpmpp_3m_sde", {"s_noise": 1.1})]
-FUSED_BACKENDS = ["torch", "cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu)]
+FUSED_BACKENDS = ["torch", "cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu), "triton"]
 
 
 def _backend_or_skip(name):
@@ -602,6 +602,8 @@ def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, ba
     float64 executor on the torch backend) + 4 eps32 of the scale, the kernels' float32 standard
     (tests/contract.py fa_close)."""
     backend = _backend_or_skip(backend)
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels compute in float32")
     g = torch.Generator().manual_seed(1)
     data = torch.randn(31, 3, generator=g, dtype=torch.float64)
     p = fd.VP()
@@ -822,3 +824,18 @@ def test_fd_sample_model_keeps_the_executor_for_tables_the_kernels_cannot_expres
     with pytest.raises(ValueError, match=f"{why}.*backend='cpu' has no kernel for it"):
         fd.sample(net, x=x, steps=5, method=method, seed=1, backend="cpu", **options)
     assert torch.equal(x, before)
+
+
+@pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
+@pytest.mark.parametrize("method", ["dpmpp_2m", "dpmpp_3m_sde"])
+def test_fd_sample_gaussian_mixture_multistep_is_fused_and_equals_the_executor(method, monkeypatch):
+    """fd.GaussianMixture (an analytic denoiser, not a model wrapper) takes the fused affine-step loop too."""
+    p = fd.VP()
+    GM = fd.GaussianMixture(torch.tensor([0.3, 0.7]), torch.tensor([[0.5, -1.0], [-1.0, 2.0]]),
+                            torch.stack([0.3 * torch.eye(2), 0.5 * torch.eye(2)]), p)
+    kw = dict(n=40, steps=10, method=method, seed=3, dtype=torch.float64, shape=2, backend="cpu")
+    calls = _count_affine_calls(monkeypatch)
+    got = fd.sample(GM, **kw)
+    assert len(calls) == 10
+    want = _executor_sample(monkeypatch, GM, **(kw | {"backend": "torch"}))
+    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
