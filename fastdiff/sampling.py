@@ -73,7 +73,7 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    euler_ancestral, dpmpp_2m, dpmpp_2m_sde and dpmpp_3m_sde fused, like ei: one
                    ops.pointcloud_sample call per chunk with the method's kernel table (MethodTable.kernel_table;
                    the last D's stay in the kernel), equal to the table executor up to rounding, wherever the
-                   backend's whole-trajectory kernel takes that table (cpu, cuda, torch). Any other denoiser
+                   backend's whole-trajectory kernel takes that table (cpu, cuda, triton, torch). Any other denoiser
                    (a model, GaussianMixture, Gaussian) runs those five methods as one fused ops.affine_step per
                    step on the chosen backend (cpu, cuda, triton, torch): D_k from the model, in-kernel noise,
                    and the history (B₋₁, D_{k−1}), (B₋₂, D_{k−2}) in buffers allocated once per chunk and

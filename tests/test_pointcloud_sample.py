@@ -149,7 +149,7 @@ from fastdiff.reference import posterior as ref_posterior  # noqa: E402
 # float64 kernels against the float64 reference on multistep tables: relative to the states' scale. The kernels
 # and the reference differ only by rounding (the same terms in the same order), ~1e-15 per step.
 MULTISTEP_REL64 = 1e-12
-MULTISTEP_BACKENDS = ("cpu", "cuda", "cuda_emu")
+MULTISTEP_BACKENDS = ("cpu", "cuda", "cuda_emu", "triton")
 
 
 def multistep_table(K, seed, depth=2):

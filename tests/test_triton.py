@@ -337,21 +337,32 @@ def check_steps(traj, steps):
 
 
 @pytest.mark.parametrize("d", [2, 65])
-def test_pointcloud_sample_refuses_the_multistep_columns(d):
-    """B1/B2 nonzero anywhere: a clear error (never ignored), before x is touched; refuse_reasons says so too."""
+def test_pointcloud_sample_keeps_each_rows_multistep_history(d):
+    """B1/B2 run here (refuse_reasons accepts the table): each row keeps its own last D's (registers for small d,
+    the rows' D slots for large d), so the trajectory does not depend on the launch configuration (rows per
+    program), and the history terms change it from the one-step table's."""
     p = fd.VP()
-    x = p.prior(5, d, seed=1, device=DEV)
-    data = torch.randn(7, d).to(DEV)
-    table = kernel_table(p, fd.step_table(p, fd.time_grid(p, 4, "uniform", 1e-2), "ei"))
-    for col in _table.MULTISTEP:
-        bad = table.clone()
-        bad[-1, col] = 0.25
-        y = x.clone()
-        with pytest.raises(ValueError, match="multistep columns B1/B2 are not supported by the triton kernel"):
-            pointcloud_sample(y, data, bad, 1, 0, None, 0.0, False)
-        assert torch.equal(y, x)
-        assert any("B1/B2" in r for r in ft.refuse_reasons("pointcloud_sample", x=x, data=data, table=bad))
+    g = torch.Generator().manual_seed(d)
+    x = p.prior(37, d, seed=1, device=DEV)
+    data = torch.randn(29, d, generator=g).to(DEV)
+    table = kernel_table(p, fd.step_table(p, fd.time_grid(p, 6, "uniform", 1e-2), "ei"))
+    table[1:, _table.B1] = 0.2 * torch.rand(5, generator=g, dtype=torch.float64) - 0.1
+    table[2:, _table.B2] = 0.2 * torch.rand(4, generator=g, dtype=torch.float64) - 0.1
     assert ft.refuse_reasons("pointcloud_sample", x=x, data=data, table=table) == []
+    small = d <= _common.SMALL_D_MAX
+    default = (_common.small_config if small else _common.large_config)(d)
+    other = {**default, "BM": 16 if default["BM"] != 16 else 32}
+    runs = []
+    for config in (default, other):
+        y = x.clone()
+        runs.append(run_pointcloud_sample(y, data, table, 3, 5, None, 0.0, True, config=config))
+        assert torch.equal(runs[-1][-1], y)
+    assert torch.equal(runs[0], runs[1])
+    one_step = table.clone()
+    one_step[:, _table.B1] = 0.0
+    one_step[:, _table.B2] = 0.0
+    plain = pointcloud_sample(x.clone(), data, one_step, 3, 5, None, 0.0, True)
+    assert torch.equal(plain[:2], runs[0][:2]) and not torch.equal(plain[2], runs[0][2])
 
 
 def _oracle_z(out, mu, S):

@@ -34,16 +34,23 @@ def test_aot_configurations_cover_every_launcher_choice():
         if d <= C.SMALL_D_MAX:
             cfg = C.small_config(d)
             cex = tuple(sorted({k: cfg[k] for k in ("BM", "BN", "DP")}.items()))
-            for name in ("_posterior_small_kernel", "_pointcloud_step_small_kernel", "_pointcloud_sample_small_kernel"):
+            for name in ("_posterior_small_kernel", "_pointcloud_step_small_kernel"):
                 for dt in ("fp32", "fp16", "bf16"):
                     assert (name, cex, f"data={dt}") in confs, (name, d)
+            for hist in (0, 1, 2):          # the whole trajectory: one-step tables, B1, B1 and B2
+                cex_h = tuple(sorted({**dict(cex), "HIST": hist}.items()))
+                for dt in ("fp32", "fp16", "bf16"):
+                    assert ("_pointcloud_sample_small_kernel", cex_h, f"data={dt}") in confs, (d, hist)
         else:
             cfg = C.large_config(d)
             for tf32 in (True, False):
                 cex = tuple(sorted({"SCREEN_TF32": tf32, **{k: cfg[k] for k in ("BM", "BN", "BK", "BKE")}}.items()))
                 for name in ("_posterior_large_kernel", "_posterior_large_split_kernel",
-                             "_pointcloud_step_large_kernel", "_pointcloud_sample_large_kernel"):
+                             "_pointcloud_step_large_kernel"):
                     assert (name, cex, "data=fp32") in confs, (name, d)
+                for hist in (0, 1, 2):
+                    cex_h = tuple(sorted({**dict(cex), "HIST": hist}.items()))
+                    assert ("_pointcloud_sample_large_kernel", cex_h, "data=fp32") in confs, (d, hist)
         cfg = C.affine_config(d)
         # numbers as kernel arguments (eager sampler loop), device counters (graph capture), the multistep history
         for noise, ctr, h1, h2 in ((True, False, False, False), (False, False, False, False),

@@ -89,14 +89,6 @@ def _shape_facts(inputs):
     return M, N, d
 
 
-def _table_reason(op, table) -> list[str]:
-    from .. import _table
-    if op == "pointcloud_sample" and isinstance(table, torch.Tensor) and table.ndim == 2 \
-            and table.shape[1] == _table.WIDTH and _table.uses_history(table):
-        return ["the multistep columns B1/B2 are not supported by the triton kernel yet"]
-    return []
-
-
 def refuse_reasons(op: str, **inputs) -> list[str]:
     """Why the Triton backend cannot run `op` on these inputs ([] = it can). Never raises for bad inputs
     (fastdiff.ops validates them, with messages naming the argument); never touches a GPU driver beyond
@@ -104,7 +96,7 @@ def refuse_reasons(op: str, **inputs) -> list[str]:
 
     Recognised inputs: x, data, D, out (tensors), M, N, d (sizes, when there are no tensors yet; checked
     against the kernels' limits in _common), alpha, sigma, bandwidth (to detect a σ too small for float32
-    logits), table (pointcloud_sample: multistep columns). Unknown keys are ignored."""
+    logits). Unknown keys (e.g. pointcloud_sample's table: every column runs here) are ignored."""
     reasons = list(_unavailable())
     if op not in OPS:
         reasons.append(f"op {op!r} is not implemented by the triton backend (it has {', '.join(OPS)})")
@@ -125,5 +117,4 @@ def refuse_reasons(op: str, **inputs) -> list[str]:
     reasons += _common.limit_reasons(op, *_shape_facts(inputs))
     if op in ("posterior", "pointcloud_step", "pointcloud_sample"):
         reasons += _small_sigma_reason(inputs)
-    reasons += _table_reason(op, inputs.get("table"))
     return reasons

@@ -1,13 +1,15 @@
 """Triton whole-trajectory point-cloud sampler: every step k of a step table (MATH.md §3)
-  D = posterior(x; α_k, σ_k),  x ← A_k·x + B0_k·D + C_k·z_k     (z_k: noise contract, step index k)
-in one kernel launch, x updated in place. The table is fastdiff._table's float64 [K, 8] layout; the
-multistep columns B1, B2 are not implemented by these kernels yet (a table using them is refused).
-The kernels read per-step float32 records derived from it on the host (see step_records); no host sync
+  D_k = posterior(x; α_k, σ_k),  x ← A_k·x + B0_k·D_k + C_k·z_k + B1_k·D_{k−1} + B2_k·D_{k−2}
+(z_k: noise contract, step index k) in one kernel launch, x updated in place. The table is fastdiff._table's
+float64 [K, 8] layout; the multistep terms (B1, B2: DPM-Solver++(2M)/(3M), docs/math.md §3b) are added after
+the one-step update, B1 term then B2 term, as fastdiff.reference.pointcloud_sample adds them. The kernels read
+per-step float32 records derived from the table on the host (see step_records, history_records); no host sync
 between steps.
 
-Small d: each program keeps its [BM, DP] queries in registers for the whole trajectory.
-Large d: queries cannot stay on chip (BM × d floats); each program owns its rows of x (the state)
-and of a scratch accumulator, both L2-resident, and runs all steps on them without leaving the kernel.
+Small d: each program keeps its [BM, DP] queries, and the last HIST D's, in registers for the whole trajectory.
+Large d: queries cannot stay on chip (BM × d floats); each program owns its rows of x (the state), of a scratch
+accumulator and of HIST + 1 D slots (step k writes D_k into slot k mod (HIST + 1)), all L2-resident, and runs
+all steps on them without leaving the kernel. HIST = 0 (one-step tables) compiles the kernels as before.
 """
 from __future__ import annotations
 
@@ -30,17 +32,24 @@ def _step_record(tab_ptr, k):
             tl.load(tp + 5), tl.load(tp + 6), tl.load(tp + 7), tl.load(tp + 8))
 
 
+@triton.jit
+def _history_record(hist_ptr, k):
+    return tl.load(hist_ptr + 2 * k), tl.load(hist_ptr + 2 * k + 1)      # B1, B2 of step k (history_records)
+
+
 # per-call values: never recompile
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi"])
-def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, traj_ptr, M, N, d, K,
+def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, hist_ptr, traj_ptr, M, N, d, K,
                                     stride_x, stride_y, traj_stride: tl.int64, seed_lo: tl.int64,
                                     seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64, save_traj: tl.int32,
-                                    BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
+                                    HIST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, DP: tl.constexpr):
     # x is updated in place: this program's rows are read once here and written once at the end (no other
     # program touches them), the whole trajectory runs in registers in between.
     rows, rows64, rmask, cols, mask, x = small_row_tile(x_ptr, M, d, stride_x, BM, DP)
     i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
     zero = tl.zeros([BM], tl.float32)
+    H1 = tl.zeros([BM, DP], tl.float32)             # D_{k−1}, D_{k−2} (HIST > 0; unread while their B is 0)
+    H2 = tl.zeros([BM, DP], tl.float32)
     for k in range(K):
         a, c1, c2, k2, cy, cx, A, B, Cn = _step_record(tab_ptr, k)
         acc, m, s = small_reduce(x, zero + a, zero + c1, zero + c2, zero + k2, data_ptr, stride_y, lw_ptr, N, d,
@@ -49,6 +58,15 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, traj_ptr, 
         xn = A * x + B * D
         if Cn != 0.0:
             xn += Cn * normal_tile(seed_lo, seed_hi, tl.cast(k, tl.int64), i_lo, i_hi, 0, DP // 4)
+        if HIST > 0:                                # the multistep terms, after the one-step update
+            b1, b2 = _history_record(hist_ptr, k)
+            if b1 != 0.0:
+                xn += b1 * H1
+            if HIST > 1:
+                if b2 != 0.0:
+                    xn += b2 * H2
+                H2 = H1
+            H1 = D
         x = tl.where(mask, xn, 0.0)                 # padding columns must stay 0 (they enter distances)
         if save_traj != 0:
             tl.store(traj_ptr + (k + 1) * traj_stride + rows64[:, None] * d + cols[None, :], x, mask=mask)
@@ -58,10 +76,10 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, traj_ptr, 
 
 # per-call values: never recompile
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "off_lo", "off_hi"])
-def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, x_ptr, acc_ptr, traj_ptr, M, N, d, K,
-                                    stride_y, traj_stride: tl.int64, kappa, delta2, tau2,
+def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, hist_ptr, x_ptr, acc_ptr, dbuf_ptr, traj_ptr, M, N,
+                                    d, K, stride_y, traj_stride: tl.int64, slot_stride: tl.int64, kappa, delta2, tau2,
                                     seed_lo: tl.int64, seed_hi: tl.int64, off_lo: tl.int64, off_hi: tl.int64,
-                                    save_traj: tl.int32,
+                                    save_traj: tl.int32, HIST: tl.constexpr,
                                     SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                                     BK: tl.constexpr, BKE: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -79,9 +97,21 @@ def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, x_ptr, acc_ptr, t
             xptr = x_ptr + rows64[:, None] * d + kk[None, :]
             xk = tl.load(xptr, mask=mask, other=0.0)
             acc = tl.load(acc_ptr + rows64[:, None] * d + kk[None, :], mask=mask, other=0.0)
-            xn = A * xk + B * ((acc / s[:, None]).to(tl.float32) * cy + cx * xk)   # acc, s float64
+            Dk = (acc / s[:, None]).to(tl.float32) * cy + cx * xk          # acc, s float64
+            xn = A * xk + B * Dk
             if Cn != 0.0:
                 xn += Cn * normal_tile(seed_lo, seed_hi, tl.cast(k, tl.int64), i_lo, i_hi, k0 // 4, BK // 4)
+            if HIST > 0:        # the multistep terms; D_k into slot k mod (HIST + 1), D_{k−j} from slot k − j
+                b1, b2 = _history_record(hist_ptr, k)
+                tile = rows64[:, None] * d + kk[None, :]
+                if b1 != 0.0:
+                    h1 = dbuf_ptr + ((k + HIST) % (HIST + 1)) * slot_stride + tile
+                    xn += b1 * tl.load(h1, mask=mask, other=0.0)
+                if HIST > 1:
+                    if b2 != 0.0:
+                        h2 = dbuf_ptr + ((k + HIST - 1) % (HIST + 1)) * slot_stride + tile
+                        xn += b2 * tl.load(h2, mask=mask, other=0.0)
+                tl.store(dbuf_ptr + (k % (HIST + 1)) * slot_stride + tile, Dk, mask=mask)
             tl.debug_barrier()                      # loads of the tile before its stores
             tl.store(xptr, xn, mask=mask)
             if save_traj != 0:
@@ -99,9 +129,6 @@ def step_records(table, bandwidth, device) -> torch.Tensor:
     for small σ lose digits in float32) and the GPU has no fast float64. So they are computed here once per
     call (K records, the same code as the posterior's per-row records: _common.reduction_params) and
     cast to float32, which is what the kernels compute in."""
-    if _table.uses_history(table):
-        raise ValueError("table: the multistep columns B1/B2 are not supported by the triton kernel yet "
-                         "(use backend 'torch' for DPM-Solver++(2M)/(3M) tables)")
     K = table.shape[0]
     par = C.reduction_params(table[:, _table.ALPHA], table[:, _table.SIGMA], bandwidth, K, "cpu")
     par[:, 6] = table[:, _table.A]
@@ -110,8 +137,23 @@ def step_records(table, bandwidth, device) -> torch.Tensor:
     return C.as_f32_table(par).to(device)
 
 
-def launch_pointcloud_sample(x, data, lw2, tab, seed, sample_offset, traj, screen_tf32=None, config=None):
-    """x [M, d] float32 contiguous, updated in place; tab: step_records; traj None or [K + 1, M, d]."""
+def history_depth(table) -> int:
+    """How many past D's a [K, 8] table uses (csrc/common/table.h history_depth): 2 when some B2 is nonzero,
+    else 1 when some B1 is, else 0 (one-step tables: the kernels without history code)."""
+    if bool(table[:, _table.B2].any()):
+        return 2
+    return 1 if bool(table[:, _table.B1].any()) else 0
+
+
+def history_records(table, device) -> torch.Tensor:
+    """float32 [K, 2] (B1, B2) per step on device: the coefficients of D_{k−1} and D_{k−2}."""
+    return table[:, [_table.B1, _table.B2]].to(torch.float32).contiguous().to(device)
+
+
+def launch_pointcloud_sample(x, data, lw2, tab, seed, sample_offset, traj, screen_tf32=None, config=None,
+                             hist=None):
+    """x [M, d] float32 contiguous, updated in place; tab: step_records; traj None or [K + 1, M, d];
+    hist: None (a one-step table) or history_records of a table of history_depth >= 1."""
     M, d = x.shape
     N, K = data.shape[0], tab.shape[0]
     s_lo, s_hi = C.words(seed)
@@ -121,22 +163,26 @@ def launch_pointcloud_sample(x, data, lw2, tab, seed, sample_offset, traj, scree
     traj_stride = M * d
     if save:
         traj[0].copy_(x)
+    depth = 0 if hist is None else 1 + int(bool(hist[:, 1].any()))
+    hist_arg = tab if hist is None else hist       # (unread when depth is 0)
     if d <= C.SMALL_D_MAX:
         cfg = config or C.small_config(d)
         with C.device_guard(x.device):      # the tensors' GPU, not the current one
             _pointcloud_sample_small_kernel[(triton.cdiv(M, cfg["BM"]),)](
-                x, data, lw2, tab, traj_arg, M, N, d, K, x.stride(0), data.stride(0), traj_stride,
-                s_lo, s_hi, o_lo, o_hi, int(save),
+                x, data, lw2, tab, hist_arg, traj_arg, M, N, d, K, x.stride(0), data.stride(0), traj_stride,
+                s_lo, s_hi, o_lo, o_hi, int(save), HIST=depth,
                 BM=cfg["BM"], BN=cfg["BN"], DP=cfg["DP"], num_warps=cfg["num_warps"])
         return traj
     tf32 = _posterior.SCREEN_TF32 if screen_tf32 is None else bool(screen_tf32)
     cfg = config or C.large_config(d)
     acc = _posterior._scratch(x.shape, x.device)     # the float64 accumulator (rule 4: sums merged in double)
+    dbuf = torch.empty((depth + 1, M, d), dtype=x.dtype, device=x.device) if depth else x   # D slots (unread at 0)
     with C.device_guard(x.device):      # the tensors' GPU, not the current one
         _pointcloud_sample_large_kernel[(triton.cdiv(M, cfg["BM"]),)](
-            data, lw2, tab, x, acc, traj_arg, M, N, d, K, data.stride(0), traj_stride,
+            data, lw2, tab, hist_arg, x, acc, dbuf, traj_arg, M, N, d, K, data.stride(0), traj_stride, M * d,
             C.screen_kappa(d, tf32), C.screen_delta2(N), C.SCREEN_TAU2, s_lo, s_hi, o_lo, o_hi, int(save),
-            SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"], num_warps=cfg["num_warps"])
+            HIST=depth, SCREEN_TF32=tf32, BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], BKE=cfg["BKE"],
+            num_warps=cfg["num_warps"])
     return traj
 
 
@@ -146,9 +192,9 @@ def pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=None, b
     """The backend op (the contract of fastdiff.ops.pointcloud_sample's backends): every step of `table` on
     the point cloud `data`, x [M, d] (float32, contiguous) UPDATED IN PLACE.
 
-    table: the float64 [K, 8] CPU tensor of fastdiff._table (t, alpha, sigma, A, B0, B1, B2, C); B1/B2 must be
-    zero (the multistep columns are not implemented here yet: ValueError). Step k draws its noise with step
-    index k; row i is global sample sample_offset + i. Returns the trajectory [K + 1, M, d] (x_0 first) when
+    table: the float64 [K, 8] CPU tensor of fastdiff._table (t, alpha, sigma, A, B0, B1, B2, C); B1/B2 add
+    the D's of the last two steps after the one-step update. Step k draws its noise with step index k; row i is
+    global sample sample_offset + i. Returns the trajectory [K + 1, M, d] (x_0 first) when
     return_trajectory, else None. Validated by fastdiff.ops, not here."""
     return run_pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth, return_trajectory)
 
@@ -160,9 +206,11 @@ def run_pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=Non
     not depend on BM)."""
     C.check_limits("pointcloud_sample", x, data)
     tab = step_records(table, bandwidth, x.device)
+    hist = history_records(table, x.device) if history_depth(table) else None
     M, d = x.shape
     traj = torch.empty(tab.shape[0] + 1, M, d, dtype=x.dtype, device=x.device) if return_trajectory else None
     if M == 0:
         return traj
     lw2 = C.log_weights2(log_weights, data.shape[0], x.device)
-    return launch_pointcloud_sample(x, data.contiguous(), lw2, tab, seed, sample_offset, traj, screen_tf32, config)
+    return launch_pointcloud_sample(x, data.contiguous(), lw2, tab, seed, sample_offset, traj, screen_tf32, config,
+                                    hist)
