@@ -6,8 +6,23 @@ import pytest
 import torch
 
 import fastdiff as fd
-from contract import CUDA, F32, F64, backend_dtypes, backends, check_trajectory, cloud, device, gen, step_table
+from contract import (
+    CUDA,
+    F32,
+    F64,
+    backend_dtypes,
+    backends,
+    check_trajectory,
+    cloud,
+    device,
+    fa_close,
+    gen,
+    step_table,
+)
 from fastdiff import _table, ops
+from fastdiff.reference import affine_step as ref_affine
+from fastdiff.reference import pointcloud_sample as ref_sample
+from fastdiff.reference import posterior as ref_posterior
 
 
 @pytest.mark.parametrize("backend, dtype", backend_dtypes())
@@ -141,10 +156,6 @@ def test_batch_invariance_through_fd_sample(backend):
     assert torch.equal(big, fd.sample(cloud_, n=300, chunk_size=29, **kw))
 
 # ---------------------------------------------------------------- the multistep columns B1, B2 (issue 14, item 4)
-from contract import fa_close  # noqa: E402
-from fastdiff.reference import affine_step as ref_affine  # noqa: E402
-from fastdiff.reference import pointcloud_sample as ref_sample  # noqa: E402
-from fastdiff.reference import posterior as ref_posterior  # noqa: E402
 
 # float64 kernels against the float64 reference on multistep tables: relative to the states' scale. The kernels
 # and the reference differ only by rounding (the same terms in the same order), ~1e-15 per step.
