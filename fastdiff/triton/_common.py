@@ -20,8 +20,10 @@ X_DTYPES = (torch.float32,)  # the kernels compute in float32 (x, out, D and L)
 SMALL_D_MAX = 64            # d ≤ 64: direct-difference kernel, whole rows on chip; above: large-d kernel
 INV2C_MAX = 1e30            # 1/(2c) beyond this: float32 logits lose their meaning (fastdiff._precision's
 #                             F32_SAFE_INV2C: such rows go to a float64 backend; refuse_reasons names it)
-NPAR = 9                    # per-row (or per-step) parameter record, float32:
+NPAR = 10                   # per-row (or per-step) parameter record, float32:
 # 0 a = α   1 c1   2 c2   3 k2 = log2(e)/(2c)   4 cy = 1 − α²v/c   5 cx = αv/c   6 A   7 B   8 C
+# 9 k2_lo = k2 − fl32(k2) (float64 k2 = k2 + k2_lo to ~2⁻⁴⁸: a far row's anchor logit, hence its L, is formed
+#   in float64; with k2 alone its relative error 2⁻²⁴ moves an L of −1.6e5 by 0.01, more than the reference)
 # x − αy is formed as (x − c1·y) + c2·y: (c1, c2) = (1, 1 − α) for α ≥ ½ (x − y is then exact near the
 # data and (1 − α)·y tiny), (0, −α) for α < ½ (plain x − αy, the better form when α is small).
 
@@ -218,6 +220,7 @@ def reduction_params(alpha, sigma, bandwidth, M, device) -> torch.Tensor:
     # the shared numeric rule, point 1: 1/(2c) within [smallest subnormal, largest finite] of float32 (the
     # ops layer keeps it ≤ INV2C_MAX here; the clamp keeps k2 finite and nonzero whatever that limit is)
     par[:, 3] = (inv2c.clamp(min=F32_TINY, max=F32_MAX) * LOG2E).clamp(max=F32_MAX)
+    par[:, 9] = par[:, 3] - par[:, 3].to(torch.float32).to(torch.float64)
     par[:, 4] = 1.0 - a * a * v / c
     par[:, 5] = a * v / c
     return par

@@ -27,9 +27,9 @@ from .posterior import large_reduce, small_reduce, small_row_tile
 # ================================================================ kernels
 @triton.jit
 def _step_record(tab_ptr, k):
-    tp = tab_ptr + k * 9            # _common.NPAR
+    tp = tab_ptr + k * 10           # _common.NPAR
     return (tl.load(tp + 0), tl.load(tp + 1), tl.load(tp + 2), tl.load(tp + 3), tl.load(tp + 4),
-            tl.load(tp + 5), tl.load(tp + 6), tl.load(tp + 7), tl.load(tp + 8))
+            tl.load(tp + 5), tl.load(tp + 6), tl.load(tp + 7), tl.load(tp + 8), tl.load(tp + 9))
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, hist_ptr, 
     H1 = tl.zeros([BM, DP], tl.float32)             # D_{k−1}, D_{k−2} (HIST > 0; unread while their B is 0)
     H2 = tl.zeros([BM, DP], tl.float32)
     for k in range(K):
-        a, c1, c2, k2, cy, cx, A, B, Cn = _step_record(tab_ptr, k)
+        a, c1, c2, k2, cy, cx, A, B, Cn, _ = _step_record(tab_ptr, k)
         acc, m, s = small_reduce(x, zero + a, zero + c1, zero + c2, zero + k2, data_ptr, stride_y, lw_ptr, N, d,
                                  BM, BN, DP)
         D = (acc / s).to(tl.float32) * cy + cx * x
@@ -88,9 +88,9 @@ def _pointcloud_sample_large_kernel(data_ptr, lw_ptr, tab_ptr, hist_ptr, x_ptr, 
     i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
     zero = tl.zeros([BM], tl.float32)
     for k in range(K):
-        a, c1, c2, k2, cy, cx, A, B, Cn = _step_record(tab_ptr, k)
-        m, s = large_reduce(x_ptr, d, rows, rmask, zero + a, zero + c1, zero + c2, zero + k2, data_ptr, stride_y,
-                            lw_ptr, acc_ptr, d, N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+        a, c1, c2, k2, cy, cx, A, B, Cn, k2_lo = _step_record(tab_ptr, k)
+        m, s = large_reduce(x_ptr, d, rows, rmask, zero + a, zero + c1, zero + c2, zero + k2, zero + k2_lo, data_ptr,
+                            stride_y, lw_ptr, acc_ptr, d, N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
         for k0 in range(0, d, BK):
             kk = k0 + tl.arange(0, BK)
             mask = rmask[:, None] & (kk < d)[None, :]

@@ -14,7 +14,7 @@ import triton.language as tl
 from . import _common
 from . import posterior as _posterior
 from ._philox import normal_tile, sample_index_words
-from .posterior import _load_params, large_reduce, small_rows_posterior
+from .posterior import _load_k2_lo, _load_params, large_reduce, small_rows_posterior
 
 
 # ================================================================ kernels
@@ -45,8 +45,9 @@ def _pointcloud_step_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, acc_ptr, out
     rmask = rows < M
     rows64 = rows.to(tl.int64)
     a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
-    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
-                        N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+    k2_lo = _load_k2_lo(par_ptr, rows, par_stride, rmask)
+    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, k2_lo, data_ptr, stride_y, lw_ptr, acc_ptr,
+                        stride_acc, N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
     i_lo, i_hi = sample_index_words(off_lo, off_hi, rows)
     for k0 in range(0, d, BK):
         kk = k0 + tl.arange(0, BK)

@@ -73,6 +73,12 @@ def _load_params(par_ptr, rows, par_stride, rmask):
 
 
 @triton.jit
+def _load_k2_lo(par_ptr, rows, par_stride, rmask):
+    """The record's k2_lo (_common.NPAR): k2 + k2_lo is k2 to ~2⁻⁴⁸ (the large path's far rows)."""
+    return tl.load(par_ptr + rows.to(tl.int64) * par_stride + 9, mask=rmask, other=0.0)
+
+
+@triton.jit
 def finite_logit(lg, lw):
     """The shared numeric rule, point 2: a pair with finite weight keeps a logit ≥ −max_float32 even when its
     distance term overflows float32 (|x − αy| ≳ 1e19): the row's softmax then still has a finite maximum
@@ -279,7 +285,7 @@ def _accumulate_rows(acc_ptr, stride_acc, rows64, wmask, fresh, scale, p, data_p
 
 
 @triton.jit
-def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
+def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, k2_lo, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
                  N, d, kappa, delta2, tau2,
                  SCREEN_TF32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  BKE: tl.constexpr):
@@ -408,7 +414,7 @@ def large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y
             yr = tl.load(data_ptr + best64[:, None] * stride_y + kk[None, :], mask=fm, other=0.0).to(tl.float64)
             e = (xk - c1.to(tl.float64)[:, None] * yr) + c2.to(tl.float64)[:, None] * yr
             e2 += tl.sum(e * e, axis=1)
-        l_r = lwr.to(tl.float64) - e2 * k2.to(tl.float64)
+        l_r = lwr.to(tl.float64) - e2 * (k2.to(tl.float64) + k2_lo.to(tl.float64))
         s = tl.where(far, s_r, s)
         m = tl.where(far, tl.maximum(l_r + m_r.to(tl.float64), -3.4028234663852886e38), m)
     return m, s
@@ -459,8 +465,9 @@ def _posterior_large_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, acc_ptr, D_ptr, L_
     rmask = rows < M
     rows64 = rows.to(tl.int64)
     a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
-    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr, stride_y, lw_ptr, acc_ptr, stride_acc,
-                        N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+    k2_lo = _load_k2_lo(par_ptr, rows, par_stride, rmask)
+    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, k2_lo, data_ptr, stride_y, lw_ptr, acc_ptr,
+                        stride_acc, N, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
     for k0 in range(0, d, BK):      # D = (acc/s)·cy + cx·x, acc/s rounded once to float32 (as the reference)
         kk = k0 + tl.arange(0, BK)
         mask = rmask[:, None] & (kk < d)[None, :]
@@ -486,8 +493,10 @@ def _posterior_large_split_kernel(x_ptr, data_ptr, lw_ptr, par_ptr, acc_ptr, ms_
     n0 = j * n_chunk
     n_here = tl.minimum(N - n0, n_chunk).to(tl.int32)
     a, c1, c2, k2, cy, cx = _load_params(par_ptr, rows, par_stride, rmask)
-    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, data_ptr + n0 * stride_y, stride_y, lw_ptr + n0,
-                        acc_ptr + j * M * d, d, n_here, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK, BKE)
+    k2_lo = _load_k2_lo(par_ptr, rows, par_stride, rmask)
+    m, s = large_reduce(x_ptr, stride_x, rows, rmask, a, c1, c2, k2, k2_lo, data_ptr + n0 * stride_y, stride_y,
+                        lw_ptr + n0, acc_ptr + j * M * d, d, n_here, d, kappa, delta2, tau2, SCREEN_TF32, BM, BN, BK,
+                        BKE)
     tl.store(ms_ptr + (2 * j) * M + rows, m, mask=rmask)
     tl.store(ms_ptr + (2 * j + 1) * M + rows, s, mask=rmask)
 
