@@ -35,6 +35,21 @@ def _deterministic():
 
 
 @pytest.fixture(autouse=True)
+def _cuda_emu_backend(request):
+    """The test-only cuda_emu backend (tests/contract.py) is registered in fastdiff._backend.BACKENDS only while
+    a cuda_emu-marked test runs."""
+    if request.node.get_closest_marker("cuda_emu") is None:
+        yield
+        return
+    from contract import register_cuda_emu, unregister_cuda_emu
+    register_cuda_emu()
+    try:
+        yield
+    finally:
+        unregister_cuda_emu()
+
+
+@pytest.fixture(autouse=True)
 def _tsan_subset(request):
     """FASTDIFF_EMU_TSAN=1 (the emulator built with ThreadSanitizer, .ci/run): only contract.TSAN_SUBSET runs."""
     if os.environ.get("FASTDIFF_EMU_TSAN") != "1":

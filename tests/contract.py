@@ -255,7 +255,7 @@ def _emu_scratch(x):
 
 class CudaEmuBackend(_backend.Backend):
     """The CUDA kernels under the CPU emulator, on CPU float32/float64 tensors, with the backend contract
-    (tests only: registered in fastdiff._backend.BACKENDS by register_cuda_emu)."""
+    (tests only: in fastdiff._backend.BACKENDS only while a cuda_emu-marked test runs, see conftest.py)."""
 
     name = "cuda_emu"
     ops = _backend.OPS
@@ -320,13 +320,19 @@ class CudaEmuBackend(_backend.Backend):
         return traj
 
 
+EMU_BACKEND = CudaEmuBackend()
+
+
 def register_cuda_emu():
-    """Put the test-only cuda_emu backend into fastdiff._backend.BACKENDS (idempotent)."""
-    if not isinstance(_backend.BACKENDS.get("cuda_emu"), CudaEmuBackend):
-        _backend.BACKENDS["cuda_emu"] = CudaEmuBackend()
+    """Put the test-only cuda_emu backend into fastdiff._backend.BACKENDS (idempotent). conftest.py does this
+    around each cuda_emu-marked test only: a registry that kept it would show it to every other test, e.g. the
+    benchmark harness, which measures every registered backend (in subprocesses that never register it)."""
+    _backend.BACKENDS["cuda_emu"] = EMU_BACKEND
 
 
-register_cuda_emu()
+def unregister_cuda_emu():
+    if _backend.BACKENDS.get("cuda_emu") is EMU_BACKEND:
+        del _backend.BACKENDS["cuda_emu"]
 
 
 # ---------------------------------------------------------------- the backends this machine runs
@@ -337,7 +343,8 @@ ALL_BACKENDS = ("torch", "cpu", "triton", "cuda", "cuda_emu")
 
 def unavailable(name):
     """Why this machine cannot run backend `name` (empty when it can)."""
-    reasons = list(_backend.BACKENDS[name].unavailable_reasons())
+    backend = EMU_BACKEND if name == "cuda_emu" else _backend.BACKENDS[name]
+    reasons = list(backend.unavailable_reasons())
     if name == "cuda" and not CUDA:
         reasons.append("no CUDA device")
     if name == "triton" and not reasons:

@@ -22,6 +22,7 @@ import torch
 import fastdiff as fd
 from contract import (
     CUDA_MAX_D,
+    EMU_BACKEND,
     F32,
     F64,
     _nan_like,
@@ -44,7 +45,7 @@ def emu():
 
 
 def _backend_emu():
-    return _backend.BACKENDS["cuda_emu"]
+    return EMU_BACKEND
 
 
 def _f64(v):
