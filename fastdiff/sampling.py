@@ -368,9 +368,10 @@ def _fused_method_table(mtable, process, engine, device, dtype, d):
     return None if engine.refuse_reasons("pointcloud_sample", table=table, **facts) else table
 
 
-def _x0_from(prediction, x, out, alpha, sigma):
-    """D = (x − σ ε)/α or (x + σ² s)/α (the range is checked up front: _check_x0_range)."""
-    return torch.add(x, out, alpha=-sigma if prediction == "eps" else sigma * sigma).div_(alpha)
+def _x0_from(prediction, x, out, alpha, sigma, into=None):
+    """D = (x − σ ε)/α or (x + σ² s)/α, in a new tensor or `into` (the range is checked up front:
+    _check_x0_range)."""
+    return torch.add(x, out, alpha=-sigma if prediction == "eps" else sigma * sigma, out=into).div_(alpha)
 
 
 # An eps or score network's D = (x − σ ε)/α carries the network's rounding times σ/α: beyond this σ/α (or below
@@ -488,8 +489,7 @@ class _HistoryRun(_TableRun):
         self.native = native
         if den.prediction == "x0":
             return native if buf is None else buf.copy_(native)
-        # _x0_from's operations, written into the buffer
-        return torch.add(xk, native, alpha=-sigma if den.prediction == "eps" else sigma * sigma, out=buf).div_(alpha)
+        return _x0_from(den.prediction, xk, native, alpha, sigma, into=buf)
 
 
 def _resolve_process(denoiser, process):

@@ -37,3 +37,15 @@ def test_pointcloud_step_is_posterior_then_affine_step(backend):
     z = fd.noise.normal(9, torch.arange(100, 165), 4, 3, dtype=F64)
     ref = 1.1 * x.double() + 0.4 * D0 + 0.3 * z
     assert torch.allclose(fused.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends("torch", "cpu"))
+def test_pointcloud_step_takes_one_time_step(backend):
+    """alpha and sigma are numbers (one step): a per-row [M] value is refused, naming it, with x untouched."""
+    x = torch.randn(3, 2, generator=gen(1))
+    keep = x.clone()
+    for name, kw in (("alpha", dict(alpha=torch.full((3,), 0.8, dtype=F64), sigma=0.5)),
+                     ("sigma", dict(alpha=0.8, sigma=torch.full((3,), 0.5, dtype=F64)))):
+        with pytest.raises(ValueError, match=rf"^{name} must be a number"):
+            ops.pointcloud_step(x, x[:2], A=0.9, B=0.1, C=0.3, seed=1, step=2, out=x, backend=backend, **kw)
+        assert torch.equal(x, keep)

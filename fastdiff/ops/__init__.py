@@ -145,8 +145,11 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample
     if torch.compiler.is_compiling():
         return _library.pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights,
                                         bandwidth, out=out, backend=backend)
-    _checks.check_number(alpha, "alpha"), _checks.check_number(sigma, "sigma")    # one time step: scalars
     alpha, sigma, bandwidth = _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
+    for name, value in (("alpha", alpha), ("sigma", sigma)):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number (pointcloud_step runs one time step), got shape "
+                             f"{tuple(value.shape)}")
     A, B, C = (_checks.check_number(v, n) for v, n in ((A, "A"), (B, "B"), (C, "C")))
     seed, sample_offset, step = _checks.check_counters(seed, sample_offset, x.shape[0], step)
     _checks.check_out(out, x, x)
