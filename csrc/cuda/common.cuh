@@ -90,6 +90,17 @@ __device__ __forceinline__ double clamped_inv2c_double(double c) {
   return fmin(fmax(0.5 / c, lo), static_cast<double>(max_finite<T>()));
 }
 
+// The block copies data points [j0, j0 + n) and their log-weights into shared memory. Every thread of the block
+// calls it: the first barrier keeps the previous tile until all threads are done with it, the second makes the
+// new one visible.
+template <typename T>
+__device__ __forceinline__ void stage_tile(const Cloud<T>& c, int64_t j0, int n, int d, T* tile, T* tile_lw) {
+  __syncthreads();
+  for (int e = threadIdx.x; e < n * d; e += blockDim.x) tile[e] = c.y[j0 * d + e];
+  for (int e = threadIdx.x; e < n; e += blockDim.x) tile_lw[e] = c.log_w ? c.log_w[j0 + e] : T(0);
+  __syncthreads();
+}
+
 // posterior_small_d for the far rows of a block (csrc/common/far.h: why, which rows, the bound): logits in
 // double-double, one online maximum, sums in double (compensated for T = double, with D as the compensation;
 // float needs none: N·2⁻⁵³ ≪ 2⁻²⁴). Every thread of the block calls it (tiles staged together); `mine` threads
@@ -112,10 +123,7 @@ __device__ void posterior_small_d_far(const Cloud<T>& c, const T (&x)[DMAX], dou
   double s = 0.0, sc = 0.0;
   for (int64_t j0 = 0; j0 < c.N; j0 += kTile) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTile), c.N - j0));
-    __syncthreads();
-    for (int e = threadIdx.x; e < n * d; e += blockDim.x) tile[e] = c.y[j0 * d + e];
-    for (int e = threadIdx.x; e < n; e += blockDim.x) tile_lw[e] = c.log_w ? c.log_w[j0 + e] : T(0);
-    __syncthreads();
+    stage_tile(c, j0, n, d, tile, tile_lw);
     if (!mine) continue;
     for (int j = 0; j < n; ++j) {
       far::DD dist{0.0, 0.0};
@@ -178,10 +186,7 @@ __device__ void posterior_small_d(const Cloud<T>& c, const T (&x)[DMAX], double 
   double lw_top = 0.0;             // the log-weight of the point with the largest logit (the far-row test)
   for (int64_t j0 = 0; j0 < c.N; j0 += kTile) {
     const int n = static_cast<int>(min(static_cast<int64_t>(kTile), c.N - j0));
-    __syncthreads();
-    for (int e = threadIdx.x; e < n * d; e += blockDim.x) tile[e] = c.y[j0 * d + e];
-    for (int e = threadIdx.x; e < n; e += blockDim.x) tile_lw[e] = c.log_w ? c.log_w[j0 + e] : T(0);
-    __syncthreads();
+    stage_tile(c, j0, n, d, tile, tile_lw);
     if (!active) continue;
     T tacc[DMAX];
 #pragma unroll
