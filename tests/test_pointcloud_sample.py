@@ -167,7 +167,9 @@ def multistep_table(K, seed, depth=2):
     """A random [K, 8] kernel table using B1 from row 1 and B2 from row 2 (depth 2), or B1 only (depth 1): the
     coefficients of a contracting multistep method's size (A ~ 1, B0 ~ 0.3, |B1|, |B2| <= 0.3, C ~ 0.2)."""
     g = gen(seed)
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand(K, generator=g, dtype=F64)   # noqa: E731
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(K, generator=g, dtype=F64)
     B1 = torch.cat([torch.zeros(1, dtype=F64), u(-0.3, 0.3)[1:]])
     B2 = torch.cat([torch.zeros(2, dtype=F64), u(-0.3, 0.3)[2:]]) if depth == 2 else None
     return _table.pack(u(0.5, 1.0), u(0.2, 1.5), u(0.7, 1.0), u(0.0, 0.4), u(0.0, 0.3), t=u(0, 1), B1=B1, B2=B2)
