@@ -11,6 +11,12 @@ Reads benchmarks/results/<run>/results.json (written by `fastdiff bench`). Runs 
 the latest full run that has the suite is used (quick runs are left out unless --include-quick). Per
 device: the targets table (target, required, measured, met), then one table per suite, naming the device,
 the run folders and the versions. Every number comes from those files. Standard library only.
+
+CPU runs are grouped by thread count too (the device name says "(2 threads)"). When posterior runs of the same
+CPU model exist on several thread counts (e.g. `fastdiff bench posterior --threads 1` and `--threads 2`, each
+into its own folder), the group with the most threads gets a thread-scaling table after its posterior table:
+fastdiff[cpu] on the fewest and the most threads, SDPA and torch.compile(naive) beside it. With one thread
+count the section is as before.
 """
 from __future__ import annotations
 
@@ -98,21 +104,44 @@ def providers_in(rows, prefer=()):
 
 
 # ----------------------------------------------------------------------------------------- suites
+def _dense(r) -> bool:
+    return r.get("regime") == "dense"
+
+
+def headline_cases(rows) -> list[tuple]:
+    """The posterior cases the README shows, as (d, case, label): per d the largest ladder shape at the main timing
+    point, then the dense-regime case of each d (runs from before the regimes have none), then every target shape."""
+    rows = [r for r in rows if r.get("median_s")]
+    main: dict[int, dict] = {}
+    dense: dict[int, dict] = {}
+    for r in rows:
+        if r.get("target"):
+            continue
+        pick = dense if _dense(r) else main
+        if r["d"] not in pick or r["n_elems"] > pick[r["d"]]["n_elems"]:
+            pick[r["d"]] = r
+    out = [(d, r["case"], f"{r['M']}×{r['N']}") for d, r in sorted(main.items())]
+    out += [(d, r["case"], f"{r['M']}×{r['N']} (dense, σ = {r['sigma']:.3g})") for d, r in sorted(dense.items())]
+    out += list(dict.fromkeys((r["d"], r["case"], f"{r['M']}×{r['N']} (target, {r['target']})")
+                              for r in rows if r.get("target")))
+    return out
+
+
+def _shared(r) -> str:
+    """How many data points share the posterior weight in this case (median 1/Σw²), out of N."""
+    eff = r.get("eff_points")
+    return "–" if eff is None else f"{eff:.3g} of {r['N']}"
+
+
 def posterior_md(rows, doc):
     rows = [r for r in rows if r.get("median_s")]
     if not rows:
         return []
     provs = providers_in(rows)
-    shapes = []       # per d the largest ladder shape, then every target shape
-    for d in sorted({r["d"] for r in rows}):
-        ladder = [r for r in rows if r["d"] == d and not r.get("target")]
-        if ladder:
-            top = max(ladder, key=lambda r: r["n_elems"])
-            shapes.append((d, top["M"], top["N"], None))
-    shapes += list(dict.fromkeys((r["d"], r["M"], r["N"], r["target"]) for r in rows if r.get("target")))
+    with_eff = any(r.get("eff_points") is not None for r in rows)    # runs from before the column: no column
     body = []
-    for d, M, N, target in shapes:
-        big = {r["provider"]: r for r in rows if (r["d"], r["M"], r["N"]) == (d, M, N)}
+    for d, case, label in headline_cases(rows):
+        big = {r["provider"]: r for r in rows if (r["d"], r["case"]) == (d, case)}
         cells = []
         for p in provs:
             r = big.get(p)
@@ -128,11 +157,81 @@ def posterior_md(rows, doc):
         fd = [r for p, r in big.items() if p.startswith("fastdiff") and r.get("roofline_fraction") is not None]
         best = max(fd, key=lambda r: r["throughput"], default=None)
         roof = f"{100 * best['roofline_fraction']:.0f}% of {best['ceiling']} ({best['provider']})" if best else "–"
-        body.append([d, f"{M}×{N}" + (f" (target, {target})" if target else "")] + cells + [roof])
+        shared = [_shared(next(iter(big.values())))] if with_eff else []
+        body.append([d, label] + shared + cells + [roof])
+    regimes = (" Timed at σ = 0.5 (the main timing point: at large d one cluster of near-duplicate points holds the "
+               "posterior weight) and, per d, in the dense regime (σ = √d: about half the points share the weight, "
+               "none is negligible, so a kernel that skips negligible points gains nothing there); `1/Σw²` is the "
+               "median effective number of points sharing the weight.") if with_eff else ""
     return ["**posterior** — the point-cloud reduction, pairs/s (M·N / time) at the largest measured size per d "
             f"and at the target shapes; (×) = speedup over `{REF}`; ✗ = fails MATH.md §7's float32 accuracy "
-            "contract at σ = 1e-3 against a float64 brute force (a fast wrong answer).", "",
-            table(["d", "M×N"] + [f"`{p}`" for p in provs] + ["fastdiff roofline"], body), ""]
+            "contract at σ = 1e-3 against a float64 brute force (a fast wrong answer)." + regimes, "",
+            table(["d", "M×N"] + (["1/Σw²"] if with_eff else []) + [f"`{p}`" for p in provs]
+                  + ["fastdiff roofline"], body), ""]
+
+
+FD_CPU, SDPA, COMPILED = "fastdiff[cpu]", "sdpa", "torch.compile(naive)"
+
+
+def _threads(doc) -> int | None:
+    t = doc["environment"].get("torch_threads")
+    if t is None:
+        t = next((r.get("threads") for r in doc.get("rows", []) if r.get("threads")), None)
+    return None if t is None else int(t)
+
+
+def thread_partners(groups) -> dict:
+    """{id(group): posterior run with fewer threads} for each CPU group whose posterior run has the most threads
+    among the groups of the same CPU model (and quick flag) that have one; nothing when there is one thread count."""
+    by_model: dict[tuple, list[tuple[int, dict, dict]]] = {}
+    for g in groups:
+        doc = g["suites"].get("posterior")
+        threads = None if g["device"] != "cpu" or doc is None else _threads(doc)
+        if threads is not None:
+            by_model.setdefault((doc["environment"].get("cpu_model"), g["quick"]), []).append((threads, g, doc))
+    out = {}
+    for runs in by_model.values():
+        hi_threads, hi_group, _ = max(runs, key=lambda t: t[0])
+        lo_threads, _, lo_doc = min(runs, key=lambda t: t[0])
+        if lo_threads < hi_threads:
+            out[id(hi_group)] = lo_doc
+    return out
+
+
+def _ms(r) -> str:
+    return "–" if r is None else f"{r['median_s'] * 1e3:.3g} ms"
+
+
+def _x(slow, fast) -> str:
+    return "–" if slow is None or fast is None else f"{slow['median_s'] / fast['median_s']:.2g}×"
+
+
+def thread_scaling_md(lo_doc, hi_doc) -> list[str]:
+    """`fastdiff[cpu]` posterior times on few and many threads side by side at the README's cases, with SDPA and
+    torch.compile(naive) on the many threads and fastdiff's ratio over each; [] when nothing matches."""
+    t_lo, t_hi = _threads(lo_doc), _threads(hi_doc)
+
+    def index(doc):
+        return {(r["d"], r["case"], r["provider"]): r for r in doc["rows"]
+                if r["suite"] == "posterior" and r.get("median_s")}
+    lo, hi = index(lo_doc), index(hi_doc)
+    hi_rows = [r for r in hi_doc["rows"] if r["suite"] == "posterior"]
+    body = []
+    for d, case, label in headline_cases(hi_rows):
+        f_lo, f_hi = lo.get((d, case, FD_CPU)), hi.get((d, case, FD_CPU))
+        if f_lo is None or f_hi is None:
+            continue
+        sdpa, comp = hi.get((d, case, SDPA)), hi.get((d, case, COMPILED))
+        body.append([d, label, _ms(f_lo), _ms(f_hi), _x(f_lo, f_hi), _ms(sdpa), _ms(comp), _x(sdpa, f_hi),
+                     _x(comp, f_hi)])
+    if not body:
+        return []
+    return [f"**posterior thread scaling** — `{FD_CPU}` median times on {t_lo} and {t_hi} thread(s) (runs "
+            f"`{lo_doc['_dir'].name}` and `{hi_doc['_dir'].name}`), scaling = {t_lo}-thread time / {t_hi}-thread "
+            f"time; `{SDPA}` and `{COMPILED}` on {t_hi} thread(s) in the same run, and `{FD_CPU}`'s speedup over "
+            "each.", "",
+            table(["d", "M×N", f"`{FD_CPU}` {t_lo}t", f"{t_hi}t", "scaling", f"`{SDPA}` {t_hi}t",
+                   f"`{COMPILED}` {t_hi}t", f"vs `{SDPA}`", f"vs `{COMPILED}`"], body), ""]
 
 
 def step_md(rows, doc):
@@ -209,7 +308,8 @@ def targets_md(group) -> list[str]:
             "was compared).", "", table(["issue", "target", "required", "measured", "met", "detail"], body), ""]
 
 
-def group_md(group, root: Path) -> str:
+def group_md(group, root: Path, fewer_threads: dict | None = None) -> str:
+    """fewer_threads: the posterior run of the same CPU with fewer threads (thread_partners), or None."""
     env = group["env"]
     lines = [f"### {'GPU' if group['device'] == 'cuda' else 'CPU'}: {env.get('device_name')}"
              + (" (quick run)" if group["quick"] else ""), ""]
@@ -236,6 +336,8 @@ def group_md(group, root: Path) -> str:
         fn = SUITE_MD.get(suite)
         if doc is not None and fn:
             body += fn([r for r in doc["rows"] if r["suite"] == suite], doc)
+        if suite == "posterior" and doc is not None and fewer_threads is not None:
+            body += thread_scaling_md(fewer_threads, doc)
     return "\n".join(lines + body)
 
 
@@ -253,7 +355,8 @@ def generate(results: Path = RESULTS, include_quick: bool = False, root: Path | 
         intro += ("\n**No GPU run is committed yet**: no GPU machine has been available, so no GPU numbers are "
                   "reported (the GPU targets of the Triton and CUDA kernels are not yet measured). Only the CPU "
                   "results below were measured.\n")
-    return intro + "\n" + "\n".join(group_md(g, root) for g in groups)
+    partners = thread_partners(groups)
+    return intro + "\n" + "\n".join(group_md(g, root, partners.get(id(g))) for g in groups)
 
 
 def replace_between_markers(text: str, section: str) -> str:

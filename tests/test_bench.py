@@ -340,3 +340,136 @@ def test_issue14_pointcloud_target_runs_the_peers_and_a_scaled_reference(monkeyp
         n["provider"] == "k-diffusion" for n in ctx.notes)
     sample.run_case(ctx, "pointcloud", "ancestral SDE", 8, 20, 500, target="issue 4")     # fastdiff alone, unscaled
     assert seen["scaled"] == {} and all(p[0].startswith("fastdiff[") for p in seen["provs"])
+
+
+def test_posterior_times_a_dense_regime_case_per_d_after_the_ladder():
+    """Issue 15: a pruning kernel's speed depends on σ, so each d is also timed at σ = √d (many points share the
+    weight) at the largest ladder shape, after every main-σ case (a time limit cuts these first)."""
+    import math
+
+    from fastdiff.bench import posterior
+    for device, quick in (("cpu", False), ("cpu", True), ("cuda", False)):
+        labels = [label for suite, label in bench.plan(["posterior"], device=device, quick=quick)]
+        dims = posterior.QUICK_DIMS if quick else posterior.DIMS
+        dense = [label for label in labels if " dense " in label]
+        assert len(dense) == len(dims)
+        assert labels.index(dense[0]) > max(i for i, label in enumerate(labels)
+                                            if " dense " not in label and not label.endswith(": speedups"))
+        for d in dims:
+            ladder = [label for label in labels if label.startswith(f"posterior d={d} M=") and " dense " not in label
+                      and "target" not in label]
+            want = f"{ladder[-1]} dense σ={math.sqrt(d):.3g}"
+            assert want in dense, (want, dense)
+
+
+def test_effective_points_counts_the_points_sharing_the_weight():
+    import torch
+
+    from fastdiff.bench.posterior import effective_points
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(64, 8, generator=g) * 10.0                  # far apart at σ = 0.1: one point holds the weight
+    x = y[:16] + 0.01 * torch.randn(16, 8, generator=g)
+    assert effective_points(x, y, 1.0, 0.1) == pytest.approx(1.0, abs=1e-6)
+    y4 = y[:16].repeat_interleave(4, 0)                          # 4 exact copies of each point share it equally
+    assert effective_points(x, y4, 1.0, 0.1) == pytest.approx(4.0, rel=1e-6)
+    assert effective_points(x, y, 1.0, 1e4) == pytest.approx(64.0, rel=1e-3)   # σ ≫ spread: all 64 points
+
+
+def test_quick_run_has_dense_rows_beside_the_main_timing_point(quick_run):
+    import math
+
+    from fastdiff.bench import posterior
+    _, doc, _ = quick_run
+    rows = [r for r in doc["rows"] if r["suite"] == "posterior"]
+    dense = [r for r in rows if r["regime"] == "dense"]
+    assert {r["d"] for r in dense} == set(posterior.QUICK_DIMS)
+    assert {"fastdiff[torch]", "sdpa", "torch.compile(naive)"} <= {r["provider"] for r in dense}
+    for r in dense:
+        assert r["sigma"] == pytest.approx(math.sqrt(r["d"])) and "(dense)" in r["case"]
+        assert r["eff_points"] >= 0.25 * r["N"]                  # a good fraction of the points share the weight
+    for r in rows:
+        if r["regime"] != "dense":
+            assert r["regime"] == "main" and r["sigma"] == posterior.SIGMA_TIME
+    # at large d the main timing point is concentrated: one cluster of near-duplicates holds the weight
+    main784 = [r for r in rows if r["d"] == 784 and r["regime"] == "main"]
+    assert main784 and all(r["eff_points"] <= 2 * posterior.CLUSTER for r in main784)
+
+
+def test_full_cpu_sample_run_has_image_sized_point_clouds():
+    cpu = [label for _, label in bench.plan(["sample"], device="cpu")]
+    for d, n, N in ((784, 128, 2048), (3072, 64, 1024)):
+        assert f"sample pointcloud d={d} dpmpp_2m n={n} steps=100 N={N}" in cpu
+    assert not [label for _, label in bench.plan(["sample"], device="cpu", quick=True) if " d=" in label]
+
+
+def test_image_sized_point_cloud_case_runs_the_peers_and_no_2d_metrics(monkeypatch):
+    """The d = 784 / 3072 sample rows: fastdiff beside the point-cloud peers, the torch reference scaled from
+    REF_STEPS_CPU steps, and no KL/W2 (2-D histogram metrics) — checked on a tiny cloud with the timer stubbed."""
+    import torch
+
+    from fastdiff.bench import sample, timing
+    from fastdiff.bench.common import Context
+    fixed = timing.Timing(median_s=0.2, q25_s=0.1, q75_s=0.3, min_s=0.05, reps=3, inner=1, first_s=0.4)
+    monkeypatch.setattr(sample, "measure", lambda fn, *a, **k: (fn(), fixed)[1])
+    monkeypatch.setattr(sample, "metrics", lambda *a: pytest.fail("KL/W2 computed on a d > 2 cloud"))
+    monkeypatch.setattr(sample, "train_mlp", lambda data, iters, device: sample.MLP())
+    ctx = Context(device=torch.device("cpu"), quick=False, out=Path("."), policy=timing.QUICK_POLICY, env={})
+    sample.run_highd_case(ctx, 40, 4, 16, 12)
+    rows = {r["provider"]: r for r in ctx.rows}
+    assert "fastdiff[cpu]" in rows and rows[sample.REF]["median_s"] == pytest.approx(0.2 * 12 / sample.REF_STEPS_CPU)
+    peers = {n["provider"] for n in ctx.notes}
+    assert "k-diffusion sample_dpmpp_2m + naive torch denoiser" in rows or "k-diffusion" in peers
+    for r in rows.values():
+        assert r["op"] == "pointcloud d=40/dpmpp_2m" and r["d"] == 40 and r["steps"] == 12 and r["N"] == 16
+        assert r["kl"] is None and r["w2"] is None
+    # the same deterministic map from the same noise: the samplers agree to float32 round-off (|x| ~ 80 at T)
+    assert all(r["max_abs_diff"] < 1e-3 for p, r in rows.items() if p != sample.REF)
+
+
+def _perf_module():
+    spec = importlib.util.spec_from_file_location("make_readme_perf", ROOT / "benchmarks" / "make_readme_perf.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _posterior_run(folder: Path, threads: int, started: str, times: dict):
+    """A synthetic committed posterior run: times = {(d, M, N, regime): {provider: seconds}}."""
+    rows = []
+    for (d, M, N, regime), provs in times.items():
+        sigma = 0.5 if regime == "main" else d ** 0.5
+        case = f"d={d} M={M} N={N}" + ("" if regime == "main" else f" σ={sigma:.3g} ({regime})")
+        for p, t in provs.items():
+            rows.append({"suite": "posterior", "op": "posterior", "provider": p, "backend": None, "case": case,
+                         "d": d, "M": M, "N": N, "n_elems": M * N, "median_s": t, "throughput": M * N / t,
+                         "speedup_vs_ref": None, "accurate": True, "roofline_fraction": None, "target": None,
+                         "sigma": sigma, "regime": regime, "eff_points": 8.0 if regime == "main" else N / 2,
+                         "threads": threads})
+    env = {"started": started, "device_name": f"Test CPU ({threads} thread{'s' if threads > 1 else ''})",
+           "cpu_model": "Test CPU", "torch_threads": threads, "command": f"bench posterior --threads {threads}"}
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"schema": "fastdiff-bench/1", "device": "cpu", "quick": False,
+                                                     "suites": ["posterior"], "environment": env, "rows": rows}))
+
+
+def test_readme_puts_posterior_thread_scaling_side_by_side(tmp_path):
+    mod = _perf_module()
+    fd, sdpa, comp = "fastdiff[cpu]", "sdpa", "torch.compile(naive)"
+    one = {(784, 256, 1024, "main"): {fd: 0.040, sdpa: 0.030, comp: 0.050},
+           (784, 256, 1024, "dense"): {fd: 0.080, sdpa: 0.031, comp: 0.052}}
+    two = {(784, 256, 1024, "main"): {fd: 0.025, sdpa: 0.020, comp: 0.030},
+           (784, 256, 1024, "dense"): {fd: 0.050, sdpa: 0.021, comp: 0.031}}
+    _posterior_run(tmp_path / "r" / "x-2t", 2, "2026-12-01T10", two)
+    alone = mod.generate(tmp_path / "r", root=tmp_path)
+    assert "thread scaling" not in alone                          # one thread count: the section as before
+    assert "| 784 | 256×1024 (dense, σ = 28) | 512 of 1024 |" in alone
+    _posterior_run(tmp_path / "r" / "x-1t", 1, "2026-12-01T11", one)
+    md = mod.generate(tmp_path / "r", root=tmp_path)
+    assert md.count("**posterior thread scaling**") == 1 and "`x-1t` and `x-2t`" in md
+    # after the 2-thread group's posterior table, and once per case: 1t, 2t, 1t/2t, sdpa 2t, compiled 2t, ratios
+    assert md.index("Test CPU (2 threads)") < md.index("thread scaling")
+    assert "| 784 | 256×1024 | 40 ms | 25 ms | 1.6× | 20 ms | 30 ms | 0.8× | 1.2× |" in md
+    assert "| 784 | 256×1024 (dense, σ = 28) | 80 ms | 50 ms | 1.6× | 21 ms | 31 ms | 0.42× | 0.62× |" in md
+    # the 2-thread group's own posterior table is unchanged; the 1-thread run keeps its own section
+    table_2t = alone[alone.index("**posterior**"):].rstrip("\n")
+    assert table_2t in md and "### CPU: Test CPU (1 thread)" in md

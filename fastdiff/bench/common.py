@@ -20,8 +20,8 @@ COLUMNS = [
     "median_s", "q25_s", "q75_s", "min_s", "spread", "reps", "inner", "first_s",
     "throughput", "unit", "ceiling", "ceiling_throughput", "roofline_fraction",
     "ref_provider", "speedup_vs_ref",
-    "err_D", "err_L", "err_D_sigma", "accurate", "acc_shape", "kl", "w2", "max_abs_diff",
-    "peak_mem_bytes", "mem_vs_MxN", "target", "note",
+    "err_D", "err_L", "err_D_sigma", "accurate", "acc_shape", "sigma", "regime", "eff_points", "kl", "w2",
+    "max_abs_diff", "peak_mem_bytes", "mem_vs_MxN", "target", "note",
     "torch_version", "triton_version", "fastdiff_version", "command",
 ]
 

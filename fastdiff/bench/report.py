@@ -224,16 +224,29 @@ def _tgt(r):
     return f" ({r['target']})" if r.get("target") else ""
 
 
+def _sigma_eff(r):
+    """'0.5 (8)': the timing σ and the median 1/Σw² of a posterior row ('dense' marks the dense regime)."""
+    if r.get("sigma") is None:
+        return "–"
+    eff = "" if r.get("eff_points") is None else f" ({r['eff_points']:.3g})"
+    return f"{r['sigma']:.3g}{eff}" + (" dense" if r.get("regime") == "dense" else "")
+
+
 def _suite_md(suite, rs, doc):
     if suite == "posterior":
         from .posterior import SIGMA_ACC, TOL_D, TOL_L_ABS, TOL_L_REL
-        head = ["d", "M", "N", "provider", "pairs/s", "spread", "reps", "roofline", "vs ref", "err_D (§7)", "err_L",
-                "err_D / σ", "§7 accurate"]
-        body = [[r["d"], r["M"], f"{r['N']}{_tgt(r)}", r["provider"], fmt_si(r["throughput"]), _pct(r["spread"]),
+        head = ["d", "M", "N", "σ (1/Σw²)", "provider", "pairs/s", "spread", "reps", "roofline", "vs ref",
+                "err_D (§7)", "err_L", "err_D / σ", "§7 accurate"]
+        body = [[r["d"], r["M"], f"{r['N']}{_tgt(r)}", _sigma_eff(r), r["provider"], fmt_si(r["throughput"]),
+                 _pct(r["spread"]),
                  r["reps"], f"{_pct(r['roofline_fraction'])} ({r['ceiling']})", _f(r["speedup_vs_ref"], "{:.2f}×"),
                  _f(r["err_D"], "{:.1e}"), _f(r["err_L"], "{:.1e}"), _f(r.get("err_D_sigma"), "{:.1e}"),
                  "–" if r["accurate"] is None else ("yes" if r["accurate"] else "**NO**")] for r in rs]
-        return [f"Accuracy (MATH.md §7): float32 at σ = {SIGMA_ACC:g} against a float64 brute force on the same inputs "
+        return ["Timed at σ (the column): the main timing point σ = 0.5 on the size ladder and the target shapes, "
+                "and a dense-regime case per d (σ = √d, marked dense) where a good fraction of the points share the "
+                "posterior weight; 1/Σw² is the median effective number of points sharing it (a kernel that skips "
+                "points of negligible weight is fast when it is small).", "",
+                f"Accuracy (MATH.md §7): float32 at σ = {SIGMA_ACC:g} against a float64 brute force on the same inputs "
                 "(data in clusters of 8 points ~σ apart, so several points share the weight), on the smallest shape "
                 "of each d and on the target shapes; err_D = max |D − D64| / max|y| (≤ "
                 f"{TOL_D:g}), err_L = max |L − L64| in nats (≤ {TOL_L_ABS:g} + {TOL_L_REL:g}·|L64| per query), "
@@ -259,7 +272,9 @@ def _suite_md(suite, rs, doc):
                 "of the same size score. max |Δ| (ODE only): largest difference from the first ODE provider's "
                 "samples. `mlp loop`: fd.sample with and without cuda_graph against a hand-written eager loop "
                 "(`vs ref` is against that loop). † timed over the first steps of the grid and scaled to the whole "
-                "run (the row's note in results.json says how).", "", _table(head, body), ""]
+                "run (the row's note in results.json says how). `pointcloud d=784` / `d=3072`: standard normal data "
+                "in d dimensions (image sizes), no KL/W2 (2-D metrics); max |Δ| says the samplers agree.", "",
+                _table(head, body), ""]
     if suite == "scaling":
         fits = doc.get("fits", [])
         out = []
@@ -299,8 +314,10 @@ def plots(rows, fits, out: Path, title: str = "") -> dict:
     for suite, fn in (("posterior", _plot_posterior), ("step", _plot_step), ("sample", _plot_sample),
                       ("scaling", _plot_scaling)):
         rs = [r for r in rows if r["suite"] == suite and r.get("median_s")]
-        if suite == "sample":     # the target cases have other step counts and data sizes: tables only
-            rs = [r for r in rs if not r.get("target")]
+        if suite == "sample":     # the target cases and the image-sized clouds (one size each): tables only
+            rs = [r for r in rs if not r.get("target") and r.get("d") in (None, 2)]
+        if suite == "posterior":  # the size ladder at the main timing point; the dense-regime cases: tables only
+            rs = [r for r in rs if r.get("regime") != "dense"]
         if not rs:
             continue
         _STYLES.clear()

@@ -30,6 +30,13 @@ fd.sample(fd.from_model(mlp, ...), cuda_graph=True) (the whole loop captured in 
 the same with cuda_graph=False, and a hand-written eager torch loop of the same model and update
 (`D = mlp(x, σ_k); x = A_k x + B_k D + C_k torch.randn_like(x)`), which is what ratios are taken against.
 
+Image-sized point clouds (CPU full runs): `pointcloud d=784/dpmpp_2m` and `pointcloud d=3072/dpmpp_2m`, 100 steps
+of dpmpp_2m on the same grid, N standard normal points in d dimensions (|y| ≈ √d, like flattened 28×28 and
+32×32×3 images) with the same kernel bandwidth, every fastdiff backend (fastdiff[cpu]: the fused trajectory) against
+k-diffusion's loop with fastdiff's PointCloud.denoise and with the naive torch denoiser, and diffusers' EDM
+scheduler with the naive denoiser; the torch reference over REF_STEPS_CPU steps, scaled. Sizes (HIGH_D_CPU) keep a
+run to seconds. These rows have no KL/W2 (2-D histogram metrics); max |x − x_first| says the samplers agree.
+
 Reported: samples/s (n / median time of a whole run), KL(samples ‖ true density) on a 50×50 histogram over
 [-1.6, 1.6]², W2 to exact draws (1000-point subsets) and, for the ODE, max |x − x_first| (the same deterministic
 map from the same noise: should be at float32 round-off). A row `exact draws (floor)` gives the metrics
@@ -93,6 +100,13 @@ REF_STEPS = 100
 # The same on the CPU for issue 14's point-cloud target (N = M = 10⁴, 100 steps): the torch reference runs the
 # posterior step by step, tens of seconds a step on 2 threads; it is not what that target compares against.
 REF_STEPS_CPU = 10
+
+
+# Issue 15: point clouds at image sizes on the CPU, (d, n queries, N data points), 100 steps of HIGH_D_METHOD (the
+# method with the most peers). The work per step is n·N·d; at these sizes the direct CPU kernel runs the 100 steps in
+# about a second on one thread, the torch reference ~1 s a step (hence REF_STEPS_CPU steps, scaled).
+HIGH_D_CPU = ((784, 128, 2048), (3072, 64, 1024))
+HIGH_D_METHOD, HIGH_D_STEPS = "dpmpp_2m", 100
 
 
 # Targets against the peers' loops (issue 14): these target cases run the peers too (the others time fastdiff only).
@@ -194,6 +208,18 @@ def dataset(ctx: Context, S, N: int):
         "N": N, "data64": data64, "density": _memo_density(truth), "ref_draws": ref_draws,
         "cloud": fd.PointCloud(data64.float().to(ctx.device), process, bandwidth=BANDWIDTH), "floor": {}}
     return out
+
+
+def highd_dataset(ctx: Context, S, d: int, N: int):
+    """N standard normal points in d dimensions as a point cloud with the suite's bandwidth (no true density:
+    the image-sized cases report speed and agreement, not KL/W2)."""
+    key = ("highd", d, N)
+    if key not in S["datasets"]:
+        g = torch.Generator().manual_seed(d)
+        data = torch.randn(N, d, generator=g, dtype=torch.float32)
+        S["datasets"][key] = {"N": N, "d": d, "cloud": S["fd"].PointCloud(data.to(ctx.device), S["process"],
+                                                                          bandwidth=BANDWIDTH)}
+    return S["datasets"][key]
 
 
 def _memo_density(truth):
@@ -429,8 +455,16 @@ def cases(ctx: Context) -> list[Case]:
                 out.append(Case(SUITE, f"sample {den} {method} n={n}",
                                 lambda ctx, den=den, method=method, n=n: run_case(ctx, den, method, n,
                                                                                   st["steps"], N_DATA)))
+    for d, n, N in highd_cases(ctx):
+        out.append(Case(SUITE, f"sample pointcloud d={d} {HIGH_D_METHOD} n={n} steps={HIGH_D_STEPS} N={N}",
+                        lambda ctx, d=d, n=n, N=N: run_highd_case(ctx, d, n, N, HIGH_D_STEPS)))
     out.append(Case(SUITE, "sample: speedups", speedups))
     return out
+
+
+def highd_cases(ctx: Context):
+    """[(d, n, N)]: the image-sized point clouds of a full CPU run (issue 15)."""
+    return [] if ctx.quick or ctx.cuda else list(HIGH_D_CPU)
 
 
 def speedups(ctx: Context):
@@ -439,12 +473,12 @@ def speedups(ctx: Context):
     fill_speedups([r for r in rows if r["op"] == "mlp loop"], EAGER_LOOP)
 
 
-def sample_roofline(ctx: Context, den: str, n: int, steps: int, N: int, seconds: float):
+def sample_roofline(ctx: Context, den: str, n: int, steps: int, N: int, seconds: float, d: int = 2):
     c = ctx.ceilings
     if not c or not all(k in c for k in ("fma", "exp", "copy")):
         return None, None, None
     if den == "pointcloud":
-        M, d = n, 2
+        M = n
         bounds = {"fma": 4 * d * M * N / (c["fma"].value * 1e9), "exp": M * N / (c["exp"].value * 1e9),
                   "copy": 4 * (2 * M * d + N * d + M) / (c["copy"].value * 1e9)}
         name = max(bounds, key=bounds.get)
@@ -498,6 +532,8 @@ def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, c
     first_out = None
     scaled = scaled or {}
     policy = _policy(ctx)
+    d = DS.get("d", 2)
+    quality = d == 2        # KL/W2 are 2-D histogram metrics (the swiss roll); image-sized clouds have none
     for provider, backend, fn, warm_first in provs:
         if ctx.out_of_time():
             ctx.note(SUITE, provider, f"not run on {case}: the run's time limit was reached", kind="skipped")
@@ -515,12 +551,12 @@ def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, c
         try:
             t = measure(partial(_sample_into, last, fn, xT), ctx.device, policy, warm_first=warm_first)
             factor = scaled.get(provider)
-            if factor is None:
-                kl, w2 = metrics(S, DS, last["x"])
-            else:
+            kl = w2 = None
+            if factor is not None:      # timed on a prefix of the grid: its samples are not the run's
                 t = replace(t, **{k: getattr(t, k) * factor
                                   for k in ("median_s", "q25_s", "q75_s", "min_s", "first_s")})
-                kl = w2 = None
+            elif quality:
+                kl, w2 = metrics(S, DS, last["x"])
         except (ValueError, TypeError) as exc:
             # a backend refusing (ValueError), or fd.sample without a keyword this harness passes (TypeError)
             kind = "skipped" if backend is not None else "error"
@@ -538,9 +574,9 @@ def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, c
             if first_out is None:
                 first_out = last["x"]
             diff = float((last["x"].double() - first_out.double()).abs().max())
-        ceiling, bound, frac = sample_roofline(ctx, den, n, steps, DS["N"], t.median_s)
+        ceiling, bound, frac = sample_roofline(ctx, den, n, steps, DS["N"], t.median_s, d)
         ctx.timing_row(t, suite=SUITE, op=op, provider=provider, backend=backend, case=case,
-                       shape=f"n={n},N={DS['N']},d=2,steps={steps}", N=DS["N"], d=2, n_elems=n, steps=steps,
+                       shape=f"n={n},N={DS['N']},d={d},steps={steps}", N=DS["N"], d=d, n_elems=n, steps=steps,
                        dtype="float32", throughput=n / t.median_s, unit="samples/s", ceiling=ceiling,
                        ceiling_throughput=bound, roofline_fraction=frac, kl=kl, w2=w2, max_abs_diff=diff,
                        target=target, note=row_note(provider) if provider not in scaled else
@@ -569,6 +605,25 @@ def run_case(ctx: Context, den: str, method: str, n: int, steps: int, N: int, ta
                  for p, b, f, w in provs]
         scaled[REF] = steps / ref_steps
     _time_providers(ctx, S, DS, provs, xT, op=op, case=case, den=den, n=n, steps=steps, target=target,
+                    compare_ode=method in DETERMINISTIC, scaled=scaled)
+
+
+def run_highd_case(ctx: Context, d: int, n: int, N: int, steps: int):
+    """An image-sized point cloud (issue 15): HIGH_D_METHOD with every peer of a point cloud, the torch reference
+    timed over REF_STEPS_CPU steps and scaled (about a second a step at these sizes)."""
+    S = setup(ctx)
+    DS = highd_dataset(ctx, S, d, N)
+    times = grid(S, steps)
+    method = HIGH_D_METHOD
+    xT = S["process"].prior(n, d, seed=3, dtype=torch.float32, device=ctx.device)
+    provs = samplers(ctx, S, "pointcloud", DS["cloud"], method, times)
+    scaled = {}
+    if steps > REF_STEPS_CPU:
+        provs = [(p, b, fd_sampler(ctx, S, DS["cloud"], method, times[:REF_STEPS_CPU + 1], b), w) if p == REF
+                 else (p, b, f, w) for p, b, f, w in provs]
+        scaled[REF] = steps / REF_STEPS_CPU
+    _time_providers(ctx, S, DS, provs, xT, op=f"pointcloud d={d}/{method}", case=f"pointcloud d={d} {method} n={n} "
+                    f"steps={steps} N={N}", den="pointcloud", n=n, steps=steps, target=None,
                     compare_ode=method in DETERMINISTIC, scaled=scaled)
 
 
