@@ -274,3 +274,21 @@ def test_history_from_before_the_first_row_is_refused(backend, row, col):
         ops.pointcloud_sample(xc, torch.randn(5, 3, generator=gen(8)).to(dev), table, 0, backend=backend)
     assert torch.equal(xc, x)
 
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_pointcloud_sample_down_to_small_sigma_over_near_duplicates_at_d_784(backend, dtype):
+    """Issue 15: the sampler's large-d steps share the posterior's screen. Three steps σ = 0.1, 1e-2, 1e-3 over
+    clusters of 8 points 3e-3 apart (the last steps weigh a few near-duplicates), each state against the
+    reference step from the kernel's previous one."""
+    from test_posterior import clustered, noisy_queries, vp_alpha
+    d = 784
+    sigma = torch.tensor([0.1, 1e-2, 1e-3], dtype=F64)
+    alpha = 1 / torch.sqrt(1 + sigma**2)
+    table = _table.pack(alpha, sigma, torch.full((3,), 0.1, dtype=F64), 0.9 * alpha, 0.3 * sigma)
+    y = clustered(12, d, 3e-3, seed=60)
+    x = noisy_queries(y, 7, vp_alpha(0.1), 0.1, seed=61).to(dtype)
+    y = y.to(dtype)
+    dev = device(backend)
+    traj = ops.pointcloud_sample(x.clone().to(dev), y.to(dev), table, 5, 0, None, 0.0, True, backend=backend)
+    check_trajectory(traj, x, y, table, 5, 0)

@@ -49,3 +49,22 @@ def test_pointcloud_step_takes_one_time_step(backend):
         with pytest.raises(ValueError, match=rf"^{name} must be a number"):
             ops.pointcloud_step(x, x[:2], A=0.9, B=0.1, C=0.3, seed=1, step=2, out=x, backend=backend, **kw)
         assert torch.equal(x, keep)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+@pytest.mark.parametrize("d", [130, 784])
+def test_pointcloud_step_near_duplicates_at_small_sigma_large_d(backend, dtype, d):
+    """Issue 15: the fused step shares the posterior's large-d path (a screen at small σ). Clusters of 8 points 3σ
+    apart at σ = 1e-3 (several points within a few nats of the best), x = α·y_i + σ·z, log-weights with −inf."""
+    from test_posterior import clustered, noisy_queries, vp_alpha
+    sigma = 1e-3
+    alpha = vp_alpha(sigma)
+    y = clustered(20, d, 3 * sigma, seed=d + 50)
+    x = noisy_queries(y, 11, alpha, sigma, seed=d + 51)
+    lw = torch.log_softmax(torch.randn(y.shape[0], generator=gen(d + 52), dtype=F64), 0)
+    lw[5::9] = -float("inf")
+    x, y = x.to(dtype), y.to(dtype)
+    args = (alpha, sigma, 0.2, 0.8, 1e-3, 3, 7, 40)
+    dev = device(backend)
+    out = ops.pointcloud_step(x.to(dev), y.to(dev), *args, lw.to(dtype).to(dev), backend=backend)
+    check_step(out, x, y, *args, lw.to(dtype))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastdiff as fd
-from contract import F16, F64, backend_dtypes, backends, check_posterior, cloud, device, gen, math7
+from contract import CUDA, F16, F64, backend_dtypes, backends, check_posterior, cloud, device, gen, math7
 from fastdiff import ops
 from fastdiff.reference import posterior as ref_posterior
 
@@ -190,7 +190,7 @@ def test_large_d_sums_merge_in_double(backend):
 # against a float64 brute force (float32 inputs; its own error ≈ 2⁻⁵³·p ≪ 2⁻²⁴) or mpmath (float64 inputs).
 # Slack FAR_SLACK·eps(dtype)·max|y| (L: ·(1 + |L|)): the kernel and the reference each round D to the dtype once
 # (½ ulp) and sum in a different order (≤ 2u for the compensated far sums): 4 eps covers both, never more.
-FAR_DIMS = [1, 2, 3, 4, 5, 8, 16, 47, 64, 65, 300]
+FAR_DIMS = [1, 2, 3, 4, 5, 8, 16, 47, 64, 65, 300, 784]
 FAR_SLACK = 4
 
 
@@ -246,3 +246,263 @@ def test_posterior_far_queries_at_least_as_accurate_as_the_reference(backend, dt
             assert err <= err_ref + FAR_SLACK * eps * ymax, (sigma, reach, err, err_ref)
             lerr, lerr_ref = ((t.double().cpu() - Lt).abs() for t in (L, Lr))
             assert bool((lerr <= lerr_ref + FAR_SLACK * eps * (1 + Lt.abs())).all()), (sigma, reach, lerr, lerr_ref)
+
+
+# ---------------------------------------------------------------- issue 15: screening + exact rescoring (d >= 5)
+# A screening kernel skips a pair (row, j) once a float32 lower bound on |x − αy_j|² (the expanded form
+# |x|² − 2α x·y + α²|y|², chunk by chunk over 128 dimensions, less a rounding slack) puts its logit more than
+# T = ln N + 16 nats below an anchor's exact logit. These cases make a wrong screen visible through the file's
+# tolerances: a threshold without ln N, in log2 units, or against a bound instead of an exact logit; a slack too
+# small for the expanded form's cancellation; an anchor (the best point of the first chunk) taken for the best
+# point; bounds that ignore the log-weights or the bandwidth; rows that see each other's screen.
+CHUNK = 128
+SCREEN_DIMS = [5, 16, 64, 65, 128, 129, 784, 3072]
+
+
+def vp_alpha(sigma):
+    return 1 / math.sqrt(1 + sigma**2)
+
+
+def clustered(n_clusters, d, spread, seed, offset=0.0):
+    """Clusters of 8 float64 points about centres offset·𝟙 + N(0, I), each member 0.5..1.5·spread from its centre:
+    near-duplicates whose logits at σ = spread/3 (x = α·y_i + σ·z) lie 0 to ~40 nats apart."""
+    g = gen(seed)
+    centres = offset + torch.randn(n_clusters, 1, d, generator=g, dtype=F64)
+    step = torch.randn(n_clusters, 8, d, generator=g, dtype=F64)
+    radius = spread * (0.5 + torch.rand(n_clusters, 8, 1, generator=g, dtype=F64))
+    return (centres + radius * step / step.norm(dim=2, keepdim=True)).reshape(-1, d)
+
+
+def noisy_queries(y, M, alpha, sigma, seed):
+    """x = α·y_i + σ·z for M random points i (x_t of a diffusion from a data point at small σ)."""
+    g = gen(seed)
+    idx = torch.randint(y.shape[0], (M,), generator=g)
+    return alpha * y[idx] + sigma * torch.randn(M, y.shape[1], generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+@pytest.mark.parametrize("d", [d for d in SCREEN_DIMS if d <= 784])
+@pytest.mark.parametrize("kind", ["random", "clusters"])
+def test_screening_sigma_1e_3_random_and_near_duplicate_data(backend, dtype, d, kind):
+    """σ = 1e-3, x = α·y_i + σ·z: random data (one point matters) and clusters of 8 points ~3σ apart (2 to 8
+    points within 5 to 25 nats of the best), d on both sides of the 128-dimension chunks; 13 rows, 296 points."""
+    _check_sigma_1e_3(backend, dtype, d, kind)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes("torch", "cpu"))
+@pytest.mark.parametrize("kind", ["random", "clusters"])
+def test_screening_sigma_1e_3_at_d_3072(backend, dtype, kind):
+    """The same at d = 3072 (24 chunks), torch and cpu only: the interpreter and the emulator take minutes."""
+    _check_sigma_1e_3(backend, dtype, 3072, kind)
+
+
+def _check_sigma_1e_3(backend, dtype, d, kind):
+    sigma = 1e-3
+    alpha = vp_alpha(sigma)
+    y = clustered(37, d, 3 * sigma, seed=d) if kind == "clusters" else torch.randn(296, d, generator=gen(d), dtype=F64)
+    x = noisy_queries(y, 13, alpha, sigma, seed=d + 1)
+    x, y = x.to(dtype), y.to(dtype)
+    dev = device(backend)
+    D, L = ops.posterior(x.to(dev), y.to(dev), alpha, sigma, backend=backend)
+    check_posterior(D, L, x, y, alpha, sigma)
+
+
+# Row 0 ("threshold"): logits 0.5 + GAPS nats below 0 and BOUNDARY_K points at BOUNDARY_GAP, between 16 and
+# T = ln N + 16 = 23.8: without them L moves by 3e-6, twice its float32 tolerance near the origin, so a threshold
+# without ln N or in log2 units (16.5 nats) drops them visibly. Row 1 ("decoy"): the winner
+# (logit −20) differs from x in the first 128 coordinates only, a decoy (logit −120) in the others only: the
+# decoy is the best point of the first chunk, 100 nats below the winner (exp(100) overflows float32), and the
+# points 1 to 40 nats below the winner lie below the decoy's first-chunk bound − T. The rest of the points are
+# ~36·d nats away from both rows.
+GAPS = (0.0, 1.0, 5.0, 10.0, 20.0, 25.0, 30.0, 40.0)
+BOUNDARY_K, BOUNDARY_GAP, BOUNDARY_N = 250, 17.0, 2400
+
+
+def _unit(v):
+    return v / v.norm()
+
+
+def boundary_problem(d, offset, sigma=0.05):
+    """(x [2, d], data [BOUNDARY_N, d], alpha): the two rows above, everything about offset·𝟙; c = σ² (no
+    bandwidth), α = 1/√(1 + σ²)."""
+    g = gen(d + int(offset))
+    alpha = vp_alpha(sigma)
+    x = offset + 0.3 * torch.randn(2, d, generator=g, dtype=F64)
+
+    def at(row, nats, direction):               # the point whose distance part from x[row] is `nats`
+        return (x[row] + math.sqrt(2 * sigma**2 * nats) * _unit(direction)) / alpha
+
+    def rand():
+        return torch.randn(d, generator=g, dtype=F64)
+
+    def first_chunk(keep):                      # a direction in coordinates < 128 (keep) or ≥ 128 (not keep)
+        v = rand()
+        v[CHUNK:] = 0 if keep else v[CHUNK:]
+        v[:CHUNK] = v[:CHUNK] if keep else 0
+        return v
+
+    common = rand()
+    points = [at(0, 0.5 + gap, rand()) for gap in GAPS]
+    points += [at(0, 0.5 + BOUNDARY_GAP, common + 0.1 * rand()) for _ in range(BOUNDARY_K)]
+    points += [at(1, 20.0, first_chunk(True)), at(1, 120.0, first_chunk(False))]
+    points += [at(1, 20.0 + gap, rand()) for gap in GAPS[1:]]
+    background = offset + 0.3 * torch.randn(BOUNDARY_N - len(points), d, generator=g, dtype=F64)
+    y = torch.cat([torch.stack(points), background])
+    return x, y[torch.randperm(BOUNDARY_N, generator=g)], alpha
+
+
+def _boundary_params():
+    """Every backend at d = 130; at d = 784 the Triton interpreter takes ~45 s a case (2400 points): GPU only."""
+    return [pytest.param(d, *p.values, id=f"{d}-{p.id}", marks=p.marks) for d in (130, 784)
+            for p in backend_dtypes(exclude=() if CUDA or d == 130 else ("triton",))]
+
+
+@pytest.mark.parametrize("d, backend, dtype", _boundary_params())
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_screening_pruning_boundary_and_a_first_chunk_decoy(backend, dtype, d, offset):
+    """The two rows of boundary_problem, near the origin and about 100·𝟙 (there the expanded form's float32
+    rounding is ~10 nats a chunk at σ = 0.05: a bound without its slack drops the 17-nat points or the winner)."""
+    x, y, alpha = boundary_problem(d, offset)
+    sigma = 0.05
+    x, y = x.to(dtype), y.to(dtype)
+    dev = device(backend)
+    D, L = ops.posterior(x.to(dev), y.to(dev), alpha, sigma, backend=backend)
+    check_posterior(D, L, x, y, alpha, sigma)
+    # the case is sharp: without the BOUNDARY_K points (a screen that drops them) row 0's L moves by > 2e-6
+    _, L64 = ref_posterior(x.double(), y.double(), alpha, sigma)
+    lw = torch.zeros(BOUNDARY_N, dtype=F64)
+    lw[_logit_gaps(x.double()[0], y.double(), alpha, sigma) > BOUNDARY_GAP] = -math.inf
+    _, L_cut = ref_posterior(x.double()[:1], y.double(), alpha, sigma, lw)
+    assert float(L64[0] - L_cut[0]) > 2e-6
+
+
+def _logit_gaps(x_row, y, alpha, sigma, lw=None, v=0.0):
+    """How far (nats) each point's logit lies below the row's best, in float64."""
+    c = alpha**2 * v + sigma**2
+    logits = -((x_row - alpha * y) ** 2).sum(1) / (2 * c) + (0.0 if lw is None else lw)
+    return logits.max() - logits
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+@pytest.mark.parametrize("d", [65, 130, 784])
+def test_screening_cancellation_under_a_large_common_offset(backend, dtype, d):
+    """Clusters about 100·𝟙 (|y| ≈ 100√d, 1.1e3 at d = 130): |x|² − 2α x·y + α²|y|² cancels ~7 digits of 1e4·d,
+    so its float32 rounding (~1e-3·d) is 1e2..1e5 nats at these σ; exact logits need direct differences.
+    α = 1/√(1 + σ²) (c2 = 1 − α tiny) and α = 0.9 (the α² term at full size) at σ = 0.1, 1e-3 of the data's
+    scale (MATH.md §7's range: at σ = 1e-2 the float32 rounding of (1 − α)·y alone moves L by 2e-3 at d = 784)."""
+    dev = device(backend)
+    for sigma, alpha in ((1e-3, vp_alpha(1e-3)), (3e-2, vp_alpha(3e-2)), (0.1, 0.9)):
+        y = clustered(12, d, 3 * sigma, seed=d + 7, offset=100.0)
+        x = noisy_queries(y, 9, alpha, sigma, seed=d + 8).to(dtype)
+        y = y.to(dtype)
+        D, L = ops.posterior(x.to(dev), y.to(dev), alpha, sigma, backend=backend)
+        check_posterior(D, L, x, y, alpha, sigma)
+
+
+def heavy_weights_problem(d, sigma=1e-2, v=1e-4):
+    """6 rows x = α·y_i + σ·z over clusters of 8 (3σ), log-weights log_softmax(N(0, 1)) with −inf at each row's
+    own point i and at every 9th point; c = α²v + σ² is twice σ². Row 0 gets two far points (distance parts P =
+    0.4·d + 10 and P + 5, P ≥ 62 nats) with log-weights P + 20 and P + 22: they hold all its mass, 3 nats apart.
+    Row 1 gets one far point whose distance part is ~45 nats more than its best point's but whose log-weight is
+    38: 2 nats below the best logit. A bound without the log-weights, or with σ² for c, prunes them."""
+    alpha = vp_alpha(sigma)
+    c = alpha**2 * v + sigma**2
+    y = clustered(20, d, 3 * sigma, seed=d + 20)
+    g = gen(d + 21)
+    idx = torch.randperm(y.shape[0], generator=g)[:6]
+    x = alpha * y[idx] + sigma * torch.randn(6, d, generator=g, dtype=F64)
+    lw = torch.log_softmax(torch.randn(y.shape[0], generator=g, dtype=F64), 0)
+    lw[::9] = -math.inf
+    lw[idx] = -math.inf
+
+    def far_point(row, nats):
+        return (x[row] + math.sqrt(2 * c * nats) * _unit(torch.randn(d, generator=g, dtype=F64))) / alpha
+
+    P = 0.4 * d + 10
+    best1 = float((lw - ((x[1] - alpha * y) ** 2).sum(1) / (2 * c)).max())
+    extra = torch.stack([far_point(0, P), far_point(0, P + 5), far_point(1, 40 - best1)])
+    y = torch.cat([y, extra])
+    lw = torch.cat([lw, torch.tensor([P + 20, P + 22, 38.0], dtype=F64)])
+    return x, y, lw, alpha, sigma, v
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+@pytest.mark.parametrize("d", [130, 784])
+def test_screening_log_weights_with_a_large_range_minus_inf_and_bandwidth(backend, dtype, d):
+    """heavy_weights_problem: the far heavy points decide rows 0 and 1, −inf points are excluded (the nearest
+    point of every row among them), bandwidth v = σ²; P stays below the far rows' rule (d + 16 nats)."""
+    x, y, lw, alpha, sigma, v = heavy_weights_problem(d)
+    x, y = x.to(dtype), y.to(dtype)
+    dev = device(backend)
+    D, L = ops.posterior(x.to(dev), y.to(dev), alpha, sigma, lw.to(dtype).to(dev), v, backend=backend)
+    check_posterior(D, L, x, y, alpha, sigma, lw.to(dtype), v)
+    gaps0, gaps1 = (_logit_gaps(x.double()[r], y.double(), alpha, sigma, lw, v) for r in (0, 1))
+    assert float(gaps0[-3]) == 0 and abs(float(gaps0[-2]) - 3) < 0.1 and float(gaps0[:-3].min()) > 30
+    assert abs(float(gaps1[-1]) - 2) < 0.1
+
+
+def mixed_rows_problem(d, dtype, M=9):
+    """Per-row times in one call: σ = 1e3 and 3 (dense rows: many points carry weight) beside σ = 1e-3 ..
+    0.3 (sparse rows: one cluster of 8, 3e-3 wide), x = α·y_i + σ·z, α = 1/√(1 + σ²); log-weights with −inf."""
+    sigma = torch.tensor([1e3, 1e-3, 1e-3, 0.3, 1e-2, 3.0, 1e-3, 3e-3, 1e3][:M], dtype=F64)
+    alpha = 1 / torch.sqrt(1 + sigma**2)
+    y = clustered(25, d, 3e-3, seed=d + 30)
+    g = gen(d + 31)
+    idx = torch.randint(y.shape[0], (M,), generator=g)
+    x = alpha[:, None] * y[idx] + sigma[:, None] * torch.randn(M, d, generator=g, dtype=F64)
+    lw = torch.log_softmax(torch.randn(y.shape[0], generator=g, dtype=F64), 0)
+    lw[3::11] = -math.inf
+    return x.to(dtype), y.to(dtype), alpha, sigma, lw.to(dtype)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+@pytest.mark.parametrize("d", [130, 784])
+def test_screening_per_row_times_dense_and_sparse_rows_in_one_call(backend, dtype, d):
+    """A screen (or its dense fallback) decided per row with that row's own α, σ: the dense rows at σ = 1e3
+    keep every point within 10 nats of the best, the σ = 1e-3 rows only a handful within 30."""
+    x, y, alpha, sigma, lw = mixed_rows_problem(d, dtype)
+    dev = device(backend)
+    D, L = ops.posterior(x.to(dev), y.to(dev), alpha, sigma, lw.to(dev), backend=backend)
+    check_posterior(D, L, x, y, alpha, sigma, lw)
+    finite = torch.isfinite(lw.double())
+    dense = _logit_gaps(x.double()[0], y.double(), float(alpha[0]), 1e3, lw.double())[finite]
+    sparse = _logit_gaps(x.double()[1], y.double(), float(alpha[1]), 1e-3, lw.double())[finite]
+    assert float(dense.max()) < 10 and int((sparse < 30).sum()) <= 8
+
+
+@pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.parametrize("d", [130, 784])
+def test_screening_rows_alone_equal_rows_in_the_batch(backend, d):
+    """Row invariance through the screen: each row of mixed_rows_problem alone (its own α, σ) equals its row of
+    the batch bit for bit, and so does a permuted batch; float32 and float64."""
+    for dtype in (torch.float32, F64):
+        x, y, alpha, sigma, lw = mixed_rows_problem(d, dtype)
+        D, L = ops.posterior(x, y, alpha, sigma, lw, backend=backend)
+        for r in range(x.shape[0]):
+            Dr, Lr = ops.posterior(x[r:r + 1], y, float(alpha[r]), float(sigma[r]), lw, backend=backend)
+            assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), (dtype, r)
+        perm = torch.randperm(x.shape[0], generator=gen(d))
+        Dp, Lp = ops.posterior(x[perm], y, alpha[perm], sigma[perm], lw, backend=backend)
+        assert torch.equal(Dp, D[perm]) and torch.equal(Lp, L[perm]), dtype
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_screening_queries_far_from_every_point_at_d_784(backend, dtype):
+    """d = 784, σ = 1e-2: rows whose best logit is −400 nats (below every point, above the far rows' rule of
+    d + 16) and −3000 (a far row), about a cluster of 8 whose logits spread over tens of nats; finite and within
+    the tolerances (the float64 reference's own error, 2⁻⁵³·3000, stays below close64's 1e-11)."""
+    d, sigma = 784, 1e-2
+    alpha = vp_alpha(sigma)
+    y = clustered(8, d, 3 * sigma, seed=40)
+    g = gen(41)
+    rows = []
+    for nats in (400.0, 400.0, 3000.0):
+        centre = y[8 * len(rows):8 * len(rows) + 8].mean(0)
+        rows.append(alpha * centre + math.sqrt(2 * sigma**2 * nats) * _unit(torch.randn(d, generator=g, dtype=F64)))
+    x, y = torch.stack(rows).to(dtype), y.to(dtype)
+    gaps = _logit_gaps(x.double()[0], y.double(), alpha, sigma)
+    assert int((gaps < 40).sum()) >= 4                  # the row's logits are all −400 or below, yet several matter
+    dev = device(backend)
+    D, L = ops.posterior(x.to(dev), y.to(dev), alpha, sigma, backend=backend)
+    check_posterior(D, L, x, y, alpha, sigma)
+    assert float(L.max()) < -390
