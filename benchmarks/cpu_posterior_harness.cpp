@@ -24,6 +24,12 @@ static double normal(uint64_t& s) {          // Box–Muller on a 64-bit LCG: re
   return std::sqrt(-2 * std::log(a)) * std::cos(6.283185307179586 * b);
 }
 
+// Revisions since the screened kernel also read the data row-major (Cloud::y); older ones have no such member.
+template <typename C>
+void set_rows(C& c, const float* y) {
+  if constexpr (requires { c.y; }) c.y = y;
+}
+
 int main(int argc, char** argv) {
   if (argc < 5) { std::fprintf(stderr, "usage: %s d M N reps [sigma]\n", argv[0]); return 2; }
   const int64_t d = std::atoll(argv[1]), M = std::atoll(argv[2]), N = std::atoll(argv[3]);
@@ -38,6 +44,7 @@ int main(int argc, char** argv) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t k = 0; k < d; ++k) x[i * d + k] = static_cast<float>(alpha * y[(i * 7 % N) * d + k] + sigma * normal(s));
   fastdiff::cpu::Cloud<float> c{yT.data(), nullptr, N, d, 0.0};
+  set_rows(c, y.data());
   double best = 1e300;
   for (int r = 0; r < reps; ++r) {
     const double t0 = thread_seconds();

@@ -207,6 +207,12 @@ def minmax(**tensors):
     return {k: (tuple(found[k]) if k in found else None) for k in tensors}
 
 
+def data_ends(data):
+    """minmax of a data tensor (one scan). Not remembered between calls: a tensor can change without torch's
+    version counter seeing it (through .data or a NumPy view), and a stale NaN check would be silently wrong."""
+    return minmax(data=data)["data"]
+
+
 def _finite_ends(ends) -> bool:
     return ends is None or (math.isfinite(ends[0]) and math.isfinite(ends[1]))
 
@@ -238,7 +244,8 @@ class Checked:
 
 def check_values(x=None, data=None, log_weights=None, D=None) -> Checked:
     """The value checks of the ops (NaN/inf in x, data, D; NaN, +inf or all -inf log_weights), one scan each."""
-    ends = minmax(x=x, data=data, log_weights=log_weights, D=D)
+    ends = minmax(x=x, log_weights=log_weights, D=D)
+    ends["data"] = None if data is None else data_ends(data)
     for name in ("x", "data", "D"):
         if not _finite_ends(ends[name]):
             raise ValueError(f"{name} contains NaN or inf")

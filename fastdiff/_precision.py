@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import _backend, _table
-from ._checks import per_row64
+from ._checks import data_ends, per_row64
 
 F32_SAFE_INV2C = 1e30     # beyond this 0.5/c a float32 call runs in float64 (the reference's original rule)
 F32_SAFE_LOGIT = 1e36     # a bound on |logit| beyond which float32 could overflow (float32 max is 3.4e38)
@@ -36,22 +36,33 @@ def _needs64(xmax, a64, inv2c, ymax, d) -> torch.Tensor:
 
 
 def _data_absmax(data) -> float:
-    return float(data.abs().max()) if data.numel() else 0.0
+    ends = data_ends(data)
+    return 0.0 if ends is None else max(abs(ends[0]), abs(ends[1]))
 
 
-def float64_rows(x, data, alpha, sigma, bandwidth=0.0) -> torch.Tensor:
+def float64_rows(x, data, alpha, sigma, bandwidth=0.0, absmax=None) -> torch.Tensor:
     """Bool [M] (on the CPU): the float32 rows of one posterior / step evaluation that need float64.
-    All False for float64 x. alpha, sigma: scalars or [M]."""
+    All False for float64 x. alpha, sigma: scalars or [M]. absmax: {"x": max|x|, "data": max|y|} when the caller
+    has scanned them already (fastdiff.ops checks every value first)."""
     M, d = x.shape
     if x.dtype != torch.float32 or M == 0:
         return torch.zeros(M, dtype=torch.bool)
     a64 = per_row64(alpha, "alpha", M, "cpu")
     s64 = per_row64(sigma, "sigma", M, "cpu")
+    ymax = absmax["data"] if absmax else _data_absmax(data)
+    if a64.numel() == 1 and s64.numel() == 1:   # one time for the whole call: first the bound over every row
+        if absmax:                                # (the per-row pass only when that bound fails)
+            whole = absmax["x"]
+        else:
+            lo, hi = torch.aminmax(x.detach())
+            whole = max(abs(float(lo)), abs(float(hi)))
+        if not bool(_needs64(torch.tensor(whole, dtype=torch.float64), a64, _inv2c(a64, s64, bandwidth), ymax, d)):
+            return torch.zeros(M, dtype=torch.bool)
     xmax = x.detach().abs().amax(1).to("cpu", torch.float64)
-    return _needs64(xmax, a64, _inv2c(a64, s64, bandwidth), _data_absmax(data), d).expand(M)
+    return _needs64(xmax, a64, _inv2c(a64, s64, bandwidth), ymax, d).expand(M)
 
 
-def float64_rows_trajectory(x, data, table, bandwidth=0.0) -> torch.Tensor:
+def float64_rows_trajectory(x, data, table, bandwidth=0.0, absmax=None) -> torch.Tensor:
     """Bool [M]: the float32 rows of a whole trajectory (a kernel step table, fastdiff._table) that need float64
     at some step. max|x_i| at step k is bounded from x_0 through the table:
     |x_{k+1}| ≤ |A_k||x_k| + (|B0_k| + |B1_k| + |B2_k|)·max_{j ≤ k} max|D_j| + |C_k|·6, with
@@ -61,7 +72,7 @@ def float64_rows_trajectory(x, data, table, bandwidth=0.0) -> torch.Tensor:
     if x.dtype != torch.float32 or M == 0:
         return torch.zeros(M, dtype=torch.bool)
     v = float(bandwidth)
-    ymax = _data_absmax(data)
+    ymax = absmax["data"] if absmax else _data_absmax(data)
     xmax = x.detach().abs().amax(1).to("cpu", torch.float64)
     dmax_seen = torch.zeros_like(xmax)
     need = torch.zeros(M, dtype=torch.bool)
@@ -115,9 +126,9 @@ def _data64(data):
     return data if data.dtype == torch.float64 else data.to(torch.float64)
 
 
-def posterior(op_backend, backend, x, data, alpha, sigma, log_weights=None, bandwidth=0.0):
+def posterior(op_backend, backend, x, data, alpha, sigma, log_weights=None, bandwidth=0.0, absmax=None):
     """fastdiff.ops.posterior after validation: `op_backend` (selected for x) runs the float32 rows."""
-    need = float64_rows(x, data, alpha, sigma, bandwidth)
+    need = float64_rows(x, data, alpha, sigma, bandwidth, absmax)
     if not bool(need.any()):
         return op_backend.posterior(x, data, alpha, sigma, log_weights, bandwidth)
     M = x.shape[0]
@@ -134,9 +145,9 @@ def posterior(op_backend, backend, x, data, alpha, sigma, log_weights=None, band
 
 
 def pointcloud_step(op_backend, backend, x, data, alpha, sigma, A, B, C, seed, step, sample_offset=0,
-                    log_weights=None, bandwidth=0.0, out=None):
+                    log_weights=None, bandwidth=0.0, out=None, absmax=None):
     """fastdiff.ops.pointcloud_step after validation (out may be x)."""
-    need = float64_rows(x, data, alpha, sigma, bandwidth)
+    need = float64_rows(x, data, alpha, sigma, bandwidth, absmax)
     if not bool(need.any()):
         return op_backend.pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights,
                                           bandwidth, out)
@@ -160,9 +171,9 @@ def pointcloud_step(op_backend, backend, x, data, alpha, sigma, A, B, C, seed, s
 
 
 def pointcloud_sample(op_backend, backend, x, data, table, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
-                      return_trajectory=False):
+                      return_trajectory=False, absmax=None):
     """fastdiff.ops.pointcloud_sample after validation: x [M, d] contiguous, updated in place."""
-    need = float64_rows_trajectory(x, data, table, bandwidth)
+    need = float64_rows_trajectory(x, data, table, bandwidth, absmax)
     if not bool(need.any()):
         return op_backend.pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth,
                                             return_trajectory)

@@ -506,3 +506,18 @@ def test_screening_queries_far_from_every_point_at_d_784(backend, dtype):
     D, L = ops.posterior(x.to(dev), y.to(dev), alpha, sigma, backend=backend)
     check_posterior(D, L, x, y, alpha, sigma)
     assert float(L.max()) < -390
+
+
+@pytest.mark.parametrize("backend", backends("cpu"))
+def test_screening_survives_float32_dot_products_that_overflow(backend):
+    """Inputs near float32's range with a σ large enough that the float64 rule keeps the call in float32: the
+    screening's float dot products x·y overflow (3e18·3e18·64). The bound of such a row is useless, so the row
+    must take the exact path; a pruned winner gave D off by 1.3·max|y| (review of issue 15's kernel)."""
+    x = torch.full((1, 64), 3e18)
+    data = torch.cat([-x.repeat(15, 1), x])
+    D, L = ops.posterior(x, data, 0.9, 2.236e19, backend=backend)
+    D64, L64 = ref_posterior(x.double(), data.double(), 0.9, 2.236e19)
+    ymax = float(data.abs().max())
+    assert torch.isfinite(D).all() and torch.isfinite(L).all()
+    assert float((D.double() - D64).abs().max()) <= 1e-4 * ymax
+    assert abs(float(L[0]) - float(L64[0])) <= 1e-3 + 1e-6 * abs(float(L64[0]))

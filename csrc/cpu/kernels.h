@@ -4,14 +4,19 @@
 
 namespace fastdiff::cpu {
 
-// One point cloud: data transposed to yT [d, N] so the inner loops run over contiguous points.
+// One point cloud: the data as given, y [N, d] row-major (the large-d kernels read it directly: screening and
+// exact rescoring read whole rows, and the blocked kernel packs its tiles from it), and for d <= 4 also
+// transposed to yT [d, N] (the small-d loops run over contiguous points; null for d > 4, where a transposed copy
+// of the whole cloud per call cost more than the screened posterior itself).
 template <typename T>
 struct Cloud {
-  const T* yT;           // [d, N]
+  const T* yT;           // [d, N] (d <= 4) or nullptr
   const T* log_w;        // [N] or nullptr (uniform weights)
   int64_t N;
   int64_t d;
   double bandwidth;      // v >= 0
+  const T* y;            // [N, d]
+  T at(int64_t j, int64_t k) const { return y[j * d + k]; }   // point j, coordinate k
 };
 
 // D [M, d] and L [M] for queries x [M, d]; alpha/sigma have length M (per row) or 1.

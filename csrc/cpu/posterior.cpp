@@ -1,13 +1,15 @@
 // CPU point-cloud posterior (MATH.md §5): D [M, d] and L [M] of every query.
-// d <= 4: one query at a time per thread (posterior_row.h, OpenMP over queries); d >= 5: the register-blocked
-// kernel (posterior_blocked.h: blocks of kRows queries, groups of rows per thread, the cloud packed once per call;
-// the reasoning and the error bound are there).
+// d <= 4: one query at a time per thread (posterior_row.h, OpenMP over queries); d >= 5: groups of rows per
+// thread through posterior_rows (posterior_screened.h: screening and exact rescoring from d = 32, the rows it
+// leaves and smaller d through the register-blocked kernel, posterior_blocked.h; the reasoning and the error
+// bounds are there).
 #include <algorithm>
 #include <vector>
 
 #include "kernels.h"
 #include "posterior_blocked.h"
 #include "posterior_row.h"
+#include "posterior_screened.h"
 
 namespace fastdiff::cpu {
 
@@ -16,11 +18,10 @@ void posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, co
                T* D, T* L) {
   if (use_blocked(c.d)) {
     const int64_t G = group_rows(M), d = c.d;
-    PackedCloud<T> pc(c);
+    const LargeCloud<T> lc(c);
 #pragma omp parallel
     {
-      pc.pack(c);
-      BlockedWork<T> w(d, G, !pc.packed());
+      LargeWork<T> w(lc, G);
       GroupRows<T> rows(G, d);
 #pragma omp for schedule(static)
       for (int64_t i0 = 0; i0 < M; i0 += G) {
@@ -29,7 +30,7 @@ void posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, co
           xr = x + i * d; Dr = D + i * d; Lr = L + i;
           a = alpha[per_row ? i : 0]; s = sigma[per_row ? i : 0];
         });
-        posterior_group(c, gp, rows.x.data(), rows.alpha.data(), rows.sigma.data(), rows.D.data(), rows.L.data(), pc, w);
+        posterior_rows(lc, gp, rows.x.data(), rows.alpha.data(), rows.sigma.data(), rows.D.data(), rows.L.data(), w);
       }
     }
     return;

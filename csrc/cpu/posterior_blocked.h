@@ -2,6 +2,7 @@
 // the cloud packed once per call. Shared by the posterior, pointcloud_step and pointcloud_sample kernels.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "once.h"
 #include "posterior_row.h"
 #include "simd_vec.h"
 
@@ -89,87 +91,73 @@ struct BlockedWork {
         acc(rows * dp), m(rows), s(rows), prm(rows) {}
 };
 
-// Rows k ∈ [k0, k1) of the tile [j0, j0 + n) of yT into the packed columns P [nv][d][W] (zero lanes past n).
+// The tile [j0, j0 + n) of the row-major cloud into packed columns P [nv][d][W] (zero lanes past n), W points
+// at a time through a W × W block in L1 (rows of y read contiguously, columns written whole).
 template <typename T>
-void pack_columns(const Cloud<T>& c, int64_t j0, int64_t n, int64_t k0, int64_t k1, T* __restrict P) {
+void pack_columns(const Cloud<T>& c, int64_t j0, int64_t n, T* __restrict P) {
   using V = typename simd::Vec<T>::V;
   constexpr int W = kW<T>;
-  const int64_t d = c.d, N = c.N, nv = (n + W - 1) / W;
-  for (int64_t k = k0; k < k1; ++k) {
-    const T* __restrict src = c.yT + k * N + j0;
-    T* __restrict dst = P + k * W;
-    int64_t v = 0;
-    for (; (v + 1) * W <= n; ++v) simd::store(dst + v * d * W, simd::load<V>(src + v * W));
-    if (v < nv)
-      for (int64_t l = 0; l < W; ++l) dst[v * d * W + l] = v * W + l < n ? src[v * W + l] : T(0);
+  const int64_t d = c.d;
+  alignas(64) T block[W][W];
+  for (int64_t v = 0; v * W < n; ++v) {
+    const int64_t lanes = std::min<int64_t>(W, n - v * W);
+    T* __restrict dst = P + v * d * W;
+    for (int64_t k0 = 0; k0 < d; k0 += W) {
+      const int64_t kn = std::min<int64_t>(W, d - k0);
+      for (int l = 0; l < W; ++l)
+        for (int kk = 0; kk < W; ++kk)
+          block[kk][l] = l < lanes && kk < kn ? c.y[(j0 + v * W + l) * d + k0 + kk] : T(0);
+      for (int64_t kk = 0; kk < kn; ++kk) simd::store(dst + (k0 + kk) * W, simd::load<V>(block[kk]));
+    }
   }
 }
 
-// Packed column v of a tile ([d][W]) into its W rows of the row-major copy (stride dp, zero past d). Through
-// a W × W block in L1: W scalar store streams dp apart alias in L1 (dp·4 bytes a multiple of 4 KiB at
-// d = 3072) and missed on every store. Rows past the end of the cloud are not written (never read).
+// The tile [j0, j0 + n) row-major with rows padded to dp (zero past d; rows past n are not written, never read).
 template <typename T>
-void columns_to_rows(const T* __restrict col, int64_t d, int64_t dp, int64_t lanes, T* __restrict rows) {
-  using V = typename simd::Vec<T>::V;
-  constexpr int W = kW<T>;
-  alignas(64) T block[W][W];
-  for (int64_t k0 = 0; k0 < dp; k0 += W) {
-    for (int kk = 0; kk < W; ++kk) {
-      const V y = k0 + kk < d ? simd::load<V>(col + (k0 + kk) * W) : V{};
-      for (int l = 0; l < W; ++l) block[l][kk] = y[l];
-    }
-    for (int64_t l = 0; l < lanes; ++l) simd::store(rows + l * dp + k0, simd::load<V>(block[l]));
+void copy_rows(const Cloud<T>& c, int64_t j0, int64_t n, int64_t dp, T* __restrict rows) {
+  for (int64_t j = 0; j < n; ++j) {
+    std::copy(c.y + (j0 + j) * c.d, c.y + (j0 + j + 1) * c.d, rows + j * dp);
+    std::fill(rows + j * dp + c.d, rows + (j + 1) * dp, T(0));
   }
 }
 
 // The tile [j0, j0 + n) into the thread's own buffers (clouds too large to pack once).
 template <typename T>
 void pack_tile(const Cloud<T>& c, int64_t j0, int64_t n, BlockedWork<T>& w) {
-  constexpr int W = kW<T>;
-  pack_columns(c, j0, n, 0, c.d, w.P.data());
-  for (int64_t v = 0; v * W < n; ++v)
-    columns_to_rows(w.P.data() + v * c.d * W, c.d, w.dp, std::min<int64_t>(W, n - v * W), w.Yr.data() + v * W * w.dp);
+  pack_columns(c, j0, n, w.P.data());
+  copy_rows(c, j0, n, w.dp, w.Yr.data());
   w.Pt = w.P.data();
   w.Yt = w.Yr.data();
 }
 
-// The whole cloud packed once per call (both layouts, tile by tile, the same bits as pack_tile), shared by
-// all threads and groups: each tile packed per group read yT down d rows 4 KiB apart (a TLB miss a row at
-// N = 1024) and cost as much as the arithmetic at d = 3072. Used when both copies fit in kPackBytes.
+// The whole cloud packed once per call (both layouts, tile by tile, the same bits as pack_tile), shared by all
+// threads and groups, each tile packed by the first thread that needs it (a thread that finds it being packed
+// waits): most calls at large d never reach this kernel (the screened path finishes their rows,
+// posterior_screened.h), so nothing is packed up front. Used when both copies fit in kPackBytes.
 inline constexpr int64_t kPackBytes = int64_t(512) << 20;
 
 template <typename T>
 struct PackedCloud {
   int64_t d, dp, nt, ntiles;
   std::unique_ptr<T[]> P, Yr;        // tile t at P + t·nt·d, rows of tile t at Yr + t·nt·dp
+  std::unique_ptr<std::atomic<uint8_t>[]> state;   // per tile: 0 not packed, 1 being packed, 2 ready
   explicit PackedCloud(const Cloud<T>& c)
       : d(c.d), dp((c.d + kW<T> - 1) / kW<T> * kW<T>), nt(tile_points<T>(c.d)), ntiles((c.N + nt - 1) / nt) {
     if (static_cast<double>(ntiles) * nt * (d + dp) * sizeof(T) <= static_cast<double>(kPackBytes)) {
       P.reset(new T[ntiles * nt * d]);
       Yr.reset(new T[ntiles * nt * dp]);
+      state.reset(new std::atomic<uint8_t>[ntiles]());
     }
   }
   bool packed() const { return P != nullptr; }
-  // Called by every thread of a parallel region (work-shared loops, a barrier at the end of each).
-  void pack(const Cloud<T>& c) {
-    if (!packed()) return;                   // the same answer in every thread
-    constexpr int W = kW<T>;
-    constexpr int64_t kRowsAtOnce = 16;     // rows of yT read together: 16 sequential streams
-#pragma omp for schedule(static)
-    for (int64_t k0 = 0; k0 < d; k0 += kRowsAtOnce)
-      for (int64_t t = 0; t < ntiles; ++t)
-        pack_columns(c, t * nt, std::min(nt, c.N - t * nt), k0, std::min(d, k0 + kRowsAtOnce), P.get() + t * nt * d);
-    const int64_t nvt = (c.N + W - 1) / W;
-#pragma omp for schedule(static)
-    for (int64_t v = 0; v < nvt; ++v) {       // global column v = tile v / (nt / W), column v % (nt / W)
-      const int64_t t = v / (nt / W), vl = v % (nt / W);
-      columns_to_rows(P.get() + t * nt * d + vl * d * W, d, dp, std::min<int64_t>(W, c.N - v * W),
-                      Yr.get() + v * W * dp);
-    }
-  }
-  void select(int64_t t, BlockedWork<T>& w) const {
+  void select(const Cloud<T>& c, int64_t t, BlockedWork<T>& w) const {
     w.Pt = P.get() + t * nt * d;
     w.Yt = Yr.get() + t * nt * dp;
+    once(state[t], [&] {
+      const int64_t n = std::min(nt, c.N - t * nt);
+      pack_columns(c, t * nt, n, P.get() + t * nt * d);
+      copy_rows(c, t * nt, n, dp, Yr.get() + t * nt * dp);
+    });
   }
 };
 
@@ -296,7 +284,7 @@ void posterior_group(const Cloud<T>& c, int64_t g, const T* const* xs, const dou
   for (int64_t j0 = 0; j0 < c.N; j0 += w.nt) {
     const int64_t n = std::min(w.nt, c.N - j0);
     if (pc.packed())
-      pc.select(j0 / w.nt, w);
+      pc.select(c, j0 / w.nt, w);
     else
       pack_tile(c, j0, n, w);
     for (int64_t j = 0; j < w.np; ++j)

@@ -195,7 +195,7 @@ void posterior_row_far(const Cloud<T>& c, const T* __restrict x, double alpha, d
   for (int64_t j = 0; j < N; ++j) {
     far::DD dist{0.0, 0.0};
     for (int64_t k = 0; k < d; ++k)
-      far::sq_add(dist, diff_of(static_cast<double>(x[k]), static_cast<double>(c.yT[k * N + j])));
+      far::sq_add(dist, diff_of(static_cast<double>(x[k]), static_cast<double>(c.at(j, k))));
     const far::DD l = far::far_logit_of(c.log_w ? static_cast<double>(c.log_w[j]) : 0.0, dist, inv2c, floor);
     if (!(l.hi > -std::numeric_limits<double>::infinity())) continue;
     if (far::dd_greater(l, m)) {                          // a new maximum: rescale what was summed
@@ -206,7 +206,7 @@ void posterior_row_far(const Cloud<T>& c, const T* __restrict x, double alpha, d
     }
     const double e = far::dd_exp_diff(l, m);
     far::comp_add(s, sc, e);
-    for (int64_t k = 0; k < d; ++k) far::comp_add(acc[k], acc[d + k], e * static_cast<double>(c.yT[k * N + j]));
+    for (int64_t k = 0; k < d; ++k) far::comp_add(acc[k], acc[d + k], e * static_cast<double>(c.at(j, k)));
   }
   const double shrink = c.bandwidth > 0 ? 1.0 - alpha * alpha * c.bandwidth / cdbl : 1.0;
   const double pull = c.bandwidth > 0 ? alpha * c.bandwidth / cdbl : 0.0;

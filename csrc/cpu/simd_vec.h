@@ -3,7 +3,7 @@
 // instructions of the build's -march (AVX-512, AVX2 or SSE2) without intrinsics.
 #pragma once
 #include <cstring>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 #include <utility>
@@ -49,6 +49,25 @@ inline void store(T* p, V v) {
 template <typename T>
 inline typename Vec<T>::V splat(T s) {
   return s - typename Vec<T>::V{};
+}
+
+// a·b + c with one rounding where the build has FMA (the screening dot products: one instruction per
+// (query, point, dimension)); a·b + c otherwise. -std=c++20 turns GCC's contraction off, so say it here.
+template <typename V>
+inline V fma(V a, V b, V c) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {
+    if constexpr (sizeof(a[0]) == 4) return _mm512_fmadd_ps(a, b, c);
+    else return _mm512_fmadd_pd(a, b, c);
+  }
+#endif
+#if defined(__FMA__)
+  if constexpr (sizeof(V) == 32) {
+    if constexpr (sizeof(a[0]) == 4) return _mm256_fmadd_ps(a, b, c);
+    else return _mm256_fmadd_pd(a, b, c);
+  }
+#endif
+  return a * b + c;
 }
 
 namespace detail {

@@ -9,6 +9,7 @@
 #include "kernels.h"
 #include "posterior_blocked.h"
 #include "posterior_row.h"
+#include "posterior_screened.h"
 #include "update_row.h"
 
 namespace fastdiff::cpu {
@@ -59,11 +60,10 @@ void run_steps(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, const doub
   const int depth = history_depth(table, k1 - k0);
   if (use_blocked(d)) {
     const int64_t G = group_rows(M);
-    PackedCloud<T> pc(c);
+    const LargeCloud<T> lc(c);
 #pragma omp parallel
     {
-      pc.pack(c);
-      BlockedWork<T> w(d, G, !pc.packed());
+      LargeWork<T> w(lc, G);
       GroupRows<T> rows(G, d);
       History<T> hist(G * d, depth);   // hist.cur: the group's D
       std::vector<double> z(d + 4);
@@ -78,7 +78,7 @@ void run_steps(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, const doub
             xr = src + (i0 + r) * d; Dr = hist.cur.data() + r * d; Lr = nullptr; a = step[kColAlpha];
             s = step[kColSigma];
           });
-          posterior_group(c, gp, rows.x.data(), rows.alpha.data(), rows.sigma.data(), rows.D.data(), rows.L.data(), pc, w);
+          posterior_rows(lc, gp, rows.x.data(), rows.alpha.data(), rows.sigma.data(), rows.D.data(), rows.L.data(), w);
           for (int64_t r = 0; r < g; ++r) {   // after the whole group: x_out may alias x_in
             const int64_t i = i0 + r;
             update_row(src + i * d, hist.cur.data() + r * d, x_out + i * d, d, step[kColA], step[kColB0],

@@ -21,11 +21,6 @@ at::Tensor history_term(const std::optional<at::Tensor>& Dj, double Bj, const at
   return Dj->to(x.scalar_type()).contiguous();
 }
 
-template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
 }  // namespace
 
 at::Tensor affine_step(const at::Tensor& x_in, const at::Tensor& D_in, double A, double B, double C, uint64_t seed,

@@ -58,6 +58,17 @@ inline at::Tensor prepare_data(const at::Tensor& data, const at::Tensor& x) {
   return data.to(x.scalar_type()).contiguous();
 }
 
+// The CPU kernels' view of the data (csrc/cpu/kernels.h Cloud): row-major data always, and the transposed copy
+// [d, N] only for d <= 4, the loops that run over contiguous points (larger d reads rows; a per-call transpose of
+// the whole cloud cost more than the screened posterior at d = 3072).
+inline at::Tensor transposed_for_small_d(const at::Tensor& data) {
+  return data.size(1) <= 4 ? data.t().contiguous() : at::Tensor();
+}
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {   // an optional operand: undefined → nullptr
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 inline std::optional<at::Tensor> prepare_log_weights(const std::optional<at::Tensor>& lw, const at::Tensor& x,
                                                      int64_t N) {
   if (!lw.has_value()) return std::nullopt;

@@ -33,9 +33,10 @@ std::optional<at::Tensor> pointcloud_sample(at::Tensor& x_io, const at::Tensor& 
   if (!x.is_same(x_io)) x.copy_(x_io);
   const double* table_host = table.data_ptr<double>();
   if (x.is_cpu()) {
-    const at::Tensor yT = data.t().contiguous();
+    const at::Tensor yT = transposed_for_small_d(data);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_sample_cpu", [&] {
-      const cpu::Cloud<scalar_t> c{yT.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};
+      const cpu::Cloud<scalar_t> c{ptr_or_null<scalar_t>(yT), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth,
+                                   data.data_ptr<scalar_t>()};
       cpu::pointcloud_sample<scalar_t>(c, x.data_ptr<scalar_t>(), M, K, table_host, seed, sample_offset,
                                        traj ? traj->data_ptr<scalar_t>() : nullptr);
     });

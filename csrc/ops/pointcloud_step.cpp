@@ -33,9 +33,10 @@ at::Tensor pointcloud_step(const at::Tensor& x_in, const at::Tensor& data_in, co
   const Coeffs co = prepare_coeffs(alpha, sigma, M, x.device());
   if (x.is_cpu()) {
     // Rows are independent and each reads only its own x row before writing it: out may alias x.
-    const at::Tensor yT = data.t().contiguous();
+    const at::Tensor yT = transposed_for_small_d(data);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_step_cpu", [&] {
-      const cpu::Cloud<scalar_t> c{yT.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};
+      const cpu::Cloud<scalar_t> c{ptr_or_null<scalar_t>(yT), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth,
+                                   data.data_ptr<scalar_t>()};
       cpu::pointcloud_step<scalar_t>(c, x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), M,
                                      co.alpha.item<double>(), co.sigma.item<double>(), A, B, C, seed, step,
                                      sample_offset);

@@ -27,9 +27,10 @@ std::tuple<at::Tensor, at::Tensor> posterior(const at::Tensor& x_in, const at::T
   if (M == 0) return {D, L};
   const Coeffs co = prepare_coeffs(alpha, sigma, M, x.device());
   if (x.is_cpu()) {
-    const at::Tensor yT = data.t().contiguous();
+    const at::Tensor yT = transposed_for_small_d(data);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_posterior_cpu", [&] {
-      const cpu::Cloud<scalar_t> c{yT.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};
+      const cpu::Cloud<scalar_t> c{ptr_or_null<scalar_t>(yT), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth,
+                                   data.data_ptr<scalar_t>()};
       cpu::posterior<scalar_t>(c, x.data_ptr<scalar_t>(), M, co.alpha.data_ptr<double>(), co.sigma.data_ptr<double>(),
                                co.per_row, D.data_ptr<scalar_t>(), L.data_ptr<scalar_t>());
     });

@@ -33,12 +33,13 @@ __all__ = ["posterior", "affine_step", "pointcloud_step", "pointcloud_sample"]
 
 def _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth):
     """Every check of a point-cloud op (shapes, devices, values), before anything runs; returns alpha and sigma
-    as float64 tensors [1] or [M] and bandwidth as a float (the backends' normalised arguments)."""
+    as float64 tensors [1] or [M], bandwidth as a float (the backends' normalised arguments), and the value
+    scans' (min, max) of x and data, which the float32/float64 rule reuses (_precision: no second scan)."""
     _checks.check_cloud_args(x, data, log_weights)
     alpha, sigma = _checks.check_times(alpha, sigma, x.shape[0], x.device)
     bandwidth = _checks.check_bandwidth(bandwidth)
-    _checks.check_values(x=x, data=data, log_weights=log_weights)
-    return alpha, sigma, bandwidth
+    checked = _checks.check_values(x=x, data=data, log_weights=log_weights)
+    return alpha, sigma, bandwidth, {k: checked.absmax(k) for k in ("x", "data")}
 
 
 def _into(out, result):
@@ -57,14 +58,14 @@ def posterior(x, data, alpha, sigma, log_weights=None, bandwidth: float = 0.0, *
     """
     if torch.compiler.is_compiling():   # traced as one custom op (fastdiff.ops._library): no graph break
         return _library.posterior(x, data, alpha, sigma, log_weights, bandwidth, backend=backend)
-    alpha, sigma, bandwidth = _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
+    alpha, sigma, bandwidth, absmax = _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
     impl = _backend.select("posterior", backend, **_backend.facts(x))
     if x.shape[0] == 0:
         return _autograd.posterior(_empty_posterior, x, data, alpha, sigma, log_weights, bandwidth)
 
     def run(xx, data, alpha, sigma, log_weights, bandwidth):
         return _precision.posterior(impl, backend, xx.contiguous(), data.contiguous(), alpha, sigma, log_weights,
-                                    bandwidth)
+                                    bandwidth, absmax=absmax)
     return _autograd.posterior(run, x, data, alpha, sigma, log_weights, bandwidth)
 
 
@@ -145,7 +146,7 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample
     if torch.compiler.is_compiling():
         return _library.pointcloud_step(x, data, alpha, sigma, A, B, C, seed, step, sample_offset, log_weights,
                                         bandwidth, out=out, backend=backend)
-    alpha, sigma, bandwidth = _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
+    alpha, sigma, bandwidth, absmax = _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth)
     for name, value in (("alpha", alpha), ("sigma", sigma)):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number (pointcloud_step runs one time step), got shape "
@@ -160,7 +161,7 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample
 
     def run(xx):
         return _precision.pointcloud_step(impl, backend, xx.contiguous(), data.contiguous(), alpha, sigma, A, B, C,
-                                          seed, step, sample_offset, log_weights, bandwidth, direct)
+                                          seed, step, sample_offset, log_weights, bandwidth, direct, absmax=absmax)
     return _into(out, _autograd.pointcloud_step(run, x, data, alpha, sigma, A, B, log_weights, bandwidth))
 
 
@@ -179,7 +180,7 @@ def pointcloud_sample(x, data, table, seed: int, sample_offset: int = 0, log_wei
         raise ValueError("pointcloud_sample has no backward (x is updated in place through every step): call it "
                          "under torch.no_grad(), or loop over pointcloud_step for gradients")
     table = _checks.check_kernel_table(table)
-    _, _, bandwidth = _check_cloud_call(x, data, 1.0, 1.0, log_weights, bandwidth)
+    _, _, bandwidth, absmax = _check_cloud_call(x, data, 1.0, 1.0, log_weights, bandwidth)
     seed, sample_offset, _ = _checks.check_counters(seed, sample_offset, x.shape[0], steps=len(table))
     impl = _backend.select("pointcloud_sample", backend, **_backend.facts(x))
     # The backends write x as they go (the torch reference step by step): run on a contiguous copy and copy the
@@ -189,7 +190,7 @@ def pointcloud_sample(x, data, table, seed: int, sample_offset: int = 0, log_wei
         traj = x.new_empty((len(table) + 1, *x.shape)) if return_trajectory else None
     else:
         traj = _precision.pointcloud_sample(impl, backend, work, data.contiguous(), table, seed, sample_offset,
-                                            log_weights, bandwidth, bool(return_trajectory))
+                                            log_weights, bandwidth, bool(return_trajectory), absmax=absmax)
     with torch.no_grad():
         x.copy_(work)
     return traj
