@@ -473,3 +473,14 @@ def test_readme_puts_posterior_thread_scaling_side_by_side(tmp_path):
     # the 2-thread group's own posterior table is unchanged; the 1-thread run keeps its own section
     table_2t = alone[alone.index("**posterior**"):].rstrip("\n")
     assert table_2t in md and "### CPU: Test CPU (1 thread)" in md
+
+
+def test_only_keeps_the_matching_cases_and_the_closing_ones():
+    """--only TEXT: the cases whose label contains TEXT, plus the suite's closing case (speedups)."""
+    from fastdiff import bench
+    full = bench.plan(["sample"], "cpu")
+    picked = bench.plan(["sample"], "cpu", only=["d=784", "d=3072"])
+    assert [label for _, label in picked] == [label for _, label in full
+                                              if "d=784" in label or "d=3072" in label or label.endswith(": speedups")]
+    assert any("d=784" in label for _, label in picked) and picked[-1][1].endswith(": speedups")
+    assert bench.plan(["sample"], "cpu", only=None) == full

@@ -1,7 +1,7 @@
 """`fastdiff bench`: every fastdiff backend against what users would otherwise run, with rooflines.
 
     fastdiff bench [suite ...] [--device cpu|cuda] [--quick] [--out DIR] [--threads N] [--time-limit S]
-                   [--targets-only] [--brief] [--json-only] [--list] [--no-progress]
+                   [--targets-only] [--only TEXT] [--brief] [--json-only] [--list] [--no-progress]
     python -m fastdiff.bench ...            (the same, without the CLI wiring)
 
 Suites: posterior (the point-cloud reduction), step (the fused affine update with noise), sample (end to
@@ -63,7 +63,7 @@ def default_run_name(device: torch.device, quick: bool) -> str:
 
 def run(suites=SUITES, device: str = "cpu", quick: bool = False, out=None, *, progress: bool = True,
         argv=None, threads: int | None = None, time_limit: float | None = None, targets_only: bool = False,
-        brief: bool = False, json_only: bool = False) -> Path:
+        brief: bool = False, json_only: bool = False, only: list[str] | None = None) -> Path:
     """Run the suites and write results into `out` (default ./fastdiff-bench/<run name>); returns that folder.
 
     argv: the command line to record (defaults to sys.argv). threads: torch.set_num_threads for the run
@@ -71,7 +71,8 @@ def run(suites=SUITES, device: str = "cpu", quick: bool = False, out=None, *, pr
     waiting for a descheduled sibling, which otherwise makes every parallel region cost a scheduler tick.
     time_limit: seconds; cases not started by then are skipped with a note and the run is written as usual
     (a machine lent for a limited time still gets a complete report).
-    targets_only, brief, json_only: see the module docstring (the GPU check's reduced run)."""
+    targets_only, brief, json_only: see the module docstring (the GPU check's reduced run).
+    only: keep the cases whose label contains one of these strings (and the suites' closing cases)."""
     suites = _check_suites(suites)
     threads_before = torch.get_num_threads()
     if threads is None and quick and str(device).startswith("cpu"):
@@ -93,7 +94,8 @@ def run(suites=SUITES, device: str = "cpu", quick: bool = False, out=None, *, pr
     previous_term = _sigterm_as_exit()
     try:
         return _run(suites, device, quick, out, progress, argv, time_limit,
-                    dict(targets_only=bool(targets_only), brief=bool(brief), json_only=bool(json_only)))
+                    dict(targets_only=bool(targets_only), brief=bool(brief), json_only=bool(json_only),
+                         only=list(only) if only else None))
     finally:
         torch.set_num_threads(threads_before)
         torch.set_float32_matmul_precision(precision)
@@ -153,7 +155,16 @@ def _device(device: str) -> torch.device:
     return dev
 
 
-def plan(suites=SUITES, device: str = "cpu", quick: bool = False, targets_only: bool = False) -> list[tuple[str, str]]:
+def select_cases(planned, only):
+    """The planned cases whose label contains one of the strings in `only` (all when empty), with the suites'
+    closing cases (speedups, fits) kept so the selected rows are post-processed as in a full run."""
+    if not only:
+        return planned
+    return [c for c in planned if c.label.endswith(_FINISHING) or any(o in c.label for o in only)]
+
+
+def plan(suites=SUITES, device: str = "cpu", quick: bool = False, targets_only: bool = False,
+         only: list[str] | None = None) -> list[tuple[str, str]]:
     """[(suite, case label)] that a run would execute, in order (nothing is measured)."""
     from .common import Context
     from .timing import policy_for
@@ -163,7 +174,8 @@ def plan(suites=SUITES, device: str = "cpu", quick: bool = False, targets_only: 
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
     ctx = Context(device=dev, quick=quick, out=Path("."), policy=policy_for(dev, quick), env={}, run_id="plan")
     planned = [c for s in suites for c in _suite_module(s).cases(ctx)]
-    return [(c.suite, c.label) for c in (target_cases(planned) if targets_only else planned)]
+    planned = select_cases(target_cases(planned) if targets_only else planned, only)
+    return [(c.suite, c.label) for c in planned]
 
 
 _FINISHING = (": speedups", ": fits")      # cases that post-process the rows measured before them
@@ -225,6 +237,7 @@ def _run(suites, device, quick, out, progress, argv, time_limit, reduced) -> Pat
         planned += _suite_module(s).cases(ctx)
     if reduced["targets_only"]:
         planned = target_cases(planned)
+    planned = select_cases(planned, reduced["only"])
     bar = Progress(total=len(planned) + 1, enabled=progress)
     ctx.progress = bar
     ctx.extra["case_seconds"] = case_seconds = {}
@@ -288,6 +301,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="fewer repetitions per measurement (1 warm-up, 3-5 samples, ~1 s at most); same sizes")
     p.add_argument("--json-only", action="store_true",
                    help="write results.json only (python -m fastdiff.bench.report DIR writes the rest later)")
+    p.add_argument("--only", action="append", default=None, metavar="TEXT",
+                   help="only the cases whose label contains TEXT (repeatable; e.g. --only 'd=784')")
     p.add_argument("--list", action="store_true", help="print the cases the run would measure, and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--distributed", action="store_true",
@@ -314,7 +329,8 @@ def run_from_args(args, argv=None) -> int:
         return _run_distributed(args)
     if getattr(args, "list", False):
         try:
-            for suite, label in plan(args.suites, args.device, args.quick, getattr(args, "targets_only", False)):
+            for suite, label in plan(args.suites, args.device, args.quick, getattr(args, "targets_only", False),
+                                     getattr(args, "only", None)):
                 print(f"{suite}\t{label}")
         except ValueError as exc:
             print(f"fastdiff bench: error: {exc}", file=sys.stderr)
@@ -324,7 +340,7 @@ def run_from_args(args, argv=None) -> int:
         path = run(args.suites, args.device, args.quick, args.out, progress=not args.no_progress, argv=argv,
                    threads=args.threads, time_limit=getattr(args, "time_limit", None),
                    targets_only=getattr(args, "targets_only", False), brief=getattr(args, "brief", False),
-                   json_only=getattr(args, "json_only", False))
+                   json_only=getattr(args, "json_only", False), only=getattr(args, "only", None))
     except ValueError as exc:
         print(f"fastdiff bench: error: {exc}", file=sys.stderr)
         return 2
