@@ -54,12 +54,24 @@ def load_runs(results: Path, include_quick: bool = False) -> list[dict]:
         g = groups.setdefault(key, {"device": doc["device"], "quick": bool(doc.get("quick")), "suites": {}})
         for suite in doc.get("suites", []):
             if any(r["suite"] == suite for r in doc.get("rows", [])):
-                g["suites"][suite] = doc          # later runs replace earlier ones, suite by suite
+                if env.get("only"):               # a run of a few cases (--only) adds them to the suite's run
+                    g.setdefault("extra", {}).setdefault(suite, []).append(doc)
+                else:
+                    g["suites"][suite] = doc      # later runs replace earlier ones, suite by suite
     out = []
     for g in groups.values():
+        extra = g.setdefault("extra", {})
+        for suite, docs in extra.items():         # --only runs after the suite's run, or in place of one
+            base = g["suites"].get(suite)
+            started = base["environment"].get("started", "") if base else ""
+            kept = [d for d in docs if d["environment"].get("started", "") >= started]
+            extra[suite] = kept[1:] if base is None else kept
+            if base is None and kept:
+                g["suites"][suite] = kept[0]
         if not g["suites"]:
             continue
-        g["runs"] = list({id(d): d for d in g["suites"].values()}.values())
+        g["runs"] = list({id(d): d for d in list(g["suites"].values()) + [d for ds in extra.values() for d in ds]}
+                         .values())
         g["env"] = max(g["runs"], key=lambda d: d["environment"].get("started", ""))["environment"]
         out.append(g)
     return sorted(out, key=lambda g: (g["device"] != "cuda", g["quick"], g["env"].get("device_name") or ""))
@@ -324,6 +336,8 @@ def group_md(group, root: Path, fewer_threads: dict | None = None) -> str:
         ceil = ", ".join(f"{k} {v['value']:.3g} {v['unit']}" for k, v in c.items())
         load = e.get("loadavg_start")
         suites = [s for s, d in group["suites"].items() if d is doc]
+        suites += [f"{s} (the cases of --only {' '.join(doc['environment'].get('only') or [])})"
+                   for s, ds in group["extra"].items() if any(d is doc for d in ds)]
         lines.append(f"- {', '.join(suites)}: run [`{rel}`]({rel}/report.md), {e.get('started', '')[:10]}: fastdiff "
                      f"{e.get('fastdiff_version')} (git {e.get('fastdiff_git')}), torch {e.get('torch_version')}, "
                      f"triton {e.get('triton_version')}; `{e.get('command')}`. Ceilings measured in the run: {ceil}."
@@ -335,7 +349,12 @@ def group_md(group, root: Path, fewer_threads: dict | None = None) -> str:
         doc = group["suites"].get(suite)
         fn = SUITE_MD.get(suite)
         if doc is not None and fn:
-            body += fn([r for r in doc["rows"] if r["suite"] == suite], doc)
+            rows = [r for r in doc["rows"] if r["suite"] == suite]
+            for more in group["extra"].get(suite, []):   # cases an --only run measured (newer: it replaces)
+                added = [r for r in more["rows"] if r["suite"] == suite]
+                cases = {r["case"] for r in added}
+                rows = [r for r in rows if r["case"] not in cases] + added
+            body += fn(rows, doc)
         if suite == "posterior" and doc is not None and fewer_threads is not None:
             body += thread_scaling_md(fewer_threads, doc)
     return "\n".join(lines + body)

@@ -144,6 +144,16 @@ def t_fraction(spec, rows):
     return _entry(spec, f"{100 * v:.1f}%", v, "yes" if v >= spec["threshold"] else "no", detail)
 
 
+def t_roofline(spec, rows):
+    r = _find(rows, spec["provider"], **spec["match"])
+    if r is None or r.get("roofline_fraction") is None:
+        return _not_measured(spec)
+    v = r["roofline_fraction"]
+    detail = (f"{r['throughput']:.4g} pairs/s of the {r.get('ceiling')} bound {r['ceiling_throughput']:.4g} pairs/s "
+              "(4d flops a pair: the distance and the weighted sum; a screening kernel that skips pairs can pass 100%)")
+    return _entry(spec, f"{100 * v:.1f}%", v, "yes" if v >= spec["threshold"] else "no", detail)
+
+
 def t_best_of(spec, rows):
     """The fastest of spec['providers'] against spec['versus']."""
     cands = [r for r in (_find(rows, n, **spec["match"]) for n in spec["providers"]) if r is not None]
@@ -200,6 +210,10 @@ _FD_CPU_SIDE = (_fd("cpu"), _fd("torch"))
 _KD_2M = "k-diffusion sample_dpmpp_2m"
 _TORCH_ALTS = ("fastdiff[torch]", "torch naive", "torch.compile(naive)", "torch chunked (cuBLAS fp32)")
 _GRAPHS = tuple(f"{_fd(b)} cuda_graph" for b in ("triton", "cuda", "torch"))
+
+# the CPU ladder's largest shape of each d (fastdiff/bench/posterior.py sizes: M·N·max(d, 8) ≤ 5.4e8, N = 4M)
+_I15_SHAPES = ((2, 4096, 16384), (3, 4096, 16384), (16, 2048, 8192), (64, 1024, 4096), (784, 256, 1024),
+               (3072, 128, 512))
 
 TARGETS = [
     # ---- issue 3: the Triton kernels on an H100, float32
@@ -273,6 +287,18 @@ TARGETS = [
          required="≥ 10×", match=_SAMPLE_I14_PC, providers=(_fd("cpu"),), versus=f"{_KD_2M} + naive torch denoiser",
          threshold=10.0, beside=(f"{_KD_2M} + fastdiff PointCloud.denoise",
                                  "diffusers EDMDPMSolverMultistepScheduler + naive torch denoiser", _fd("torch"))),
+    # ---- issue 15: the CPU posterior at the ladder's largest shape per d (σ = 0.5, the main timing point)
+    *[dict(id=f"I15-cpu-posterior-d{d}-vs-{tag}", issue="15", device="cpu", fn=t_speedup,
+           target=f"posterior d={d}, M={M:,}, N={N:,} on the CPU (σ = 0.5): fastdiff[cpu] vs {name}",
+           required=f"≥ {thr:g}×", match=dict(_posterior(d, M, N), regime="main"), provider=_fd("cpu"),
+           versus=name, threshold=thr, threads_note=True)
+      for d, M, N in _I15_SHAPES for tag, name, thr in (("sdpa", "sdpa", 1.5),
+                                                         ("compile", "torch.compile(naive)", 3.0))],
+    *[dict(id=f"I15-cpu-posterior-d{d}-roofline", issue="15", device="cpu", fn=t_roofline,
+           target=f"posterior d={d}, M={M:,}, N={N:,} on the CPU (σ = 0.5): fastdiff[cpu] of the FMA ceiling "
+                  "measured in the same run",
+           required="≥ 50%", match=dict(_posterior(d, M, N), regime="main"), provider=_fd("cpu"), threshold=0.5)
+      for d, M, N in _I15_SHAPES if d >= 64],
 ]
 
 
