@@ -374,25 +374,26 @@ unsigned screen_block(const Cloud<T>& c, const ScreenCloud<T>& sc, int nr, const
         const double a = alpha[r], a2 = alpha[r] * alpha[r], base = xxc[r];
         // a float dot that overflowed (huge inputs the float64 rule left in float32) gives no bound: the row
         // goes to the blocked kernel. Only the row's live pairs count (pruned ones stay +inf, untouched).
-        bool bad = false;
+        // probe: Σ (t − t) over the live pairs, 0 unless some t is ±inf or NaN (one vector add a pair)
+        double probe = 0.0;
         if (ch > 0) {
-#pragma omp simd reduction(|| : bad)
+#pragma omp simd reduction(+ : probe)
           for (int64_t l = 0; l < BP; ++l) {
             const double t = base - 2.0 * a * static_cast<double>(dots[r][l]) + a2 * nrm[l];
             const bool dead = lb[l] == inf;
-            bad = bad || (!dead && !(std::abs(t) < inf));
+            probe += dead ? 0.0 : t - t;
             lb[l] = dead ? inf : lb[l] + t;
           }
-          if (bad) overflow |= 1u << r;
+          if (probe != 0.0) overflow |= 1u << r;   // NaN != 0 too
           continue;
         }
-#pragma omp simd reduction(|| : bad)
-        for (int64_t l = 0; l < BP; ++l) {
+#pragma omp simd reduction(+ : probe)
+        for (int64_t l = 0; l < BP; ++l) {   // the padding lanes' points are zeros: their t is finite
           const double t = base - 2.0 * a * static_cast<double>(dots[r][l]) + a2 * nrm[l];
-          bad = bad || (l < valid && !(std::abs(t) < inf));
+          probe += t - t;
           lb[l] = t;
         }
-        if (bad) overflow |= 1u << r;
+        if (probe != 0.0) overflow |= 1u << r;
         for (int64_t l = valid; l < BP; ++l) lb[l] = inf;
         track_best(lb, c.log_w ? c.log_w + b * BP : nullptr, valid, prm[r].inv2c, b, best + r * BP, best_block + r * BP);
       }
