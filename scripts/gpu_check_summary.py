@@ -147,8 +147,14 @@ def _bench_lines(out: str) -> list[str]:
     reps = "reduced repetitions" if doc.get("environment", {}).get("brief") else "full repetitions"
     lines = ["", f"targets ({doc.get('device')}, {reps}, {len(doc.get('rows', []))} measurements"
                  f"{', complete' if doc.get('complete') else ', cut short'}; bench/results.json):"]
-    for t in doc.get("targets", []):
-        lines.append(f"  {t['met']:<12} {t['id']:<28} {str(t['measured'])[:24]:<24} required {t['required']}")
+    targets = doc.get("targets", [])
+    for t in targets:                      # the measured ones a line each; the rest folded (one screen)
+        if t["met"] != "not measured":
+            lines.append(f"  {t['met']:<12} {t['id']:<28} {str(t['measured'])[:24]:<24} required {t['required']}")
+    missing = [t["id"] for t in targets if t["met"] == "not measured"]
+    if missing:
+        lines.append(f"  not measured: {len(missing)} target(s): {', '.join(missing[:3])}"
+                     + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     per_op, order = measured_order(doc)
     lines += per_op + ([order] if order else [])
     errors = [n for n in doc.get("notes", []) if n.get("kind") == "error"]

@@ -261,9 +261,11 @@ def test_sigint_mid_run_stops_cleanly_and_keeps_finished_results(tmp_path):
     assert phases["triton"][0] == "ok" and _junit_counts(out / "triton.xml")[0] > 0
     if _extension_built():
         assert phases["build"][0] == "ok"
-    # the signal reached the cuda tests, or (if they had just ended) the bench; nothing starts afterwards
+    # the signal reached the cuda tests, or (if they had just ended) the bench, or landed between the two (then
+    # the bench never starts: "skipped, not started: interrupted"); nothing starts afterwards
     hit = "cuda" if phases["cuda"][0] == "interrupted" else "bench"
-    assert phases[hit][0] == "interrupted", summary
+    between = hit == "bench" and phases["bench"][0] == "skipped" and "interrupted" in phases["bench"][1]
+    assert phases[hit][0] == "interrupted" or between, summary
     assert phases["distributed"][0] == "skipped" and "interrupted" in phases["distributed"][1]
     if hit == "cuda":
         assert phases["bench"][0] == "skipped" and "interrupted" in phases["bench"][1]
