@@ -38,11 +38,11 @@ void posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, co
 #pragma omp parallel
   {
     std::vector<T> buf(kTile);
-    std::vector<double> dist(kTile), acc(c.d);
+    std::vector<double> acc(c.d);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
       const int64_t r = per_row ? i : 0;
-      posterior_row(c, x + i * c.d, alpha[r], sigma[r], buf.data(), dist.data(), acc.data(), D + i * c.d, L + i);
+      posterior_row(c, x + i * c.d, alpha[r], sigma[r], buf.data(), acc.data(), D + i * c.d, L + i);
     }
   }
 }

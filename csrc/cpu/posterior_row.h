@@ -110,7 +110,8 @@ inline T tile_exp_dot_small(const T* __restrict yT, int64_t N, int64_t j0, int64
   return tsum;
 }
 
-// Large d: the squared distances of a tile, and then its logits, in double (dist [n]).
+// Large d (the blocked and screened kernels, posterior_blocked.h / posterior_screened.h): distances summed in
+// blocks of kDimBlock dimensions, logits in double.
 // Why: for a far query (d = 300, σ = 300, x = 1e4·1, data ~ 3·N(0, I)) |x − y|² ≈ 3e10 while the logit
 // differences that set the weights are O(1) in units of 2c = 1.8e5: the distances must keep ~1e-7 relative
 // accuracy *between points*. A sequential float sum over d errs by up to d·u·|x − y|² (≈ 0.2 of a logit
@@ -123,51 +124,6 @@ inline T tile_exp_dot_small(const T* __restrict yT, int64_t N, int64_t j0, int64
 // σ = 1e-3, d = 3072) the same bounds hold with smaller distances. Cost: one conversion and one double
 // add per 8 dimensions; the inner loop stays in T at full SIMD width.
 inline constexpr int kDimBlock = 8;
-
-template <typename T, int KB>
-inline void add_block_distances(const T* __restrict yk, int64_t N, int64_t n, const T* __restrict xk, int kb,
-                                T c1, T c2, double* __restrict dist) {
-  const int kn = KB > 0 ? KB : kb;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    T part = T(0);
-    for (int kk = 0; kk < kn; ++kk) {
-      const T y = yk[kk * N + j];
-      const T diff = (xk[kk] - c1 * y) + c2 * y;
-      part += diff * diff;
-    }
-    dist[j] += static_cast<double>(part);
-  }
-}
-
-template <typename T>
-inline double tile_logits_large(const Cloud<T>& c, int64_t j0, int64_t n, const T* __restrict x, T c1, T c2,
-                                double inv2c, double* __restrict dist) {
-  const int64_t N = c.N, d = c.d;
-  for (int64_t j = 0; j < n; ++j) dist[j] = 0.0;
-  int64_t k0 = 0;
-  for (; k0 + kDimBlock <= d; k0 += kDimBlock)    // |x − α y_j|² by direct differences, x − αy = (x − c1·y) + c2·y
-    add_block_distances<T, kDimBlock>(c.yT + k0 * N + j0, N, n, x + k0, kDimBlock, c1, c2, dist);
-  if (k0 < d)
-    add_block_distances<T, 0>(c.yT + k0 * N + j0, N, n, x + k0, static_cast<int>(d - k0), c1, c2, dist);
-  double tmax = -std::numeric_limits<double>::infinity();
-  if (c.log_w) {
-    const T* __restrict lw = c.log_w + j0;
-#pragma omp simd reduction(max : tmax)
-    for (int64_t j = 0; j < n; ++j) {
-      const double w = static_cast<double>(lw[j]);
-      dist[j] = finite_logit<double, T>(w - dist[j] * inv2c, w);
-      tmax = std::max(tmax, dist[j]);
-    }
-  } else {
-#pragma omp simd reduction(max : tmax)
-    for (int64_t j = 0; j < n; ++j) {
-      dist[j] = finite_logit<double, T>(-dist[j] * inv2c, 0.0);
-      tmax = std::max(tmax, dist[j]);
-    }
-  }
-  return tmax;
-}
 
 // The largest of n log-weights (−inf when all are −inf): with the row's largest logit it says whether the row is
 // far (csrc/common/far.h).
@@ -216,13 +172,14 @@ void posterior_row_far(const Cloud<T>& c, const T* __restrict x, double alpha, d
   if (L) *L = static_cast<T>(m.hi + (m.lo + std::log(sum)));
 }
 
-// D (d values) and L of one query x against the whole cloud. `buf` holds kTile scratch values of T,
-// `dist` kTile doubles (large d only). DD = d for the fused small-d loops (1..4), 0 for any d.
+// D (DD = d = 1..4 values) and L of one query x against the whole cloud. `buf` holds kTile scratch values of T,
+// `acc` d doubles.
 // Row-invariant: everything here depends on this query alone (one query per thread), so a row's result
 // never depends on which other rows are computed in the same call.
 template <typename T, int DD>
 void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
-                     double* __restrict dist, double* __restrict acc, T* __restrict D, T* L) {
+                     double* __restrict acc, T* __restrict D, T* L) {
+  static_assert(DD >= 1 && DD <= 4, "the fused small-d loops; larger d runs posterior_rows");
   const int64_t N = c.N, d = c.d;
   const double cdbl = alpha * alpha * c.bandwidth + sigma * sigma;
   const double inv2c_d = clamped_inv2c<T>(cdbl);
@@ -238,37 +195,16 @@ void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, dou
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
     const int64_t n = std::min(kTile, N - j0);
     if (c.log_w) lw_max = std::max(lw_max, max_log_weight(c.log_w + j0, n));
-    double tmax;
-    if constexpr (DD > 0) {
-      tmax = c.log_w ? tile_logits_small<T, DD, true>(c.yT, N, j0, n, x, c1, c2, inv2c, c.log_w + j0, buf)
-                     : tile_logits_small<T, DD, false>(c.yT, N, j0, n, x, c1, c2, inv2c, nullptr, buf);
-    } else {
-      tmax = tile_logits_large<T>(c, j0, n, x, c1, c2, inv2c_d, dist);
-    }
+    const double tmax = c.log_w
+        ? tile_logits_small<T, DD, true>(c.yT, N, j0, n, x, c1, c2, inv2c, c.log_w + j0, buf)
+        : tile_logits_small<T, DD, false>(c.yT, N, j0, n, x, c1, c2, inv2c, nullptr, buf);
     if (!(tmax > -std::numeric_limits<double>::infinity())) continue;   // a tile of zero-weight points
     const double m_new = std::max(m, tmax);
     const double rescale = std::exp(m - m_new);                      // 0 on the first tile
-    if constexpr (DD > 0) {
-      T dots[DD];
-      const T tsum = tile_exp_dot_small<T, DD>(c.yT, N, j0, n, static_cast<T>(m_new), buf, dots);
-      s = s * rescale + static_cast<double>(tsum);
-      for (int k = 0; k < DD; ++k) acc[k] = acc[k] * rescale + static_cast<double>(dots[k]);
-    } else {
-      T tsum = T(0);
-#pragma omp simd reduction(+ : tsum)
-      for (int64_t j = 0; j < n; ++j) {
-        buf[j] = exp_nonpositive(static_cast<T>(dist[j] - m_new));   // l − m in double, rounded once
-        tsum += buf[j];
-      }
-      s = s * rescale + static_cast<double>(tsum);
-      for (int64_t k = 0; k < d; ++k) {
-        const T* __restrict y = c.yT + k * N + j0;
-        T dot = T(0);
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < n; ++j) dot += buf[j] * y[j];
-        acc[k] = acc[k] * rescale + static_cast<double>(dot);
-      }
-    }
+    T dots[DD];
+    const T tsum = tile_exp_dot_small<T, DD>(c.yT, N, j0, n, static_cast<T>(m_new), buf, dots);
+    s = s * rescale + static_cast<double>(tsum);
+    for (int k = 0; k < DD; ++k) acc[k] = acc[k] * rescale + static_cast<double>(dots[k]);
     m = m_new;
   }
   if (far::is_far(m, lw_max, d)) return posterior_row_far(c, x, alpha, sigma, D, L);
@@ -278,15 +214,17 @@ void posterior_row_d(const Cloud<T>& c, const T* __restrict x, double alpha, dou
   if (L) *L = static_cast<T>(m + std::log(s));
 }
 
+// d <= 4 (use_blocked routes larger d elsewhere); any other d gets the exact double-double pass, never a read of
+// the transposed copy the glue makes only for d <= 4.
 template <typename T>
 void posterior_row(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict buf,
-                   double* __restrict dist, double* __restrict acc, T* __restrict D, T* L) {
+                   double* __restrict acc, T* __restrict D, T* L) {
   switch (c.d) {
-    case 1: return posterior_row_d<T, 1>(c, x, alpha, sigma, buf, dist, acc, D, L);
-    case 2: return posterior_row_d<T, 2>(c, x, alpha, sigma, buf, dist, acc, D, L);
-    case 3: return posterior_row_d<T, 3>(c, x, alpha, sigma, buf, dist, acc, D, L);
-    case 4: return posterior_row_d<T, 4>(c, x, alpha, sigma, buf, dist, acc, D, L);
-    default: return posterior_row_d<T, 0>(c, x, alpha, sigma, buf, dist, acc, D, L);
+    case 1: return posterior_row_d<T, 1>(c, x, alpha, sigma, buf, acc, D, L);
+    case 2: return posterior_row_d<T, 2>(c, x, alpha, sigma, buf, acc, D, L);
+    case 3: return posterior_row_d<T, 3>(c, x, alpha, sigma, buf, acc, D, L);
+    case 4: return posterior_row_d<T, 4>(c, x, alpha, sigma, buf, acc, D, L);
+    default: return posterior_row_far(c, x, alpha, sigma, D, L);
   }
 }
 

@@ -96,14 +96,14 @@ void run_steps(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, const doub
   {
     std::vector<T> buf(kTile);
     History<T> hist(d, depth);   // hist.cur: the row's D
-    std::vector<double> dist(kTile), acc(d), z(d + 4);
+    std::vector<double> acc(d), z(d + 4);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < M; ++i) {
       record(0, i, x_in + i * d);
       for (int64_t k = k0; k < k1; ++k) {
         const double* step = row_of(k);
         const T* xi = source(k) + i * d;
-        posterior_row(c, xi, step[kColAlpha], step[kColSigma], buf.data(), dist.data(), acc.data(),
+        posterior_row(c, xi, step[kColAlpha], step[kColSigma], buf.data(), acc.data(),
                       hist.cur.data(), static_cast<T*>(nullptr));
         update_row(xi, hist.cur.data(), x_out + i * d, d, step[kColA], step[kColB0], step[kColC], seed,
                    static_cast<uint32_t>(k), sample_offset + i, z.data());
