@@ -422,8 +422,12 @@ def test_bench_scaling_distributed_option_is_wired():
 
 
 TORCHRUN_SCRIPT = """
-import sys, torch, fastdiff as fd
+import atexit, os, sys, torch, fastdiff as fd
 from fastdiff import distributed as fdd
+def at_exit():      # atexit runs last-registered first: this runs after the hook fdd.init registers
+    with open(sys.argv[1] + f"/rank{os.environ['RANK']}.exit", "w") as f:
+        f.write(f"group alive at exit: {torch.distributed.is_initialized()}")
+atexit.register(at_exit)
 fdd.init("cpu", timeout=60)
 torch.set_num_threads(1)
 rank = torch.distributed.get_rank()
@@ -452,6 +456,10 @@ def test_torchrun_two_by_two_grid_of_data_shards_and_sample_slices(tmp_path):
                            f"--rdzv-endpoint=127.0.0.1:{_free_port()}", str(script), str(tmp_path)],
                           capture_output=True, text=True, timeout=SPAWN_DEADLINE_S, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # fdd.init destroyed its group before the interpreter's teardown (left to teardown, gloo's threads can abort
+    # the process after a run that succeeded: "terminate called without an active exception")
+    for r in range(4):
+        assert (tmp_path / f"rank{r}.exit").read_text() == "group alive at exit: False", f"rank {r}"
     y = torch.randn(29, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     single = fd.sample(fd.PointCloud(y, fd.VP()), n=5, steps=10, schedule="logsnr", seed=4, dtype=torch.float64,
                        callback=lambda i: None)
@@ -460,3 +468,19 @@ def test_torchrun_two_by_two_grid_of_data_shards_and_sample_slices(tmp_path):
         assert torch.equal(outs[r], outs[0]), f"rank {r} differs from rank 0"
     assert float((outs[0] - single).abs().max()) <= 1e-9 * (1 + float(single.abs().max()))
     assert float(single.std()) > 0.1
+
+
+def test_exit_hook_destroys_the_group_unless_a_peer_failed(monkeypatch):
+    """The hook fdd.init registers destroys the group at exit, but not after a PeerError: tearing gloo down
+    then waits for the failed collective's thread, up to the group's timeout, instead of exiting."""
+    from fastdiff.distributed import _comm
+    destroyed = []
+    monkeypatch.setattr(_comm.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(_comm.dist, "destroy_process_group", lambda: destroyed.append(True))
+    monkeypatch.setattr(_comm, "_peer_failed", False)
+    _comm._destroy_at_exit()
+    assert destroyed == [True]
+    err = _comm._peer_error("rank 1: gone")
+    assert isinstance(err, _comm.PeerError) and str(err) == "rank 1: gone" and _comm._peer_failed
+    _comm._destroy_at_exit()
+    assert destroyed == [True]

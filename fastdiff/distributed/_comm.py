@@ -1,6 +1,7 @@
 """Collectives with a timeout that fail loudly (PeerError), and process-group set-up from torchrun's environment."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import math
 import os
@@ -11,6 +12,17 @@ import torch.distributed as dist
 
 class PeerError(RuntimeError):
     """A collective did not complete: another rank died, hung past the timeout, or left the computation."""
+
+
+# Set once any PeerError is raised in this process: the exit hook then leaves the process group alone, since
+# tearing gloo down waits for the failed collective's worker thread (up to the group's timeout).
+_peer_failed = False
+
+
+def _peer_error(message: str) -> PeerError:
+    global _peer_failed
+    _peer_failed = True
+    return PeerError(message)
 
 
 def _group_info(group):
@@ -38,7 +50,7 @@ def _wait(work, timeout, what: str, rank: int):
             work.wait(timeout)
     except Exception as exc:
         limit = f"{timeout.total_seconds():g} s" if timeout is not None else "the process group's timeout"
-        raise PeerError(f"fastdiff.distributed: rank {rank}: {what} did not complete within {limit}: another rank "
+        raise _peer_error(f"fastdiff.distributed: rank {rank}: {what} did not complete within {limit}: another rank "
                         f"died, hung or stopped calling it ({type(exc).__name__}: {str(exc)[:300]})") from exc
 
 
@@ -59,13 +71,13 @@ def _all_gather_object(obj, group, timeout, rank):
         try:
             dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
         except Exception as exc:
-            raise PeerError(f"fastdiff.distributed: rank {rank}: the input check could not gather every rank "
+            raise _peer_error(f"fastdiff.distributed: rank {rank}: the input check could not gather every rank "
                             f"within {timeout.total_seconds():g} s ({type(exc).__name__}: {str(exc)[:300]})") from exc
     out = [None] * world
     try:
         dist.all_gather_object(out, obj, group=group)
     except Exception as exc:
-        raise PeerError(f"fastdiff.distributed: rank {rank}: the input check's exchange failed "
+        raise _peer_error(f"fastdiff.distributed: rank {rank}: the input check's exchange failed "
                         f"({type(exc).__name__}: {str(exc)[:300]})") from exc
     return out
 
@@ -86,4 +98,15 @@ def init(device="cpu", timeout=600.0) -> torch.device:
                                "(or call torch.distributed.init_process_group yourself)")
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=_as_timeout(timeout),
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
+        atexit.register(_destroy_at_exit)
     return dev
+
+
+def _destroy_at_exit():
+    """Destroy the process group init() created, while the interpreter is still whole. Left to interpreter
+    teardown, gloo's worker threads can still hold the last collective's work (and its tensors) and the process
+    aborts with "terminate called without an active exception" (pytorch/pytorch#190489): a flaky non-zero exit
+    after a run that succeeded. Skipped after a PeerError, and a no-op if the caller already destroyed it."""
+    if _peer_failed or not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.destroy_process_group()
