@@ -251,18 +251,14 @@ class ModelDenoiser(Denoiser):
         self.time_input = check_choice(time_input, "time_input", ("t", "sigma"))
         self.event_shape = None if event_shape is None else tuple(int(s) for s in event_shape)
         self.dim = None if self.event_shape is None else math.prod(self.event_shape)
+        self._memo: dict = {}
+        self._memo_process = process
 
     def predict(self, x, t):
         M = x.shape[0]
         xin = x if self.event_shape is None else x.view(M, *self.event_shape)
-        inv_alpha = None
-        if self.time_input == "t":
-            t_in = self._rows(t, lambda u: u, x)
-        else:
-            # k-diffusion's convention: the network sees the scaled process y = x/α = x0 + (σ/α) z, a pure VE
-            # process with noise level σ/α. For α = 1 (the VE family) x and σ(t) pass unchanged.
-            inv_alpha = self._rows(t, lambda u: torch.exp(-self.process._log_alpha(u)), x)
-            t_in = self._rows(t, lambda u: self.process._sigma2(u).sqrt() * torch.exp(-self.process._log_alpha(u)), x)
+        inv_alpha, t_in = self._time_inputs(t, x)
+        if self.time_input == "sigma":
             for v in (inv_alpha, t_in):
                 if not _fits(v, x.dtype):
                     raise ValueError(f"time_input='sigma' feeds the network x/α and σ/α, and 1/α(t) overflows "
@@ -284,6 +280,32 @@ class ModelDenoiser(Denoiser):
             out = out * inv_alpha
         # (x0 and eps need no conversion: E[x0 | y] = E[x0 | x], and y's noise is x's noise z)
         return out.reshape(M, -1).to(x.dtype)
+
+    def _time_inputs(self, t, x):
+        """(1/α(t) or None, the network's time input): Python floats for a scalar t, float64 tensors [M] on x's
+        device for per-row times. time_input="sigma" is k-diffusion's convention: the network sees the scaled
+        process y = x/α = x0 + (σ/α) z, a pure VE process with noise level σ/α (for α = 1, the VE family, x and
+        σ(t) pass unchanged). A scalar t's pair is memoised: a sampling loop asks for the same grid every call,
+        and each costs several host tensor ops (tens of µs a step next to a small network's forward)."""
+        scalar = not (isinstance(t, torch.Tensor) and t.ndim == 1)
+        if scalar:
+            if self._memo_process is not self.process:          # a reassigned process invalidates the memo
+                self._memo, self._memo_process = {}, self.process
+            key = float(t)
+            hit = self._memo.get(key)
+            if hit is not None:
+                return hit
+        if self.time_input == "t":
+            pair = (None, self._rows(t, lambda u: u, x))
+        else:
+            pair = (self._rows(t, lambda u: torch.exp(-self.process._log_alpha(u)), x),
+                    self._rows(t, lambda u: self.process._sigma2(u).sqrt() * torch.exp(-self.process._log_alpha(u)),
+                               x))
+        if scalar:
+            if len(self._memo) >= 65536:                        # bounded: a caller with ever-new times
+                self._memo.clear()
+            self._memo[key] = pair
+        return pair
 
     @staticmethod
     def _rows(t, fn, x):

@@ -240,10 +240,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         k_global = self._start + k
         step = {"churn": _m.CHURN_STEP_BASE + k_global, "stage": _m.STAGE_STEP_BASE + k_global, "step": k_global}[kind]
         if per_row:
-            zero = torch.zeros(1, dtype=torch.int64, device=like.device)
-            return torch.cat([_m.contract_normal(s, zero, step, like[i:i + 1]) for i, s in enumerate(seeds)])
-        index = torch.arange(like.shape[0], dtype=torch.int64, device=like.device)
-        return _m.contract_normal(seeds[0], index, step, like)
+            return torch.cat([_m.kernel_normal(s, 0, step, like[i:i + 1]) for i, s in enumerate(seeds)])
+        return _m.kernel_normal(seeds[0], 0, step, like)
 
     def _to_denoised(self, model_output, sample, sigma_tilde: float):
         """x̂_0 from the model output at σ̃, formed as diffusers forms it (α_t, σ_t rounded in the sample's dtype

@@ -140,7 +140,7 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
         offset = int(sample_offset)
         if offset < 0:
             raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
-        noise = _m.ContractNoise(table, _resolve_seed(seed, table), offset, x.shape[0], x.device)
+        noise = _m.ContractNoise(table, _resolve_seed(seed, table), offset, x.shape[0], x.device, kernels=True)
     else:
         args = noise_args(sigmas) if noise_args is not None else None
 

@@ -593,25 +593,50 @@ def contract_normal(seed: int, sample_index: torch.Tensor, step: int, like: torc
     return z.reshape(idx.shape[0], -1)[:, :dim].to(like.dtype).view(like.shape)
 
 
+def kernel_normal(seed: int, sample_offset: int, step: int, like: torch.Tensor) -> torch.Tensor:
+    """contract_normal for the rows sample_offset, sample_offset + 1, ... of `like`, drawn by the affine-step
+    kernel of like's device (ops.affine_step with A = B = 0, C = 1): the same contract noise, float32 bit for
+    bit on the CPU, float64 to the last ulp of libm's log/cos, other devices within the contract's ulps. The
+    plain-torch Philox costs ~1 ms a draw of 1024 × 2 on the CPU (a dozen tensor ops per round), as much as a
+    small network's forward: the samplers users run draw here. Other dtypes than float32/64 take the torch draw."""
+    if like.dtype not in (torch.float32, torch.float64) or like.ndim == 0 or like.numel() == 0:
+        index = torch.arange(sample_offset, sample_offset + (like.shape[0] if like.ndim else 1),
+                             dtype=torch.int64, device=like.device)
+        return contract_normal(seed, index, step, like)
+    from . import ops
+    zeros = torch.zeros((like.shape[0], like[0].numel()), dtype=like.dtype, device=like.device)
+    return ops.affine_step(zeros, zeros, 0.0, 0.0, 1.0, seed, step, sample_offset, check_values=False).view(like.shape)
+
+
 class ContractNoise:
     """The noise of a table run from fastdiff's counter-based contract (step indices in the module docstring).
 
     Row i of the state is global sample sample_offset + i, so the noise does not depend on the batch.
+
+    kernels=True draws with kernel_normal (the samplers users run: fd.sample, fastdiff.k_diffusion), False with
+    the plain-torch contract_normal (the reference's own).
     """
 
-    def __init__(self, table: MethodTable, seed: int, sample_offset: int, rows: int, device):
+    def __init__(self, table: MethodTable, seed: int, sample_offset: int, rows: int, device, kernels: bool = False):
         self.rho = table.lists()["rho"]
         self.seed = int(seed)
+        self.offset = int(sample_offset)
         self.index = torch.arange(sample_offset, sample_offset + rows, dtype=torch.int64, device=device)
+        self.kernels = kernels
         self._stage: torch.Tensor | None = None
+
+    def _normal(self, step: int, like: torch.Tensor) -> torch.Tensor:
+        if self.kernels:
+            return kernel_normal(self.seed, self.offset, step, like)
+        return contract_normal(self.seed, self.index, step, like)
 
     def __call__(self, k: int, kind: str, like: torch.Tensor) -> torch.Tensor:
         if kind == "churn":
-            return contract_normal(self.seed, self.index, CHURN_STEP_BASE + k, like)
+            return self._normal(CHURN_STEP_BASE + k, like)
         if kind == "stage":
-            self._stage = contract_normal(self.seed, self.index, STAGE_STEP_BASE + k, like)
+            self._stage = self._normal(STAGE_STEP_BASE + k, like)
             return self._stage
-        w = contract_normal(self.seed, self.index, k, like)
+        w = self._normal(k, like)
         rho = self.rho[k]
         if rho == 0.0:
             return w

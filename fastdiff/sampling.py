@@ -231,9 +231,9 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
     if final_denoise and float(grid[-1]) <= 0:
         raise ValueError("final_denoise needs t_end > 0 (D is never evaluated at t = 0)")
     if table_method:
-        mtable = _methods.method_table(process, grid, method, ode=ode, eta=eta, **options)
+        mtable, unit_var = _method_table(process, grid, method, ode, eta, options)
         _check_x0_range(denoiser, mtable, dtype, method)
-        _warn_if_poor_table(process, mtable)
+        _warn_if_poor_table(process, mtable, unit_var)
         _check_memory(K, n, d, chunk_size, dtype, device, return_trajectory, mtable.history + 4)
         kernel_table = _fused_method_table(mtable, process, engine, device, dtype, d) if cloud and not stepwise \
             else None
@@ -436,7 +436,8 @@ class _TableRun:
         return D
 
     def chunk(self, xc, offset, bar, traj):
-        noise = _methods.ContractNoise(self.table, self.seed, offset, xc.shape[0], xc.device)
+        noise = _methods.ContractNoise(self.table, self.seed, offset, xc.shape[0], xc.device,
+                                       kernels=self.engine.name != "torch")
         cb = None
         if self.callback is not None:
             def cb(k, xk, D0):
@@ -464,6 +465,9 @@ class _HistoryRun(_TableRun):
         bufs = [torch.empty_like(xc) for _ in range(depth + 1)] if depth or den.prediction != "x0" else []
         if traj is not None:
             traj[0].copy_(xc)
+        # the table's columns are finite (method_table checks), the counters were checked when the run started,
+        # xc is this chunk's own contiguous copy and D_k passes the executor's check: the step is checked once
+        step = ops.affine_stepper(xc, self.seed, offset, len(self.table), backend=self.engine.name)
         for k in range(len(self.table)):
             D = self._denoise_into(xc, k, bufs[0] if bufs else None)
             if self.callback is not None:
@@ -471,8 +475,7 @@ class _HistoryRun(_TableRun):
                                "sample_offset": offset})
             B = c["B"][k]
             history = tuple((B[j], bufs[j]) for j in range(1, depth + 1) if B[j] != 0.0)
-            ops.affine_step(xc, D, c["A"][k], B[0], c["C"][k], self.seed, k, offset, out=xc, history=history,
-                            backend=self.engine.name, check_values=False)   # the result is checked once, at the end
+            step(k, D, c["A"][k], B[0], c["C"][k], history)
             if depth:
                 bufs.insert(0, bufs.pop())          # D_k → D_{k−1} → D_{k−2}; the oldest is next step's D
             if traj is not None:
@@ -643,9 +646,38 @@ def _warn_if_poor_grid(process, table, low: float = 0.25, high: float = 4.0):
             f"Silence with warnings.simplefilter('ignore', fd.GridWarning).", GridWarning, stacklevel=4)
 
 
-def _warn_if_poor_table(process, table, low: float = 0.25, high: float = 4.0):
-    """_warn_if_poor_grid for a MATH.md §3b method: the same test on the exact variance of its table."""
+# The last few (process, grid, method, options) → (MethodTable, its unit-Gaussian variance). Both are Python
+# loops over the steps, ~20 µs a step together: as much as a small network's loop overhead, paid again by a
+# caller that samples repeatedly on one grid. The table is frozen; the process is held, so its id stays its own,
+# and its repr (its parameters) is in the key too. Grids of at most _TABLE_MEMO_STEPS steps: bounded memory.
+_TABLE_MEMO: dict = {}
+_TABLE_MEMO_SIZE = 16
+_TABLE_MEMO_STEPS = 4096
+
+
+def _method_table(process, grid, method, ode, eta, options):
+    key = None
+    if grid.numel() <= _TABLE_MEMO_STEPS + 1:
+        try:
+            key = (id(process), repr(process), method, ode, eta, tuple(sorted(options.items())),
+                   grid.numpy().tobytes())
+            hash(key)
+        except TypeError:                                   # an unhashable option value: no memo
+            key = None
+    hit = _TABLE_MEMO.get(key) if key is not None else None
+    if hit is not None and hit[0] is process:
+        return hit[1], hit[2]
+    table = _methods.method_table(process, grid, method, ode=ode, eta=eta, **options)
     var = _methods.unit_gaussian_variance(table, process)
+    if key is not None:
+        if len(_TABLE_MEMO) >= _TABLE_MEMO_SIZE:
+            _TABLE_MEMO.pop(next(iter(_TABLE_MEMO)))        # oldest first (dicts keep insertion order)
+        _TABLE_MEMO[key] = (process, table, var)
+    return table, var
+
+
+def _warn_if_poor_table(process, table, var, low: float = 0.25, high: float = 4.0):
+    """_warn_if_poor_grid for a MATH.md §3b method: the same test on `var`, the exact variance of its table."""
     if not low <= var <= high:
         shown = ", ".join(f"{k}={v!r}" for k, v in table.options.items())
         warnings.warn(

@@ -281,3 +281,32 @@ def test_affine_step_history_gradients(backend):
     gx, gD, g1, g2 = torch.autograd.grad((out * w).sum(), (x, D, h, D2))
     assert torch.equal(gx, 0.9 * w) and torch.equal(gD, -0.4 * w) and torch.equal(g2, -0.7 * w)
     assert g1.dtype == F32 and torch.equal(g1, (1.3 * w).float())
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_affine_stepper_is_affine_step_in_place(backend, dtype):
+    """ops.affine_stepper (fd.sample's model loop: checks once per run) gives affine_step(..., out=x)'s bits
+    step after step, with 0, 1 and 2 history terms and a non-contiguous D; it still names a D unlike x and a
+    step outside the run, and refuses an x it cannot update in place."""
+    dev = device(backend)
+    x, D, D1, D2 = (t.to(dev) for t in _history_case(37, 5, dtype, 77))
+    seed, off, K = 2**63 + 5, 2**32 + 1, 3
+    want, got = x.clone(), x.clone()
+    step = ops.affine_stepper(got, seed, off, K, backend=backend)
+    Dt = D.t().contiguous().t()                                  # same values, column-major
+    for k, hist in enumerate([(), ((1.4, D1),), ((-0.6, D1), (2.2, D2))]):
+        ops.affine_step(want, D, 0.9, 0.2, 0.3, seed, k, off, out=want, history=hist, backend=backend)
+        assert step(k, Dt, 0.9, 0.2, 0.3, hist) is got
+        assert torch.equal(got, want), k
+    before = got.clone()
+    with pytest.raises(ValueError, match="D must be a tensor like x"):
+        step(0, D[:5], 0.9, 0.2, 0.3)
+    with pytest.raises(ValueError, match="history D1 must be a tensor like x"):
+        step(0, D, 0.9, 0.2, 0.3, ((1.0, D1.to(F16)),))
+    with pytest.raises(ValueError, match=r"step must be in \[0, 3\)"):
+        step(K, D, 0.9, 0.2, 0.3)
+    assert torch.equal(got, before)                              # refused steps wrote nothing
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.affine_stepper(x.t(), seed, off, K, backend=backend)
+    with pytest.raises(ValueError, match="sample_offset"):
+        ops.affine_stepper(x, seed, 2**63 - 2, K, backend=backend)

@@ -253,6 +253,35 @@ def test_sigma_time_input_passes_scaled_inputs():
     assert torch.equal(seen["y"], x)                         # α = 1: nothing changes, bit for bit
 
 
+def test_model_time_inputs_are_memoised_per_process():
+    """A scalar t's (1/α, σ/α) is computed once per denoiser (the sampling loop asks for the same grid every call):
+    the second call passes the same values, a reassigned process gets its own, and per-row times are not
+    memoised; the overflow refusal still applies to a memoised t."""
+    seen = []
+
+    def model(y, s):
+        seen.append((y.clone(), s.clone()))
+        return torch.zeros_like(y)
+    x = _data(3, 2, 23)
+    den = fd.from_model(model, fd.VP(), time_input="sigma")
+    den.denoise(x, 0.7)
+    den.denoise(x, 0.7)
+    assert torch.equal(seen[0][0], seen[1][0]) and torch.equal(seen[0][1], seen[1][1])
+    den.process = p = fd.DriftedVE(T=10.0, beta="t^2")
+    den.denoise(x, 0.7)
+    a, s = p.alpha(0.7), p.sigma(0.7)
+    assert torch.allclose(seen[2][0], x / a, rtol=1e-14) and torch.allclose(seen[2][1], torch.full((3,), s / a,
+                                                                                                  dtype=F64))
+    rows = torch.tensor([0.7, 2.0, 5.0], dtype=F64)
+    den.denoise(x, rows)
+    assert torch.allclose(seen[3][1], p.sigma(rows) / p.alpha(rows), rtol=1e-14)
+    assert len(den._memo) == 1                               # only the scalar t of the current process
+    big = fd.from_model(model, fd.DriftedVE(T=625.0, beta="t^2"), time_input="sigma")
+    big.denoise(torch.ones(2, 2, dtype=F64), 600.0)          # memoised in float64 ...
+    with pytest.raises(ValueError, match="overflows torch.float32"):
+        big.denoise(torch.ones(2, 2), 600.0)                 # ... and still refused in float32
+
+
 def test_sigma_time_input_refuses_an_overflowing_scale():
     p = fd.DriftedVE(T=625.0, beta="t^2")                    # α(T) = e^-208: 1/α overflows float32
     den = fd.from_model(lambda y, s: y, p, time_input="sigma")

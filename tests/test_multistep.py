@@ -76,6 +76,25 @@ def test_contract_normal_is_noise_normal_bit_for_bit():
     assert torch.equal(got.reshape(4, -1), fd.noise.normal(7, range(4), 11, 12))
 
 
+def test_kernel_normal_is_the_contract_noise():
+    """kernel_normal (the samplers' draw, through ops.affine_step's kernel) is contract_normal's noise: float32
+    bit for bit on the CPU, float64 to 4e-16 relative (libm's log/cos against torch's), any per-sample shape and
+    offset past 2³²; float16 takes the torch draw itself."""
+    for seed, off, step, shape in ((0, 0, 0, (3, 3)), (2**64 - 1, 2**32 + 5, M.STAGE_STEP_BASE + 9, (40, 2, 3, 2)),
+                                   (123456789, 7, M.CHURN_STEP_BASE + 3, (1, 1))):
+        idx = torch.arange(off, off + shape[0], dtype=torch.int64)
+        for dtype in (torch.float32, torch.float64):
+            like = torch.empty(shape, dtype=dtype)
+            got, want = M.kernel_normal(seed, off, step, like), M.contract_normal(seed, idx, step, like)
+            assert got.shape == like.shape and got.dtype == dtype
+            if dtype == torch.float32:
+                assert torch.equal(got, want)
+            else:
+                assert torch.allclose(got, want, rtol=4e-16, atol=4e-16) and not torch.equal(got, torch.zeros_like(got))
+        half = torch.empty(shape, dtype=torch.float16)
+        assert torch.equal(M.kernel_normal(seed, off, step, half), M.contract_normal(seed, idx, step, half))
+
+
 def test_stage_and_churn_streams_are_distinct():
     idx = torch.arange(1000)
     like = torch.empty(1000, 2, dtype=torch.float64)
@@ -713,14 +732,19 @@ def _executor_sample(monkeypatch, net, **kw):
 
 
 def _count_affine_calls(monkeypatch):
+    """(history pairs, backend) of each affine step fd.sample's model loop takes (through ops.affine_stepper)."""
     calls = []
-    original = fd.ops.affine_step
+    original = fd.ops.affine_stepper
 
-    def counting(*args, history=(), **kwargs):
-        calls.append((len(history), kwargs.get("backend")))
-        return original(*args, history=history, **kwargs)
+    def stepper(x, seed, sample_offset, steps, *, backend="auto"):
+        step = original(x, seed, sample_offset, steps, backend=backend)
 
-    monkeypatch.setattr(fd.ops, "affine_step", counting)
+        def counting(k, D, A, B, C, history=()):
+            calls.append((len(history), backend))
+            return step(k, D, A, B, C, history)
+        return counting
+
+    monkeypatch.setattr(fd.ops, "affine_stepper", stepper)
     return calls
 
 
@@ -839,3 +863,34 @@ def test_fd_sample_gaussian_mixture_multistep_is_fused_and_equals_the_executor(m
     assert len(calls) == 10
     want = _executor_sample(monkeypatch, GM, **(kw | {"backend": "torch"}))
     assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+def test_method_tables_are_memoised_per_process_and_grid():
+    """fd.sample keeps the last few method tables (with their GridWarning variance): a repeated call reuses the
+    table and gives the same bits, and still warns on a poor grid; another process, grid or option builds its
+    own table (the first call's result is unchanged by the memo: compared with a cleared one)."""
+    import warnings
+
+    import fastdiff.sampling as S
+    net = _gaussian_net(fd.VP(), "x0")
+    kw = dict(n=6, shape=(2,), steps=12, method="dpmpp_2m_sde", seed=3, dtype=torch.float64)
+    S._TABLE_MEMO.clear()
+    first = fd.sample(net, **kw)
+    assert len(S._TABLE_MEMO) == 1
+    (key, (proc, table, var)), = S._TABLE_MEMO.items()
+    assert proc is net.process and var == M.unit_gaussian_variance(table, net.process)
+    assert torch.equal(fd.sample(net, **kw), first) and len(S._TABLE_MEMO) == 1
+    fd.sample(net, **dict(kw, eta=0.5))
+    fd.sample(net, **dict(kw, steps=13))
+    other = _gaussian_net(fd.VP(beta_max=15.0), "x0")
+    fd.sample(other, **kw)
+    assert len(S._TABLE_MEMO) == 4
+    assert not torch.equal(fd.sample(other, **kw), first)
+    poor = dict(kw, steps=1)
+    for _ in range(2):                                       # the memoised table still warns
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fd.sample(net, **poor)
+        assert any(issubclass(w.category, fd.GridWarning) for w in caught)
+    S._TABLE_MEMO.clear()
+    assert torch.equal(fd.sample(net, **kw), first)

@@ -28,7 +28,7 @@ import torch
 from .. import _backend, _checks, _precision
 from . import _autograd, _library
 
-__all__ = ["posterior", "affine_step", "pointcloud_step", "pointcloud_sample"]
+__all__ = ["posterior", "affine_step", "affine_stepper", "pointcloud_step", "pointcloud_sample"]
 
 
 def _check_cloud_call(x, data, alpha, sigma, log_weights, bandwidth):
@@ -111,6 +111,36 @@ def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, 
         return impl.affine_step(xx.contiguous(), DD.contiguous(), A, B, C, seed, step, sample_offset, direct,
                                 D1, B1, D2, B2)
     return _into(out, _autograd.affine_step(run, x, D, A, B, hist_D, coeffs))
+
+
+def affine_stepper(x, seed: int, sample_offset: int, steps: int, *, backend: str = "auto"):
+    """affine_step(..., out=x) for a sampling loop that updates one state in place, with the per-run checks
+    done once: x (contiguous, no gradient wanted), the backend, and the counters for steps 0..steps-1.
+    Returns step(k, D, A, B, C, history=()) for step k, which checks only that D (and each history D) is
+    shaped, typed and placed like x; A, B, C and the history's B's must be finite floats (a checked table's).
+    For loops that check their result once at the end, as fd.sample's model loop does: affine_step's full
+    checks cost ~15 µs a step, as much as a small network's whole loop overhead."""
+    _checks.check_points_shape(x, "x")
+    if not x.is_contiguous() or x.requires_grad:
+        raise ValueError("affine_stepper updates x in place: x must be contiguous and not require grad")
+    seed, sample_offset, _ = _checks.check_counters(seed, sample_offset, x.shape[0], steps=steps)
+    impl = _backend.select("affine_step", backend, **_backend.facts(x))
+
+    def like_x(D, name):
+        if not isinstance(D, torch.Tensor) or D.shape != x.shape or D.dtype != x.dtype or D.device != x.device:
+            raise ValueError(f"{name} must be a tensor like x ({tuple(x.shape)}, {x.dtype}, {x.device})")
+        return D.contiguous()
+
+    def step(k, D, A, B, C, history=()):
+        if not 0 <= k < steps:
+            raise ValueError(f"step must be in [0, {steps}), got {k}")
+        (B1, D1), (B2, D2) = (tuple(history) + ((0.0, None), (0.0, None)))[:2]
+        D, D1, D2 = (None if h is None else like_x(h, n) for h, n in ((D, "D"), (D1, "history D1"),
+                                                                      (D2, "history D2")))
+        if x.shape[0] == 0:
+            return x
+        return impl.affine_step(x, D, A, B, C, seed, k, sample_offset, x, D1, B1, D2, B2)
+    return step
 
 
 def check_history(history, x):
