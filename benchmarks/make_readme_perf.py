@@ -32,6 +32,14 @@ START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 REF = "fastdiff[torch]"
 
 
+def _subset(env: dict) -> str:
+    """How a run picked a subset of its suites' cases ("" for a full run): --only TEXT, or --targets-only. Such a
+    run adds its cases to the suite's full run (or stands in for one) instead of replacing it."""
+    if env.get("only"):
+        return f"the cases of --only {' '.join(env['only'])}"
+    return "the target cases, --targets-only" if env.get("targets_only") else ""
+
+
 def load_runs(results: Path, include_quick: bool = False) -> list[dict]:
     """One group per (device type, device name, quick): {"device", "quick", "env", "suites": {suite: run doc},
     "runs": [docs used]}, GPU groups first."""
@@ -54,7 +62,7 @@ def load_runs(results: Path, include_quick: bool = False) -> list[dict]:
         g = groups.setdefault(key, {"device": doc["device"], "quick": bool(doc.get("quick")), "suites": {}})
         for suite in doc.get("suites", []):
             if any(r["suite"] == suite for r in doc.get("rows", [])):
-                if env.get("only"):               # a run of a few cases (--only) adds them to the suite's run
+                if _subset(env):                  # a run of a few cases (--only) adds them to the suite's run
                     g.setdefault("extra", {}).setdefault(suite, []).append(doc)
                 else:
                     g["suites"][suite] = doc      # later runs replace earlier ones, suite by suite
@@ -336,8 +344,8 @@ def group_md(group, root: Path, fewer_threads: dict | None = None) -> str:
         ceil = ", ".join(f"{k} {v['value']:.3g} {v['unit']}" for k, v in c.items())
         load = e.get("loadavg_start")
         suites = [s for s, d in group["suites"].items() if d is doc]
-        suites += [f"{s} (the cases of --only {' '.join(doc['environment'].get('only') or [])})"
-                   for s, ds in group["extra"].items() if any(d is doc for d in ds)]
+        suites += [f"{s} ({_subset(doc['environment'])})" for s, ds in group["extra"].items()
+                   if any(d is doc for d in ds)]
         lines.append(f"- {', '.join(suites)}: run [`{rel}`]({rel}/report.md), {e.get('started', '')[:10]}: fastdiff "
                      f"{e.get('fastdiff_version')} (git {e.get('fastdiff_git')}), torch {e.get('torch_version')}, "
                      f"triton {e.get('triton_version')}; `{e.get('command')}`. Ceilings measured in the run: {ceil}."

@@ -484,3 +484,20 @@ def test_only_keeps_the_matching_cases_and_the_closing_ones():
                                               if "d=784" in label or "d=3072" in label or label.endswith(": speedups")]
     assert any("d=784" in label for _, label in picked) and picked[-1][1].endswith(": speedups")
     assert bench.plan(["sample"], "cpu", only=None) == full
+
+
+def test_readme_adds_a_targets_only_run_to_the_suites_other_runs(tmp_path):
+    """A --targets-only run measures a subset, like --only: a later one adds its cases beside an earlier --only
+    run's instead of hiding them, and is labelled as such."""
+    mod = _perf_module()
+    fd, sdpa = "fastdiff[cpu]", "sdpa"
+    _posterior_run(tmp_path / "r" / "a-only", 2, "2026-12-01T10", {(784, 256, 1024, "main"): {fd: 0.02, sdpa: 0.03}})
+    _posterior_run(tmp_path / "r" / "b-targets", 2, "2026-12-01T11", {(2, 4096, 16384, "main"): {fd: 0.01, sdpa: 0.02}})
+    for name, env in (("a-only", {"only": ["d=784"]}), ("b-targets", {"targets_only": True})):
+        f = tmp_path / "r" / name / "results.json"
+        doc = json.loads(f.read_text())
+        doc["environment"].update(env)
+        f.write_text(json.dumps(doc))
+    md = mod.generate(tmp_path / "r", root=tmp_path)
+    assert "| 784 | 256×1024 |" in md and "| 2 | 4096×16384 |" in md
+    assert "posterior (the target cases, --targets-only)" in md and "(the cases of --only d=784)" not in md
