@@ -11,6 +11,7 @@ Environment:
 Metadata lives in pyproject.toml. Install with: pip install --no-build-isolation -e .
 """
 import os
+import platform
 import shutil
 import sys
 from pathlib import Path
@@ -67,8 +68,14 @@ def _extensions():
     # vectorise (fastdiff never reads floating-point exception flags); -fno-wrapv undoes Python's
     # -fwrapv, which blocks vectorising loops with signed induction variables; -fno-math-errno lets sqrt
     # be one instruction, so the noise generator's Box–Muller loop vectorises (nothing reads errno).
+    # -mprefer-vector-width=512: GCC and Clang vectorise `omp simd` loops 256 bits wide even where -march=native
+    # has AVX-512 (a guard against the clock drop of early AVX-512 parts). The small-d posterior loops (exp and
+    # FMA bound, written as omp simd) then use half of each core's FMA width: measured on this project's 2-core
+    # Xeon, 512 bits makes the d = 3 posterior 12% and the d = 16 one 27% faster. Only a preference: a CPU
+    # without AVX-512 gets what it has. x86 only (other compilers' targets reject the flag).
+    wide = ["-mprefer-vector-width=512"] if cpu_arch and platform.machine().lower() in ("x86_64", "amd64") else []
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-fno-wrapv"] + \
-        ([f"-march={cpu_arch}"] if cpu_arch else [])
+        ([f"-march={cpu_arch}"] if cpu_arch else []) + wide
     _write_build_info(cxx, arch_list, torch.__version__)
     # csrc/emu/ is the tests' CUDA emulator (built by tests/test_cuda_emu.py), never part of fastdiff._C
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("**/*.cpp")

@@ -7,6 +7,7 @@ rev=${1:-HEAD}
 tmp=$(mktemp -d)
 git archive "$rev" csrc | tar -x -C "$tmp"      # the kernel and its headers as of REV
 flags="-O3 -std=c++20 -fopenmp -fno-trapping-math -fno-math-errno -fno-wrapv -march=${FASTDIFF_CPU_ARCH-native}"
+case "$(uname -m)" in x86_64|amd64) flags="$flags -mprefer-vector-width=512" ;; esac   # as setup.py builds
 g++ $flags -DPOSTERIOR_SRC="\"$tmp/csrc/cpu/posterior.cpp\"" benchmarks/cpu_posterior_harness.cpp -o "$tmp/old"
 g++ $flags -DPOSTERIOR_SRC="\"$PWD/csrc/cpu/posterior.cpp\"" benchmarks/cpu_posterior_harness.cpp -o "$tmp/new"
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
