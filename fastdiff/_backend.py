@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from . import _table
+
 OPS = ("posterior", "affine_step", "pointcloud_step", "pointcloud_sample")
 
 # `auto` order per device type. CPU: the C++ kernels beat the torch reference in benchmarks/results
@@ -48,8 +50,8 @@ class Backend:
       pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth, return_trajectory)
     x [M >= 1, d] contiguous; alpha, sigma float64 tensors [1] or [M] on x's device; A, B, C, bandwidth Python
     floats; seed, step, sample_offset Python ints; out None or a contiguous tensor like x (possibly x itself);
-    table the float64 [K, 8] CPU tensor of fastdiff._table; pointcloud_sample updates x in place and returns the
-    trajectory [K + 1, M, d] or None. No backend converts or re-checks what fastdiff.ops has checked.
+    table the float64 [K, _table.WIDTH] CPU tensor of fastdiff._table; pointcloud_sample updates x in place and
+    returns the trajectory [K + 1, M, d] or None. No backend converts or re-checks what fastdiff.ops has checked.
     """
 
     name = "?"
@@ -141,9 +143,11 @@ class _CompiledBackend(Backend):
                 return ["no CUDA device is available"]
         return []
 
-    def refuse_reasons(self, op, device=None, dtype=None, d=None, **_):
+    def refuse_reasons(self, op, device=None, dtype=None, d=None, table=None, **_):
         reasons = super().refuse_reasons(op)
         usable = not reasons
+        if self.device_type == "cuda" and op == "pointcloud_sample" and table is not None:
+            reasons += _table.stage_reasons(table, "CUDA")
         if device is not None and torch.device(device).type != self.device_type:
             reasons.append(f"inputs are on {device}, the {self.name} backend runs on {self.device_type} tensors")
         if dtype is not None and dtype not in (torch.float32, torch.float64):

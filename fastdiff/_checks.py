@@ -168,8 +168,9 @@ def check_times(alpha, sigma, M: int, device):
 
 
 def check_kernel_table(table) -> torch.Tensor:
-    """The kernel step table of pointcloud_sample (fastdiff._table): [K >= 1, 8] finite numbers with sigma > 0,
-    returned as a float64 contiguous CPU tensor (the layout every backend takes as it is)."""
+    """The kernel step table of pointcloud_sample (fastdiff._table): [K >= 1, WIDTH] finite numbers with sigma > 0
+    (and sigmaU > 0 on two-stage rows, |rho| <= 1), returned as a float64 contiguous CPU tensor (the layout every
+    backend takes as it is)."""
     from . import _table
     if isinstance(table, torch.Tensor) and table.requires_grad and torch.is_grad_enabled():
         raise ValueError("table requires grad, but pointcloud_sample has no backward")
@@ -188,6 +189,14 @@ def check_kernel_table(table) -> torch.Tensor:
     sigma = t[:, _table.SIGMA]
     if not bool((sigma > 0).all()):
         raise ValueError("table column sigma must be positive at every step (D is never evaluated at t = 0)")
+    staged = t[:, _table.BU] != 0
+    if not bool((t[staged, _table.SIGMA_U] > 0).all()):
+        k = int((staged & ~(t[:, _table.SIGMA_U] > 0)).nonzero()[0])
+        raise ValueError(f"table row {k} has a stage (BU != 0), so its column sigmaU must be positive (D_u is never "
+                         f"evaluated at t = 0), got {float(t[k, _table.SIGMA_U])}")
+    if not bool((t[:, _table.RHO].abs() <= 1).all()):
+        k = int((t[:, _table.RHO].abs() > 1).nonzero()[0])
+        raise ValueError(f"table column rho is a correlation, |rho| <= 1, got {float(t[k, _table.RHO])} at step {k}")
     early = [k for k, col in ((0, _table.B1), (0, _table.B2), (1, _table.B2)) if k < t.shape[0] and t[k, col] != 0]
     if early:   # there is no D_{-1} or D_{-2} (csrc/common/table.h first_row_before_history)
         raise ValueError(f"table row {early[0]} uses a D from before the first step: B1 must be 0 at row 0 and B2 "

@@ -14,6 +14,8 @@ that computes in float32 only (triton) raises and says why.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _backend, _table
@@ -65,7 +67,9 @@ def float64_rows(x, data, alpha, sigma, bandwidth=0.0, absmax=None) -> torch.Ten
 def float64_rows_trajectory(x, data, table, bandwidth=0.0, absmax=None) -> torch.Tensor:
     """Bool [M]: the float32 rows of a whole trajectory (a kernel step table, fastdiff._table) that need float64
     at some step. max|x_i| at step k is bounded from x_0 through the table:
-    |x_{k+1}| ≤ |A_k||x_k| + (|B0_k| + |B1_k| + |B2_k|)·max_{j ≤ k} max|D_j| + |C_k|·6, with
+    |x_{k+1}| ≤ |A_k||x̂_k| + (|B0_k| + |B1_k| + |B2_k|)·max_{j ≤ k} max|D_j| + |BU_k| max|D_u|
+                + |C_k|·6·(|ρ| + √(1−ρ²)),
+    |x̂_k| ≤ |P_k||x_k| + |Cchurn_k|·6 (and the stage point u likewise), with
     max|D_k| ≤ |1 − α_k²v/c_k|·max|y| + |α_k v/c_k|·|x_k| (D is a convex combination of data points, shrunk and
     pulled toward x for kernel-density data)."""
     M, d = x.shape
@@ -76,15 +80,27 @@ def float64_rows_trajectory(x, data, table, bandwidth=0.0, absmax=None) -> torch
     xmax = x.detach().abs().amax(1).to("cpu", torch.float64)
     dmax_seen = torch.zeros_like(xmax)
     need = torch.zeros(M, dtype=torch.bool)
-    for row in table.tolist():
-        a, s = row[_table.ALPHA], row[_table.SIGMA]
+    def posterior_at(a, s, xmax):
+        """need |= this posterior's float64 test; returns its bound on max|D|."""
+        nonlocal need
         c = a * a * v + s * s
         inv2c = torch.tensor(0.5 / c if c > 0 else float("inf"), dtype=torch.float64)
         need |= _needs64(xmax, torch.tensor(a, dtype=torch.float64), inv2c, ymax, d)
-        dmax = abs(1 - a * a * v / c) * ymax + abs(a * v / c) * xmax if c > 0 else ymax + xmax
+        return abs(1 - a * a * v / c) * ymax + abs(a * v / c) * xmax if c > 0 else ymax + xmax
+
+    for row in table.tolist():
+        # a churned row evaluates D at x̂ = P x + Cchurn z; a staged one also D_u at u = Ux x̂ + UD D + Uz z_stage
+        xmax = abs(row[_table.P]) * xmax + abs(row[_table.CCHURN]) * NOISE_ABS_MAX
+        dmax = posterior_at(row[_table.ALPHA], row[_table.SIGMA], xmax)
         dmax_seen = torch.maximum(dmax_seen, dmax)
+        du = 0.0
+        if row[_table.BU] != 0.0:
+            umax = abs(row[_table.UX]) * xmax + abs(row[_table.UD]) * dmax + abs(row[_table.UZ]) * NOISE_ABS_MAX
+            du = abs(row[_table.BU]) * posterior_at(row[_table.ALPHA_U], row[_table.SIGMA_U], umax)
+        rho = row[_table.RHO]
+        w = NOISE_ABS_MAX * (abs(rho) + math.sqrt(max(0.0, 1.0 - rho * rho)))
         b = abs(row[_table.B0]) + abs(row[_table.B1]) + abs(row[_table.B2])
-        xmax = abs(row[_table.A]) * xmax + b * dmax_seen + abs(row[_table.C]) * NOISE_ABS_MAX
+        xmax = abs(row[_table.A]) * xmax + b * dmax_seen + du + abs(row[_table.C]) * w
     return need
 
 

@@ -132,30 +132,53 @@ class MethodTable:
     def kernel_table_refusal(self) -> str | None:
         """Why the whole-trajectory kernels' step table (fastdiff._table) cannot express this table, or None.
 
-        A kernel row is x ← A x + B0 D_k + B1 D_{k−1} + B2 D_{k−2} + C z_k with z_k the contract's draw at step k:
-        no churn (P = 1, C_churn = 0), one D per step (no stage), history items that are D itself
-        (h_x = 0, h_D = 1), at most two of them, and an uncorrelated step noise (ρ = 0)."""
+        A kernel row (fastdiff._table) runs a step's churn, its D, its stage and D_u, the correlated step noise and
+        up to two history items, which must be D itself (h_x = 0, h_D = 1): every §3b method but lms. The cuda and
+        triton kernels run one-step rows only (their refuse_reasons say so; fd.sample then steps the table)."""
         checks = (
             (self.history > 2, f"it uses {self.history} past steps (the kernels keep at most 2)"),
-            (bool((self.P != 1).any()) or bool((self.C_churn != 0).any()), "it churns (s_churn > 0)"),
-            (bool(self.staged.any()), "it evaluates D twice per step (two-stage)"),
             (self.history > 0 and (bool((self.hist_x != 0).any()) or bool((self.hist_d != 1).any())),
              "its history is not D itself (lms keeps (x − D)/σ)"),
-            (bool((self.rho != 0).any()), "its step noise is correlated with a stage's"),
+            (bool((self.staged & (self.B1 == 0)).any()), "a stage's D has weight 0 (a kernel row has a stage when "
+                                                          "BU != 0)"),
+            (bool(((self.rho != 0) & ~(self.staged & (self.c_u != 0))).any()),
+             "its step noise is correlated with a stage draw it does not make"),
         )
         reasons = [why for refused, why in checks if refused]
         return "; ".join(reasons) if reasons else None
 
+    def affine_step_refusal(self) -> str | None:
+        """Why a model's loop cannot run this table as one fastdiff.ops.affine_step per step (x ← A x + B0 D_k
+        + B₋₁ D_{k−1} + B₋₂ D_{k−2} + C z_k, history in buffers), or None: kernel_table_refusal's reasons, and
+        churn, a second D per step or a correlated step noise (the model would be called between them)."""
+        checks = (
+            (bool((self.P != 1).any()) or bool((self.C_churn != 0).any()), "it churns (s_churn > 0)"),
+            (bool(self.staged.any()), "it evaluates D twice per step (two-stage)"),
+            (bool((self.rho != 0).any()), "its step noise is correlated with a stage's"),
+        )
+        reasons = [r for r in (self.kernel_table_refusal(),) if r] + [why for refused, why in checks if refused]
+        return "; ".join(reasons) if reasons else None
+
     def kernel_table(self, process: Process) -> torch.Tensor | None:
-        """The [K, 8] float64 kernel step table (t, α(t), σ(t), A, B0, B₋₁, B₋₂, C) of fastdiff._table that
-        fastdiff.ops.pointcloud_sample runs, for a point cloud (D is E[X_0 | x] itself) on `process`; None when
-        the table cannot be expressed there (kernel_table_refusal says why). α and σ are computed as the table
-        executor's point-cloud run computes them (fastdiff.sampling), so both evaluate the same D's."""
+        """The [K, WIDTH] float64 kernel step table of fastdiff._table (t, α(t), σ(t), A, B0, B₋₁, B₋₂, C, then
+        the churn and stage columns) that fastdiff.ops.pointcloud_sample runs, for a point cloud (D is E[X_0 | x]
+        itself) on `process`; None when the table cannot be expressed there (kernel_table_refusal says why).
+        α and σ (at t and at the stage's t_u) are computed as the table executor's point-cloud run computes them
+        (fastdiff.sampling), so both evaluate the same D's."""
         if self.kernel_table_refusal() is not None:
             return None
         alpha = torch.exp(process._log_alpha(self.t))
         sigma = torch.sqrt(process._sigma2(self.t))
-        return _table.pack(alpha, sigma, self.A, self.B0, self.C, t=self.t, B1=self.Bm1, B2=self.Bm2)
+        staged = self.staged
+        zero = torch.zeros_like(self.A)
+        # the stage's time is unused (and may be 0) on rows without one: α = σ = 1 there keeps the row finite
+        t_u = torch.where(staged, self.t_u, self.t)
+        alpha_u = torch.where(staged, torch.exp(process._log_alpha(t_u)), 1.0)
+        sigma_u = torch.where(staged, torch.sqrt(process._sigma2(t_u)), 1.0)
+        on = lambda col: torch.where(staged, col, zero)        # noqa: E731
+        return _table.pack(alpha, sigma, self.A, self.B0, self.C, t=self.t, B1=self.Bm1, B2=self.Bm2, P=self.P,
+                           Cchurn=self.C_churn, alphaU=alpha_u, sigmaU=sigma_u, Ux=on(self.a_u), UD=on(self.b_u),
+                           Uz=on(self.c_u), BU=on(self.B1), rho=self.rho)
 
     def lists(self) -> dict:
         """Every column as Python floats (built once: the executor reads no tensor inside its loop)."""

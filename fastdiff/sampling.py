@@ -242,12 +242,12 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
         if fused:     # the whole trajectory in one op, like euler / ei / ei-x0
             run = _Run(denoiser, engine, mtable, None, None, None, seed, None, return_trajectory, False, True,
                        kernel_table)
-        elif not cloud and mtable.kernel_table_refusal() is None:   # model → one fused affine step with history
+        elif not cloud and mtable.affine_step_refusal() is None:    # model → one fused affine step with history
             run = _HistoryRun(denoiser, engine, mtable, seed, callback, return_trajectory)
         else:
             if not cloud and backend not in ("auto", "torch"):
                 raise ValueError(f"method {method!r} steps with the torch table executor here: the affine-step "
-                                 f"kernels cannot express its table ({mtable.kernel_table_refusal()}); "
+                                 f"kernels cannot express its table ({mtable.affine_step_refusal()}); "
                                  f"backend={backend!r} has no kernel for it (use backend='auto' or 'torch')")
             run = _TableRun(denoiser, engine, mtable, seed, callback, return_trajectory)
     else:

@@ -57,8 +57,9 @@ class StepTable:
         return self.A_score, -self.K_score / self.sigma, self.C
 
     def kernel_table(self, process: Process, prediction: str = "x0") -> torch.Tensor:
-        """The [K, 8] float64 table (t, α(t), σ(t), A, B0, 0, 0, C) that fastdiff.ops.pointcloud_sample and every
-        backend's whole-trajectory kernel take (fastdiff._table); B1 = B2 = 0 for these one-step methods."""
+        """The [K, WIDTH] float64 table (t, α(t), σ(t), A, B0, 0, 0, C, then P = 1 and no stage) that
+        fastdiff.ops.pointcloud_sample and every backend's whole-trajectory kernel take (fastdiff._table); B1 = B2 = 0
+        for these one-step methods."""
         A, B, C = self.for_prediction(prediction)
         return _table.pack(process.alpha(self.t), self.sigma, A, B, C, t=self.t)
 

@@ -65,7 +65,8 @@ SHAPES = [(1, 1, 1), (7, 3, 2), (129, 257, 3), (3, 300, 7), (5, 40, 129), (64, 6
 
 
 def step_table(process, K, method="ei", ode=False, schedule="karras"):
-    """The float64 [K, 8] kernel table (fastdiff._table) of a sampler grid, as the samplers hand pointcloud_sample."""
+    """The float64 [K, WIDTH] kernel table (fastdiff._table) of a sampler grid, as the samplers hand
+    pointcloud_sample."""
     times = fd.time_grid(process, K, schedule, 1e-2 * process.T if process.T > 1 else 1e-2)
     tab = fd.step_table(process, times, method, ode)
     A, B, C = tab.for_prediction("x0")
@@ -266,8 +267,10 @@ class CudaEmuBackend(_backend.Backend):
     def unavailable_reasons(self):
         return [] if shutil.which("c++") or os.environ.get("FASTDIFF_EMU_MODULE") else ["no C++ compiler"]
 
-    def refuse_reasons(self, op, device=None, dtype=None, d=None, **_):
+    def refuse_reasons(self, op, device=None, dtype=None, d=None, table=None, **_):
         reasons = super().refuse_reasons(op)
+        if op == "pointcloud_sample" and table is not None:
+            reasons += _table.stage_reasons(table, "CUDA")
         if device is not None and torch.device(device).type != "cpu":
             reasons.append(f"inputs are on {device}, the cuda_emu backend runs on CPU tensors")
         if dtype is not None and dtype not in (F32, F64):

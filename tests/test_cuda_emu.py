@@ -69,7 +69,7 @@ def emu_pointcloud_step(emu, x, data, alpha, sigma, A, B, C, seed, step, sample_
 
 def emu_pointcloud_sample(emu, x, data, table, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
                           return_trajectory=True):
-    """table: the float64 [K, 8] step table (fastdiff._table), passed as it is; x is updated in place."""
+    """table: the float64 [K, WIDTH] step table (fastdiff._table), passed as it is; x is updated in place."""
     assert x.is_contiguous() and table.dtype == F64 and table.is_contiguous() and table.shape[1] == _table.WIDTH
     return _backend_emu().pointcloud_sample(x, data, table, seed, sample_offset, _lw(x, log_weights),
                                             float(bandwidth), return_trajectory)

@@ -94,8 +94,8 @@ def test_pointcloud_sample_checks_the_table_and_leaves_x_untouched_on_error():
     x, y = torch.randn(3, 2), torch.randn(5, 2)
     good = _table.pack([0.9, 0.8], [0.5, 0.4], [1.0, 1.0], [0.1, 0.1], [0.2, 0.2])
     bad = {
-        r"table must have shape \[K, 8\]": (ValueError, good[:, :7].contiguous()),
-        r"table must have shape \[K, 8\].*got \[16\]": (ValueError, good.reshape(-1)),
+        r"table must have shape \[K, 17\]": (ValueError, good[:, :7].contiguous()),
+        r"table must have shape \[K, 17\].*got \[34\]": (ValueError, good.reshape(-1)),
         "table must be float64, got Float": (TypeError, good.float()),
         "table must be a CPU tensor.*meta": (ValueError, good.to("meta")),
         "table must be contiguous": (ValueError, good.t().contiguous().t()),

@@ -15,6 +15,7 @@ import torch
 
 import fastdiff as fd
 import fastdiff.methods as M
+from fastdiff import _table
 
 MEAN = torch.tensor([0.5, -1.0], dtype=torch.float64)
 COV = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
@@ -403,7 +404,7 @@ def test_fd_sample_rows_do_not_depend_on_the_batch(method, small_cloud, capsys):
     assert bool(torch.isfinite(full).all())
     assert torch.equal(full, fd.sample(small_cloud, n=12, progress=True, chunk_size=5, **kw))
     err = capsys.readouterr().err
-    if method in FUSED_METHODS and not options:                         # one fused op per chunk: samples
+    if method != "lms":                 # one fused op per chunk (on the CPU, churn and stages too): samples
         assert "12/12" in err and "sample" in err and "chunk" not in err
     else:
         assert "chunk 3/3" in err and "4/4" in err                      # the bar counts each chunk's steps
@@ -580,12 +581,20 @@ def test_eps_networks_where_float32_cannot_form_D_are_refused_up_front():
 
 
 # ------------------------------------------------------------------ fused point-cloud runs (issue 14, item 4)
-# The methods whose table the whole-trajectory kernels express (no churn, one stage, history = D, H <= 2).
+# The methods whose table the whole-trajectory kernels express with one-step rows (no churn, one stage, history
+# = D, H <= 2): every backend runs them fused. Churned and two-stage tables (STAGE_CASES) run fused on the cpu
+# and torch backends; the cuda and triton kernels refuse them (fd.sample then steps the table executor).
 FUSED_METHODS = ("edm_euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
-FUSED_CASES = [("edm_euler", {}), ("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
-               ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7}),
-               ("dpmpp_3m_sde", {}), ("dpmpp_3m_sde", {"s_noise": 1.1})]
+MULTISTEP_METHODS = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+STAGE_CASES = [("heun", {}), ("heun", {"s_churn": 1.0, "s_tmax": 5.0}), ("dpm_2", {}),
+               ("dpm_2_ancestral", {"eta": 0.8}), ("dpmpp_2s_ancestral", {}), ("dpmpp_sde", {}),
+               ("dpmpp_sde", {"eta": 0.6, "r": 0.4}), ("edm_euler", {"s_churn": 1.0, "s_tmax": 5.0, "s_noise": 1.01})]
+ONE_STEP_CASES = [("edm_euler", {}), ("euler_ancestral", {}), ("euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
+                  ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.7}),
+                  ("dpmpp_3m_sde", {}), ("dpmpp_3m_sde", {"s_noise": 1.1})]
+FUSED_CASES = ONE_STEP_CASES + STAGE_CASES
 FUSED_BACKENDS = ["torch", "cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu), "triton"]
+STAGE_BACKENDS = ("torch", "cpu")
 
 
 def _backend_or_skip(name):
@@ -617,9 +626,9 @@ def _count_fused_calls(monkeypatch):
 def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, backend, dtype, monkeypatch):
     """A point cloud with an expressible method and no callback runs ops.pointcloud_sample once per chunk with
     the method's kernel table, and equals the table executor on the same backend (a no-op callback runs it):
-    float64 within 1e-12 relative; float32 within twice the executor's own float32 error (both against the
-    float64 executor on the torch backend) + 4 eps32 of the scale, the kernels' float32 standard
-    (tests/contract.py fa_close)."""
+    float64 within 1e-12 relative; float32 within twice the float32 references' own error (the executor on
+    this backend, and the torch backend's run of the same table; all against the float64 executor on the torch
+    backend) + 4 eps32 of the scale, the kernels' float32 standard (tests/contract.py fa_close)."""
     backend = _backend_or_skip(backend)
     if backend == "triton" and dtype == torch.float64:
         pytest.skip("the Triton kernels compute in float32")
@@ -631,11 +640,17 @@ def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, ba
     kw = dict(steps=9, method=method, seed=4, sample_offset=3, backend=backend, return_trajectory=True, **options)
     calls = _count_fused_calls(monkeypatch)
     fused, traj = fd.sample(cloud, x=x0.to(dtype), **kw)
-    assert len(calls) == 1 and calls[0][0, 5] == 0 and not bool(calls[0][:2, 6].any())   # no D before row 0
-    assert bool(calls[0][1:, 5].any()) == method.startswith("dpmpp")   # the multistep columns went down as they are
-    assert bool(calls[0][2:, 6].any()) == (method == "dpmpp_3m_sde")
+    if (method, options) in STAGE_CASES and backend not in STAGE_BACKENDS:
+        assert calls == []                                           # refused by the kernels: the executor ran
+    else:
+        B1, B2 = calls[0][:, _table.B1], calls[0][:, _table.B2]
+        assert len(calls) == 1 and B1[0] == 0 and not bool(B2[:2].any())   # no D before row 0
+        assert bool(B1[1:].any()) == (method in MULTISTEP_METHODS)   # the multistep columns went down as they are
+        assert bool(B2[2:].any()) == (method == "dpmpp_3m_sde")
+        assert _table.uses_stages(calls[0]) == ((method, options) in STAGE_CASES)
+    n_calls = len(calls)
     steps = fd.sample(cloud, x=x0.to(dtype), callback=lambda info: None, **kw)
-    assert len(calls) == 1                                           # the callback ran the executor
+    assert len(calls) == n_calls                                     # the callback ran the executor
     assert torch.equal(traj[-1], fused) and torch.equal(traj[0], x0.to(dtype))
     if dtype == torch.float64:
         for a, b in ((fused, steps[0]), (traj, steps[1])):
@@ -643,8 +658,12 @@ def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, ba
             assert err <= 1e-12 * float(b.abs().max()), f"{method}: {err:.3g}"
         return
     ref, ref_traj = fd.sample(cloud64, x=x0, callback=lambda info: None, **(kw | {"backend": "torch"}))
-    for a, b, r in ((fused, steps[0], ref), (traj, steps[1], ref_traj)):
-        err, base = float((a.double() - r).abs().max()), float((b.double() - r).abs().max())
+    # the float32 references: the executor stepping this backend's ops, and the plain-torch run of the same
+    # kernel table (fastdiff.reference.pointcloud_sample in float32); the larger of their own errors is the base
+    ref32, ref32_traj = fd.sample(cloud, x=x0.to(dtype), **(kw | {"backend": "torch"}))
+    for a, bs, r in ((fused, (steps[0], ref32), ref), (traj, (steps[1], ref32_traj), ref_traj)):
+        err = float((a.double() - r).abs().max())
+        base = max(float((b.double() - r).abs().max()) for b in bs)
         atol = 4 * torch.finfo(torch.float32).eps * (float(r.abs().max()) + 1)
         assert err <= 2 * base + atol, f"{method}: {err:.3g} > 2·{base:.3g} + {atol:.3g}"
 
@@ -671,18 +690,34 @@ def test_fd_sample_fused_multistep_at_large_d_equals_the_executor(backend, monke
 
 
 @pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
-@pytest.mark.parametrize("method, options", [("heun", {}), ("lms", {}), ("dpmpp_sde", {}), ("dpm_2", {}),
-                                             ("edm_euler", {"s_churn": 1.0, "s_tmax": 5.0})])
-def test_fd_sample_keeps_the_executor_for_tables_the_kernels_cannot_express(method, options, small_cloud,
-                                                                             monkeypatch):
-    """Two-stage methods, lms (history (x − D)/σ, order 4) and churn have no kernel table: the executor runs them
-    (ops.pointcloud_sample is never called), and MethodTable says why."""
+@pytest.mark.parametrize("options", [{}, {"order": 2}])
+def test_fd_sample_keeps_the_executor_for_tables_the_kernels_cannot_express(options, small_cloud, monkeypatch):
+    """lms (history (x − D)/σ, order up to 4) has no kernel table: the executor runs it (ops.pointcloud_sample is
+    never called), and MethodTable says why."""
     calls = _count_fused_calls(monkeypatch)
-    out = fd.sample(small_cloud, n=6, steps=5, method=method, seed=1, **options)
+    out = fd.sample(small_cloud, n=6, steps=5, method="lms", seed=1, **options)
     assert calls == [] and bool(torch.isfinite(out).all())
     p = small_cloud.process
-    table = M.method_table(p, grid(p, 5), method, **options)
-    assert table.kernel_table(p) is None and table.kernel_table_refusal()
+    table = M.method_table(p, grid(p, 5), "lms", **options)
+    assert table.kernel_table(p) is None and "lms keeps" in table.kernel_table_refusal()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cuda_emu", marks=pytest.mark.cuda_emu), "triton"])
+def test_kernels_without_stage_rows_refuse_a_two_stage_table_and_say_why(backend):
+    """The cuda and triton whole-trajectory kernels run one-step rows: asked for a churned or two-stage table they
+    refuse with the reason (no silent fallback), and x is untouched; auto never picks them for one."""
+    backend = _backend_or_skip(backend)
+    p = fd.VP()
+    table = M.method_table(p, grid(p, 4), "heun").kernel_table(p)
+    x = p.prior(5, 3, seed=1)
+    xc = x.clone()
+    with pytest.raises(ValueError, match="run one-step rows only.*the cpu and torch backends run it"):
+        fd.ops.pointcloud_sample(xc, torch.randn(7, 3, generator=torch.Generator().manual_seed(2)), table, 0,
+                                 backend=backend)
+    assert torch.equal(xc, x)
+    reasons = fd._backend.BACKENDS[backend].refuse_reasons("pointcloud_sample", table=table,
+                                                            **fd._backend.facts(x))
+    assert any("one-step rows only" in r for r in reasons)
 
 
 @pytest.mark.parametrize("method", FUSED_METHODS)
@@ -692,11 +727,33 @@ def test_kernel_table_is_the_method_tables_columns(method):
     p = PROCESSES["DriftedVE"]
     table = M.method_table(p, grid(p, 7), method)
     kt = table.kernel_table(p)
-    assert table.kernel_table_refusal() is None and kt.dtype == torch.float64 and kt.shape == (7, 8)
+    assert table.kernel_table_refusal() is None and kt.dtype == torch.float64 and kt.shape == (7, _table.WIDTH)
     expected = torch.stack([table.t, torch.exp(p._log_alpha(table.t)), torch.sqrt(p._sigma2(table.t)), table.A,
                             table.B0, table.Bm1, table.Bm2, table.C], dim=1)
-    assert torch.equal(kt, expected)
+    assert torch.equal(kt[:, :_table.P], expected)
+    assert not _table.uses_stages(kt) and bool((kt[:, [_table.P, _table.ALPHA_U, _table.SIGMA_U]] == 1).all())
+    assert not bool(kt[:, [_table.CCHURN, _table.UX, _table.UD, _table.UZ, _table.BU, _table.RHO]].any())
     assert not bool((kt[:, 1] == 1).all())
+
+
+@pytest.mark.parametrize("method, options", STAGE_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(STAGE_CASES)])
+def test_kernel_table_carries_the_churn_and_the_stage(method, options):
+    """A churned or two-stage method's kernel table: P and Cchurn as the method's, and on each staged row α and σ
+    at t_u, the stage point's coefficients, D_u's weight and rho exactly the executor's; 0 (and α = σ = 1) on the
+    rows without a stage (a two-stage method's last step to σ = 0 is an Euler step)."""
+    p = PROCESSES["DriftedVE"]
+    table = M.method_table(p, grid(p, 6), method, **options)
+    kt = table.kernel_table(p)
+    st = table.staged
+    assert table.kernel_table_refusal() is None and kt.shape == (6, _table.WIDTH)
+    assert torch.equal(kt[:, _table.P], table.P) and torch.equal(kt[:, _table.CCHURN], table.C_churn)
+    assert torch.equal(kt[st, _table.ALPHA_U], torch.exp(p._log_alpha(table.t_u[st])))
+    assert torch.equal(kt[st, _table.SIGMA_U], torch.sqrt(p._sigma2(table.t_u[st])))
+    for col, src in ((_table.UX, table.a_u), (_table.UD, table.b_u), (_table.UZ, table.c_u), (_table.BU, table.B1)):
+        assert torch.equal(kt[st, col], src[st]) and not bool(kt[~st, col].any())
+    assert torch.equal(kt[:, _table.RHO], table.rho)
+    assert bool((kt[~st][:, [_table.ALPHA_U, _table.SIGMA_U]] == 1).all())
+    assert _table.uses_stages(kt)
 
 
 @pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
@@ -750,7 +807,8 @@ def _count_affine_calls(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::fastdiff.sampling.GridWarning")   # coarse grids on purpose
 @pytest.mark.parametrize("backend", MODEL_BACKENDS)
-@pytest.mark.parametrize("method, options", FUSED_CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(FUSED_CASES)])
+@pytest.mark.parametrize("method, options", ONE_STEP_CASES,
+                         ids=[f"{m}-{i}" for i, (m, _) in enumerate(ONE_STEP_CASES)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_fd_sample_model_multistep_runs_one_fused_affine_step_per_step(method, options, backend, dtype,
                                                                        monkeypatch):

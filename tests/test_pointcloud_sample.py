@@ -1,7 +1,7 @@
 """pointcloud_sample(x, data, table, seed, sample_offset, log_weights, bandwidth, return_trajectory): every step of
-a float64 [K, 8] kernel table, x updated in place, on every backend this machine runs (tests/contract.py), through
-fastdiff.ops; each state of the trajectory against the reference step from the kernel's own previous state.
-Select one backend with -k, e.g. `-k cuda_emu`."""
+a float64 [K, WIDTH] kernel table (fastdiff._table), x updated in place, on every backend this machine runs
+(tests/contract.py), through fastdiff.ops; each state of the trajectory against the reference step from the
+kernel's own previous state. Select one backend with -k, e.g. `-k cuda_emu`."""
 import pytest
 import torch
 
@@ -164,7 +164,7 @@ MULTISTEP_BACKENDS = ("cpu", "cuda", "cuda_emu", "triton")
 
 
 def multistep_table(K, seed, depth=2):
-    """A random [K, 8] kernel table using B1 from row 1 and B2 from row 2 (depth 2), or B1 only (depth 1): the
+    """A random [K, WIDTH] kernel table using B1 from row 1 and B2 from row 2 (depth 2), or B1 only (depth 1): the
     coefficients of a contracting multistep method's size (A ~ 1, B0 ~ 0.3, |B1|, |B2| <= 0.3, C ~ 0.2)."""
     g = gen(seed)
 
@@ -274,6 +274,129 @@ def test_history_from_before_the_first_row_is_refused(backend, row, col):
         ops.pointcloud_sample(xc, torch.randn(5, 3, generator=gen(8)).to(dev), table, 0, backend=backend)
     assert torch.equal(xc, x)
 
+
+
+# ------------------------------------------------ churned and two-stage rows (issue 14: both D's in one launch)
+STAGE_BACKENDS = ("cpu",)                   # the cuda and triton kernels refuse them (test_multistep.py)
+
+
+def stage_table(K, seed):
+    """A random [K, WIDTH] table mixing one-step rows, churned rows (P ≠ 1, Cchurn > 0), two-stage rows (a stage
+    point with its own α, σ and noise, D_u's weight BU, step noise correlated by rho) and the B1 history, with
+    coefficients of a contracting sampler's size; the last row is a one-step row."""
+    g = gen(seed)
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(K, generator=g, dtype=F64)
+
+    kind = torch.arange(K) % 3                      # 0: one-step, 1: churn + stage, 2: stage only
+    kind[-1] = 0
+    staged, churned = kind > 0, kind == 1
+    zero = torch.zeros(K, dtype=F64)
+    on = lambda mask, col: torch.where(mask, col, zero)        # noqa: E731
+    B1 = torch.cat([torch.zeros(1, dtype=F64), u(-0.2, 0.2)[1:]])
+    return _table.pack(u(0.5, 1.0), u(0.2, 1.5), u(0.5, 0.9), u(0.0, 0.3), u(0.0, 0.3), t=u(0, 1), B1=B1,
+                       P=torch.where(churned, u(0.9, 1.1), 1.0), Cchurn=on(churned, u(0.05, 0.3)),
+                       alphaU=torch.where(staged, u(0.5, 1.0), 1.0), sigmaU=torch.where(staged, u(0.2, 1.5), 1.0),
+                       Ux=on(staged, u(0.8, 1.0)), UD=on(staged, u(0.0, 0.3)), Uz=on(staged, u(0.0, 0.3)),
+                       BU=on(staged, u(0.1, 0.3)), rho=on(staged, u(-0.8, 0.8)))
+
+
+def _reference_stage_step(traj, k, table, data, seed, off, lw, v, dtype):
+    """State k + 1 from the kernel's own states by the reference's operations in `dtype`: row k as
+    fastdiff.reference.pointcloud_sample runs it (churn, D, stage, D_u, correlated noise), then B1 times the D of
+    row k − 1 at the kernel's state k − 1 (its churned x̂ for a churned row: the same draws)."""
+    from fastdiff.reference.pointcloud_sample import _one_step, _staged_row
+    rows = table.tolist()
+    data, lw = data.to(dtype), None if lw is None else lw.to(dtype)
+
+    def step(j):                                    # (state after row j alone, D of row j)
+        xj, r = traj[j].to(dtype).clone(), rows[j]
+        if _one_step(r):
+            D = ref_posterior(xj, data, r[_table.ALPHA], r[_table.SIGMA], lw, v)[0]
+            return ref_affine(xj, D, r[_table.A], r[_table.B0], r[_table.C], seed, j, off), D
+        D = _staged_row(xj, data, r, seed, j, off, lw, v)
+        return xj, D
+    out, _ = step(k)
+    if rows[k][_table.B1] != 0.0:
+        out.add_(step(k - 1)[1], alpha=rows[k][_table.B1])
+    return out
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(*STAGE_BACKENDS))
+@pytest.mark.parametrize("M, N, d, K", [(1, 1, 2, 4), (37, 19, 2, 7), (29, 23, 3, 6), (9, 40, 64, 6),
+                                        (5, 17, 65, 6), (6, 11, 300, 4)],
+                         ids=["1x1-d2", "37x19-d2", "29x23-d3", "9x40-d64", "5x17-d65", "6x11-d300"])
+def test_churn_and_stage_rows_follow_the_reference(backend, dtype, M, N, d, K):
+    """Random churn / stage / correlated-noise tables on odd shapes, the small-d (per row) and large-d (grouped)
+    paths, with log-weights, bandwidth and a sample offset: every state against the reference step from the
+    kernel's own states (fa_close in float32, 1e-12 relative in float64), and the whole float64 run within 1e-12
+    relative of fastdiff.reference.pointcloud_sample. The one-step rows of the table keep pointcloud_step's bits."""
+    g = gen(300 + d + M)
+    y = torch.randn(N, d, generator=g, dtype=F64)
+    x = torch.randn(M, d, generator=g, dtype=F64).to(dtype)
+    lw = torch.log(torch.rand(N, generator=g, dtype=F64) + 0.1)
+    table = stage_table(K, d + K)
+    assert _table.uses_stages(table)
+    dev = device(backend)
+    xk = x.clone().to(dev)
+    traj = ops.pointcloud_sample(xk, y.to(dtype).to(dev), table, 11, 5, lw.to(dev), 0.02, True, backend=backend)
+    assert torch.equal(traj[-1], xk)
+    traj = traj.cpu()
+    for k in range(K):
+        r64 = _reference_stage_step(traj, k, table, y, 11, 5, lw, 0.02, F64)
+        if dtype == F32:
+            fa_close(traj[k + 1], r64, _reference_stage_step(traj, k, table, y, 11, 5, lw, 0.02, F32), f"step {k}")
+        else:
+            err = float((traj[k + 1] - r64).abs().max())
+            assert err <= MULTISTEP_REL64 * (float(r64.abs().max()) + 1), f"step {k}: error {err:.3g}"
+    row0 = table.tolist()[0]                        # a one-step row: pointcloud_step's bits
+    first = ops.pointcloud_step(x.clone().to(dev), y.to(dtype).to(dev), row0[_table.ALPHA], row0[_table.SIGMA],
+                                row0[_table.A], row0[_table.B0], row0[_table.C], 11, 0, 5, lw.to(dev), 0.02,
+                                backend=backend)
+    assert torch.equal(traj[1], first.cpu())
+    if dtype == F64:
+        whole = ref_sample(x.clone(), y, table, 11, 5, lw, 0.02, True)
+        err = float((traj - whole).abs().max())
+        assert err <= MULTISTEP_REL64 * (float(whole.abs().max()) + 1), f"whole run: error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend", backends("torch", *STAGE_BACKENDS))
+def test_stage_rows_are_row_invariant_and_draw_their_own_noise(backend):
+    """Rows of a churned / two-stage run do not depend on the batch: a slice with its sample offset gives the same
+    rows bit for bit; and each noise (churn, stage, step) matters: zeroing Cchurn, Uz or rho changes the run."""
+    g = gen(400)
+    y = torch.randn(13, 3, generator=g, dtype=F64)
+    x = torch.randn(20, 3, generator=g, dtype=F64)
+    table = stage_table(6, 41)
+    dev = device(backend)
+    whole = x.clone().to(dev)
+    ops.pointcloud_sample(whole, y.to(dev), table, 3, 100, backend=backend)
+    part = x[7:15].clone().to(dev)
+    ops.pointcloud_sample(part, y.to(dev), table, 3, 107, backend=backend)
+    assert torch.equal(part, whole[7:15])
+    for col in (_table.CCHURN, _table.UZ, _table.RHO):
+        t2 = table.clone()
+        t2[:, col] = 0.0
+        other = x.clone().to(dev)
+        ops.pointcloud_sample(other, y.to(dev), t2, 3, 100, backend=backend)
+        assert not torch.equal(other, whole), _table.COLUMNS[col]
+
+
+@pytest.mark.parametrize("backend", backends("torch", *STAGE_BACKENDS))
+def test_bad_stage_columns_are_named_and_x_untouched(backend):
+    """A staged row (BU != 0) with sigmaU <= 0, or |rho| > 1, is a ValueError naming the column; x is unchanged."""
+    dev = device(backend)
+    x = torch.randn(4, 3, generator=gen(9)).to(dev)
+    y = torch.randn(5, 3, generator=gen(10)).to(dev)
+    for col, value, match in ((_table.SIGMA_U, 0.0, "sigmaU must be positive"),
+                              (_table.RHO, 1.5, "rho is a correlation")):
+        table = stage_table(3, 12)
+        table[1, col] = value
+        xc = x.clone()
+        with pytest.raises(ValueError, match=match):
+            ops.pointcloud_sample(xc, y, table, 0, backend=backend)
+        assert torch.equal(xc, x)
 
 
 @pytest.mark.parametrize("backend, dtype", backend_dtypes())

@@ -326,7 +326,7 @@ def _trajectories(process, method, ode, data, x, K, seed, weights=None, bandwidt
 
 
 def kernel_table(process, steps, prediction="x0"):
-    """The float64 [K, 8] kernel table (fastdiff._table) of a StepTable."""
+    """The float64 [K, WIDTH] kernel table (fastdiff._table) of a StepTable."""
     A, B, C = steps.for_prediction(prediction)
     return _table.pack(process.alpha(steps.t), steps.sigma, A, B, C, t=steps.t)
 

@@ -1,14 +1,38 @@
 // The kernel step table (fastdiff/_table.py): float64 [K, kTableWidth], row-major, row k = step k:
-//   x_{k+1} = A x_k + B0 D_k + B1 D_{k-1} + B2 D_{k-2} + C z_k,   D_k = posterior mean at (alpha_k, sigma_k).
+//   x^      = P x_k + Cchurn z_churn                                   (churn; P = 1, Cchurn = 0 without)
+//   D_k     = posterior mean at x^ with (alpha, sigma)
+//   u       = Ux x^ + UD D_k + Uz z_stage,  D_u = posterior mean at u with (alphaU, sigmaU)   (when BU != 0)
+//   x_{k+1} = A x^ + B0 D_k + B1 D_{k-1} + B2 D_{k-2} + BU D_u + C w,  w = rho z_stage + sqrt(1 - rho^2) z_k
 // B1 and B2 are the multistep columns (0 for one-step methods): D_{k-1}, D_{k-2} are the D's of rows k-1, k-2.
-// t is informational (callbacks, reports).
+// z_stage and z_churn are the noise contract's draws at steps kStageStepBase + k and kChurnStepBase + k.
+// A row with P = 1 and Cchurn = BU = rho = 0 is a one-step row (row_is_one_step). t is informational.
 // Torch-free: included by the CPU and CUDA kernels and by the glue.
 #pragma once
 #include <cstdint>
 
 namespace fastdiff {
 
-enum TableColumn : int { kColT = 0, kColAlpha, kColSigma, kColA, kColB0, kColB1, kColB2, kColC, kTableWidth };
+enum TableColumn : int {
+  kColT = 0, kColAlpha, kColSigma, kColA, kColB0, kColB1, kColB2, kColC,
+  kColP, kColCchurn, kColAlphaU, kColSigmaU, kColUx, kColUD, kColUz, kColBU, kColRho, kTableWidth
+};
+
+// The noise steps of a row's stage and churn draws (fastdiff/methods.py STAGE_STEP_BASE, CHURN_STEP_BASE).
+inline constexpr uint32_t kStageStepBase = 1u << 31;
+inline constexpr uint32_t kChurnStepBase = (1u << 31) + (1u << 30);
+
+inline bool row_churns(const double* row) { return row[kColP] != 1.0 || row[kColCchurn] != 0.0; }
+inline bool row_is_staged(const double* row) { return row[kColBU] != 0.0; }
+inline bool row_is_one_step(const double* row) {
+  return !row_churns(row) && !row_is_staged(row) && row[kColRho] == 0.0;
+}
+
+// Whether any row of a [K, kTableWidth] table churns or has a stage (the rows the CUDA kernels refuse).
+inline bool table_has_stages(const double* table, int64_t K) {
+  for (int64_t k = 0; k < K; ++k)
+    if (!row_is_one_step(table + k * kTableWidth)) return true;
+  return false;
+}
 
 // How many past D's a [K, kTableWidth] table uses: 2 when some B2 is nonzero, else 1 when some B1 is, else 0.
 // The kernels keep that many D's per row across steps (and none for one-step tables, which run as before).

@@ -11,6 +11,7 @@ template <typename T>
 void pointcloud_step(const Cloud<T>& c, const T* x, T* out, int64_t M, double alpha, double sigma, double A,
                      double B, double C, uint64_t seed, uint32_t step, uint64_t sample_offset) {
   double row[kTableWidth] = {};   // the step as a one-row table, so one code path runs both ops
+  row[kColP] = 1.0;               // no churn
   row[kColAlpha] = alpha;
   row[kColSigma] = sigma;
   row[kColA] = A;

@@ -110,7 +110,7 @@ inline void check_cuda_d(int64_t d, const char* op) {
 // from before the first step (there are none): B1 = 0 at row 0, B2 = 0 at rows 0 and 1.
 inline void check_step_table(const at::Tensor& table) {
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == kTableWidth, "table must have shape [K, ", kTableWidth,
-                    "] (columns t, alpha, sigma, A, B0, B1, B2, C; fastdiff/_table.py), got ", shape_str(table));
+                    "] (fastdiff/_table.py COLUMNS), got ", shape_str(table));
   TORCH_CHECK_TYPE(table.scalar_type() == at::kDouble, "table must be float64, got ", table.scalar_type());
   TORCH_CHECK_VALUE(table.is_cpu(), "table must be a CPU tensor (the step table is host data), got one on ",
                     table.device());
@@ -120,6 +120,13 @@ inline void check_step_table(const at::Tensor& table) {
     const double* row = table.data_ptr<double>() + k * kTableWidth;
     TORCH_CHECK_VALUE(false, "pointcloud_sample: table row ", k, " uses a D from before the first step (B1=",
                       row[kColB1], ", B2=", row[kColB2], "); B1 must be 0 at row 0 and B2 at rows 0 and 1");
+  }
+  for (int64_t r = 0; r < table.size(0); ++r) {
+    const double* row = table.data_ptr<double>() + r * kTableWidth;
+    TORCH_CHECK_VALUE(!row_is_staged(row) || row[kColSigmaU] > 0, "pointcloud_sample: table row ", r,
+                      " has a stage (BU != 0) but sigmaU = ", row[kColSigmaU], " (must be > 0)");
+    TORCH_CHECK_VALUE(std::abs(row[kColRho]) <= 1, "pointcloud_sample: table row ", r, " has rho = ", row[kColRho],
+                      " (a correlation: |rho| <= 1)");
   }
 }
 

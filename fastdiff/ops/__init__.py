@@ -199,8 +199,11 @@ def pointcloud_sample(x, data, table, seed: int, sample_offset: int = 0, log_wei
                       return_trajectory: bool = False, *, backend: str = "auto"):
     """Every step of a kernel step table for a point cloud; x is updated in place.
 
-    table: [K, 8] numbers, one row per step with columns (t, alpha, sigma, A, B0, B1, B2, C) (fastdiff._table;
-    fd.step_table(...).kernel_table(process) builds it): x ← A x + B0 D_k + B1 D_{k−1} + B2 D_{k−2} + C z_k.
+    table: [K, 17] numbers, one row per step with the columns of fastdiff._table (t, alpha, sigma, A, B0, B1, B2,
+    C, then the churn and stage columns P, Cchurn, alphaU, sigmaU, Ux, UD, Uz, BU, rho; fd.step_table(...)
+    .kernel_table(process) and fd.method_table(...).kernel_table(process) build it, fastdiff._table.pack from
+    columns): x ← A x + B0 D_k + B1 D_{k−1} + B2 D_{k−2} + C z_k for a one-step row; a churned or two-stage row
+    as fastdiff._table's docstring writes it. The cuda and triton backends run one-step rows only.
     Returns the trajectory [K+1, M, d] when asked, else None. x may have any strides. No backward: x must not
     require grad while grad mode is on."""
     if torch.compiler.is_compiling():
@@ -212,7 +215,7 @@ def pointcloud_sample(x, data, table, seed: int, sample_offset: int = 0, log_wei
     table = _checks.check_kernel_table(table)
     _, _, bandwidth, absmax = _check_cloud_call(x, data, 1.0, 1.0, log_weights, bandwidth)
     seed, sample_offset, _ = _checks.check_counters(seed, sample_offset, x.shape[0], steps=len(table))
-    impl = _backend.select("pointcloud_sample", backend, **_backend.facts(x))
+    impl = _backend.select("pointcloud_sample", backend, **_backend.facts(x, table=table))
     # The backends write x as they go (the torch reference step by step): run on a contiguous copy and copy the
     # result back only when every step has succeeded, so an error leaves the caller's x as it was.
     work = x.detach().clone(memory_format=torch.contiguous_format)

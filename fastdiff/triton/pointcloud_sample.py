@@ -1,7 +1,8 @@
 """Triton whole-trajectory point-cloud sampler: every step k of a step table (MATH.md §3)
   D_k = posterior(x; α_k, σ_k),  x ← A_k·x + B0_k·D_k + C_k·z_k + B1_k·D_{k−1} + B2_k·D_{k−2}
 (z_k: noise contract, step index k) in one kernel launch, x updated in place. The table is fastdiff._table's
-float64 [K, 8] layout; the multistep terms (B1, B2: DPM-Solver++(2M)/(3M), docs/math.md §3b) are added after
+float64 [K, WIDTH] layout (one-step rows only: a table that churns or has a stage is refused, see
+fastdiff.triton.refuse_reasons); the multistep terms (B1, B2: DPM-Solver++(2M)/(3M), docs/math.md §3b) are added after
 the one-step update, B1 term then B2 term, as fastdiff.reference.pointcloud_sample adds them. The kernels read
 per-step float32 records derived from the table on the host (see step_records, history_records); no host sync
 between steps.
