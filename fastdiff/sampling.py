@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from collections import OrderedDict
 
 import torch
 
@@ -650,7 +651,7 @@ def _warn_if_poor_grid(process, table, low: float = 0.25, high: float = 4.0):
 # loops over the steps, ~20 µs a step together: as much as a small network's loop overhead, paid again by a
 # caller that samples repeatedly on one grid. The table is frozen; the process is held, so its id stays its own,
 # and its repr (its parameters) is in the key too. Grids of at most _TABLE_MEMO_STEPS steps: bounded memory.
-_TABLE_MEMO: dict = {}
+_TABLE_MEMO: OrderedDict = OrderedDict()
 _TABLE_MEMO_SIZE = 16
 _TABLE_MEMO_STEPS = 4096
 
@@ -670,8 +671,11 @@ def _method_table(process, grid, method, ode, eta, options):
     table = _methods.method_table(process, grid, method, ode=ode, eta=eta, **options)
     var = _methods.unit_gaussian_variance(table, process)
     if key is not None:
-        if len(_TABLE_MEMO) >= _TABLE_MEMO_SIZE:
-            _TABLE_MEMO.pop(next(iter(_TABLE_MEMO)))        # oldest first (dicts keep insertion order)
+        while len(_TABLE_MEMO) >= _TABLE_MEMO_SIZE:
+            try:
+                _TABLE_MEMO.popitem(last=False)             # the oldest (one call: safe beside other threads)
+            except KeyError:
+                break
         _TABLE_MEMO[key] = (process, table, var)
     return table, var
 
