@@ -158,6 +158,25 @@ def test_trajectory_bound_promotes_rows_that_grow():
     assert need.tolist() == [False, False]
 
 
+def test_trajectory_bound_follows_the_churn_and_the_stage():
+    """The bound sees a row's churned state x̂ = P x + Cchurn z and its stage point u with the stage's own σ: a
+    growth there alone (P = 1e19, or a stage σ so small that 1/(2c) overflows float32) promotes the row; the
+    same table with P = 1 and no stage does not."""
+    data = torch.tensor([[0.0], [1.0]])
+    x = torch.tensor([[1.0], [2.0]])
+    ones, zeros = torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64)
+    plain = _table.pack(ones, ones, 0.5 * ones, 0.5 * ones, zeros)
+    assert _precision.float64_rows_trajectory(x, data, plain).tolist() == [False, False]
+    churned = _table.pack(ones, ones, 0.5 * ones, 0.5 * ones, zeros, P=torch.tensor([1e19, 1.0], dtype=F64))
+    assert _precision.float64_rows_trajectory(x, data, churned).tolist() == [True, True]
+    staged = _table.pack(ones, ones, 0.5 * ones, 0.5 * ones, zeros, alphaU=ones, sigmaU=1e-30 * ones, Ux=ones,
+                         BU=0.1 * ones)
+    assert _precision.float64_rows_trajectory(x, data, staged).tolist() == [True, True]
+    unused = staged.clone()
+    unused[:, _table.BU] = 0.0                   # the same stage columns without a second D: nothing to evaluate
+    assert _precision.float64_rows_trajectory(x, data, unused).tolist() == [False, False]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pointcloud_sample_and_step_promote_overflowing_rows(backend):
     """Rows 1..2 overflow float32 logits at every step: they run in float64 (noise of their own global index),
