@@ -25,6 +25,9 @@ COLUMNS = ("t", "alpha", "sigma", "A", "B0", "B1", "B2", "C", "P", "Cchurn", "al
 T, ALPHA, SIGMA, A, B0, B1, B2, C, P, CCHURN, ALPHA_U, SIGMA_U, UX, UD, UZ, BU, RHO = range(len(COLUMNS))
 WIDTH = len(COLUMNS)
 MULTISTEP = (B1, B2)
+# the noise contract's steps of a row's stage and churn draws (csrc/common/table.h kStageStepBase, kChurnStepBase)
+STAGE_STEP_BASE = 2**31
+CHURN_STEP_BASE = 2**31 + 2**30
 _DEFAULTS = {"P": 1.0}                  # every other missing column is 0
 
 
@@ -49,6 +52,11 @@ def pack(alpha, sigma, A, B0, C, *, t=None, B1=None, B2=None, **stages) -> torch
 def uses_history(table: torch.Tensor) -> bool:
     """Whether any step uses D_{k−1} or D_{k−2} (a multistep table)."""
     return bool(table[:, B1:B2 + 1].any())
+
+
+def row_is_one_step(row) -> bool:
+    """Whether a table row (a sequence of WIDTH numbers) is a one-step row: no churn, no stage, rho = 0."""
+    return row[P] == 1.0 and row[CCHURN] == 0.0 and row[BU] == 0.0 and row[RHO] == 0.0
 
 
 def uses_stages(table: torch.Tensor) -> bool:

@@ -71,3 +71,6 @@ def test_the_kernel_table_layout_is_the_same_in_python_and_cpp():
     assert names[-1] == "kTableWidth" and len(names) - 1 == _table.WIDTH
     spelled = [n.removeprefix("kCol") for n in names[:-1]]
     assert [s.lower() for s in spelled] == [c.lower() for c in _table.COLUMNS]
+    # the stage and churn noise steps, spelled as shifts in C++
+    assert "kStageStepBase = 1u << 31;" in header and _table.STAGE_STEP_BASE == 1 << 31
+    assert "kChurnStepBase = (1u << 31) + (1u << 30);" in header and _table.CHURN_STEP_BASE == (1 << 31) + (1 << 30)

@@ -306,13 +306,13 @@ def _reference_stage_step(traj, k, table, data, seed, off, lw, v, dtype):
     """State k + 1 from the kernel's own states by the reference's operations in `dtype`: row k as
     fastdiff.reference.pointcloud_sample runs it (churn, D, stage, D_u, correlated noise), then B1 times the D of
     row k − 1 at the kernel's state k − 1 (its churned x̂ for a churned row: the same draws)."""
-    from fastdiff.reference.pointcloud_sample import _one_step, _staged_row
+    from fastdiff.reference.pointcloud_sample import _staged_row
     rows = table.tolist()
     data, lw = data.to(dtype), None if lw is None else lw.to(dtype)
 
     def step(j):                                    # (state after row j alone, D of row j)
         xj, r = traj[j].to(dtype).clone(), rows[j]
-        if _one_step(r):
+        if _table.row_is_one_step(r):
             D = ref_posterior(xj, data, r[_table.ALPHA], r[_table.SIGMA], lw, v)[0]
             return ref_affine(xj, D, r[_table.A], r[_table.B0], r[_table.C], seed, j, off), D
         D = _staged_row(xj, data, r, seed, j, off, lw, v)
@@ -359,6 +359,34 @@ def test_churn_and_stage_rows_follow_the_reference(backend, dtype, M, N, d, K):
         whole = ref_sample(x.clone(), y, table, 11, 5, lw, 0.02, True)
         err = float((traj - whole).abs().max())
         assert err <= MULTISTEP_REL64 * (float(whole.abs().max()) + 1), f"whole run: error {err:.3g}"
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(*STAGE_BACKENDS))
+@pytest.mark.parametrize("d", [3, 784])
+def test_stage_rows_down_to_small_sigma_over_near_duplicates(backend, dtype, d):
+    """Heun-like staged rows whose D and D_u are taken at σ = 0.1, 1e-2, 1e-3 and σ_U a third lower, over clusters
+    of 8 points 3e-3 apart (the per-query path at d = 3, the screened one at d = 784), churn on the first row:
+    each state against the reference step from the kernel's own previous one."""
+    from test_posterior import clustered, noisy_queries, vp_alpha
+    sigma = torch.tensor([0.1, 1e-2, 1e-3], dtype=F64)
+    sigma_u = sigma / 3
+    alpha, alpha_u = 1 / torch.sqrt(1 + sigma**2), 1 / torch.sqrt(1 + sigma_u**2)
+    table = _table.pack(alpha, sigma, torch.full((3,), 0.1, dtype=F64), 0.4 * alpha, 0.2 * sigma,
+                        P=torch.tensor([1.01, 1.0, 1.0], dtype=F64), Cchurn=torch.tensor([0.05, 0.0, 0.0], dtype=F64),
+                        alphaU=alpha_u, sigmaU=sigma_u, Ux=alpha_u / alpha, UD=0.1 * alpha_u, Uz=0.5 * sigma_u,
+                        BU=0.5 * alpha, rho=torch.tensor([0.3, -0.5, 0.0], dtype=F64))
+    y = clustered(12, d, 3e-3, seed=70)
+    x = noisy_queries(y, 7, vp_alpha(0.1), 0.1, seed=71).to(dtype)
+    dev = device(backend)
+    traj = ops.pointcloud_sample(x.clone().to(dev), y.to(dtype).to(dev), table, 5, 0, None, 0.0, True,
+                                 backend=backend).cpu()
+    for k in range(3):
+        r64 = _reference_stage_step(traj, k, table, y, 5, 0, None, 0.0, F64)
+        if dtype == F32:
+            fa_close(traj[k + 1], r64, _reference_stage_step(traj, k, table, y, 5, 0, None, 0.0, F32), f"step {k}")
+        else:
+            err = float((traj[k + 1] - r64).abs().max())
+            assert err <= MULTISTEP_REL64 * (float(r64.abs().max()) + 1), f"step {k}: error {err:.3g}"
 
 
 @pytest.mark.parametrize("backend", backends("torch", *STAGE_BACKENDS))

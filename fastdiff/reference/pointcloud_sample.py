@@ -9,9 +9,6 @@ from .. import _table, noise
 from .affine_step import affine_step
 from .posterior import posterior
 
-# the noise steps of a row's stage and churn draws (fastdiff.methods.STAGE_STEP_BASE, CHURN_STEP_BASE)
-_STAGE_STEP_BASE, _CHURN_STEP_BASE = 2**31, 2**31 + 2**30
-
 
 def pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=None, bandwidth=0.0,
                       return_trajectory=False):
@@ -27,7 +24,7 @@ def pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=None, b
     history: list[torch.Tensor] = []     # D_{k−1}, D_{k−2}: kept only while a later row uses them
     keep = _history_kept(rows)
     for k, row in enumerate(rows):
-        if _one_step(row):
+        if _table.row_is_one_step(row):
             D, _ = posterior(x, data, row[_table.ALPHA], row[_table.SIGMA], log_weights, bandwidth)
             affine_step(x, D, row[_table.A], row[_table.B0], row[_table.C], seed, k, sample_offset, x)
         else:
@@ -40,10 +37,6 @@ def pointcloud_sample(x, data, table, seed, sample_offset=0, log_weights=None, b
         if traj is not None:
             traj.append(x.clone())
     return torch.stack(traj) if traj is not None else None
-
-
-def _one_step(row) -> bool:
-    return row[_table.P] == 1.0 and row[_table.CCHURN] == 0.0 and row[_table.BU] == 0.0 and row[_table.RHO] == 0.0
 
 
 def _staged_row(x, data, row, seed, k, sample_offset, log_weights, bandwidth):
@@ -59,10 +52,10 @@ def _staged_row(x, data, row, seed, k, sample_offset, log_weights, bandwidth):
     P, Cc = row[_table.P], row[_table.CCHURN]
     xh = x.mul(P) if P != 1.0 else x.clone()
     if Cc != 0.0:
-        xh.add_(draw(_CHURN_STEP_BASE + k).to(x.dtype), alpha=Cc)
+        xh.add_(draw(_table.CHURN_STEP_BASE + k).to(x.dtype), alpha=Cc)
     D, _ = posterior(xh, data, row[_table.ALPHA], row[_table.SIGMA], log_weights, bandwidth)
     staged, rho = row[_table.BU] != 0.0, row[_table.RHO]
-    zs = draw(_STAGE_STEP_BASE + k) if (staged and row[_table.UZ] != 0.0) or rho != 0.0 else None
+    zs = draw(_table.STAGE_STEP_BASE + k) if (staged and row[_table.UZ] != 0.0) or rho != 0.0 else None
     out = torch.add(xh.mul(row[_table.A]), D, alpha=row[_table.B0])
     if staged:
         u = torch.add(xh.mul(row[_table.UX]), D, alpha=row[_table.UD])
