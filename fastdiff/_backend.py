@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from . import _table
-
 OPS = ("posterior", "affine_step", "pointcloud_step", "pointcloud_sample")
 
 # `auto` order per device type. CPU: the C++ kernels beat the torch reference in benchmarks/results
@@ -146,8 +144,6 @@ class _CompiledBackend(Backend):
     def refuse_reasons(self, op, device=None, dtype=None, d=None, table=None, **_):
         reasons = super().refuse_reasons(op)
         usable = not reasons
-        if self.device_type == "cuda" and op == "pointcloud_sample" and table is not None:
-            reasons += _table.stage_reasons(table, "CUDA")
         if device is not None and torch.device(device).type != self.device_type:
             reasons.append(f"inputs are on {device}, the {self.name} backend runs on {self.device_type} tensors")
         if dtype is not None and dtype not in (torch.float32, torch.float64):

@@ -61,14 +61,6 @@ def row_is_one_step(row) -> bool:
 
 def uses_stages(table: torch.Tensor) -> bool:
     """Whether any step churns (P != 1 or Cchurn != 0) or evaluates a second D (BU != 0) or correlates its noise
-    with a stage's (rho != 0): the rows the one-step kernels do not run."""
+    with a stage's (rho != 0): the kernels then compile their stage code."""
     return bool((table[:, P] != 1).any() or table[:, [CCHURN, BU, RHO]].any())
 
-
-def stage_reasons(table: torch.Tensor, kernels: str) -> list[str]:
-    """A backend's refusal of a table with churned or two-stage rows (its whole-trajectory kernel runs one-step
-    rows only): [] when the table has none."""
-    if not uses_stages(table):
-        return []
-    return [f"the {kernels} whole-trajectory kernels run one-step rows only, and this table churns or evaluates "
-            "a second D per step (P != 1, or Cchurn, BU or rho != 0): the cpu and torch backends run it"]

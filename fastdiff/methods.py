@@ -133,8 +133,7 @@ class MethodTable:
         """Why the whole-trajectory kernels' step table (fastdiff._table) cannot express this table, or None.
 
         A kernel row (fastdiff._table) runs a step's churn, its D, its stage and D_u, the correlated step noise and
-        up to two history items, which must be D itself (h_x = 0, h_D = 1): every §3b method but lms. The cuda and
-        triton kernels run one-step rows only (their refuse_reasons say so; fd.sample then steps the table)."""
+        up to two history items, which must be D itself (h_x = 0, h_D = 1): every §3b method but lms."""
         checks = (
             (self.history > 2, f"it uses {self.history} past steps (the kernels keep at most 2)"),
             (self.history > 0 and (bool((self.hist_x != 0).any()) or bool((self.hist_d != 1).any())),

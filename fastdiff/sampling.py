@@ -81,7 +81,8 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    rotated, equal to the table executor up to rounding. Otherwise (two-stage methods, churn,
                    lms, a point cloud with a callback) they run the torch table executor
                    (fastdiff.methods.run_table), a point cloud's D from ops.posterior on the chosen backend step
-                   by step. cuda_graph is not available for them.
+                   by step; cuda_graph=True refuses them. With a model, cuda_graph=True captures the five
+                   methods' loop (D_k and the history buffers inside the graph).
                    Their options (an option a method does not take raises ValueError naming its valid ones):
                    eta (euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde,
                    dpmpp_3m_sde), s_noise (those, and the churn methods), s_churn/s_tmin/s_tmax (edm_euler,
@@ -194,10 +195,6 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
                          f"got {sample_offset} + {n}")
     d = math.prod(event_shape)
     cloud = isinstance(denoiser, PointCloud)
-    if table_method:
-        if cuda_graph:
-            raise ValueError(f"cuda_graph=True runs the first-order methods only (euler, ei, ei-x0); method "
-                             f"{method!r} runs the torch table executor (fastdiff.methods.run_table)")
     op = "posterior" if cloud and table_method else "pointcloud_sample" if cloud else "affine_step"
     engine = _backend.select(op, backend, **_backend.facts(device=device, dtype=dtype, d=d))
     # A point cloud runs whole trajectories in one op (fused kernels where a backend has them), unless a
@@ -244,8 +241,13 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
             run = _Run(denoiser, engine, mtable, None, None, None, seed, None, return_trajectory, False, True,
                        kernel_table)
         elif not cloud and mtable.affine_step_refusal() is None:    # model → one fused affine step with history
-            run = _HistoryRun(denoiser, engine, mtable, seed, callback, return_trajectory)
+            run = _HistoryRun(denoiser, engine, mtable, seed, callback, return_trajectory, graphed=graphed)
         else:
+            if cuda_graph:
+                why = mtable.kernel_table_refusal() if cloud else mtable.affine_step_refusal()
+                raise ValueError(f"cuda_graph=True: method {method!r} runs the torch table executor here "
+                                 f"(fastdiff.methods.run_table){f': {why}' if why else ''}, which has no captured "
+                                 "loop; drop cuda_graph")
             if not cloud and backend not in ("auto", "torch"):
                 raise ValueError(f"method {method!r} steps with the torch table executor here: the affine-step "
                                  f"kernels cannot express its table ({mtable.affine_step_refusal()}); "
@@ -458,10 +460,33 @@ class _HistoryRun(_TableRun):
     noise in-kernel at step k (the executor's draw). D_k is written into one of H + 1 buffers allocated per chunk,
     which rotate (never copied) so that D_k becomes D_{k−1}; a callback sees the executor's info dict, and its
     in-place edit of `denoised` reaches the history as there. Equal to the executor up to rounding (the history
-    terms are added after the one-step update instead of before the noise)."""
+    terms are added after the one-step update instead of before the noise). graphed: the same loop captured in a
+    CUDA graph and replayed (fastdiff._graphs, the Triton affine step)."""
+
+    def __init__(self, denoiser, engine, table, seed, callback, want_traj, graphed=False):
+        super().__init__(denoiser, engine, table, seed, callback, want_traj)
+        self.graphed = graphed
+
+    def graph_history(self):
+        """The loop's fastdiff._graphs.History (B1, B2, depth, and how D_k comes from the model's output)."""
+        B = self.cols["B"]
+        K = len(self.table)
+        return _graphs.History(tuple(B[k][1] if self.table.history >= 1 else 0.0 for k in range(K)),
+                               tuple(B[k][2] if self.table.history >= 2 else 0.0 for k in range(K)),
+                               self.table.history, self.den.prediction, tuple(self.at[0][0]), tuple(self.at[0][1]))
 
     def chunk(self, xc, offset, bar, traj):
         c, den, depth = self.cols, self.den, self.table.history
+        if self.graphed:
+            K = len(self.table)
+            t_list = [self._time(k, 0) for k in range(K)]
+            B0 = [c["B"][k][0] for k in range(K)]
+            x, tr = _graphs.run_chunk(den, xc, t_list, c["A"], B0, c["C"], self.seed, offset, traj is not None,
+                                      self.graph_history())
+            if traj is not None:
+                traj.copy_(tr)
+            bar.update(K)
+            return xc.copy_(x)
         # D_k, D_{k−1}, D_{k−2}; an x0 model with no history needs none (its output is D_k itself)
         bufs = [torch.empty_like(xc) for _ in range(depth + 1)] if depth or den.prediction != "x0" else []
         if traj is not None:

@@ -269,8 +269,6 @@ class CudaEmuBackend(_backend.Backend):
 
     def refuse_reasons(self, op, device=None, dtype=None, d=None, table=None, **_):
         reasons = super().refuse_reasons(op)
-        if op == "pointcloud_sample" and table is not None:
-            reasons += _table.stage_reasons(table, "CUDA")
         if device is not None and torch.device(device).type != "cpu":
             reasons.append(f"inputs are on {device}, the cuda_emu backend runs on CPU tensors")
         if dtype is not None and dtype not in (F32, F64):

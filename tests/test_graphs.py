@@ -70,3 +70,71 @@ def test_graph_trajectory_and_gaussian_oracle():
     xs = x.double().cpu()
     assert torch.allclose(xs.mean(0), mu, atol=5 * (S.diagonal().max() / 200_000) ** 0.5)
     assert torch.allclose(torch.cov(xs.T), S, atol=0.02)
+
+
+def _uncaptured_loop(calls):
+    """fastdiff._graphs.run_chunk without the capture: its warm-up steps and then the body the graph records
+    (fastdiff._graphs.loop), on the caller's device, recording each call's History."""
+    from fastdiff.triton.affine_step import noise_counters
+
+    def run_chunk(denoiser, xc, t_list, A, B, C, seed, sample_offset, want_traj, hist=None):
+        calls.append((C, hist))
+        counters = noise_counters(seed, sample_offset, xc.device)
+        x = xc.clone()
+        traj = torch.empty((len(t_list) + 1, *x.shape), dtype=x.dtype) if want_traj else None
+        _graphs.loop(x, traj, denoiser, t_list, A, B, C, counters, hist)
+        return x, traj
+    return run_chunk
+
+
+@pytest.mark.parametrize("method, prediction, depth", [("dpmpp_2m", "eps", 1), ("dpmpp_3m_sde", "x0", 2),
+                                                       ("dpmpp_2m_sde", "score", 1), ("euler_ancestral", "eps", 0)])
+def test_captured_multistep_loop_equals_the_eager_loop(method, prediction, depth, monkeypatch):
+    """cuda_graph=True with a multistep method: the loop the graph captures (fastdiff._graphs.loop: the model's
+    output turned into D_k in one of depth + 1 rotating buffers, the Triton affine step with B1 D_{k−1}, B2 D_{k−2}
+    and device noise counters), run uncaptured on the CPU under the Triton interpreter, equals the eager model loop
+    on the triton backend bit for bit at every state, over chunks with offsets. The warm-up steps cover every
+    kernel variant the loop launches, so nothing compiles while capturing. (The capture itself: the gpu tests.)"""
+    calls: list = []
+    monkeypatch.setattr(_graphs, "refuse_reasons", lambda device, dtype: [])
+    monkeypatch.setattr(_graphs, "run_chunk", _uncaptured_loop(calls))
+    den = fd.from_model(_mlp("cpu"), fd.VP(), prediction, event_shape=(2,))
+    kw = dict(n=37, steps=9, method=method, schedule="karras", seed=3, sample_offset=11, chunk_size=20,
+              return_trajectory=True)
+    eager = fd.sample(den, backend="triton", **kw)
+    graph = fd.sample(den, cuda_graph=True, **kw)
+    assert len(calls) == 2 and all(h is not None and h.depth == depth for _, h in calls)
+    assert torch.equal(graph[0], eager[0]) and torch.equal(graph[1], eager[1])
+    C, hist = calls[0]
+
+    def variant(k):
+        return C[k] == 0.0, hist.B1[k] != 0.0, hist.B2[k] != 0.0
+    assert {variant(k) for k in _graphs._warm_steps(C, hist)} == {variant(k) for k in range(len(C))}
+
+
+def test_cuda_graph_refuses_the_methods_of_the_table_executor(monkeypatch):
+    """Two-stage methods, churn and lms have no captured loop: cuda_graph=True says so (naming the method and
+    why) instead of running uncaptured."""
+    monkeypatch.setattr(_graphs, "refuse_reasons", lambda device, dtype: [])
+    den = fd.from_model(_mlp("cpu"), fd.VP(), event_shape=(2,))
+    for method, options, why in (("heun", {}, "two-stage"), ("edm_euler", {"s_churn": 1.0, "s_tmax": 5.0}, "churn"),
+                                 ("lms", {}, "lms keeps")):
+        with pytest.raises(ValueError, match=f"cuda_graph=True: method '{method}' runs the torch table executor.*"
+                                             f"{why}"):
+            fd.sample(den, n=4, steps=5, method=method, cuda_graph=True, **options)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("method, prediction", [("dpmpp_2m", "eps"), ("dpmpp_3m_sde", "x0")])
+def test_graph_replay_of_a_multistep_method_equals_the_eager_loop(method, prediction):
+    """The captured multistep loop on the GPU: equal to the eager loop on the triton backend, over two chunk
+    shapes, and replayed for a second seed."""
+    _graphs.clear_cache()
+    den = fd.from_model(_mlp("cuda"), fd.VP(), prediction, event_shape=(2,))
+    kw = dict(steps=20, method=method, schedule="karras", device="cuda", chunk_size=300)
+    for seed, offset in ((1, 0), (7, 5000)):
+        eager = fd.sample(den, n=700, seed=seed, sample_offset=offset, backend="triton", **kw)
+        graph = fd.sample(den, n=700, seed=seed, sample_offset=offset, cuda_graph=True, **kw)
+        torch.testing.assert_close(graph, eager, rtol=1e-5, atol=1e-5)
+    assert len(_graphs._CACHE) == 2

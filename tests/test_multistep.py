@@ -492,8 +492,8 @@ def test_fd_sample_method_errors_name_the_valid_choices(small_cloud):
         fd.sample(small_cloud, x=x, steps=4, method="heun", s_churn=3.0)
     with pytest.raises(ValueError, match="ode=True"):
         fd.sample(small_cloud, x=x, steps=4, method="dpmpp_2m_sde", ode=True, eta=0.5)
-    with pytest.raises(ValueError, match="cuda_graph"):
-        fd.sample(small_cloud, x=x, steps=4, method="dpmpp_2m", cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph=True: method 'lms' runs the torch table executor.*lms keeps"):
+        fd.sample(small_cloud, x=x, steps=4, method="lms", cuda_graph=True)
     net = fd.from_model(lambda x, t: x, small_cloud.process)
     with pytest.raises(ValueError, match="two-stage.*backend='cpu' has no kernel for it"):
         fd.sample(net, x=x, steps=4, method="heun", backend="cpu")
@@ -582,8 +582,7 @@ def test_eps_networks_where_float32_cannot_form_D_are_refused_up_front():
 
 # ------------------------------------------------------------------ fused point-cloud runs (issue 14, item 4)
 # The methods whose table the whole-trajectory kernels express with one-step rows (no churn, one stage, history
-# = D, H <= 2): every backend runs them fused. Churned and two-stage tables (STAGE_CASES) run fused on the cpu
-# and torch backends; the cuda and triton kernels refuse them (fd.sample then steps the table executor).
+# = D, H <= 2), and the churned and two-stage ones (STAGE_CASES): every backend runs them fused.
 FUSED_METHODS = ("edm_euler", "euler_ancestral", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
 MULTISTEP_METHODS = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
 STAGE_CASES = [("heun", {}), ("heun", {"s_churn": 1.0, "s_tmax": 5.0}), ("dpm_2", {}),
@@ -594,7 +593,6 @@ ONE_STEP_CASES = [("edm_euler", {}), ("euler_ancestral", {}), ("euler_ancestral"
                   ("dpmpp_3m_sde", {}), ("dpmpp_3m_sde", {"s_noise": 1.1})]
 FUSED_CASES = ONE_STEP_CASES + STAGE_CASES
 FUSED_BACKENDS = ["torch", "cpu", pytest.param("cuda_emu", marks=pytest.mark.cuda_emu), "triton"]
-STAGE_BACKENDS = ("torch", "cpu")
 
 
 def _backend_or_skip(name):
@@ -640,14 +638,11 @@ def test_fd_sample_runs_a_point_cloud_multistep_method_fused(method, options, ba
     kw = dict(steps=9, method=method, seed=4, sample_offset=3, backend=backend, return_trajectory=True, **options)
     calls = _count_fused_calls(monkeypatch)
     fused, traj = fd.sample(cloud, x=x0.to(dtype), **kw)
-    if (method, options) in STAGE_CASES and backend not in STAGE_BACKENDS:
-        assert calls == []                                           # refused by the kernels: the executor ran
-    else:
-        B1, B2 = calls[0][:, _table.B1], calls[0][:, _table.B2]
-        assert len(calls) == 1 and B1[0] == 0 and not bool(B2[:2].any())   # no D before row 0
-        assert bool(B1[1:].any()) == (method in MULTISTEP_METHODS)   # the multistep columns went down as they are
-        assert bool(B2[2:].any()) == (method == "dpmpp_3m_sde")
-        assert _table.uses_stages(calls[0]) == ((method, options) in STAGE_CASES)
+    B1, B2 = calls[0][:, _table.B1], calls[0][:, _table.B2]
+    assert len(calls) == 1 and B1[0] == 0 and not bool(B2[:2].any())   # no D before row 0
+    assert bool(B1[1:].any()) == (method in MULTISTEP_METHODS)   # the multistep columns went down as they are
+    assert bool(B2[2:].any()) == (method == "dpmpp_3m_sde")
+    assert _table.uses_stages(calls[0]) == ((method, options) in STAGE_CASES)
     n_calls = len(calls)
     steps = fd.sample(cloud, x=x0.to(dtype), callback=lambda info: None, **kw)
     assert len(calls) == n_calls                                     # the callback ran the executor
@@ -700,24 +695,6 @@ def test_fd_sample_keeps_the_executor_for_tables_the_kernels_cannot_express(opti
     p = small_cloud.process
     table = M.method_table(p, grid(p, 5), "lms", **options)
     assert table.kernel_table(p) is None and "lms keeps" in table.kernel_table_refusal()
-
-
-@pytest.mark.parametrize("backend", [pytest.param("cuda_emu", marks=pytest.mark.cuda_emu), "triton"])
-def test_kernels_without_stage_rows_refuse_a_two_stage_table_and_say_why(backend):
-    """The cuda and triton whole-trajectory kernels run one-step rows: asked for a churned or two-stage table they
-    refuse with the reason (no silent fallback), and x is untouched; auto never picks them for one."""
-    backend = _backend_or_skip(backend)
-    p = fd.VP()
-    table = M.method_table(p, grid(p, 4), "heun").kernel_table(p)
-    x = p.prior(5, 3, seed=1)
-    xc = x.clone()
-    with pytest.raises(ValueError, match="run one-step rows only.*the cpu and torch backends run it"):
-        fd.ops.pointcloud_sample(xc, torch.randn(7, 3, generator=torch.Generator().manual_seed(2)), table, 0,
-                                 backend=backend)
-    assert torch.equal(xc, x)
-    reasons = fd._backend.BACKENDS[backend].refuse_reasons("pointcloud_sample", table=table,
-                                                            **fd._backend.facts(x))
-    assert any("one-step rows only" in r for r in reasons)
 
 
 @pytest.mark.parametrize("method", FUSED_METHODS)
@@ -784,7 +761,7 @@ def _executor_sample(monkeypatch, net, **kw):
     """fd.sample with the torch table executor in place of the fused model loop (the reference)."""
     import fastdiff.sampling as S
     with monkeypatch.context() as m:
-        m.setattr(S, "_HistoryRun", S._TableRun)
+        m.setattr(S, "_HistoryRun", lambda *args, graphed=False: S._TableRun(*args))
         return fd.sample(net, **kw)
 
 

@@ -2,6 +2,7 @@
 (H100/H200) without a GPU: `python -m fastdiff.triton.aot` in a separate process with TRITON_INTERPRET unset
 (DESIGN.md "Tests and CI"), so type and resource errors show up in CI."""
 import importlib.util
+import itertools
 import os
 import re
 import subprocess
@@ -37,10 +38,11 @@ def test_aot_configurations_cover_every_launcher_choice():
             for name in ("_posterior_small_kernel", "_pointcloud_step_small_kernel"):
                 for dt in ("fp32", "fp16", "bf16"):
                     assert (name, cex, f"data={dt}") in confs, (name, d)
-            for hist in (0, 1, 2):          # the whole trajectory: one-step tables, B1, B1 and B2
-                cex_h = tuple(sorted({**dict(cex), "HIST": hist}.items()))
+            # the whole trajectory: one-step tables, B1, B1 and B2; without and with churned or two-stage rows
+            for hist, stages in itertools.product((0, 1, 2), (False, True)):
+                cex_h = tuple(sorted({**dict(cex), "HIST": hist, "STAGES": stages}.items()))
                 for dt in ("fp32", "fp16", "bf16"):
-                    assert ("_pointcloud_sample_small_kernel", cex_h, f"data={dt}") in confs, (d, hist)
+                    assert ("_pointcloud_sample_small_kernel", cex_h, f"data={dt}") in confs, (d, hist, stages)
         else:
             cfg = C.large_config(d)
             for tf32 in (True, False):
@@ -48,9 +50,9 @@ def test_aot_configurations_cover_every_launcher_choice():
                 for name in ("_posterior_large_kernel", "_posterior_large_split_kernel",
                              "_pointcloud_step_large_kernel"):
                     assert (name, cex, "data=fp32") in confs, (name, d)
-                for hist in (0, 1, 2):
-                    cex_h = tuple(sorted({**dict(cex), "HIST": hist}.items()))
-                    assert ("_pointcloud_sample_large_kernel", cex_h, "data=fp32") in confs, (d, hist)
+                for hist, stages in itertools.product((0, 1, 2), (False, True)):
+                    cex_h = tuple(sorted({**dict(cex), "HIST": hist, "STAGES": stages}.items()))
+                    assert ("_pointcloud_sample_large_kernel", cex_h, "data=fp32") in confs, (d, hist, stages)
         cfg = C.affine_config(d)
         # numbers as kernel arguments (eager sampler loop), device counters (graph capture), the multistep history
         for noise, ctr, h1, h2 in ((True, False, False, False), (False, False, False, False),

@@ -10,6 +10,13 @@
 #pragma once
 #include <cstdint>
 
+// The row predicates run in the CUDA kernels too (the whole-trajectory kernel branches on each device row).
+#if defined(__CUDACC__)
+#define FD_HOST_DEVICE __host__ __device__
+#else
+#define FD_HOST_DEVICE
+#endif
+
 namespace fastdiff {
 
 enum TableColumn : int {
@@ -21,13 +28,13 @@ enum TableColumn : int {
 inline constexpr uint32_t kStageStepBase = 1u << 31;
 inline constexpr uint32_t kChurnStepBase = (1u << 31) + (1u << 30);
 
-inline bool row_churns(const double* row) { return row[kColP] != 1.0 || row[kColCchurn] != 0.0; }
-inline bool row_is_staged(const double* row) { return row[kColBU] != 0.0; }
-inline bool row_is_one_step(const double* row) {
+FD_HOST_DEVICE inline bool row_churns(const double* row) { return row[kColP] != 1.0 || row[kColCchurn] != 0.0; }
+FD_HOST_DEVICE inline bool row_is_staged(const double* row) { return row[kColBU] != 0.0; }
+FD_HOST_DEVICE inline bool row_is_one_step(const double* row) {
   return !row_churns(row) && !row_is_staged(row) && row[kColRho] == 0.0;
 }
 
-// Whether any row of a [K, kTableWidth] table churns or has a stage (the rows the CUDA kernels refuse).
+// Whether any row of a [K, kTableWidth] table churns or has a stage (the kernels then compile their stage code).
 inline bool table_has_stages(const double* table, int64_t K) {
   for (int64_t k = 0; k < K; ++k)
     if (!row_is_one_step(table + k * kTableWidth)) return true;

@@ -45,11 +45,13 @@ cudaError_t launch_pointcloud_step(const Cloud<T>& c, const T* x, T* out, int64_
 // `table_host` the same rows in host memory (the large-d path passes each step's A, B0, C by value). x updated in
 // place, step k with noise step index k; traj [K+1, M, d] or nullptr. One launch for d <= 64 (queries stay in
 // registers across steps); larger d queues two launches per step on the stream (no host synchronisation), three
-// with multistep columns, using scratch of pointcloud_sample_scratch(M, d, history_depth(table_host, K)) elements.
+// with multistep columns, up to five for a churned or two-stage row, using scratch of
+// pointcloud_sample_scratch(M, d, history_depth(table_host, K), table_has_stages(table_host, K)) elements.
 // The multistep columns B1/B2 use the D's of the earlier rows (registers for d <= 64, scratch beyond); the table's
 // first rows must not use D's from before row 0 (first_row_before_history: the glue refuses such tables).
-inline int64_t pointcloud_sample_scratch(int64_t M, int64_t d, int history) {
-  return d > 64 ? M * (d + 1) + history * M * d : 0;   // D and L [M, d + 1], then the past D's
+inline int64_t pointcloud_sample_scratch(int64_t M, int64_t d, int history, bool stages) {
+  // D and L [M, d + 1], then the past D's, then the stage point and its D
+  return d > 64 ? M * (d + 1) + history * M * d + (stages ? 2 * M * d : 0) : 0;
 }
 template <typename T>
 cudaError_t launch_pointcloud_sample(const Cloud<T>& c, T* x, int64_t M, int64_t K, const double* table,

@@ -42,14 +42,103 @@ __device__ __forceinline__ void add_history_small_d(T (&x)[DMAX], const T (&D)[D
   for (int e = 0; e < DMAX; ++e) H1[e] = D[e];
 }
 
+// The parts of a churned or two-stage row (csrc/common/table.h) for one query in registers, each formed in double
+// from double normals and rounded once into T, as the CPU kernel (csrc/cpu/update_row.h) forms them. The stage draw
+// is drawn again where it is used (stage point, correlated step noise) rather than kept: counter-based noise gives
+// the same numbers, and at d = 64 that saves 64 registers a thread.
+
+// x^ = P x + Cchurn z_churn, in place.
+template <typename T, int DMAX>
+__device__ __forceinline__ void churn_small_d(T (&x)[DMAX], int d, const double* row, uint64_t seed, uint32_t k,
+                                              uint64_t sample) {
+  const double P = row[kColP], Cc = row[kColCchurn];
+#pragma unroll
+  for (int q = 0; q < (DMAX + 3) / 4; ++q) {
+    if (4 * q >= d) break;
+    double z[4] = {0.0, 0.0, 0.0, 0.0};
+    if (Cc != 0.0) normals4<double>(seed, sample, kChurnStepBase + k, static_cast<uint32_t>(q), z);
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (4 * q + e < d) x[4 * q + e] = static_cast<T>(P * static_cast<double>(x[4 * q + e]) + Cc * z[e]);
+  }
+}
+
+// The stage point u = Ux x^ + UD D + Uz z_stage.
+template <typename T, int DMAX>
+__device__ __forceinline__ void stage_point_small_d(T (&u)[DMAX], const T (&x)[DMAX], const T (&D)[DMAX], int d,
+                                                    const double* row, uint64_t seed, uint32_t k, uint64_t sample) {
+  const double a = row[kColUx], b = row[kColUD], c = row[kColUz];
+#pragma unroll
+  for (int q = 0; q < (DMAX + 3) / 4; ++q) {
+    if (4 * q >= d) break;
+    double z[4] = {0.0, 0.0, 0.0, 0.0};
+    if (c != 0.0) normals4<double>(seed, sample, kStageStepBase + k, static_cast<uint32_t>(q), z);
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (4 * q + e < d)
+        u[4 * q + e] = static_cast<T>(a * static_cast<double>(x[4 * q + e]) + b * static_cast<double>(D[4 * q + e]) +
+                                      c * z[e]);
+  }
+}
+
+// x ← A x^ + B0 D + BU D_u + C w, w = rho z_stage + √(1 − rho²) z_k (Du unread when the row has no stage).
+template <typename T, int DMAX>
+__device__ __forceinline__ void update_staged_small_d(T (&x)[DMAX], const T (&D)[DMAX], const T (&Du)[DMAX], int d,
+                                                      const double* row, uint64_t seed, uint32_t k, uint64_t sample) {
+  const double A = row[kColA], B0 = row[kColB0], BU = row[kColBU], C = row[kColC], rho = row[kColRho];
+  const double keep = sqrt(1.0 - rho * rho);
+#pragma unroll
+  for (int q = 0; q < (DMAX + 3) / 4; ++q) {
+    if (4 * q >= d) break;
+    double z[4] = {0.0, 0.0, 0.0, 0.0}, zs[4] = {0.0, 0.0, 0.0, 0.0};
+    if (C != 0.0) {
+      normals4<double>(seed, sample, k, static_cast<uint32_t>(q), z);
+      if (rho != 0.0) normals4<double>(seed, sample, kStageStepBase + k, static_cast<uint32_t>(q), zs);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = 4 * q + e;
+      if (j >= d) continue;
+      double v = A * static_cast<double>(x[j]) + B0 * static_cast<double>(D[j]);
+      if (BU != 0.0) v += BU * static_cast<double>(Du[j]);
+      if (C != 0.0) v += C * (rho != 0.0 ? rho * zs[e] + keep * z[e] : z[e]);
+      x[j] = static_cast<T>(v);
+    }
+  }
+}
+
+// One churned or two-stage row for the block's queries: churn, D at x^ (into D), for a staged row the stage point
+// and D_u (the step's second posterior, in the same launch), then the update. Every thread of the block calls it
+// (the posteriors stage data tiles together); `active` threads own a query. Row-uniform branches only.
+template <typename T, int DMAX>
+__device__ void staged_row_small_d(const Cloud<T>& c, T (&x)[DMAX], T (&D)[DMAX], const double* row, bool active,
+                                   T* tile, T* tile_lw, uint64_t seed, uint32_t k, uint64_t sample) {
+  const int d = static_cast<int>(c.d);
+  if (active && row_churns(row)) churn_small_d<T, DMAX>(x, d, row, seed, k, sample);
+  posterior_small_d<T, DMAX>(c, x, row[kColAlpha], row[kColSigma], active, tile, tile_lw, D, static_cast<T*>(nullptr));
+  T Du[DMAX];
+#pragma unroll
+  for (int e = 0; e < DMAX; ++e) Du[e] = T(0);
+  if (row_is_staged(row)) {
+    T u[DMAX];
+#pragma unroll
+    for (int e = 0; e < DMAX; ++e) u[e] = T(0);
+    if (active) stage_point_small_d<T, DMAX>(u, x, D, d, row, seed, k, sample);
+    posterior_small_d<T, DMAX>(c, u, row[kColAlphaU], row[kColSigmaU], active, tile, tile_lw, Du,
+                               static_cast<T*>(nullptr));
+  }
+  if (active) update_staged_small_d<T, DMAX>(x, D, Du, d, row, seed, k, sample);
+}
+
 // One thread per query; steps [k0, k1) (noise step index k); queries stay in registers across steps. traj, when
 // given, receives the states after each step at [k + 1] (the caller writes [0]). HIST (0..2): how many past D's
 // the table uses (history_depth, csrc/common/table.h); they stay in registers too, and after each one-step update
 // x += B1 D_{k−1}, then x += B2 D_{k−2} (a zero coefficient reads nothing). HIST = 0 reads no B1/B2 (one-step
-// tables, pointcloud_step): the kernel as it was before the multistep columns.
+// tables, pointcloud_step): the kernel as it was before the multistep columns. STAGES: the table has churned or
+// two-stage rows (table_has_stages), which run staged_row_small_d; its one-step rows run the code of STAGES = false.
 // x_in and x_out may be the same array (whole trajectories, and pointcloud_step with out = x): no __restrict__;
 // each thread reads its own row before it writes it.
-template <typename T, int DMAX, int HIST = 0>
+template <typename T, int DMAX, int HIST = 0, bool STAGES = false>
 __global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
                                         StepCoeffs co, uint64_t seed, uint64_t sample_offset, T* __restrict__ traj) {
   FD_EXTERN_SHARED(T, tile);
@@ -64,11 +153,22 @@ __global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int
   for (int64_t k = k0; k < k1; ++k) {
     const int64_t t = k - k0;
     const double* row = co.table ? co.table + t * kTableWidth : nullptr;
-    const double alpha = row ? row[kColAlpha] : *co.alpha, sigma = row ? row[kColSigma] : *co.sigma;
-    posterior_small_d<T, DMAX>(c, xr, alpha, sigma, active, tile, tile_lw, Dr, static_cast<T*>(nullptr));
+    bool one_step = true;
+    if constexpr (STAGES) {   // (not compiled for one-step tables)
+      one_step = row_is_one_step(row);
+      if (!one_step)
+        staged_row_small_d<T, DMAX>(c, xr, Dr, row, active, tile, tile_lw, seed, static_cast<uint32_t>(k),
+                                    sample_offset + i);
+    }
+    if (one_step) {
+      const double alpha = row ? row[kColAlpha] : *co.alpha, sigma = row ? row[kColSigma] : *co.sigma;
+      posterior_small_d<T, DMAX>(c, xr, alpha, sigma, active, tile, tile_lw, Dr, static_cast<T*>(nullptr));
+    }
     if (active) {
-      const double A = row ? row[kColA] : co.A, B = row ? row[kColB0] : co.B, C = row ? row[kColC] : co.C;
-      update_small_d<T, DMAX>(xr, Dr, d, A, B, C, seed, static_cast<uint32_t>(k), sample_offset + i);
+      if (one_step) {
+        const double A = row ? row[kColA] : co.A, B = row ? row[kColB0] : co.B, C = row ? row[kColC] : co.C;
+        update_small_d<T, DMAX>(xr, Dr, d, A, B, C, seed, static_cast<uint32_t>(k), sample_offset + i);
+      }
       if constexpr (HIST > 0) add_history_small_d<T, DMAX, HIST>(xr, Dr, H1, H2, d, row[kColB1], row[kColB2]);
       if (traj) {
 #pragma unroll
@@ -83,15 +183,16 @@ __global__ void pointcloud_steps_kernel(Cloud<T> c, const T* x_in, T* x_out, int
     if (e < d) x_out[i * d + e] = xr[e];
 }
 
-template <typename T, int DMAX, int HIST = 0>
+template <typename T, int DMAX, int HIST = 0, bool STAGES = false>
 cudaError_t launch_steps_small(const Cloud<T>& c, const T* x_in, T* x_out, int64_t M, int64_t k0, int64_t k1,
                                const StepCoeffs& co, uint64_t seed, uint64_t off, T* traj, cudaStream_t st) {
   const size_t shmem = (kTile * c.d + kTile) * sizeof(T);
-  const cudaError_t e = opt_in_shared(pointcloud_steps_kernel<T, DMAX, HIST>, (kTile * DMAX + kTile) * sizeof(T));
+  const cudaError_t e =
+      opt_in_shared(pointcloud_steps_kernel<T, DMAX, HIST, STAGES>, (kTile * DMAX + kTile) * sizeof(T));
   if (e != cudaSuccess) return e;
   const unsigned blocks = static_cast<unsigned>((M + kThreads - 1) / kThreads);
-  FD_LAUNCH(blocks, kThreads, shmem, st, pointcloud_steps_kernel<T, DMAX, HIST>)(c, x_in, x_out, M, k0, k1, co, seed,
-                                                                               off, traj);
+  FD_LAUNCH(blocks, kThreads, shmem, st, pointcloud_steps_kernel<T, DMAX, HIST, STAGES>)(c, x_in, x_out, M, k0, k1,
+                                                                                       co, seed, off, traj);
   return cudaGetLastError();
 }
 

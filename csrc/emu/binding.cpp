@@ -84,7 +84,8 @@ void pointcloud_sample(uintptr_t x, uintptr_t y, uintptr_t table, int64_t M, int
 
 // The scratch elements pointcloud_sample needs for this table (what csrc/ops/pointcloud_sample.cpp allocates).
 int64_t sample_scratch(uintptr_t table, int64_t K, int64_t M, int64_t d) {
-  return fc::pointcloud_sample_scratch(M, d, fastdiff::history_depth(ptr<const double>(table), K));
+  const double* rows = ptr<const double>(table);
+  return fc::pointcloud_sample_scratch(M, d, fastdiff::history_depth(rows, K), fastdiff::table_has_stages(rows, K));
 }
 
 // ---------------------------------------------------------------- the emulator's own checks

@@ -44,12 +44,10 @@ std::optional<at::Tensor> pointcloud_sample(at::Tensor& x_io, const at::Tensor& 
     return traj;
   }
 #ifdef FASTDIFF_WITH_CUDA
-  TORCH_CHECK_VALUE(!table_has_stages(table_host, K), "pointcloud_sample: the CUDA kernels run one-step rows only; "
-                    "this table churns or has a stage (P != 1, Cchurn, BU or rho != 0): run it on the cpu or torch "
-                    "backend, or step by step");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor table_dev = table.to(x.device());   // the one host-to-device copy of the table per call
-  const int64_t scratch_elems = cuda::pointcloud_sample_scratch(M, d, history_depth(table_host, K));
+  const int64_t scratch_elems =
+      cuda::pointcloud_sample_scratch(M, d, history_depth(table_host, K), table_has_stages(table_host, K));
   at::Tensor scratch = scratch_elems ? at::empty({scratch_elems}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastdiff_pointcloud_sample_cuda", [&] {
     const cuda::Cloud<scalar_t> c{data.data_ptr<scalar_t>(), lw ? lw->data_ptr<scalar_t>() : nullptr, N, d, bandwidth};

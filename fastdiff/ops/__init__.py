@@ -203,7 +203,7 @@ def pointcloud_sample(x, data, table, seed: int, sample_offset: int = 0, log_wei
     C, then the churn and stage columns P, Cchurn, alphaU, sigmaU, Ux, UD, Uz, BU, rho; fd.step_table(...)
     .kernel_table(process) and fd.method_table(...).kernel_table(process) build it, fastdiff._table.pack from
     columns): x ← A x + B0 D_k + B1 D_{k−1} + B2 D_{k−2} + C z_k for a one-step row; a churned or two-stage row
-    as fastdiff._table's docstring writes it. The cuda and triton backends run one-step rows only.
+    as fastdiff._table's docstring writes it, on every backend.
     Returns the trajectory [K+1, M, d] when asked, else None. x may have any strides. No backward: x must not
     require grad while grad mode is on."""
     if torch.compiler.is_compiling():

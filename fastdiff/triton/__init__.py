@@ -16,7 +16,6 @@ import importlib.util
 
 import torch
 
-from .. import _table
 from . import _common
 
 OPS = ("posterior", "affine_step", "pointcloud_step", "pointcloud_sample")
@@ -97,7 +96,7 @@ def refuse_reasons(op: str, **inputs) -> list[str]:
 
     Recognised inputs: x, data, D, out (tensors), M, N, d (sizes, when there are no tensors yet; checked
     against the kernels' limits in _common), alpha, sigma, bandwidth (to detect a σ too small for float32
-    logits), table (pointcloud_sample's: rows with churn or a stage are refused). Unknown keys are ignored."""
+    logits). Unknown keys are ignored."""
     reasons = list(_unavailable())
     if op not in OPS:
         reasons.append(f"op {op!r} is not implemented by the triton backend (it has {', '.join(OPS)})")
@@ -118,7 +117,4 @@ def refuse_reasons(op: str, **inputs) -> list[str]:
     reasons += _common.limit_reasons(op, *_shape_facts(inputs))
     if op in ("posterior", "pointcloud_step", "pointcloud_sample"):
         reasons += _small_sigma_reason(inputs)
-    table = inputs.get("table")
-    if op == "pointcloud_sample" and isinstance(table, torch.Tensor):
-        reasons += _table.stage_reasons(table, "Triton")
     return reasons

@@ -27,8 +27,10 @@ import time
 from . import _common as C
 
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-# pointcloud_sample's HIST: the past D's a step table uses (0: one-step tables; 1: B1; 2: B1 and B2)
+# pointcloud_sample's HIST: the past D's a step table uses (0: one-step tables; 1: B1; 2: B1 and B2), and STAGES:
+# whether it has churned or two-stage rows
 SAMPLE_HISTORIES = (0, 1, 2)
+SAMPLE_STAGES = (False, True)
 
 
 # per-call values, declared do_not_specialize in the kernels
@@ -70,12 +72,13 @@ def configurations():
                 "stride_o": i32, "par_stride": i32, "seed_lo": i64, "seed_hi": i64, "step": i64, "off_lo": i64,
                 "off_hi": i64, "has_noise": i32}, cex, nw, f"data={dt} DP={DP}"))
             for hist in SAMPLE_HISTORIES:
-                out.append(("pointcloud_sample", "_pointcloud_sample_small_kernel", {
-                    "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32",
-                    "hist_ptr": "*fp32", "traj_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "K": i32,
-                    "stride_x": i32, "stride_y": i32, "traj_stride": i64, "seed_lo": i64, "seed_hi": i64,
-                    "off_lo": i64, "off_hi": i64, "save_traj": i32}, {**cex, "HIST": hist}, nw,
-                    f"data={dt} DP={DP} HIST={hist}"))
+                for stages in SAMPLE_STAGES:
+                    out.append(("pointcloud_sample", "_pointcloud_sample_small_kernel", {
+                        "x_ptr": "*fp32", "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32",
+                        "hist_ptr": "*fp32", "stage_ptr": "*fp32", "traj_ptr": "*fp32", "M": i32, "N": i32, "d": i32,
+                        "K": i32, "stride_x": i32, "stride_y": i32, "traj_stride": i64, "seed_lo": i64,
+                        "seed_hi": i64, "off_lo": i64, "off_hi": i64, "save_traj": i32},
+                        {**cex, "HIST": hist, "STAGES": stages}, nw, f"data={dt} DP={DP} HIST={hist} STAGES={stages}"))
         for tf32 in (True, False):
             cex, nw = _large_cfg(tf32)
             screen = "tf32" if tf32 else "ieee"
@@ -95,13 +98,15 @@ def configurations():
                 "kappa": f32, "delta2": f32, "tau2": f32, "seed_lo": i64, "seed_hi": i64, "step": i64,
                 "off_lo": i64, "off_hi": i64, "has_noise": i32}, cex, nw, f"data={dt} screen={screen}"))
             for hist in SAMPLE_HISTORIES:
-                out.append(("pointcloud_sample", "_pointcloud_sample_large_kernel", {
-                    "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32", "hist_ptr": "*fp32",
-                    "x_ptr": "*fp32", "acc_ptr": "*fp64", "dbuf_ptr": "*fp32", "traj_ptr": "*fp32", "M": i32,
-                    "N": i32, "d": i32, "K": i32, "stride_y": i32, "traj_stride": i64, "slot_stride": i64,
-                    "kappa": f32, "delta2": f32, "tau2": f32, "seed_lo": i64, "seed_hi": i64, "off_lo": i64,
-                    "off_hi": i64, "save_traj": i32}, {**cex, "HIST": hist}, nw,
-                    f"data={dt} screen={screen} HIST={hist}"))
+                for stages in SAMPLE_STAGES:
+                    out.append(("pointcloud_sample", "_pointcloud_sample_large_kernel", {
+                        "data_ptr": f"*{dt}", "lw_ptr": "*fp32", "tab_ptr": "*fp32", "hist_ptr": "*fp32",
+                        "stage_ptr": "*fp32", "x_ptr": "*fp32", "acc_ptr": "*fp64", "dbuf_ptr": "*fp32",
+                        "sbuf_ptr": "*fp32", "traj_ptr": "*fp32", "M": i32, "N": i32, "d": i32, "K": i32,
+                        "stride_y": i32, "traj_stride": i64, "slot_stride": i64, "kappa": f32, "delta2": f32,
+                        "tau2": f32, "seed_lo": i64, "seed_hi": i64, "off_lo": i64, "off_hi": i64, "save_traj": i32},
+                        {**cex, "HIST": hist, "STAGES": stages}, nw,
+                        f"data={dt} screen={screen} HIST={hist} STAGES={stages}"))
         for BK in C.AFFINE_BKS:
             cfg = C.affine_config(BK)
             # the multistep history: none, D1 (dpmpp_2m's model loop) or D1 and D2 (dpmpp_3m_sde's)
