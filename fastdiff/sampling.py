@@ -70,16 +70,16 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    process through σ̃ = σ/α, x̃ = x/α (k-diffusion's name in brackets where it differs):
                    "edm_euler" (sample_euler, with churn), "euler_ancestral", "heun", "dpm_2",
                    "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde",
-                   "dpmpp_3m_sde", "lms". A point cloud without a callback runs edm_euler (without churn),
-                   euler_ancestral, dpmpp_2m, dpmpp_2m_sde and dpmpp_3m_sde fused, like ei: one
-                   ops.pointcloud_sample call per chunk with the method's kernel table (MethodTable.kernel_table;
-                   the last D's stay in the kernel), equal to the table executor up to rounding, wherever the
-                   backend's whole-trajectory kernel takes that table (cpu, cuda, triton, torch). Any other denoiser
+                   "dpmpp_3m_sde", "lms". A point cloud without a callback runs every method but lms fused,
+                   like ei: one ops.pointcloud_sample call per chunk with the method's kernel table
+                   (MethodTable.kernel_table; the last D's stay in the kernel, a two-stage step's second D is
+                   taken in the same call), equal to the table executor up to rounding, on every backend (cpu,
+                   cuda, triton, torch). Any other denoiser
                    (a model, GaussianMixture, Gaussian) runs those five methods as one fused ops.affine_step per
                    step on the chosen backend (cpu, cuda, triton, torch): D_k from the model, in-kernel noise,
                    and the history (B₋₁, D_{k−1}), (B₋₂, D_{k−2}) in buffers allocated once per chunk and
-                   rotated, equal to the table executor up to rounding. Otherwise (two-stage methods, churn,
-                   lms, a point cloud with a callback) they run the torch table executor
+                   rotated, equal to the table executor up to rounding. Otherwise (two-stage methods and churn
+                   with a model, lms, a point cloud with a callback) they run the torch table executor
                    (fastdiff.methods.run_table), a point cloud's D from ops.posterior on the chosen backend step
                    by step; cuda_graph=True refuses them. With a model, cuda_graph=True captures the five
                    methods' loop (D_k and the history buffers inside the graph).

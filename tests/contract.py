@@ -170,6 +170,8 @@ TSAN_SUBSET = {
     "test_pointcloud_step_in_place_weights_and_bandwidth": lambda p: True,
     "test_pointcloud_sample_follows_the_reference_step_by_step": lambda p: True,
     "test_affine_step_noise_is_the_contract": lambda p: p["M"] == 301,
+    # both posteriors of a staged step share the block's tile barriers (d <= 64), and d > 64 queues five launches
+    "test_churn_and_stage_rows_follow_the_reference": lambda p: p["d"] in (3, 65),
 }
 
 
