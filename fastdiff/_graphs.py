@@ -12,7 +12,9 @@ seed, replays the same graph. The update is the Triton affine step (it reads tho
 A multistep method (dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde, euler_ancestral, edm_euler without churn: the methods
 one affine step per model call expresses) also keeps its last one or two D's: H + 1 buffers allocated in the graph's
 pool and rotated by the Python loop during capture, so the graph bakes in which buffer is D_{k−1} at step k and
-replays the same rotation (nothing copied). D_k is the model's output turned into x0 in the graph (History).
+replays the same rotation (nothing copied). D_k is the model's output turned into x0 in the graph (History). As
+for the first-order loop, the graph does not check D (the eager loop raises on a non-finite D; a graph cannot
+read it back): a network that returns NaN shows only in fd.sample's final NaN warning.
 
 Usual CUDA-graph rules apply to the model: no host synchronisation (`.item()`, printing tensors, data-
 dependent Python control flow) and no re-allocated parameters between calls (in-place optimiser updates
@@ -57,7 +59,7 @@ def refuse_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
 @dataclass(frozen=True)
 class History:
     """What a multistep loop adds to the captured steps: B1[k], B2[k] (the coefficients of D_{k−1}, D_{k−2}),
-    how many past D's it keeps (depth, 1 or 2), and how D_k comes from the model's output: the prediction kind
+    how many past D's it keeps (depth: 0, 1 or 2), and how D_k comes from the model's output: the prediction kind
     and α_k, σ_k (D = (x − σ ε)/α for eps, (x + σ² s)/α for score, the output itself for x0)."""
     B1: tuple
     B2: tuple

@@ -75,7 +75,8 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    (MethodTable.kernel_table; the last D's stay in the kernel, a two-stage step's second D is
                    taken in the same call), equal to the table executor up to rounding, on every backend (cpu,
                    cuda, triton, torch). Any other denoiser
-                   (a model, GaussianMixture, Gaussian) runs those five methods as one fused ops.affine_step per
+                   (a model, GaussianMixture, Gaussian) runs five of them (edm_euler without churn,
+                   euler_ancestral, dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde) as one fused ops.affine_step per
                    step on the chosen backend (cpu, cuda, triton, torch): D_k from the model, in-kernel noise,
                    and the history (B₋₁, D_{k−1}), (B₋₂, D_{k−2}) in buffers allocated once per chunk and
                    rotated, equal to the table executor up to rounding. Otherwise (two-stage methods and churn

@@ -45,7 +45,7 @@ cudaError_t launch_pointcloud_step(const Cloud<T>& c, const T* x, T* out, int64_
 // `table_host` the same rows in host memory (the large-d path passes each step's A, B0, C by value). x updated in
 // place, step k with noise step index k; traj [K+1, M, d] or nullptr. One launch for d <= 64 (queries stay in
 // registers across steps); larger d queues two launches per step on the stream (no host synchronisation), three
-// with multistep columns, up to five for a churned or two-stage row, using scratch of
+// with multistep columns, up to six for a churned or two-stage row (five, and the multistep terms), using scratch of
 // pointcloud_sample_scratch(M, d, history_depth(table_host, K), table_has_stages(table_host, K)) elements.
 // The multistep columns B1/B2 use the D's of the earlier rows (registers for d <= 64, scratch beyond); the table's
 // first rows must not use D's from before row 0 (first_row_before_history: the glue refuses such tables).

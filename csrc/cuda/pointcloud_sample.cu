@@ -115,7 +115,7 @@ cudaError_t launch_small_dmax(const Cloud<T>& c, T* x, int64_t M, int64_t K, con
   return launch_small_rows<T, DMAX, 2>(c, x, M, K, co, seed, off, traj, stages, st);
 }
 
-// (a one-step table without history launches the kernel that pointcloud_step launches: launch_steps)
+// (a one-step table without history launches the instantiation pointcloud_step launches: <T, DMAX, 0, false>)
 template <typename T>
 cudaError_t launch_small(const Cloud<T>& c, T* x, int64_t M, int64_t K, const StepCoeffs& co, uint64_t seed,
                          uint64_t off, T* traj, int hist, bool stages, cudaStream_t st) {
@@ -142,7 +142,8 @@ cudaError_t launch_pointcloud_sample(const Cloud<T>& c, T* x, int64_t M, int64_t
     const StepCoeffs co{table, nullptr, nullptr, 0.0, 0.0, 0.0};
     return launch_small<T>(c, x, M, K, co, seed, sample_offset, traj, hist, stages, stream);
   }
-  // Large d: a launch pair per step (a third for the multistep terms; up to five for a churned or two-stage row),
+  // Large d: a launch pair per step (a third for the multistep terms; up to five more for a churned or two-stage
+  // row: churn, posterior, stage point, posterior, update),
   // all queued on the stream (no host synchronisation); the posteriors read alpha and sigma from the device table,
   // the other coefficients are passed by value from the host rows. scratch (pointcloud_sample_scratch): D [M, d],
   // L [M], then `hist` history buffers [M, d], then the stage point U and its D_u [M, d] each; the three D buffers

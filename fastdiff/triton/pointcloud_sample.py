@@ -4,7 +4,8 @@
 float64 [K, WIDTH] layout; the multistep terms (B1, B2: DPM-Solver++(2M)/(3M), docs/math.md §3b) are added after
 the step's update, B1 term then B2 term, as fastdiff.reference.pointcloud_sample adds them. A churned or two-stage
 row (fastdiff._table's docstring) runs its churn, both posteriors of the step (at x̂ and at the stage point u) and
-its correlated noise in the same launch (STAGES; the stage draw is drawn again where it is used rather than kept).
+its correlated noise in the same launch (STAGES; at large d the stage draw is drawn again where it is used rather
+than kept).
 The kernels read per-step float32 records derived from the table on the host (see step_records, history_records,
 stage_records); no host sync between steps.
 
@@ -36,7 +37,8 @@ def _step_record(tab_ptr, k):
 
 
 NSTAGE = 20    # stage_records: P, Cchurn, Ux, UD, Uz, BU, rho, √(1 − rho²), churns, staged, then the stage
-#               posterior's reduction record (a, c1, c2, k2, cy, cx, -, -, -, k2_lo at alphaU, sigmaU)
+#               posterior's reduction record (a, c1, c2, k2, cy, cx, draws, -, -, k2_lo at alphaU, sigmaU), whose
+#               unused slot 6 (the record's A) holds whether the row draws its stage noise (Uz or rho != 0)
 STAGE_STEP = tl.constexpr(_table.STAGE_STEP_BASE)
 CHURN_STEP = tl.constexpr(_table.CHURN_STEP_BASE)
 
@@ -47,7 +49,7 @@ def _stage_record(st_ptr, k):
     return (tl.load(sp + 0), tl.load(sp + 1), tl.load(sp + 2), tl.load(sp + 3), tl.load(sp + 4),
             tl.load(sp + 5), tl.load(sp + 6), tl.load(sp + 7), tl.load(sp + 8), tl.load(sp + 9),
             tl.load(sp + 10), tl.load(sp + 11), tl.load(sp + 12), tl.load(sp + 13), tl.load(sp + 14),
-            tl.load(sp + 15), tl.load(sp + 19))
+            tl.load(sp + 15), tl.load(sp + 19), tl.load(sp + 16))
 
 
 @triton.jit
@@ -73,7 +75,7 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, hist_ptr, 
         a, c1, c2, k2, cy, cx, A, B, Cn, _ = _step_record(tab_ptr, k)
         k64 = tl.cast(k, tl.int64)
         if STAGES:                                  # x̂ = P x + Cchurn z_churn
-            P, Cc, Ux, UD, Uz, BU, rho, keep, churns, staged, aU, c1U, c2U, k2U, cyU, cxU, _ = \
+            P, Cc, Ux, UD, Uz, BU, rho, keep, churns, staged, aU, c1U, c2U, k2U, cyU, cxU, _, draws = \
                 _stage_record(stage_ptr, k)
             if churns != 0.0:
                 zc = normal_tile(seed_lo, seed_hi, k64 + CHURN_STEP, i_lo, i_hi, 0, DP // 4)
@@ -83,14 +85,19 @@ def _pointcloud_sample_small_kernel(x_ptr, data_ptr, lw_ptr, tab_ptr, hist_ptr, 
         D = (acc / s).to(tl.float32) * cy + cx * x
         xn = A * x + B * D
         if STAGES:                                  # the stage point u, D_u, and the correlated step noise
-            zs = normal_tile(seed_lo, seed_hi, k64 + STAGE_STEP, i_lo, i_hi, 0, DP // 4)
+            zs = tl.zeros([BM, DP], tl.float32)
+            if draws != 0.0:
+                zs = normal_tile(seed_lo, seed_hi, k64 + STAGE_STEP, i_lo, i_hi, 0, DP // 4)
             if staged != 0.0:
                 u = tl.where(mask, Ux * x + UD * D + Uz * zs, 0.0)
                 acc_u, m_u, s_u = small_reduce(u, zero + aU, zero + c1U, zero + c2U, zero + k2U, data_ptr, stride_y,
                                                lw_ptr, N, d, BM, BN, DP)
                 xn += BU * ((acc_u / s_u).to(tl.float32) * cyU + cxU * u)
             if Cn != 0.0:
-                xn += Cn * (rho * zs + keep * normal_tile(seed_lo, seed_hi, k64, i_lo, i_hi, 0, DP // 4))
+                z = normal_tile(seed_lo, seed_hi, k64, i_lo, i_hi, 0, DP // 4)
+                if rho != 0.0:
+                    z = rho * zs + keep * z
+                xn += Cn * z
         elif Cn != 0.0:
             xn += Cn * normal_tile(seed_lo, seed_hi, k64, i_lo, i_hi, 0, DP // 4)
         if HIST > 0:                                # the multistep terms, after the one-step update
@@ -158,7 +165,8 @@ def _large_staged_step(data_ptr, lw_ptr, tab_ptr, hist_ptr, stage_ptr, x_ptr, ac
     correlated noise and the multistep terms. One-step rows take the same path (churns = staged = 0, rho = 0:
     the same operations as _large_one_step, D_k through memory)."""
     a, c1, c2, k2, cy, cx, A, B, Cn, k2_lo = _step_record(tab_ptr, k)
-    P, Cc, Ux, UD, Uz, BU, rho, keep, churns, staged, aU, c1U, c2U, k2U, cyU, cxU, k2U_lo = _stage_record(stage_ptr, k)
+    P, Cc, Ux, UD, Uz, BU, rho, keep, churns, staged, aU, c1U, c2U, k2U, cyU, cxU, k2U_lo, _ = \
+        _stage_record(stage_ptr, k)
     zero = tl.zeros([BM], tl.float32)
     k64 = tl.cast(k, tl.int64)
     S = slot_stride                                 # sbuf: [2, M, d] (D_k, u)
@@ -203,8 +211,10 @@ def _large_staged_step(data_ptr, lw_ptr, tab_ptr, hist_ptr, stage_ptr, x_ptr, ac
             acc = tl.load(acc_ptr + tile, mask=mask, other=0.0)
             xn += BU * ((acc / s_u[:, None]).to(tl.float32) * cyU + cxU * u)
         if Cn != 0.0:
-            zs = normal_tile(seed_lo, seed_hi, k64 + STAGE_STEP, i_lo, i_hi, k0 // 4, BK // 4)
-            xn += Cn * (rho * zs + keep * normal_tile(seed_lo, seed_hi, k64, i_lo, i_hi, k0 // 4, BK // 4))
+            z = normal_tile(seed_lo, seed_hi, k64, i_lo, i_hi, k0 // 4, BK // 4)
+            if rho != 0.0:
+                z = rho * normal_tile(seed_lo, seed_hi, k64 + STAGE_STEP, i_lo, i_hi, k0 // 4, BK // 4) + keep * z
+            xn += Cn * z
         xn = _history_terms(xn, Dk, dbuf_ptr, hist_ptr, k, tile, mask, slot_stride, HIST)
         tl.debug_barrier()                          # loads of the tile before its stores
         tl.store(x_ptr + tile, xn, mask=mask)
@@ -274,7 +284,8 @@ def stage_records(table, bandwidth, device) -> torch.Tensor | None:
     """float32 [K, NSTAGE] per-step records of a table with churned or two-stage rows (None without any): P,
     Cchurn, Ux, UD, Uz, BU, rho, √(1 − rho²), whether the row churns, whether it has a stage, then the stage
     posterior's reduction record at (alphaU, sigmaU), formed in float64 as step_records forms the step's (rows
-    without a stage get the record of α = σ = 1, never read)."""
+    without a stage get the record of α = σ = 1, never read), with whether the row draws its stage noise in the
+    record's unused slot 6 (NSTAGE)."""
     if not _table.uses_stages(table):
         return None
     K = table.shape[0]
@@ -289,6 +300,7 @@ def stage_records(table, bandwidth, device) -> torch.Tensor | None:
     aU = torch.where(staged, table[:, _table.ALPHA_U], one)
     sU = torch.where(staged, table[:, _table.SIGMA_U], one)
     rec[:, 10:] = C.reduction_params(aU, sU, bandwidth, K, "cpu")
+    rec[:, 16] = ((staged & (table[:, _table.UZ] != 0)) | (table[:, _table.RHO] != 0)).to(torch.float64)
     return C.as_f32_table(rec).to(device)
 
 
