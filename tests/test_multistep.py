@@ -96,6 +96,31 @@ def test_kernel_normal_is_the_contract_noise():
         assert torch.equal(M.kernel_normal(seed, off, step, half), M.contract_normal(seed, idx, step, half))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_contract_noise_kernel_draws_are_kernel_normal(dtype):
+    """ContractNoise(kernels=True) draws through one buffer per kind (churn, stage, step) and ops.affine_stepper:
+    every draw is kernel_normal's bits over repeated draws of a kind, the stage draw survives the step draw that
+    correlates with it (w = √(1 − ρ²) z + ρ z_stage, as before), and a state of another shape gets new buffers."""
+    p = fd.VP()
+    table = M.method_table(p, grid(p, 5), "dpmpp_sde", eta=0.7)
+    rho = table.lists()["rho"]
+    assert any(r != 0.0 for r in rho)
+    for shape in ((9, 3), (4, 2, 5)):
+        like = torch.empty(shape, dtype=dtype)
+        noise = M.ContractNoise(table, 17, 2**32 + 3, shape[0], "cpu", kernels=True)
+        for k in range(len(table)):
+            churn = noise(k, "churn", like)
+            assert torch.equal(churn, M.kernel_normal(17, 2**32 + 3, M.CHURN_STEP_BASE + k, like))
+            stage = noise(k, "stage", like)
+            zs = M.kernel_normal(17, 2**32 + 3, M.STAGE_STEP_BASE + k, like)
+            assert torch.equal(stage, zs)
+            w = noise(k, "step", like)
+            want = M.kernel_normal(17, 2**32 + 3, k, like)
+            if rho[k] != 0.0:
+                want = want.mul_(math.sqrt(1 - rho[k] ** 2)).add_(zs, alpha=rho[k])
+            assert torch.equal(w, want) and torch.equal(stage, zs), k
+
+
 def test_stage_and_churn_streams_are_distinct():
     idx = torch.arange(1000)
     like = torch.empty(1000, 2, dtype=torch.float64)
@@ -766,7 +791,9 @@ def _executor_sample(monkeypatch, net, **kw):
 
 
 def _count_affine_calls(monkeypatch):
-    """(history pairs, backend) of each affine step fd.sample's model loop takes (through ops.affine_stepper)."""
+    """(history pairs, backend) of each affine step fd.sample's model loop takes (through ops.affine_stepper).
+    The table executor's kernel noise draws (methods.ContractNoise) step their own buffer with D = that buffer:
+    they are not model-loop steps and are not counted."""
     calls = []
     original = fd.ops.affine_stepper
 
@@ -774,7 +801,8 @@ def _count_affine_calls(monkeypatch):
         step = original(x, seed, sample_offset, steps, backend=backend)
 
         def counting(k, D, A, B, C, history=()):
-            calls.append((len(history), backend))
+            if D is not x:
+                calls.append((len(history), backend))
             return step(k, D, A, B, C, history)
         return counting
 
