@@ -348,6 +348,9 @@ unsigned screen_block(const Cloud<T>& c, const ScreenCloud<T>& sc, int nr, const
       xxc[r] = s;
       xx[r] += s;
     }
+    // per row and lane: Σ (t − t) over the chunk's live pairs, 0 unless some bound is ±inf or NaN (a float dot
+    // that overflowed); summed across lanes once per chunk, not once per block
+    alignas(64) double probes[R][BP] = {};
     for (int64_t b = 0; b < nblocks; ++b) {   // the bounds over this chunk
       if (!w.live[b]) continue;
       const T* blk[BV];
@@ -374,29 +377,31 @@ unsigned screen_block(const Cloud<T>& c, const ScreenCloud<T>& sc, int nr, const
         const double a = alpha[r], a2 = alpha[r] * alpha[r], base = xxc[r];
         // a float dot that overflowed (huge inputs the float64 rule left in float32) gives no bound: the row
         // goes to the blocked kernel. Only the row's live pairs count (pruned ones stay +inf, untouched).
-        // probe: Σ (t − t) over the live pairs, 0 unless some t is ±inf or NaN (one vector add a pair)
-        double probe = 0.0;
+        double* __restrict probe = probes[r];
         if (ch > 0) {
-#pragma omp simd reduction(+ : probe)
+#pragma omp simd
           for (int64_t l = 0; l < BP; ++l) {
             const double t = base - 2.0 * a * static_cast<double>(dots[r][l]) + a2 * nrm[l];
             const bool dead = lb[l] == inf;
-            probe += dead ? 0.0 : t - t;
+            probe[l] += dead ? 0.0 : t - t;
             lb[l] = dead ? inf : lb[l] + t;
           }
-          if (probe != 0.0) overflow |= 1u << r;   // NaN != 0 too
           continue;
         }
-#pragma omp simd reduction(+ : probe)
+#pragma omp simd
         for (int64_t l = 0; l < BP; ++l) {   // the padding lanes' points are zeros: their t is finite
           const double t = base - 2.0 * a * static_cast<double>(dots[r][l]) + a2 * nrm[l];
-          probe += t - t;
+          probe[l] += t - t;
           lb[l] = t;
         }
-        if (probe != 0.0) overflow |= 1u << r;
         for (int64_t l = valid; l < BP; ++l) lb[l] = inf;
         track_best(lb, c.log_w ? c.log_w + b * BP : nullptr, valid, prm[r].inv2c, b, best + r * BP, best_block + r * BP);
       }
+    }
+    for (int r = 0; r < R; ++r) {
+      double probe = 0.0;
+      for (int64_t l = 0; l < BP; ++l) probe += probes[r][l];
+      if (probe != 0.0) overflow |= 1u << r;   // NaN != 0 too
     }
     dense |= overflow;
     if (ch == 0)
