@@ -356,6 +356,19 @@ def _reference32_stage_step(traj, k, table, data, seed, off, lw, v, r64, backend
     return max(cands, key=lambda r: float((r.double() - r64).abs().max()))
 
 
+def _check_stage_trajectory(traj, table, y, seed, off, lw, v, backend):
+    """Each state of a kernel's trajectory against the reference step from the kernel's own earlier states: fa_close
+    against the float32 bar of _reference32_stage_step in float32, 1e-12 relative in float64."""
+    for k in range(table.shape[0]):
+        r64 = _reference_stage_step(traj, k, table, y, seed, off, lw, v, F64)
+        if traj.dtype == F32:
+            fa_close(traj[k + 1], r64, _reference32_stage_step(traj, k, table, y, seed, off, lw, v, r64, backend),
+                     f"step {k}")
+        else:
+            err = float((traj[k + 1] - r64).abs().max())
+            assert err <= MULTISTEP_REL64 * (float(r64.abs().max()) + 1), f"step {k}: error {err:.3g}"
+
+
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(*STAGE_BACKENDS))
 @pytest.mark.parametrize("M, N, d, K", [(1, 1, 2, 4), (37, 19, 2, 7), (29, 23, 3, 6), (9, 40, 64, 6),
                                         (5, 17, 65, 6), (6, 11, 300, 4)],
@@ -377,14 +390,7 @@ def test_churn_and_stage_rows_follow_the_reference(backend, dtype, M, N, d, K):
     traj = ops.pointcloud_sample(xk, y.to(dtype).to(dev), table, 11, 5, lw.to(dev), 0.02, True, backend=backend)
     assert torch.equal(traj[-1], xk)
     traj = traj.cpu()
-    for k in range(K):
-        r64 = _reference_stage_step(traj, k, table, y, 11, 5, lw, 0.02, F64)
-        if dtype == F32:
-            fa_close(traj[k + 1], r64, _reference32_stage_step(traj, k, table, y, 11, 5, lw, 0.02, r64, backend),
-                     f"step {k}")
-        else:
-            err = float((traj[k + 1] - r64).abs().max())
-            assert err <= MULTISTEP_REL64 * (float(r64.abs().max()) + 1), f"step {k}: error {err:.3g}"
+    _check_stage_trajectory(traj, table, y, 11, 5, lw, 0.02, backend)
     row0 = table.tolist()[0]                        # a one-step row: pointcloud_step's bits
     first = ops.pointcloud_step(x.clone().to(dev), y.to(dtype).to(dev), row0[_table.ALPHA], row0[_table.SIGMA],
                                 row0[_table.A], row0[_table.B0], row0[_table.C], 11, 0, 5, lw.to(dev), 0.02,
@@ -420,14 +426,7 @@ def test_stage_rows_down_to_small_sigma_over_near_duplicates(backend, dtype, d):
     dev = device(backend)
     traj = ops.pointcloud_sample(x.clone().to(dev), y.to(dtype).to(dev), table, 5, 0, None, 0.0, True,
                                  backend=backend).cpu()
-    for k in range(3):
-        r64 = _reference_stage_step(traj, k, table, y, 5, 0, None, 0.0, F64)
-        if dtype == F32:
-            fa_close(traj[k + 1], r64, _reference32_stage_step(traj, k, table, y, 5, 0, None, 0.0, r64, backend),
-                     f"step {k}")
-        else:
-            err = float((traj[k + 1] - r64).abs().max())
-            assert err <= MULTISTEP_REL64 * (float(r64.abs().max()) + 1), f"step {k}: error {err:.3g}"
+    _check_stage_trajectory(traj, table, y, 5, 0, None, 0.0, backend)
 
 
 @pytest.mark.parametrize("backend", backends("torch", *STAGE_BACKENDS))

@@ -47,37 +47,22 @@ __device__ __forceinline__ void add_history_small_d(T (&x)[DMAX], const T (&D)[D
 // is drawn again where it is used (stage point, correlated step noise) rather than kept: counter-based noise gives
 // the same numbers, and at d = 64 that saves 64 registers a thread.
 
-// x^ = P x + Cchurn z_churn, in place.
+// out = a x + b D + c z(step), each component formed in double and rounded once (out may be x: same index only):
+// the churn x^ = P x + Cchurn z_churn (b = 0) and the stage point u = Ux x^ + UD D + Uz z_stage.
 template <typename T, int DMAX>
-__device__ __forceinline__ void churn_small_d(T (&x)[DMAX], int d, const double* row, uint64_t seed, uint32_t k,
-                                              uint64_t sample) {
-  const double P = row[kColP], Cc = row[kColCchurn];
+__device__ __forceinline__ void combine_small_d(T (&out)[DMAX], const T (&x)[DMAX], const T (&D)[DMAX], int d,
+                                                double a, double b, double c, uint64_t seed, uint32_t step,
+                                                uint64_t sample) {
 #pragma unroll
   for (int q = 0; q < (DMAX + 3) / 4; ++q) {
     if (4 * q >= d) break;
     double z[4] = {0.0, 0.0, 0.0, 0.0};
-    if (Cc != 0.0) normals4<double>(seed, sample, kChurnStepBase + k, static_cast<uint32_t>(q), z);
+    if (c != 0.0) normals4<double>(seed, sample, step, static_cast<uint32_t>(q), z);
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      if (4 * q + e < d) x[4 * q + e] = static_cast<T>(P * static_cast<double>(x[4 * q + e]) + Cc * z[e]);
-  }
-}
-
-// The stage point u = Ux x^ + UD D + Uz z_stage.
-template <typename T, int DMAX>
-__device__ __forceinline__ void stage_point_small_d(T (&u)[DMAX], const T (&x)[DMAX], const T (&D)[DMAX], int d,
-                                                    const double* row, uint64_t seed, uint32_t k, uint64_t sample) {
-  const double a = row[kColUx], b = row[kColUD], c = row[kColUz];
-#pragma unroll
-  for (int q = 0; q < (DMAX + 3) / 4; ++q) {
-    if (4 * q >= d) break;
-    double z[4] = {0.0, 0.0, 0.0, 0.0};
-    if (c != 0.0) normals4<double>(seed, sample, kStageStepBase + k, static_cast<uint32_t>(q), z);
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      if (4 * q + e < d)
-        u[4 * q + e] = static_cast<T>(a * static_cast<double>(x[4 * q + e]) + b * static_cast<double>(D[4 * q + e]) +
-                                      c * z[e]);
+    for (int e = 0; e < 4; ++e) {
+      const int j = 4 * q + e;
+      if (j < d) out[j] = static_cast<T>(a * static_cast<double>(x[j]) + b * static_cast<double>(D[j]) + c * z[e]);
+    }
   }
 }
 
@@ -114,7 +99,8 @@ template <typename T, int DMAX>
 __device__ void staged_row_small_d(const Cloud<T>& c, T (&x)[DMAX], T (&D)[DMAX], const double* row, bool active,
                                    T* tile, T* tile_lw, uint64_t seed, uint32_t k, uint64_t sample) {
   const int d = static_cast<int>(c.d);
-  if (active && row_churns(row)) churn_small_d<T, DMAX>(x, d, row, seed, k, sample);
+  if (active && row_churns(row))   // x^ = P x + Cchurn z_churn (b = 0: x stands in for D and adds 0·x)
+    combine_small_d<T, DMAX>(x, x, x, d, row[kColP], 0.0, row[kColCchurn], seed, kChurnStepBase + k, sample);
   posterior_small_d<T, DMAX>(c, x, row[kColAlpha], row[kColSigma], active, tile, tile_lw, D, static_cast<T*>(nullptr));
   T Du[DMAX];
 #pragma unroll
@@ -123,7 +109,8 @@ __device__ void staged_row_small_d(const Cloud<T>& c, T (&x)[DMAX], T (&D)[DMAX]
     T u[DMAX];
 #pragma unroll
     for (int e = 0; e < DMAX; ++e) u[e] = T(0);
-    if (active) stage_point_small_d<T, DMAX>(u, x, D, d, row, seed, k, sample);
+    if (active)
+      combine_small_d<T, DMAX>(u, x, D, d, row[kColUx], row[kColUD], row[kColUz], seed, kStageStepBase + k, sample);
     posterior_small_d<T, DMAX>(c, u, row[kColAlphaU], row[kColSigmaU], active, tile, tile_lw, Du,
                                static_cast<T*>(nullptr));
   }
