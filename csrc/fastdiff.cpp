@@ -3,6 +3,7 @@
 
 #include "build_info.h"
 #include "common/limits.h"
+#include "cpu/kernels.h"
 #include "ops/ops.h"
 
 namespace {
@@ -35,6 +36,16 @@ py::dict build_config() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastdiff compiled kernels (CPU always, CUDA when built with it)";
   m.def("build_config", &build_config, "what this extension was built with");
+  m.def("cpu_amx", [] {
+    py::dict state;
+    const char* why = fastdiff::cpu::amx_unavailable();
+    state["available"] = why == nullptr;
+    state["reason"] = why ? py::str(why) : py::str("");
+    state["enabled"] = fastdiff::cpu::amx_enabled();
+    return state;
+  }, "the CPU posterior's AMX screen: available (and why not), enabled (the switch)");
+  m.def("set_cpu_amx", &fastdiff::cpu::set_amx_enabled, py::arg("enabled"),
+        "turn the CPU posterior's AMX screen on or off for this process (FASTDIFF_CPU_AMX=0 starts it off)");
   m.def("posterior", &fastdiff::ops::posterior, py::arg("x"), py::arg("data"), py::arg("alpha"), py::arg("sigma"),
         py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0);
   m.def("affine_step", &fastdiff::ops::affine_step, py::arg("x"), py::arg("D"), py::arg("A"), py::arg("B"),

@@ -19,6 +19,12 @@ struct Cloud {
   T at(int64_t j, int64_t k) const { return y[j * d + k]; }   // point j, coordinate k
 };
 
+// The AMX screen of the large-d posterior (posterior_amx.h): why this process cannot use it (nullptr: it can), and
+// the switch that turns it off (FASTDIFF_CPU_AMX=0 at start-up, or set_amx_enabled(false)).
+const char* amx_unavailable();
+bool amx_enabled();
+void set_amx_enabled(bool on);
+
 // D [M, d] and L [M] for queries x [M, d]; alpha/sigma have length M (per row) or 1.
 template <typename T>
 void posterior(const Cloud<T>& cloud, const T* x, int64_t M, const double* alpha, const double* sigma,

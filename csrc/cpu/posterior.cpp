@@ -1,15 +1,15 @@
 // CPU point-cloud posterior (MATH.md §5): D [M, d] and L [M] of every query.
 // d <= 4: one query at a time per thread (posterior_row.h, OpenMP over queries); d >= 5: groups of rows per
-// thread through posterior_rows (posterior_screened.h: screening and exact rescoring from d = 32, the rows it
-// leaves and smaller d through the register-blocked kernel, posterior_blocked.h; the reasoning and the error
-// bounds are there).
+// thread through posterior_rows (posterior_large.h: screening and exact rescoring, on AMX from d = 16 or AVX-512
+// from d = 32, the rows a screen leaves and smaller d through the register-blocked kernel; the reasoning and the
+// error bounds are in posterior_amx.h, posterior_screened.h and posterior_blocked.h).
 #include <algorithm>
 #include <vector>
 
 #include "kernels.h"
 #include "posterior_blocked.h"
 #include "posterior_row.h"
-#include "posterior_screened.h"
+#include "posterior_large.h"
 
 namespace fastdiff::cpu {
 
@@ -46,6 +46,10 @@ void posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, co
     }
   }
 }
+
+const char* amx_unavailable() { return amx_unavailable_reason(); }
+bool amx_enabled() { return amx_switch().load(); }
+void set_amx_enabled(bool on) { amx_switch().store(on); }
 
 template void posterior<float>(const Cloud<float>&, const float*, int64_t, const double*, const double*, bool, float*,
                                float*);

@@ -1,5 +1,7 @@
 // The point-cloud posterior at large d by screening and exact rescoring (issue 15). Shared by the posterior,
-// pointcloud_step and pointcloud_sample kernels through posterior_rows (posterior_rows.h).
+// pointcloud_step and pointcloud_sample kernels through posterior_rows (posterior_large.h). On a CPU with AMX,
+// float clouds without log-weights screen with posterior_amx.h instead, which reuses this file's anchor, pruning
+// rule and exact stage.
 //
 // Why: a posterior weight w_j ∝ e^{l_j}, l_j = lw_j − |x − αy_j|²·inv2c, is negligible unless l_j is within a
 // few tens of nats of the row's largest logit m. At large d that is a handful of points per query whenever the
@@ -117,6 +119,12 @@ struct ScreenCloud {
   }
 };
 
+// The exact stage's scratch (finish_row): one row's survivors, their exact logits, Σ e·y [d].
+struct Rescore {
+  std::vector<int64_t> cand;
+  std::vector<double> logit, acc;
+};
+
 // Per-thread scratch of the screened path for one block of kScreenRows rows.
 template <typename T>
 struct ScreenWork {
@@ -127,13 +135,14 @@ struct ScreenWork {
   std::vector<uint16_t> survivors;             // [kScreenRows][blocks] a row's live pairs in a block
   std::vector<double> best;                    // [kScreenRows][kScreenVecs·W] the anchor search (track_best)
   std::vector<int64_t> best_block;
-  std::vector<int64_t> cand;                   // survivors of one row
-  std::vector<double> logit, acc;              // their exact logits, Σ e·y [d]
+  Rescore rescore;                             // one row's survivors at a time
   std::vector<T> scratch;                      // D of the padding rows of a partial block
   explicit ScreenWork(const Cloud<T>& c)
       : np((c.N + kScreenVecs * kW<T> - 1) / (kScreenVecs * kW<T>) * (kScreenVecs * kW<T>)), lb(kScreenRows * np),
         yy(np), live(np / (kScreenVecs * kW<T>)), survivors(kScreenRows * live.size()),
-        best(kScreenRows * kScreenVecs * kW<T>), best_block(best.size()), acc(c.d), scratch(c.d) {}
+        best(kScreenRows * kScreenVecs * kW<T>), best_block(best.size()), scratch(c.d) {
+    rescore.acc.resize(c.d);
+  }
 };
 
 // acc[r][v] = Σ_{kk < kn} x_r[kk] · blk_v[kk][lane]: the partial dot products of kScreenRows rows with the
@@ -210,7 +219,7 @@ inline double exact_logit(const Cloud<T>& c, const T* x, const RowParams<T>& p, 
 // pair (its weight is < e^{−T} of the largest).
 template <typename T>
 void finish_row(const Cloud<T>& c, const T* x, double alpha, double sigma, const RowParams<T>& p, double lw_max,
-                double cut, double prune_nats, ScreenWork<T>& w, T* D, T* L) {
+                double cut, double prune_nats, Rescore& w, T* D, T* L) {
   const int64_t d = c.d, n = static_cast<int64_t>(w.cand.size());
   w.logit.resize(n);
   double m = -std::numeric_limits<double>::infinity();
@@ -443,72 +452,16 @@ unsigned screen_block(const Cloud<T>& c, const ScreenCloud<T>& sc, int nr, const
   }
   for (int r = 0; r < nr; ++r) {
     if (dense >> r & 1u) continue;
-    w.cand.clear();
+    std::vector<int64_t>& cand = w.rescore.cand;
+    cand.clear();
     const double* lb = w.lb.get() + r * np;
     for (int64_t b = 0; b < nblocks; ++b)
       if (w.survivors[r * nblocks + b])
         for (int64_t j = b * BP; j < std::min(N, (b + 1) * BP); ++j)
-          if (lb[j] != inf) w.cand.push_back(j);
-    finish_row(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w, D[r], L[r]);
+          if (lb[j] != inf) cand.push_back(j);
+    finish_row(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D[r], L[r]);
   }
   return dense;
-}
-
-// ============================================================== the large-d posterior of a group of rows
-// State shared by the threads of one call: the cloud, its lazily packed layouts, the largest log-weight.
-template <typename T>
-struct LargeCloud {
-  const Cloud<T>& c;
-  PackedCloud<T> packed;                    // the blocked kernel's tiles (posterior_blocked.h)
-  std::unique_ptr<ScreenCloud<T>> screen;   // null below kScreenMinD
-  double lw_max;                            // for the far-row test (0 without log-weights)
-  explicit LargeCloud(const Cloud<T>& c_)
-      : c(c_), packed(c_), screen(use_screening(c_.d, c_.N) ? new ScreenCloud<T>(c_) : nullptr),
-        lw_max(c_.log_w ? max_log_weight(c_.log_w, c_.N) : 0.0) {}
-};
-
-// Per-thread scratch for groups of up to `rows` rows.
-template <typename T>
-struct LargeWork {
-  const LargeCloud<T>& lc;
-  int64_t rows;
-  std::unique_ptr<BlockedWork<T>> blocked_;   // made on first use (its sums are rows·d doubles)
-  std::unique_ptr<ScreenWork<T>> screen;
-  GroupRows<T> dense;                       // the rows the screened path leaves to the blocked kernel
-  std::vector<int64_t> dense_rows;
-  RowParams<T> prm[kScreenRows];
-  LargeWork(const LargeCloud<T>& lc, int64_t rows)
-      : lc(lc), rows(rows), screen(lc.screen ? new ScreenWork<T>(lc.c) : nullptr), dense(rows, lc.c.d) {}
-  BlockedWork<T>& blocked() {
-    if (!blocked_) blocked_.reset(new BlockedWork<T>(lc.c.d, rows, !lc.packed.packed()));
-    return *blocked_;
-  }
-};
-
-// D and L of g rows (g a multiple of kRows; pad with copies of a row, as GroupRows does). L[r] may be nullptr.
-// d >= kScreenMinD: screened, kScreenRows rows at a time, and the rows it leaves dense through the blocked kernel;
-// smaller d: the blocked kernel.
-template <typename T>
-void posterior_rows(const LargeCloud<T>& lc, int64_t g, const T* const* xs, const double* alpha, const double* sigma,
-                    T* const* D, T* const* L, LargeWork<T>& w) {
-  if (!lc.screen) return posterior_group(lc.c, g, xs, alpha, sigma, D, L, lc.packed, w.blocked());
-  w.dense_rows.clear();
-  for (int64_t b = 0; b < g; b += kScreenRows) {
-    const int nr = static_cast<int>(std::min<int64_t>(kScreenRows, g - b));
-    for (int r = 0; r < nr; ++r) w.prm[r] = row_params(lc.c, alpha[b + r], sigma[b + r]);
-    const unsigned dense = screen_block(lc.c, *lc.screen, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max,
-                                        *w.screen, D + b, L + b);
-    for (int r = 0; r < nr; ++r)
-      if (dense >> r & 1u) w.dense_rows.push_back(b + r);
-  }
-  if (w.dense_rows.empty()) return;
-  const int64_t gp = w.dense.fill(static_cast<int64_t>(w.dense_rows.size()),
-                                  [&](int64_t r, const T*& xr, T*& Dr, T*& Lr, double& a, double& s) {
-    const int64_t i = w.dense_rows[r];
-    xr = xs[i]; Dr = D[i]; Lr = L[i]; a = alpha[i]; s = sigma[i];
-  });
-  posterior_group(lc.c, gp, w.dense.x.data(), w.dense.alpha.data(), w.dense.sigma.data(), w.dense.D.data(),
-                  w.dense.L.data(), lc.packed, w.blocked());
 }
 
 }  // namespace fastdiff::cpu

@@ -9,7 +9,7 @@
 #include "kernels.h"
 #include "posterior_blocked.h"
 #include "posterior_row.h"
-#include "posterior_screened.h"
+#include "posterior_large.h"
 #include "update_row.h"
 
 namespace fastdiff::cpu {

@@ -1,0 +1,400 @@
+// The screened posterior's dot products on Intel AMX (issue 15): the first pass of posterior_screened.h, x·y_j of
+// 16 queries with every point, as bf16 tile products accumulated in float, with a bound on their error; then the
+// same anchor, pruning rule and exact rescoring (finish_row) as there.
+//
+// Why: the AVX-512 screen spends one float FMA per (query, point, dimension) on the dots and ~15 double
+// operations per (query, point) on the bound (perf at d = 64: 43% and 57% of screen_block). One TDPBF16PS does
+// 16×16×32 multiply-adds in ~16 cycles, 16x the float FMA rate, and the bound below costs 3 float FMAs per 16
+// pairs. The price is precision: bf16 keeps 8 significant bits, so the dot errs by up to ~2⁻⁷·|αx|·|y| where the
+// float dot erred by ~2⁻¹⁷·|αx|·|y|. At σ = 0.5 that slack is < 2 nats at d = 64, against the ~200 nats that
+// separate a query's cluster of points from the next. A pair the slack keeps is rescored exactly: precision costs
+// speed, never accuracy.
+//
+// Error bound (u_b = 2⁻⁸ for bf16, u = 2⁻²⁴ for float, K = d rounded up to 32):
+// - The queries go in as xa = fl(fl(α)·x), both operands rounded to bf16 (nearest even). Each product
+//   bf(xa_k)·bf(y_k) is then within (2u_b + u_b² + 4u)·|α x_k y_k| of α x_k y_k, is exact in float, and the K
+//   products are summed in float in some order (≤ γ_K·Σ|products|, any order). Denormal inputs and results may be
+//   flushed: ≤ 2⁻¹²⁴ per operation. By Cauchy–Schwarz the dot g satisfies
+//     |g − α x·y| ≤ cd·|αx|·|y| + e0,   cd = 2u_b + u_b² + 4u + 1.01·γ_K,   e0 = 2⁻¹²⁰·(K + √K·(|αx| + |y|)).
+// - So |x − αy|² ≥ P = |x|²(1 − 1e-12) + α²|y|²(1 − 1e-12) − 2g − 2cd·|αx|·|y| − 2e0: posterior_screened.h's
+//   lower bound with its float-dot slack replaced by this one. A pair is pruned by that file's rule,
+//   P > f²(ρ + y_term·|y|)², which expands to  H = Q + A·|y|² − S·|y| − 2g > 0  with Q, A, S per row.
+// - H is evaluated in float as fma(−2, g, fma(A', |y|², fma(−S', |y|, Q'))), each coefficient moved against
+//   pruning by 6u of the magnitudes in play (|Q| + |A|·|y|² + S·|y| + 2|g|, with |g| ≤ 1.02·|αx|·|y| + e0): that
+//   covers the roundings of the coefficients, of |y|² and |y| to float and of the three FMAs. So the float test
+//   prunes only pairs the exact rule prunes.
+// - Overflow: a row with |αx| > kAmxMaxNorm or a coefficient beyond kAmxMaxCoef goes to the blocked kernel, and a
+//   point with |y| > kAmxMaxNorm carries NaN norms, which no test prunes (NaN > 0 is false). Everything else stays
+//   below ~4e36 in float.
+// Bits: a row's D and L equal posterior_screened.h's whenever both screen it (neither finds it dense): the exact
+// stage sums exactly the survivors whose logit is ≥ m − T, in index order, and both screens keep all of those.
+// Row invariance: each element of a C tile is one query's dot with one point, and the anchor, the test and the
+// dense decision read that query's lane only.
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "buffer_pool.h"
+#include "kernels.h"
+#include "posterior_blocked.h"
+#include "posterior_row.h"
+#include "posterior_screened.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && \
+    defined(__linux__)
+#define FASTDIFF_CPU_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace fastdiff::cpu {
+
+inline constexpr int kAmxRows = 16;          // queries per block: the columns of a C tile
+inline constexpr int kAmxK = 32;             // bf16 per tile row: the dimensions of one TDPBF16PS
+inline constexpr int kAmxSweep = 64;         // points per sweep step: 4 C tiles of 16
+inline constexpr int64_t kAmxMinD = 32;      // below, the blocked kernel: at d = 16 (bench data, σ = 0.5) ~10% of the
+                                             // points lie within T of the best, and rescoring them cost more than
+                                             // the blocked kernel (14.6 against 11.5 ms)
+inline constexpr int64_t kAmxFirstDims = 256;   // the first screen's dimensions (amx_screen_block)
+inline constexpr int64_t kAmxMaxPoints = int64_t(1) << 18;   // the dots of a block are kept: 16 floats a point
+inline constexpr double kAmxMaxNorm = 1e18;  // |αx|·|y| ≤ 1e36: no float overflow in the dots
+inline constexpr double kAmxMaxCoef = 1e36;
+
+// Why this process cannot use AMX, or nullptr when it can. Asked once: the build must enable AMX-BF16 (its -march),
+// the CPU must have it and Linux must grant this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
+inline const char* amx_unavailable_reason() {
+#ifndef FASTDIFF_CPU_AMX
+  return "this build's -march does not enable AMX-BF16 (FASTDIFF_CPU_ARCH=native on a CPU with AMX enables it)";
+#else
+  static const char* const reason = []() -> const char* {
+    if (!__builtin_cpu_supports("amx-bf16")) return "this CPU has no AMX-BF16";
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) != 0)
+      return "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)";
+    return nullptr;
+  }();
+  return reason;
+#endif
+}
+
+// The switch (on unless FASTDIFF_CPU_AMX=0 at import): tests run both paths in one process.
+inline std::atomic<bool>& amx_switch() {
+  static std::atomic<bool> on{[] {
+    const char* env = std::getenv("FASTDIFF_CPU_AMX");
+    return !(env && std::strcmp(env, "0") == 0);
+  }()};
+  return on;
+}
+
+inline bool amx_in_use() { return amx_switch().load(std::memory_order_relaxed) && !amx_unavailable_reason(); }
+
+template <typename T>
+inline bool use_amx(const Cloud<T>& c) {
+  // float only (a double call needs more than bf16 can screen); log-weights keep the AVX-512 screen (their
+  // per-point threshold is not in the three-FMA test)
+  return sizeof(T) == 4 && !c.log_w && c.d >= kAmxMinD && c.N <= kAmxMaxPoints && amx_in_use();
+}
+
+#ifdef FASTDIFF_CPU_AMX
+
+// The screens' dimension prefixes: [0, k0), [0, 2k0), [0, 4k0), ... up to every dimension (see amx_screen_block).
+inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
+  std::vector<int64_t> ends;
+  for (int64_t k = std::min(kp, kAmxFirstDims);; k = std::min(kp, 2 * k)) {
+    ends.push_back(k);
+    if (k == kp) return ends;
+  }
+}
+
+// The cloud in bf16 for the A operand: [np][kp] row-major (zeros past d and N), and its norms in float over each
+// screen's dimensions.
+struct AmxCloud {
+  int64_t d, N, kp, np;
+  std::vector<int64_t> ends;   // amx_screen_ends(kp)
+  PooledArray<uint16_t> y;     // [np][kp]
+  PooledArray<float> yy, ny;   // [ends][np]: |y|², |y| over [0, ends[l]) (NaN past kAmxMaxNorm: never pruned)
+  explicit AmxCloud(const Cloud<float>& c)
+      : d(c.d), N(c.N), kp((c.d + kAmxK - 1) / kAmxK * kAmxK), np((c.N + kAmxSweep - 1) / kAmxSweep * kAmxSweep),
+        ends(amx_screen_ends(kp)), y(np * kp), yy(ends.size() * np), ny(ends.size() * np) {
+#pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < np; ++j) pack_point(c, j);
+  }
+  const float* level_yy(size_t l) const { return yy.get() + l * np; }
+  const float* level_ny(size_t l) const { return ny.get() + l * np; }
+
+ private:
+  void pack_point(const Cloud<float>& c, int64_t j) {
+    uint16_t* dst = y.get() + j * kp;
+    const float* src = c.y + j * d;
+    double s = 0.0;
+    size_t l = 0;
+    for (int64_t k = 0; k < kp; k += kAmxK) {
+      const int64_t n = j < N ? std::clamp<int64_t>(d - k, 0, kAmxK) : 0;   // padding points are zeros
+      const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+      const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
+      const __m512 a = _mm512_maskz_loadu_ps(lo, src + k), b = _mm512_maskz_loadu_ps(hi, src + k + 16);
+      _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      const __m512d a0 = _mm512_cvtps_pd(_mm512_castps512_ps256(a)), a1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1));
+      const __m512d b0 = _mm512_cvtps_pd(_mm512_castps512_ps256(b)), b1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1));
+      s += _mm512_reduce_add_pd(_mm512_fmadd_pd(a0, a0, _mm512_fmadd_pd(a1, a1, _mm512_fmadd_pd(b0, b0,
+                                                                                                 _mm512_mul_pd(b1, b1)))));
+      if (k + kAmxK == ends[l]) norms(s, yy[l * np + j], ny[l * np + j]), ++l;
+    }
+  }
+  static void norms(double s, float& yy_j, float& ny_j) {
+    const double n = std::sqrt(s);
+    const bool huge = !(n <= kAmxMaxNorm);
+    yy_j = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(s);
+    ny_j = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(n);
+  }
+};
+
+// Per-thread scratch for one block of kAmxRows queries.
+struct AmxWork {
+  PooledArray<uint16_t> xb;                    // [kp / 32][16 pairs][16 queries][2]: the B operand
+  PooledArray<float> dots;                     // [np][16]: point j's dots with the block's queries
+  std::vector<int64_t> cand[kAmxRows];         // each query's surviving points, ascending
+  Rescore rescore;                             // finish_row's scratch
+  std::vector<float> scratch;                  // D of the padding rows of a partial block
+  explicit AmxWork(const AmxCloud& ac)
+      : xb(ac.kp / 2 * kAmxRows * 2), dots(ac.np * kAmxRows), scratch(ac.d) {
+    rescore.acc.resize(ac.d);
+  }
+};
+
+struct alignas(64) AmxTileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0–3: C (16 points × 16 queries, float); 4: B (the queries' 32 dimensions, pairs); 5, 6: A (16 points).
+inline void amx_configure() {
+  AmxTileConfig cfg;
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// The block's queries α_r·x_r in the B layout: for 32 dimensions kb·32 + 2p + {0, 1}, row p of the tile holds
+// the pair of every query r at dword r. A partial block repeats its last row.
+inline void amx_pack_queries(const AmxCloud& ac, const float* const* xs, const double* alpha, AmxWork& w) {
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(kAmxRows));
+  const int64_t d = ac.d;
+  for (int r = 0; r < kAmxRows; ++r) {
+    const __m512 a = _mm512_set1_ps(static_cast<float>(alpha[r]));
+    for (int64_t k = 0; k < ac.kp; k += kAmxK) {
+      const int64_t n = std::clamp<int64_t>(d - k, 0, kAmxK);
+      const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+      const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
+      const __m512 x0 = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(lo, xs[r] + k));
+      const __m512 x1 = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(hi, xs[r] + k + 16));
+      int* tile = reinterpret_cast<int*>(w.xb.get() + k / kAmxK * (kAmxK * kAmxRows)) + r;
+      _mm512_i32scatter_epi32(tile, lanes, (__m512i)_mm512_cvtne2ps_pbh(x1, x0), 4);
+    }
+  }
+}
+
+// dots[j][r] += the bf16 dot of query r with point j over dimensions [k_begin, k_end), for every point (dots
+// start from 0 at k_begin = 0; reloading a float tile is exact, so the sums are those of one sweep over
+// [0, k_end)). With best_point, each query's anchor candidate too: the point with the largest 2g − α²|y|² (yy:
+// the |y|² over [0, k_end)), the smallest approximate distance (the first such point on ties).
+inline void amx_sweep(const AmxCloud& ac, int64_t k_begin, int64_t k_end, const float* yy, const double* alpha,
+                      AmxWork& w, int32_t* best_point) {
+  const int64_t kp = ac.kp, N = ac.N;
+  const uint16_t* yb = ac.y.get();
+  const uint16_t* xb = w.xb.get();
+  float* dots = w.dots.get();
+  alignas(64) float a2[kAmxRows];
+  for (int r = 0; r < kAmxRows; ++r) a2[r] = static_cast<float>(alpha[r] * alpha[r]);
+  const __m512 neg_a2 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_load_ps(a2));
+  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512i best_j = _mm512_set1_epi32(-1);
+  amx_configure();
+  for (int64_t p0 = 0; p0 < ac.np; p0 += kAmxSweep) {
+    float* out = dots + p0 * kAmxRows;
+    if (k_begin == 0) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+    } else {
+      _tile_loadd(0, out, 64);
+      _tile_loadd(1, out + 256, 64);
+      _tile_loadd(2, out + 512, 64);
+      _tile_loadd(3, out + 768, 64);
+    }
+    const uint16_t* y0 = yb + p0 * kp;
+    for (int64_t k = k_begin; k < k_end; k += kAmxK) {
+      _tile_loadd(4, xb + k * kAmxRows, 64);
+      _tile_loadd(5, y0 + k, kp * 2);
+      _tile_dpbf16ps(0, 5, 4);
+      _tile_loadd(6, y0 + 16 * kp + k, kp * 2);
+      _tile_dpbf16ps(1, 6, 4);
+      _tile_loadd(5, y0 + 32 * kp + k, kp * 2);
+      _tile_dpbf16ps(2, 5, 4);
+      _tile_loadd(6, y0 + 48 * kp + k, kp * 2);
+      _tile_dpbf16ps(3, 6, 4);
+    }
+    _tile_stored(0, out, 64);
+    _tile_stored(1, out + 256, 64);
+    _tile_stored(2, out + 512, 64);
+    _tile_stored(3, out + 768, 64);
+    const int64_t n = best_point ? std::min<int64_t>(kAmxSweep, N - p0) : 0;
+    for (int64_t l = 0; l < n; ++l) {
+      const __m512 g = _mm512_load_ps(out + l * kAmxRows);
+      const __m512 v = _mm512_fmadd_ps(neg_a2, _mm512_set1_ps(yy[p0 + l]), _mm512_add_ps(g, g));
+      const __mmask16 better = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+      best = _mm512_mask_mov_ps(best, better, v);
+      best_j = _mm512_mask_mov_epi32(best_j, better, _mm512_set1_epi32(static_cast<int32_t>(p0 + l)));
+    }
+  }
+  _tile_release();
+  if (best_point) _mm512_storeu_si512(best_point, best_j);
+}
+
+// Screen `level` of the rows in `rows`: the dots over [0, ends[level]) (accumulated onto the previous level's) and
+// the pruning test on them (a partial distance is a lower bound on the whole one, so pruning on it is as safe),
+// with each row's survivors in w.cand. Level 0 also picks each row's anchor and its cut (kept by later levels).
+// xx: each row's |x|² over the previous level's dimensions, updated. A row is dense when its anchor has no weight
+// or its bound does not fit float; crowded when more than N / kDenseShare points survive.
+struct AmxPass {
+  unsigned dense = 0, crowded = 0;
+};
+
+inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level, unsigned rows,
+                        const float* const* xs, const double* alpha, const RowParams<float>* prm, AmxWork& w,
+                        double* cut, double* xx) {
+  constexpr int R = kAmxRows;
+  constexpr double u = std::numeric_limits<float>::epsilon() / 2, ub = 1.0 / 256.0;
+  const int64_t N = c.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
+  const float *yy = ac.level_yy(level), *ny = ac.level_ny(level);
+  const double K = static_cast<double>(k_end), rootK = std::sqrt(K);
+  const double gammaK = K * u / (1.0 - K * u), cd = 2.0 * ub + ub * ub + 4.0 * u + 1.01 * gammaK;
+  const double e0_unit = std::ldexp(1.0, -120), f = 1.0 / (1.0 - 32.0 * u);
+  const double prune_nats = std::log(static_cast<double>(N)) + kPruneNats<float>;
+  const double lowest = -0.5 * static_cast<double>(std::numeric_limits<float>::max());
+  alignas(64) int32_t best_point[R];
+  amx_sweep(ac, k_begin, k_end, yy, alpha, w, level == 0 ? best_point : nullptr);
+  AmxPass out;
+  alignas(64) float Qf[R] = {}, Af[R] = {}, Sf[R] = {};
+  for (int r = 0; r < R; ++r) {
+    if (!(rows >> r & 1u)) continue;
+    const float* __restrict x = xs[r];
+    double part = 0.0;
+#pragma omp simd reduction(+ : part)
+    for (int64_t k = std::min(c.d, k_begin); k < std::min(c.d, k_end); ++k)
+      part += static_cast<double>(x[k]) * static_cast<double>(x[k]);
+    xx[r] += part;
+    const double nax = std::abs(alpha[r]) * std::sqrt(xx[r]), a2 = alpha[r] * alpha[r];
+    if (level == 0) {
+      const double la = best_point[r] < 0 ? -std::numeric_limits<double>::infinity()
+                                          : exact_logit(c, x, prm[r], best_point[r]);
+      cut[r] = la - prune_nats;
+      if (!(la > lowest)) out.dense |= 1u << r;   // no weight, or logits at the clamp: the exact kernel decides
+    }
+    // the pruning rule's terms (header): ρ² = (0 − cut)/inv2c, y_term = 4u|c2|
+    const double rho = std::sqrt(std::max(0.0, -cut[r]) / prm[r].inv2c);
+    const double yterm = 4.0 * u * std::abs(static_cast<double>(prm[r].c2));
+    const double e0 = e0_unit * (K + rootK * nax);
+    const double Q = xx[r] * (1.0 - 1e-12) - 2.0 * e0 - f * f * rho * rho;
+    const double A = a2 * (1.0 - 1e-12) - f * f * yterm * yterm;
+    const double S = 2.0 * cd * nax + 2.0 * e0_unit * rootK + 2.0 * f * f * rho * yterm;
+    const double Qm = Q - 6.0 * u * (std::abs(Q) + 2.0 * e0) - std::ldexp(1.0, -100);
+    const double Am = A - 6.0 * u * std::abs(A);
+    const double Sm = S + 6.0 * u * (S + 2.04 * nax + 4.0 * e0_unit * rootK);
+    const bool fits = nax <= kAmxMaxNorm && std::abs(Qm) <= kAmxMaxCoef && std::abs(Am) <= kAmxMaxCoef &&
+                      Sm <= kAmxMaxCoef;
+    if (!fits) out.dense |= 1u << r;   // a bound float cannot hold
+    Qf[r] = static_cast<float>(Qm); Af[r] = static_cast<float>(Am); Sf[r] = static_cast<float>(Sm);
+  }
+  // the survivors, point by point: H > 0 prunes, NaN keeps
+  const __m512 Q = _mm512_load_ps(Qf), A = _mm512_load_ps(Af);
+  const __m512 negS = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_load_ps(Sf));
+  const __m512 minus2 = _mm512_set1_ps(-2.0f), zero = _mm512_setzero_ps();
+  const int64_t cap = N / kDenseShare;
+  __mmask16 active = static_cast<__mmask16>(rows & ~out.dense);
+  for (int r = 0; r < R; ++r)
+    if (active >> r & 1u) w.cand[r].clear();
+  const float* dots = w.dots.get();
+  for (int64_t j = 0; j < N && active; ++j) {
+    const __m512 h = _mm512_fmadd_ps(A, _mm512_set1_ps(yy[j]), _mm512_fmadd_ps(negS, _mm512_set1_ps(ny[j]), Q));
+    const __m512 F = _mm512_fmadd_ps(minus2, _mm512_load_ps(dots + j * R), h);
+    unsigned keep = _mm512_mask_cmp_ps_mask(active, F, zero, _CMP_NGT_UQ);
+    while (keep) {
+      const int r = __builtin_ctz(keep);
+      keep &= keep - 1;
+      w.cand[r].push_back(j);
+      if (static_cast<int64_t>(w.cand[r].size()) > cap) {
+        out.crowded |= 1u << r;
+        active = static_cast<__mmask16>(active & ~(1u << r));
+      }
+    }
+  }
+  return out;
+}
+
+// Screens nr ≤ kAmxRows rows against the whole cloud and finishes every row that is not dense (D, L written), as
+// screen_block does. Returns a bit per row: 1 = dense, left to the blocked kernel.
+// Screens over growing prefixes of the dimensions, k0 = 256, then 512, 1024, ... (amx_screen_ends), each adding
+// its dimensions' dots onto the last: a row is decided at the first level where at most N / kDenseShare points
+// survive, and dense if none does. Why: the threshold ρ² is a whole distance (the anchor's, plus T), and the
+// partial distances must pass it. At σ = 0.5 on the bench's clustered data the other clusters add ~1.9 a
+// dimension against the anchor's 0.25, so d = 3072 rows decide at 512 dimensions (1/6 of the dots) and d = 784
+// rows at 256; data alike in its first dimensions (the blank top rows of MNIST digits) goes on further.
+inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int nr, const float* const* xs_in,
+                                 const double* alpha_in, const double* sigma_in, const RowParams<float>* prm_in,
+                                 double lw_max, AmxWork& w, float* const* D_in, float* const* L_in) {
+  constexpr int R = kAmxRows;
+  const float* xs[R];
+  double alpha[R], sigma[R], cut[R], xx[R] = {};
+  RowParams<float> prm[R];
+  for (int r = 0; r < R; ++r) {
+    const int i = std::min(r, nr - 1);
+    xs[r] = xs_in[i]; alpha[r] = alpha_in[i]; sigma[r] = sigma_in[i]; prm[r] = prm_in[i];
+  }
+  amx_pack_queries(ac, xs, alpha, w);
+  unsigned dense = 0, open = (1u << nr) - 1;
+  for (size_t level = 0; open && level < ac.ends.size(); ++level) {
+    const AmxPass pass = amx_pass(c, ac, level, open, xs, alpha, prm, w, cut, xx);
+    dense |= pass.dense;
+    open = pass.crowded;
+  }
+  dense |= open;   // crowded over every dimension
+  const double prune_nats = std::log(static_cast<double>(c.N)) + kPruneNats<float>;
+  for (int r = 0; r < nr; ++r) {
+    if (dense >> r & 1u) continue;
+    w.rescore.cand.swap(w.cand[r]);
+    finish_row(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D_in[r], L_in[r]);
+    w.rescore.cand.swap(w.cand[r]);
+  }
+  return dense;
+}
+
+#else   // no AMX in this build: use_amx() is false, so these are never made or called
+
+struct AmxCloud {
+  explicit AmxCloud(const Cloud<float>&) {}
+};
+struct AmxWork {
+  explicit AmxWork(const AmxCloud&) {}
+};
+inline unsigned amx_screen_block(const Cloud<float>&, const AmxCloud&, int nr, const float* const*, const double*,
+                                 const double*, const RowParams<float>*, double, AmxWork&, float* const*,
+                                 float* const*) {
+  return (1u << nr) - 1;
+}
+
+#endif
+
+}  // namespace fastdiff::cpu

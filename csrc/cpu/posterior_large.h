@@ -1,0 +1,94 @@
+// The large-d posterior of a group of rows (d >= 5), shared by the posterior, pointcloud_step and pointcloud_sample
+// kernels: each block of rows is screened (posterior_amx.h on a CPU with AMX, float, no log-weights; else
+// posterior_screened.h from d = 32), and the rows a screen finds dense, and every row at smaller d, go through the
+// register-blocked kernel (posterior_blocked.h). The reasoning and the error bounds are in those files.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.h"
+#include "posterior_amx.h"
+#include "posterior_blocked.h"
+#include "posterior_screened.h"
+
+namespace fastdiff::cpu {
+
+// State shared by the threads of one call: the cloud, its lazily packed layouts, the largest log-weight.
+template <typename T>
+struct LargeCloud {
+  const Cloud<T>& c;
+  PackedCloud<T> packed;                    // the blocked kernel's tiles (posterior_blocked.h)
+  std::unique_ptr<AmxCloud> amx;            // the AMX screen's bf16 cloud, or null (use_amx)
+  std::unique_ptr<ScreenCloud<T>> screen;   // the AVX-512 screen's layout: null with AMX and below kScreenMinD
+  double lw_max;                            // for the far-row test (0 without log-weights)
+  explicit LargeCloud(const Cloud<T>& c_)
+      : c(c_), packed(c_), amx(make_amx(c_)),
+        screen(!amx && use_screening(c_.d, c_.N) ? new ScreenCloud<T>(c_) : nullptr),
+        lw_max(c_.log_w ? max_log_weight(c_.log_w, c_.N) : 0.0) {}
+
+ private:
+  static AmxCloud* make_amx(const Cloud<T>& c) {
+    if constexpr (std::is_same_v<T, float>) return use_amx(c) ? new AmxCloud(c) : nullptr;
+    return nullptr;
+  }
+};
+
+// Per-thread scratch for groups of up to `rows` rows.
+template <typename T>
+struct LargeWork {
+  const LargeCloud<T>& lc;
+  int64_t rows;
+  std::unique_ptr<BlockedWork<T>> blocked_;   // made on first use (its sums are rows·d doubles)
+  std::unique_ptr<AmxWork> amx;
+  std::unique_ptr<ScreenWork<T>> screen;
+  GroupRows<T> dense;                       // the rows a screen leaves to the blocked kernel
+  std::vector<int64_t> dense_rows;
+  RowParams<T> prm[std::max(kScreenRows, kAmxRows)];
+  LargeWork(const LargeCloud<T>& lc, int64_t rows)
+      : lc(lc), rows(rows), amx(lc.amx ? new AmxWork(*lc.amx) : nullptr),
+        screen(lc.screen ? new ScreenWork<T>(lc.c) : nullptr), dense(rows, lc.c.d) {}
+  BlockedWork<T>& blocked() {
+    if (!blocked_) blocked_.reset(new BlockedWork<T>(lc.c.d, rows, !lc.packed.packed()));
+    return *blocked_;
+  }
+};
+
+// D and L of g rows (g a multiple of kRows; pad with copies of a row, as GroupRows does). L[r] may be nullptr.
+// With a screen (AMX: kAmxRows rows at a time; AVX-512 from d = kScreenMinD: kScreenRows), the rows it finds dense
+// go through the blocked kernel afterwards; without one, every row does.
+template <typename T>
+void posterior_rows(const LargeCloud<T>& lc, int64_t g, const T* const* xs, const double* alpha, const double* sigma,
+                    T* const* D, T* const* L, LargeWork<T>& w) {
+  if (!lc.amx && !lc.screen) return posterior_group(lc.c, g, xs, alpha, sigma, D, L, lc.packed, w.blocked());
+  w.dense_rows.clear();
+  const int block = lc.amx ? kAmxRows : kScreenRows;
+  for (int64_t b = 0; b < g; b += block) {
+    const int nr = static_cast<int>(std::min<int64_t>(block, g - b));
+    for (int r = 0; r < nr; ++r) w.prm[r] = row_params(lc.c, alpha[b + r], sigma[b + r]);
+    unsigned dense;
+    if constexpr (std::is_same_v<T, float>) {
+      dense = lc.amx ? amx_screen_block(lc.c, *lc.amx, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max, *w.amx,
+                                        D + b, L + b)
+                     : screen_block(lc.c, *lc.screen, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max, *w.screen,
+                                    D + b, L + b);
+    } else {
+      dense = screen_block(lc.c, *lc.screen, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max, *w.screen, D + b,
+                           L + b);
+    }
+    for (int r = 0; r < nr; ++r)
+      if (dense >> r & 1u) w.dense_rows.push_back(b + r);
+  }
+  if (w.dense_rows.empty()) return;
+  const int64_t gp = w.dense.fill(static_cast<int64_t>(w.dense_rows.size()),
+                                  [&](int64_t r, const T*& xr, T*& Dr, T*& Lr, double& a, double& s) {
+    const int64_t i = w.dense_rows[r];
+    xr = xs[i]; Dr = D[i]; Lr = L[i]; a = alpha[i]; s = sigma[i];
+  });
+  posterior_group(lc.c, gp, w.dense.x.data(), w.dense.alpha.data(), w.dense.sigma.data(), w.dense.D.data(),
+                  w.dense.L.data(), lc.packed, w.blocked());
+}
+
+}  // namespace fastdiff::cpu

@@ -1,0 +1,267 @@
+"""The CPU posterior's AMX screen (csrc/cpu/posterior_amx.h): bf16 tile dot products, a bound on their error, then
+the AVX-512 screen's anchor, pruning rule and exact stage.
+
+The other posterior tests run the cpu backend with AMX on wherever this machine has it. These pin what is AMX's
+own: bits equal to the AVX-512 screen's (both sum exactly the survivors within T of the best logit), the bf16
+slack where the rounding errors all point one way, the rows and points that must bypass it, and the AVX-512
+screen itself, which AMX hides on such a machine, through the main screening checks with AMX off.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import fastdiff as fd
+from contract import F64, check_posterior, gen
+from fastdiff import _C, ops
+from fastdiff.reference import pointcloud_step as ref_step
+from fastdiff.reference import posterior as ref_posterior
+
+F32 = torch.float32
+AMX = _C.cpu_amx()
+needs_amx = pytest.mark.skipif(not AMX["available"], reason=f"no AMX here: {AMX['reason']}")
+
+
+@contextmanager
+def amx(on: bool):
+    before = _C.cpu_amx()["enabled"]
+    _C.set_cpu_amx(on)
+    try:
+        yield
+    finally:
+        _C.set_cpu_amx(before)
+
+
+def with_and_without_amx(fn):
+    with amx(True):
+        a = fn()
+    with amx(False):
+        b = fn()
+    return a, b
+
+
+def assert_same_bits(a, b, what):
+    for u, v, name in zip(a, b, ("D", "L"), strict=True):
+        assert torch.equal(u, v), f"{what}: {name} differs, max |Δ| = {float((u - v).abs().max()):.3g}"
+
+
+def clustered_problem(d, M, N, sigma, alpha, seed):
+    """N float32 points in clusters of 8 (members ~3σ apart: several share the weight at σ) and M queries
+    x = α·y_i + σ·z, M and N deliberately not multiples of the 16-row and 64-point blocks."""
+    g = gen(seed)
+    centres = torch.randn(N // 8 + 1, 1, d, generator=g, dtype=F64)
+    step = torch.randn(N // 8 + 1, 8, d, generator=g, dtype=F64)
+    y = (centres + 3 * sigma * step / step.norm(dim=2, keepdim=True)).reshape(-1, d)[:N]
+    idx = torch.randint(N, (M,), generator=g)
+    x = alpha * y[idx] + sigma * torch.randn(M, d, generator=g, dtype=F64)
+    return x.float(), y.float()
+
+
+def few_points_share_the_weight(x, y, alpha, sigma, most=24):
+    """Each row keeps at most `most` points within 30 nats of its best: the screen decides (no row is dense)."""
+    logits = -torch.cdist(x.double(), alpha * y.double()).square() / (2 * sigma**2)
+    gaps = logits.max(1, keepdim=True).values - logits
+    return int((gaps < 30).sum(1).max()) <= most
+
+
+@needs_amx
+@pytest.mark.parametrize("d", [33, 64, 100, 784])
+@pytest.mark.parametrize("sigma, alpha", [(0.5, 0.9), (1e-3, 1 / math.sqrt(1 + 1e-6)), (0.05, 0.3)])
+def test_amx_screen_equals_the_avx512_screen_bit_for_bit(d, sigma, alpha):
+    """37 rows, 1003 points, clustered: every row screened by both (checked), D and L identical; and within
+    the float32 contract of the float64 reference."""
+    x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=d)
+    assert few_points_share_the_weight(x, y, alpha, sigma)
+    on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, backend="cpu"))
+    assert_same_bits(on, off, f"d={d} σ={sigma}")
+    check_posterior(*on, x, y, alpha, sigma)
+
+
+@needs_amx
+@pytest.mark.parametrize("d", [31, 32, 257, 600])
+@pytest.mark.parametrize("sigma", [0.5, 1e-3])
+def test_amx_screen_boundaries_against_the_reference(d, sigma):
+    """d = 31 (below kAmxMinD: the blocked kernel) and 32 (AMX), 257 (a second screen level of one dimension)
+    and 600 (levels 256, 512, 600): against the float64 reference, and each row alone equals its row in the
+    batch."""
+    alpha = 0.9
+    x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=100 + d)
+    with amx(True):
+        D, L = ops.posterior(x, y, alpha, sigma, backend="cpu")
+        check_posterior(D, L, x, y, alpha, sigma)
+        for r in (0, 17, 36):
+            Dr, Lr = ops.posterior(x[r:r + 1], y, alpha, sigma, backend="cpu")
+            assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), r
+
+
+@needs_amx
+@pytest.mark.parametrize("d", [32, 64, 300])
+def test_dense_rows_take_the_blocked_kernel_either_way(d):
+    """σ = √d: about half the points share the weight, every row is dense for both screens (at every AMX level)
+    and goes to the blocked kernel, so the bits agree."""
+    sigma = math.sqrt(d)
+    x, y = clustered_problem(d, 21, 515, 0.5, 0.9, seed=7)
+    on, off = with_and_without_amx(lambda: ops.posterior(x, y, 0.9, sigma, backend="cpu"))
+    assert_same_bits(on, off, f"dense d={d}")
+    check_posterior(*on, x, y, 0.9, sigma)
+
+
+def coherent_rounding_problem(d=64, N=256, sigma=0.1, seed=3):
+    """One query x on the bf16 grid of [1, 2) (spacing 2⁻⁷), the winner y = x, and N − 1 points whose every
+    coordinate lies just below a midpoint of that grid: each rounds down by ~2⁻⁸, so every product of their bf16
+    dots with x errs the same way and the dot falls short by ~0.37 (α = 1), ~37 nats of logit at σ = 0.1, more
+    than T = ln N + 20 = 25.5. About 20 of them lie 0.5 to 24 nats below the winner, the rest ≥ 200 nats away. A
+    screen whose slack ignored bf16 (float's ~2⁻¹⁷ relative) would keep the winner (its dot is exact) and prune
+    all of those; the bound (2⁻⁷·|x|·|y| ≈ 1.1) keeps them."""
+    g = gen(seed)
+    grid = 2.0**-7
+    below_midpoint = lambda k: 1.0 + (k + 0.5) * grid - 2.0**-20      # noqa: E731
+    base = torch.randint(40, 80, (d,), generator=g)
+    x = 1.0 + base.double() * grid
+    inv2c = 1 / (2 * sigma**2)
+    points = [x.clone()]
+    while len(points) < 24:   # shifts of whole grid steps keep every coordinate below a midpoint
+        y = below_midpoint((base + torch.randint(-3, 3, (d,), generator=g)).double())
+        gap = float(((x - y) ** 2).sum()) * inv2c
+        if 0.5 < gap < 24:
+            points.append(y)
+    while len(points) < N:   # 30..40 steps each way: ≥ 200 nats away, still in [1, 2)
+        sign = torch.randint(0, 2, (d,), generator=g) * 2 - 1
+        y = below_midpoint((base + sign * torch.randint(30, 41, (d,), generator=g)).double())
+        assert float(((x - y) ** 2).sum()) * inv2c > 200
+        points.append(y)
+    y = torch.stack(points)[torch.randperm(N, generator=g)]
+    assert torch.equal(y.float().double(), y) and torch.equal(x.float().double(), x)   # exact in float32
+    return x[None].float(), y.float(), 1.0, sigma
+
+
+@needs_amx
+def test_bf16_slack_where_every_rounding_points_the_same_way():
+    x, y, alpha, sigma = coherent_rounding_problem()
+    bf16_dot = (x.bfloat16().double() * y.bfloat16().double()).sum(1)
+    shortfall = (x.double() * y.double()).sum(1) - bf16_dot
+    winner = (y == x).all(1)
+    assert float(shortfall[winner].abs().max()) == 0.0
+    assert float(shortfall[~winner].min()) * 2 / (2 * sigma**2) > 30   # > T: every other point looks prunable
+    on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, backend="cpu"))
+    assert_same_bits(on, off, "coherent bf16 rounding")
+    check_posterior(*on, x, y, alpha, sigma)
+    # sharp: the points 0.5..24 nats below the winner move L by far more than its tolerance
+    _, L64 = ref_posterior(x.double(), y.double(), alpha, sigma)
+    _, L_winner = ref_posterior(x.double(), x.double(), alpha, sigma)
+    assert float(L64[0] - L_winner[0]) > 1e-2
+
+
+@needs_amx
+def test_points_and_rows_beyond_the_float_range_of_the_bound():
+    """σ = 20 keeps these float32 calls in float32 (the ops layer's float64 rule): a point with |y| = 4e18 gets
+    NaN norms (never pruned, rescored exactly), a row with |αx| = 4e18 goes to the blocked kernel. Both paths agree
+    with the reference; the point is far, so the other points carry the weight."""
+    d, sigma, alpha = 16, 20.0, 0.9
+    x, y = clustered_problem(d, 19, 300, 0.5, alpha, seed=11)
+    y[5] = 1e18
+    x[3] = 1e18
+    on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, backend="cpu"))
+    for D, L in (on, off):
+        assert torch.isfinite(D).all() and torch.isfinite(L).all()
+    D64, L64 = ref_posterior(x.double(), y.double(), alpha, sigma)
+    ymax = float(y.abs().max())
+    for D, L in (on, off):
+        assert float((D.double() - D64).abs().max()) <= 1e-4 * ymax
+        assert float(((L.double() - L64).abs() - 1e-6 * L64.abs()).max()) <= 1e-3
+
+
+@needs_amx
+def test_points_whose_squared_norm_overflows_float_are_kept():
+    """α = 1e-18, σ = 1 (the ops layer's float64 rule does not fire: α·max|y| = 19): three points at |y| ≈ 1.9e19,
+    whose |y|² overflows float32, hold most of the weight of the rows next to them; three at |y| ≈ 1.7e19 (|y|²
+    still finite) lie ~2 nats below, and 200 points near the origin are > 150 nats away. The large ones must reach
+    the exact stage (their float norms are NaN, which no test prunes). Dropped, L would fall by > 0.5."""
+    d, sigma, alpha = 32, 1.0, 1e-18
+    g = gen(12)
+    e = torch.randn(d, generator=g, dtype=F64)
+    e = e / e.norm()
+    jitter = lambda n: 1e17 * torch.randn(n, d, generator=g, dtype=F64)     # noqa: E731  (α·1e17 = 0.1)
+    y = torch.cat([1.9e19 * e + jitter(3), 1.7e19 * e + jitter(3), 1e18 * torch.randn(200, d, generator=g, dtype=F64)])
+    x = alpha * y[:3].repeat(3, 1) + 0.3 * torch.randn(9, d, generator=g, dtype=F64)
+    x, y = x.float(), y.float()
+    assert not torch.isfinite((y.double()[:3] ** 2).sum(1).float()).any()
+    with amx(True):
+        D, L = ops.posterior(x, y, alpha, sigma, backend="cpu")
+    D64, L64 = ref_posterior(x.double(), y.double(), alpha, sigma)
+    assert float((D.double() - D64).abs().max()) <= 1e-4 * float(y.abs().max())
+    assert float(((L.double() - L64).abs() - 1e-6 * L64.abs()).max()) <= 1e-3
+    _, L_rest = ref_posterior(x.double(), y.double()[3:], alpha, sigma)
+    assert float((L64 - L_rest).min()) > 0.5                   # sharp: the three carry the weight
+
+
+@needs_amx
+@pytest.mark.parametrize("d", [40, 300])
+def test_pointcloud_step_and_sample_equal_bits_with_and_without_amx(d):
+    """The fused step and the whole trajectory read the posterior through the same screen. The step (σ = 0.05,
+    every row screened): equal bits on and off, and against the float64 reference. A trajectory from pure noise
+    passes through σ where a row can be dense for one screen and not for the other (their crowding tests differ),
+    and the blocked kernel's sums are not the exact stage's: there the two agree to float rounding."""
+    alpha, sigma = 0.9, 0.05
+    x, y = clustered_problem(d, 21, 777, sigma, alpha, seed=5)
+    step = lambda: (ops.pointcloud_step(x, y, alpha, sigma, 0.7, 0.3, 0.1, seed=9, step=2, backend="cpu"),  # noqa
+                    torch.zeros(()))
+    on, off = with_and_without_amx(step)
+    assert_same_bits(on, off, f"pointcloud_step d={d}")
+    ref = ref_step(x.double(), y.double(), alpha, sigma, 0.7, 0.3, 0.1, seed=9, step=2)
+    for out, _ in (on, off):   # B·(MATH.md §7's D bound) plus the float32 rounding of the update
+        assert float((out.double() - ref).abs().max()) <= 0.3 * 1e-4 * float(y.abs().max()) + 1e-6
+    process = fd.processes.VP()
+    sample = lambda: (fd.sample(fd.denoisers.PointCloud(y, process, backend="cpu"), process, n=x.shape[0],  # noqa
+                                steps=6, method="dpmpp_2m", seed=4, backend="cpu"), torch.zeros(()))
+    s_on, s_off = with_and_without_amx(sample)
+    assert torch.isfinite(s_on[0]).all()
+    assert float((s_on[0] - s_off[0]).abs().max()) <= 1e-5 * float(y.abs().max())
+
+
+@needs_amx
+@pytest.mark.parametrize("d", [64, 784])
+@pytest.mark.parametrize("kind", ["random", "clusters"])
+def test_avx512_screen_sigma_1e_3_with_amx_off(d, kind):
+    """The AVX-512 screen's own checks at σ = 1e-3, which AMX now hides on this machine."""
+    from test_posterior import _check_sigma_1e_3
+    with amx(False):
+        _check_sigma_1e_3("cpu", F32, d, kind)
+
+
+@needs_amx
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_avx512_screen_boundary_and_cancellation_with_amx_off(offset):
+    from test_posterior import (
+        test_screening_cancellation_under_a_large_common_offset,
+        test_screening_pruning_boundary_and_a_first_chunk_decoy,
+    )
+    with amx(False):
+        test_screening_pruning_boundary_and_a_first_chunk_decoy("cpu", F32, 130, offset)
+        if offset:
+            test_screening_cancellation_under_a_large_common_offset("cpu", F32, 130)
+
+
+def test_the_switch_and_the_reason():
+    """cpu_amx() says whether AMX is available (and why not), set_cpu_amx turns it off and on,
+    FASTDIFF_CPU_AMX=0 starts a process with it off, and `fastdiff info` says which screen runs."""
+    state = _C.cpu_amx()
+    assert set(state) == {"available", "reason", "enabled"}
+    assert state["available"] == (state["reason"] == "")
+    with amx(False):
+        assert _C.cpu_amx()["enabled"] is False
+    assert _C.cpu_amx()["enabled"] == state["enabled"]
+    code = "from fastdiff import _C; print(_C.cpu_amx()['enabled'])"
+    env = dict(os.environ, FASTDIFF_CPU_AMX="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    info = subprocess.run([sys.executable, "-m", "fastdiff", "info"], env=env, capture_output=True, text=True,
+                          check=True).stdout
+    screen = [line for line in info.splitlines() if line.startswith("cpu posterior screen:")]
+    assert screen and (("turned off" in screen[0]) if state["available"] else (state["reason"] in screen[0]))
