@@ -38,10 +38,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "buffer_pool.h"
 #include "kernels.h"
+#include "once.h"
 #include "posterior_blocked.h"
 #include "posterior_row.h"
 #include "posterior_screened.h"
@@ -113,46 +115,59 @@ inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
   }
 }
 
-// The cloud in bf16 for the A operand: [np][kp] row-major (zeros past d and N), and its norms in float over each
-// screen's dimensions.
+// The cloud in bf16 for the A operand, [np][kp] row-major (zeros past d and N), and its norms in float over each
+// screen's dimensions. Packed lazily, a screen level and a sweep group of 64 points at a time, by whichever thread
+// first needs it (once.h): at d = 3072 the bench's rows decide within 512 dimensions, and packing all 3072 cost
+// as much as the screen.
 struct AmxCloud {
-  int64_t d, N, kp, np;
+  const float* src;
+  int64_t d, N, kp, np, groups;
   std::vector<int64_t> ends;   // amx_screen_ends(kp)
   PooledArray<uint16_t> y;     // [np][kp]
-  PooledArray<float> yy, ny;   // [ends][np]: |y|², |y| over [0, ends[l]) (NaN past kAmxMaxNorm: never pruned)
+  PooledArray<double> sums;    // [ends][np]: |y|² over [0, ends[l]) in double
+  PooledArray<float> yy, ny;   // [ends][np]: the same and |y| in float (NaN past kAmxMaxNorm: never pruned)
+  std::unique_ptr<std::atomic<uint8_t>[]> state;   // [ends][groups] (once.h)
   explicit AmxCloud(const Cloud<float>& c)
-      : d(c.d), N(c.N), kp((c.d + kAmxK - 1) / kAmxK * kAmxK), np((c.N + kAmxSweep - 1) / kAmxSweep * kAmxSweep),
-        ends(amx_screen_ends(kp)), y(np * kp), yy(ends.size() * np), ny(ends.size() * np) {
-#pragma omp parallel for schedule(static)
-    for (int64_t j = 0; j < np; ++j) pack_point(c, j);
+      : src(c.y), d(c.d), N(c.N), kp((c.d + kAmxK - 1) / kAmxK * kAmxK),
+        np((c.N + kAmxSweep - 1) / kAmxSweep * kAmxSweep), groups(np / kAmxSweep), ends(amx_screen_ends(kp)),
+        y(np * kp), sums(ends.size() * np), yy(ends.size() * np), ny(ends.size() * np),
+        state(new std::atomic<uint8_t>[ends.size() * groups]()) {}
+  // Level l's dimensions of the 64 points of group g, and their norms over [0, ends[l]).
+  void ensure(size_t l, int64_t g) const {
+    once(state[l * groups + g], [&] {
+      if (l > 0) ensure(l - 1, g);
+      pack(l, g);
+    });
   }
   const float* level_yy(size_t l) const { return yy.get() + l * np; }
   const float* level_ny(size_t l) const { return ny.get() + l * np; }
 
  private:
-  void pack_point(const Cloud<float>& c, int64_t j) {
-    uint16_t* dst = y.get() + j * kp;
-    const float* src = c.y + j * d;
-    double s = 0.0;
-    size_t l = 0;
-    for (int64_t k = 0; k < kp; k += kAmxK) {
-      const int64_t n = j < N ? std::clamp<int64_t>(d - k, 0, kAmxK) : 0;   // padding points are zeros
-      const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-      const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
-      const __m512 a = _mm512_maskz_loadu_ps(lo, src + k), b = _mm512_maskz_loadu_ps(hi, src + k + 16);
-      _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-      const __m512d a0 = _mm512_cvtps_pd(_mm512_castps512_ps256(a)), a1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1));
-      const __m512d b0 = _mm512_cvtps_pd(_mm512_castps512_ps256(b)), b1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1));
-      s += _mm512_reduce_add_pd(_mm512_fmadd_pd(a0, a0, _mm512_fmadd_pd(a1, a1, _mm512_fmadd_pd(b0, b0,
-                                                                                                 _mm512_mul_pd(b1, b1)))));
-      if (k + kAmxK == ends[l]) norms(s, yy[l * np + j], ny[l * np + j]), ++l;
+  void pack(size_t l, int64_t g) const {
+    const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
+    for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
+      uint16_t* dst = y.get() + j * kp;
+      const float* row = src + j * d;
+      __m512d acc = _mm512_setzero_pd();
+      for (int64_t k = k_begin; k < k_end; k += kAmxK) {
+        const int64_t n = j < N ? std::clamp<int64_t>(d - k, 0, kAmxK) : 0;   // padding points are zeros
+        const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+        const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
+        const __m512 a = _mm512_maskz_loadu_ps(lo, row + k), b = _mm512_maskz_loadu_ps(hi, row + k + 16);
+        _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        const __m512d a0 = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
+        const __m512d a1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1));
+        const __m512d b0 = _mm512_cvtps_pd(_mm512_castps512_ps256(b));
+        const __m512d b1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1));
+        acc = _mm512_fmadd_pd(a0, a0, _mm512_fmadd_pd(a1, a1, _mm512_fmadd_pd(b0, b0, _mm512_fmadd_pd(b1, b1, acc))));
+      }
+      const double s = (l ? sums[(l - 1) * np + j] : 0.0) + _mm512_reduce_add_pd(acc);
+      sums[l * np + j] = s;
+      const double n = std::sqrt(s);
+      const bool huge = !(n <= kAmxMaxNorm);
+      yy[l * np + j] = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(s);
+      ny[l * np + j] = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(n);
     }
-  }
-  static void norms(double s, float& yy_j, float& ny_j) {
-    const double n = std::sqrt(s);
-    const bool huge = !(n <= kAmxMaxNorm);
-    yy_j = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(s);
-    ny_j = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(n);
   }
 };
 
@@ -185,15 +200,16 @@ inline void amx_configure() {
   _tile_loadconfig(&cfg);
 }
 
-// The block's queries α_r·x_r in the B layout: for 32 dimensions kb·32 + 2p + {0, 1}, row p of the tile holds
-// the pair of every query r at dword r. A partial block repeats its last row.
-inline void amx_pack_queries(const AmxCloud& ac, const float* const* xs, const double* alpha, AmxWork& w) {
+// The block's queries α_r·x_r over dimensions [k_begin, k_end) in the B layout: for 32 dimensions kb·32 + 2p +
+// {0, 1}, row p of the tile holds the pair of every query r at dword r. A partial block repeats its last row.
+inline void amx_pack_queries(const AmxCloud& ac, const float* const* xs, const double* alpha, int64_t k_begin,
+                             int64_t k_end, AmxWork& w) {
   const __m512i lanes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                            _mm512_set1_epi32(kAmxRows));
   const int64_t d = ac.d;
   for (int r = 0; r < kAmxRows; ++r) {
     const __m512 a = _mm512_set1_ps(static_cast<float>(alpha[r]));
-    for (int64_t k = 0; k < ac.kp; k += kAmxK) {
+    for (int64_t k = k_begin; k < k_end; k += kAmxK) {
       const int64_t n = std::clamp<int64_t>(d - k, 0, kAmxK);
       const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
       const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
@@ -205,13 +221,13 @@ inline void amx_pack_queries(const AmxCloud& ac, const float* const* xs, const d
   }
 }
 
-// dots[j][r] += the bf16 dot of query r with point j over dimensions [k_begin, k_end), for every point (dots
-// start from 0 at k_begin = 0; reloading a float tile is exact, so the sums are those of one sweep over
-// [0, k_end)). With best_point, each query's anchor candidate too: the point with the largest 2g − α²|y|² (yy:
-// the |y|² over [0, k_end)), the smallest approximate distance (the first such point on ties).
-inline void amx_sweep(const AmxCloud& ac, int64_t k_begin, int64_t k_end, const float* yy, const double* alpha,
-                      AmxWork& w, int32_t* best_point) {
-  const int64_t kp = ac.kp, N = ac.N;
+// dots[j][r] += the bf16 dot of query r with point j over screen `level`'s new dimensions [k_begin, k_end), for
+// every point (dots start from 0 at level 0; reloading a float tile is exact, so the sums are those of one sweep
+// over [0, k_end)). With best_point, each query's anchor candidate too: the point with the largest 2g − α²|y|²
+// over [0, k_end), the smallest approximate distance (the first such point on ties).
+inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, AmxWork& w, int32_t* best_point) {
+  const int64_t kp = ac.kp, N = ac.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
+  const float* yy = ac.level_yy(level);
   const uint16_t* yb = ac.y.get();
   const uint16_t* xb = w.xb.get();
   float* dots = w.dots.get();
@@ -222,6 +238,7 @@ inline void amx_sweep(const AmxCloud& ac, int64_t k_begin, int64_t k_end, const 
   __m512i best_j = _mm512_set1_epi32(-1);
   amx_configure();
   for (int64_t p0 = 0; p0 < ac.np; p0 += kAmxSweep) {
+    ac.ensure(level, p0 / kAmxSweep);
     float* out = dots + p0 * kAmxRows;
     if (k_begin == 0) {
       _tile_zero(0);
@@ -278,14 +295,15 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
   constexpr int R = kAmxRows;
   constexpr double u = std::numeric_limits<float>::epsilon() / 2, ub = 1.0 / 256.0;
   const int64_t N = c.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
-  const float *yy = ac.level_yy(level), *ny = ac.level_ny(level);
+  const float *yy = ac.level_yy(level), *ny = ac.level_ny(level);   // packed by the sweep
   const double K = static_cast<double>(k_end), rootK = std::sqrt(K);
   const double gammaK = K * u / (1.0 - K * u), cd = 2.0 * ub + ub * ub + 4.0 * u + 1.01 * gammaK;
   const double e0_unit = std::ldexp(1.0, -120), f = 1.0 / (1.0 - 32.0 * u);
   const double prune_nats = std::log(static_cast<double>(N)) + kPruneNats<float>;
   const double lowest = -0.5 * static_cast<double>(std::numeric_limits<float>::max());
   alignas(64) int32_t best_point[R];
-  amx_sweep(ac, k_begin, k_end, yy, alpha, w, level == 0 ? best_point : nullptr);
+  amx_pack_queries(ac, xs, alpha, k_begin, k_end, w);
+  amx_sweep(ac, level, alpha, w, level == 0 ? best_point : nullptr);
   AmxPass out;
   alignas(64) float Qf[R] = {}, Af[R] = {}, Sf[R] = {};
   for (int r = 0; r < R; ++r) {
@@ -363,7 +381,6 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
     const int i = std::min(r, nr - 1);
     xs[r] = xs_in[i]; alpha[r] = alpha_in[i]; sigma[r] = sigma_in[i]; prm[r] = prm_in[i];
   }
-  amx_pack_queries(ac, xs, alpha, w);
   unsigned dense = 0, open = (1u << nr) - 1;
   for (size_t level = 0; open && level < ac.ends.size(); ++level) {
     const AmxPass pass = amx_pass(c, ac, level, open, xs, alpha, prm, w, cut, xx);
