@@ -153,8 +153,25 @@ def check_bandwidth(bandwidth) -> float:
     return v
 
 
+def _plain_float(v):
+    """A Python int or float as a float, else None (the tensor path handles everything else the same way)."""
+    if type(v) not in (int, float):
+        return None
+    try:
+        return float(v)
+    except OverflowError:
+        return None
+
+
 def check_times(alpha, sigma, M: int, device):
     """alpha (finite) and sigma (finite, > 0), each a scalar or per-row [M], as float64 tensors [1] or [M]."""
+    a, s = _plain_float(alpha), _plain_float(sigma)
+    if a is not None and s is not None:   # the common call, in Python floats: ~10 tensor ops fewer per call
+        if not math.isfinite(a):
+            raise ValueError("alpha contains NaN or inf")
+        if not (s > 0 and math.isfinite(s)):
+            raise ValueError("sigma must be finite and positive (D is never evaluated at t = 0)")
+        return torch.tensor([a], dtype=torch.float64), torch.tensor([s], dtype=torch.float64)
     for name, v in (("alpha", alpha), ("sigma", sigma)):
         if isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} requires grad, but gradients flow to x only")

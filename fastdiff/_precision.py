@@ -37,6 +37,13 @@ def _needs64(xmax, a64, inv2c, ymax, d) -> torch.Tensor:
     return (inv2c > F32_SAFE_INV2C) | (reach * reach * d * inv2c > F32_SAFE_LOGIT)
 
 
+def _one_time(v) -> bool:
+    """A finite scalar time argument as the ops layer normalises it (a float64 tensor [1] on the CPU) or a number."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and v.dtype == torch.float64 and v.device.type == "cpu"
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _data_absmax(data) -> float:
     ends = data_ends(data)
     return 0.0 if ends is None else max(abs(ends[0]), abs(ends[1]))
@@ -49,6 +56,14 @@ def float64_rows(x, data, alpha, sigma, bandwidth=0.0, absmax=None) -> torch.Ten
     M, d = x.shape
     if x.dtype != torch.float32 or M == 0:
         return torch.zeros(M, dtype=torch.bool)
+    if absmax and _one_time(alpha) and _one_time(sigma):   # the common call, in Python floats (same float64 rule)
+        a, s = float(alpha), float(sigma)
+        c = a * a * float(bandwidth) + s * s
+        inv2c = 0.5 / c if c > 0 else math.inf
+        reach = absmax["x"] + abs(a) * absmax["data"]
+        need = inv2c > F32_SAFE_INV2C or reach * reach * d * inv2c > F32_SAFE_LOGIT
+        if not need:
+            return torch.zeros(M, dtype=torch.bool)
     a64 = per_row64(alpha, "alpha", M, "cpu")
     s64 = per_row64(sigma, "sigma", M, "cpu")
     ymax = absmax["data"] if absmax else _data_absmax(data)
