@@ -10,7 +10,8 @@
 // separate a query's cluster of points from the next. A pair the slack keeps is rescored exactly: precision costs
 // speed, never accuracy.
 //
-// Error bound (u_b = 2⁻⁸ for bf16, u = 2⁻²⁴ for float, K = d rounded up to 32):
+// Error bound (u_b = 2⁻⁸ for bf16, u = 2⁻²⁴ for float, K = the dimensions screened so far, a multiple of 32;
+// x, y and their norms below are over those dimensions, whose partial distance bounds the whole one from below):
 // - The queries go in as xa = fl(fl(α)·x), both operands rounded to bf16 (nearest even). Each product
 //   bf(xa_k)·bf(y_k) is then within (2u_b + u_b² + 4u)·|α x_k y_k| of α x_k y_k, is exact in float, and the K
 //   products are summed in float in some order (≤ γ_K·Σ|products|, any order). Denormal inputs and results may be
