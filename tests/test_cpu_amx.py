@@ -160,13 +160,15 @@ def test_bf16_slack_where_every_rounding_points_the_same_way():
 
 @needs_amx
 def test_points_and_rows_beyond_the_float_range_of_the_bound():
-    """σ = 20 keeps these float32 calls in float32 (the ops layer's float64 rule): a point with |y| = 4e18 gets
-    NaN norms (never pruned, rescored exactly), a row with |αx| = 4e18 goes to the blocked kernel. Both paths agree
-    with the reference; the point is far, so the other points carry the weight."""
-    d, sigma, alpha = 16, 20.0, 0.9
+    """d = 64, σ = 20 keeps these float32 calls in float32 (the ops layer's float64 rule): a point with |y| = 8e18
+    gets NaN norms (never pruned, rescored exactly), a row with |αx| = 7e18 goes to the blocked kernel. Both paths
+    agree with the reference; the point is far, so the other points carry the weight."""
+    d, sigma, alpha = 64, 20.0, 0.9
     x, y = clustered_problem(d, 19, 300, 0.5, alpha, seed=11)
     y[5] = 1e18
     x[3] = 1e18
+    reach = float(x.abs().max()) + alpha * float(y.abs().max())
+    assert reach**2 * d / (2 * sigma**2) < 1e36            # the ops layer keeps the call in float32
     on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, backend="cpu"))
     for D, L in (on, off):
         assert torch.isfinite(D).all() and torch.isfinite(L).all()
@@ -199,6 +201,67 @@ def test_points_whose_squared_norm_overflows_float_are_kept():
     assert float(((L.double() - L64).abs() - 1e-6 * L64.abs()).max()) <= 1e-3
     _, L_rest = ref_posterior(x.double(), y.double()[3:], alpha, sigma)
     assert float((L64 - L_rest).min()) > 0.5                   # sharp: the three carry the weight
+
+
+def weak_first_dims(d, weak, M, N, sigma, alpha, seed, eps=0.04, offset=0.02):
+    """Clustered points whose first `weak` coordinates are offset + eps·(their value), like data alike in its first
+    dimensions (the near-blank top rows of MNIST digits), and queries x = α·y_i + σ·z. At σ = 0.05 and eps = 0.04
+    those coordinates still point each query's screen at its own cluster (the anchor), but their partial
+    distances are below the anchor's whole one: no row decides before the screen level that reaches past `weak`.
+    The offset gives the first level's dots a share of the bound (2α·x·y over 256 coordinates ≈ 0.2, against a
+    margin of ~0.8 for the best point): a screen that dropped them at the next level prunes ~3 of a cluster's 8."""
+    g = gen(seed)
+    centres = torch.randn(N // 8 + 1, 1, d, generator=g, dtype=F64)
+    step = torch.randn(N // 8 + 1, 8, d, generator=g, dtype=F64)
+    y = (centres + 3 * sigma * step / step.norm(dim=2, keepdim=True)).reshape(-1, d)[:N]
+    y[:, :weak] = offset + eps * y[:, :weak]
+    a = torch.as_tensor(alpha, dtype=F64).reshape(-1, 1)
+    x = a * y[torch.randint(N, (M,), generator=g)] + sigma * torch.randn(M, d, generator=g, dtype=F64)
+    return x.float(), y.float()
+
+
+@needs_amx
+@pytest.mark.parametrize("d, weak, levels", [(784, 300, 2), (1100, 600, 3)])
+def test_rows_decided_at_later_screen_levels(d, weak, levels):
+    """Rows decided at level 1 (d = 784: 256 → 512 dimensions) and level 2 (d = 1100: 256 → 512 → 1024): the dots
+    accumulated across levels, the cloud's per-level norms and the queries' partial |x|², with per-row α (both
+    sides of ½) and σ in one 16-row block, with and without a bandwidth: against the reference, and each row alone
+    (scalar α, σ) equals its row of the batch. At d = 784 the AVX-512 screen also screens the α = 0.9 rows (it
+    decides from 320 dimensions on): the same bits there. At d = 1100 it finds them dense at half the dimensions."""
+    M, N, sigma0 = 21, 700, 0.05
+    g = gen(d + 1)
+    alpha = torch.where(torch.arange(M) % 2 == 0, 0.9, 0.3).double()
+    sigma = sigma0 * (1 + 0.2 * torch.rand(M, generator=g, dtype=F64))
+    x, y = weak_first_dims(d, weak, M, N, sigma0, alpha, seed=d)
+    for v in (0.0, 1e-4):
+        on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, bandwidth=v, backend="cpu"))  # noqa
+        check_posterior(*on, x, y, alpha, sigma, v=v)
+        if levels == 2:   # the α = 0.9 rows; at α = 0.3 the weak coordinates' signal is 9x smaller and the
+            # AVX-512 screen, which picks its anchor after 64 dimensions, may pick a wrong cluster and end dense
+            even = slice(0, None, 2)
+            assert_same_bits((on[0][even], on[1][even]), (off[0][even], off[1][even]), f"d={d} v={v}")
+        for r in (0, 5, 20):
+            with amx(True):
+                alone = ops.posterior(x[r:r + 1], y, float(alpha[r]), float(sigma[r]), bandwidth=v, backend="cpu")
+            assert torch.equal(alone[0], on[0][r:r + 1]) and torch.equal(alone[1], on[1][r:r + 1]), r
+
+
+@needs_amx
+def test_many_threads_pack_the_cloud_lazily_together():
+    """4 OpenMP threads over 4999 points (79 sweep groups packed on first use by whichever thread needs them),
+    two screen levels: the bits of 1 thread and of the AVX-512 screen."""
+    x, y = weak_first_dims(600, 280, 70, 4999, 0.05, 0.9, seed=9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        many = with_and_without_amx(lambda: ops.posterior(x, y, 0.9, 0.05, backend="cpu"))
+        torch.set_num_threads(1)
+        one = with_and_without_amx(lambda: ops.posterior(x, y, 0.9, 0.05, backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert_same_bits(many[0], many[1], "4 threads, AMX against AVX-512")
+    assert_same_bits(many[0], one[0], "AMX, 4 threads against 1")
+    check_posterior(*many[0], x, y, 0.9, 0.05)
 
 
 @needs_amx

@@ -24,11 +24,17 @@
 //   pruning by 6u of the magnitudes in play (|Q| + |A|·|y|² + S·|y| + 2|g|, with |g| ≤ 1.02·|αx|·|y| + e0): that
 //   covers the roundings of the coefficients, of |y|² and |y| to float and of the three FMAs. So the float test
 //   prunes only pairs the exact rule prunes.
-// - Overflow: a row with |αx| > kAmxMaxNorm or a coefficient beyond kAmxMaxCoef goes to the blocked kernel, and a
-//   point with |y| > kAmxMaxNorm carries NaN norms, which no test prunes (NaN > 0 is false). Everything else stays
-//   below ~4e36 in float.
+// - Overflow and underflow: a row with |αx| > kAmxMaxNorm, a coefficient beyond kAmxMaxCoef, or 0 < |α| below
+//   float's smallest normal (fl(α) would not be within u of α) goes to the blocked kernel, and a point with
+//   |y| > kAmxMaxNorm carries NaN norms, which no test prunes (NaN > 0 is false). So |2g| ≤ 2.04e36 and each FMA
+//   rounds once: a term that overflows can only make H −inf (the pair is kept) unless H itself is beyond float,
+//   which |2g| ≤ 2.04e36 rules out. |y|² or |y| rounded into float's denormal range err by ≤ 2⁻¹⁴⁹ absolute: Q
+//   carries (|A| + S)·2⁻¹⁴⁹ more margin.
 // Bits: a row's D and L equal posterior_screened.h's whenever both screen it (neither finds it dense): the exact
 // stage sums exactly the survivors whose logit is ≥ m − T, in index order, and both screens keep all of those.
+// (Up to a tie: a survivor whose exact logit falls within an ulp of the cut l_a − T, which the two screens place
+// differently since their anchors may differ, can be left out by one and kept by the other; its weight is
+// e^{−T} of the largest either way.)
 // Row invariance: each element of a C tile is one query's dot with one point, and the anchor, the test and the
 // dense decision read that query's lane only.
 #pragma once
@@ -148,7 +154,7 @@ struct AmxCloud {
     const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
     for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
       uint16_t* dst = y.get() + j * kp;
-      const float* row = src + j * d;
+      const float* row = src + std::min(j, N - 1) * d;   // padding points read nothing (masks of 0)
       __m512d acc = _mm512_setzero_pd();
       for (int64_t k = k_begin; k < k_end; k += kAmxK) {
         const int64_t n = j < N ? std::clamp<int64_t>(d - k, 0, kAmxK) : 0;   // padding points are zeros
@@ -178,9 +184,7 @@ struct AmxWork {
   PooledArray<float> dots;                     // [np][16]: point j's dots with the block's queries
   std::vector<int64_t> cand[kAmxRows];         // each query's surviving points, ascending
   Rescore rescore;                             // finish_row's scratch
-  std::vector<float> scratch;                  // D of the padding rows of a partial block
-  explicit AmxWork(const AmxCloud& ac)
-      : xb(ac.kp / 2 * kAmxRows * 2), dots(ac.np * kAmxRows), scratch(ac.d) {
+  explicit AmxWork(const AmxCloud& ac) : xb(ac.kp / 2 * kAmxRows * 2), dots(ac.np * kAmxRows) {
     rescore.acc.resize(ac.d);
   }
 };
@@ -240,6 +244,7 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
   amx_configure();
   for (int64_t p0 = 0; p0 < ac.np; p0 += kAmxSweep) {
     ac.ensure(level, p0 / kAmxSweep);
+    asm volatile("" ::: "memory");   // GCC's _tile_loadd declares no memory input: order it after the packing
     float* out = dots + p0 * kAmxRows;
     if (k_begin == 0) {
       _tile_zero(0);
@@ -304,6 +309,7 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
   const double lowest = -0.5 * static_cast<double>(std::numeric_limits<float>::max());
   alignas(64) int32_t best_point[R];
   amx_pack_queries(ac, xs, alpha, k_begin, k_end, w);
+  asm volatile("" ::: "memory");     // as in amx_sweep: the tile loads read what was just stored
   amx_sweep(ac, level, alpha, w, level == 0 ? best_point : nullptr);
   AmxPass out;
   alignas(64) float Qf[R] = {}, Af[R] = {}, Sf[R] = {};
@@ -329,12 +335,16 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
     const double Q = xx[r] * (1.0 - 1e-12) - 2.0 * e0 - f * f * rho * rho;
     const double A = a2 * (1.0 - 1e-12) - f * f * yterm * yterm;
     const double S = 2.0 * cd * nax + 2.0 * e0_unit * rootK + 2.0 * f * f * rho * yterm;
-    const double Qm = Q - 6.0 * u * (std::abs(Q) + 2.0 * e0) - std::ldexp(1.0, -100);
     const double Am = A - 6.0 * u * std::abs(A);
     const double Sm = S + 6.0 * u * (S + 2.04 * nax + 4.0 * e0_unit * rootK);
-    const bool fits = nax <= kAmxMaxNorm && std::abs(Qm) <= kAmxMaxCoef && std::abs(Am) <= kAmxMaxCoef &&
-                      Sm <= kAmxMaxCoef;
-    if (!fits) out.dense |= 1u << r;   // a bound float cannot hold
+    const double Qm = Q - 6.0 * u * (std::abs(Q) + 2.0 * e0) - std::ldexp(1.0, -100) -
+                      (std::abs(Am) + Sm) * std::ldexp(1.0, -149);
+    const double abs_alpha = std::abs(alpha[r]);
+    const bool alpha_ok = abs_alpha == 0.0 || (abs_alpha >= static_cast<double>(std::numeric_limits<float>::min()) &&
+                                               abs_alpha <= kAmxMaxCoef);
+    const bool fits = alpha_ok && nax <= kAmxMaxNorm && std::abs(Qm) <= kAmxMaxCoef &&
+                      std::abs(Am) <= kAmxMaxCoef && Sm <= kAmxMaxCoef;
+    if (!fits) out.dense |= 1u << r;   // an α or a bound that float cannot carry (header: overflow)
     Qf[r] = static_cast<float>(Qm); Af[r] = static_cast<float>(Am); Sf[r] = static_cast<float>(Sm);
   }
   // the survivors, point by point: H > 0 prunes, NaN keeps
