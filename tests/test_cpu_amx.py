@@ -247,6 +247,21 @@ def test_rows_decided_at_later_screen_levels(d, weak, levels):
 
 
 @needs_amx
+@pytest.mark.parametrize("offset", [30.0, 100.0])
+def test_rows_too_coarse_for_bf16_go_to_the_avx512_screen(offset):
+    """Clusters about offset·𝟙 at σ = 0.05: |x|·|y| ≈ offset²·d, so the bf16 slack (2⁻⁶ of it) is wider than any
+    row's pruning window and the AMX screen keeps every point. Those rows go to the AVX-512 screen (float slack),
+    not to the blocked kernel: the same bits as with AMX off, every row of a 37-row call (rows mapped through
+    the hand-over), and the reference's accuracy."""
+    d, sigma, alpha = 130, 0.05, 0.9
+    x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=31)
+    x, y = x + alpha * offset, y + offset
+    on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, backend="cpu"))
+    assert_same_bits(on, off, f"offset {offset}")
+    check_posterior(*on, x, y, alpha, sigma)
+
+
+@needs_amx
 def test_many_threads_pack_the_cloud_lazily_together():
     """4 OpenMP threads over 4999 points (79 sweep groups packed on first use by whichever thread needs them),
     two screen levels: the bits of 1 thread and of the AVX-512 screen."""

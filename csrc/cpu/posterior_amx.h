@@ -290,9 +290,12 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
 // the pruning test on them (a partial distance is a lower bound on the whole one, so pruning on it is as safe),
 // with each row's survivors in w.cand. Level 0 also picks each row's anchor and its cut (kept by later levels).
 // xx: each row's |x|² over the previous level's dimensions, updated. A row is dense when its anchor has no weight
-// or its bound does not fit float; crowded when more than N / kDenseShare points survive.
+// or its bound does not fit float; crowded when more than N / kDenseShare points survive; and coarse when crowded
+// with a bf16 slack wider than its whole pruning window (2cd·|αx|·max|y| > f²ρ²): data far from the origin
+// against its spread (|x|·|y| ≫ the distances, as with a large common offset), where only the AVX-512 screen's
+// float slack can tell the points apart.
 struct AmxPass {
-  unsigned dense = 0, crowded = 0;
+  unsigned dense = 0, crowded = 0, coarse = 0;
 };
 
 inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level, unsigned rows,
@@ -313,6 +316,7 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
   amx_sweep(ac, level, alpha, w, level == 0 ? best_point : nullptr);
   AmxPass out;
   alignas(64) float Qf[R] = {}, Af[R] = {}, Sf[R] = {};
+  double slack[R] = {}, window[R] = {};   // per row: 2cd·|αx| (times |y|: the bf16 slack) and f²ρ²
   for (int r = 0; r < R; ++r) {
     if (!(rows >> r & 1u)) continue;
     const float* __restrict x = xs[r];
@@ -330,6 +334,8 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
     }
     // the pruning rule's terms (header): ρ² = (0 − cut)/inv2c, y_term = 4u|c2|
     const double rho = std::sqrt(std::max(0.0, -cut[r]) / prm[r].inv2c);
+    slack[r] = 2.0 * cd * nax;
+    window[r] = f * f * rho * rho;
     const double yterm = 4.0 * u * std::abs(static_cast<double>(prm[r].c2));
     const double e0 = e0_unit * (K + rootK * nax);
     const double Q = xx[r] * (1.0 - 1e-12) - 2.0 * e0 - f * f * rho * rho;
@@ -370,11 +376,18 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
       }
     }
   }
+  if (out.crowded) {   // the widest point's |y| (NaN norms are never pruned anyway: left out)
+    float ny_max = 0.0f;
+    for (int64_t j = 0; j < N; ++j) ny_max = ny[j] > ny_max ? ny[j] : ny_max;
+    for (int r = 0; r < R; ++r)
+      if ((out.crowded >> r & 1u) && slack[r] * ny_max > window[r]) out.coarse |= 1u << r;
+  }
   return out;
 }
 
-// Screens nr ≤ kAmxRows rows against the whole cloud and finishes every row that is not dense (D, L written), as
-// screen_block does. Returns a bit per row: 1 = dense, left to the blocked kernel.
+// Screens nr ≤ kAmxRows rows against the whole cloud and finishes every row that is neither dense nor coarse (D,
+// L written), as screen_block does. Returns a bit per row: 1 = dense, left to the blocked kernel; `coarse` gets the
+// rows left to the AVX-512 screen (AmxPass).
 // Screens over growing prefixes of the dimensions, k0 = 256, then 512, 1024, ... (amx_screen_ends), each adding
 // its dimensions' dots onto the last: a row is decided at the first level where at most N / kDenseShare points
 // survive, and dense if none does. Why: the threshold ρ² is a whole distance (the anchor's, plus T), and the
@@ -383,7 +396,8 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
 // rows at 256; data alike in its first dimensions (the blank top rows of MNIST digits) goes on further.
 inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int nr, const float* const* xs_in,
                                  const double* alpha_in, const double* sigma_in, const RowParams<float>* prm_in,
-                                 double lw_max, AmxWork& w, float* const* D_in, float* const* L_in) {
+                                 double lw_max, AmxWork& w, float* const* D_in, float* const* L_in,
+                                 unsigned& coarse) {
   constexpr int R = kAmxRows;
   const float* xs[R];
   double alpha[R], sigma[R], cut[R], xx[R] = {};
@@ -393,15 +407,17 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
     xs[r] = xs_in[i]; alpha[r] = alpha_in[i]; sigma[r] = sigma_in[i]; prm[r] = prm_in[i];
   }
   unsigned dense = 0, open = (1u << nr) - 1;
+  coarse = 0;
   for (size_t level = 0; open && level < ac.ends.size(); ++level) {
     const AmxPass pass = amx_pass(c, ac, level, open, xs, alpha, prm, w, cut, xx);
     dense |= pass.dense;
-    open = pass.crowded;
+    coarse |= pass.coarse;   // more dimensions only widen the slack
+    open = pass.crowded & ~pass.coarse;
   }
   dense |= open;   // crowded over every dimension
   const double prune_nats = std::log(static_cast<double>(c.N)) + kPruneNats<float>;
   for (int r = 0; r < nr; ++r) {
-    if (dense >> r & 1u) continue;
+    if ((dense | coarse) >> r & 1u) continue;
     w.rescore.cand.swap(w.cand[r]);
     finish_row(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D_in[r], L_in[r]);
     w.rescore.cand.swap(w.cand[r]);
@@ -419,7 +435,8 @@ struct AmxWork {
 };
 inline unsigned amx_screen_block(const Cloud<float>&, const AmxCloud&, int nr, const float* const*, const double*,
                                  const double*, const RowParams<float>*, double, AmxWork&, float* const*,
-                                 float* const*) {
+                                 float* const*, unsigned& coarse) {
+  coarse = 0;
   return (1u << nr) - 1;
 }
 

@@ -22,11 +22,12 @@ struct LargeCloud {
   const Cloud<T>& c;
   PackedCloud<T> packed;                    // the blocked kernel's tiles (posterior_blocked.h)
   std::unique_ptr<AmxCloud> amx;            // the AMX screen's bf16 cloud, or null (use_amx)
-  std::unique_ptr<ScreenCloud<T>> screen;   // the AVX-512 screen's layout: null with AMX and below kScreenMinD
+  std::unique_ptr<ScreenCloud<T>> screen;   // the AVX-512 screen's layout (also for AMX's coarse rows): null below
+                                            // kScreenMinD and past kScreenMaxPoints
   double lw_max;                            // for the far-row test (0 without log-weights)
   explicit LargeCloud(const Cloud<T>& c_)
       : c(c_), packed(c_), amx(make_amx(c_)),
-        screen(!amx && use_screening(c_.d, c_.N) ? new ScreenCloud<T>(c_) : nullptr),
+        screen(use_screening(c_.d, c_.N) ? new ScreenCloud<T>(c_) : nullptr),
         lw_max(c_.log_w ? max_log_weight(c_.log_w, c_.N) : 0.0) {}
 
  private:
@@ -45,7 +46,7 @@ struct LargeWork {
   std::unique_ptr<AmxWork> amx;
   std::unique_ptr<ScreenWork<T>> screen;
   GroupRows<T> dense;                       // the rows a screen leaves to the blocked kernel
-  std::vector<int64_t> dense_rows;
+  std::vector<int64_t> dense_rows, coarse_rows;
   RowParams<T> prm[std::max(kScreenRows, kAmxRows)];
   LargeWork(const LargeCloud<T>& lc, int64_t rows)
       : lc(lc), rows(rows), amx(lc.amx ? new AmxWork(*lc.amx) : nullptr),
@@ -64,24 +65,42 @@ void posterior_rows(const LargeCloud<T>& lc, int64_t g, const T* const* xs, cons
                     T* const* D, T* const* L, LargeWork<T>& w) {
   if (!lc.amx && !lc.screen) return posterior_group(lc.c, g, xs, alpha, sigma, D, L, lc.packed, w.blocked());
   w.dense_rows.clear();
-  const int block = lc.amx ? kAmxRows : kScreenRows;
-  for (int64_t b = 0; b < g; b += block) {
-    const int nr = static_cast<int>(std::min<int64_t>(block, g - b));
-    for (int r = 0; r < nr; ++r) w.prm[r] = row_params(lc.c, alpha[b + r], sigma[b + r]);
-    unsigned dense;
-    if constexpr (std::is_same_v<T, float>) {
-      dense = lc.amx ? amx_screen_block(lc.c, *lc.amx, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max, *w.amx,
-                                        D + b, L + b)
-                     : screen_block(lc.c, *lc.screen, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max, *w.screen,
-                                    D + b, L + b);
-    } else {
-      dense = screen_block(lc.c, *lc.screen, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max, *w.screen, D + b,
-                           L + b);
+  w.coarse_rows.clear();
+  if constexpr (std::is_same_v<T, float>) {
+    if (lc.amx) {
+      for (int64_t b = 0; b < g; b += kAmxRows) {
+        const int nr = static_cast<int>(std::min<int64_t>(kAmxRows, g - b));
+        for (int r = 0; r < nr; ++r) w.prm[r] = row_params(lc.c, alpha[b + r], sigma[b + r]);
+        unsigned coarse = 0;
+        const unsigned dense = amx_screen_block(lc.c, *lc.amx, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max,
+                                                *w.amx, D + b, L + b, coarse);
+        for (int r = 0; r < nr; ++r) {
+          if (dense >> r & 1u) w.dense_rows.push_back(b + r);
+          else if (coarse >> r & 1u) (lc.screen ? w.coarse_rows : w.dense_rows).push_back(b + r);
+        }
+      }
     }
+  }
+  // the AVX-512 screen: every row without AMX, AMX's coarse rows with it
+  const int64_t n_screen = lc.amx ? static_cast<int64_t>(w.coarse_rows.size()) : g;
+  for (int64_t b = 0; b < n_screen; b += kScreenRows) {
+    const int nr = static_cast<int>(std::min<int64_t>(kScreenRows, n_screen - b));
+    const T* sx[kScreenRows];
+    double sa[kScreenRows], ss[kScreenRows];
+    T* sD[kScreenRows];
+    T* sL[kScreenRows];
+    int64_t row[kScreenRows];
+    for (int r = 0; r < nr; ++r) {
+      row[r] = lc.amx ? w.coarse_rows[b + r] : b + r;
+      sx[r] = xs[row[r]]; sa[r] = alpha[row[r]]; ss[r] = sigma[row[r]]; sD[r] = D[row[r]]; sL[r] = L[row[r]];
+      w.prm[r] = row_params(lc.c, sa[r], ss[r]);
+    }
+    const unsigned dense = screen_block(lc.c, *lc.screen, nr, sx, sa, ss, w.prm, lc.lw_max, *w.screen, sD, sL);
     for (int r = 0; r < nr; ++r)
-      if (dense >> r & 1u) w.dense_rows.push_back(b + r);
+      if (dense >> r & 1u) w.dense_rows.push_back(row[r]);
   }
   if (w.dense_rows.empty()) return;
+  std::sort(w.dense_rows.begin(), w.dense_rows.end());   // the blocked kernel's groups in row order
   const int64_t gp = w.dense.fill(static_cast<int64_t>(w.dense_rows.size()),
                                   [&](int64_t r, const T*& xr, T*& Dr, T*& Lr, double& a, double& s) {
     const int64_t i = w.dense_rows[r];
