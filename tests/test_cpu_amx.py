@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import fastdiff as fd
-from contract import F64, check_posterior, gen
+from contract import F64, check_posterior, gen, math7
 from fastdiff import _C, ops
 from fastdiff.reference import pointcloud_step as ref_step
 from fastdiff.reference import posterior as ref_posterior
@@ -87,7 +87,7 @@ def test_amx_screen_equals_the_avx512_screen_bit_for_bit(d, sigma, alpha):
 @pytest.mark.parametrize("d", [31, 32, 257, 600])
 @pytest.mark.parametrize("sigma", [0.5, 1e-3])
 def test_amx_screen_boundaries_against_the_reference(d, sigma):
-    """d = 31 (below kAmxMinD: the blocked kernel) and 32 (AMX), 257 (a second screen level of one dimension)
+    """d = 31 (AMX and the narrow exact stage) and 32 (AMX and finish_row), 257 (a second screen level of one dimension)
     and 600 (levels 256, 512, 600): against the float64 reference, and each row alone equals its row in the
     batch."""
     alpha = 0.9
@@ -116,7 +116,7 @@ def coherent_rounding_problem(d=64, N=256, sigma=0.1, seed=3):
     """One query x on the bf16 grid of [1, 2) (spacing 2⁻⁷), the winner y = x, and N − 1 points whose every
     coordinate lies just below a midpoint of that grid: each rounds down by ~2⁻⁸, so every product of their bf16
     dots with x errs the same way and the dot falls short by ~0.37 (α = 1), ~37 nats of logit at σ = 0.1, more
-    than T = ln N + 20 = 25.5. About 20 of them lie 0.5 to 24 nats below the winner, the rest ≥ 200 nats away. A
+    than T = ln N + 16 = 21.5. About 20 of them lie 0.5 to 24 nats below the winner, the rest ≥ 200 nats away. A
     screen whose slack ignored bf16 (float's ~2⁻¹⁷ relative) would keep the winner (its dot is exact) and prune
     all of those; the bound (2⁻⁷·|x|·|y| ≈ 1.1) keeps them."""
     g = gen(seed)
@@ -324,6 +324,77 @@ def test_avx512_screen_boundary_and_cancellation_with_amx_off(offset):
         test_screening_pruning_boundary_and_a_first_chunk_decoy("cpu", F32, 130, offset)
         if offset:
             test_screening_cancellation_under_a_large_common_offset("cpu", F32, 130)
+
+
+def assert_close_to_the_blocked_kernel(on, off, y, what):
+    """Below d = 32 AMX rows are rescored sixteen survivors at a time (posterior_narrow.h) and the blocked kernel
+    sums every point: the two agree to float rounding, not bit for bit."""
+    scale = float(y.abs().max())
+    assert float((on[0] - off[0]).abs().max()) <= 2e-6 * scale, f"{what}: D"
+    assert bool(((on[1] - off[1]).abs() <= 4e-6 * (1 + off[1].abs())).all()), f"{what}: L"
+
+
+@needs_amx
+@pytest.mark.parametrize("d", [16, 17, 24, 31])
+@pytest.mark.parametrize("sigma", [0.5, 0.05, 1e-3])
+def test_narrow_rows_against_the_reference_and_the_blocked_kernel(d, sigma):
+    """16 ≤ d < 32: the AMX screen then the narrow exact stage (one or two vectors a point, d = 16 its own
+    instantiation). 37 rows, 1003 clustered points: MATH.md §7 against float64, float rounding of the blocked
+    kernel (AMX off), and each row alone equals its row in the batch."""
+    alpha = 0.9
+    x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=200 + d)
+    on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, backend="cpu"))
+    D0, L0 = ref_posterior(x.double(), y.double(), torch.tensor(alpha, dtype=F64), torch.tensor(sigma, dtype=F64),
+                           None, 0.0)
+    math7(*on, D0, L0, y)
+    assert_close_to_the_blocked_kernel(on, off, y, f"d={d} σ={sigma}")
+    with amx(True):
+        for r in (0, 20, 36):
+            Dr, Lr = ops.posterior(x[r:r + 1], y, alpha, sigma, backend="cpu")
+            assert torch.equal(Dr, on[0][r:r + 1]) and torch.equal(Lr, on[1][r:r + 1]), r
+
+
+@needs_amx
+def test_narrow_rows_with_a_spread_posterior_per_row_sigma_and_a_bandwidth():
+    """d = 20, 300 random points, per-row σ from 0.2 to 6 and a bandwidth: rows whose window reaches the mean
+    squared distance are sent to the blocked kernel before any dot product, crowded ones (more than N/2
+    survivors) after the screen, the rest rescored; every row as the blocked kernel computes it to float rounding,
+    and §7 against float64."""
+    d, M, N = 20, 41, 300
+    g = gen(12)
+    y = torch.randn(N, d, generator=g, dtype=F64)
+    x = 0.8 * y[torch.randint(N, (M,), generator=g)] + 0.5 * torch.randn(M, d, generator=g, dtype=F64)
+    x, y = x.float(), y.float()
+    alpha = torch.full((M,), 0.8, dtype=F64)
+    sigma = torch.logspace(math.log10(0.2), math.log10(6.0), M, dtype=F64)
+    on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, bandwidth=0.01, backend="cpu"))
+    D0, L0 = ref_posterior(x.double(), y.double(), alpha, sigma, None, 0.01)
+    math7(*on, D0, L0, y)
+    assert_close_to_the_blocked_kernel(on, off, y, "spread rows")
+
+
+@needs_amx
+def test_narrow_row_far_from_every_point_and_a_bf16_anchor_off_by_nats():
+    """d = 16. A query 100 away from every point takes the far rule (the same posterior_row_far as the blocked
+    kernel: equal bits). And a query x on the bf16 grid with two candidates: A = x (exact in bf16) and B, every
+    coordinate 8.5 grid steps away, just above a midpoint, so its bf16 dot with x is overestimated by ~0.19 while
+    it is truly 0.07 farther (3.5 nats at σ = 0.1): the anchor is B, A's weight would exceed 1 against it and
+    the exact stage redoes its sums against A's logit. D and L against float64 either way."""
+    d, sigma = 16, 0.1
+    g = gen(5)
+    grid = 2.0**-7
+    x = 1.0 + torch.randint(40, 80, (d,), generator=g).double() * grid
+    B = x + 8.5 * grid + 2.0**-20
+    assert float(2 * (x * B.to(torch.bfloat16).double()).sum() - (B * B).sum()) > float((x * x).sum())  # B looks best
+    far = 3.0 + torch.randn(61, d, generator=g, dtype=F64)                 # many nats from x: pruned
+    y = torch.cat([far[:30], x[None], far[30:], B[None]]).float()
+    queries = torch.stack([x, x + 100.0]).float()
+    on, off = with_and_without_amx(lambda: ops.posterior(queries, y, 1.0, sigma, backend="cpu"))
+    assert torch.equal(on[0][1], off[0][1]) and torch.equal(on[1][1], off[1][1])
+    D0, L0 = ref_posterior(queries.double(), y.double(), torch.tensor(1.0, dtype=F64), torch.tensor(sigma, dtype=F64),
+                           None, 0.0)
+    math7(*on, D0, L0, y)
+    assert_close_to_the_blocked_kernel(on, off, y, "bf16 anchor")
 
 
 def test_the_switch_and_the_reason():

@@ -56,9 +56,12 @@
 #include "posterior_screened.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && \
+    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
     defined(__linux__)
 #define FASTDIFF_CPU_AMX 1
 #include <immintrin.h>
+
+#include "posterior_narrow.h"
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -68,9 +71,10 @@ namespace fastdiff::cpu {
 inline constexpr int kAmxRows = 16;          // queries per block: the columns of a C tile
 inline constexpr int kAmxK = 32;             // bf16 per tile row: the dimensions of one TDPBF16PS
 inline constexpr int kAmxSweep = 64;         // points per sweep step: 4 C tiles of 16
-inline constexpr int64_t kAmxMinD = 32;      // below, the blocked kernel: at d = 16 (bench data, σ = 0.5) ~10% of the
-                                             // points lie within T of the best, and rescoring them cost more than
-                                             // the blocked kernel (14.6 against 11.5 ms)
+inline constexpr int64_t kAmxMinD = 16;      // below, the blocked kernel (a tile's 32 dimensions mostly padding)
+inline constexpr int64_t kNarrowDenseShare = 2;   // below kScreenMinD a row with more than N / 2 survivors is dense:
+                                                  // posterior_narrow.h rescores a survivor for about what the
+                                                  // blocked kernel spends on a pair
 inline constexpr int64_t kAmxFirstDims = 256;   // the first screen's dimensions (amx_screen_block)
 inline constexpr int64_t kAmxMaxPoints = int64_t(1) << 18;   // the dots of a block are kept: 16 floats a point
 inline constexpr double kAmxMaxNorm = 1e18;  // |αx|·|y| ≤ 1e36: no float overflow in the dots
@@ -130,6 +134,8 @@ struct AmxCloud {
   const float* src;
   int64_t d, N, kp, np, groups;
   std::vector<int64_t> ends;   // amx_screen_ends(kp)
+  std::vector<double> mean_y;  // below kScreenMinD: the cloud's mean point and mean |y|² (amx_pass's dense guess)
+  double mean_yy = 0.0;
   PooledArray<uint16_t> y;     // [np][kp]
   PooledArray<double> sums;    // [ends][np]: |y|² over [0, ends[l]) in double
   PooledArray<float> yy, ny;   // [ends][np]: the same and |y| in float (NaN past kAmxMaxNorm: never pruned)
@@ -138,7 +144,18 @@ struct AmxCloud {
       : src(c.y), d(c.d), N(c.N), kp((c.d + kAmxK - 1) / kAmxK * kAmxK),
         np((c.N + kAmxSweep - 1) / kAmxSweep * kAmxSweep), groups(np / kAmxSweep), ends(amx_screen_ends(kp)),
         y(np * kp), sums(ends.size() * np), yy(ends.size() * np), ny(ends.size() * np),
-        state(new std::atomic<uint8_t>[ends.size() * groups]()) {}
+        state(new std::atomic<uint8_t>[ends.size() * groups]()) {
+    if (d >= kScreenMinD) return;
+    mean_y.assign(d, 0.0);
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t k = 0; k < d; ++k) {
+        const double v = c.y[j * d + k];
+        mean_y[k] += v;
+        mean_yy += v * v;
+      }
+    for (double& m : mean_y) m /= static_cast<double>(N);
+    mean_yy /= static_cast<double>(N);
+  }
   // Level l's dimensions of the 64 points of group g, and their norms over [0, ends[l]).
   void ensure(size_t l, int64_t g) const {
     once(state[l * groups + g], [&] {
@@ -182,9 +199,12 @@ struct AmxCloud {
 struct AmxWork {
   PooledArray<uint16_t> xb;                    // [kp / 32][16 pairs][16 queries][2]: the B operand
   PooledArray<float> dots;                     // [np][16]: point j's dots with the block's queries
+  PooledArray<uint16_t> keep;                  // [np]: point j's pruning test, bit r for query r
+  PooledArray<int32_t> found;                  // [np + 16]: one query's survivors as they are gathered
   std::vector<int64_t> cand[kAmxRows];         // each query's surviving points, ascending
   Rescore rescore;                             // finish_row's scratch
-  explicit AmxWork(const AmxCloud& ac) : xb(ac.kp / 2 * kAmxRows * 2), dots(ac.np * kAmxRows) {
+  explicit AmxWork(const AmxCloud& ac)
+      : xb(ac.kp / 2 * kAmxRows * 2), dots(ac.np * kAmxRows), keep(ac.np), found(ac.np + 16) {
     rescore.acc.resize(ac.d);
   }
 };
@@ -239,8 +259,12 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
   alignas(64) float a2[kAmxRows];
   for (int r = 0; r < kAmxRows; ++r) a2[r] = static_cast<float>(alpha[r] * alpha[r]);
   const __m512 neg_a2 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_load_ps(a2));
-  __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512i best_j = _mm512_set1_epi32(-1);
+  __m512 best[4];
+  __m512i best_j[4];
+  for (int q = 0; q < 4; ++q) {
+    best[q] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    best_j[q] = _mm512_set1_epi32(-1);
+  }
   amx_configure();
   for (int64_t p0 = 0; p0 < ac.np; p0 += kAmxSweep) {
     ac.ensure(level, p0 / kAmxSweep);
@@ -273,17 +297,29 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
     _tile_stored(1, out + 256, 64);
     _tile_stored(2, out + 512, 64);
     _tile_stored(3, out + 768, 64);
+    // point l goes to candidate set l % 4 (four compare chains, not one, each in registers); merged below
     const int64_t n = best_point ? std::min<int64_t>(kAmxSweep, N - p0) : 0;
-    for (int64_t l = 0; l < n; ++l) {
-      const __m512 g = _mm512_load_ps(out + l * kAmxRows);
-      const __m512 v = _mm512_fmadd_ps(neg_a2, _mm512_set1_ps(yy[p0 + l]), _mm512_add_ps(g, g));
-      const __mmask16 better = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
-      best = _mm512_mask_mov_ps(best, better, v);
-      best_j = _mm512_mask_mov_epi32(best_j, better, _mm512_set1_epi32(static_cast<int32_t>(p0 + l)));
-    }
+    for (int64_t l0 = 0; l0 < n; l0 += 4)
+      for (int q = 0; q < 4; ++q) {
+        const int64_t l = l0 + q;
+        if (l >= n) break;
+        const __m512 g = _mm512_load_ps(out + l * kAmxRows);
+        const __m512 v = _mm512_fmadd_ps(neg_a2, _mm512_set1_ps(yy[p0 + l]), _mm512_add_ps(g, g));
+        const __mmask16 better = _mm512_cmp_ps_mask(v, best[q], _CMP_GT_OQ);
+        best[q] = _mm512_mask_mov_ps(best[q], better, v);
+        best_j[q] = _mm512_mask_mov_epi32(best_j[q], better, _mm512_set1_epi32(static_cast<int32_t>(p0 + l)));
+      }
   }
   _tile_release();
-  if (best_point) _mm512_storeu_si512(best_point, best_j);
+  // the largest value, the lowest index among equals: the first such point, as one chain in point order finds it
+  for (int q = 1; q < 4; ++q) {
+    const __mmask16 tie = _mm512_cmp_ps_mask(best[q], best[0], _CMP_EQ_OQ) &
+                          _mm512_cmp_epi32_mask(best_j[q], best_j[0], _MM_CMPINT_LT);
+    const __mmask16 better = _mm512_cmp_ps_mask(best[q], best[0], _CMP_GT_OQ) | tie;
+    best[0] = _mm512_mask_mov_ps(best[0], better, best[q]);
+    best_j[0] = _mm512_mask_mov_epi32(best_j[0], better, best_j[q]);
+  }
+  if (best_point) _mm512_storeu_si512(best_point, best_j[0]);
 }
 
 // Screen `level` of the rows in `rows`: the dots over [0, ends[level]) (accumulated onto the previous level's) and
@@ -297,6 +333,18 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
 struct AmxPass {
   unsigned dense = 0, crowded = 0, coarse = 0;
 };
+
+// Below kScreenMinD, where posteriors are often spread: whether a row's pruning window ρ² reaches its mean squared
+// distance to the cloud, |x|² − 2α x·ȳ + α²·mean|y|². Then most points would survive and the blocked kernel costs
+// less than screening them. A guess about speed only: the rows it sends to the blocked kernel are exact too.
+inline bool mostly_kept(const Cloud<float>& c, const AmxCloud& ac, const float* x, double alpha, double rho2) {
+  double xx = 0.0, xm = 0.0;
+  for (int64_t k = 0; k < c.d; ++k) {
+    xx += static_cast<double>(x[k]) * static_cast<double>(x[k]);
+    xm += static_cast<double>(x[k]) * ac.mean_y[k];
+  }
+  return rho2 >= xx - 2.0 * alpha * xm + alpha * alpha * ac.mean_yy;
+}
 
 inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level, unsigned rows,
                         const float* const* xs, const double* alpha, const RowParams<float>* prm, AmxWork& w,
@@ -331,6 +379,7 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
                                           : exact_logit(c, x, prm[r], best_point[r]);
       cut[r] = la - prune_nats;
       if (!(la > lowest)) out.dense |= 1u << r;   // no weight, or logits at the clamp: the exact kernel decides
+      if (c.d < kScreenMinD && mostly_kept(c, ac, x, alpha[r], -cut[r] / prm[r].inv2c)) out.dense |= 1u << r;
     }
     // the pruning rule's terms (header): ρ² = (0 − cut)/inv2c, y_term = 4u|c2|
     const double rho = std::sqrt(std::max(0.0, -cut[r]) / prm[r].inv2c);
@@ -357,24 +406,34 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
   const __m512 Q = _mm512_load_ps(Qf), A = _mm512_load_ps(Af);
   const __m512 negS = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_load_ps(Sf));
   const __m512 minus2 = _mm512_set1_ps(-2.0f), zero = _mm512_setzero_ps();
-  const int64_t cap = N / kDenseShare;
-  __mmask16 active = static_cast<__mmask16>(rows & ~out.dense);
-  for (int r = 0; r < R; ++r)
-    if (active >> r & 1u) w.cand[r].clear();
+  // the survivors: H > 0 prunes, NaN keeps. A keep mask per point (bit r: row r), then each row's points from
+  // its bit, 16 points at a time, stopping once it has more than `cap` (crowded)
+  const int64_t cap = N / (c.d < kScreenMinD ? kNarrowDenseShare : kDenseShare);
+  const __mmask16 active = static_cast<__mmask16>(rows & ~out.dense);
   const float* dots = w.dots.get();
+  uint16_t* __restrict keep = w.keep.get();
   for (int64_t j = 0; j < N && active; ++j) {
     const __m512 h = _mm512_fmadd_ps(A, _mm512_set1_ps(yy[j]), _mm512_fmadd_ps(negS, _mm512_set1_ps(ny[j]), Q));
     const __m512 F = _mm512_fmadd_ps(minus2, _mm512_load_ps(dots + j * R), h);
-    unsigned keep = _mm512_mask_cmp_ps_mask(active, F, zero, _CMP_NGT_UQ);
-    while (keep) {
-      const int r = __builtin_ctz(keep);
-      keep &= keep - 1;
-      w.cand[r].push_back(j);
-      if (static_cast<int64_t>(w.cand[r].size()) > cap) {
-        out.crowded |= 1u << r;
-        active = static_cast<__mmask16>(active & ~(1u << r));
-      }
+    keep[j] = _mm512_mask_cmp_ps_mask(active, F, zero, _CMP_NGT_UQ);
+  }
+  std::fill(keep + N, keep + (N + 15) / 16 * 16, uint16_t(0));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int32_t* __restrict found = w.found.get();   // N ≤ kAmxMaxPoints: indices fit int32
+  for (int r = 0; r < R; ++r) {
+    if (!(active >> r & 1u)) continue;
+    const __m256i bit = _mm256_set1_epi16(static_cast<int16_t>(1u << r));
+    int64_t n = 0;
+    for (int64_t j0 = 0; j0 < N && n <= cap; j0 += 16) {
+      const __mmask16 m = _mm256_test_epi16_mask(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep + j0)), bit);
+      const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j0)), iota);
+      _mm512_storeu_si512(found + n, _mm512_maskz_compress_epi32(m, idx));
+      n += __builtin_popcount(m);
     }
+    if (n > cap)
+      out.crowded |= 1u << r;
+    else
+      w.cand[r].assign(found, found + n);
   }
   if (out.crowded) {   // the widest point's |y| (NaN norms are never pruned anyway: left out)
     float ny_max = 0.0f;
@@ -408,6 +467,11 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
   }
   unsigned dense = 0, open = (1u << nr) - 1;
   coarse = 0;
+  const double prune_nats = std::log(static_cast<double>(c.N)) + kPruneNats<float>;
+  if (c.d < kScreenMinD)   // ρ² ≥ T/inv2c whatever the anchor: rows this spread are dense before any dot product
+    for (int r = 0; r < nr; ++r)
+      if (mostly_kept(c, ac, xs[r], alpha[r], prune_nats / prm[r].inv2c)) dense |= 1u << r;
+  open &= ~dense;
   for (size_t level = 0; open && level < ac.ends.size(); ++level) {
     const AmxPass pass = amx_pass(c, ac, level, open, xs, alpha, prm, w, cut, xx);
     dense |= pass.dense;
@@ -415,11 +479,14 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
     open = pass.crowded & ~pass.coarse;
   }
   dense |= open;   // crowded over every dimension
-  const double prune_nats = std::log(static_cast<double>(c.N)) + kPruneNats<float>;
   for (int r = 0; r < nr; ++r) {
     if ((dense | coarse) >> r & 1u) continue;
     w.rescore.cand.swap(w.cand[r]);
-    finish_row(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D_in[r], L_in[r]);
+    if (c.d < kScreenMinD)
+      finish_row_narrow(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D_in[r],
+                        L_in[r]);
+    else
+      finish_row(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D_in[r], L_in[r]);
     w.rescore.cand.swap(w.cand[r]);
   }
   return dense;

@@ -25,7 +25,7 @@
 //   forms (x − c1·y) + fl(c2)·y: its distances are ≥ (√P − 4u|c2||y_K|)² (the roundings of x − y, of c2 and of
 //   c2·y, with room), and it rounds by ≤ 8u·dist more
 //   (the (1 − 32u) factor). So a pruned pair's rescored logit would have been < l_a − T ≤ m − T.
-// - Pruned mass: at most N·e^{−T} = e^{−kPruneNats} (2e-9 in float, 4e-18 in double) of the kept mass, and as
+// - Pruned mass: at most N·e^{−T} = e^{−kPruneNats} (1.1e-7 in float, 4e-18 in double) of the kept mass, and as
 //   much again for the survivors the exact stage leaves out below m − T (finish_row), so D moves by ≤ 4·that·max|y|
 //   and L by ≤ 2·that beyond the exact kernel's own error (MATH.md §7: 1e-4·max|y| and 1e-3).
 // - The kept pairs carry the exact kernel's bound: D ≤ ~1e-6·max|y| from the sums in double, the logits as in 3.
@@ -60,10 +60,13 @@ inline constexpr int64_t kScreenDims = 64;     // dimensions per screening chunk
 inline constexpr int kScreenRows = 8;          // rows screened together (each loaded point vector serves 8 rows)
 inline constexpr int kScreenVecs = 2;          // point vectors per screening block (kScreenRows × kScreenVecs
                                                // accumulators: 16 of the 32 vector registers)
-// T = ln N + kPruneNats<T>: the pruned mass is < e^{−kPruneNats} of the kept mass, below T's own rounding
-// (float: e^-20 = 2e-9; double: e^-40 = 4e-18).
+// T = ln N + kPruneNats<T>: the pruned mass is < e^{−kPruneNats} of the kept mass. Float: e^-16 = 1.1e-7, the
+// relative error every float weight carries anyway (e^x rounded to float, exp_nonpositive's ~1e-7), so D moves by
+// ≤ 4.5e-7·max|y| against the exact kernel's own ≤ 8e-6·max|y| (posterior_blocked.h). Why not more: each nat costs
+// survivors where the posterior is spread (d = 16, σ = 0.5, bench data: 12.8% of the points lie within ln N + 20
+// nats of the best, 8.0% within ln N + 16). Double: e^-40 = 4e-18.
 template <typename T>
-inline constexpr double kPruneNats = sizeof(T) == 4 ? 20.0 : 40.0;
+inline constexpr double kPruneNats = sizeof(T) == 4 ? 16.0 : 40.0;
 inline constexpr int64_t kScreenMinD = 32;     // below, the blocked kernel alone (the bound costs as much as a point)
 inline constexpr int64_t kDenseShare = 8;      // a row with more than N / kDenseShare survivors is dense
 inline constexpr int64_t kSettled = 32;        // a row with at most this many survivors stops screening: they
