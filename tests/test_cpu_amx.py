@@ -336,11 +336,12 @@ def assert_close_to_the_blocked_kernel(on, off, y, what):
 
 @needs_amx
 @pytest.mark.parametrize("d", [16, 17, 24, 31])
-@pytest.mark.parametrize("sigma", [0.5, 0.05, 1e-3])
+@pytest.mark.parametrize("sigma", [0.8, 0.5, 0.05, 1e-3])
 def test_narrow_rows_against_the_reference_and_the_blocked_kernel(d, sigma):
     """16 ≤ d < 32: the AMX screen then the narrow exact stage (one or two vectors a point, d = 16 its own
-    instantiation). 37 rows, 1003 clustered points: MATH.md §7 against float64, float rounding of the blocked
-    kernel (AMX off), and each row alone equals its row in the batch."""
+    instantiation). 37 rows, 1003 clustered points (at σ = 0.8 some rows keep more than N/2 and go to the
+    blocked kernel after the screen): MATH.md §7 against float64, float rounding of the blocked kernel (AMX off),
+    and each row alone equals its row in the batch."""
     alpha = 0.9
     x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=200 + d)
     on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, backend="cpu"))
@@ -357,9 +358,9 @@ def test_narrow_rows_against_the_reference_and_the_blocked_kernel(d, sigma):
 @needs_amx
 def test_narrow_rows_with_a_spread_posterior_per_row_sigma_and_a_bandwidth():
     """d = 20, 300 random points, per-row σ from 0.2 to 6 and a bandwidth: rows whose window reaches the mean
-    squared distance are sent to the blocked kernel before any dot product, crowded ones (more than N/2
-    survivors) after the screen, the rest rescored; every row as the blocked kernel computes it to float rounding,
-    and §7 against float64."""
+    squared distance, or 3/4 of the 64 probe points, are sent to the blocked kernel before any dot product, crowded
+    ones after the screen (the test on every 8th point, then more than N/2 survivors), the rest rescored; every row
+    as the blocked kernel computes it to float rounding, §7 against float64, and rows alone as in the batch."""
     d, M, N = 20, 41, 300
     g = gen(12)
     y = torch.randn(N, d, generator=g, dtype=F64)
@@ -371,6 +372,31 @@ def test_narrow_rows_with_a_spread_posterior_per_row_sigma_and_a_bandwidth():
     D0, L0 = ref_posterior(x.double(), y.double(), alpha, sigma, None, 0.01)
     math7(*on, D0, L0, y)
     assert_close_to_the_blocked_kernel(on, off, y, "spread rows")
+    with amx(True):
+        for r in (0, 13, 27, 40):
+            Dr, Lr = ops.posterior(x[r:r + 1], y, alpha[r:r + 1], sigma[r:r + 1], bandwidth=0.01, backend="cpu")
+            assert torch.equal(Dr, on[0][r:r + 1]) and torch.equal(Lr, on[1][r:r + 1]), r
+
+
+@needs_amx
+def test_narrow_rows_crowded_by_a_blob_behind_far_outliers():
+    """d = 16: 900 points in a tight blob and 100 outliers ~400 away. The outliers inflate the mean squared distance,
+    so neither the window test nor the probe flags the 30 queries in the blob, yet each keeps ~90% of the points:
+    the test on every 8th point sends them to the blocked kernel (equal bits), while the 7 queries among the
+    outliers are screened and rescored (float rounding of it); §7 for all."""
+    g = gen(3)
+    d = 16
+    blob = 0.3 * torch.randn(900, d, generator=g, dtype=F64)
+    far = 100.0 * torch.randn(100, d, generator=g, dtype=F64)
+    y = torch.cat([blob[:450], far, blob[450:]]).float()
+    x = torch.cat([0.9 * blob[torch.randint(900, (30,), generator=g)], 0.9 * far[:7]])
+    x = (x + torch.randn(37, d, generator=g, dtype=F64)).float()
+    on, off = with_and_without_amx(lambda: ops.posterior(x, y, 0.9, 1.0, backend="cpu"))
+    assert torch.equal(on[0][:30], off[0][:30]) and torch.equal(on[1][:30], off[1][:30])
+    assert_close_to_the_blocked_kernel(on, off, y, "outlier rows")
+    D0, L0 = ref_posterior(x.double(), y.double(), torch.tensor(0.9, dtype=F64), torch.tensor(1.0, dtype=F64), None,
+                           0.0)
+    math7(*on, D0, L0, y)
 
 
 @needs_amx
