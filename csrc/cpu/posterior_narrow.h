@@ -72,7 +72,9 @@ inline __m512 exp_nonpositive16(__m512 x) {
 }
 
 // One query's distances to 16 points at a time: x − αy = (x − c1·y) + c2·y per dimension, the squares summed by
-// lane_sums16. D16: d is exactly 16 (no masks: plain loads the compiler can fold into the arithmetic).
+// lane_sums16. D16: d is exactly 16 (no masks: plain loads the compiler can fold into the arithmetic). Used by the
+// probe; narrow_sums keeps the same arithmetic inline, because through this struct its hot loop ran 15% slower
+// (d = 16, σ = 0.5, 2048 x 8192: 5.9 against 5.1 ms, A/B in one session).
 template <bool D16>
 struct NarrowQuery {
   int64_t d;
@@ -115,11 +117,16 @@ struct NarrowSums {
   alignas(64) double acc[32];
 };
 
+// D16: d is exactly 16 (no masks: plain loads the compiler can fold into the arithmetic).
 template <bool D16>
 void narrow_sums(const Cloud<float>& c, const float* x, const RowParams<float>& p, const std::vector<int64_t>& cand,
                  double r, double keep_nats, NarrowSums& out) {
-  const NarrowQuery<D16> q(c.d, x, p);
-  const int64_t d = q.d, n = static_cast<int64_t>(cand.size());
+  const int64_t d = D16 ? 16 : c.d, n = static_cast<int64_t>(cand.size());
+  const __mmask16 mlo = D16 || d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << d) - 1);
+  const __mmask16 mhi = D16 || d <= 16 ? 0 : d >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << (d - 16)) - 1);
+  const auto load_lo = [&](const float* q) { return D16 ? _mm512_loadu_ps(q) : _mm512_maskz_loadu_ps(mlo, q); };
+  const __m512 xlo = _mm512_maskz_loadu_ps(mlo, x), xhi = _mm512_maskz_loadu_ps(mhi, x + 16);
+  const __m512 c1 = _mm512_set1_ps(p.c1), c2 = _mm512_set1_ps(p.c2);
   const __m512d neg_inv2c = _mm512_set1_pd(-p.inv2c), ref = _mm512_set1_pd(r);
   const __m512d lowest = _mm512_set1_pd(-static_cast<double>(std::numeric_limits<float>::max()));
   const __m512 floor = _mm512_set1_ps(static_cast<float>(-keep_nats));
@@ -132,12 +139,29 @@ void narrow_sums(const Cloud<float>& c, const float* x, const RowParams<float>& 
     const int64_t j1 = std::min(n, j0 + kChunk);
     // four interleaved partial sums of e·y: one chain would wait on each FMA's latency
     __m512 alo[4], ahi[4], es = _mm512_setzero_ps();
-    for (int k = 0; k < 4; ++k) alo[k] = ahi[k] = _mm512_setzero_ps();
+    for (int q = 0; q < 4; ++q) alo[q] = ahi[q] = _mm512_setzero_ps();
     for (int64_t i0 = j0; i0 < j1; i0 += 16) {
       const int k = static_cast<int>(std::min<int64_t>(16, j1 - i0));
+      const int64_t* ci = cand.data() + i0;
+      __m512 sq[16];
       const float* yp[16];
-      for (int i = 0; i < k; ++i) yp[i] = ys + cand[i0 + i] * d;
-      const __m512 dist = q.distances(yp, k);
+      for (int i = 0; i < 16; ++i) {
+        if (i >= k) {
+          sq[i] = _mm512_setzero_ps();
+          continue;
+        }
+        const float* y = yp[i] = ys + ci[i] * d;
+        const __m512 ylo = load_lo(y);
+        const __m512 dlo = _mm512_fmadd_ps(c2, ylo, _mm512_fnmadd_ps(c1, ylo, xlo));
+        __m512 sqi = _mm512_mul_ps(dlo, dlo);
+        if (!D16 && mhi) {
+          const __m512 yhi = _mm512_maskz_loadu_ps(mhi, y + 16);
+          const __m512 dhi = _mm512_fmadd_ps(c2, yhi, _mm512_fnmadd_ps(c1, yhi, xhi));
+          sqi = _mm512_fmadd_ps(dhi, dhi, sqi);
+        }
+        sq[i] = sqi;
+      }
+      const __m512 dist = lane_sums16(sq);
       __m256 t[2];
       for (int h = 0; h < 2; ++h) {
         const __m256 half = h ? _mm512_extractf32x8_ps(dist, 1) : _mm512_castps512_ps256(dist);
@@ -155,8 +179,8 @@ void narrow_sums(const Cloud<float>& c, const float* x, const RowParams<float>& 
       for (int i = 0; i < 16; ++i) {
         if (i >= k) break;
         const __m512 ei = _mm512_set1_ps(ebuf[i]);
-        alo[i & 3] = _mm512_fmadd_ps(ei, q.lo(yp[i]), alo[i & 3]);
-        if (!D16 && q.mhi) ahi[i & 3] = _mm512_fmadd_ps(ei, q.hi(yp[i]), ahi[i & 3]);
+        alo[i & 3] = _mm512_fmadd_ps(ei, load_lo(yp[i]), alo[i & 3]);
+        if (!D16 && mhi) ahi[i & 3] = _mm512_fmadd_ps(ei, _mm512_maskz_loadu_ps(mhi, yp[i] + 16), ahi[i & 3]);
       }
     }
     const __m512 lo = _mm512_add_ps(_mm512_add_ps(alo[0], alo[1]), _mm512_add_ps(alo[2], alo[3]));
@@ -169,7 +193,7 @@ void narrow_sums(const Cloud<float>& c, const float* x, const RowParams<float>& 
   }
   out.m = _mm512_reduce_max_pd(mv);
   out.s = s;
-  for (int k = 0; k < 4; ++k) _mm512_store_pd(out.acc + 8 * k, acc[k]);
+  for (int q = 0; q < 4; ++q) _mm512_store_pd(out.acc + 8 * q, acc[q]);
 }
 
 // Below kScreenMinD, before any dot product: the share of kNarrowProbe points spread evenly through the cloud
