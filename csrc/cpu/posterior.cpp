@@ -23,7 +23,7 @@ void posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, co
     {
       LargeWork<T> w(lc, G);
       GroupRows<T> rows(G, d);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 1)   // groups differ in cost (screened, rescored or dense rows)
       for (int64_t i0 = 0; i0 < M; i0 += G) {
         const int64_t gp = rows.fill(std::min(G, M - i0), [&](int64_t r, const T*& xr, T*& Dr, T*& Lr, double& a, double& s) {
           const int64_t i = i0 + r;

@@ -259,12 +259,9 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
   alignas(64) float a2[kAmxRows];
   for (int r = 0; r < kAmxRows; ++r) a2[r] = static_cast<float>(alpha[r] * alpha[r]);
   const __m512 neg_a2 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_load_ps(a2));
-  __m512 best[4];
-  __m512i best_j[4];
-  for (int q = 0; q < 4; ++q) {
-    best[q] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    best_j[q] = _mm512_set1_epi32(-1);
-  }
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 best = neg_inf;                              // per query: the largest 2g − α²|y|² so far
+  __m512i best_group = _mm512_set1_epi32(-1);         // the first sweep group that reached it
   amx_configure();
   for (int64_t p0 = 0; p0 < ac.np; p0 += kAmxSweep) {
     ac.ensure(level, p0 / kAmxSweep);
@@ -297,29 +294,44 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
     _tile_stored(1, out + 256, 64);
     _tile_stored(2, out + 512, 64);
     _tile_stored(3, out + 768, 64);
-    // point l goes to candidate set l % 4 (four compare chains, not one, each in registers); merged below
+    // the anchor search: the group's largest value per query (four max chains; max(v, acc) keeps acc when v is
+    // NaN, as a compare would), then the first group that reaches the best (strict >). The point inside it is
+    // found after the sweep: one value and one index tracked per point cost two more instructions each.
     const int64_t n = best_point ? std::min<int64_t>(kAmxSweep, N - p0) : 0;
-    for (int64_t l0 = 0; l0 < n; l0 += 4)
-      for (int q = 0; q < 4; ++q) {
-        const int64_t l = l0 + q;
-        if (l >= n) break;
-        const __m512 g = _mm512_load_ps(out + l * kAmxRows);
-        const __m512 v = _mm512_fmadd_ps(neg_a2, _mm512_set1_ps(yy[p0 + l]), _mm512_add_ps(g, g));
-        const __mmask16 better = _mm512_cmp_ps_mask(v, best[q], _CMP_GT_OQ);
-        best[q] = _mm512_mask_mov_ps(best[q], better, v);
-        best_j[q] = _mm512_mask_mov_epi32(best_j[q], better, _mm512_set1_epi32(static_cast<int32_t>(p0 + l)));
-      }
+    if (n > 0) {
+      __m512 gmax[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+      for (int64_t l0 = 0; l0 < n; l0 += 4)
+        for (int q = 0; q < 4; ++q) {
+          const int64_t l = l0 + q;
+          if (l >= n) break;
+          const __m512 g = _mm512_load_ps(out + l * kAmxRows);
+          gmax[q] = _mm512_max_ps(_mm512_fmadd_ps(neg_a2, _mm512_set1_ps(yy[p0 + l]), _mm512_add_ps(g, g)), gmax[q]);
+        }
+      const __m512 m = _mm512_max_ps(_mm512_max_ps(gmax[0], gmax[1]), _mm512_max_ps(gmax[2], gmax[3]));
+      const __mmask16 better = _mm512_cmp_ps_mask(m, best, _CMP_GT_OQ);
+      best = _mm512_mask_mov_ps(best, better, m);
+      best_group = _mm512_mask_mov_epi32(best_group, better, _mm512_set1_epi32(static_cast<int32_t>(p0)));
+    }
   }
   _tile_release();
-  // the largest value, the lowest index among equals: the first such point, as one chain in point order finds it
-  for (int q = 1; q < 4; ++q) {
-    const __mmask16 tie = _mm512_cmp_ps_mask(best[q], best[0], _CMP_EQ_OQ) &
-                          _mm512_cmp_epi32_mask(best_j[q], best_j[0], _MM_CMPINT_LT);
-    const __mmask16 better = _mm512_cmp_ps_mask(best[q], best[0], _CMP_GT_OQ) | tie;
-    best[0] = _mm512_mask_mov_ps(best[0], better, best[q]);
-    best_j[0] = _mm512_mask_mov_epi32(best_j[0], better, best_j[q]);
+  if (!best_point) return;
+  // each query's anchor: the first point of its best group with the best value (the same float arithmetic as
+  // above, so exactly one match exists); −1 when no point has a finite value
+  alignas(64) float top[kAmxRows];
+  alignas(64) int32_t group[kAmxRows];
+  _mm512_store_ps(top, best);
+  _mm512_store_si512(group, best_group);
+  for (int r = 0; r < kAmxRows; ++r) {
+    best_point[r] = -1;
+    const int64_t p0 = group[r];
+    for (int64_t j = p0; p0 >= 0 && j < std::min<int64_t>(p0 + kAmxSweep, N); ++j) {
+      const float g = dots[j * kAmxRows + r];
+      if (std::fma(-a2[r], yy[j], g + g) == top[r]) {
+        best_point[r] = static_cast<int32_t>(j);
+        break;
+      }
+    }
   }
-  if (best_point) _mm512_storeu_si512(best_point, best_j[0]);
 }
 
 // Screen `level` of the rows in `rows`: the dots over [0, ends[level]) (accumulated onto the previous level's) and
