@@ -358,6 +358,20 @@ inline double window_share(const Cloud<float>& c, const AmxCloud& ac, const floa
   return rho2 / (xx - 2.0 * alpha * xm + alpha * alpha * ac.mean_yy);
 }
 
+// Below kScreenMinD, before any dot product: whether a row is so spread that the blocked kernel costs less than
+// screening it. Its window ρ² ≥ T/inv2c whatever the anchor; the row is spread when that reaches its mean squared
+// distance to the data, or half of it with 3/4 of the probe points inside (the probe, 64 exact distances, only
+// there: at d = 16, σ = 0.5 on the bench data the share is ~0.4 and the probe would cost ~6% of the row). A guess
+// about speed only: the rows it sends to the blocked kernel are exact too.
+inline bool amx_spread_row(const Cloud<float>& c, const AmxCloud& ac, const float* x, double alpha,
+                           const RowParams<float>& p) {
+  if (c.d >= kScreenMinD) return false;
+  const double window = (std::log(static_cast<double>(c.N)) + kPruneNats<float>) / p.inv2c;
+  const double share = window_share(c, ac, x, alpha, window);
+  return share >= 1.0 || (share >= 0.5 && (c.d == 16 ? probe_share<true>(c, x, p, window)
+                                                      : probe_share<false>(c, x, p, window)) > kNarrowProbeDense);
+}
+
 inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level, unsigned rows,
                         const float* const* xs, const double* alpha, const RowParams<float>* prm, AmxWork& w,
                         double* cut, double* xx) {
@@ -496,17 +510,6 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
   unsigned dense = 0, open = (1u << nr) - 1;
   coarse = 0;
   const double prune_nats = std::log(static_cast<double>(c.N)) + kPruneNats<float>;
-  if (c.d < kScreenMinD)   // rows this spread are dense before any dot product (speed only: both are exact)
-    for (int r = 0; r < nr; ++r) {
-      const double window = prune_nats / prm[r].inv2c;   // ρ² ≥ T/inv2c whatever the anchor
-      const double share = window_share(c, ac, xs[r], alpha[r], window);
-      // the probe (64 exact distances) only where the window alone leaves it open: at d = 16, σ = 0.5 on the bench
-      // data the share is ~0.4 and the probe would cost ~6% of the row
-      if (share >= 1.0 || (share >= 0.5 && (c.d == 16 ? probe_share<true>(c, xs[r], prm[r], window)
-                                                      : probe_share<false>(c, xs[r], prm[r], window)) > kNarrowProbeDense))
-        dense |= 1u << r;
-    }
-  open &= ~dense;
   for (size_t level = 0; open && level < ac.ends.size(); ++level) {
     const AmxPass pass = amx_pass(c, ac, level, open, xs, alpha, prm, w, cut, xx);
     dense |= pass.dense;
@@ -535,6 +538,9 @@ struct AmxCloud {
 struct AmxWork {
   explicit AmxWork(const AmxCloud&) {}
 };
+inline bool amx_spread_row(const Cloud<float>&, const AmxCloud&, const float*, double, const RowParams<float>&) {
+  return false;
+}
 inline unsigned amx_screen_block(const Cloud<float>&, const AmxCloud&, int nr, const float* const*, const double*,
                                  const double*, const RowParams<float>*, double, AmxWork&, float* const*,
                                  float* const*, unsigned& coarse) {

@@ -46,7 +46,7 @@ struct LargeWork {
   std::unique_ptr<AmxWork> amx;
   std::unique_ptr<ScreenWork<T>> screen;
   GroupRows<T> dense;                       // the rows a screen leaves to the blocked kernel
-  std::vector<int64_t> dense_rows, coarse_rows;
+  std::vector<int64_t> dense_rows, coarse_rows, open_rows;
   RowParams<T> prm[std::max(kScreenRows, kAmxRows)];
   LargeWork(const LargeCloud<T>& lc, int64_t rows)
       : lc(lc), rows(rows), amx(lc.amx ? new AmxWork(*lc.amx) : nullptr),
@@ -68,15 +68,33 @@ void posterior_rows(const LargeCloud<T>& lc, int64_t g, const T* const* xs, cons
   w.coarse_rows.clear();
   if constexpr (std::is_same_v<T, float>) {
     if (lc.amx) {
-      for (int64_t b = 0; b < g; b += kAmxRows) {
-        const int nr = static_cast<int>(std::min<int64_t>(kAmxRows, g - b));
-        for (int r = 0; r < nr; ++r) w.prm[r] = row_params(lc.c, alpha[b + r], sigma[b + r]);
-        unsigned coarse = 0;
-        const unsigned dense = amx_screen_block(lc.c, *lc.amx, nr, xs + b, alpha + b, sigma + b, w.prm, lc.lw_max,
-                                                *w.amx, D + b, L + b, coarse);
+      // rows spread enough for the blocked kernel go there before any dot product, and the 16-row blocks are
+      // formed from the others: a sweep costs as much for one open row as for 16 (row invariance: a row's result
+      // never depends on the rows that share its block)
+      w.open_rows.clear();
+      for (int64_t i = 0; i < g; ++i)
+        (amx_spread_row(lc.c, *lc.amx, xs[i], alpha[i], row_params(lc.c, alpha[i], sigma[i])) ? w.dense_rows
+                                                                                              : w.open_rows)
+            .push_back(i);
+      const int64_t n_open = static_cast<int64_t>(w.open_rows.size());
+      for (int64_t b = 0; b < n_open; b += kAmxRows) {
+        const int nr = static_cast<int>(std::min<int64_t>(kAmxRows, n_open - b));
+        const T* bx[kAmxRows];
+        double ba[kAmxRows], bs[kAmxRows];
+        T* bD[kAmxRows];
+        T* bL[kAmxRows];
         for (int r = 0; r < nr; ++r) {
-          if (dense >> r & 1u) w.dense_rows.push_back(b + r);
-          else if (coarse >> r & 1u) (lc.screen ? w.coarse_rows : w.dense_rows).push_back(b + r);
+          const int64_t i = w.open_rows[b + r];
+          bx[r] = xs[i]; ba[r] = alpha[i]; bs[r] = sigma[i]; bD[r] = D[i]; bL[r] = L[i];
+          w.prm[r] = row_params(lc.c, ba[r], bs[r]);
+        }
+        unsigned coarse = 0;
+        const unsigned dense = amx_screen_block(lc.c, *lc.amx, nr, bx, ba, bs, w.prm, lc.lw_max, *w.amx, bD, bL,
+                                                coarse);
+        for (int r = 0; r < nr; ++r) {
+          const int64_t i = w.open_rows[b + r];
+          if (dense >> r & 1u) w.dense_rows.push_back(i);
+          else if (coarse >> r & 1u) (lc.screen ? w.coarse_rows : w.dense_rows).push_back(i);
         }
       }
     }
