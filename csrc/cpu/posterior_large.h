@@ -57,6 +57,25 @@ struct LargeWork {
   }
 };
 
+// A screen's block: up to R of the call's rows, picked by index, with their parameters in prm.
+template <typename T, int R>
+struct PickedRows {
+  const T* x[R];
+  double alpha[R], sigma[R];
+  T* D[R];
+  T* L[R];
+  int64_t row[R];
+  template <typename RowOf>
+  PickedRows(const Cloud<T>& c, int nr, RowOf row_of, const T* const* xs, const double* a, const double* s,
+             T* const* Ds, T* const* Ls, RowParams<T>* prm) {
+    for (int r = 0; r < nr; ++r) {
+      const int64_t i = row[r] = row_of(r);
+      x[r] = xs[i]; alpha[r] = a[i]; sigma[r] = s[i]; D[r] = Ds[i]; L[r] = Ls[i];
+      prm[r] = row_params(c, alpha[r], sigma[r]);
+    }
+  }
+};
+
 // D and L of g rows (g a multiple of kRows; pad with copies of a row, as GroupRows does). L[r] may be nullptr.
 // With a screen (AMX: kAmxRows rows at a time; AVX-512 from d = kScreenMinD: kScreenRows), the rows it finds dense
 // go through the blocked kernel afterwards; without one, every row does.
@@ -79,22 +98,14 @@ void posterior_rows(const LargeCloud<T>& lc, int64_t g, const T* const* xs, cons
       const int64_t n_open = static_cast<int64_t>(w.open_rows.size());
       for (int64_t b = 0; b < n_open; b += kAmxRows) {
         const int nr = static_cast<int>(std::min<int64_t>(kAmxRows, n_open - b));
-        const T* bx[kAmxRows];
-        double ba[kAmxRows], bs[kAmxRows];
-        T* bD[kAmxRows];
-        T* bL[kAmxRows];
-        for (int r = 0; r < nr; ++r) {
-          const int64_t i = w.open_rows[b + r];
-          bx[r] = xs[i]; ba[r] = alpha[i]; bs[r] = sigma[i]; bD[r] = D[i]; bL[r] = L[i];
-          w.prm[r] = row_params(lc.c, ba[r], bs[r]);
-        }
+        const PickedRows<T, kAmxRows> p(lc.c, nr, [&](int r) { return w.open_rows[b + r]; }, xs, alpha, sigma, D, L,
+                                        w.prm);
         unsigned coarse = 0;
-        const unsigned dense = amx_screen_block(lc.c, *lc.amx, nr, bx, ba, bs, w.prm, lc.lw_max, *w.amx, bD, bL,
-                                                coarse);
+        const unsigned dense = amx_screen_block(lc.c, *lc.amx, nr, p.x, p.alpha, p.sigma, w.prm, lc.lw_max, *w.amx,
+                                                p.D, p.L, coarse);
         for (int r = 0; r < nr; ++r) {
-          const int64_t i = w.open_rows[b + r];
-          if (dense >> r & 1u) w.dense_rows.push_back(i);
-          else if (coarse >> r & 1u) (lc.screen ? w.coarse_rows : w.dense_rows).push_back(i);
+          if (dense >> r & 1u) w.dense_rows.push_back(p.row[r]);
+          else if (coarse >> r & 1u) (lc.screen ? w.coarse_rows : w.dense_rows).push_back(p.row[r]);
         }
       }
     }
@@ -103,19 +114,12 @@ void posterior_rows(const LargeCloud<T>& lc, int64_t g, const T* const* xs, cons
   const int64_t n_screen = lc.amx ? static_cast<int64_t>(w.coarse_rows.size()) : g;
   for (int64_t b = 0; b < n_screen; b += kScreenRows) {
     const int nr = static_cast<int>(std::min<int64_t>(kScreenRows, n_screen - b));
-    const T* sx[kScreenRows];
-    double sa[kScreenRows], ss[kScreenRows];
-    T* sD[kScreenRows];
-    T* sL[kScreenRows];
-    int64_t row[kScreenRows];
-    for (int r = 0; r < nr; ++r) {
-      row[r] = lc.amx ? w.coarse_rows[b + r] : b + r;
-      sx[r] = xs[row[r]]; sa[r] = alpha[row[r]]; ss[r] = sigma[row[r]]; sD[r] = D[row[r]]; sL[r] = L[row[r]];
-      w.prm[r] = row_params(lc.c, sa[r], ss[r]);
-    }
-    const unsigned dense = screen_block(lc.c, *lc.screen, nr, sx, sa, ss, w.prm, lc.lw_max, *w.screen, sD, sL);
+    const PickedRows<T, kScreenRows> p(lc.c, nr, [&](int r) { return lc.amx ? w.coarse_rows[b + r] : b + r; }, xs,
+                                       alpha, sigma, D, L, w.prm);
+    const unsigned dense = screen_block(lc.c, *lc.screen, nr, p.x, p.alpha, p.sigma, w.prm, lc.lw_max, *w.screen,
+                                        p.D, p.L);
     for (int r = 0; r < nr; ++r)
-      if (dense >> r & 1u) w.dense_rows.push_back(row[r]);
+      if (dense >> r & 1u) w.dense_rows.push_back(p.row[r]);
   }
   if (w.dense_rows.empty()) return;
   std::sort(w.dense_rows.begin(), w.dense_rows.end());   // the blocked kernel's groups in row order
