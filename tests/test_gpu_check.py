@@ -79,6 +79,21 @@ def _wait_for_phase(out: Path, proc: subprocess.Popen, phase: str, status: str, 
     pytest.fail(f"{phase} not {status} after {timeout} s")
 
 
+def _wait_for_pytest_session(out: Path, proc: subprocess.Popen, timeout: float = 120):
+    """Until the cuda phase's pytest has printed its session header (or the phase is over): a SIGINT sent while its
+    interpreter is still importing can end it without a KeyboardInterrupt, or break numpy's import half-way
+    ("cannot load module more than once"), which is not the interruption this test is about."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout and proc.poll() is None:
+        try:
+            log = (out / "phases.log").read_text().split("=== gpu_check phase cuda", 1)
+            if len(log) == 2 and ("test session starts" in log[1] or "=== gpu_check phase" in log[1]):
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
 def _descendants(pid: int) -> list[int]:
     children = {}
     for entry in Path("/proc").iterdir():
@@ -243,6 +258,7 @@ def test_sigint_mid_run_stops_cleanly_and_keeps_finished_results(tmp_path):
     proc = _start(out, GPU_CHECK_ENV_S="1")
     try:
         _wait_for_phase(out, proc, "cuda", "running")
+        _wait_for_pytest_session(out, proc)
         proc.send_signal(signal.SIGINT)
         rc, stdout = _finish(proc, timeout=120)
     finally:
