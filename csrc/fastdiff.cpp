@@ -48,6 +48,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "turn the CPU posterior's AMX screen on or off for this process (FASTDIFF_CPU_AMX=0 starts it off)");
   m.def("posterior", &fastdiff::ops::posterior, py::arg("x"), py::arg("data"), py::arg("alpha"), py::arg("sigma"),
         py::arg("log_weights") = py::none(), py::arg("bandwidth") = 0.0);
+  m.def("value_ends", &fastdiff::ops::value_ends, py::arg("tensors"),
+        "(min, max) of each tensor (CPU, float32/float64, contiguous, not empty; NaN at both ends when it holds one)");
   m.def("affine_step", &fastdiff::ops::affine_step, py::arg("x"), py::arg("D"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("seed"), py::arg("step"), py::arg("sample_offset") = 0, py::arg("out") = py::none(),
         py::arg("D1") = py::none(), py::arg("B1") = 0.0, py::arg("D2") = py::none(), py::arg("B2") = 0.0);

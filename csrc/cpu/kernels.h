@@ -58,4 +58,8 @@ template <typename T>
 void pointcloud_sample(const Cloud<T>& cloud, T* x, int64_t M, int64_t K, const double* table, uint64_t seed,
                        uint64_t sample_offset, T* traj);
 
+// The smallest and largest of v[0..n), n >= 1 (NaN at both ends when v holds a NaN): the ops' value checks.
+template <typename T>
+void value_ends(const T* v, int64_t n, double* lo, double* hi);
+
 }  // namespace fastdiff::cpu

@@ -126,8 +126,10 @@ inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
   }
 }
 
-// The cloud in bf16 for the A operand, [np][kp] row-major (zeros past d and N), and its norms in float over each
-// screen's dimensions. Packed lazily, a screen level and a sweep group of 64 points at a time, by whichever thread
+// The cloud in bf16 for the A operand (zeros past d and N), and its norms in float over each screen's dimensions.
+// Layout [groups][kp / 32][64 points][32]: the 64 points of a sweep group, 32 dimensions each, are one 4 KB run,
+// so each A tile (16 points) is 1 KB at a stride of 64 bytes. Row-major [np][kp] put a tile's 16 rows kp·2 bytes
+// apart (6 KB at d = 3072): 16 lines on 16 pages per load, and the tile products stalled on them. Packed lazily, a screen level and a sweep group of 64 points at a time, by whichever thread
 // first needs it (once.h): at d = 3072 the bench's rows decide within 512 dimensions, and packing all 3072 cost
 // as much as the screen.
 struct AmxCloud {
@@ -136,7 +138,7 @@ struct AmxCloud {
   std::vector<int64_t> ends;   // amx_screen_ends(kp)
   std::vector<double> mean_y;  // below kScreenMinD: the cloud's mean point and mean |y|² (amx_pass's dense guess)
   double mean_yy = 0.0;
-  PooledArray<uint16_t> y;     // [np][kp]
+  PooledArray<uint16_t> y;     // [groups][kp / 32][64][32] (slice())
   PooledArray<double> sums;    // [ends][np]: |y|² over [0, ends[l]) in double
   PooledArray<float> yy, ny;   // [ends][np]: the same and |y| in float (NaN past kAmxMaxNorm: never pruned)
   std::unique_ptr<std::atomic<uint8_t>[]> state;   // [ends][groups] (once.h)
@@ -164,13 +166,14 @@ struct AmxCloud {
     });
   }
   const float* level_yy(size_t l) const { return yy.get() + l * np; }
+  // the 64 × 32 block of group g's points over dimensions [k, k + 32), k a multiple of 32
+  uint16_t* slice(int64_t g, int64_t k) const { return y.get() + ((g * (kp / kAmxK) + k / kAmxK) * kAmxSweep) * kAmxK; }
   const float* level_ny(size_t l) const { return ny.get() + l * np; }
 
  private:
   void pack(size_t l, int64_t g) const {
     const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
     for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
-      uint16_t* dst = y.get() + j * kp;
       const float* row = src + std::min(j, N - 1) * d;   // padding points read nothing (masks of 0)
       __m512d acc = _mm512_setzero_pd();
       for (int64_t k = k_begin; k < k_end; k += kAmxK) {
@@ -178,7 +181,7 @@ struct AmxCloud {
         const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
         const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
         const __m512 a = _mm512_maskz_loadu_ps(lo, row + k), b = _mm512_maskz_loadu_ps(hi, row + k + 16);
-        _mm512_storeu_si512(dst + k, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        _mm512_storeu_si512(slice(g, k) + (j - g * kAmxSweep) * kAmxK, (__m512i)_mm512_cvtne2ps_pbh(b, a));
         const __m512d a0 = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
         const __m512d a1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1));
         const __m512d b0 = _mm512_cvtps_pd(_mm512_castps512_ps256(b));
@@ -251,9 +254,8 @@ inline void amx_pack_queries(const AmxCloud& ac, const float* const* xs, const d
 // over [0, k_end)). With best_point, each query's anchor candidate too: the point with the largest 2g − α²|y|²
 // over [0, k_end), the smallest approximate distance (the first such point on ties).
 inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, AmxWork& w, int32_t* best_point) {
-  const int64_t kp = ac.kp, N = ac.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
+  const int64_t N = ac.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
   const float* yy = ac.level_yy(level);
-  const uint16_t* yb = ac.y.get();
   const uint16_t* xb = w.xb.get();
   float* dots = w.dots.get();
   alignas(64) float a2[kAmxRows];
@@ -278,16 +280,16 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
       _tile_loadd(2, out + 512, 64);
       _tile_loadd(3, out + 768, 64);
     }
-    const uint16_t* y0 = yb + p0 * kp;
     for (int64_t k = k_begin; k < k_end; k += kAmxK) {
+      const uint16_t* y0 = ac.slice(p0 / kAmxSweep, k);
       _tile_loadd(4, xb + k * kAmxRows, 64);
-      _tile_loadd(5, y0 + k, kp * 2);
+      _tile_loadd(5, y0, 64);
       _tile_dpbf16ps(0, 5, 4);
-      _tile_loadd(6, y0 + 16 * kp + k, kp * 2);
+      _tile_loadd(6, y0 + 16 * kAmxK, 64);
       _tile_dpbf16ps(1, 6, 4);
-      _tile_loadd(5, y0 + 32 * kp + k, kp * 2);
+      _tile_loadd(5, y0 + 32 * kAmxK, 64);
       _tile_dpbf16ps(2, 5, 4);
-      _tile_loadd(6, y0 + 48 * kp + k, kp * 2);
+      _tile_loadd(6, y0 + 48 * kAmxK, 64);
       _tile_dpbf16ps(3, 6, 4);
     }
     _tile_stored(0, out, 64);

@@ -167,41 +167,109 @@ inline void screen_dots(const T* const* blk, int64_t kn, const T* const* xk,
   }
 }
 
-// |x − αy|² of one row and one point by direct differences, exactly as the blocked kernel forms it: x − αy as
-// (x − c1·y) + c2·y in T, kDimBlock terms per lane summed in T, then in double. Returns +inf as soon as the sum so
-// far exceeds `limit` (every term is ≥ 0 and the roundings are monotone, so the whole sum would too).
-template <typename T>
-inline double exact_distance(const T* __restrict x, const T* __restrict y, int64_t d, T c1, T c2,
-                             double limit = std::numeric_limits<double>::infinity()) {
+// |x − αy|² of one row and G points by direct differences, exactly as the blocked kernel forms it: x − αy as
+// (x − c1·y) + c2·y in T, kDimBlock terms per lane summed in T, then in double. A point's distance is +inf as soon
+// as its sum so far exceeds its limit (every term is ≥ 0 and the roundings are monotone, so the whole sum would
+// too). Why G at once: one point's block sum is a chain of kDimBlock dependent FMAs, so a single distance runs at
+// the FMA latency (4 cycles a vector); G independent chains share each load of x and keep the FMA units busy
+// (the exact stage at d = 3072 was half this chain). Each point's arithmetic is that of G = 1: the same bits.
+template <typename T, int G>
+inline void exact_distances(const T* __restrict x, const T* const* ys, int64_t d, T c1, T c2, const double* limit,
+                            double* out) {
   using S = simd::Vec<T>;
   using V = typename S::V;
   using D = typename S::D;
   constexpr int W = S::W;
-  D acc[S::H] = {};
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  D acc[G][S::H] = {};
+  bool over[G] = {}, checked = false;
+  for (int g = 0; g < G; ++g) checked |= limit[g] < inf;
+  auto lane_total = [&](int g) {
+    double s = 0.0;
+    for (int h = 0; h < S::H; ++h)
+      for (int l = 0; l < W / S::H; ++l) s += acc[g][h][l];
+    return s;
+  };
   int64_t k = 0, blocks = 0;
   while (k + W <= d) {
-    V part{};
+    V part[G] = {};
     for (int b = 0; b < kDimBlock && k + W <= d; ++b, k += W) {
-      const V yv = simd::load<V>(y + k);
-      const V diff = (simd::load<V>(x + k) - simd::splat<T>(c1) * yv) + simd::splat<T>(c2) * yv;
-      part += diff * diff;
+      const V xv = simd::load<V>(x + k);
+      for (int g = 0; g < G; ++g) {
+        const V yv = simd::load<V>(ys[g] + k);
+        const V diff = (xv - simd::splat<T>(c1) * yv) + simd::splat<T>(c2) * yv;
+        part[g] += diff * diff;
+      }
     }
-    simd::add_wide<T>(acc, part);
-    if (++blocks % 4 == 0 && limit < std::numeric_limits<double>::infinity()) {   // every 4·kDimBlock·W dims
-      double so_far = 0.0;
-      for (int h = 0; h < S::H; ++h)
-        for (int l = 0; l < W / S::H; ++l) so_far += acc[h][l];
-      if (so_far > limit) return std::numeric_limits<double>::infinity();
+    for (int g = 0; g < G; ++g) simd::add_wide<T>(acc[g], part[g]);
+    if (++blocks % 4 == 0 && checked) {   // every 4·kDimBlock·W dims
+      bool all = true;
+      for (int g = 0; g < G; ++g) {
+        over[g] = over[g] || lane_total(g) > limit[g];
+        all = all && over[g];
+      }
+      if (all) break;
     }
   }
-  double s = 0.0;
-  for (int h = 0; h < S::H; ++h)
-    for (int l = 0; l < W / S::H; ++l) s += acc[h][l];
-  for (; k < d; ++k) {
-    const T diff = (x[k] - c1 * y[k]) + c2 * y[k];
-    s += static_cast<double>(diff * diff);
+  for (int g = 0; g < G; ++g) {
+    if (over[g]) {
+      out[g] = inf;
+      continue;
+    }
+    double s = lane_total(g);
+    for (int64_t kk = k; kk < d; ++kk) {
+      const T diff = (x[kk] - c1 * ys[g][kk]) + c2 * ys[g][kk];
+      s += static_cast<double>(diff * diff);
+    }
+    out[g] = s;
   }
-  return s;
+}
+
+template <typename T>
+inline double exact_distance(const T* __restrict x, const T* __restrict y, int64_t d, T c1, T c2,
+                             double limit = std::numeric_limits<double>::infinity()) {
+  double out;
+  exact_distances<T, 1>(x, &y, d, c1, c2, &limit, &out);
+  return out;
+}
+
+// exact_logit of points js[0..n) (any order), four distances at a time (exact_distances: the same bits).
+template <typename T>
+inline void exact_logits(const Cloud<T>& c, const T* x, const RowParams<T>& p, const int64_t* js, int64_t n,
+                         double cut, double* out) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  constexpr int G = 4;
+  const T* ys[G];
+  double lws[G], limits[G], dist[G];
+  int64_t at[G];
+  int q = 0;
+  auto flush = [&] {
+    switch (q) {
+      case 1: exact_distances<T, 1>(x, ys, c.d, p.c1, p.c2, limits, dist); break;
+      case 2: exact_distances<T, 2>(x, ys, c.d, p.c1, p.c2, limits, dist); break;
+      case 3: exact_distances<T, 3>(x, ys, c.d, p.c1, p.c2, limits, dist); break;
+      case 4: exact_distances<T, 4>(x, ys, c.d, p.c1, p.c2, limits, dist); break;
+      default: break;
+    }
+    for (int g = 0; g < q; ++g)
+      out[at[g]] = dist[g] == inf && limits[g] < inf ? -inf : finite_logit<double, T>(lws[g] - dist[g] * p.inv2c,
+                                                                                          lws[g]);
+    q = 0;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t j = js[i];
+    const double lw = c.log_w ? static_cast<double>(c.log_w[j]) : 0.0;
+    if (lw == -inf || lw < cut) {
+      out[i] = -inf;
+      continue;
+    }
+    ys[q] = c.y + j * c.d;
+    lws[q] = lw;
+    limits[q] = cut == -inf ? inf : (lw - cut) / p.inv2c;
+    at[q++] = i;
+    if (q == G) flush();
+  }
+  flush();
 }
 
 // The exact logit of point j for a row (finite_logit: the shared numeric rule); −inf when it is below `cut` (then
@@ -209,12 +277,9 @@ inline double exact_distance(const T* __restrict x, const T* __restrict y, int64
 template <typename T>
 inline double exact_logit(const Cloud<T>& c, const T* x, const RowParams<T>& p, int64_t j,
                           double cut = -std::numeric_limits<double>::infinity()) {
-  const double lw = c.log_w ? static_cast<double>(c.log_w[j]) : 0.0;
-  const double inf = std::numeric_limits<double>::infinity();
-  if (lw == -inf || lw < cut) return -inf;
-  const double limit = cut == -inf ? inf : (lw - cut) / p.inv2c;
-  const double dist = exact_distance(x, c.y + j * c.d, c.d, p.c1, p.c2, limit);
-  return dist == inf && limit < inf ? -inf : finite_logit<double, T>(lw - dist * p.inv2c, lw);
+  double out;
+  exact_logits(c, x, p, &j, 1, cut, &out);
+  return out;
 }
 
 // D and L of one row from its survivors (ascending indices), the far rule as in the exact kernels. A survivor
@@ -225,11 +290,9 @@ void finish_row(const Cloud<T>& c, const T* x, double alpha, double sigma, const
                 double cut, double prune_nats, Rescore& w, T* D, T* L) {
   const int64_t d = c.d, n = static_cast<int64_t>(w.cand.size());
   w.logit.resize(n);
+  exact_logits(c, x, p, w.cand.data(), n, cut, w.logit.data());
   double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) {
-    w.logit[i] = exact_logit(c, x, p, w.cand[i], cut);
-    m = std::max(m, w.logit[i]);
-  }
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, w.logit[i]);
   if (far::is_far(m, lw_max, d)) return posterior_row_far(c, x, alpha, sigma, D, L);
   double s = 0.0;
   std::fill(w.acc.begin(), w.acc.end(), 0.0);

@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastdiff::ops {
 
@@ -29,5 +30,9 @@ std::optional<at::Tensor> pointcloud_sample(at::Tensor& x, const at::Tensor& dat
                                             uint64_t seed, uint64_t sample_offset,
                                             const std::optional<at::Tensor>& log_weights, double bandwidth,
                                             bool return_trajectory);
+
+// (min, max) of each tensor (CPU, float32 or float64, contiguous, not empty), NaN at both ends when it holds a NaN:
+// the value scan of fastdiff/_checks.py.
+std::vector<std::tuple<double, double>> value_ends(const std::vector<at::Tensor>& tensors);
 
 }  // namespace fastdiff::ops
