@@ -287,9 +287,9 @@ class Checked:
 
 
 def check_values(x=None, data=None, log_weights=None, D=None) -> Checked:
-    """The value checks of the ops (NaN/inf in x, data, D; NaN, +inf or all -inf log_weights), one scan each."""
-    ends = minmax(x=x, log_weights=log_weights, D=D)
-    ends["data"] = None if data is None else data_ends(data)
+    """The value checks of the ops (NaN/inf in x, data, D; NaN, +inf or all -inf log_weights): one scan each, all in
+    one call (minmax)."""
+    ends = minmax(x=x, data=data, log_weights=log_weights, D=D)
     for name in ("x", "data", "D"):
         if not _finite_ends(ends[name]):
             raise ValueError(f"{name} contains NaN or inf")

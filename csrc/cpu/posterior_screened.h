@@ -173,6 +173,9 @@ inline void screen_dots(const T* const* blk, int64_t kn, const T* const* xk,
 // too). Why G at once: one point's block sum is a chain of kDimBlock dependent FMAs, so a single distance runs at
 // the FMA latency (4 cycles a vector); G independent chains share each load of x and keep the FMA units busy
 // (the exact stage at d = 3072 was half this chain). Each point's arithmetic is that of G = 1: the same bits.
+// How far ahead of the loads the survivors' rows are prefetched: each survivor is a separate row of the cloud
+// (12 KB at d = 3072, mostly not in L1/L2), and G interleaved streams are more than the hardware prefetcher follows.
+inline constexpr int64_t kAheadBytes = 1024;
 template <typename T, int G>
 inline void exact_distances(const T* __restrict x, const T* const* ys, int64_t d, T c1, T c2, const double* limit,
                             double* out) {
@@ -196,6 +199,7 @@ inline void exact_distances(const T* __restrict x, const T* const* ys, int64_t d
     for (int b = 0; b < kDimBlock && k + W <= d; ++b, k += W) {
       const V xv = simd::load<V>(x + k);
       for (int g = 0; g < G; ++g) {
+        __builtin_prefetch(ys[g] + k + kAheadBytes / sizeof(T));
         const V yv = simd::load<V>(ys[g] + k);
         const V diff = (xv - simd::splat<T>(c1) * yv) + simd::splat<T>(c2) * yv;
         part[g] += diff * diff;
