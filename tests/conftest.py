@@ -24,12 +24,14 @@ def _row_invariant_interpreter_dot():
     import numpy as np
     from triton.runtime import interpreter
 
-    builder = interpreter.InterpreterBuilder
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if builder is None or not hasattr(builder, "create_dot"):   # another Triton's interpreter: leave it as is
+        return
     matmul_dot = builder.create_dot
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+    def create_dot(self, a, b, d, *args, **kwargs):   # the precision arguments differ between Triton releases
         if a.data.dtype != np.float32 or b.data.dtype != np.float32 or d.data.dtype != np.float32:
-            return matmul_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+            return matmul_dot(self, a, b, d, *args, **kwargs)
         return interpreter.TensorHandle(np.einsum("...ik,...kj->...ij", a.data, b.data) + d.data, d.dtype.scalar)
 
     builder.create_dot = create_dot
