@@ -1,5 +1,5 @@
 """Ahead-of-time compile of every Triton kernel in every configuration fastdiff ships, for sm_90 (H100/H200),
-without a GPU: `python -m fastdiff.triton.aot [--arch 90] [--jobs N] [--out DIR] [--only SUBSTR]`.
+without a GPU: `python -m fastdiff.triton.aot [--arch 90] [--jobs N] [--out DIR] [--only SUBSTR] [--covering]`.
 
 Type errors, unsupported ops and resource overflows (shared memory, registers) show up here rather than
 on a user's GPU. Must run without TRITON_INTERPRET (the kernels would be decorated for the interpreter):
@@ -13,6 +13,9 @@ kernels and the large-d kernels with both screening precisions, each for float32
 and the affine step for every tile width, with and without noise and with device-side noise counters,
 for each D dtype; plus, for float32, the variants Triton picks when integer
 sizes and strides are multiples of 16.
+
+`--covering` compiles the subset CI runs (covering()): per kernel, its heaviest configuration and, for every
+value of every axis, the configuration nearest to it with that value; a fifth of the full grid's compile time.
 """
 from __future__ import annotations
 
@@ -127,6 +130,52 @@ def configurations():
     return out
 
 
+# The heaviest value of each axis of a configuration's label: the most code (every history slot, the stages, the
+# noise), float32 data (the div16 variants are float32's) and IEEE screening (no tf32 shortcut). The tile axes (DP,
+# BK) take their largest value: the widest tiles are where registers and shared memory run out.
+HEAVIEST = {"data": "fp32", "D": "fp32", "HIST": "2", "STAGES": "True", "history": "2", "noise": "True",
+            "ctr": "False", "screen": "ieee", "div16": "False"}
+TILE_AXES = ("DP", "BK")
+
+
+def axes(label):
+    """A label's axes: {"data": "fp16", "DP": "32", ..., "div16": "True"|"False"}."""
+    words = label.split()
+    out = dict(w.split("=", 1) for w in words if "=" in w)
+    out["div16"] = str("div16" in words)
+    return out
+
+
+def covering(items=None):
+    """The CI subset of configurations(): per kernel, the configuration with every axis at its heaviest value
+    (HEAVIEST, the largest tile) and, for every (axis, value) pair no chosen configuration has yet, the one that
+    has it and differs from the heaviest in the fewest axes (first in configurations() order on ties). So every
+    value of every axis compiles at least once, each next to the heaviest code and tiles, where type errors and
+    resource overflows show; what it leaves out are combinations of two or more lighter values, which the full
+    grid (no --covering) compiles."""
+    items = configurations() if items is None else items
+    chosen = []
+    for name in dict.fromkeys(it[1] for it in items):
+        mine = [it for it in items if it[1] == name]
+        ax = [axes(it[5]) for it in mine]
+        top = {}
+        for a in ax:
+            for k, v in a.items():
+                if k in TILE_AXES:
+                    top[k] = str(max(int(v), int(top.get(k, v))))
+                elif k in HEAVIEST:
+                    top[k] = HEAVIEST[k]
+        dist = [sum(a.get(k) != v for k, v in top.items()) for a in ax]
+        picked = [min(range(len(mine)), key=dist.__getitem__)]
+        for i in range(len(mine)):
+            for k, v in ax[i].items():
+                if any(ax[j].get(k) == v for j in picked):
+                    continue
+                picked.append(min((j for j in range(len(mine)) if ax[j].get(k) == v), key=dist.__getitem__))
+        chosen += [mine[j] for j in sorted(picked)]
+    return chosen
+
+
 def _resources(cubin_path):
     """'REG:… STACK:… SHARED:…' from cuobjdump --dump-resource-usage, or '' when unavailable."""
     try:
@@ -197,9 +246,13 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     ap.add_argument("--out", default=None, help="directory to write the .ptx and .cubin files into")
     ap.add_argument("--only", default=None, help="compile only kernels whose name contains this")
+    ap.add_argument("--covering", action="store_true",
+                    help="only the covering subset CI compiles: every value of every axis next to the heaviest "
+                         "configuration (see covering())")
     args = ap.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)
-    items = [it for it in configurations() if args.only is None or args.only in it[1]]
+    items = [it for it in (covering() if args.covering else configurations())
+             if args.only is None or args.only in it[1]]
     if args.out:
         os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -219,7 +272,7 @@ def main(argv=None) -> int:
             print(f"FAIL {r['kernel']:<34} {r['config']:<26} {r['error']}")
     kernels = len({r["kernel"] for r in results})
     print(f"sm_{args.arch}: {len(results) - len(failed)}/{len(results)} configurations of {kernels} kernels compiled "
-          f"in {time.time() - t0:.1f}s ({args.jobs} jobs)")
+          f"in {time.time() - t0:.1f}s ({args.jobs} jobs{', covering subset' if args.covering else ''})")
     return 1 if failed or not results else 0
 
 
