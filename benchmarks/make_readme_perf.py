@@ -202,13 +202,15 @@ def _threads(doc) -> int | None:
 
 def thread_partners(groups) -> dict:
     """{id(group): posterior run with fewer threads} for each CPU group whose posterior run has the most threads
-    among the groups of the same CPU model (and quick flag) that have one; nothing when there is one thread count."""
+    among the groups of the same CPU model, ISA (cpu_isa: AMX, AVX-512, AVX2; runs before it was recorded have
+    none) and quick flag that have one; nothing when there is one thread count."""
     by_model: dict[tuple, list[tuple[int, dict, dict]]] = {}
     for g in groups:
         doc = g["suites"].get("posterior")
         threads = None if g["device"] != "cpu" or doc is None else _threads(doc)
         if threads is not None:
-            by_model.setdefault((doc["environment"].get("cpu_model"), g["quick"]), []).append((threads, g, doc))
+            env = doc["environment"]
+            by_model.setdefault((env.get("cpu_model"), env.get("cpu_isa"), g["quick"]), []).append((threads, g, doc))
     out = {}
     for runs in by_model.values():
         hi_threads, hi_group, _ = max(runs, key=lambda t: t[0])

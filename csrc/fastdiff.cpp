@@ -28,6 +28,16 @@ py::dict build_config() {
   cfg["cxx_flags"] = FASTDIFF_CXX_FLAGS;
   cfg["torch_version"] = FASTDIFF_TORCH_VERSION;
   cfg["compiler"] = __VERSION__;
+  // the widest vector ISA the CPU kernels were compiled for (simd_vec.h picks its vectors by the same macros)
+#if defined(__AVX512F__)
+  cfg["cpu_simd"] = "AVX-512";
+#elif defined(__AVX2__)
+  cfg["cpu_simd"] = "AVX2";
+#elif defined(__ARM_NEON)
+  cfg["cpu_simd"] = "NEON";
+#else
+  cfg["cpu_simd"] = "scalar";
+#endif
   return cfg;
 }
 

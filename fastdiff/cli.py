@@ -295,9 +295,10 @@ def cmd_info(args):
     else:
         lines.append("fastdiff._C: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
         amx = _backend.extension().cpu_amx()
+        simd = cfg.get("cpu_simd", "?")
         lines.append("cpu posterior screen: " + (
-            ("AMX-BF16 tiles" if amx["enabled"] else "AVX-512/AVX2 (AMX turned off: FASTDIFF_CPU_AMX=0)")
-            if amx["available"] else f"AVX-512/AVX2 (no AMX: {amx['reason']})"))
+            ("AMX-BF16 tiles" if amx["enabled"] else f"{simd} (AMX turned off: FASTDIFF_CPU_AMX=0)")
+            if amx["available"] else f"{simd} (no AMX: {amx['reason']})"))
     auto_order = "; ".join(f"{dev}: {' > '.join(o)}" for dev, o in _backend.AUTO_ORDER.items())
     lines.append("backends (auto order: " + auto_order + "):")
     for name, reasons in _backend.describe().items():

@@ -56,6 +56,9 @@ def test_csv_has_one_row_per_measurement_with_every_column(quick_run):
     for r in rows:
         assert r["suite"] in bench.SUITES
         assert r["device"] == "cpu" and r["device_name"] and r["torch_version"] and r["fastdiff_version"]
+        # the CPU is named with the ISA its kernels run on: one model string covers CPUs with and without AMX
+        isa = doc["environment"]["cpu_isa"]
+        assert isa in ("AMX", "AVX-512", "AVX2", "NEON", "scalar") and r["device_name"].endswith(f", {isa} (1 thread)")
         assert r["command"] == "fastdiff bench --quick"
         if r["median_s"]:
             assert float(r["median_s"]) > 0 and float(r["throughput"]) > 0 and r["unit"]

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -440,3 +441,13 @@ def test_the_switch_and_the_reason():
                           check=True).stdout
     screen = [line for line in info.splitlines() if line.startswith("cpu posterior screen:")]
     assert screen and (("turned off" in screen[0]) if state["available"] else (state["reason"] in screen[0]))
+    # the vector ISA the kernels were built for, which the benchmarks name the CPU by (fastdiff._backend.cpu_isa)
+    simd = _C.build_config()["cpu_simd"]
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx512f" in flags and "-march=native" in _C.build_config()["cxx_flags"]:
+        assert simd == "AVX-512"
+    elif " avx2" in flags and "-march=native" in _C.build_config()["cxx_flags"]:
+        assert simd == "AVX2"
+    assert simd in screen[0] or state["enabled"]
+    from fastdiff import _backend
+    assert _backend.cpu_isa() == ("AMX" if state["available"] and state["enabled"] else simd)

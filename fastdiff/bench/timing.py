@@ -428,7 +428,13 @@ def environment(device, argv=None) -> dict:
         env["device_name"] = props.name
     else:
         n = torch.get_num_threads()
-        env["device_name"] = f"{env['cpu_model']} ({n} thread{'s' if n != 1 else ''})"
+        try:
+            from .. import _backend
+            env["cpu_isa"] = _backend.cpu_isa()     # AMX / AVX-512 / AVX2: the same model name covers all three
+        except Exception:  # the environment record must not fail the run
+            env["cpu_isa"] = None
+        isa = f", {env['cpu_isa']}" if env["cpu_isa"] else ""
+        env["device_name"] = f"{env['cpu_model']}{isa} ({n} thread{'s' if n != 1 else ''})"
     return env
 
 
