@@ -86,3 +86,19 @@ def _tsan_subset(request):
     reason = tsan_skip_reason(request.node.originalname, params)
     if reason:
         pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Start the sm_90 ahead-of-time compile (tests/test_triton_aot.py) in the background as soon as the session
+    knows it will run it, on all but one core: it takes minutes of CPU that the single-threaded interpreter tests
+    leave idle, and its test near the end of the run collects the result."""
+    if any(item.name == "test_every_kernel_compiles_for_sm90" for item in items):
+        import test_triton_aot
+        test_triton_aot._Compile.start(jobs=max(1, (os.cpu_count() or 1) - 1))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+    mod = sys.modules.get("test_triton_aot")
+    if mod is not None:
+        mod._Compile.stop()          # a session that ends before the compile's test does not leave it running
