@@ -102,6 +102,32 @@ def test_amx_screen_boundaries_against_the_reference(d, sigma):
 
 
 @needs_amx
+@pytest.mark.parametrize("N", [65536, 65537])
+def test_narrow_stage_survivor_lists_of_16_and_32_bit_indices(N):
+    """d = 16, below the AVX-512 screen: the narrow exact stage reads each row's survivors as 16-bit indices up to
+    2¹⁶ points (the sweep's padded count) and as 32-bit ones beyond (posterior_amx.h, gather_survivors16/32). Rows
+    at the last clusters (index N − 1: the top of the 16-bit range at N = 2¹⁶, past it at 2¹⁶ + 1), the first
+    and the middle, at σ = 0.5, where each keeps hundreds to thousands of points within T = ln N + 16 nats but
+    fewer than N / 3 (screened, neither crowded nor spread; at σ = 0.05 bf16's slack would pass the window and
+    the rows go to the blocked kernel): against the float64 reference, and each row alone equals its row of the
+    batch."""
+    d, sigma, alpha = 16, 0.5, 0.9
+    _, y = clustered_problem(d, 1, N, sigma, alpha, seed=N)
+    pick = torch.tensor([N - 1, N - 3, N - 9, 65535, 0, 5, N // 2, 40001, 65528, 12345, 65533])
+    g = gen(N + 1)
+    x = (alpha * y.double()[pick] + sigma * torch.randn(len(pick), d, generator=g, dtype=F64)).float()
+    logits = -torch.cdist(x.double(), alpha * y.double()).square() / (2 * sigma**2)
+    kept = ((logits.max(1, keepdim=True).values - logits) < math.log(N) + 16).sum(1)
+    assert int(kept.min()) >= 100 and int(kept.max()) < N // 3, kept.tolist()
+    with amx(True):
+        D, L = ops.posterior(x, y, alpha, sigma, backend="cpu")
+        check_posterior(D, L, x, y, alpha, sigma)
+        for r in (0, 3, 10):
+            Dr, Lr = ops.posterior(x[r:r + 1], y, alpha, sigma, backend="cpu")
+            assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), r
+
+
+@needs_amx
 @pytest.mark.parametrize("d", [32, 64, 300])
 def test_dense_rows_take_the_blocked_kernel_either_way(d):
     """σ = √d: about half the points share the weight, every row is dense for both screens (at every AMX level)

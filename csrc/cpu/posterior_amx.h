@@ -56,7 +56,7 @@
 #include "posterior_screened.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && \
-    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512VBMI2__) && \
     defined(__linux__)
 #define FASTDIFF_CPU_AMX 1
 #include <immintrin.h>
@@ -215,12 +215,16 @@ struct AmxWork {
   PooledArray<float> dots;                     // [np][16]: point j's dots with the block's queries
   PooledArray<uint16_t> keep;                  // [np]: point j's pruning test, bit r for query r
   PooledArray<int32_t> found;                  // [np + 16]: one query's survivors as they are gathered
-  std::vector<int64_t> cand[kAmxRows];         // each query's surviving points, ascending
+  std::vector<int64_t> cand[kAmxRows];         // each query's surviving points, ascending (d ≥ kScreenMinD)
+  PooledArray<int32_t> near;                   // d < kScreenMinD: [kAmxRows][np + 32] the same as a NarrowList's
+  int64_t near_n[kAmxRows] = {};               //   indices (uint16_t when N ≤ 2¹⁶, else int32_t), and their count
   Rescore rescore;                             // finish_row's scratch
   explicit AmxWork(const AmxCloud& ac)
-      : xb(ac.kp / 2 * kAmxRows * 2), dots(ac.np * kAmxRows), keep(ac.np), found(ac.np + 16) {
+      : xb(ac.kp / 2 * kAmxRows * 2), dots(ac.np * kAmxRows), keep(ac.np), found(ac.np + 16),
+        near(ac.d < kScreenMinD ? kAmxRows * (ac.np + 32) : 0) {
     rescore.acc.resize(ac.d);
   }
+  int32_t* near_row(int r, int64_t np) const { return near.get() + r * (np + 32); }
 };
 
 struct alignas(64) AmxTileConfig {
@@ -345,6 +349,38 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
       }
     }
   }
+}
+
+// Row r's survivors from the keep masks (bit r of keep[j], zero past N up to np), ascending, into out (room for
+// np + 32 indices), stopping once more than cap are found. Returns how many were written (> cap: crowded).
+// 16-bit indices (np ≤ 2¹⁶): 32 points per test and compress, half the work of 32-bit ones.
+inline int64_t gather_survivors16(const uint16_t* keep, int64_t np, int r, int64_t cap, uint16_t* out) {
+  alignas(64) static constexpr uint16_t kIota[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+  const __m512i bit = _mm512_set1_epi16(static_cast<int16_t>(1u << r)), step = _mm512_set1_epi16(32);
+  __m512i idx = _mm512_load_si512(kIota);
+  int64_t n = 0;
+  for (int64_t j0 = 0; j0 < np && n <= cap; j0 += 32) {
+    const __mmask32 m = _mm512_test_epi16_mask(_mm512_loadu_si512(keep + j0), bit);
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi16(m, idx));
+    n += __builtin_popcount(m);
+    idx = _mm512_add_epi16(idx, step);
+  }
+  return n;
+}
+
+inline int64_t gather_survivors32(const uint16_t* keep, int64_t np, int r, int64_t cap, int32_t* out) {
+  const __m256i bit = _mm256_set1_epi16(static_cast<int16_t>(1u << r));
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0;
+  for (int64_t j0 = 0; j0 < np && n <= cap; j0 += 16) {
+    const __mmask16 m = _mm256_test_epi16_mask(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep + j0)), bit);
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(m, idx));
+    n += __builtin_popcount(m);
+    idx = _mm512_add_epi32(idx, step);
+  }
+  return n;
 }
 
 // Screen `level` of the rows in `rows`: the dots over [0, ends[level]) (accumulated onto the previous level's) and
@@ -472,23 +508,21 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
     const __m512 F = _mm512_fmadd_ps(minus2, _mm512_load_ps(dots + j * R), h);
     keep[j] = _mm512_mask_cmp_ps_mask(active, F, zero, _CMP_NGT_UQ);
   }
-  std::fill(keep + N, keep + (N + 15) / 16 * 16, uint16_t(0));
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int32_t* __restrict found = w.found.get();   // N ≤ kAmxMaxPoints: indices fit int32
+  std::fill(keep + N, keep + ac.np, uint16_t(0));
   for (int r = 0; r < R; ++r) {
     if (!(active >> r & 1u)) continue;
-    const __m256i bit = _mm256_set1_epi16(static_cast<int16_t>(1u << r));
-    int64_t n = 0;
-    for (int64_t j0 = 0; j0 < N && n <= cap; j0 += 16) {
-      const __mmask16 m = _mm256_test_epi16_mask(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep + j0)), bit);
-      const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(j0)), iota);
-      _mm512_storeu_si512(found + n, _mm512_maskz_compress_epi32(m, idx));
-      n += __builtin_popcount(m);
+    int64_t n;
+    if (c.d < kScreenMinD) {   // the narrow stage reads the list in place (NarrowList)
+      int32_t* out = w.near_row(r, ac.np);
+      n = ac.np <= (int64_t(1) << 16) ? gather_survivors16(keep, ac.np, r, cap, reinterpret_cast<uint16_t*>(out))
+                                      : gather_survivors32(keep, ac.np, r, cap, out);
+      w.near_n[r] = n;
+    } else {
+      int32_t* __restrict found = w.found.get();   // N ≤ kAmxMaxPoints: indices fit int32
+      n = gather_survivors32(keep, ac.np, r, cap, found);
+      if (n <= cap) w.cand[r].assign(found, found + n);
     }
-    if (n > cap)
-      out.crowded |= 1u << r;
-    else
-      w.cand[r].assign(found, found + n);
+    if (n > cap) out.crowded |= 1u << r;
   }
   if (out.crowded) {   // the widest point's |y| (NaN norms are never pruned anyway: left out)
     float ny_max = 0.0f;
@@ -532,12 +566,13 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
   dense |= open;   // crowded over every dimension
   for (int r = 0; r < nr; ++r) {
     if ((dense | coarse) >> r & 1u) continue;
+    if (c.d < kScreenMinD) {
+      const NarrowList list{w.near_row(r, ac.np), ac.np > (int64_t(1) << 16), w.near_n[r]};
+      finish_row_narrow(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, list, D_in[r], L_in[r]);
+      continue;
+    }
     w.rescore.cand.swap(w.cand[r]);
-    if (c.d < kScreenMinD)
-      finish_row_narrow(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D_in[r],
-                        L_in[r]);
-    else
-      finish_row(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D_in[r], L_in[r]);
+    finish_row(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, w.rescore, D_in[r], L_in[r]);
     w.rescore.cand.swap(w.cand[r]);
   }
   return dense;

@@ -117,11 +117,12 @@ struct NarrowSums {
   alignas(64) double acc[32];
 };
 
-// D16: d is exactly 16 (no masks: plain loads the compiler can fold into the arithmetic).
-template <bool D16>
-void narrow_sums(const Cloud<float>& c, const float* x, const RowParams<float>& p, const std::vector<int64_t>& cand,
+// D16: d is exactly 16 (no masks: plain loads the compiler can fold into the arithmetic). Index: the survivor
+// list's type (NarrowList).
+template <bool D16, typename Index>
+void narrow_sums(const Cloud<float>& c, const float* x, const RowParams<float>& p, const Index* cand, int64_t n,
                  double r, double keep_nats, NarrowSums& out) {
-  const int64_t d = D16 ? 16 : c.d, n = static_cast<int64_t>(cand.size());
+  const int64_t d = D16 ? 16 : c.d;
   const __mmask16 mlo = D16 || d >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << d) - 1);
   const __mmask16 mhi = D16 || d <= 16 ? 0 : d >= 32 ? 0xFFFF : static_cast<__mmask16>((1u << (d - 16)) - 1);
   const auto load_lo = [&](const float* q) { return D16 ? _mm512_loadu_ps(q) : _mm512_maskz_loadu_ps(mlo, q); };
@@ -142,7 +143,7 @@ void narrow_sums(const Cloud<float>& c, const float* x, const RowParams<float>& 
     for (int q = 0; q < 4; ++q) alo[q] = ahi[q] = _mm512_setzero_ps();
     for (int64_t i0 = j0; i0 < j1; i0 += 16) {
       const int k = static_cast<int>(std::min<int64_t>(16, j1 - i0));
-      const int64_t* ci = cand.data() + i0;
+      const Index* ci = cand + i0;
       __m512 sq[16];
       const float* yp[16];
       for (int i = 0; i < 16; ++i) {
@@ -150,7 +151,7 @@ void narrow_sums(const Cloud<float>& c, const float* x, const RowParams<float>& 
           sq[i] = _mm512_setzero_ps();
           continue;
         }
-        const float* y = yp[i] = ys + ci[i] * d;
+        const float* y = yp[i] = ys + static_cast<int64_t>(ci[i]) * d;
         const __m512 ylo = load_lo(y);
         const __m512 dlo = _mm512_fmadd_ps(c2, ylo, _mm512_fnmadd_ps(c1, ylo, xlo));
         __m512 sqi = _mm512_mul_ps(dlo, dlo);
@@ -221,22 +222,40 @@ double probe_share(const Cloud<float>& c, const float* x, const RowParams<float>
          static_cast<double>(n);
 }
 
-// D and L of one row of a float cloud without log-weights, d < 32, from its survivors w.cand (ascending), with
+// A row's survivors, ascending: 16-bit indices when the cloud has at most 2¹⁶ points (amx_pass gathers them 32 at a
+// time, twice the rate of 32-bit ones: the gather was a third of amx_pass at d = 16), 32-bit beyond.
+struct NarrowList {
+  const void* index;
+  bool wide;   // int32_t indices, else uint16_t
+  int64_t n;
+};
+
+// D and L of one row of a float cloud without log-weights, d < 32, from its survivors (ascending), with
 // finish_row's far rule. The weights' reference is r = l_a + 1 (cut = l_a − T: the anchor's exact logit, which
 // the largest survivor logit m matches or beats by the screen's slack at most); survivors below l_a − T are left
 // out, as pruned pairs are. If some survivor beats r (its weight would pass 1: a bf16 anchor more than a nat off),
 // the pass is redone with r = m, leaving out what is below m − T as finish_row does.
 inline void finish_row_narrow(const Cloud<float>& c, const float* x, double alpha, double sigma,
-                              const RowParams<float>& p, double lw_max, double cut, double prune_nats, Rescore& w,
-                              float* D, float* L) {
-  const auto sums = c.d == 16 ? narrow_sums<true> : narrow_sums<false>;
+                              const RowParams<float>& p, double lw_max, double cut, double prune_nats,
+                              const NarrowList& list, float* D, float* L) {
+  const auto sums = [&](double ref, double keep_nats, NarrowSums& a) {
+    if (list.wide) {
+      const auto* idx = static_cast<const int32_t*>(list.index);
+      c.d == 16 ? narrow_sums<true>(c, x, p, idx, list.n, ref, keep_nats, a)
+                : narrow_sums<false>(c, x, p, idx, list.n, ref, keep_nats, a);
+    } else {
+      const auto* idx = static_cast<const uint16_t*>(list.index);
+      c.d == 16 ? narrow_sums<true>(c, x, p, idx, list.n, ref, keep_nats, a)
+                : narrow_sums<false>(c, x, p, idx, list.n, ref, keep_nats, a);
+    }
+  };
   NarrowSums a;
   double r = cut + prune_nats + 1.0;
-  sums(c, x, p, w.cand, r, prune_nats + 1.0, a);
+  sums(r, prune_nats + 1.0, a);
   if (far::is_far(a.m, lw_max, c.d)) return posterior_row_far(c, x, alpha, sigma, D, L);
   if (a.m > r) {
     r = a.m;
-    sums(c, x, p, w.cand, r, prune_nats, a);
+    sums(r, prune_nats, a);
   }
   const double scale = p.shrink / a.s;
   for (int64_t k = 0; k < c.d; ++k)
