@@ -214,7 +214,8 @@ struct AmxWork {
   PooledArray<uint16_t> xb;                    // [kp / 32][16 pairs][16 queries][2]: the B operand
   PooledArray<float> dots;                     // [np][16]: point j's dots with the block's queries
   PooledArray<uint16_t> keep;                  // [np]: point j's pruning test, bit r for query r
-  PooledArray<int32_t> found;                  // [np + 16]: one query's survivors as they are gathered
+  PooledArray<int32_t> found;                  // [np + 16]: one query's survivors as they are gathered (int32,
+                                               // or uint16_t in the same memory when np ≤ 2¹⁶)
   std::vector<int64_t> cand[kAmxRows];         // each query's surviving points, ascending (d ≥ kScreenMinD)
   PooledArray<int32_t> near;                   // d < kScreenMinD: [kAmxRows][np + 32] the same as a NarrowList's
   int64_t near_n[kAmxRows] = {};               //   indices (uint16_t when N ≤ 2¹⁶, else int32_t), and their count
@@ -512,13 +513,18 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
   for (int r = 0; r < R; ++r) {
     if (!(active >> r & 1u)) continue;
     int64_t n;
+    const bool narrow_index = ac.np <= (int64_t(1) << 16);
     if (c.d < kScreenMinD) {   // the narrow stage reads the list in place (NarrowList)
       int32_t* out = w.near_row(r, ac.np);
-      n = ac.np <= (int64_t(1) << 16) ? gather_survivors16(keep, ac.np, r, cap, reinterpret_cast<uint16_t*>(out))
-                                      : gather_survivors32(keep, ac.np, r, cap, out);
+      n = narrow_index ? gather_survivors16(keep, ac.np, r, cap, reinterpret_cast<uint16_t*>(out))
+                       : gather_survivors32(keep, ac.np, r, cap, out);
       w.near_n[r] = n;
+    } else if (narrow_index) {   // finish_row's int64 list, widened from the 16-bit gather (few survivors)
+      uint16_t* found = reinterpret_cast<uint16_t*>(w.found.get());
+      n = gather_survivors16(keep, ac.np, r, cap, found);
+      if (n <= cap) w.cand[r].assign(found, found + n);
     } else {
-      int32_t* __restrict found = w.found.get();   // N ≤ kAmxMaxPoints: indices fit int32
+      int32_t* found = w.found.get();   // N ≤ kAmxMaxPoints: indices fit int32
       n = gather_survivors32(keep, ac.np, r, cap, found);
       if (n <= cap) w.cand[r].assign(found, found + n);
     }
