@@ -296,9 +296,10 @@ def cmd_info(args):
         lines.append("fastdiff._C: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
         amx = _backend.extension().cpu_amx()
         simd = cfg.get("cpu_simd", "?")
+        vector = simd + (" (float dot products from d = 16)" if amx.get("float_screen") else "")
         lines.append("cpu posterior screen: " + (
-            ("AMX-BF16 tiles" if amx["enabled"] else f"{simd} (AMX turned off: FASTDIFF_CPU_AMX=0)")
-            if amx["available"] else f"{simd} (no AMX: {amx['reason']})"))
+            ("AMX-BF16 tiles" if amx["enabled"] else f"{vector}; AMX turned off: FASTDIFF_CPU_AMX=0")
+            if amx["available"] else f"{vector}; no AMX: {amx['reason']}"))
     auto_order = "; ".join(f"{dev}: {' > '.join(o)}" for dev, o in _backend.AUTO_ORDER.items())
     lines.append("backends (auto order: " + auto_order + "):")
     for name, reasons in _backend.describe().items():

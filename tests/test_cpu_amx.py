@@ -27,6 +27,7 @@ from fastdiff.reference import posterior as ref_posterior
 F32 = torch.float32
 AMX = _C.cpu_amx()
 needs_amx = pytest.mark.skipif(not AMX["available"], reason=f"no AMX here: {AMX['reason']}")
+needs_float_screen = pytest.mark.skipif(not AMX["float_screen"], reason="this build has no AVX-512 float screen")
 
 
 @contextmanager
@@ -101,10 +102,9 @@ def test_amx_screen_boundaries_against_the_reference(d, sigma):
             assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), r
 
 
-@needs_amx
-@pytest.mark.parametrize("d", [16, 40])
+@pytest.mark.parametrize("d, engine", [(16, "amx"), (40, "amx"), (16, "float")])
 @pytest.mark.parametrize("N", [65536, 65537])
-def test_survivor_lists_of_16_and_32_bit_indices(d, N):
+def test_survivor_lists_of_16_and_32_bit_indices(d, engine, N):
     """Each row's survivors are gathered from the screen's keep masks as 16-bit indices up to 2¹⁶ points (the
     sweep's padded count) and as 32-bit ones beyond (posterior_amx.h, gather_survivors16/32): read in place by
     the narrow exact stage (d = 16) or widened for finish_row (d = 40). Rows at the last clusters (index N − 1:
@@ -112,7 +112,9 @@ def test_survivor_lists_of_16_and_32_bit_indices(d, N):
     each keeps from one point to thousands within T = ln N + 16 nats but fewer than N / 8 at d = 40
     and N / 3 at d = 16 (screened, neither crowded nor spread; at σ = 0.05 bf16's slack would pass a d = 16
     window and the rows go to the blocked kernel): against the float64 reference, and each row alone equals
-    its row of the batch."""
+    its row of the batch. engine: AMX's bf16 dots, or the float screen's (AMX off)."""
+    if not (AMX["available"] if engine == "amx" else AMX["float_screen"]):
+        pytest.skip(f"no {engine} screen here")
     sigma, alpha = 0.5, 0.9
     _, y = clustered_problem(d, 1, N, sigma, alpha, seed=N + d)
     pick = torch.tensor([N - 1, N - 3, N - 9, 65535, 0, 5, N // 2, 40001, 65528, 12345, 65533])
@@ -121,7 +123,7 @@ def test_survivor_lists_of_16_and_32_bit_indices(d, N):
     logits = -torch.cdist(x.double(), alpha * y.double()).square() / (2 * sigma**2)
     kept = ((logits.max(1, keepdim=True).values - logits) < math.log(N) + 16).sum(1)
     assert int(kept.max()) < N // (3 if d < 32 else 8), kept.tolist()
-    with amx(True):
+    with amx(engine == "amx"):
         D, L = ops.posterior(x, y, alpha, sigma, backend="cpu")
         check_posterior(D, L, x, y, alpha, sigma)
         for r in (0, 3, 10):
@@ -452,11 +454,53 @@ def test_narrow_row_far_from_every_point_and_a_bf16_anchor_off_by_nats():
     assert_close_to_the_blocked_kernel(on, off, y, "bf16 anchor")
 
 
+@needs_float_screen
+@pytest.mark.parametrize("d", [16, 17, 24, 31])
+@pytest.mark.parametrize("sigma", [0.8, 0.5, 0.05, 1e-3])
+def test_float_screen_narrow_rows(d, sigma):
+    """16 ≤ d < 32 where AMX is not in use (AMX off here; an AVX-512 CPU without AMX always): the same screen with
+    float dot products (posterior_amx.h, float_sweep), then the narrow exact stage. 37 rows, 1003 clustered points,
+    M and N off the 16-row and 64-point blocks: MATH.md §7 against float64, AMX's narrow rows to float rounding
+    where this CPU has AMX, and each row alone equals its row in the batch."""
+    alpha = 0.9
+    x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=300 + d)
+    with amx(False):
+        D, L = ops.posterior(x, y, alpha, sigma, backend="cpu")
+        for r in (0, 20, 36):
+            Dr, Lr = ops.posterior(x[r:r + 1], y, alpha, sigma, backend="cpu")
+            assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), r
+    D0, L0 = ref_posterior(x.double(), y.double(), torch.tensor(alpha, dtype=F64), torch.tensor(sigma, dtype=F64),
+                           None, 0.0)
+    math7(D, L, D0, L0, y)
+    if AMX["available"]:
+        with amx(True):
+            on = ops.posterior(x, y, alpha, sigma, backend="cpu")
+        assert_close_to_the_blocked_kernel(on, (D, L), y, f"float screen d={d} σ={sigma}")
+
+
+@needs_float_screen
+def test_float_screen_per_row_alpha_sigma_and_a_bandwidth():
+    """d = 20: per-row α on both sides of ½ (the exact stage's two splits of x − αy) and 0 (every point at the
+    same distance), per-row σ, with and without a bandwidth, in one call: the reference's own float32 error
+    (check_posterior), and each row alone equals its row in the batch."""
+    d, M, N = 20, 19, 517
+    x, y = clustered_problem(d, M, N, 0.3, 0.9, seed=41)
+    alpha = torch.linspace(0.0, 1.0, M, dtype=F64)
+    sigma = torch.linspace(0.2, 0.6, M, dtype=F64)
+    for v in (0.0, 0.001):
+        with amx(False):
+            D, L = ops.posterior(x, y, alpha, sigma, bandwidth=v, backend="cpu")
+            for r in (0, 9, 18):
+                Dr, Lr = ops.posterior(x[r:r + 1], y, alpha[r:r + 1], sigma[r:r + 1], bandwidth=v, backend="cpu")
+                assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), (v, r)
+        check_posterior(D, L, x, y, alpha, sigma, v=v)
+
+
 def test_the_switch_and_the_reason():
     """cpu_amx() says whether AMX is available (and why not), set_cpu_amx turns it off and on,
     FASTDIFF_CPU_AMX=0 starts a process with it off, and `fastdiff info` says which screen runs."""
     state = _C.cpu_amx()
-    assert set(state) == {"available", "reason", "enabled"}
+    assert set(state) == {"available", "reason", "enabled", "float_screen"}
     assert state["available"] == (state["reason"] == "")
     with amx(False):
         assert _C.cpu_amx()["enabled"] is False
@@ -478,5 +522,9 @@ def test_the_switch_and_the_reason():
     elif native and " avx2" in flags:
         assert simd == "AVX2"
     assert simd in screen[0] or state["enabled"]
+    # the float screen for 16 <= d < 32 wherever AMX is not in use: built with AVX-512 and VBMI2
+    if native:
+        assert state["float_screen"] == (simd == "AVX-512" and " avx512_vbmi2" in flags)
+    assert ("float dot products" in screen[0]) == state["float_screen"]
     from fastdiff import _backend
     assert _backend.cpu_isa() == ("AMX" if state["available"] and state["enabled"] else simd)

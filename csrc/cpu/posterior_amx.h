@@ -37,6 +37,10 @@
 // e^{−T} of the largest either way.)
 // Row invariance: each element of a C tile is one query's dot with one point, and the anchor, the test and the
 // dense decision read that query's lane only.
+// The float engine: where AMX is not in use, an AVX-512 build runs this pass for kAmxMinD ≤ d < kScreenMinD with
+// the dots as float FMAs (float_sweep, d/16 FMAs a pair) and the bf16 terms left out of cd; the test, the
+// gather and the exact stage are the same. (Above, the AVX-512 screen's own pass is kept: at d = 64 its dots
+// cost the same FMAs.)
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -55,15 +59,19 @@
 #include "posterior_row.h"
 #include "posterior_screened.h"
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && \
-    defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && defined(__AVX512VBMI2__) && \
-    defined(__linux__)
-#define FASTDIFF_CPU_AMX 1
+// The 16-query screen needs AVX-512 (F, BW, VL, DQ, and VBMI2 for the 16-bit survivor gather); its AMX engine
+// needs AMX-BF16 and AVX512-BF16 too, and Linux for the tile state.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VBMI2__)
+#define FASTDIFF_CPU_SCREEN16 1
 #include <immintrin.h>
 
 #include "posterior_narrow.h"
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define FASTDIFF_CPU_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 #endif
 
 namespace fastdiff::cpu {
@@ -84,7 +92,8 @@ inline constexpr double kAmxMaxCoef = 1e36;
 // the CPU must have it and Linux must grant this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
 inline const char* amx_unavailable_reason() {
 #ifndef FASTDIFF_CPU_AMX
-  return "this build's -march does not enable AMX-BF16 (FASTDIFF_CPU_ARCH=native on a CPU with AMX enables it)";
+  return "this build's -march does not enable AMX-BF16 with AVX512-BF16 and AVX512-VBMI2 (FASTDIFF_CPU_ARCH=native "
+         "on a CPU with AMX enables them)";
 #else
   static const char* const reason = []() -> const char* {
     if (!__builtin_cpu_supports("amx-bf16")) return "this CPU has no AMX-BF16";
@@ -115,7 +124,25 @@ inline bool use_amx(const Cloud<T>& c) {
   return sizeof(T) == 4 && !c.log_w && c.d >= kAmxMinD && c.N <= kAmxMaxPoints && amx_in_use();
 }
 
-#ifdef FASTDIFF_CPU_AMX
+// Without AMX in use, an AVX-512 build screens kAmxMinD ≤ d < kScreenMinD the same way with float dot products
+// (float_sweep): there the AVX-512 screen of posterior_screened.h does not start (its bound costs as much as a
+// point) and the blocked kernel alone spends ~5 vector operations a pair where this screen spends d/16 FMAs on
+// the dots, ~0.3 on the test and the exact stage on the survivors. Above, the AVX-512 screen is kept.
+inline bool float_screen_built() {
+#ifdef FASTDIFF_CPU_SCREEN16
+  return true;
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+inline bool use_float_screen(const Cloud<T>& c) {
+  return float_screen_built() && sizeof(T) == 4 && !c.log_w && c.d >= kAmxMinD && c.d < kScreenMinD &&
+         c.N <= kAmxMaxPoints && !amx_in_use();
+}
+
+#ifdef FASTDIFF_CPU_SCREEN16
 
 // The screens' dimension prefixes: [0, k0), [0, 2k0), [0, 4k0), ... up to every dimension (see amx_screen_block).
 inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
@@ -134,6 +161,8 @@ inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
 // as much as the screen.
 struct AmxCloud {
   const float* src;
+  bool bf16;                   // the AMX engine (bf16 tiles); else the float engine (float_sweep, d < kScreenMinD),
+                               // which reads the cloud as it is and packs only its norms
   int64_t d, N, kp, np, groups;
   std::vector<int64_t> ends;   // amx_screen_ends(kp)
   std::vector<double> mean_y;  // below kScreenMinD: the cloud's mean point and mean |y|² (amx_pass's dense guess)
@@ -142,10 +171,10 @@ struct AmxCloud {
   PooledArray<double> sums;    // [ends][np]: |y|² over [0, ends[l]) in double
   PooledArray<float> yy, ny;   // [ends][np]: the same and |y| in float (NaN past kAmxMaxNorm: never pruned)
   std::unique_ptr<std::atomic<uint8_t>[]> state;   // [ends][groups] (once.h)
-  explicit AmxCloud(const Cloud<float>& c)
-      : src(c.y), d(c.d), N(c.N), kp((c.d + kAmxK - 1) / kAmxK * kAmxK),
+  AmxCloud(const Cloud<float>& c, bool bf16_)
+      : src(c.y), bf16(bf16_), d(c.d), N(c.N), kp((c.d + kAmxK - 1) / kAmxK * kAmxK),
         np((c.N + kAmxSweep - 1) / kAmxSweep * kAmxSweep), groups(np / kAmxSweep), ends(amx_screen_ends(kp)),
-        y(np * kp), sums(ends.size() * np), yy(ends.size() * np), ny(ends.size() * np),
+        y(bf16_ ? np * kp : 0), sums(ends.size() * np), yy(ends.size() * np), ny(ends.size() * np),
         state(new std::atomic<uint8_t>[ends.size() * groups]()) {
     if (d >= kScreenMinD) return;
     mean_y.assign(d, 0.0);
@@ -178,9 +207,13 @@ struct AmxCloud {
   // the 64 × 32 block of group g's points over dimensions [k, k + 32), k a multiple of 32
   uint16_t* slice(int64_t g, int64_t k) const { return y.get() + ((g * (kp / kAmxK) + k / kAmxK) * kAmxSweep) * kAmxK; }
   const float* level_ny(size_t l) const { return ny.get() + l * np; }
+  // whether survivor lists fit 16-bit indices (gather_survivors16)
+  bool short_index() const { return np <= (int64_t(1) << 16); }
 
  private:
   void pack(size_t l, int64_t g) const {
+    if (!bf16) return pack_norms(g);
+#ifdef FASTDIFF_CPU_AMX
     const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
     for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
       const float* row = src + std::min(j, N - 1) * d;   // padding points read nothing (masks of 0)
@@ -199,19 +232,31 @@ struct AmxCloud {
         const __m512d b1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1));
         acc = _mm512_fmadd_pd(a0, a0, _mm512_fmadd_pd(a1, a1, _mm512_fmadd_pd(b0, b0, _mm512_fmadd_pd(b1, b1, acc))));
       }
-      const double s = (l ? sums[(l - 1) * np + j] : 0.0) + _mm512_reduce_add_pd(acc);
-      sums[l * np + j] = s;
-      const double n = std::sqrt(s);
-      const bool huge = !(n <= kAmxMaxNorm);
-      yy[l * np + j] = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(s);
-      ny[l * np + j] = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(n);
+      set_norms(l, j, (l ? sums[(l - 1) * np + j] : 0.0) + _mm512_reduce_add_pd(acc));
     }
+#endif
+  }
+  // the float engine's one level (every dimension, d < kScreenMinD): the norms alone
+  void pack_norms(int64_t g) const {
+    for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
+      double s = 0.0;
+      for (int64_t k = 0; j < N && k < d; ++k) s += static_cast<double>(src[j * d + k]) * src[j * d + k];
+      set_norms(0, j, s);
+    }
+  }
+  void set_norms(size_t l, int64_t j, double s) const {
+    sums[l * np + j] = s;
+    const double n = std::sqrt(s);
+    const bool huge = !(n <= kAmxMaxNorm);
+    yy[l * np + j] = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(s);
+    ny[l * np + j] = huge ? std::numeric_limits<float>::quiet_NaN() : static_cast<float>(n);
   }
 };
 
 // Per-thread scratch for one block of kAmxRows queries.
 struct AmxWork {
-  PooledArray<uint16_t> xb;                    // [kp / 32][16 pairs][16 queries][2]: the B operand
+  PooledArray<uint16_t> xb;                    // AMX: [kp / 32][16 pairs][16 queries][2]: the B operand
+  PooledArray<float> xf;                       // float engine: [d][16 queries] α_r·x_r
   PooledArray<float> dots;                     // [np][16]: point j's dots with the block's queries
   PooledArray<uint16_t> keep;                  // [np]: point j's pruning test, bit r for query r
   PooledArray<int32_t> found;                  // [np + 16]: one query's survivors as they are gathered (int32,
@@ -221,12 +266,14 @@ struct AmxWork {
   int64_t near_n[kAmxRows] = {};               //   indices (uint16_t when N ≤ 2¹⁶, else int32_t), and their count
   Rescore rescore;                             // finish_row's scratch
   explicit AmxWork(const AmxCloud& ac)
-      : xb(ac.kp / 2 * kAmxRows * 2), dots(ac.np * kAmxRows), keep(ac.np), found(ac.np + 16),
+      : xb(ac.bf16 ? ac.kp / 2 * kAmxRows * 2 : 0), xf(ac.bf16 ? 0 : ac.d * kAmxRows), dots(ac.np * kAmxRows), keep(ac.np), found(ac.np + 16),
         near(ac.d < kScreenMinD ? kAmxRows * (ac.np + 32) : 0) {
     rescore.acc.resize(ac.d);
   }
   int32_t* near_row(int r, int64_t np) const { return near.get() + r * (np + 32); }
 };
+
+#ifdef FASTDIFF_CPU_AMX
 
 struct alignas(64) AmxTileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -265,21 +312,73 @@ inline void amx_pack_queries(const AmxCloud& ac, const float* const* xs, const d
   }
 }
 
+#endif   // FASTDIFF_CPU_AMX
+
+// The anchor search of a level-0 sweep, shared by both engines: per query the largest 2g − α²|y|² (the smallest
+// approximate distance), a sweep group of 64 points at a time, then the first point that reaches it.
+struct AnchorSearch {
+  alignas(64) float a2[kAmxRows];
+  __m512 neg_a2, best;        // per query: the largest value so far
+  __m512i best_group;         // the first sweep group that reached it
+  explicit AnchorSearch(const double* alpha) {
+    for (int r = 0; r < kAmxRows; ++r) a2[r] = static_cast<float>(alpha[r] * alpha[r]);
+    neg_a2 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_load_ps(a2));
+    best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    best_group = _mm512_set1_epi32(-1);
+  }
+  // the group at p0 (out: its dots, 64 points × 16 queries): its largest value per query (four max chains;
+  // max(v, acc) keeps acc when v is NaN, as a compare would), then whether it beats the best (strict >). The
+  // point inside the group is found at the end: one value and one index tracked per point cost two more
+  // instructions each.
+  void group(const float* out, const float* yy, int64_t p0, int64_t N) {
+    const int64_t n = std::min<int64_t>(kAmxSweep, N - p0);
+    if (n <= 0) return;
+    const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    __m512 gmax[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+    for (int64_t l0 = 0; l0 < n; l0 += 4)
+      for (int q = 0; q < 4; ++q) {
+        const int64_t l = l0 + q;
+        if (l >= n) break;
+        const __m512 g = _mm512_load_ps(out + l * kAmxRows);
+        gmax[q] = _mm512_max_ps(_mm512_fmadd_ps(neg_a2, _mm512_set1_ps(yy[p0 + l]), _mm512_add_ps(g, g)), gmax[q]);
+      }
+    const __m512 m = _mm512_max_ps(_mm512_max_ps(gmax[0], gmax[1]), _mm512_max_ps(gmax[2], gmax[3]));
+    const __mmask16 better = _mm512_cmp_ps_mask(m, best, _CMP_GT_OQ);
+    best = _mm512_mask_mov_ps(best, better, m);
+    best_group = _mm512_mask_mov_epi32(best_group, better, _mm512_set1_epi32(static_cast<int32_t>(p0)));
+  }
+  // each query's anchor: the first point of its best group with the best value (the same float arithmetic as
+  // above, so exactly one match exists); −1 when no point has a finite value
+  void resolve(const float* dots, const float* yy, int64_t N, int32_t* best_point) const {
+    alignas(64) float top[kAmxRows];
+    alignas(64) int32_t grp[kAmxRows];
+    _mm512_store_ps(top, best);
+    _mm512_store_si512(grp, best_group);
+    for (int r = 0; r < kAmxRows; ++r) {
+      best_point[r] = -1;
+      const int64_t p0 = grp[r];
+      for (int64_t j = p0; p0 >= 0 && j < std::min<int64_t>(p0 + kAmxSweep, N); ++j) {
+        const float g = dots[j * kAmxRows + r];
+        if (std::fma(-a2[r], yy[j], g + g) == top[r]) {
+          best_point[r] = static_cast<int32_t>(j);
+          break;
+        }
+      }
+    }
+  }
+};
+
+#ifdef FASTDIFF_CPU_AMX
+
 // dots[j][r] += the bf16 dot of query r with point j over screen `level`'s new dimensions [k_begin, k_end), for
 // every point (dots start from 0 at level 0; reloading a float tile is exact, so the sums are those of one sweep
-// over [0, k_end)). With best_point, each query's anchor candidate too: the point with the largest 2g − α²|y|²
-// over [0, k_end), the smallest approximate distance (the first such point on ties).
+// over [0, k_end)). With best_point, each query's anchor candidate too (AnchorSearch).
 inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, AmxWork& w, int32_t* best_point) {
   const int64_t N = ac.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
   const float* yy = ac.level_yy(level);
   const uint16_t* xb = w.xb.get();
   float* dots = w.dots.get();
-  alignas(64) float a2[kAmxRows];
-  for (int r = 0; r < kAmxRows; ++r) a2[r] = static_cast<float>(alpha[r] * alpha[r]);
-  const __m512 neg_a2 = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_load_ps(a2));
-  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 best = neg_inf;                              // per query: the largest 2g − α²|y|² so far
-  __m512i best_group = _mm512_set1_epi32(-1);         // the first sweep group that reached it
+  AnchorSearch anchor(alpha);
   amx_configure();
   for (int64_t p0 = 0; p0 < ac.np; p0 += kAmxSweep) {
     ac.ensure_sweep(level, p0 / kAmxSweep);
@@ -312,44 +411,51 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
     _tile_stored(1, out + 256, 64);
     _tile_stored(2, out + 512, 64);
     _tile_stored(3, out + 768, 64);
-    // the anchor search: the group's largest value per query (four max chains; max(v, acc) keeps acc when v is
-    // NaN, as a compare would), then the first group that reaches the best (strict >). The point inside it is
-    // found after the sweep: one value and one index tracked per point cost two more instructions each.
-    const int64_t n = best_point ? std::min<int64_t>(kAmxSweep, N - p0) : 0;
-    if (n > 0) {
-      __m512 gmax[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
-      for (int64_t l0 = 0; l0 < n; l0 += 4)
-        for (int q = 0; q < 4; ++q) {
-          const int64_t l = l0 + q;
-          if (l >= n) break;
-          const __m512 g = _mm512_load_ps(out + l * kAmxRows);
-          gmax[q] = _mm512_max_ps(_mm512_fmadd_ps(neg_a2, _mm512_set1_ps(yy[p0 + l]), _mm512_add_ps(g, g)), gmax[q]);
-        }
-      const __m512 m = _mm512_max_ps(_mm512_max_ps(gmax[0], gmax[1]), _mm512_max_ps(gmax[2], gmax[3]));
-      const __mmask16 better = _mm512_cmp_ps_mask(m, best, _CMP_GT_OQ);
-      best = _mm512_mask_mov_ps(best, better, m);
-      best_group = _mm512_mask_mov_epi32(best_group, better, _mm512_set1_epi32(static_cast<int32_t>(p0)));
-    }
+    if (best_point) anchor.group(out, yy, p0, N);
   }
   _tile_release();
-  if (!best_point) return;
-  // each query's anchor: the first point of its best group with the best value (the same float arithmetic as
-  // above, so exactly one match exists); −1 when no point has a finite value
-  alignas(64) float top[kAmxRows];
-  alignas(64) int32_t group[kAmxRows];
-  _mm512_store_ps(top, best);
-  _mm512_store_si512(group, best_group);
+  if (best_point) anchor.resolve(dots, yy, N, best_point);
+}
+
+#endif   // FASTDIFF_CPU_AMX
+
+// The float engine (kAmxMinD ≤ d < kScreenMinD, one level): the block's queries xf[k][r] = fl(fl(α_r)·x_r[k]),
+// then dots[j][r] = Σ_k y_j[k]·xf[k][r] as one FMA chain over k in order (16 queries a vector, eight points at a
+// time: eight independent chains), read from the cloud as it is. Error: ≤ (2u + u²)·|αx|·|y| from xf and
+// γ_d·Σ|xf_k y_k| from the chain (amx_pass's cd with the bf16 terms left out). A partial block repeats its last
+// row (as amx_pack_queries); padding points (j ≥ N) read point N − 1 and are never tested.
+inline void float_pack_queries(const AmxCloud& ac, const float* const* xs, const double* alpha, AmxWork& w) {
+  float* __restrict xf = w.xf.get();
   for (int r = 0; r < kAmxRows; ++r) {
-    best_point[r] = -1;
-    const int64_t p0 = group[r];
-    for (int64_t j = p0; p0 >= 0 && j < std::min<int64_t>(p0 + kAmxSweep, N); ++j) {
-      const float g = dots[j * kAmxRows + r];
-      if (std::fma(-a2[r], yy[j], g + g) == top[r]) {
-        best_point[r] = static_cast<int32_t>(j);
-        break;
-      }
-    }
+    const float a = static_cast<float>(alpha[r]);
+    for (int64_t k = 0; k < ac.d; ++k) xf[k * kAmxRows + r] = a * xs[r][k];
   }
+}
+
+inline void float_sweep(const AmxCloud& ac, const double* alpha, AmxWork& w, int32_t* best_point) {
+  constexpr int P = 8;
+  const int64_t N = ac.N, d = ac.d;
+  const float* yy = ac.level_yy(0);
+  const float* xf = w.xf.get();
+  float* dots = w.dots.get();
+  AnchorSearch anchor(alpha);
+  for (int64_t p0 = 0; p0 < ac.np; p0 += kAmxSweep) {
+    ac.ensure_sweep(0, p0 / kAmxSweep);
+    float* out = dots + p0 * kAmxRows;
+    for (int64_t l = 0; l < kAmxSweep; l += P) {
+      const float* y[P];
+      for (int q = 0; q < P; ++q) y[q] = ac.src + std::min(p0 + l + q, N - 1) * d;
+      __m512 acc[P];
+      for (int q = 0; q < P; ++q) acc[q] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < d; ++k) {
+        const __m512 xk = _mm512_load_ps(xf + k * kAmxRows);
+        for (int q = 0; q < P; ++q) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(y[q][k]), xk, acc[q]);
+      }
+      for (int q = 0; q < P; ++q) _mm512_store_ps(out + (l + q) * kAmxRows, acc[q]);
+    }
+    if (best_point) anchor.group(out, yy, p0, N);
+  }
+  if (best_point) anchor.resolve(dots, yy, N, best_point);
 }
 
 // Row r's survivors from the keep masks (bit r of keep[j], zero past N up to np), ascending, into out (room for
@@ -430,14 +536,22 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
   const int64_t N = c.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
   const float *yy = ac.level_yy(level), *ny = ac.level_ny(level);   // packed by the sweep
   const double K = static_cast<double>(k_end), rootK = std::sqrt(K);
-  const double gammaK = K * u / (1.0 - K * u), cd = 2.0 * ub + ub * ub + 4.0 * u + 1.01 * gammaK;
+  // the dots' error per |αx|·|y| (header; the float engine's without the bf16 roundings: float_sweep)
+  const double gammaK = K * u / (1.0 - K * u), cd = (ac.bf16 ? 2.0 * ub + ub * ub : 0.0) + 4.0 * u + 1.01 * gammaK;
   const double e0_unit = std::ldexp(1.0, -120), f = 1.0 / (1.0 - 32.0 * u);
   const double prune_nats = std::log(static_cast<double>(N)) + kPruneNats<float>;
   const double lowest = -0.5 * static_cast<double>(std::numeric_limits<float>::max());
   alignas(64) int32_t best_point[R];
-  amx_pack_queries(ac, xs, alpha, k_begin, k_end, w);
-  asm volatile("" ::: "memory");     // as in amx_sweep: the tile loads read what was just stored
-  amx_sweep(ac, level, alpha, w, level == 0 ? best_point : nullptr);
+  if (ac.bf16) {
+#ifdef FASTDIFF_CPU_AMX
+    amx_pack_queries(ac, xs, alpha, k_begin, k_end, w);
+    asm volatile("" ::: "memory");     // as in amx_sweep: the tile loads read what was just stored
+    amx_sweep(ac, level, alpha, w, level == 0 ? best_point : nullptr);
+#endif
+  } else {   // one level: every dimension (d < kScreenMinD)
+    float_pack_queries(ac, xs, alpha, w);
+    float_sweep(ac, alpha, w, best_point);
+  }
   AmxPass out;
   alignas(64) float Qf[R] = {}, Af[R] = {}, Sf[R] = {};
   double slack[R] = {}, window[R] = {};   // per row: 2cd·|αx| (times |y|: the bf16 slack) and f²ρ²
@@ -513,13 +627,12 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
   for (int r = 0; r < R; ++r) {
     if (!(active >> r & 1u)) continue;
     int64_t n;
-    const bool narrow_index = ac.np <= (int64_t(1) << 16);
     if (c.d < kScreenMinD) {   // the narrow stage reads the list in place (NarrowList)
       int32_t* out = w.near_row(r, ac.np);
-      n = narrow_index ? gather_survivors16(keep, ac.np, r, cap, reinterpret_cast<uint16_t*>(out))
-                       : gather_survivors32(keep, ac.np, r, cap, out);
+      n = ac.short_index() ? gather_survivors16(keep, ac.np, r, cap, reinterpret_cast<uint16_t*>(out))
+                           : gather_survivors32(keep, ac.np, r, cap, out);
       w.near_n[r] = n;
-    } else if (narrow_index) {   // finish_row's int64 list, widened from the 16-bit gather (few survivors)
+    } else if (ac.short_index()) {   // finish_row's int64 list, widened from the 16-bit gather (few survivors)
       uint16_t* found = reinterpret_cast<uint16_t*>(w.found.get());
       n = gather_survivors16(keep, ac.np, r, cap, found);
       if (n <= cap) w.cand[r].assign(found, found + n);
@@ -573,7 +686,7 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
   for (int r = 0; r < nr; ++r) {
     if ((dense | coarse) >> r & 1u) continue;
     if (c.d < kScreenMinD) {
-      const NarrowList list{w.near_row(r, ac.np), ac.np > (int64_t(1) << 16), w.near_n[r]};
+      const NarrowList list{w.near_row(r, ac.np), !ac.short_index(), w.near_n[r]};
       finish_row_narrow(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, list, D_in[r], L_in[r]);
       continue;
     }
@@ -584,10 +697,11 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
   return dense;
 }
 
-#else   // no AMX in this build: use_amx() is false, so these are never made or called
+#else   // no AVX-512 screen in this build: use_amx() and use_float_screen() are false, so these are never made or
+        // called
 
 struct AmxCloud {
-  explicit AmxCloud(const Cloud<float>&) {}
+  AmxCloud(const Cloud<float>&, bool) {}
 };
 struct AmxWork {
   explicit AmxWork(const AmxCloud&) {}
