@@ -55,7 +55,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     state["float_screen"] = fastdiff::cpu::float_screen_built_in();
     return state;
   }, "the CPU posterior's AMX screen: available (and why not), enabled (the switch); float_screen: whether this "
-     "build screens 16 <= d < 32 with float dot products where AMX is not in use");
+     "build screens 16 <= d < 128 with float dot products where AMX is not in use");
   m.def("set_cpu_amx", &fastdiff::cpu::set_amx_enabled, py::arg("enabled"),
         "turn the CPU posterior's AMX screen on or off for this process (FASTDIFF_CPU_AMX=0 starts it off)");
   m.def("posterior", &fastdiff::ops::posterior, py::arg("x"), py::arg("data"), py::arg("alpha"), py::arg("sigma"),

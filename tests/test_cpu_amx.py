@@ -455,13 +455,14 @@ def test_narrow_row_far_from_every_point_and_a_bf16_anchor_off_by_nats():
 
 
 @needs_float_screen
-@pytest.mark.parametrize("d", [16, 17, 24, 31])
+@pytest.mark.parametrize("d", [16, 17, 24, 31, 32, 64, 127])
 @pytest.mark.parametrize("sigma", [0.8, 0.5, 0.05, 1e-3])
-def test_float_screen_narrow_rows(d, sigma):
-    """16 ≤ d < 32 where AMX is not in use (AMX off here; an AVX-512 CPU without AMX always): the same screen with
-    float dot products (posterior_amx.h, float_sweep), then the narrow exact stage. 37 rows, 1003 clustered points,
-    M and N off the 16-row and 64-point blocks: MATH.md §7 against float64, AMX's narrow rows to float rounding
-    where this CPU has AMX, and each row alone equals its row in the batch."""
+def test_float_screen_rows(d, sigma):
+    """16 ≤ d < 128 where AMX is not in use (AMX off here; an AVX-512 CPU without AMX always): the same screen with
+    float dot products (posterior_amx.h, float_sweep), then the narrow exact stage below d = 32 and finish_row from
+    32 (d = 127: the last width it serves). 37 rows, 1003 clustered points, M and N off the 16-row and 64-point
+    blocks: MATH.md §7 against float64, AMX's rows to float rounding where this CPU has AMX, and each row alone
+    equals its row in the batch."""
     alpha = 0.9
     x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=300 + d)
     with amx(False):

@@ -1,7 +1,7 @@
 // CPU point-cloud posterior (MATH.md §5): D [M, d] and L [M] of every query.
 // d <= 4: one query at a time per thread (posterior_row.h, OpenMP over queries); d >= 5: groups of rows per
 // thread through posterior_rows (posterior_large.h: screening and exact rescoring, on AMX from d = 16 or AVX-512
-// from d = 16 (float dots below 32), the rows a screen leaves and smaller d through the register-blocked kernel; the reasoning and the
+// from d = 16 (float dots below 128), the rows a screen leaves and smaller d through the register-blocked kernel; the reasoning and the
 // error bounds are in posterior_amx.h, posterior_screened.h and posterior_blocked.h).
 #include <algorithm>
 #include <vector>

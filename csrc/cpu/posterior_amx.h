@@ -37,10 +37,9 @@
 // e^{−T} of the largest either way.)
 // Row invariance: each element of a C tile is one query's dot with one point, and the anchor, the test and the
 // dense decision read that query's lane only.
-// The float engine: where AMX is not in use, an AVX-512 build runs this pass for kAmxMinD ≤ d < kScreenMinD with
-// the dots as float FMAs (float_sweep, d/16 FMAs a pair) and the bf16 terms left out of cd; the test, the
-// gather and the exact stage are the same. (Above, the AVX-512 screen's own pass is kept: at d = 64 its dots
-// cost the same FMAs.)
+// The float engine: where AMX is not in use, an AVX-512 build runs this pass for kAmxMinD ≤ d < kFloatScreenEndD
+// with the dots as float FMAs (float_sweep, d/16 FMAs a pair, one level) and the bf16 terms left out of cd; the
+// test, the gather and the exact stages are the same (use_float_screen says where it pays).
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -83,7 +82,9 @@ inline constexpr int64_t kAmxMinD = 16;      // below, the blocked kernel (a til
 inline constexpr int64_t kNarrowDenseShare = 2;   // below kScreenMinD a row with more than N / 2 survivors is dense
                                                   // (N / 3 measured 5-10% slower at d = 16, σ = 0.5)
 inline constexpr int64_t kNarrowSample = 8;       // below kScreenMinD the pruning test runs on every 8th point first
+inline constexpr int64_t kFloatScreenEndD = 128;  // the float engine below (use_float_screen)
 inline constexpr int64_t kAmxFirstDims = 256;   // the first screen's dimensions (amx_screen_block)
+static_assert(kFloatScreenEndD <= kAmxFirstDims, "the float engine screens in one level");
 inline constexpr int64_t kAmxMaxPoints = int64_t(1) << 18;   // the dots of a block are kept: 16 floats a point
 inline constexpr double kAmxMaxNorm = 1e18;  // |αx|·|y| ≤ 1e36: no float overflow in the dots
 inline constexpr double kAmxMaxCoef = 1e36;
@@ -124,10 +125,14 @@ inline bool use_amx(const Cloud<T>& c) {
   return sizeof(T) == 4 && !c.log_w && c.d >= kAmxMinD && c.N <= kAmxMaxPoints && amx_in_use();
 }
 
-// Without AMX in use, an AVX-512 build screens kAmxMinD ≤ d < kScreenMinD the same way with float dot products
-// (float_sweep): there the AVX-512 screen of posterior_screened.h does not start (its bound costs as much as a
-// point) and the blocked kernel alone spends ~5 vector operations a pair where this screen spends d/16 FMAs on
-// the dots, ~0.3 on the test and the exact stage on the survivors. Above, the AVX-512 screen is kept.
+// Without AMX in use, an AVX-512 build screens kAmxMinD ≤ d < kFloatScreenEndD the same way with float dot
+// products (float_sweep), one level over every dimension. Below kScreenMinD the AVX-512 screen of
+// posterior_screened.h does not start (its bound costs as much as a point) and the blocked kernel alone spends ~5
+// vector operations a pair where this screen spends d/16 FMAs on the dots, ~0.3 on the test and the exact stage
+// on the survivors. From kScreenMinD that screen spends the same FMAs on its dots but ~2 double operations a pair
+// on its bound per chunk; it prunes chunk by chunk, though, which wins from d ≈ 128 (Xeon, AMX off, σ = 0.5 on
+// the bench's data, against it: d = 16 12.1 -> 5.7 ms (the blocked kernel), d = 40 3.5 -> 1.7, d = 64 4.2 -> 2.6,
+// d = 96 4.4 -> 3.9, d = 128 even, d = 256 1.7 -> 2.6).
 inline bool float_screen_built() {
 #ifdef FASTDIFF_CPU_SCREEN16
   return true;
@@ -138,7 +143,7 @@ inline bool float_screen_built() {
 
 template <typename T>
 inline bool use_float_screen(const Cloud<T>& c) {
-  return float_screen_built() && sizeof(T) == 4 && !c.log_w && c.d >= kAmxMinD && c.d < kScreenMinD &&
+  return float_screen_built() && sizeof(T) == 4 && !c.log_w && c.d >= kAmxMinD && c.d < kFloatScreenEndD &&
          c.N <= kAmxMaxPoints && !amx_in_use();
 }
 
@@ -161,7 +166,7 @@ inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
 // as much as the screen.
 struct AmxCloud {
   const float* src;
-  bool bf16;                   // the AMX engine (bf16 tiles); else the float engine (float_sweep, d < kScreenMinD),
+  bool bf16;                   // the AMX engine (bf16 tiles); else the float engine (float_sweep, one level),
                                // which reads the cloud as it is and packs only its norms
   int64_t d, N, kp, np, groups;
   std::vector<int64_t> ends;   // amx_screen_ends(kp)
@@ -236,7 +241,7 @@ struct AmxCloud {
     }
 #endif
   }
-  // the float engine's one level (every dimension, d < kScreenMinD): the norms alone
+  // the float engine's one level (every dimension: d < kFloatScreenEndD ≤ kAmxFirstDims): the norms alone
   void pack_norms(int64_t g) const {
     for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
       double s = 0.0;
@@ -419,7 +424,7 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
 
 #endif   // FASTDIFF_CPU_AMX
 
-// The float engine (kAmxMinD ≤ d < kScreenMinD, one level): the block's queries xf[k][r] = fl(fl(α_r)·x_r[k]),
+// The float engine (kAmxMinD ≤ d < kFloatScreenEndD, one level): the block's queries xf[k][r] = fl(fl(α_r)·x_r[k]),
 // then dots[j][r] = Σ_k y_j[k]·xf[k][r] as one FMA chain over k in order (16 queries a vector, eight points at a
 // time: eight independent chains), read from the cloud as it is. Error: ≤ (2u + u²)·|αx|·|y| from xf and
 // γ_d·Σ|xf_k y_k| from the chain (amx_pass's cd with the bf16 terms left out). A partial block repeats its last
@@ -548,7 +553,7 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
     asm volatile("" ::: "memory");     // as in amx_sweep: the tile loads read what was just stored
     amx_sweep(ac, level, alpha, w, level == 0 ? best_point : nullptr);
 #endif
-  } else {   // one level: every dimension (d < kScreenMinD)
+  } else {   // one level: every dimension
     float_pack_queries(ac, xs, alpha, w);
     float_sweep(ac, alpha, w, best_point);
   }
