@@ -267,15 +267,17 @@ struct AmxWork {
   PooledArray<int32_t> found;                  // [np + 16]: one query's survivors as they are gathered (int32,
                                                // or uint16_t in the same memory when np ≤ 2¹⁶)
   std::vector<int64_t> cand[kAmxRows];         // each query's surviving points, ascending (d ≥ kScreenMinD)
+  int64_t near_stride;                         // np + 32
   PooledArray<int32_t> near;                   // d < kScreenMinD: [kAmxRows][np + 32] the same as a NarrowList's
   int64_t near_n[kAmxRows] = {};               //   indices (uint16_t when N ≤ 2¹⁶, else int32_t), and their count
   Rescore rescore;                             // finish_row's scratch
   explicit AmxWork(const AmxCloud& ac)
-      : xb(ac.bf16 ? ac.kp / 2 * kAmxRows * 2 : 0), xf(ac.bf16 ? 0 : ac.d * kAmxRows), dots(ac.np * kAmxRows), keep(ac.np), found(ac.np + 16),
-        near(ac.d < kScreenMinD ? kAmxRows * (ac.np + 32) : 0) {
+      : xb(ac.bf16 ? ac.kp / 2 * kAmxRows * 2 : 0), xf(ac.bf16 ? 0 : ac.d * kAmxRows), dots(ac.np * kAmxRows),
+        keep(ac.np), found(ac.np + 16), near_stride(ac.np + 32),
+        near(ac.d < kScreenMinD ? kAmxRows * near_stride : 0) {
     rescore.acc.resize(ac.d);
   }
-  int32_t* near_row(int r, int64_t np) const { return near.get() + r * (np + 32); }
+  int32_t* near_row(int r) const { return near.get() + r * near_stride; }
 };
 
 #ifdef FASTDIFF_CPU_AMX
@@ -633,7 +635,7 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
     if (!(active >> r & 1u)) continue;
     int64_t n;
     if (c.d < kScreenMinD) {   // the narrow stage reads the list in place (NarrowList)
-      int32_t* out = w.near_row(r, ac.np);
+      int32_t* out = w.near_row(r);
       n = ac.short_index() ? gather_survivors16(keep, ac.np, r, cap, reinterpret_cast<uint16_t*>(out))
                            : gather_survivors32(keep, ac.np, r, cap, out);
       w.near_n[r] = n;
@@ -691,7 +693,7 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
   for (int r = 0; r < nr; ++r) {
     if ((dense | coarse) >> r & 1u) continue;
     if (c.d < kScreenMinD) {
-      const NarrowList list{w.near_row(r, ac.np), !ac.short_index(), w.near_n[r]};
+      const NarrowList list{w.near_row(r), !ac.short_index(), w.near_n[r]};
       finish_row_narrow(c, xs[r], alpha[r], sigma[r], prm[r], lw_max, cut[r], prune_nats, list, D_in[r], L_in[r]);
       continue;
     }

@@ -1,7 +1,8 @@
 // The large-d posterior of a group of rows (d >= 5), shared by the posterior, pointcloud_step and pointcloud_sample
 // kernels: each block of rows is screened (posterior_amx.h on a CPU with AMX, float, no log-weights, from d = 16,
-// or with its float engine below d = 128 on other AVX-512 builds; else posterior_screened.h from d = 32), and the rows a screen finds dense, and every row at smaller d, go through the
-// register-blocked kernel (posterior_blocked.h). The reasoning and the error bounds are in those files.
+// or with its float engine below d = 128 on other AVX-512 builds; else posterior_screened.h from d = 32), and the
+// rows a screen finds dense, and every row at smaller d, go through the register-blocked kernel
+// (posterior_blocked.h). The reasoning and the error bounds are in those files.
 #pragma once
 #include <algorithm>
 #include <cstdint>
