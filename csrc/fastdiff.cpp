@@ -52,10 +52,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     state["available"] = why == nullptr;
     state["reason"] = why ? py::str(why) : py::str("");
     state["enabled"] = fastdiff::cpu::amx_enabled();
-    state["float_screen"] = fastdiff::cpu::float_screen_built_in();
+    state["int8_screen"] = fastdiff::cpu::int8_screen_built_in();
     return state;
-  }, "the CPU posterior's AMX screen: available (and why not), enabled (the switch); float_screen: whether this "
-     "build screens 16 <= d < 128 with float dot products where AMX is not in use");
+  }, "the CPU posterior's AMX screen: available (and why not), enabled (the switch); int8_screen: whether this "
+     "build screens from d = 16 with 8-bit integer dot products where AMX is not in use");
   m.def("set_cpu_amx", &fastdiff::cpu::set_amx_enabled, py::arg("enabled"),
         "turn the CPU posterior's AMX screen on or off for this process (FASTDIFF_CPU_AMX=0 starts it off)");
   m.def("posterior", &fastdiff::ops::posterior, py::arg("x"), py::arg("data"), py::arg("alpha"), py::arg("sigma"),

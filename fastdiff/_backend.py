@@ -120,14 +120,17 @@ def build_config() -> dict | None:
 
 
 def cpu_isa() -> str | None:
-    """What the CPU posterior kernels run on: "AMX" (the AMX-BF16 screen, available and on), else the widest
-    vector ISA fastdiff._C was compiled for ("AVX-512", "AVX2", ...); None without fastdiff._C. Benchmarks name
-    the CPU by it: one model string covers CPUs with and without AVX-512 or AMX."""
+    """What the CPU posterior kernels run on: "AMX" (the AMX-BF16 screen, available and on), "AVX-512 VNNI" (the
+    screen's 8-bit integer dots), else the widest vector ISA fastdiff._C was compiled for ("AVX-512", "AVX2",
+    ...); None without fastdiff._C. Benchmarks name the CPU by it: one model string covers CPUs with and without
+    AVX-512 or AMX."""
     cfg = build_config()
     if cfg is None:
         return None
     amx = extension().cpu_amx()
-    return "AMX" if amx["available"] and amx["enabled"] else str(cfg.get("cpu_simd", "?"))
+    if amx["available"] and amx["enabled"]:
+        return "AMX"
+    return "AVX-512 VNNI" if amx.get("int8_screen") else str(cfg.get("cpu_simd", "?"))
 
 
 class _CompiledBackend(Backend):

@@ -296,7 +296,7 @@ def cmd_info(args):
         lines.append("fastdiff._C: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
         amx = _backend.extension().cpu_amx()
         simd = cfg.get("cpu_simd", "?")
-        vector = simd + (" (float dot products for 16 <= d < 128)" if amx.get("float_screen") else "")
+        vector = simd + (" VNNI (8-bit dot products from d = 16)" if amx.get("int8_screen") else "")
         lines.append("cpu posterior screen: " + (
             ("AMX-BF16 tiles" if amx["enabled"] else f"{vector}; AMX turned off: FASTDIFF_CPU_AMX=0")
             if amx["available"] else f"{vector}; no AMX: {amx['reason']}"))

@@ -27,7 +27,7 @@ from fastdiff.reference import posterior as ref_posterior
 F32 = torch.float32
 AMX = _C.cpu_amx()
 needs_amx = pytest.mark.skipif(not AMX["available"], reason=f"no AMX here: {AMX['reason']}")
-needs_float_screen = pytest.mark.skipif(not AMX["float_screen"], reason="this build has no AVX-512 float screen")
+needs_int8_screen = pytest.mark.skipif(not AMX["int8_screen"], reason="this build has no int8 screen (AVX-512 VNNI)")
 
 
 @contextmanager
@@ -102,7 +102,7 @@ def test_amx_screen_boundaries_against_the_reference(d, sigma):
             assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), r
 
 
-@pytest.mark.parametrize("d, engine", [(16, "amx"), (40, "amx"), (16, "float")])
+@pytest.mark.parametrize("d, engine", [(16, "amx"), (40, "amx"), (16, "int8"), (40, "int8")])
 @pytest.mark.parametrize("N", [65536, 65537])
 def test_survivor_lists_of_16_and_32_bit_indices(d, engine, N):
     """Each row's survivors are gathered from the screen's keep masks as 16-bit indices up to 2¹⁶ points (the
@@ -112,8 +112,8 @@ def test_survivor_lists_of_16_and_32_bit_indices(d, engine, N):
     each keeps from one point to thousands within T = ln N + 16 nats but fewer than N / 8 at d = 40
     and N / 3 at d = 16 (screened, neither crowded nor spread; at σ = 0.05 bf16's slack would pass a d = 16
     window and the rows go to the blocked kernel): against the float64 reference, and each row alone equals
-    its row of the batch. engine: AMX's bf16 dots, or the float screen's (AMX off)."""
-    if not (AMX["available"] if engine == "amx" else AMX["float_screen"]):
+    its row of the batch. engine: AMX's bf16 dots, or the int8 engine's (AMX off)."""
+    if not (AMX["available"] if engine == "amx" else AMX["int8_screen"]):
         pytest.skip(f"no {engine} screen here")
     sigma, alpha = 0.5, 0.9
     _, y = clustered_problem(d, 1, N, sigma, alpha, seed=N + d)
@@ -454,15 +454,16 @@ def test_narrow_row_far_from_every_point_and_a_bf16_anchor_off_by_nats():
     assert_close_to_the_blocked_kernel(on, off, y, "bf16 anchor")
 
 
-@needs_float_screen
-@pytest.mark.parametrize("d", [16, 17, 24, 31, 32, 64, 127])
+@needs_int8_screen
+@pytest.mark.parametrize("d", [16, 17, 24, 31, 32, 64, 127, 257, 600])
 @pytest.mark.parametrize("sigma", [0.8, 0.5, 0.05, 1e-3])
-def test_float_screen_rows(d, sigma):
-    """16 ≤ d < 128 where AMX is not in use (AMX off here; an AVX-512 CPU without AMX always): the same screen with
-    float dot products (posterior_amx.h, float_sweep), then the narrow exact stage below d = 32 and finish_row from
-    32 (d = 127: the last width it serves). 37 rows, 1003 clustered points, M and N off the 16-row and 64-point
-    blocks: MATH.md §7 against float64, AMX's rows to float rounding where this CPU has AMX, and each row alone
-    equals its row in the batch."""
+def test_int8_screen_rows(d, sigma):
+    """From d = 16 where AMX is not in use (AMX off here; an AVX-512 CPU without AMX always): the same screen with
+    8-bit integer dot products and their own bound (posterior_amx.h, int8_sweep), then the narrow exact stage below
+    d = 32 and finish_row from 32; d = 257 and 600 screen in levels (256 dimensions, then 4 or 256 + 88: each
+    level its own scales). 37 rows, 1003 clustered points, M and N off the 16-row and 64-point blocks: MATH.md §7
+    against float64, AMX's rows to float rounding where this CPU has AMX, and each row alone equals its row in the
+    batch."""
     alpha = 0.9
     x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=300 + d)
     with amx(False):
@@ -476,14 +477,14 @@ def test_float_screen_rows(d, sigma):
     if AMX["available"]:
         with amx(True):
             on = ops.posterior(x, y, alpha, sigma, backend="cpu")
-        assert_close_to_the_blocked_kernel(on, (D, L), y, f"float screen d={d} σ={sigma}")
+        assert_close_to_the_blocked_kernel(on, (D, L), y, f"int8 screen d={d} σ={sigma}")
 
 
-@needs_float_screen
-def test_float_screen_per_row_alpha_sigma_and_a_bandwidth():
+@needs_int8_screen
+def test_int8_screen_per_row_alpha_sigma_and_a_bandwidth():
     """d = 20: per-row α on both sides of ½ (the exact stage's two splits of x − αy) and 0 (every point at the
-    same distance), per-row σ, with and without a bandwidth, in one call: the reference's own float32 error
-    (check_posterior), and each row alone equals its row in the batch."""
+    same distance; the query's scale then 1 and its bytes 0), per-row σ, with and without a bandwidth, in one call:
+    the reference's own float32 error (check_posterior), and each row alone equals its row in the batch."""
     d, M, N = 20, 19, 517
     x, y = clustered_problem(d, M, N, 0.3, 0.9, seed=41)
     alpha = torch.linspace(0.0, 1.0, M, dtype=F64)
@@ -497,11 +498,139 @@ def test_float_screen_per_row_alpha_sigma_and_a_bandwidth():
         check_posterior(D, L, x, y, alpha, sigma, v=v)
 
 
+def coherent_quantisation_problem(d=64, N=256, sigma=0.1, seed=4):
+    """The int8 engine's counterpart of coherent_rounding_problem. One query x on the grid k/32 (k from 40 to 80,
+    and 127/32 in coordinate 0, so its scale is 1/32 and its bytes exact), the winner y = x, and N − 1 points with
+    the same coordinate 0 (the same scale) whose other coordinates lie just below a midpoint of the grid: each
+    rounds down by ~1/64, every term of x·(y − s·q) is positive, and the 8-bit dot falls short by ~1.8 (α = 1),
+    ~180 nats of logit at σ = 0.1. About 20 points lie 0.5 to 24 nats below the winner, the rest ≥ 200 nats away.
+    A screen that took the 8-bit dot for the dot would keep the winner and prune all of those; the bound
+    (|x|·|y − s·q| per point, int8_sweep) keeps them."""
+    g = gen(seed)
+    grid = 1.0 / 32
+    below_midpoint = lambda k: (k + 0.5) * grid - 2.0**-15      # noqa: E731
+    base = torch.randint(40, 80, (d,), generator=g)
+    base[0] = 127
+    x = base.double() * grid
+    inv2c = 1 / (2 * sigma**2)
+    points = [x.clone()]
+
+    def point(shift):
+        y = below_midpoint((base + shift).double())
+        y[0] = x[0]
+        return y
+    while len(points) < 24:
+        y = point(torch.randint(-2, 2, (d,), generator=g))
+        gap = float(((x - y) ** 2).sum()) * inv2c
+        if 0.5 < gap < 24:
+            points.append(y)
+    while len(points) < N:
+        sign = torch.randint(0, 2, (d,), generator=g) * 2 - 1
+        y = point(sign * torch.randint(30, 38, (d,), generator=g))
+        assert float(((x - y) ** 2).sum()) * inv2c > 200
+        points.append(y)
+    y = torch.stack(points)[torch.randperm(N, generator=g)]
+    assert torch.equal(y.float().double(), y) and torch.equal(x.float().double(), x)   # exact in float32
+    return x[None].float(), y.float(), 1.0, sigma
+
+
+def coherent_query_problem(d=64, m=48, N=256, sigma=0.02, seed=5):
+    """The query's side of the same bound: y on the grid k/32 (127/32 in coordinate 0: scale 1/32, bytes exact), and
+    x with m coordinates at 1/64 − 2⁻¹⁵, just below the grid's midpoint between 0 and 1/32: each rounds down to 0,
+    so the query's residual f is +1/64 there. The winner has 0 in those coordinates, an equally near point 1/32:
+    its 8-bit dot falls short by f·y = m/2048 (58 nats at σ = 0.02) and the winner's does not. About 20 points
+    1 to 10 grid steps from the winner elsewhere (1.2 to 12 nats) carry 1/32 in all m, the rest are ≥ 200 nats
+    away. A bound without |f|·|y| prunes those 20; the real one keeps them."""
+    g = gen(seed)
+    grid = 1.0 / 32
+    base = torch.randint(40, 80, (d,), generator=g)
+    base[0] = 127
+    base[1:m + 1] = 0
+    x = base.double() * grid
+    x[1:m + 1] = grid / 2 - 2.0**-15
+    winner = base.double() * grid
+    inv2c = 1 / (2 * sigma**2)
+    points = [winner]
+    while len(points) < 24:
+        shift = torch.zeros(d, dtype=torch.long)
+        shift[m + 1:] = torch.randint(-1, 2, (d - m - 1,), generator=g) * (torch.rand(d - m - 1, generator=g) < 0.3)
+        y = (base + shift).double() * grid
+        y[1:m + 1] = grid
+        gap = float(((x - y) ** 2).sum() - ((x - winner) ** 2).sum()) * inv2c
+        if 1 < gap < 13:
+            points.append(y)
+    while len(points) < N:
+        sign = torch.randint(0, 2, (d,), generator=g) * 2 - 1
+        y = (base + sign * torch.randint(30, 38, (d,), generator=g)).double() * grid
+        y[0] = winner[0]
+        assert float(((x - y) ** 2).sum() - ((x - winner) ** 2).sum()) * inv2c > 200
+        points.append(y)
+    y = torch.stack(points)[torch.randperm(N, generator=g)]
+    assert torch.equal(y.float().double(), y) and torch.equal(x.float().double(), x)   # exact in float32
+    return x[None].float(), y.float(), 1.0, sigma
+
+
+@needs_int8_screen
+@pytest.mark.parametrize("side", ["points", "query"])
+def test_int8_slack_where_every_residual_points_the_same_way(side):
+    """The points' residuals (coherent_quantisation_problem) or the query's (coherent_query_problem) all push
+    the 8-bit dots one way: the bound keeps what a screen trusting those dots would prune."""
+    x, y, alpha, sigma = coherent_quantisation_problem() if side == "points" else coherent_query_problem()
+    scale = y.abs().amax(1, keepdim=True).double() / 127
+    t = float(x.abs().max()) / 127
+    dot8 = ((x.double() / t).round() * t * (y.double() / scale).round() * scale).sum(1)
+    shortfall = (x.double() * y.double()).sum(1) - dot8
+    logit = -((x.double() - y.double()) ** 2).sum(1) / (2 * sigma**2)
+    best = int(logit.argmax())
+    near = (logit[best] - logit < 24) & (torch.arange(len(y)) != best)
+    assert float(shortfall[best].abs()) == 0.0 and int(near.sum()) >= 20
+    # trusting dot8, every near point would look more than T = ln N + 16 below the winner
+    assert float((logit[best] - logit - 2 * shortfall / (2 * sigma**2))[near].abs().min()) > math.log(len(y)) + 16
+    with amx(False):
+        D, L = ops.posterior(x, y, alpha, sigma, backend="cpu")
+    check_posterior(D, L, x, y, alpha, sigma)
+    if AMX["available"]:
+        with amx(True):
+            on = ops.posterior(x, y, alpha, sigma, backend="cpu")
+        assert_same_bits(on, (D, L), f"coherent quantisation of the {side}")
+    # sharp: the near points move L by far more than its tolerance
+    _, L64 = ref_posterior(x.double(), y.double(), alpha, sigma)
+    _, L_best = ref_posterior(x.double(), y.double()[best:best + 1], alpha, sigma)
+    assert float(L64[0] - L_best[0]) > 1e-2
+
+
+@needs_int8_screen
+def test_int8_screen_scales_far_apart():
+    """d = 40, the int8 engine's per-point and per-query scales at their edges: points with one coordinate 10³
+    times the rest (their other bytes round to 0: the residual is nearly the whole point), a zero point (scale 1),
+    points of size 1e-39 (denormal scales and residuals), and queries next to each of these, a zero query and one
+    at α = 0. Against the reference's own error, and each row alone equals its row in the batch."""
+    d, sigma, alpha = 40, 0.05, 0.9
+    x, y = clustered_problem(d, 30, 400, sigma, alpha, seed=51)
+    y = y.double()
+    y[:16, 7] *= 1e3                       # peaky points, far from the rest
+    y[16] = 0.0
+    y[17:25] *= 1e-39 / float(y[17:25].abs().max())
+    x = x.double()
+    for r, j in enumerate((0, 5, 16, 17, 20)):
+        x[r] = alpha * y[j] + sigma * torch.randn(d, generator=gen(r), dtype=F64)
+    x[5] = 0.0
+    x, y = x.float(), y.float()
+    a = torch.full((30,), alpha, dtype=F64)
+    a[6] = 0.0
+    with amx(False):
+        D, L = ops.posterior(x, y, a, sigma, backend="cpu")
+        for r in (0, 2, 3, 5, 6):
+            Dr, Lr = ops.posterior(x[r:r + 1], y, a[r:r + 1], sigma, backend="cpu")
+            assert torch.equal(Dr, D[r:r + 1]) and torch.equal(Lr, L[r:r + 1]), r
+    check_posterior(D, L, x, y, a, sigma)
+
+
 def test_the_switch_and_the_reason():
     """cpu_amx() says whether AMX is available (and why not), set_cpu_amx turns it off and on,
     FASTDIFF_CPU_AMX=0 starts a process with it off, and `fastdiff info` says which screen runs."""
     state = _C.cpu_amx()
-    assert set(state) == {"available", "reason", "enabled", "float_screen"}
+    assert set(state) == {"available", "reason", "enabled", "int8_screen"}
     assert state["available"] == (state["reason"] == "")
     with amx(False):
         assert _C.cpu_amx()["enabled"] is False
@@ -523,9 +652,10 @@ def test_the_switch_and_the_reason():
     elif native and " avx2" in flags:
         assert simd == "AVX2"
     assert simd in screen[0] or state["enabled"]
-    # the float screen for 16 <= d < 32 wherever AMX is not in use: built with AVX-512 and VBMI2
+    # the int8 engine from d = 16 wherever AMX is not in use: built with AVX-512, VBMI2 and VNNI
     if native:
-        assert state["float_screen"] == (simd == "AVX-512" and " avx512_vbmi2" in flags)
-    assert ("float dot products" in screen[0]) == state["float_screen"]
+        assert state["int8_screen"] == (simd == "AVX-512" and " avx512_vbmi2" in flags and " avx512_vnni" in flags)
+    assert ("8-bit dot products" in screen[0]) == state["int8_screen"]
     from fastdiff import _backend
-    assert _backend.cpu_isa() == ("AMX" if state["available"] and state["enabled"] else simd)
+    assert _backend.cpu_isa() == ("AMX" if state["available"] and state["enabled"] else
+                                  "AVX-512 VNNI" if state["int8_screen"] else simd)

@@ -24,9 +24,9 @@ struct Cloud {
 const char* amx_unavailable();
 bool amx_enabled();
 void set_amx_enabled(bool on);
-// Whether this build has the AVX-512 float screen for 16 <= d < 128 (posterior_amx.h, use_float_screen): it
-// runs where AMX is not in use.
-bool float_screen_built_in();
+// Whether this build has the 16-query screen's int8 engine (posterior_amx.h: AVX-512 with VBMI2 and VNNI), which
+// runs from d = 16 wherever AMX is not in use.
+bool int8_screen_built_in();
 
 // D [M, d] and L [M] for queries x [M, d]; alpha/sigma have length M (per row) or 1.
 template <typename T>

@@ -1,8 +1,8 @@
 // CPU point-cloud posterior (MATH.md §5): D [M, d] and L [M] of every query.
 // d <= 4: one query at a time per thread (posterior_row.h, OpenMP over queries); d >= 5: groups of rows per
-// thread through posterior_rows (posterior_large.h: screening and exact rescoring, on AMX from d = 16 or AVX-512
-// from d = 16 (float dots below 128), the rows a screen leaves and smaller d through the register-blocked kernel; the reasoning and the
-// error bounds are in posterior_amx.h, posterior_screened.h and posterior_blocked.h).
+// thread through posterior_rows (posterior_large.h: screening and exact rescoring, from d = 16 on AMX or with
+// 8-bit dots on AVX-512, the rows a screen leaves and smaller d through the register-blocked kernel; the
+// reasoning and the error bounds are in posterior_amx.h, posterior_screened.h and posterior_blocked.h).
 #include <algorithm>
 #include <vector>
 
@@ -50,7 +50,7 @@ void posterior(const Cloud<T>& c, const T* x, int64_t M, const double* alpha, co
 const char* amx_unavailable() { return amx_unavailable_reason(); }
 bool amx_enabled() { return amx_switch().load(); }
 void set_amx_enabled(bool on) { amx_switch().store(on); }
-bool float_screen_built_in() { return float_screen_built(); }
+bool int8_screen_built_in() { return int8_screen_built(); }
 
 template void posterior<float>(const Cloud<float>&, const float*, int64_t, const double*, const double*, bool, float*,
                                float*);

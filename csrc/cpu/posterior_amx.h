@@ -37,9 +37,9 @@
 // e^{−T} of the largest either way.)
 // Row invariance: each element of a C tile is one query's dot with one point, and the anchor, the test and the
 // dense decision read that query's lane only.
-// The float engine: where AMX is not in use, an AVX-512 build runs this pass for kAmxMinD ≤ d < kFloatScreenEndD
-// with the dots as float FMAs (float_sweep, d/16 FMAs a pair, one level) and the bf16 terms left out of cd; the
-// test, the gather and the exact stages are the same (use_float_screen says where it pays).
+// The int8 engine: where AMX is not in use, an AVX-512 build runs this pass with 8-bit integer dot products
+// (int8_sweep: its own bound, which puts the dots above α x·y up to float rounding); the test, the levels, the
+// gather and the exact stages are the same (screen_engine says where it runs and why).
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -58,10 +58,11 @@
 #include "posterior_row.h"
 #include "posterior_screened.h"
 
-// The 16-query screen needs AVX-512 (F, BW, VL, DQ, and VBMI2 for the 16-bit survivor gather); its AMX engine
-// needs AMX-BF16 and AVX512-BF16 too, and Linux for the tile state.
+// The 16-query screen needs AVX-512 (F, BW, VL, DQ, VBMI2 for the 16-bit survivor gather and VNNI for the int8
+// engine: Ice Lake, Zen 4 and later); its AMX engine needs AMX-BF16 and AVX512-BF16 too, and Linux for the tile
+// state.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VBMI2__)
+    defined(__AVX512VBMI2__) && defined(__AVX512VNNI__)
 #define FASTDIFF_CPU_SCREEN16 1
 #include <immintrin.h>
 
@@ -82,18 +83,21 @@ inline constexpr int64_t kAmxMinD = 16;      // below, the blocked kernel (a til
 inline constexpr int64_t kNarrowDenseShare = 2;   // below kScreenMinD a row with more than N / 2 survivors is dense
                                                   // (N / 3 measured 5-10% slower at d = 16, σ = 0.5)
 inline constexpr int64_t kNarrowSample = 8;       // below kScreenMinD the pruning test runs on every 8th point first
-inline constexpr int64_t kFloatScreenEndD = 128;  // the float engine below (use_float_screen)
+inline constexpr int64_t kInt8ScreenEndD = int64_t(1) << 16;   // the int8 engine below (screen_engine; its
+                                                                // int32 sums hold 255·127·d)
 inline constexpr int64_t kAmxFirstDims = 256;   // the first screen's dimensions (amx_screen_block)
-static_assert(kFloatScreenEndD <= kAmxFirstDims, "the float engine screens in one level");
 inline constexpr int64_t kAmxMaxPoints = int64_t(1) << 18;   // the dots of a block are kept: 16 floats a point
 inline constexpr double kAmxMaxNorm = 1e18;  // |αx|·|y| ≤ 1e36: no float overflow in the dots
 inline constexpr double kAmxMaxCoef = 1e36;
+
+// The nearest float at or above x ≥ 0 (or +inf): a bound stored in float stays a bound.
+inline float float_up(double x) { return static_cast<float>(x * (1.0 + std::ldexp(1.0, -22)) + std::ldexp(1.0, -149)); }
 
 // Why this process cannot use AMX, or nullptr when it can. Asked once: the build must enable AMX-BF16 (its -march),
 // the CPU must have it and Linux must grant this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
 inline const char* amx_unavailable_reason() {
 #ifndef FASTDIFF_CPU_AMX
-  return "this build's -march does not enable AMX-BF16 with AVX512-BF16 and AVX512-VBMI2 (FASTDIFF_CPU_ARCH=native "
+  return "this build's -march does not enable AMX-BF16 with AVX512-BF16, VBMI2 and VNNI (FASTDIFF_CPU_ARCH=native "
          "on a CPU with AMX enables them)";
 #else
   static const char* const reason = []() -> const char* {
@@ -118,22 +122,22 @@ inline std::atomic<bool>& amx_switch() {
 
 inline bool amx_in_use() { return amx_switch().load(std::memory_order_relaxed) && !amx_unavailable_reason(); }
 
-template <typename T>
-inline bool use_amx(const Cloud<T>& c) {
-  // float only (a double call needs more than bf16 can screen); log-weights keep the AVX-512 screen (their
-  // per-point threshold is not in the three-FMA test)
-  return sizeof(T) == 4 && !c.log_w && c.d >= kAmxMinD && c.N <= kAmxMaxPoints && amx_in_use();
-}
+// The engine of the 16-query screen (AmxCloud), picked per call by screen_engine.
+enum class Engine : uint8_t {
+  none,   // no 16-query screen: the AVX-512 screen of posterior_screened.h from kScreenMinD, the blocked kernel
+  amx,    // bf16 tile products (TDPBF16PS)
+  int8,   // 8-bit integer dot products (VPDPBUSD) with a per-point and per-query scale (int8_sweep)
+};
 
-// Without AMX in use, an AVX-512 build screens kAmxMinD ≤ d < kFloatScreenEndD the same way with float dot
-// products (float_sweep), one level over every dimension. Below kScreenMinD the AVX-512 screen of
-// posterior_screened.h does not start (its bound costs as much as a point) and the blocked kernel alone spends ~5
-// vector operations a pair where this screen spends d/16 FMAs on the dots, ~0.3 on the test and the exact stage
-// on the survivors. From kScreenMinD that screen spends the same FMAs on its dots but ~2 double operations a pair
-// on its bound per chunk; it prunes chunk by chunk, though, which wins from d ≈ 128 (Xeon, AMX off, σ = 0.5 on
-// the bench's data, against it: d = 16 12.1 -> 5.7 ms (the blocked kernel), d = 40 3.5 -> 1.7, d = 64 4.2 -> 2.6,
-// d = 96 4.4 -> 3.9, d = 128 even, d = 256 1.7 -> 2.6).
-inline bool float_screen_built() {
+// Where AMX is not in use (an AVX-512 CPU without it, or turned off), the same screen runs with 8-bit integer dot
+// products: VPDPBUSD does 64 multiply-adds at the float FMA's rate (16), where VDPBF16PS, the AVX-512 bf16 dot,
+// runs at half that rate on Sapphire Rapids (measured: 2 cycles an instruction against 0.5). It replaces the
+// blocked kernel alone below kScreenMinD (where posterior_screened.h's bound costs as much as a point) and that
+// screen above (its float dots and double bound per 64-dimension chunk). Xeon with AMX turned off, bench data,
+// σ = 0.5, 2 threads, against those (and against the float-FMA engine this one replaced below d = 128):
+// d = 16 7.0 -> 6.2 ms, d = 40 2.3 -> 1.5, d = 64 3.3 -> 1.8, d = 96 4.6 -> 2.2, d = 128 5.4 -> 2.6,
+// d = 256 2.1 -> 1.5, d = 784 1.5 -> 0.82, d = 3072 1.6 -> 1.03; dense rows (σ = 4) within noise.
+inline bool int8_screen_built() {
 #ifdef FASTDIFF_CPU_SCREEN16
   return true;
 #else
@@ -142,9 +146,12 @@ inline bool float_screen_built() {
 }
 
 template <typename T>
-inline bool use_float_screen(const Cloud<T>& c) {
-  return float_screen_built() && sizeof(T) == 4 && !c.log_w && c.d >= kAmxMinD && c.d < kFloatScreenEndD &&
-         c.N <= kAmxMaxPoints && !amx_in_use();
+inline Engine screen_engine(const Cloud<T>& c) {
+  // float only (a double call needs more than bf16 or 8 bits can screen); log-weights keep the AVX-512 screen
+  // (their per-point threshold is not in the three-FMA test)
+  if (sizeof(T) != 4 || c.log_w || c.d < kAmxMinD || c.N > kAmxMaxPoints) return Engine::none;
+  if (amx_in_use()) return Engine::amx;
+  return int8_screen_built() && c.d < kInt8ScreenEndD ? Engine::int8 : Engine::none;
 }
 
 #ifdef FASTDIFF_CPU_SCREEN16
@@ -158,28 +165,40 @@ inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
   }
 }
 
-// The cloud in bf16 for the A operand (zeros past d and N), and its norms in float over each screen's dimensions.
-// Layout [groups][kp / 32][64 points][32]: the 64 points of a sweep group, 32 dimensions each, are one 4 KB run,
-// so each A tile (16 points) is 1 KB at a stride of 64 bytes. Row-major [np][kp] put a tile's 16 rows kp·2 bytes
-// apart (6 KB at d = 3072): 16 lines on 16 pages per load, and the tile products stalled on them. Packed lazily, a screen level and a sweep group of 64 points at a time, by whichever thread
-// first needs it (once.h): at d = 3072 the bench's rows decide within 512 dimensions, and packing all 3072 cost
-// as much as the screen.
+// The cloud as each engine reads it, and its norms in float over each screen's dimensions, packed lazily, a screen
+// level and a sweep group of 64 points at a time, by whichever thread first needs it (once.h): at d = 3072 the
+// bench's rows decide within 512 dimensions, and packing all 3072 cost as much as the screen.
+// - AMX: the A operand in bf16 (zeros past d and N), [groups][kp / 32][64 points][32]: the 64 points of a sweep
+//   group, 32 dimensions each, are one 4 KB run, so each A tile (16 points) is 1 KB at a stride of 64 bytes.
+//   Row-major [np][kp] put a tile's 16 rows kp·2 bytes apart (6 KB at d = 3072): 16 lines on 16 pages per load,
+//   and the tile products stalled on them.
+// - int8: each point's dimensions of a level as y ≈ s·q, q = round(y/s) in [−127, 127], s = max|y|/127 over the
+//   level, row-major [np][kp] (kp = d rounded up to 4), with s, 128·Σq and bounds on the level's |y| and on the
+//   residual |y − s·q| (pack_int8; int8_sweep says how they are used).
+// - float: the cloud as it is; the norms only.
 struct AmxCloud {
   const float* src;
-  bool bf16;                   // the AMX engine (bf16 tiles); else the float engine (float_sweep, one level),
-                               // which reads the cloud as it is and packs only its norms
+  Engine engine;
   int64_t d, N, kp, np, groups;
   std::vector<int64_t> ends;   // amx_screen_ends(kp)
   std::vector<double> mean_y;  // below kScreenMinD: the cloud's mean point and mean |y|² (amx_pass's dense guess)
   double mean_yy = 0.0;
-  PooledArray<uint16_t> y;     // [groups][kp / 32][64][32] (slice())
+  PooledArray<uint16_t> y;     // AMX: [groups][kp / 32][64][32] (slice())
+  PooledArray<int8_t> q;       // int8: [np][kp]
+  PooledArray<float> qscale;   // int8, [ends][np]: s over each level's own dimensions
+  PooledArray<float> qres;     //   ≥ |y − s·q| over them
+  PooledArray<float> qnorm;    //   ≥ |y| + |y − s·q| over them (≥ |s·q|)
+  PooledArray<int32_t> qoff;   //   128·Σq over them (the queries' bytes carry +128: int8_sweep)
   PooledArray<double> sums;    // [ends][np]: |y|² over [0, ends[l]) in double
   PooledArray<float> yy, ny;   // [ends][np]: the same and |y| in float (NaN past kAmxMaxNorm: never pruned)
   std::unique_ptr<std::atomic<uint8_t>[]> state;   // [ends][groups] (once.h)
-  AmxCloud(const Cloud<float>& c, bool bf16_)
-      : src(c.y), bf16(bf16_), d(c.d), N(c.N), kp((c.d + kAmxK - 1) / kAmxK * kAmxK),
+  AmxCloud(const Cloud<float>& c, Engine engine_)
+      : src(c.y), engine(engine_), d(c.d), N(c.N),
+        kp(engine_ == Engine::int8 ? (c.d + 3) / 4 * 4 : (c.d + kAmxK - 1) / kAmxK * kAmxK),
         np((c.N + kAmxSweep - 1) / kAmxSweep * kAmxSweep), groups(np / kAmxSweep), ends(amx_screen_ends(kp)),
-        y(bf16_ ? np * kp : 0), sums(ends.size() * np), yy(ends.size() * np), ny(ends.size() * np),
+        y(engine_ == Engine::amx ? np * kp : 0), q(engine_ == Engine::int8 ? np * kp : 0),
+        qscale(per_level(Engine::int8)), qres(per_level(Engine::int8)), qnorm(per_level(Engine::int8)),
+        qoff(per_level(Engine::int8)), sums(ends.size() * np), yy(ends.size() * np), ny(ends.size() * np),
         state(new std::atomic<uint8_t>[ends.size() * groups]()) {
     if (d >= kScreenMinD) return;
     mean_y.assign(d, 0.0);
@@ -192,6 +211,8 @@ struct AmxCloud {
     for (double& m : mean_y) m /= static_cast<double>(N);
     mean_yy /= static_cast<double>(N);
   }
+  // a [ends][np] array's length when the engine is e, else 0 (for the constructor: ends and np already set)
+  size_t per_level(Engine e) const { return engine == e ? ends.size() * np : 0; }
   // Level l's dimensions of the 64 points of group g, and their norms over [0, ends[l]).
   void ensure(size_t l, int64_t g) const {
     once(state[l * groups + g], [&] {
@@ -217,7 +238,7 @@ struct AmxCloud {
 
  private:
   void pack(size_t l, int64_t g) const {
-    if (!bf16) return pack_norms(g);
+    if (engine == Engine::int8) return pack_int8(l, g);
 #ifdef FASTDIFF_CPU_AMX
     const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
     for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
@@ -241,12 +262,56 @@ struct AmxCloud {
     }
 #endif
   }
-  // the float engine's one level (every dimension: d < kFloatScreenEndD ≤ kAmxFirstDims): the norms alone
-  void pack_norms(int64_t g) const {
+  // Level l of group g for the int8 engine: per point, s = max|y_k|/127 over the level's dimensions (1 when they
+  // are all 0) and q_k = y_k·(127/max) rounded to nearest and clamped to ±127; then the residual e_k = y_k − s·q_k
+  // as one FMA in float, within u·|e_k| + 2⁻¹⁴⁹ of its exact value. Any q would do: the bound uses the residual
+  // of the q chosen, summed in double (float squares are exact there), and |y|² over the level likewise.
+  // qres ≥ |e| (1e-6 relative covers u and the double sums, 2⁻¹⁴⁸·√n the underflow), qnorm ≥ |y_l| + |e| (so
+  // ≥ |s·q|). |e_k| ≤ 0.5001·s (y_k·inv is within 127·3u of y_k/s), so |e| ≤ |y_l|·√n/253.9, n the level's
+  // dimensions: amx_pass's κ.
+  void pack_int8(size_t l, int64_t g) const {
+    const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
+    const int64_t n = std::max<int64_t>(0, std::min(d, k_end) - k_begin);   // the level's real dimensions
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
     for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
-      double s = 0.0;
-      for (int64_t k = 0; j < N && k < d; ++k) s += static_cast<double>(src[j * d + k]) * src[j * d + k];
-      set_norms(0, j, s);
+      const int64_t nj = j < N ? n : 0;   // padding points are zeros
+      const float* row = src + std::min(j, N - 1) * d + k_begin;
+      int8_t* out = q.get() + j * kp + k_begin;
+      __m512 top = _mm512_setzero_ps();
+      for (int64_t k = 0; k < nj; k += 16) {
+        const __mmask16 m = nj - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nj - k)) - 1);
+        top = _mm512_max_ps(top, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, row + k)));
+      }
+      const double mx = _mm512_reduce_max_ps(top);
+      const float s = mx > 0.0 ? static_cast<float>(mx / 127.0) : 1.0f;
+      const __m512 inv = _mm512_set1_ps(mx > 0.0 ? static_cast<float>(std::min(127.0 / mx, 3e38)) : 0.0f);
+      const __m512 neg_s = _mm512_set1_ps(-s);
+      __m512d yacc = _mm512_setzero_pd(), eacc = _mm512_setzero_pd();
+      __m512i qsum = _mm512_setzero_si512();
+      for (int64_t k = 0; k < k_end - k_begin; k += 16) {
+        const int64_t left = k_end - k_begin - k;   // a multiple of 4, ≥ 4
+        const __mmask16 store = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+        const __mmask16 m = k >= nj ? 0 : nj - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nj - k)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(m, row + k);
+        const __m512i qi = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+        _mm512_mask_cvtsepi32_storeu_epi8(out + k, store, qi);
+        qsum = _mm512_add_epi32(qsum, qi);
+        const __m512 e = _mm512_fmadd_ps(neg_s, _mm512_cvtepi32_ps(qi), v);
+        const __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), v1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+        const __m512d e0 = _mm512_cvtps_pd(_mm512_castps512_ps256(e)), e1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1));
+        yacc = _mm512_fmadd_pd(v0, v0, _mm512_fmadd_pd(v1, v1, yacc));
+        eacc = _mm512_fmadd_pd(e0, e0, _mm512_fmadd_pd(e1, e1, eacc));
+      }
+      const double ys = _mm512_reduce_add_pd(yacc);
+      const double res = std::sqrt(_mm512_reduce_add_pd(eacc)) * (1.0 + 1e-6) +
+                         std::sqrt(static_cast<double>(nj)) * std::ldexp(1.0, -148);
+      const size_t at = l * np + j;
+      qscale[at] = s;
+      qres[at] = float_up(res);
+      qnorm[at] = float_up((std::sqrt(ys) + res) * (1.0 + 1e-6));
+      qoff[at] = 128 * _mm512_reduce_add_epi32(qsum);
+      set_norms(l, j, (l ? sums[(l - 1) * np + j] : 0.0) + ys);
     }
   }
   void set_norms(size_t l, int64_t j, double s) const {
@@ -261,7 +326,9 @@ struct AmxCloud {
 // Per-thread scratch for one block of kAmxRows queries.
 struct AmxWork {
   PooledArray<uint16_t> xb;                    // AMX: [kp / 32][16 pairs][16 queries][2]: the B operand
-  PooledArray<float> xf;                       // float engine: [d][16 queries] α_r·x_r
+  PooledArray<uint8_t> xq;                     // int8 engine: [level dims / 4][16 queries][4] p + 128
+  alignas(64) float qt[kAmxRows], qa[kAmxRows], qb[kAmxRows];   // int8: per query t, ≥ |αx − t·p|, ≥ |αx|
+  double qa_sum[kAmxRows];                     //   Σ qa over the levels so far (amx_pass's coarse test)
   PooledArray<float> dots;                     // [np][16]: point j's dots with the block's queries
   PooledArray<uint16_t> keep;                  // [np]: point j's pruning test, bit r for query r
   PooledArray<int32_t> found;                  // [np + 16]: one query's survivors as they are gathered (int32,
@@ -272,7 +339,9 @@ struct AmxWork {
   int64_t near_n[kAmxRows] = {};               //   indices (uint16_t when N ≤ 2¹⁶, else int32_t), and their count
   Rescore rescore;                             // finish_row's scratch
   explicit AmxWork(const AmxCloud& ac)
-      : xb(ac.bf16 ? ac.kp / 2 * kAmxRows * 2 : 0), xf(ac.bf16 ? 0 : ac.d * kAmxRows), dots(ac.np * kAmxRows),
+      : xb(ac.engine == Engine::amx ? ac.kp / 2 * kAmxRows * 2 : 0),
+        xq(ac.engine == Engine::int8 ? ac.kp * kAmxRows : 0),
+        dots(ac.np * kAmxRows),
         keep(ac.np), found(ac.np + 16), near_stride(ac.np + 32),
         near(ac.d < kScreenMinD ? kAmxRows * near_stride : 0) {
     rescore.acc.resize(ac.d);
@@ -426,39 +495,87 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
 
 #endif   // FASTDIFF_CPU_AMX
 
-// The float engine (kAmxMinD ≤ d < kFloatScreenEndD, one level): the block's queries xf[k][r] = fl(fl(α_r)·x_r[k]),
-// then dots[j][r] = Σ_k y_j[k]·xf[k][r] as one FMA chain over k in order (16 queries a vector, eight points at a
-// time: eight independent chains), read from the cloud as it is. Error: ≤ (2u + u²)·|αx|·|y| from xf and
-// γ_d·Σ|xf_k y_k| from the chain (amx_pass's cd with the bf16 terms left out). A partial block repeats its last
-// row (as amx_pack_queries); padding points (j ≥ N) read point N − 1 and are never tested.
-inline void float_pack_queries(const AmxCloud& ac, const float* const* xs, const double* alpha, AmxWork& w) {
-  float* __restrict xf = w.xf.get();
+// The int8 engine (kAmxMinD ≤ d < kInt8ScreenEndD, any number of levels). Over a level's n dimensions, each
+// query's xa = fl(fl(α)·x) is written t·p + f (t = max|xa_k|/127, p_k = round(xa_k/t) in [−127, 127], f the
+// residual, exact in double) and each point's y = s·q + e (pack_int8). Then exactly
+//   xa·y = t·s·(p·q) + s·(f·q) + xa·e,   |s·(f·q)| ≤ |f|·|s·q| ≤ |f|·qnorm,   |xa·e| ≤ |xa|·qres,
+// with p·q an exact integer: VPDPBUSD sums 4 products of an unsigned and a signed byte into int32, so the
+// queries go in as p + 128 (1 to 255) and 128·Σq (qoff) comes off. The level adds to dots
+//   G = fl(fl(I)·fl(t·s)) + fl(qa·qnorm + fl(qb·qres)),   qa ≥ |f|, qb ≥ |xa|   (int8_sweep)
+// an upper bound on xa·y over the level up to the float roundings: with I exact below 2²⁴ (|I| ≤ 127²·n), each
+// level's G is within 4u of |t·s·I| + qa·qnorm + qb·qres, and the running sum over L levels within (4 + L)·u of
+// the sum of those, which is ≤ (1 + 2κ)·|xa|·|y| over [0, K) (Cauchy–Schwarz over the levels; κ = 2r + r²,
+// r = √n/253.9 bounds |f|/|xa| and |e|/|y|, the float roundings of xa from α·x 4u·|αx|·|y| more): amx_pass's cd.
+// So dots ≥ α x·y − cd·|αx|·|y| − e0: the same bound as the other engines, on an upper estimate, plus room in
+// the 6u margins for |G| ≤ 1.02·(1 + 2κ)·|αx|·|y|. The anchor search reads the same G (any point is a valid
+// anchor: its logit is computed exactly).
+// Why: 64 byte products an instruction at the float FMA's rate, and a level costs n/4 VPDPBUSD and ~8 vector
+// operations per (point, 16 queries) against n FMAs; the slack, ~2⁻⁶·|αx|·|y| on the bench's data (κ ≈ 2⁻⁵ at
+// n = 64 for Gaussian coordinates, whose max is ~3.5 their root mean square), is about twice bf16's.
+inline void int8_pack_queries(const AmxCloud& ac, const float* const* xs, const double* alpha, size_t level,
+                              AmxWork& w) {
+  const int64_t k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
+  const int64_t n = std::max<int64_t>(0, std::min(ac.d, k_end) - k_begin);
+  uint8_t* __restrict xq = w.xq.get();
   for (int r = 0; r < kAmxRows; ++r) {
     const float a = static_cast<float>(alpha[r]);
-    for (int64_t k = 0; k < ac.d; ++k) xf[k * kAmxRows + r] = a * xs[r][k];
+    const float* __restrict x = xs[r] + k_begin;
+    double mx = 0.0;
+    for (int64_t k = 0; k < n; ++k) mx = std::max(mx, static_cast<double>(std::abs(a * x[k])));
+    const float t = mx > 0.0 ? static_cast<float>(mx / 127.0) : 1.0f;
+    double ff = 0.0, xx = 0.0;
+    for (int64_t k = 0; k < k_end - k_begin; ++k) {
+      const double xa = k < n ? static_cast<double>(a * x[k]) : 0.0;
+      const double p = std::clamp(std::nearbyint(xa / static_cast<double>(t)), -127.0, 127.0);
+      const double f = xa - static_cast<double>(t) * p;   // exact (header)
+      ff += f * f;
+      xx += xa * xa;
+      xq[(k / 4 * kAmxRows + r) * 4 + k % 4] = static_cast<uint8_t>(static_cast<int>(p) + 128);
+    }
+    w.qt[r] = t;
+    w.qa[r] = float_up(std::sqrt(ff) * (1.0 + 1e-9));
+    w.qb[r] = float_up(std::sqrt(xx) * (1.0 + 1e-9));
+    w.qa_sum[r] = (level ? w.qa_sum[r] : 0.0) + w.qa[r];
   }
 }
 
-inline void float_sweep(const AmxCloud& ac, const double* alpha, AmxWork& w, int32_t* best_point) {
+// dots[j][r] (+)= G of query r with point j over screen `level`'s dimensions (header), eight points at a time
+// (eight int32 accumulators of 16 queries); with best_point, each query's anchor candidate too (AnchorSearch).
+inline void int8_sweep(const AmxCloud& ac, size_t level, const double* alpha, AmxWork& w, int32_t* best_point) {
   constexpr int P = 8;
-  const int64_t N = ac.N, d = ac.d;
-  const float* yy = ac.level_yy(0);
-  const float* xf = w.xf.get();
+  using Word = int32_t __attribute__((may_alias, aligned(1)));
+  const int64_t N = ac.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
+  const int64_t n4 = (k_end - k_begin) / 4;
+  const size_t at = level * ac.np;
+  const float *yy = ac.level_yy(level), *scale = ac.qscale.get() + at, *res = ac.qres.get() + at;
+  const float* norm = ac.qnorm.get() + at;
+  const int32_t* off = ac.qoff.get() + at;
+  const __m512i* xq = reinterpret_cast<const __m512i*>(w.xq.get());
+  const __m512 t = _mm512_load_ps(w.qt), qa = _mm512_load_ps(w.qa), qb = _mm512_load_ps(w.qb);
   float* dots = w.dots.get();
   AnchorSearch anchor(alpha);
   for (int64_t p0 = 0; p0 < ac.np; p0 += kAmxSweep) {
-    ac.ensure_sweep(0, p0 / kAmxSweep);
+    ac.ensure_sweep(level, p0 / kAmxSweep);
     float* out = dots + p0 * kAmxRows;
     for (int64_t l = 0; l < kAmxSweep; l += P) {
-      const float* y[P];
-      for (int q = 0; q < P; ++q) y[q] = ac.src + std::min(p0 + l + q, N - 1) * d;
-      __m512 acc[P];
-      for (int q = 0; q < P; ++q) acc[q] = _mm512_setzero_ps();
-      for (int64_t k = 0; k < d; ++k) {
-        const __m512 xk = _mm512_load_ps(xf + k * kAmxRows);
-        for (int q = 0; q < P; ++q) acc[q] = _mm512_fmadd_ps(_mm512_set1_ps(y[q][k]), xk, acc[q]);
+      const Word* y[P];
+      __m512i acc[P];
+      for (int q = 0; q < P; ++q) {
+        y[q] = reinterpret_cast<const Word*>(ac.q.get() + (p0 + l + q) * ac.kp + k_begin);
+        acc[q] = _mm512_setzero_si512();
       }
-      for (int q = 0; q < P; ++q) _mm512_store_ps(out + (l + q) * kAmxRows, acc[q]);
+      for (int64_t i = 0; i < n4; ++i) {
+        const __m512i xv = _mm512_load_si512(xq + i);
+        for (int q = 0; q < P; ++q) acc[q] = _mm512_dpbusd_epi32(acc[q], xv, _mm512_set1_epi32(y[q][i]));
+      }
+      for (int q = 0; q < P; ++q) {
+        const int64_t j = p0 + l + q;
+        const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[q], _mm512_set1_epi32(off[j])));
+        const __m512 bound = _mm512_fmadd_ps(qa, _mm512_set1_ps(norm[j]), _mm512_mul_ps(qb, _mm512_set1_ps(res[j])));
+        __m512 g = _mm512_fmadd_ps(dot, _mm512_mul_ps(t, _mm512_set1_ps(scale[j])), bound);
+        if (level) g = _mm512_add_ps(_mm512_load_ps(out + (l + q) * kAmxRows), g);
+        _mm512_store_ps(out + (l + q) * kAmxRows, g);
+      }
     }
     if (best_point) anchor.group(out, yy, p0, N);
   }
@@ -543,25 +660,29 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
   const int64_t N = c.N, k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
   const float *yy = ac.level_yy(level), *ny = ac.level_ny(level);   // packed by the sweep
   const double K = static_cast<double>(k_end), rootK = std::sqrt(K);
-  // the dots' error per |αx|·|y| (header; the float engine's without the bf16 roundings: float_sweep)
-  const double gammaK = K * u / (1.0 - K * u), cd = (ac.bf16 ? 2.0 * ub + ub * ub : 0.0) + 4.0 * u + 1.01 * gammaK;
+  // the dots' error per |αx|·|y| (AMX: header; int8: its float roundings, the quantisation being in the dots
+  // already: int8_sweep), and a bound on |dots| per |αx|·|y| for the 6u margins below
+  const double gammaK = K * u / (1.0 - K * u), rq = rootK / 253.9, kappa = 2.0 * rq + rq * rq;
+  const double cd = ac.engine == Engine::int8 ? 4.0 * u + (5.0 + static_cast<double>(level)) * u * (1.0 + 2.0 * kappa)
+                                              : 2.0 * ub + ub * ub + 4.0 * u + 1.01 * gammaK;
+  const double gmax = ac.engine == Engine::int8 ? 1.02 * (1.0 + 2.0 * kappa) : 1.02;
   const double e0_unit = std::ldexp(1.0, -120), f = 1.0 / (1.0 - 32.0 * u);
   const double prune_nats = std::log(static_cast<double>(N)) + kPruneNats<float>;
   const double lowest = -0.5 * static_cast<double>(std::numeric_limits<float>::max());
   alignas(64) int32_t best_point[R];
-  if (ac.bf16) {
+  if (ac.engine == Engine::amx) {
 #ifdef FASTDIFF_CPU_AMX
     amx_pack_queries(ac, xs, alpha, k_begin, k_end, w);
     asm volatile("" ::: "memory");     // as in amx_sweep: the tile loads read what was just stored
     amx_sweep(ac, level, alpha, w, level == 0 ? best_point : nullptr);
 #endif
-  } else {   // one level: every dimension
-    float_pack_queries(ac, xs, alpha, w);
-    float_sweep(ac, alpha, w, best_point);
+  } else {
+    int8_pack_queries(ac, xs, alpha, level, w);
+    int8_sweep(ac, level, alpha, w, level == 0 ? best_point : nullptr);
   }
   AmxPass out;
   alignas(64) float Qf[R] = {}, Af[R] = {}, Sf[R] = {};
-  double slack[R] = {}, window[R] = {};   // per row: 2cd·|αx| (times |y|: the bf16 slack) and f²ρ²
+  double slack[R] = {}, window[R] = {};   // per row: 2cd·|αx| (times |y|: the bf16 or int8 slack) and f²ρ²
   for (int r = 0; r < R; ++r) {
     if (!(rows >> r & 1u)) continue;
     const float* __restrict x = xs[r];
@@ -580,7 +701,7 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
     }
     // the pruning rule's terms (header): ρ² = (0 − cut)/inv2c, y_term = 4u|c2|
     const double rho = std::sqrt(std::max(0.0, -cut[r]) / prm[r].inv2c);
-    slack[r] = 2.0 * cd * nax;
+    slack[r] = 2.0 * cd * nax + (ac.engine == Engine::int8 ? 4.0 * w.qa_sum[r] : 0.0);   // int8: ~2|f|·2
     window[r] = f * f * rho * rho;
     const double yterm = 4.0 * u * std::abs(static_cast<double>(prm[r].c2));
     const double e0 = e0_unit * (K + rootK * nax);
@@ -588,7 +709,7 @@ inline AmxPass amx_pass(const Cloud<float>& c, const AmxCloud& ac, size_t level,
     const double A = a2 * (1.0 - 1e-12) - f * f * yterm * yterm;
     const double S = 2.0 * cd * nax + 2.0 * e0_unit * rootK + 2.0 * f * f * rho * yterm;
     const double Am = A - 6.0 * u * std::abs(A);
-    const double Sm = S + 6.0 * u * (S + 2.04 * nax + 4.0 * e0_unit * rootK);
+    const double Sm = S + 6.0 * u * (S + 2.0 * gmax * nax + 4.0 * e0_unit * rootK);
     const double Qm = Q - 6.0 * u * (std::abs(Q) + 2.0 * e0) - std::ldexp(1.0, -100) -
                       (std::abs(Am) + Sm) * std::ldexp(1.0, -149);
     const double abs_alpha = std::abs(alpha[r]);
@@ -704,11 +825,10 @@ inline unsigned amx_screen_block(const Cloud<float>& c, const AmxCloud& ac, int 
   return dense;
 }
 
-#else   // no AVX-512 screen in this build: use_amx() and use_float_screen() are false, so these are never made or
-        // called
+#else   // no AVX-512 screen in this build: screen_engine() is none, so these are never made or called
 
 struct AmxCloud {
-  AmxCloud(const Cloud<float>&, bool) {}
+  AmxCloud(const Cloud<float>&, Engine) {}
 };
 struct AmxWork {
   explicit AmxWork(const AmxCloud&) {}

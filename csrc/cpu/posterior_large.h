@@ -1,6 +1,6 @@
 // The large-d posterior of a group of rows (d >= 5), shared by the posterior, pointcloud_step and pointcloud_sample
-// kernels: each block of rows is screened (posterior_amx.h on a CPU with AMX, float, no log-weights, from d = 16,
-// or with its float engine below d = 128 on other AVX-512 builds; else posterior_screened.h from d = 32), and the
+// kernels: each block of rows is screened (float, no log-weights, from d = 16: posterior_amx.h, on AMX where the
+// CPU has it, else with its int8 engine on AVX-512 with VNNI; otherwise posterior_screened.h from d = 32), and the
 // rows a screen finds dense, and every row at smaller d, go through the register-blocked kernel
 // (posterior_blocked.h). The reasoning and the error bounds are in those files.
 #pragma once
@@ -22,7 +22,8 @@ template <typename T>
 struct LargeCloud {
   const Cloud<T>& c;
   PackedCloud<T> packed;                    // the blocked kernel's tiles (posterior_blocked.h)
-  std::unique_ptr<AmxCloud> amx;            // the AMX screen's bf16 cloud, or null (use_amx)
+  std::unique_ptr<AmxCloud> amx;            // the 16-query screen's cloud (AMX, int8 or float), or null
+                                            // (screen_engine)
   std::unique_ptr<ScreenCloud<T>> screen;   // the AVX-512 screen's layout (also for AMX's coarse rows): null below
                                             // kScreenMinD and past kScreenMaxPoints
   double lw_max;                            // for the far-row test (0 without log-weights)
@@ -34,8 +35,8 @@ struct LargeCloud {
  private:
   static AmxCloud* make_amx(const Cloud<T>& c) {
     if constexpr (std::is_same_v<T, float>) {
-      if (use_amx(c)) return new AmxCloud(c, true);
-      if (use_float_screen(c)) return new AmxCloud(c, false);
+      const Engine e = screen_engine(c);
+      if (e != Engine::none) return new AmxCloud(c, e);
     }
     return nullptr;
   }
