@@ -265,9 +265,10 @@ struct AmxCloud {
   // Level l of group g for the int8 engine: per point, s = max|y_k|/127 over the level's dimensions (1 when they
   // are all 0) and q_k = y_k·(127/max) rounded to nearest and clamped to ±127; then the residual e_k = y_k − s·q_k
   // as one FMA in float, within u·|e_k| + 2⁻¹⁴⁹ of its exact value. Any q would do: the bound uses the residual
-  // of the q chosen, summed in double (float squares are exact there), and |y|² over the level likewise.
-  // qres ≥ |e| (1e-6 relative covers u and the double sums, 2⁻¹⁴⁸·√n the underflow), qnorm ≥ |y_l| + |e| (so
-  // ≥ |s·q|). |e_k| ≤ 0.5001·s (y_k·inv is within 127·3u of y_k/s), so |e| ≤ |y_l|·√n/253.9, n the level's
+  // of the q chosen. Its squares are summed in float, 16 lanes of ≤ n/16 terms then a tree (≤ γ_{n/16+4} ≤ 1e-3
+  // relative for n ≤ 2¹⁶, and ≤ 2⁻¹⁴⁹ absolute per operation in the denormal range), |y|² in double (exact
+  // squares, as the other norms). qres ≥ |e| (1e-3 and 1e-6 relative, 2⁻¹⁴⁸·n and 2⁻¹⁴⁸·√n absolute cover those
+  // and u), qnorm ≥ |y_l| + |e| (so ≥ |s·q|). |e_k| ≤ 0.5001·s (y_k·inv is within 127·3u of y_k/s), so |e| ≤ |y_l|·√n/253.9, n the level's
   // dimensions: amx_pass's κ.
   void pack_int8(size_t l, int64_t g) const {
     const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
@@ -287,25 +288,28 @@ struct AmxCloud {
       const float s = mx > 0.0 ? static_cast<float>(mx / 127.0) : 1.0f;
       const __m512 inv = _mm512_set1_ps(mx > 0.0 ? static_cast<float>(std::min(127.0 / mx, 3e38)) : 0.0f);
       const __m512 neg_s = _mm512_set1_ps(-s);
-      __m512d yacc = _mm512_setzero_pd(), eacc = _mm512_setzero_pd();
+      __m512d yacc = _mm512_setzero_pd();
+      __m512 eacc = _mm512_setzero_ps();
       __m512i qsum = _mm512_setzero_si512();
       for (int64_t k = 0; k < k_end - k_begin; k += 16) {
         const int64_t left = k_end - k_begin - k;   // a multiple of 4, ≥ 4
-        const __mmask16 store = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
         const __mmask16 m = k >= nj ? 0 : nj - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nj - k)) - 1);
         const __m512 v = _mm512_maskz_loadu_ps(m, row + k);
         const __m512i qi = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
-        _mm512_mask_cvtsepi32_storeu_epi8(out + k, store, qi);
+        const __m128i bytes = _mm512_cvtepi32_epi8(qi);
+        if (left >= 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), bytes);
+        else _mm_mask_storeu_epi8(out + k, static_cast<__mmask16>((1u << left) - 1), bytes);   // not past the row
         qsum = _mm512_add_epi32(qsum, qi);
         const __m512 e = _mm512_fmadd_ps(neg_s, _mm512_cvtepi32_ps(qi), v);
         const __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), v1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
-        const __m512d e0 = _mm512_cvtps_pd(_mm512_castps512_ps256(e)), e1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(e, 1));
         yacc = _mm512_fmadd_pd(v0, v0, _mm512_fmadd_pd(v1, v1, yacc));
-        eacc = _mm512_fmadd_pd(e0, e0, _mm512_fmadd_pd(e1, e1, eacc));
+        eacc = _mm512_fmadd_ps(e, e, eacc);
       }
       const double ys = _mm512_reduce_add_pd(yacc);
-      const double res = std::sqrt(_mm512_reduce_add_pd(eacc)) * (1.0 + 1e-6) +
-                         std::sqrt(static_cast<double>(nj)) * std::ldexp(1.0, -148);
+      const double n_sq = static_cast<double>(nj);
+      const double res = std::sqrt(static_cast<double>(_mm512_reduce_add_ps(eacc)) * (1.0 + 1e-3) +
+                                   n_sq * std::ldexp(1.0, -148)) * (1.0 + 1e-6) +
+                         std::sqrt(n_sq) * std::ldexp(1.0, -148);
       const size_t at = l * np + j;
       qscale[at] = s;
       qres[at] = float_up(res);
@@ -496,8 +500,9 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
 #endif   // FASTDIFF_CPU_AMX
 
 // The int8 engine (kAmxMinD ≤ d < kInt8ScreenEndD, any number of levels). Over a level's n dimensions, each
-// query's xa = fl(fl(α)·x) is written t·p + f (t = max|xa_k|/127, p_k = round(xa_k/t) in [−127, 127], f the
-// residual, exact in double) and each point's y = s·q + e (pack_int8). Then exactly
+// query's xa = fl(fl(α)·x) is written t·p + f (t = max|xa_k|/127, p_k = xa_k·(127/max) rounded to nearest and
+// clamped to ±127, f the residual: one FMA in float, its norm summed in double and rounded up, as the points'
+// in pack_int8) and each point's y = s·q + e (pack_int8). Any p and q would do. Then exactly
 //   xa·y = t·s·(p·q) + s·(f·q) + xa·e,   |s·(f·q)| ≤ |f|·|s·q| ≤ |f|·qnorm,   |xa·e| ≤ |xa|·qres,
 // with p·q an exact integer: VPDPBUSD sums 4 products of an unsigned and a signed byte into int32, so the
 // queries go in as p + 128 (1 to 255) and 128·Σq (qoff) comes off. The level adds to dots
@@ -510,33 +515,56 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
 // the 6u margins for |G| ≤ 1.02·(1 + 2κ)·|αx|·|y|. The anchor search reads the same G (any point is a valid
 // anchor: its logit is computed exactly).
 // Why: 64 byte products an instruction at the float FMA's rate, and a level costs n/4 VPDPBUSD and ~8 vector
-// operations per (point, 16 queries) against n FMAs; the slack, ~2⁻⁶·|αx|·|y| on the bench's data (κ ≈ 2⁻⁵ at
-// n = 64 for Gaussian coordinates, whose max is ~3.5 their root mean square), is about twice bf16's.
+// operations per (point, 16 queries) against n FMAs. The price: the slack, |f|/|αx| + |e|/|y| ≈ 2⁻⁶ of |αx|·|y|
+// for Gaussian coordinates (the max ~3.5 root mean squares, a rounding error 1/√12 of a step), is about twice
+// bf16's; a pair it keeps is rescored exactly.
 inline void int8_pack_queries(const AmxCloud& ac, const float* const* xs, const double* alpha, size_t level,
                               AmxWork& w) {
-  const int64_t k_begin = level ? ac.ends[level - 1] : 0, k_end = ac.ends[level];
-  const int64_t n = std::max<int64_t>(0, std::min(ac.d, k_end) - k_begin);
-  uint8_t* __restrict xq = w.xq.get();
+  const int64_t k_begin = level ? ac.ends[level - 1] : 0, width = ac.ends[level] - k_begin;   // a multiple of 4
+  const int64_t n = std::max<int64_t>(0, std::min(ac.d - k_begin, width));   // the level's real dimensions
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), bias = _mm512_set1_epi32(128);
+  int32_t* xq = reinterpret_cast<int32_t*>(w.xq.get());   // [width / 4][16 queries]: 4 bytes a query
   for (int r = 0; r < kAmxRows; ++r) {
-    const float a = static_cast<float>(alpha[r]);
-    const float* __restrict x = xs[r] + k_begin;
-    double mx = 0.0;
-    for (int64_t k = 0; k < n; ++k) mx = std::max(mx, static_cast<double>(std::abs(a * x[k])));
+    const __m512 a = _mm512_set1_ps(static_cast<float>(alpha[r]));
+    const float* x = xs[r] + k_begin;
+    const auto real = [&](int64_t k) {   // the mask of dimensions k..k+15 inside the level's real ones
+      return k >= n ? __mmask16(0) : n - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - k)) - 1);
+    };
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n; k += 16)
+      top = _mm512_max_ps(top, _mm512_andnot_ps(sign, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(real(k), x + k))));
+    const double mx = _mm512_reduce_max_ps(top);
     const float t = mx > 0.0 ? static_cast<float>(mx / 127.0) : 1.0f;
-    double ff = 0.0, xx = 0.0;
-    for (int64_t k = 0; k < k_end - k_begin; ++k) {
-      const double xa = k < n ? static_cast<double>(a * x[k]) : 0.0;
-      const double p = std::clamp(std::nearbyint(xa / static_cast<double>(t)), -127.0, 127.0);
-      const double f = xa - static_cast<double>(t) * p;   // exact (header)
-      ff += f * f;
-      xx += xa * xa;
-      xq[(k / 4 * kAmxRows + r) * 4 + k % 4] = static_cast<uint8_t>(static_cast<int>(p) + 128);
+    const __m512 inv = _mm512_set1_ps(mx > 0.0 ? static_cast<float>(std::min(127.0 / mx, 3e38)) : 0.0f);
+    const __m512 neg_t = _mm512_set1_ps(-t);
+    __m512d ff = _mm512_setzero_pd(), xx = _mm512_setzero_pd();
+    for (int64_t k = 0; k < width; k += 16) {
+      const __m512 xa = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(real(k), x + k));   // fl(fl(α)·x), 0 past n
+      const __m512i p = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(xa, inv)), lo), hi);
+      const __m512 f = _mm512_fmadd_ps(neg_t, _mm512_cvtepi32_ps(p), xa);   // one rounding: ≤ u|f| + 2⁻¹⁴⁹
+      const __m512d f0 = _mm512_cvtps_pd(_mm512_castps512_ps256(f)), f1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
+      const __m512d x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(xa));
+      const __m512d x1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(xa, 1));
+      ff = _mm512_fmadd_pd(f0, f0, _mm512_fmadd_pd(f1, f1, ff));
+      xx = _mm512_fmadd_pd(x0, x0, _mm512_fmadd_pd(x1, x1, xx));
+      alignas(16) int32_t word[4];   // dimensions k + 4i .. k + 4i + 3 as bytes p + 128
+      _mm_store_si128(reinterpret_cast<__m128i*>(word), _mm512_cvtepi32_epi8(_mm512_add_epi32(p, bias)));
+      for (int64_t i = 0; i < 4 && k + 4 * i < width; ++i) xq[(k / 4 + i) * kAmxRows + r] = word[i];
     }
     w.qt[r] = t;
-    w.qa[r] = float_up(std::sqrt(ff) * (1.0 + 1e-9));
-    w.qb[r] = float_up(std::sqrt(xx) * (1.0 + 1e-9));
+    w.qa[r] = float_up(std::sqrt(_mm512_reduce_add_pd(ff)) * (1.0 + 1e-6) +
+                       std::sqrt(static_cast<double>(n)) * std::ldexp(1.0, -148));
+    w.qb[r] = float_up(std::sqrt(_mm512_reduce_add_pd(xx)) * (1.0 + 1e-9));
     w.qa_sum[r] = (level ? w.qa_sum[r] : 0.0) + w.qa[r];
   }
+}
+
+// acc += per lane the 4 products of xv's unsigned bytes with the 4 signed bytes at y (VPDPBUSD, the word at y
+// broadcast from memory). Inline asm: GCC 12 copies each accumulator out and back around the intrinsic.
+inline __m512i dpbusd_broadcast(__m512i acc, __m512i xv, const int32_t* y) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(xv), "m"(*y));
+  return acc;
 }
 
 // dots[j][r] (+)= G of query r with point j over screen `level`'s dimensions (header), eight points at a time
@@ -566,7 +594,7 @@ inline void int8_sweep(const AmxCloud& ac, size_t level, const double* alpha, Am
       }
       for (int64_t i = 0; i < n4; ++i) {
         const __m512i xv = _mm512_load_si512(xq + i);
-        for (int q = 0; q < P; ++q) acc[q] = _mm512_dpbusd_epi32(acc[q], xv, _mm512_set1_epi32(y[q][i]));
+        for (int q = 0; q < P; ++q) acc[q] = dpbusd_broadcast(acc[q], xv, y[q] + i);
       }
       for (int q = 0; q < P; ++q) {
         const int64_t j = p0 + l + q;
