@@ -136,7 +136,8 @@ enum class Engine : uint8_t {
 // screen above (its float dots and double bound per 64-dimension chunk). Xeon with AMX turned off, bench data,
 // σ = 0.5, 2 threads, against those (and against the float-FMA engine this one replaced below d = 128):
 // d = 16 7.0 -> 6.2 ms, d = 40 2.3 -> 1.5, d = 64 3.3 -> 1.8, d = 96 4.6 -> 2.2, d = 128 5.4 -> 2.6,
-// d = 256 2.1 -> 1.5, d = 784 1.5 -> 0.82, d = 3072 1.6 -> 1.03; dense rows (σ = 4) within noise.
+// d = 256 2.1 -> 1.5, d = 784 1.5 -> 0.82, d = 3072 1.6 -> 1.03 (then 0.70 and 0.92 with the vector query
+// packing and the inline-asm VPDPBUSD); dense rows (σ = 4) within noise.
 inline bool int8_screen_built() {
 #ifdef FASTDIFF_CPU_SCREEN16
   return true;
