@@ -2,9 +2,10 @@
 the AVX-512 screen's anchor, pruning rule and exact stage.
 
 The other posterior tests run the cpu backend with AMX on wherever this machine has it. These pin what is AMX's
-own: bits equal to the AVX-512 screen's (both sum exactly the survivors within T of the best logit), the bf16
-slack where the rounding errors all point one way, the rows and points that must bypass it, and the AVX-512
-screen itself, which AMX hides on such a machine, through the main screening checks with AMX off.
+own: bits equal to the screen's without AMX (both sum exactly the survivors within T of the best logit), the bf16
+slack where the rounding errors all point one way, the rows and points that must bypass it; and, with AMX off,
+the int8 engine that AVX-512 CPUs without AMX run (its bound sharp where every quantisation residual points one
+way, its scales at their edges) and the main screening checks, which AMX hides on such a machine.
 """
 from __future__ import annotations
 
@@ -75,9 +76,10 @@ def few_points_share_the_weight(x, y, alpha, sigma, most=24):
 @needs_amx
 @pytest.mark.parametrize("d", [33, 64, 100, 784])
 @pytest.mark.parametrize("sigma, alpha", [(0.5, 0.9), (1e-3, 1 / math.sqrt(1 + 1e-6)), (0.05, 0.3)])
-def test_amx_screen_equals_the_avx512_screen_bit_for_bit(d, sigma, alpha):
-    """37 rows, 1003 points, clustered: every row screened by both (checked), D and L identical; and within
-    the float32 contract of the float64 reference."""
+def test_amx_screen_equals_the_screen_without_amx_bit_for_bit(d, sigma, alpha):
+    """37 rows, 1003 points, clustered: every row screened by AMX and, with AMX off, by the int8 engine (few
+    points share the weight: checked), D and L identical; and within the float32 contract of the float64
+    reference."""
     x, y = clustered_problem(d, 37, 1003, sigma, alpha, seed=d)
     assert few_points_share_the_weight(x, y, alpha, sigma)
     on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, backend="cpu"))
@@ -257,8 +259,8 @@ def test_rows_decided_at_later_screen_levels(d, weak, levels):
     """Rows decided at level 1 (d = 784: 256 → 512 dimensions) and level 2 (d = 1100: 256 → 512 → 1024): the dots
     accumulated across levels, the cloud's per-level norms and the queries' partial |x|², with per-row α (both
     sides of ½) and σ in one 16-row block, with and without a bandwidth: against the reference, and each row alone
-    (scalar α, σ) equals its row of the batch. At d = 784 the AVX-512 screen also screens the α = 0.9 rows (it
-    decides from 320 dimensions on): the same bits there. At d = 1100 it finds them dense at half the dimensions."""
+    (scalar α, σ) equals its row of the batch. With AMX off the int8 engine screens the same levels: the
+    reference's accuracy on every row, and at d = 784 AMX's bits on the α = 0.9 rows."""
     M, N, sigma0 = 21, 700, 0.05
     g = gen(d + 1)
     alpha = torch.where(torch.arange(M) % 2 == 0, 0.9, 0.3).double()
@@ -267,8 +269,9 @@ def test_rows_decided_at_later_screen_levels(d, weak, levels):
     for v in (0.0, 1e-4):
         on, off = with_and_without_amx(lambda: ops.posterior(x, y, alpha, sigma, bandwidth=v, backend="cpu"))  # noqa
         check_posterior(*on, x, y, alpha, sigma, v=v)
-        if levels == 2:   # the α = 0.9 rows; at α = 0.3 the weak coordinates' signal is 9x smaller and the
-            # AVX-512 screen, which picks its anchor after 64 dimensions, may pick a wrong cluster and end dense
+        check_posterior(*off, x, y, alpha, sigma, v=v)
+        if levels == 2:   # the α = 0.9 rows; at α = 0.3 the weak coordinates' signal is 9x smaller and a row
+            # can end dense for one screen and not the other (their slacks differ)
             even = slice(0, None, 2)
             assert_same_bits((on[0][even], on[1][even]), (off[0][even], off[1][even]), f"d={d} v={v}")
         for r in (0, 5, 20):
@@ -295,7 +298,7 @@ def test_rows_too_coarse_for_bf16_go_to_the_avx512_screen(offset):
 @needs_amx
 def test_many_threads_pack_the_cloud_lazily_together():
     """4 OpenMP threads over 4999 points (79 sweep groups packed on first use by whichever thread needs them),
-    two screen levels: the bits of 1 thread and of the AVX-512 screen."""
+    two screen levels: the bits of 1 thread and of the screen without AMX (the int8 engine)."""
     x, y = weak_first_dims(600, 280, 70, 4999, 0.05, 0.9, seed=9)
     before = torch.get_num_threads()
     try:
@@ -305,7 +308,7 @@ def test_many_threads_pack_the_cloud_lazily_together():
         one = with_and_without_amx(lambda: ops.posterior(x, y, 0.9, 0.05, backend="cpu"))
     finally:
         torch.set_num_threads(before)
-    assert_same_bits(many[0], many[1], "4 threads, AMX against AVX-512")
+    assert_same_bits(many[0], many[1], "4 threads, AMX against int8")
     assert_same_bits(many[0], one[0], "AMX, 4 threads against 1")
     check_posterior(*many[0], x, y, 0.9, 0.05)
 
@@ -337,8 +340,9 @@ def test_pointcloud_step_and_sample_equal_bits_with_and_without_amx(d):
 @needs_amx
 @pytest.mark.parametrize("d", [64, 784])
 @pytest.mark.parametrize("kind", ["random", "clusters"])
-def test_avx512_screen_sigma_1e_3_with_amx_off(d, kind):
-    """The AVX-512 screen's own checks at σ = 1e-3, which AMX now hides on this machine."""
+def test_sigma_1e_3_with_amx_off(d, kind):
+    """The screening checks at σ = 1e-3 with AMX off, which AMX hides on this machine: the int8 engine on an
+    AVX-512 build with VNNI, the AVX-512 screen on others."""
     from test_posterior import _check_sigma_1e_3
     with amx(False):
         _check_sigma_1e_3("cpu", F32, d, kind)
@@ -346,7 +350,9 @@ def test_avx512_screen_sigma_1e_3_with_amx_off(d, kind):
 
 @needs_amx
 @pytest.mark.parametrize("offset", [0.0, 100.0])
-def test_avx512_screen_boundary_and_cancellation_with_amx_off(offset):
+def test_screening_boundary_and_cancellation_with_amx_off(offset):
+    """The pruning boundary and a first-chunk decoy (d = 130) with AMX off, and under a common offset of 100 the
+    cancellation, where the int8 engine finds the rows coarse and hands them to the AVX-512 screen."""
     from test_posterior import (
         test_screening_cancellation_under_a_large_common_offset,
         test_screening_pruning_boundary_and_a_first_chunk_decoy,

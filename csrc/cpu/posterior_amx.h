@@ -176,7 +176,6 @@ inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
 // - int8: each point's dimensions of a level as y ≈ s·q, q = round(y/s) in [−127, 127], s = max|y|/127 over the
 //   level, row-major [np][kp] (kp = d rounded up to 4), with s, 128·Σq and bounds on the level's |y| and on the
 //   residual |y − s·q| (pack_int8; int8_sweep says how they are used).
-// - float: the cloud as it is; the norms only.
 struct AmxCloud {
   const float* src;
   Engine engine;
@@ -269,8 +268,8 @@ struct AmxCloud {
   // of the q chosen. Its squares are summed in float, 16 lanes of ≤ n/16 terms then a tree (≤ γ_{n/16+4} ≤ 1e-3
   // relative for n ≤ 2¹⁶, and ≤ 2⁻¹⁴⁹ absolute per operation in the denormal range), |y|² in double (exact
   // squares, as the other norms). qres ≥ |e| (1e-3 and 1e-6 relative, 2⁻¹⁴⁸·n and 2⁻¹⁴⁸·√n absolute cover those
-  // and u), qnorm ≥ |y_l| + |e| (so ≥ |s·q|). |e_k| ≤ 0.5001·s (y_k·inv is within 127·3u of y_k/s), so |e| ≤ |y_l|·√n/253.9, n the level's
-  // dimensions: amx_pass's κ.
+  // and u), qnorm ≥ |y_l| + |e| (so ≥ |s·q|). |e_k| ≤ 0.5001·s (y_k·inv is within 127·3u of y_k/s), so
+  // |e| ≤ |y_l|·√n/253.9, n the level's dimensions: amx_pass's κ.
   void pack_int8(size_t l, int64_t g) const {
     const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
     const int64_t n = std::max<int64_t>(0, std::min(d, k_end) - k_begin);   // the level's real dimensions
@@ -512,6 +511,8 @@ inline void amx_sweep(const AmxCloud& ac, size_t level, const double* alpha, Amx
 // level's G is within 4u of |t·s·I| + qa·qnorm + qb·qres, and the running sum over L levels within (4 + L)·u of
 // the sum of those, which is ≤ (1 + 2κ)·|xa|·|y| over [0, K) (Cauchy–Schwarz over the levels; κ = 2r + r²,
 // r = √n/253.9 bounds |f|/|xa| and |e|/|y|, the float roundings of xa from α·x 4u·|αx|·|y| more): amx_pass's cd.
+// In float's denormal range each operation errs by ≤ 2⁻¹⁵⁰ more, fl(t·s)'s times |I| ≤ 2¹⁴·n: ≤ 2⁻¹³⁵·n in all,
+// inside e0.
 // So dots ≥ α x·y − cd·|αx|·|y| − e0: the same bound as the other engines, on an upper estimate, plus room in
 // the 6u margins for |G| ≤ 1.02·(1 + 2κ)·|αx|·|y|. The anchor search reads the same G (any point is a valid
 // anchor: its logit is computed exactly).
