@@ -131,10 +131,11 @@ enum class Engine : uint8_t {
 
 // Where AMX is not in use (an AVX-512 CPU without it, or turned off), the same screen runs with 8-bit integer dot
 // products: VPDPBUSD does 64 multiply-adds at the float FMA's rate (16), where VDPBF16PS, the AVX-512 bf16 dot,
-// runs at half that rate on Sapphire Rapids (measured: 2 cycles an instruction against 0.5). It replaces the
-// blocked kernel alone below kScreenMinD (where posterior_screened.h's bound costs as much as a point) and that
-// screen above (its float dots and double bound per 64-dimension chunk). Xeon with AMX turned off, bench data,
-// σ = 0.5, 2 threads, against those (and against the float-FMA engine this one replaced below d = 128):
+// runs at half that rate on Sapphire Rapids (2 cycles an instruction against 0.5: benchmarks/dot_product_rates.cpp).
+// It replaces the blocked kernel alone below kScreenMinD (where posterior_screened.h's bound costs as much as a
+// point) and that screen above (its float dots and double bound per 64-dimension chunk). Xeon with AMX turned
+// off, bench data, σ = 0.5, 2 threads, against those (and against the float-FMA engine this one replaced below
+// d = 128):
 // d = 16 7.0 -> 6.2 ms, d = 40 2.3 -> 1.5, d = 64 3.3 -> 1.8, d = 96 4.6 -> 2.2, d = 128 5.4 -> 2.6,
 // d = 256 2.1 -> 1.5, d = 784 1.5 -> 0.82, d = 3072 1.6 -> 1.03 (then 0.70 and 0.92 with the vector query
 // packing and the inline-asm VPDPBUSD); dense rows (σ = 4) within noise.
@@ -301,7 +302,8 @@ struct AmxCloud {
         else _mm_mask_storeu_epi8(out + k, static_cast<__mmask16>((1u << left) - 1), bytes);   // not past the row
         qsum = _mm512_add_epi32(qsum, qi);
         const __m512 e = _mm512_fmadd_ps(neg_s, _mm512_cvtepi32_ps(qi), v);
-        const __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), v1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+        const __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+        const __m512d v1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
         yacc = _mm512_fmadd_pd(v0, v0, _mm512_fmadd_pd(v1, v1, yacc));
         eacc = _mm512_fmadd_ps(e, e, eacc);
       }
@@ -545,7 +547,8 @@ inline void int8_pack_queries(const AmxCloud& ac, const float* const* xs, const 
       const __m512 xa = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(real(k), x + k));   // fl(fl(α)·x), 0 past n
       const __m512i p = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(xa, inv)), lo), hi);
       const __m512 f = _mm512_fmadd_ps(neg_t, _mm512_cvtepi32_ps(p), xa);   // one rounding: ≤ u|f| + 2⁻¹⁴⁹
-      const __m512d f0 = _mm512_cvtps_pd(_mm512_castps512_ps256(f)), f1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
+      const __m512d f0 = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+      const __m512d f1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
       const __m512d x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(xa));
       const __m512d x1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(xa, 1));
       ff = _mm512_fmadd_pd(f0, f0, _mm512_fmadd_pd(f1, f1, ff));
