@@ -57,6 +57,7 @@
 #include "posterior_blocked.h"
 #include "posterior_row.h"
 #include "posterior_screened.h"
+#include "simd_vec.h"
 
 // The 16-query screen needs AVX-512 (F, BW, VL, DQ, VBMI2 for the 16-bit survivor gather and VNNI for the int8
 // engine: Ice Lake, Zen 4 and later); its AMX engine needs AMX-BF16 and AVX512-BF16 too, and Linux for the tile
@@ -167,6 +168,35 @@ inline std::vector<int64_t> amx_screen_ends(int64_t kp) {
   }
 }
 
+// The int8 engine's quantisation of one vector (a point's or a query's dimensions of a level), shared by pack_int8
+// and int8_pack_queries: scale = max/127 (1 for a zero vector), bytes q = v·(127/max) rounded to nearest (the
+// MXCSR default) and clamped to ±127, and the residual v − scale·q as one FMA in float (within u·|r| + 2⁻¹⁴⁹ of
+// its exact value). Any q would do: the bounds use the residual of the q chosen.
+struct ByteScale {
+  float scale;
+  __m512 inv, neg_scale;
+  explicit ByteScale(double max)
+      : scale(max > 0.0 ? static_cast<float>(max / 127.0) : 1.0f),
+        inv(_mm512_set1_ps(max > 0.0 ? static_cast<float>(std::min(127.0 / max, 3e38)) : 0.0f)),
+        neg_scale(_mm512_set1_ps(-scale)) {}
+  __m512i bytes(__m512 v) const {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+    return _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+  }
+  __m512 residual(__m512 v, __m512i q) const { return _mm512_fmadd_ps(neg_scale, _mm512_cvtepi32_ps(q), v); }
+};
+
+// The largest |a·v_k| over v's first n floats (a = 1: exact; the query's fl(fl(α)·x) otherwise).
+inline double max_abs_scaled(const float* v, int64_t n, float a) {
+  const __m512 sign = _mm512_set1_ps(-0.0f), av = _mm512_set1_ps(a);
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 vk = _mm512_maskz_loadu_ps(simd::first_lanes16(n - k), v + k);
+    top = _mm512_max_ps(top, _mm512_andnot_ps(sign, _mm512_mul_ps(av, vk)));
+  }
+  return _mm512_reduce_max_ps(top);
+}
+
 // The cloud as each engine reads it, and its norms in float over each screen's dimensions, packed lazily, a screen
 // level and a sweep group of 64 points at a time, by whichever thread first needs it (once.h): at d = 3072 the
 // bench's rows decide within 512 dimensions, and packing all 3072 cost as much as the screen.
@@ -249,15 +279,10 @@ struct AmxCloud {
       __m512d acc = _mm512_setzero_pd();
       for (int64_t k = k_begin; k < k_end; k += kAmxK) {
         const int64_t n = j < N ? std::clamp<int64_t>(d - k, 0, kAmxK) : 0;   // padding points are zeros
-        const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-        const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
-        const __m512 a = _mm512_maskz_loadu_ps(lo, row + k), b = _mm512_maskz_loadu_ps(hi, row + k + 16);
+        const __m512 a = _mm512_maskz_loadu_ps(simd::first_lanes16(n), row + k);
+        const __m512 b = _mm512_maskz_loadu_ps(simd::first_lanes16(n - 16), row + k + 16);
         _mm512_storeu_si512(slice(g, k) + (j - g * kAmxSweep) * kAmxK, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-        const __m512d a0 = _mm512_cvtps_pd(_mm512_castps512_ps256(a));
-        const __m512d a1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1));
-        const __m512d b0 = _mm512_cvtps_pd(_mm512_castps512_ps256(b));
-        const __m512d b1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(b, 1));
-        acc = _mm512_fmadd_pd(a0, a0, _mm512_fmadd_pd(a1, a1, _mm512_fmadd_pd(b0, b0, _mm512_fmadd_pd(b1, b1, acc))));
+        acc = simd::add_squares(simd::add_squares(acc, b), a);
       }
       set_norms(l, j, (l ? sums[(l - 1) * np + j] : 0.0) + _mm512_reduce_add_pd(acc));
     }
@@ -272,39 +297,25 @@ struct AmxCloud {
   // and u), qnorm ≥ |y_l| + |e| (so ≥ |s·q|). |e_k| ≤ 0.5001·s (y_k·inv is within 127·3u of y_k/s), so
   // |e| ≤ |y_l|·√n/253.9, n the level's dimensions: amx_pass's κ.
   void pack_int8(size_t l, int64_t g) const {
-    const int64_t k_begin = l ? ends[l - 1] : 0, k_end = ends[l];
-    const int64_t n = std::max<int64_t>(0, std::min(d, k_end) - k_begin);   // the level's real dimensions
-    const __m512 sign = _mm512_set1_ps(-0.0f);
-    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const int64_t k_begin = l ? ends[l - 1] : 0, width = ends[l] - k_begin;   // a multiple of 4
+    const int64_t n = std::max<int64_t>(0, std::min(d - k_begin, width));   // the level's real dimensions
     for (int64_t j = g * kAmxSweep; j < (g + 1) * kAmxSweep; ++j) {
       const int64_t nj = j < N ? n : 0;   // padding points are zeros
       const float* row = src + std::min(j, N - 1) * d + k_begin;
       int8_t* out = q.get() + j * kp + k_begin;
-      __m512 top = _mm512_setzero_ps();
-      for (int64_t k = 0; k < nj; k += 16) {
-        const __mmask16 m = nj - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nj - k)) - 1);
-        top = _mm512_max_ps(top, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, row + k)));
-      }
-      const double mx = _mm512_reduce_max_ps(top);
-      const float s = mx > 0.0 ? static_cast<float>(mx / 127.0) : 1.0f;
-      const __m512 inv = _mm512_set1_ps(mx > 0.0 ? static_cast<float>(std::min(127.0 / mx, 3e38)) : 0.0f);
-      const __m512 neg_s = _mm512_set1_ps(-s);
+      const ByteScale bs(max_abs_scaled(row, nj, 1.0f));
       __m512d yacc = _mm512_setzero_pd();
       __m512 eacc = _mm512_setzero_ps();
       __m512i qsum = _mm512_setzero_si512();
-      for (int64_t k = 0; k < k_end - k_begin; k += 16) {
-        const int64_t left = k_end - k_begin - k;   // a multiple of 4, ≥ 4
-        const __mmask16 m = k >= nj ? 0 : nj - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (nj - k)) - 1);
-        const __m512 v = _mm512_maskz_loadu_ps(m, row + k);
-        const __m512i qi = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv)), lo), hi);
+      for (int64_t k = 0; k < width; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(simd::first_lanes16(nj - k), row + k);
+        const __m512i qi = bs.bytes(v);
         const __m128i bytes = _mm512_cvtepi32_epi8(qi);
-        if (left >= 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), bytes);
-        else _mm_mask_storeu_epi8(out + k, static_cast<__mmask16>((1u << left) - 1), bytes);   // not past the row
+        if (width - k >= 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), bytes);
+        else _mm_mask_storeu_epi8(out + k, simd::first_lanes16(width - k), bytes);   // not past the row
         qsum = _mm512_add_epi32(qsum, qi);
-        const __m512 e = _mm512_fmadd_ps(neg_s, _mm512_cvtepi32_ps(qi), v);
-        const __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
-        const __m512d v1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
-        yacc = _mm512_fmadd_pd(v0, v0, _mm512_fmadd_pd(v1, v1, yacc));
+        const __m512 e = bs.residual(v, qi);
+        yacc = simd::add_squares(yacc, v);
         eacc = _mm512_fmadd_ps(e, e, eacc);
       }
       const double ys = _mm512_reduce_add_pd(yacc);
@@ -313,7 +324,7 @@ struct AmxCloud {
                                    n_sq * std::ldexp(1.0, -148)) * (1.0 + 1e-6) +
                          std::sqrt(n_sq) * std::ldexp(1.0, -148);
       const size_t at = l * np + j;
-      qscale[at] = s;
+      qscale[at] = bs.scale;
       qres[at] = float_up(res);
       qnorm[at] = float_up((std::sqrt(ys) + res) * (1.0 + 1e-6));
       qoff[at] = 128 * _mm512_reduce_add_epi32(qsum);
@@ -384,10 +395,8 @@ inline void amx_pack_queries(const AmxCloud& ac, const float* const* xs, const d
     const __m512 a = _mm512_set1_ps(static_cast<float>(alpha[r]));
     for (int64_t k = k_begin; k < k_end; k += kAmxK) {
       const int64_t n = std::clamp<int64_t>(d - k, 0, kAmxK);
-      const __mmask16 lo = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-      const __mmask16 hi = n >= 32 ? 0xFFFF : n <= 16 ? 0 : static_cast<__mmask16>((1u << (n - 16)) - 1);
-      const __m512 x0 = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(lo, xs[r] + k));
-      const __m512 x1 = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(hi, xs[r] + k + 16));
+      const __m512 x0 = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(simd::first_lanes16(n), xs[r] + k));
+      const __m512 x1 = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(simd::first_lanes16(n - 16), xs[r] + k + 16));
       int* tile = reinterpret_cast<int*>(w.xb.get() + k / kAmxK * (kAmxK * kAmxRows)) + r;
       _mm512_i32scatter_epi32(tile, lanes, (__m512i)_mm512_cvtne2ps_pbh(x1, x0), 4);
     }
@@ -526,38 +535,23 @@ inline void int8_pack_queries(const AmxCloud& ac, const float* const* xs, const 
                               AmxWork& w) {
   const int64_t k_begin = level ? ac.ends[level - 1] : 0, width = ac.ends[level] - k_begin;   // a multiple of 4
   const int64_t n = std::max<int64_t>(0, std::min(ac.d - k_begin, width));   // the level's real dimensions
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), bias = _mm512_set1_epi32(128);
+  const __m512i bias = _mm512_set1_epi32(128);
   int32_t* xq = reinterpret_cast<int32_t*>(w.xq.get());   // [width / 4][16 queries]: 4 bytes a query
   for (int r = 0; r < kAmxRows; ++r) {
-    const __m512 a = _mm512_set1_ps(static_cast<float>(alpha[r]));
+    const float a = static_cast<float>(alpha[r]);
     const float* x = xs[r] + k_begin;
-    const auto real = [&](int64_t k) {   // the mask of dimensions k..k+15 inside the level's real ones
-      return k >= n ? __mmask16(0) : n - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - k)) - 1);
-    };
-    __m512 top = _mm512_setzero_ps();
-    for (int64_t k = 0; k < n; k += 16)
-      top = _mm512_max_ps(top, _mm512_andnot_ps(sign, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(real(k), x + k))));
-    const double mx = _mm512_reduce_max_ps(top);
-    const float t = mx > 0.0 ? static_cast<float>(mx / 127.0) : 1.0f;
-    const __m512 inv = _mm512_set1_ps(mx > 0.0 ? static_cast<float>(std::min(127.0 / mx, 3e38)) : 0.0f);
-    const __m512 neg_t = _mm512_set1_ps(-t);
+    const ByteScale bs(max_abs_scaled(x, n, a));
     __m512d ff = _mm512_setzero_pd(), xx = _mm512_setzero_pd();
     for (int64_t k = 0; k < width; k += 16) {
-      const __m512 xa = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(real(k), x + k));   // fl(fl(α)·x), 0 past n
-      const __m512i p = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(xa, inv)), lo), hi);
-      const __m512 f = _mm512_fmadd_ps(neg_t, _mm512_cvtepi32_ps(p), xa);   // one rounding: ≤ u|f| + 2⁻¹⁴⁹
-      const __m512d f0 = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
-      const __m512d f1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(f, 1));
-      const __m512d x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(xa));
-      const __m512d x1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(xa, 1));
-      ff = _mm512_fmadd_pd(f0, f0, _mm512_fmadd_pd(f1, f1, ff));
-      xx = _mm512_fmadd_pd(x0, x0, _mm512_fmadd_pd(x1, x1, xx));
+      const __m512 xa = _mm512_mul_ps(_mm512_set1_ps(a), _mm512_maskz_loadu_ps(simd::first_lanes16(n - k), x + k));
+      const __m512i p = bs.bytes(xa);
+      ff = simd::add_squares(ff, bs.residual(xa, p));
+      xx = simd::add_squares(xx, xa);
       alignas(16) int32_t word[4];   // dimensions k + 4i .. k + 4i + 3 as bytes p + 128
       _mm_store_si128(reinterpret_cast<__m128i*>(word), _mm512_cvtepi32_epi8(_mm512_add_epi32(p, bias)));
       for (int64_t i = 0; i < 4 && k + 4 * i < width; ++i) xq[(k / 4 + i) * kAmxRows + r] = word[i];
     }
-    w.qt[r] = t;
+    w.qt[r] = bs.scale;
     w.qa[r] = float_up(std::sqrt(_mm512_reduce_add_pd(ff)) * (1.0 + 1e-6) +
                        std::sqrt(static_cast<double>(n)) * std::ldexp(1.0, -148));
     w.qb[r] = float_up(std::sqrt(_mm512_reduce_add_pd(xx)) * (1.0 + 1e-9));

@@ -110,4 +110,17 @@ inline T lane_sum(typename Vec<T>::V v) {
   return a[0];
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// The mask of the first n of 16 lanes, n clamped to [0, 16]: the tail of a row read 16 floats at a time.
+inline __mmask16 first_lanes16(int64_t n) {
+  return n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// acc + the squares of v's 16 floats, in double (exact squares: only the sums round), high half first.
+inline __m512d add_squares(__m512d acc, __m512 v) {
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(v, 1));
+  return _mm512_fmadd_pd(lo, lo, _mm512_fmadd_pd(hi, hi, acc));
+}
+#endif
+
 }  // namespace fastdiff::cpu::simd
