@@ -12,7 +12,8 @@
 namespace fastdiff::cpu {
 
 inline constexpr size_t kPoolMaxBytes = size_t(64) << 20;
-inline constexpr size_t kPoolSlots = 8;
+inline constexpr size_t kPoolSlots = 64;                      // a call holds ~30 arrays (screens, tiles, threads)
+inline constexpr size_t kPoolMaxTotal = size_t(256) << 20;    // what the pool keeps at most, all blocks together
 
 class BufferPool {
  public:
@@ -30,6 +31,7 @@ class BufferPool {
       if (best < free_.size()) {
         Block b = free_[best];
         free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+        kept_ -= b.size;
         size = b.size;
         return b.data;
       }
@@ -40,8 +42,9 @@ class BufferPool {
   void give(std::byte* data, size_t size) {
     if (size <= kPoolMaxBytes) {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (free_.size() < kPoolSlots) {
+      if (free_.size() < kPoolSlots && kept_ + size <= kPoolMaxTotal) {
         free_.push_back({data, size});
+        kept_ += size;
         return;
       }
     }
@@ -55,6 +58,7 @@ class BufferPool {
   };
   std::mutex mutex_;
   std::vector<Block> free_;
+  size_t kept_ = 0;
 };
 
 // n values of a trivially copyable T from the pool (uninitialised).
@@ -67,6 +71,11 @@ class PooledArray {
   PooledArray& operator=(const PooledArray&) = delete;
   ~PooledArray() {
     if (data_) BufferPool::instance().give(data_, size_);
+  }
+  // n values in place of the current ones (given back first)
+  void reset(size_t n) {
+    if (data_) BufferPool::instance().give(data_, size_);
+    data_ = BufferPool::instance().take(n * sizeof(T) + 1, size_);
   }
   T* get() const { return reinterpret_cast<T*>(data_); }
   T& operator[](size_t i) const { return get()[i]; }

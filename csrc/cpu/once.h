@@ -20,4 +20,15 @@ inline void once(std::atomic<uint8_t>& state, F&& f) {
   while (state.load(std::memory_order_acquire) != 2) std::this_thread::yield();
 }
 
+// once(states[t], f(t)) for a thread about to read item t of n: while another thread is doing t, it does the next
+// items nobody has claimed instead of waiting (threads of a call start on the same tile, and waiting serialised the
+// packing: at d = 3072 a sixth of the call).
+template <typename F>
+inline void once_helping(std::atomic<uint8_t>* states, int64_t t, int64_t n, F&& f) {
+  if (states[t].load(std::memory_order_acquire) == 2) return;
+  for (int64_t h = t + 1; h < n && states[t].load(std::memory_order_acquire) == 1; ++h)
+    if (states[h].load(std::memory_order_relaxed) == 0) once(states[h], [&] { f(h); });
+  once(states[t], [&] { f(t); });
+}
+
 }  // namespace fastdiff::cpu

@@ -1,8 +1,9 @@
 // CPU point-cloud posterior (MATH.md §5): D [M, d] and L [M] of every query.
 // d <= 4: one query at a time per thread (posterior_row.h, OpenMP over queries); d >= 5: groups of rows per
 // thread through posterior_rows (posterior_large.h: screening and exact rescoring, from d = 16 on AMX or with
-// 8-bit dots on AVX-512, the rows a screen leaves and smaller d through the register-blocked kernel; the
-// reasoning and the error bounds are in posterior_amx.h, posterior_screened.h and posterior_blocked.h).
+// 8-bit dots on AVX-512, the dense rows a screen leaves in the dot form where it is as accurate, the rest and
+// smaller d through the register-blocked kernel; the reasoning and the error bounds are in posterior_amx.h,
+// posterior_screened.h, posterior_dense.h and posterior_blocked.h).
 #include <algorithm>
 #include <vector>
 

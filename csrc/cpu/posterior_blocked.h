@@ -10,6 +10,7 @@
 #include <omp.h>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "kernels.h"
 #include "once.h"
 #include "posterior_row.h"
@@ -85,16 +86,20 @@ struct BlockedWork {
   std::vector<double> lwt, Lg;       // log-weights of the tile [np] (−inf on padding), logits [kRows][np]
   std::vector<double> acc, m, s;     // per-row state: weighted sums [rows][dp], running max, weight sum
   std::vector<RowParams<T>> prm;
-  BlockedWork(int64_t d_, int64_t rows, bool own_tiles)
-      : d(d_), dp((d_ + kW<T> - 1) / kW<T> * kW<T>), nt(tile_points<T>(d_)), np(nt),
-        P(own_tiles ? np * d : 0), Yr(own_tiles ? nt * dp : 0, T(0)), E(kRows * np), lwt(np), Lg(kRows * np),
+  // nt_: points per tile, 0 for tile_points(d); block_rows: rows a block (the dot form's tiles and blocks are
+  // larger: posterior_dense.h)
+  BlockedWork(int64_t d_, int64_t rows, bool own_tiles, int64_t nt_ = 0, int block_rows = kRows)
+      : d(d_), dp((d_ + kW<T> - 1) / kW<T> * kW<T>), nt(nt_ ? nt_ : tile_points<T>(d_)), np(nt),
+        P(own_tiles ? np * d : 0), Yr(own_tiles ? nt * dp : 0, T(0)), E(block_rows * np), lwt(np),
+        Lg(block_rows * np),
         acc(rows * dp), m(rows), s(rows), prm(rows) {}
 };
 
 // The tile [j0, j0 + n) of the row-major cloud into packed columns P [nv][d][W] (zero lanes past n), W points
-// at a time through a W × W block in L1 (rows of y read contiguously, columns written whole).
+// at a time through a W × W block in L1 (rows of y read contiguously, columns written whole). With a centre, the
+// points less it (y − c rounded once: the dot form's copy, posterior_dense.h); without, y itself.
 template <typename T>
-void pack_columns(const Cloud<T>& c, int64_t j0, int64_t n, T* __restrict P) {
+void pack_columns(const Cloud<T>& c, int64_t j0, int64_t n, T* __restrict P, const T* centre = nullptr) {
   using V = typename simd::Vec<T>::V;
   constexpr int W = kW<T>;
   const int64_t d = c.d;
@@ -106,7 +111,9 @@ void pack_columns(const Cloud<T>& c, int64_t j0, int64_t n, T* __restrict P) {
       const int64_t kn = std::min<int64_t>(W, d - k0);
       for (int l = 0; l < W; ++l)
         for (int kk = 0; kk < W; ++kk)
-          block[kk][l] = l < lanes && kk < kn ? c.y[(j0 + v * W + l) * d + k0 + kk] : T(0);
+          block[kk][l] = l < lanes && kk < kn ? (centre ? c.y[(j0 + v * W + l) * d + k0 + kk] - centre[k0 + kk]
+                                                        : c.y[(j0 + v * W + l) * d + k0 + kk])
+                                              : T(0);
       for (int64_t kk = 0; kk < kn; ++kk) simd::store(dst + (k0 + kk) * W, simd::load<V>(block[kk]));
     }
   }
@@ -132,33 +139,45 @@ void pack_tile(const Cloud<T>& c, int64_t j0, int64_t n, BlockedWork<T>& w) {
 
 // The whole cloud packed once per call (both layouts, tile by tile, the same bits as pack_tile), shared by all
 // threads and groups, each tile packed by the first thread that needs it (a thread that finds it being packed
-// waits): most calls at large d never reach this kernel (the screened path finishes their rows,
+// packs the next ones meanwhile: once_helping): most calls at large d never reach this kernel (the screened path finishes their rows,
 // posterior_screened.h), so nothing is packed up front. Used when both copies fit in kPackBytes.
 inline constexpr int64_t kPackBytes = int64_t(512) << 20;
 
 template <typename T>
 struct PackedCloud {
   int64_t d, dp, nt, ntiles;
-  std::unique_ptr<T[]> P, Yr;        // tile t at P + t·nt·d, rows of tile t at Yr + t·nt·dp
-  std::unique_ptr<std::atomic<uint8_t>[]> state;   // per tile: 0 not packed, 1 being packed, 2 ready
+  PooledArray<T> P, Yr;              // tile t at P + t·nt·d, rows of tile t at Yr + t·nt·dp (buffer_pool.h: no
+                                     // page faults on every call)
+  // per tile and layout (columns, rows): 0 not packed, 1 being packed, 2 ready (once.h)
+  std::unique_ptr<std::atomic<uint8_t>[]> cols_state, rows_state;
   explicit PackedCloud(const Cloud<T>& c)
       : d(c.d), dp((c.d + kW<T> - 1) / kW<T> * kW<T>), nt(tile_points<T>(c.d)), ntiles((c.N + nt - 1) / nt) {
     if (static_cast<double>(ntiles) * nt * (d + dp) * sizeof(T) <= static_cast<double>(kPackBytes)) {
-      P.reset(new T[ntiles * nt * d]);
-      Yr.reset(new T[ntiles * nt * dp]);
-      state.reset(new std::atomic<uint8_t>[ntiles]());
+      P.reset(ntiles * nt * d);
+      Yr.reset(ntiles * nt * dp);
+      cols_state.reset(new std::atomic<uint8_t>[ntiles]());
+      rows_state.reset(new std::atomic<uint8_t>[ntiles]());
     }
   }
-  bool packed() const { return P != nullptr; }
+  bool packed() const { return P.get() != nullptr; }
+  // tile t in both layouts (the direct kernel)
   void select(const Cloud<T>& c, int64_t t, BlockedWork<T>& w) const {
+    select_rows(c, t, w);
     w.Pt = P.get() + t * nt * d;
-    w.Yt = Yr.get() + t * nt * dp;
-    once(state[t], [&] {
-      const int64_t n = std::min(nt, c.N - t * nt);
-      pack_columns(c, t * nt, n, P.get() + t * nt * d);
-      copy_rows(c, t * nt, n, dp, Yr.get() + t * nt * dp);
-    });
+    once_helping(cols_state.get(), t, ntiles,
+                 [&](int64_t h) { pack_columns(c, h * nt, std::min(nt, c.N - h * nt), P.get() + h * nt * d); });
   }
+  void select_rows(const Cloud<T>& c, int64_t t, BlockedWork<T>& w) const {
+    ensure_rows(c, t);
+    w.Yt = rows(t);
+  }
+  // tile t's rows packed (the dot form's weighted sums read the rows of consecutive tiles as one: its columns are
+  // its own, centred, posterior_dense.h)
+  void ensure_rows(const Cloud<T>& c, int64_t t) const {
+    once_helping(rows_state.get(), t, ntiles,
+                 [&](int64_t h) { copy_rows(c, h * nt, std::min(nt, c.N - h * nt), dp, Yr.get() + h * nt * dp); });
+  }
+  const T* rows(int64_t t) const { return Yr.get() + t * nt * dp; }
 };
 
 // Squared distances of kRows queries to the W points of one packed vector column P [d][W] (see above).
@@ -217,7 +236,48 @@ inline void block_weighted(const BlockedWork<T>& w, int64_t js, int64_t je, int6
     }
 }
 
-// One block of kRows rows (first row b of the group) against the packed tile of n points.
+// The rest of a block's tile once the logits are in w.Lg (tmax: each row's largest over the tile): the weights
+// e^{l − m} against each row's running maximum m, their sum, and the weighted sums of the tile's rows.
+// R rows at a time: kRows, or 8 for the dot form (posterior_dense.h: half the loads a multiply-add); a row's sums are
+// the same whatever R (each acc[k] sums the same terms in the same order).
+template <typename T, int R = kRows>
+void tile_sums(BlockedWork<T>& w, int64_t b, int64_t n, const double* tmax) {
+  constexpr int W = kW<T>, KV = R > kRows ? 2 : kVecs;   // 8 rows × 2 vectors: 16 accumulators, as 4 × 4
+  const int64_t np = (n + W - 1) / W * W;
+  double* acc[R];
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = b + r;
+    acc[r] = w.acc.data() + i * w.dp;
+    T* __restrict e = w.E.data() + r * w.np;
+    if (!(tmax[r] > -std::numeric_limits<double>::infinity())) {   // a tile of zero-weight points
+      std::fill(e, e + np, T(0));
+      continue;
+    }
+    const double m_new = std::max(w.m[i], tmax[r]);
+    const double rescale = std::exp(w.m[i] - m_new);                 // 0 on the first tile
+    const double* __restrict lg = w.Lg.data() + r * w.np;
+#pragma omp simd
+    for (int64_t j = 0; j < np; ++j) e[j] = exp_nonpositive(static_cast<T>(lg[j] - m_new));   // rounded once
+    typename simd::Vec<T>::V t = {};
+    for (int64_t v = 0; v < np / W; ++v) t += simd::load<typename simd::Vec<T>::V>(e + v * W);
+    w.s[i] = w.s[i] * rescale + static_cast<double>(simd::lane_sum<T>(t));
+    if (rescale != 1.0)
+      for (int64_t k = 0; k < w.dp; ++k) acc[r][k] *= rescale;
+    w.m[i] = m_new;
+  }
+  for (int64_t js = 0; js < n; js += kChunk) {
+    const int64_t je = std::min(n, js + kChunk);
+    int64_t k = 0;
+    for (; k + KV * W <= w.dp; k += KV * W) block_weighted<T, R, KV>(w, js, je, k, acc);
+    // the rest two vectors at a time where it can: one vector takes a broadcast weight per FMA (at d = 16 on
+    // AVX2, two vectors a row, that was the whole weighted sum); each acc[k] sums the same terms in the same order
+    for (; k + 2 * W <= w.dp; k += 2 * W) block_weighted<T, R, 2>(w, js, je, k, acc);
+    for (; k < w.dp; k += W) block_weighted<T, R, 1>(w, js, je, k, acc);
+  }
+}
+
+// One block of kRows rows (first row b of the group) against the packed tile of n points: the logits from direct
+// differences, then tile_sums.
 template <typename T>
 void block_tile(BlockedWork<T>& w, int64_t b, int64_t n, const T* const* xs) {
   constexpr int W = kW<T>, R = kRows;
@@ -244,48 +304,45 @@ void block_tile(BlockedWork<T>& w, int64_t b, int64_t n, const T* const* xs) {
   }
   double tmax[R];
   for (int r = 0; r < R; ++r) tmax[r] = *std::max_element(lane_max[r], lane_max[r] + W);
-  double* acc[R];
-  for (int r = 0; r < R; ++r) {
-    const int64_t i = b + r;
-    acc[r] = w.acc.data() + i * w.dp;
-    T* __restrict e = w.E.data() + r * w.np;
-    if (!(tmax[r] > -std::numeric_limits<double>::infinity())) {   // a tile of zero-weight points
-      std::fill(e, e + np, T(0));
-      continue;
-    }
-    const double m_new = std::max(w.m[i], tmax[r]);
-    const double rescale = std::exp(w.m[i] - m_new);                 // 0 on the first tile
-    const double* __restrict lg = w.Lg.data() + r * w.np;
-#pragma omp simd
-    for (int64_t j = 0; j < np; ++j) e[j] = exp_nonpositive(static_cast<T>(lg[j] - m_new));   // rounded once
-    typename simd::Vec<T>::V t = {};
-    for (int64_t v = 0; v < np / W; ++v) t += simd::load<typename simd::Vec<T>::V>(e + v * W);
-    w.s[i] = w.s[i] * rescale + static_cast<double>(simd::lane_sum<T>(t));
-    if (rescale != 1.0)
-      for (int64_t k = 0; k < w.dp; ++k) acc[r][k] *= rescale;
-    w.m[i] = m_new;
-  }
-  for (int64_t js = 0; js < n; js += kChunk) {
-    const int64_t je = std::min(n, js + kChunk);
-    int64_t k = 0;
-    for (; k + kVecs * W <= w.dp; k += kVecs * W) block_weighted<T, R, kVecs>(w, js, je, k, acc);
-    // the rest two vectors at a time where it can: one vector takes a broadcast weight per FMA (at d = 16 on
-    // AVX2, two vectors a row, that was the whole weighted sum); each acc[k] sums the same terms in the same order
-    for (; k + 2 * W <= w.dp; k += 2 * W) block_weighted<T, R, 2>(w, js, je, k, acc);
-    for (; k < w.dp; k += W) block_weighted<T, R, 1>(w, js, je, k, acc);
-  }
+  tile_sums(w, b, n, tmax);
 }
 
-// D and L of g rows (g a multiple of kRows; pad with copies of a row). L[r] may be nullptr.
+// The per-row state of g rows before their first tile (the direct and the dot form alike).
 template <typename T>
-void posterior_group(const Cloud<T>& c, int64_t g, const T* const* xs, const double* alpha, const double* sigma,
-                     T* const* D, T* const* L, const PackedCloud<T>& pc, BlockedWork<T>& w) {
+void start_rows(const Cloud<T>& c, int64_t g, const double* alpha, const double* sigma, BlockedWork<T>& w) {
   for (int64_t i = 0; i < g; ++i) {
     w.prm[i] = row_params(c, alpha[i], sigma[i]);
     w.m[i] = -std::numeric_limits<double>::infinity();
     w.s[i] = 0.0;
   }
   std::fill(w.acc.begin(), w.acc.begin() + g * w.dp, 0.0);
+}
+
+// The log-weights of the tile [j0, j0 + n) into w.lwt (−inf on padding), and lw_max raised to the tile's largest.
+template <typename T>
+void tile_log_weights(const Cloud<T>& c, int64_t j0, int64_t n, BlockedWork<T>& w, double& lw_max) {
+  for (int64_t j = 0; j < w.np; ++j)
+    w.lwt[j] = j >= n ? -std::numeric_limits<double>::infinity() : (c.log_w ? static_cast<double>(c.log_w[j0 + j]) : 0.0);
+  if (c.log_w) lw_max = std::max(lw_max, max_log_weight(c.log_w + j0, n));
+}
+
+// D and L of row i from its sums over every tile (a row whose every point is far: the double-double kernel).
+template <typename T>
+void finish_row(const Cloud<T>& c, int64_t i, const T* x, double alpha, double sigma, T* D, T* L, double lw_max,
+                const BlockedWork<T>& w) {
+  if (far::is_far(w.m[i], lw_max, w.d)) return posterior_row_far(c, x, alpha, sigma, D, L);   // far.h
+  const double* acc = w.acc.data() + i * w.dp;
+  const RowParams<T>& p = w.prm[i];
+  for (int64_t k = 0; k < w.d; ++k)
+    D[k] = static_cast<T>(acc[k] / w.s[i] * p.shrink + p.pull * static_cast<double>(x[k]));
+  if (L) *L = static_cast<T>(w.m[i] + std::log(w.s[i]));
+}
+
+// D and L of g rows (g a multiple of kRows; pad with copies of a row). L[r] may be nullptr.
+template <typename T>
+void posterior_group(const Cloud<T>& c, int64_t g, const T* const* xs, const double* alpha, const double* sigma,
+                     T* const* D, T* const* L, const PackedCloud<T>& pc, BlockedWork<T>& w) {
+  start_rows(c, g, alpha, sigma, w);
   double lw_max = c.log_w ? -std::numeric_limits<double>::infinity() : 0.0;   // for the far-row test
   for (int64_t j0 = 0; j0 < c.N; j0 += w.nt) {
     const int64_t n = std::min(w.nt, c.N - j0);
@@ -293,22 +350,10 @@ void posterior_group(const Cloud<T>& c, int64_t g, const T* const* xs, const dou
       pc.select(c, j0 / w.nt, w);
     else
       pack_tile(c, j0, n, w);
-    for (int64_t j = 0; j < w.np; ++j)
-      w.lwt[j] = j >= n ? -std::numeric_limits<double>::infinity() : (c.log_w ? static_cast<double>(c.log_w[j0 + j]) : 0.0);
-    if (c.log_w) lw_max = std::max(lw_max, max_log_weight(c.log_w + j0, n));
+    tile_log_weights(c, j0, n, w, lw_max);
     for (int64_t b = 0; b < g; b += kRows) block_tile(w, b, n, xs);
   }
-  for (int64_t i = 0; i < g; ++i) {
-    if (far::is_far(w.m[i], lw_max, w.d)) {   // every point far: the logits again in double-double (far.h)
-      posterior_row_far(c, xs[i], alpha[i], sigma[i], D[i], L[i]);
-      continue;
-    }
-    const double* acc = w.acc.data() + i * w.dp;
-    const RowParams<T>& p = w.prm[i];
-    for (int64_t k = 0; k < w.d; ++k)
-      D[i][k] = static_cast<T>(acc[k] / w.s[i] * p.shrink + p.pull * static_cast<double>(xs[i][k]));
-    if (L[i]) *L[i] = static_cast<T>(w.m[i] + std::log(w.s[i]));
-  }
+  for (int64_t i = 0; i < g; ++i) finish_row(c, i, xs[i], alpha[i], sigma[i], D[i], L[i], lw_max, w);
 }
 
 // Rows [i0, i0 + g) of a call as one padded group: x/D/L pointers, per-row α and σ (rows past the end repeat
