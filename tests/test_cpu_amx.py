@@ -135,9 +135,9 @@ def test_survivor_lists_of_16_and_32_bit_indices(d, engine, N):
 
 @needs_amx
 @pytest.mark.parametrize("d", [32, 64, 300])
-def test_dense_rows_take_the_blocked_kernel_either_way(d):
+def test_dense_rows_leave_the_screen_either_way(d):
     """σ = √d: about half the points share the weight, every row is dense for both screens (at every AMX level)
-    and goes to the blocked kernel, so the bits agree."""
+    and goes to the same dense kernel (the dot form, or the blocked kernel where it refuses), so the bits agree."""
     sigma = math.sqrt(d)
     x, y = clustered_problem(d, 21, 515, 0.5, 0.9, seed=7)
     on, off = with_and_without_amx(lambda: ops.posterior(x, y, 0.9, sigma, backend="cpu"))
