@@ -62,7 +62,7 @@ def test_csv_has_one_row_per_measurement_with_every_column(quick_run):
         assert isa == _backend.cpu_isa()
         model = doc["environment"]["cpu_model"]
         assert r["device_name"] == (f"{model}, {isa} (1 thread)" if isa else f"{model} (1 thread)")
-        assert isa in ("AMX", "AVX-512", "AVX2", "NEON", "scalar", None)
+        assert isa in ("AMX", "AVX-512 VNNI", "AVX-512", "AVX2", "NEON", "scalar", None)
         assert r["command"] == "fastdiff bench --quick"
         if r["median_s"]:
             assert float(r["median_s"]) > 0 and float(r["throughput"]) > 0 and r["unit"]
