@@ -252,13 +252,12 @@ struct AmxCloud {
     });
   }
   // ensure(l, g) for a sweep about to read group g: when another thread is packing g, pack the next unclaimed
-  // group of the level meanwhile instead of waiting (the threads of a call start their sweeps together, and
-  // waiting serialised the packing: at d = 3072 a sixth of the call)
+  // groups of the level meanwhile instead of waiting (once_helping)
   void ensure_sweep(size_t l, int64_t g) const {
-    if (state[l * groups + g].load(std::memory_order_acquire) == 2) return;
-    for (int64_t h = g + 1; h < groups && state[l * groups + g].load(std::memory_order_acquire) == 1; ++h)
-      if (state[l * groups + h].load(std::memory_order_relaxed) == 0) ensure(l, h);
-    ensure(l, g);
+    once_helping(state.get() + l * groups, g, groups, [&](int64_t h) {
+      if (l > 0) ensure(l - 1, h);
+      pack(l, h);
+    });
   }
   const float* level_yy(size_t l) const { return yy.get() + l * np; }
   // the 64 × 32 block of group g's points over dimensions [k, k + 32), k a multiple of 32

@@ -47,6 +47,8 @@ inline constexpr int64_t kDotMinD = 32;     // below, the direct kernel alone (f
 inline constexpr int kDotBlock = 16;        // dimensions summed in float before a dot goes to double
 inline constexpr double kDotErr = 19.0;     // |s_j − a·b_j| ≤ kDotErr·u·|a||b_j| (above)
 inline constexpr double kDirectErr = 10.0;  // the direct kernel's 8u sums + 2u from x − αy
+// the test dist_j ≥ kDotTest·|α|·|a|·|b_j|: 2·kDotErr·u·|α||a||b_j| ≤ kDirectErr·u·dist_j, 1e-4 to spare (above)
+inline constexpr double kDotTest = 2.0 * kDotErr / kDirectErr * (1.0 + 1e-4);
 inline constexpr int64_t kCentrePoints = 32;    // the centre: the mean of this many evenly spaced points (every
                                                 // call pays for it; |y − c| grows by ~1/(2·32) from the sampling)
 inline constexpr int64_t kDotTileBytes = 393216;   // one layout of a dot-form tile (x2: its columns and rows), in L2
@@ -255,9 +257,7 @@ inline void dot_group(const Cloud<float>& c, int64_t g, int64_t real, const floa
       aa += a * a;
     }
     dw.aa[i] = aa;
-    constexpr double u = std::numeric_limits<float>::epsilon() / 2;
-    dw.kappa[i] = 2.0 * kDotErr * u / (kDirectErr * u) * (1.0 + 1e-4) * std::abs(alpha[i]) * std::sqrt(aa) *
-                  (1.0 + 0x1p-50);
+    dw.kappa[i] = kDotTest * std::abs(alpha[i]) * std::sqrt(aa) * (1.0 + 0x1p-50);   // |a| rounded up
     dw.ok[i] = 1;
   }
   double lw_max = c.log_w ? -std::numeric_limits<double>::infinity() : 0.0;

@@ -110,11 +110,12 @@ void posterior_rows(const LargeCloud<T>& lc, int64_t g, const T* const* xs, cons
   bool listed = lc.amx != nullptr;   // whether the AVX-512 screen takes w.coarse_rows (else every row)
   if constexpr (std::is_same_v<T, float>) {
     // rows spread enough for the dot form go there before any screening
-    const auto spread = [&](int64_t i) {
-      return lc.dot && dot_spread_row(lc.c, *lc.dot, xs[i], alpha[i], row_params(lc.c, alpha[i], sigma[i]).inv2c);
+    const auto spread = [&](int64_t i, const RowParams<T>& p) {
+      return lc.dot && dot_spread_row(lc.c, *lc.dot, xs[i], alpha[i], p.inv2c);
     };
     if (!lc.amx && lc.dot) {
-      for (int64_t i = 0; i < g; ++i) (spread(i) ? w.dense_rows : w.coarse_rows).push_back(i);
+      for (int64_t i = 0; i < g; ++i)
+        (spread(i, row_params(lc.c, alpha[i], sigma[i])) ? w.dense_rows : w.coarse_rows).push_back(i);
       listed = true;
     }
     if (lc.amx) {
@@ -122,11 +123,10 @@ void posterior_rows(const LargeCloud<T>& lc, int64_t g, const T* const* xs, cons
       // formed from the others: a sweep costs as much for one open row as for 16 (row invariance: a row's result
       // never depends on the rows that share its block)
       w.open_rows.clear();
-      for (int64_t i = 0; i < g; ++i)
-        (spread(i) || amx_spread_row(lc.c, *lc.amx, xs[i], alpha[i], row_params(lc.c, alpha[i], sigma[i]))
-             ? w.dense_rows
-             : w.open_rows)
-            .push_back(i);
+      for (int64_t i = 0; i < g; ++i) {
+        const RowParams<T> p = row_params(lc.c, alpha[i], sigma[i]);
+        (spread(i, p) || amx_spread_row(lc.c, *lc.amx, xs[i], alpha[i], p) ? w.dense_rows : w.open_rows).push_back(i);
+      }
       const int64_t n_open = static_cast<int64_t>(w.open_rows.size());
       for (int64_t b = 0; b < n_open; b += kAmxRows) {
         const int nr = static_cast<int>(std::min<int64_t>(kAmxRows, n_open - b));
