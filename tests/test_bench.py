@@ -13,6 +13,7 @@ import pytest
 from fastdiff import _backend, bench
 from fastdiff.bench import report as bench_report
 from fastdiff.bench.common import COLUMNS
+from fastdiff.bench.sample import MODEL_ALONE
 
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS_PROVIDERS = ("torch naive", "torch chunked (cuBLAS fp32)", "sdpa", "k-diffusion sample_euler",
@@ -121,8 +122,12 @@ def test_sample_reports_quality_and_peers(quick_run):
     assert ops == {f"{den}/{m}" for den in ("pointcloud", "mlp")
                    for m in ("euler ODE", "ancestral SDE", "dpmpp_2m", "dpmpp_2m_sde")} | {"mlp loop"}
     for r in rows:
+        if r["provider"] == MODEL_ALONE:             # the model's own time, a bound: no sample to score
+            assert r["op"].startswith("mlp") and r["kl"] is None and r["median_s"] > 0
+            continue
         assert r["kl"] is not None and r["w2"] is not None and math.isfinite(r["w2"])
     providers = {r["provider"] for r in rows}
+    assert MODEL_ALONE in providers
     peers = {n["provider"] for n in doc["notes"] if n["suite"] == "sample"}
     # k-diffusion is either measured or skipped with a note; never an error
     assert "k-diffusion sample_euler" in providers or "k-diffusion" in peers
@@ -142,7 +147,8 @@ def test_sample_reports_quality_and_peers(quick_run):
                 "diffusers EDMDPMSolverMultistepScheduler (sde-dpmsolver++)"} <= not_comparable
     # the deterministic multistep run is the same map for every loop: float32 round-off apart (samples |x| < 2;
     # 20 steps of a few ops each: a thousand ulps at that scale)
-    diffs = [r["max_abs_diff"] for r in rows if r["op"].endswith("/dpmpp_2m") and r["median_s"]]
+    diffs = [r["max_abs_diff"] for r in rows if r["op"].endswith("/dpmpp_2m") and r["median_s"]
+             and r["provider"] != MODEL_ALONE]
     assert diffs and all(v is not None and v < 1e3 * 2 * 2**-23 for v in diffs)
 
 
@@ -259,15 +265,18 @@ def test_issue14_targets_take_the_fastest_fastdiff_backend_against_the_peer_loop
     pc = dict(suite="sample", op="pointcloud/dpmpp_2m", n_elems=10_000, steps=100, N=10_000)
     rows = [_row("fastdiff[torch]", 2.0, **mlp), _row("k-diffusion sample_dpmpp_2m", 2.5, **mlp),
             _row("diffusers EDMDPMSolverMultistepScheduler", 3.0, **mlp),
+            _row("model evaluations alone (bound)", 2.0, **mlp),
             _row("fastdiff[cpu]", 0.5, **pc), _row("fastdiff[torch]", 4.0, **pc),
             _row("k-diffusion sample_dpmpp_2m + naive torch denoiser", 6.0, **pc),
             _row("k-diffusion sample_dpmpp_2m + fastdiff PointCloud.denoise", 0.75, **pc)]
     got = {t["id"]: t for t in evaluate(rows, "cpu")}
     m, p = got["I14-cpu-mlp-dpmpp_2m-vs-kdiffusion"], got["I14-cpu-pointcloud-dpmpp_2m-vs-kdiffusion"]
     assert m["met"] == "no" and m["value"] == pytest.approx(1.25) and "diffusers" in m["detail"]
+    # the model alone (2.0 s) against k-diffusion's 2.5 s: no sampler can be more than 1.25x faster there
+    assert "model evaluations alone (bound) 2 s: no sampler can exceed 1.25×" in m["detail"]
     assert p["met"] == "yes" and p["value"] == pytest.approx(12.0)        # against the naive torch denoiser's loop
     assert "PointCloud.denoise 0.75 s (1.5×)" in p["detail"] and "2 CPU thread(s)" in p["detail"]
-    got = {t["id"]: t for t in evaluate(rows[:3] + rows[4:], "cpu")}       # no fastdiff[cpu] row: not measured
+    got = {t["id"]: t for t in evaluate(rows[:4] + rows[5:], "cpu")}       # no fastdiff[cpu] row: not measured
     assert got["I14-cpu-pointcloud-dpmpp_2m-vs-kdiffusion"]["met"] == "not measured"
 
 
@@ -347,6 +356,42 @@ def test_issue14_pointcloud_target_runs_the_peers_and_a_scaled_reference(monkeyp
         n["provider"] == "k-diffusion" for n in ctx.notes)
     sample.run_case(ctx, "pointcloud", "ancestral SDE", 8, 20, 500, target="issue 4")     # fastdiff alone, unscaled
     assert seen["scaled"] == {} and all(p[0].startswith("fastdiff[") for p in seen["provs"])
+
+
+def test_issue14_mlp_target_times_the_model_alone_at_the_grids_sigmas(monkeypatch):
+    """The MLP target's plan has the bound row: the same net at each σ of the grid but the last (one evaluation a
+    step, as the loops), on the whole batch, with nothing else; it returns no samples, so its row has no KL/W2."""
+    import torch
+
+    from fastdiff.bench import sample, timing
+    from fastdiff.bench.common import Context
+    seen = {}
+    monkeypatch.setattr(sample, "_time_providers", lambda ctx, S, DS, provs, xT, **kw: seen.update(provs=provs, **kw))
+    monkeypatch.setattr(sample, "settings", lambda ctx: {"ns": (8,), "steps": 4, "train_iters": 2, "w2_n": 50,
+                                                         "loop": (8, 2)})
+    ctx = Context(device=torch.device("cpu"), quick=False, out=Path("."), policy=timing.QUICK_POLICY, env={})
+    sample.run_case(ctx, "mlp", "dpmpp_2m", 8, 5, 500, target="issue 14")
+    (fn,) = [p[2] for p in seen["provs"] if p[0] == sample.MODEL_ALONE]
+    calls = []
+    S = sample.setup(ctx)
+    monkeypatch.setattr(S["net"], "forward", lambda x, s: calls.append((x, s.clone())) or x)
+    xT = torch.randn(8, 2)
+    assert fn(xT) is None
+    times = sample.grid(S, 5)
+    assert len(calls) == 5 and all(x is xT for x, _ in calls)
+    got = torch.stack([s for _, s in calls])
+    assert torch.equal(got, times[:-1].to(torch.float32)[:, None].expand(5, 8))
+    # the row: timed, but no samples to score
+    fixed = timing.Timing(median_s=0.2, q25_s=0.1, q75_s=0.3, min_s=0.05, reps=3, inner=1, first_s=0.4)
+    monkeypatch.undo()
+    monkeypatch.setattr(sample, "measure", lambda f, *a, **k: (f(), fixed)[1])
+    monkeypatch.setattr(sample, "metrics", lambda S, DS, x: pytest.fail("metrics of the bound row"))
+    ctx2 = Context(device=torch.device("cpu"), quick=True, out=Path("."), policy=timing.QUICK_POLICY, env={})
+    sample._time_providers(ctx2, S, {"N": 4}, [(sample.MODEL_ALONE, None, lambda xT: None, True)], xT, op="op",
+                           case="c", den="mlp", n=8, steps=5, target=None, compare_ode=True)
+    (row,) = ctx2.rows
+    assert row["median_s"] == 0.2 and row["kl"] is None and row["max_abs_diff"] is None
+    assert "no sampler around it" in row["note"]
 
 
 def test_posterior_times_a_dense_regime_case_per_d_after_the_ladder():

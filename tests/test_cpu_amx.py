@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -658,6 +659,9 @@ def test_the_switch_and_the_reason():
     elif native and " avx2" in flags:
         assert simd == "AVX2"
     assert simd in screen[0] or state["enabled"]
+    # the reason names the CPU when the CPU is what lacks AMX, whatever the build's -march
+    if flags and platform.machine() == "x86_64" and " amx_bf16" not in flags:
+        assert state["reason"] == "this CPU has no AMX-BF16"
     # the int8 engine from d = 16 wherever AMX is not in use: built with AVX-512, VBMI2 and VNNI
     if native:
         assert state["int8_screen"] == (simd == "AVX-512" and " avx512_vbmi2" in flags and " avx512_vnni" in flags)

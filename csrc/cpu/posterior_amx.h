@@ -74,6 +74,9 @@
 #include <unistd.h>
 #endif
 #endif
+#if !defined(FASTDIFF_CPU_AMX) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>   // amx_unavailable_reason asks the CPU itself (any x86 build)
+#endif
 
 namespace fastdiff::cpu {
 
@@ -98,6 +101,11 @@ inline float float_up(double x) { return static_cast<float>(x * (1.0 + std::ldex
 // the CPU must have it and Linux must grant this process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM).
 inline const char* amx_unavailable_reason() {
 #ifndef FASTDIFF_CPU_AMX
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  // A CPU without AMX is the reason whatever the build (AMX-BF16: CPUID leaf 7, EDX bit 22).
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22))) return "this CPU has no AMX-BF16";
+#endif
   return "this build's -march does not enable AMX-BF16 with AVX512-BF16, VBMI2 and VNNI (FASTDIFF_CPU_ARCH=native "
          "on a CPU with AMX enables them)";
 #else

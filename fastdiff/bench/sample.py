@@ -80,6 +80,9 @@ KDIFFUSION = {"euler ODE": "sample_euler", "ancestral SDE": "sample_euler_ancest
               "dpmpp_2m": "sample_dpmpp_2m", "dpmpp_2m_sde": "sample_dpmpp_2m_sde"}
 MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde")            # issue 14: peers with both point-cloud denoisers
 NAIVE = "naive torch denoiser"
+# The MLP's evaluations with no sampler around them (the same inputs and σ's a loop evaluates): what any loop
+# costs at least, so peer-loop time / this time bounds the speedup any sampler can have over that loop.
+MODEL_ALONE = "model evaluations alone (bound)"
 EDM_SCHEDULER = "diffusers EDMDPMSolverMultistepScheduler"
 SIGMA_DATA = 0.5                                     # the MLP's EDM preconditioning (and diffusers' EDM scheduler)
 
@@ -287,6 +290,8 @@ def samplers(ctx: Context, S, den_name: str, den, method: str, times, peers: boo
 
         def model(x, sigma):
             return net(x, sigma.reshape(-1)[:1].expand(x.shape[0]) if sigma.numel() == 1 else sigma)
+    if den_name == "mlp":
+        out.append((MODEL_ALONE, None, model_alone(ctx, S["net"], times), not ctx.cuda))
     multistep = method in MULTISTEP
     # the models each peer loop runs, labelled: a point cloud's multistep peers run both fastdiff's own denoiser
     # and the naive torch one a user would write without fastdiff, so both ratios are visible
@@ -326,6 +331,19 @@ def samplers(ctx: Context, S, den_name: str, den, method: str, times, peers: boo
         ctx.note(SUITE, "diffusers EulerAncestralDiscreteScheduler", "set_timesteps takes no custom sigmas, so "
                  "it cannot run the same grid: not compared", kind="not comparable")
     return out
+
+
+def model_alone(ctx: Context, net, times):
+    """MODEL_ALONE's timed function: net(x, σ_k) at each of the grid's first K σ's (one evaluation a step, as every
+    method the MLP cases run), the σ tensors built beforehand, the outputs dropped. It returns no samples."""
+    sigmas = [s.reshape(1).to(torch.float32).to(ctx.device) for s in times[:-1]]
+
+    def run(xT):
+        s_in = xT.new_ones(xT.shape[0])
+        for s in sigmas:
+            net(xT, s * s_in)
+        return None
+    return run
 
 
 def naive_pointcloud_denoiser(data: torch.Tensor, bandwidth: float):
@@ -506,6 +524,10 @@ def _floor_row(ctx, S, DS, op, case, n, steps, target):
 def row_note(provider: str) -> str | None:
     """What a peer row runs beyond its name (None for the others)."""
     notes = []
+    if provider == MODEL_ALONE:
+        notes.append("the MLP's forward at the grid's σ's with no sampler around it (one evaluation a step, as every "
+                     "loop here makes): no samples, no KL/W2; a peer loop's time over this one bounds the speedup any "
+                     "sampler can have over that loop with this model")
     if provider.startswith(EDM_SCHEDULER):
         notes.append("the suite's Karras grid (σ computed by diffusers in float32) plus one zero-length last step "
                      "(σ_min to σ_min: x unchanged to float32 rounding, one more model evaluation); dpmsolver++, "
@@ -555,7 +577,7 @@ def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, c
             if factor is not None:      # timed on a prefix of the grid: its samples are not the run's
                 t = replace(t, **{k: getattr(t, k) * factor
                                   for k in ("median_s", "q25_s", "q75_s", "min_s", "first_s")})
-            elif quality:
+            elif quality and last["x"] is not None:      # MODEL_ALONE returns no samples
                 kl, w2 = metrics(S, DS, last["x"])
         except (ValueError, TypeError) as exc:
             # a backend refusing (ValueError), or fd.sample without a keyword this harness passes (TypeError)
@@ -570,7 +592,7 @@ def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, c
             cleanup(ctx.device)
             continue
         diff = None
-        if compare_ode and provider not in scaled:
+        if compare_ode and provider not in scaled and last["x"] is not None:
             if first_out is None:
                 first_out = last["x"]
             diff = float((last["x"].double() - first_out.double()).abs().max())
