@@ -42,6 +42,10 @@ except ImportError as exc:          # an optional extra: say which one
 from . import methods as _m
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# DPMSolverMultistepScheduler's (learned: the model also outputs variance channels, dropped here) and
+# DDPMScheduler's (its own ancestral variance; nothing to do for these methods, as in DPMSolverMultistepScheduler)
+VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large",
+                  "fixed_large_log")
 # methods whose history is past D's, so a first-order step is the row collapsed onto D_0 (its B's sum to E)
 _D_HISTORY = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
 
@@ -54,12 +58,21 @@ def _log_alpha_vp(sigma_tilde: torch.Tensor) -> torch.Tensor:
 class FastdiffScheduler(SchedulerMixin, ConfigMixin):
     """diffusers scheduler for every fastdiff method (`method` config key; see fastdiff.methods.NEW_METHODS).
 
-    Config keys: the training schedule as diffusers' DPMSolverMultistepScheduler names it (num_train_timesteps,
-    beta_start, beta_end, beta_schedule, trained_betas, prediction_type, timestep_spacing, steps_offset,
-    use_karras_sigmas, final_sigmas_type, lower_order_final), plus method, its options (eta, s_noise,
-    solver_type, lms_order (k-diffusion's `order` of sample_lms), r; None = k-diffusion's default), seed, and
-    diffusers_rounding (dpmpp_2m only: form the coefficients in float32 as DPMSolverMultistepScheduler does,
-    for results within float32 op rounding of it; default False: exact float64 coefficients).
+    Config keys: DPMSolverMultistepScheduler's, so that from_config keeps a pipeline's schedule whole: the
+    training schedule (num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+    rescale_betas_zero_snr), prediction_type (epsilon, v_prediction, sample) with variance_type (learned
+    variance channels are dropped) and thresholding (dynamic_thresholding_ratio, sample_max_value), the grid
+    (timestep_spacing, steps_offset, lambda_min_clipped, use_karras_sigmas, use_exponential_sigmas,
+    use_beta_sigmas, use_lu_lambdas, final_sigmas_type) and the last step (lower_order_final, euler_at_final),
+    all as diffusers applies them. Superseded by `method`: algorithm_type and solver_order (the source
+    scheduler's own method), and solver_type except for dpmpp_2m_sde (fastdiff's dpmpp_2m is the midpoint 2M;
+    solver_type='heun' with it is refused). Refused: flow matching (use_flow_sigmas, use_dynamic_shifting,
+    prediction_type='flow_prediction'; flow_shift and time_shift_type only act with them).
+
+    fastdiff's own keys: method, its options (eta, s_noise, solver_type, lms_order (k-diffusion's `order` of
+    sample_lms), r; None = k-diffusion's default), seed, and diffusers_rounding (dpmpp_2m only: form the
+    coefficients in float32 as DPMSolverMultistepScheduler does, for results within float32 op rounding of it;
+    default False: exact float64 coefficients).
     """
 
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
@@ -72,13 +85,42 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                  final_sigmas_type: str = "zero", lower_order_final: bool = True, method: str = "dpmpp_2m",
                  eta: float | None = None, s_noise: float | None = None, solver_type: str | None = None,
                  lms_order: int | None = None, r: float | None = None, seed: int | None = None,
-                 diffusers_rounding: bool = False):
+                 diffusers_rounding: bool = False,
+                 # the rest of DPMSolverMultistepScheduler's keys, so that from_config keeps them (see SUPERSEDED)
+                 solver_order: int = 2, algorithm_type: str = "dpmsolver++", thresholding: bool = False,
+                 dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+                 euler_at_final: bool = False, use_exponential_sigmas: bool = False, use_beta_sigmas: bool = False,
+                 use_lu_lambdas: bool = False, use_flow_sigmas: bool = False, flow_shift: float = 1.0,
+                 lambda_min_clipped: float = -math.inf, variance_type: str | None = None,
+                 rescale_betas_zero_snr: bool = False, use_dynamic_shifting: bool = False,
+                 time_shift_type: str = "exponential"):
         if method not in _m.NEW_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(map(repr, _m.NEW_METHODS))}")
+        if prediction_type == "flow_prediction" or use_flow_sigmas or use_dynamic_shifting:
+            key = ("prediction_type='flow_prediction'" if prediction_type == "flow_prediction" else
+                   "use_flow_sigmas=True" if use_flow_sigmas else "use_dynamic_shifting=True")
+            raise ValueError(f"{key}: flow-matching schedules are not offered; FastdiffScheduler runs diffusers' "
+                             f"VP (beta) schedules")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type must be None or one of {', '.join(VARIANCE_TYPES[1:])}, "
+                             f"got {variance_type!r}")
+        flags = {"use_karras_sigmas": use_karras_sigmas, "use_exponential_sigmas": use_exponential_sigmas,
+                 "use_beta_sigmas": use_beta_sigmas, "use_lu_lambdas": use_lu_lambdas}
+        grids = [k for k, on in flags.items() if on]
+        if len(grids) > 1:
+            raise ValueError(f"only one of {', '.join(grids)} may be set")
+        if use_beta_sigmas:
+            try:
+                import scipy.stats  # noqa: F401
+            except ImportError as exc:
+                raise ImportError("use_beta_sigmas=True needs scipy (pip install scipy)") from exc
+        if thresholding and not (0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1):
+            raise ValueError(f"thresholding needs 0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1, "
+                             f"got {dynamic_thresholding_ratio} and {sample_max_value}")
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
             raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
         if diffusers_rounding and method != "dpmpp_2m":
@@ -86,7 +128,11 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                              f"it needs method='dpmpp_2m', got {method!r}")
         self._options = _m.method_options(method, **self._method_kwargs())      # checked now, not at step()
         self.betas = _betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        if rescale_betas_zero_snr:
+            self.betas = _rescale_zero_terminal_snr(self.betas)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2.0 ** -24      # as diffusers: near 0 so the first σ̃ (4096) is finite
         self.init_noise_sigma = 1.0
         self.order = 2 if method in _m.TWO_STAGE_METHODS else 1
         self.num_inference_steps = None
@@ -100,6 +146,17 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         names = {"eta": "eta", "s_noise": "s_noise", "solver_type": "solver_type", "lms_order": "order", "r": "r"}
         allowed = _m.METHOD_OPTIONS[self.config.method]
         given = {opt: getattr(self.config, key) for key, opt in names.items() if getattr(self.config, key) is not None}
+        # solver_type is also DPMSolverMultistepScheduler's key (its 2M variant; default "midpoint"), so configs
+        # converted from it carry one: fastdiff's dpmpp_2m is the midpoint variant, and methods that are not
+        # DPM-Solver++ have no such choice (the source scheduler's choice of its own method, like algorithm_type)
+        st = given.get("solver_type")
+        if st is not None and "solver_type" not in allowed:
+            if self.config.method == "dpmpp_2m" and st == "heun":
+                raise ValueError("solver_type='heun': DPMSolverMultistepScheduler's heun variant of 2M is not "
+                                 "offered; method 'dpmpp_2m' is its midpoint variant (pass solver_type=None)")
+            del given["solver_type"]
+        elif st in ("logrho", "bh1", "bh2"):          # DEIS / UniPC names, which diffusers maps to midpoint
+            given["solver_type"] = "midpoint"
         extra = sorted(set(given) - set(allowed))
         if extra:
             raise ValueError(f"method {self.config.method!r} takes no option {', '.join(extra)}")
@@ -118,6 +175,10 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0):
         """Start the run at timesteps[begin_index] (img2img); it must be a step's first model call."""
+        if isinstance(begin_index, bool) or int(begin_index) != begin_index or begin_index < 0:
+            raise ValueError(f"begin_index must be an integer >= 0, got {begin_index!r}")
+        if self.num_inference_steps is not None and begin_index >= len(self.timesteps):
+            raise ValueError(f"begin_index must be below len(timesteps) = {len(self.timesteps)}, got {begin_index}")
         self._begin_index = int(begin_index)
 
     def _train_sigmas(self) -> np.ndarray:
@@ -133,18 +194,17 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             steps_t = _sigma_to_t(grid, log_sigmas)
         elif timesteps is not None:          # integers, or fractional ones (HeunDiscreteScheduler's spacing)
             steps_t = np.asarray(timesteps, dtype=np.float64)
+            if steps_t.ndim != 1 or len(steps_t) < 1 or not np.all(np.diff(steps_t) < 0) or steps_t[0] > n_train - 1 \
+                    or steps_t[-1] < 0:
+                raise ValueError(f"timesteps must be strictly decreasing within [0, {n_train - 1}], got {timesteps!r}")
             if np.all(steps_t == np.round(steps_t)):
                 steps_t = steps_t.astype(np.int64)
             grid = np.interp(steps_t, np.arange(0, len(train_sigmas)), train_sigmas)
         else:
             if num_inference_steps is None or int(num_inference_steps) < 1:
                 raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-            steps_t = _spaced_timesteps(int(num_inference_steps), n_train, self.config.timestep_spacing,
-                                        self.config.steps_offset)
-            grid = np.interp(steps_t, np.arange(0, len(train_sigmas)), train_sigmas)
-            if self.config.use_karras_sigmas:
-                grid = _karras(float(train_sigmas[-1]), float(train_sigmas[0]), int(num_inference_steps))
-                steps_t = np.array([_sigma_to_t(s, log_sigmas) for s in grid]).round()
+            n = int(num_inference_steps)
+            grid, steps_t = self._spaced_grid(n, train_sigmas, log_sigmas)
         last = train_sigmas[0] if self.config.final_sigmas_type == "sigma_min" else 0.0
         # float32 like diffusers' own σ's, so both schedulers run the same grid
         full = np.concatenate([grid, [last]]).astype(np.float32)
@@ -156,6 +216,38 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         self._build(0)
         self._step_index = None
         self._begin_index = None
+
+    def _spaced_grid(self, n: int, train_sigmas: np.ndarray, log_sigmas: np.ndarray):
+        """(σ̃ grid, timesteps) of n steps as DPMSolverMultistepScheduler.set_timesteps forms them."""
+        cfg = self.config
+        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas or cfg.use_lu_lambdas:
+            lo, hi = float(train_sigmas[0]), float(train_sigmas[-1])
+            if cfg.use_karras_sigmas:
+                grid = _karras(hi, lo, n)
+            elif cfg.use_beta_sigmas:
+                grid = _beta_grid(hi, lo, n)
+            elif cfg.use_lu_lambdas:  # uniform in λ = −log σ̃ (Lu et al., 2022), from diffusers' float32 logs
+                grid = np.exp(np.linspace(float(log_sigmas[-1]), float(log_sigmas[0]), n))
+            else:
+                grid = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+            steps_t = _sigma_to_t(grid, log_sigmas)
+            # diffusers rounds the Karras and Lu timesteps (not for the cosine schedule), then casts all to int64
+            if (cfg.use_karras_sigmas or cfg.use_lu_lambdas) and cfg.beta_schedule != "squaredcos_cap_v2":
+                steps_t = steps_t.round()
+            return grid, np.trunc(steps_t).astype(np.int64)
+        n_train = cfg.num_train_timesteps
+        # timesteps whose λ = log α − log σ is below lambda_min_clipped are left out (diffusers, for cosine)
+        lam = torch.log(self.alphas_cumprod.sqrt()) - torch.log((1 - self.alphas_cumprod).sqrt())
+        last = n_train - int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(cfg.lambda_min_clipped,
+                                                                                   dtype=lam.dtype)))
+        if n > last:
+            raise ValueError(f"num_inference_steps ({n}) must not exceed the number of training timesteps "
+                             f"({last}{' after lambda_min_clipped' if last < n_train else ''})")
+        steps_t = _spaced_timesteps(n, n_train, last, cfg.timestep_spacing, cfg.steps_offset)
+        if np.any(np.diff(steps_t) >= 0):
+            raise ValueError(f"num_inference_steps={n} repeats timesteps on the {cfg.timestep_spacing!r} spacing of "
+                             f"{last} training timesteps; use fewer steps")
+        return np.interp(steps_t, np.arange(0, len(train_sigmas)), train_sigmas), steps_t
 
     def _build(self, start: int):
         """The table on sigmas[start:] (a run begun at step `start` has no history before it) and the call plan."""
@@ -169,7 +261,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         K = len(table)
         # diffusers' lower_order_final acts on its last call, which is the identity step when there is one
         if self.config.method in _D_HISTORY and K > 1 and not self._identity_last and (
-                self.config.final_sigmas_type == "zero" or (self.config.lower_order_final and K < 15)):
+                self.config.final_sigmas_type == "zero" or self.config.euler_at_final or
+                (self.config.lower_order_final and K < 15)):
             table = _first_order_last_step(table)
         self._rounded = None
         if self.config.diffusers_rounding:
@@ -212,8 +305,14 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if self._begin_index is not None:
             index = self._begin_index
         else:
-            hits = (self.timesteps.cpu() == torch.as_tensor(timestep).cpu()).nonzero()
-            index = int(hits[0]) if len(hits) else 0
+            hits = [int(i) for i in (self.timesteps.cpu() == torch.as_tensor(timestep).cpu()).reshape(-1).nonzero()]
+            if not hits:
+                raise ValueError(f"timestep {_show(timestep)} is not one of this schedule's timesteps; step() "
+                                 f"must be called with the timesteps set_timesteps made (or use set_begin_index)")
+            # a two-stage method may call the model twice at one timestep (a stage at the next grid level, then
+            # that step): a run begins at a step's first call
+            firsts = [i for i in hits if self._plan[i][1] == 0]
+            index = firsts[0] if firsts else hits[0]
         if index >= len(self._plan) or self._plan[index][1] != 0:
             raise ValueError(f"a run must begin at a step's first model call; timesteps[{index}] is not one")
         k = self._plan[index][0]
@@ -247,15 +346,21 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         """x̂_0 from the model output at σ̃, formed as diffusers forms it (α_t, σ_t rounded in the sample's dtype
         from σ̃): in float32 at high σ̃ this conversion amplifies rounding by 1/α_t (~150 at t = 999), so forming
         it differently from diffusers would by itself move results by ~1e-5."""
-        p = self.config.prediction_type
+        cfg = self.config
+        p = cfg.prediction_type
+        if cfg.variance_type in ("learned", "learned_range") and model_output.ndim > 1:
+            # the model's extra variance channels: keep the mean's (diffusers keeps 3, i.e. RGB pixel models)
+            model_output = model_output[:, : sample.shape[1]]
         if p == "sample":
-            return model_output
-        s = torch.tensor(sigma_tilde, dtype=sample.dtype)
-        alpha = 1 / ((s ** 2 + 1) ** 0.5)
-        sigma = s * alpha
-        if p == "epsilon":
-            return (sample - sigma * model_output) / alpha
-        return alpha * sample - sigma * model_output
+            x0 = model_output
+        else:
+            s = torch.tensor(sigma_tilde, dtype=sample.dtype)
+            alpha = 1 / ((s ** 2 + 1) ** 0.5)
+            sigma = s * alpha
+            x0 = (sample - sigma * model_output) / alpha if p == "epsilon" else alpha * sample - sigma * model_output
+        if cfg.thresholding:
+            x0 = _threshold(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+        return x0
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
@@ -362,15 +467,15 @@ def _betas(n, beta_start, beta_end, schedule, trained_betas) -> torch.Tensor:
     raise ValueError(f"beta_schedule must be 'linear', 'scaled_linear' or 'squaredcos_cap_v2', got {schedule!r}")
 
 
-def _spaced_timesteps(n: int, n_train: int, spacing: str, offset: int) -> np.ndarray:
-    """diffusers' timestep spacings (Table 2 of Lin et al., 2023)."""
+def _spaced_timesteps(n: int, n_train: int, last: int, spacing: str, offset: int) -> np.ndarray:
+    """diffusers' timestep spacings (Table 2 of Lin et al., 2023) over the first `last` training timesteps."""
     if spacing == "linspace":
-        return np.linspace(0, n_train - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
     if spacing == "leading":
-        ratio = n_train // (n + 1)
+        ratio = last // (n + 1)
         return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + offset
     if spacing == "trailing":
-        return np.arange(n_train, 0, -n_train / n).round().copy().astype(np.int64) - 1
+        return np.arange(last, 0, -n_train / n).round().copy().astype(np.int64) - 1
     raise ValueError(f"timestep_spacing must be 'linspace', 'leading' or 'trailing', got {spacing!r}")
 
 
@@ -378,6 +483,33 @@ def _karras(sigma_max: float, sigma_min: float, n: int) -> np.ndarray:
     ramp = np.linspace(0, 1, n)
     lo, hi = sigma_min ** (1 / 7.0), sigma_max ** (1 / 7.0)
     return (hi + ramp * (lo - hi)) ** 7.0
+
+
+def _beta_grid(sigma_max: float, sigma_min: float, n: int, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """The beta-quantile grid of Lee et al. (2024), "Beta Sampling is All You Need", with diffusers' a = b = 0.6."""
+    import scipy.stats
+    q = scipy.stats.beta.ppf(1 - np.linspace(0, 1, n), a, b)
+    return sigma_min + q * (sigma_max - sigma_min)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. (2023), Algorithm 1: shift and scale √ᾱ so the last timestep has zero SNR and the first keeps
+    its value (float32 operations in diffusers' order, so the schedule is the same)."""
+    root = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root ** 2
+    alphas = torch.cat([alpha_bar[0:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
+def _threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding (Saharia et al., 2022): per sample, s = the `ratio` quantile of |x̂_0| clamped to
+    [1, max_value]; x̂_0 is clipped to [−s, s] and divided by s."""
+    flat = x0.reshape(x0.shape[0], -1)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(work.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(work, -s, s) / s).reshape(x0.shape).to(x0.dtype)
 
 
 def _sigma_to_t(sigma, log_sigmas: np.ndarray):
@@ -388,6 +520,10 @@ def _sigma_to_t(sigma, log_sigmas: np.ndarray):
     low = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
     return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape)
+
+
+def _show(t) -> str:
+    return repr(t.item()) if isinstance(t, torch.Tensor) and t.numel() == 1 else repr(t)
 
 
 def _as_timesteps(ts, device) -> torch.Tensor:

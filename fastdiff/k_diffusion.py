@@ -17,6 +17,10 @@ pass seed= to fix it. The step indices of each noise use are in fastdiff.methods
 noise_sampler= too (k-diffusion uses randn_like for their churn noise); it is called as
 noise_sampler(sigma, sigma_hat) for the churn noise of a step.
 
+The callback's tensors are for reading (previews, logs). Editing d['x'] or d['denoised'] in place is seen by
+the step, but for euler, heun, dpm_2 and lms not as in k-diffusion, which forms those steps' derivative
+(x − denoised)/σ before the callback, while here the whole step A x + B denoised is formed after it.
+
 Also different on purpose: a one-step grid to 0 works for dpmpp_2m_sde and dpmpp_3m_sde (k-diffusion raises
 UnboundLocalError), and sigmas on a GPU are read back to the host once per call (k-diffusion reads them at
 every step). Not provided: sample_dpm_fast and sample_dpm_adaptive (adaptive, not table methods).
@@ -89,8 +93,9 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.):
 # ----------------------------------------------------------------------------------------- the runner
 
 def _check_x(x):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1 or x.shape[0] < 1:
-        raise TypeError(f"x must be a floating tensor [batch, ...], got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.ndim < 1:
+        raise TypeError(f"x must be a floating tensor [batch, ...], got "
+                        f"{getattr(x, 'dtype', None) or type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
 
 
 def _resolve_seed(seed, table) -> int:
@@ -124,7 +129,11 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"noise_sampler must be callable as noise_sampler(sigma, sigma_next), got "
                         f"{type(noise_sampler).__name__}")
+    if torch.as_tensor(sigmas).shape == (1,):
+        return x                                           # no steps: k-diffusion's loop returns x as given
     host = _m._check_sigmas(sigmas)                        # the call's one read-back of the grid
+    if x.shape[0] == 0:
+        return x.clone()                                   # an empty batch: nothing to sample
     table = _m.sigma_table(host, method, **options)
     sigmas = torch.as_tensor(sigmas)                       # the caller's grid (its device), for the dicts
     gammas = _gammas(host.tolist(), options) if options.get("s_churn") else None

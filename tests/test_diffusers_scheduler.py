@@ -275,3 +275,133 @@ def test_named_errors():
     with pytest.raises(ValueError, match="after the last timestep"):
         s.step(torch.zeros_like(x), s.timesteps[-1], x)
     assert math.isfinite(float(x.abs().max()))
+
+
+# DPMSolverMultistepScheduler keys a pipeline's config may carry: each applied as diffusers applies it
+DPM_KEYS = [
+    {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    {"use_exponential_sigmas": True},
+    {"use_lu_lambdas": True},
+    {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1},
+    {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1, "timestep_spacing": "leading"},
+    {"euler_at_final": True, "final_sigmas_type": "sigma_min"},
+    {"thresholding": True, "sample_max_value": 1.5, "dynamic_thresholding_ratio": 0.9},
+    {"use_beta_sigmas": True},
+]
+
+
+@pytest.mark.parametrize("kw", DPM_KEYS, ids=["-".join(f"{k}={v}" for k, v in kw.items()) for kw in DPM_KEYS])
+def test_dpm_solver_config_keys_are_kept_and_applied(kw):
+    """from_config of a DPMSolverMultistepScheduler config keeps every key and applies it as diffusers does:
+    the same betas, timesteps and σ's, and with diffusers_rounding the same samples bit for bit."""
+    if kw.get("use_beta_sigmas"):
+        pytest.importorskip("scipy")
+    ref = diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **kw)
+    ours = FastdiffScheduler.from_config(ref.config, method="dpmpp_2m", diffusers_rounding=True)
+    for key, value in kw.items():
+        assert getattr(ours.config, key) == value, key
+    assert torch.equal(ours.alphas_cumprod, ref.alphas_cumprod)
+    model = GaussianEps(ours, m=0.6, v=0.5)
+    for n in (7, 20):
+        for loop in (ddpm_loop, sd_loop):
+            a, b = loop(model, ref, n, batch=2), loop(model, ours, n, batch=2)
+            assert torch.equal(ref.timesteps, ours.timesteps) and torch.equal(ref.sigmas, ours.sigmas), n
+            assert torch.equal(a, b), (n, loop.__name__)
+    if kw.get("thresholding"):               # the thresholding acted: without it the result differs
+        plain = FastdiffScheduler.from_config(ref.config, method="dpmpp_2m", thresholding=False)
+        assert rel(ddpm_loop(model, plain, 7, batch=2), ddpm_loop(model, ours, 7, batch=2)) > 1e-3
+
+
+def test_cosine_karras_timesteps_as_diffusers():
+    """Karras σ's on the cosine schedule: diffusers does not round their timesteps but truncates them to int64;
+    so does fastdiff. (diffusers 0.42's own step then fails on the repeated timesteps: IndexError.)"""
+    ref = diffusers.DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+    ours = FastdiffScheduler.from_config(ref.config)
+    for n in (7, 20):
+        ref.set_timesteps(n)
+        ours.set_timesteps(n)
+        assert torch.equal(ref.timesteps, ours.timesteps) and torch.equal(ref.sigmas, ours.sigmas)
+    assert torch.isfinite(sd_loop(GaussianEps(ours), ours, 20)).all()
+
+
+def test_learned_variance_channels_are_dropped():
+    """variance_type='learned': the model outputs ε and a variance per channel; the step uses ε's channels."""
+    cfg = base_config()
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg, variance_type="learned_range")
+    ours = FastdiffScheduler.from_config(ref.config, diffusers_rounding=True)
+    plain = FastdiffScheduler.from_config(cfg, diffusers_rounding=True)
+    eps = GaussianEps(ours)
+
+    def learned(x, t, class_labels=None):
+        out = eps(x, t).sample
+        return types.SimpleNamespace(sample=torch.cat([out, torch.full_like(out, 7.0)], dim=1))
+
+    a, b, c = (ddpm_loop(learned, ref, 6), ddpm_loop(learned, ours, 6), ddpm_loop(eps, plain, 6))
+    assert torch.equal(a, b) and torch.equal(b, c)
+
+
+def test_method_supersedes_the_source_schedulers_method():
+    """algorithm_type and solver_order describe the source scheduler's own method; its solver_type ('midpoint'
+    by default) applies to dpmpp_2m_sde and is the variant fastdiff's dpmpp_2m is."""
+    src = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3).config
+    assert FastdiffScheduler.from_config(src, method="euler_ancestral")._options == {"eta": 1.0, "s_noise": 1.0}
+    assert FastdiffScheduler.from_config(src, method="dpmpp_2m")._options == {}
+    heun = diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_type="heun").config
+    assert FastdiffScheduler.from_config(heun, method="dpmpp_2m_sde")._options["solver_type"] == "heun"
+    assert FastdiffScheduler.from_config(heun, method="lms")._options == {"order": 4}
+    with pytest.raises(ValueError, match="solver_type='heun'"):
+        FastdiffScheduler.from_config(heun, method="dpmpp_2m")
+    unipc = diffusers.UniPCMultistepScheduler().config                       # solver_type 'bh2'
+    assert FastdiffScheduler.from_config(unipc, method="dpmpp_2m_sde")._options["solver_type"] == "midpoint"
+
+
+@pytest.mark.parametrize("kw,key", [({"use_flow_sigmas": True}, "use_flow_sigmas"),
+                                    ({"use_dynamic_shifting": True}, "use_dynamic_shifting"),
+                                    ({"prediction_type": "flow_prediction"}, "flow_prediction"),
+                                    ({"use_karras_sigmas": True, "use_lu_lambdas": True}, "use_lu_lambdas"),
+                                    ({"variance_type": "wide"}, "variance_type"),
+                                    ({"thresholding": True, "dynamic_thresholding_ratio": 1.5},
+                                     "dynamic_thresholding_ratio")])
+def test_settings_not_offered_are_refused_by_name(kw, key):
+    with pytest.raises(ValueError, match=key):
+        FastdiffScheduler.from_config(base_config(), **kw)
+
+
+def test_a_run_begins_at_a_steps_first_call():
+    """heun calls the model at the next grid level's timestep for its stage, so that timestep appears twice; a
+    run begun there without set_begin_index begins at the step (the second), as set_begin_index would."""
+    s = FastdiffScheduler.from_config(base_config(), method="heun")
+    model = GaussianEps(s)
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    results = []
+    for begin in (False, True):
+        s.set_timesteps(5)
+        ts = s.timesteps
+        i = next(j for j in range(1, len(ts)) if ts[j] == ts[j - 1])        # the stage, then the step
+        if begin:
+            s.set_begin_index(i)
+        x = x0.clone()
+        for t in ts[i:]:
+            x = s.step(model(x, t).sample, t, x).prev_sample
+        results.append(x)
+    assert torch.equal(results[0], results[1]) and torch.isfinite(results[0]).all()
+
+
+def test_bad_timesteps_and_indices_are_named():
+    s = FastdiffScheduler.from_config(base_config())
+    s.set_timesteps(5)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="timestep 998 is not one of"):
+        s.step(torch.zeros_like(x), 998, x)
+    with pytest.raises(ValueError, match="begin_index"):
+        s.set_begin_index(-1)
+    with pytest.raises(ValueError, match="begin_index"):
+        s.set_begin_index(5)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        s.set_timesteps(1001)
+    with pytest.raises(ValueError, match="timesteps must be strictly decreasing"):
+        s.set_timesteps(timesteps=[10, 500, 999])
+    with pytest.raises(ValueError, match="num_inference_steps=1000 repeats timesteps"):
+        s.set_timesteps(1000)                    # linspace(0, 999, 1001) rounds two steps onto one timestep
+    s.set_timesteps(999)                         # every training timestep but one: still fine
+    assert len(s.timesteps) == 999

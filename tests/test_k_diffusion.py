@@ -195,6 +195,22 @@ def test_one_step_grid_to_zero(K, name):
                        model(x, torch.full((6,), 3.0)))
 
 
+@pytest.mark.parametrize("name", ["sample_euler", "sample_dpmpp_2m", "sample_dpmpp_3m_sde", "sample_heun"])
+def test_no_steps_and_empty_batches_as_k_diffusion(K, name):
+    """A one-entry grid has no steps: k-diffusion returns x as given, and so does fastdiff. An empty batch
+    gives an empty result (k-diffusion calls the model on it; nothing here needs the call)."""
+    x = x_T(3.0)
+    one = torch.tensor([3.0], dtype=torch.float64)
+    assert getattr(K, name)(model, x, one, disable=True) is x
+    assert getattr(FK, name)(model, x, one, disable=True) is x
+    empty = torch.zeros(0, 3, dtype=torch.float64)
+    want = getattr(K, name)(model, empty.clone(), karras(4), disable=True)
+    got = getattr(FK, name)(model, empty, karras(4), disable=True)
+    assert got.shape == want.shape == (0, 3) and got.dtype == want.dtype
+    with pytest.raises(ValueError, match="strictly decreasing"):      # the grid is still checked
+        getattr(FK, name)(model, empty, karras(4).flip(0), disable=True)
+
+
 def test_default_noise_is_batch_invariant_and_seeded():
     sigmas = karras(10)
     x = x_T(float(sigmas[0]), n=8)
