@@ -193,6 +193,10 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             grid = np.asarray(sigmas, dtype=np.float64)
             steps_t = _sigma_to_t(grid, log_sigmas)
         elif timesteps is not None:          # integers, or fractional ones (HeunDiscreteScheduler's spacing)
+            flags = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+                     if getattr(self.config, k)]
+            if flags:                        # as diffusers: the grid flag would be silently ignored
+                raise ValueError(f"timesteps= cannot be used with {flags[0]}=True (it makes its own grid)")
             steps_t = np.asarray(timesteps, dtype=np.float64)
             if steps_t.ndim != 1 or len(steps_t) < 1 or not np.all(np.diff(steps_t) < 0) or steps_t[0] > n_train - 1 \
                     or steps_t[-1] < 0:

@@ -405,3 +405,6 @@ def test_bad_timesteps_and_indices_are_named():
         s.set_timesteps(1000)                    # linspace(0, 999, 1001) rounds two steps onto one timestep
     s.set_timesteps(999)                         # every training timestep but one: still fine
     assert len(s.timesteps) == 999
+    karras = FastdiffScheduler.from_config(base_config(), use_karras_sigmas=True)
+    with pytest.raises(ValueError, match="use_karras_sigmas"):
+        karras.set_timesteps(timesteps=[999, 500, 10])
