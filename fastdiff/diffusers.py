@@ -9,10 +9,11 @@ any method of fastdiff.methods on diffusers' discrete VP schedule: x_t = α_t x_
 (MATH.md §3b). The model output (epsilon, v_prediction or sample) is turned into D = x̂_0 at each call.
 
 With method="dpmpp_2m" it is DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2): first
-order on the first step and (lower_order_final, or final_sigmas_type="zero") on the last. It is not bit-exact:
+order on the first step and (lower_order_final, euler_at_final or final_sigmas_type="zero") on the last. Not bit-exact:
 diffusers forms every coefficient as a float32 tensor from float32 σ's (α_t, σ_t, λ_t, e^{−h} all rounded in
 float32), while fastdiff forms each in float64 once and rounds only the final coefficient, so the two differ by
-float32 coefficient rounding (measured ~1e-7 relative after 10 steps of a UNet; tested ≤ 1e-6).
+float32 coefficient rounding (measured ~1e-7 relative after 10 steps of a UNet; tested ≤ 1e-6; up to ~4e-6
+on the beta grid, whose steps are large).
 
 Two-stage methods (heun, dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde) evaluate the model twice per
 step, as diffusers' HeunDiscreteScheduler does: `timesteps` holds both evaluation times of each step (the
@@ -44,6 +45,9 @@ from . import methods as _m
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # DPMSolverMultistepScheduler's (learned: the model also outputs variance channels, dropped here) and
 # DDPMScheduler's (its own ancestral variance; nothing to do for these methods, as in DPMSolverMultistepScheduler)
+# values DPMSolverMultistepScheduler accepts for the keys `method` supersedes
+ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis")
+SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")
 VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large",
                   "fixed_large_log")
 # methods whose history is past D's, so a first-order step is the row collapsed onto D_0 (its B's sum to E)
@@ -108,19 +112,27 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type must be None or one of {', '.join(VARIANCE_TYPES[1:])}, "
                              f"got {variance_type!r}")
+        # as diffusers: one of these three; use_lu_lambdas may join them (precedence: Karras, Lu, the others)
         flags = {"use_karras_sigmas": use_karras_sigmas, "use_exponential_sigmas": use_exponential_sigmas,
-                 "use_beta_sigmas": use_beta_sigmas, "use_lu_lambdas": use_lu_lambdas}
+                 "use_beta_sigmas": use_beta_sigmas}
         grids = [k for k, on in flags.items() if on]
         if len(grids) > 1:
             raise ValueError(f"only one of {', '.join(grids)} may be set")
+        if algorithm_type not in ALGORITHM_TYPES:
+            raise ValueError(f"algorithm_type must be one of {', '.join(ALGORITHM_TYPES)} (superseded by method), "
+                             f"got {algorithm_type!r}")
+        if solver_type not in (None,) + SOLVER_TYPES:
+            raise ValueError(f"solver_type must be None or one of {', '.join(SOLVER_TYPES)}, got {solver_type!r}")
         if use_beta_sigmas:
             try:
                 import scipy.stats  # noqa: F401
             except ImportError as exc:
                 raise ImportError("use_beta_sigmas=True needs scipy (pip install scipy)") from exc
-        if thresholding and not (0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1):
-            raise ValueError(f"thresholding needs 0 < dynamic_thresholding_ratio <= 1 and sample_max_value >= 1, "
-                             f"got {dynamic_thresholding_ratio} and {sample_max_value}")
+        if thresholding and not 0 <= dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1] (a quantile), "
+                             f"got {dynamic_thresholding_ratio}")
+        if thresholding and not sample_max_value > 0:
+            raise ValueError(f"sample_max_value must be > 0, got {sample_max_value}")
         if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
             raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
         if diffusers_rounding and method != "dpmpp_2m":
@@ -175,7 +187,11 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
 
     def set_begin_index(self, begin_index: int = 0):
         """Start the run at timesteps[begin_index] (img2img); it must be a step's first model call."""
-        if isinstance(begin_index, bool) or int(begin_index) != begin_index or begin_index < 0:
+        try:
+            ok = not isinstance(begin_index, bool) and int(begin_index) == begin_index and begin_index >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(f"begin_index must be an integer >= 0, got {begin_index!r}")
         if self.num_inference_steps is not None and begin_index >= len(self.timesteps):
             raise ValueError(f"begin_index must be below len(timesteps) = {len(self.timesteps)}, got {begin_index}")
@@ -214,6 +230,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         full = np.concatenate([grid, [last]]).astype(np.float32)
         self.sigmas = torch.from_numpy(full)
         self._grid_t = steps_t
+        self._spaced = sigmas is None and timesteps is None        # the grid is the config's, not the caller's
         self._log_sigmas = log_sigmas
         self._device = device
         self.num_inference_steps = len(steps_t)
@@ -228,12 +245,12 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             lo, hi = float(train_sigmas[0]), float(train_sigmas[-1])
             if cfg.use_karras_sigmas:
                 grid = _karras(hi, lo, n)
-            elif cfg.use_beta_sigmas:
-                grid = _beta_grid(hi, lo, n)
             elif cfg.use_lu_lambdas:  # uniform in λ = −log σ̃ (Lu et al., 2022), from diffusers' float32 logs
                 grid = np.exp(np.linspace(float(log_sigmas[-1]), float(log_sigmas[0]), n))
-            else:
+            elif cfg.use_exponential_sigmas:
                 grid = np.exp(np.linspace(math.log(hi), math.log(lo), n))
+            else:
+                grid = _beta_grid(hi, lo, n)
             steps_t = _sigma_to_t(grid, log_sigmas)
             # diffusers rounds the Karras and Lu timesteps (not for the cosine schedule), then casts all to int64
             if (cfg.use_karras_sigmas or cfg.use_lu_lambdas) and cfg.beta_schedule != "squaredcos_cap_v2":
@@ -244,7 +261,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         lam = torch.log(self.alphas_cumprod.sqrt()) - torch.log((1 - self.alphas_cumprod).sqrt())
         last = n_train - int(torch.searchsorted(torch.flip(lam, [0]), torch.tensor(cfg.lambda_min_clipped,
                                                                                    dtype=lam.dtype)))
-        if n > last:
+        if n > last and cfg.timestep_spacing != "trailing":       # trailing steps by n_train / n instead
             raise ValueError(f"num_inference_steps ({n}) must not exceed the number of training timesteps "
                              f"({last}{' after lambda_min_clipped' if last < n_train else ''})")
         steps_t = _spaced_timesteps(n, n_train, last, cfg.timestep_spacing, cfg.steps_offset)
@@ -258,7 +275,9 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         sig = self.sigmas[start:]
         # Karras σ's with final_sigmas_type="sigma_min" end on a repeated σ: diffusers' last step is then h = 0,
         # an identity step (the model is still called); the table covers the steps before it
-        self._identity_last = len(sig) > 2 and float(sig[-1]) == float(sig[-2])
+        # (Lu σ's are exp of float32 logs: the last may round one ulp above σ_min, a step of h ≈ −1e-7 in diffusers)
+        self._identity_last = len(sig) > 2 and (float(sig[-1]) == float(sig[-2]) or (
+            self._spaced and self.config.final_sigmas_type == "sigma_min" and float(sig[-1]) > float(sig[-2])))
         if self._identity_last:
             sig = sig[:-1]
         table = _m.sigma_table(sig.double(), self.config.method, log_alpha=_log_alpha_vp, **self._options)
@@ -295,13 +314,27 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """α_t x_0 + σ_t ε at (possibly fractional) training timesteps."""
-        t = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1).numpy()
-        s = np.interp(t, np.arange(0, self.config.num_train_timesteps), self._train_sigmas().astype(np.float64))
-        alpha = torch.tensor(1 / np.sqrt(1 + s * s), dtype=original_samples.dtype, device=original_samples.device)
-        sig = torch.tensor(s / np.sqrt(1 + s * s), dtype=original_samples.dtype, device=original_samples.device)
+        """α_t x_0 + σ_t ε. After set_timesteps, as diffusers: at the grid's σ̃ of the run's step (step_index, else
+        begin_index, else the step each timestep begins in `timesteps`), which is not the training σ̃ at the
+        timestep on grids off the training timesteps (Karras, exponential, beta, Lu); other timesteps, and any
+        before set_timesteps, at the training σ̃ (interpolated for fractional ones)."""
+        t = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1)
+        train = np.interp(t.numpy(), np.arange(0, self.config.num_train_timesteps), self._train_sigmas())
+        s = torch.tensor(train, dtype=torch.float64)
+        if self.num_inference_steps is not None:
+            plan = self._offset_plan if self._start else self._plan         # indexed like `timesteps`
+            fixed = self._step_index if self._step_index is not None else self._begin_index
+            for j, tj in enumerate(t.tolist()):
+                i = fixed if fixed is not None else self._index_of(tj)
+                if i is not None and i < len(plan) and plan[i][1] == 0:
+                    s[j] = float(self.sigmas[plan[i][0]])
+        # α and σ formed in the sample's dtype from σ̃, as diffusers forms them
+        s = s.to(original_samples.dtype)
+        alpha = 1 / ((s ** 2 + 1) ** 0.5)
+        sig = s * alpha
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        return alpha.reshape(shape) * original_samples + sig.reshape(shape) * noise
+        alpha, sig = (v.to(original_samples.device).reshape(shape) for v in (alpha, sig))
+        return alpha * original_samples + sig * noise
 
     # ------------------------------------------------------------------------------------------ step
 
@@ -309,14 +342,10 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if self._begin_index is not None:
             index = self._begin_index
         else:
-            hits = [int(i) for i in (self.timesteps.cpu() == torch.as_tensor(timestep).cpu()).reshape(-1).nonzero()]
-            if not hits:
+            index = self._index_of(timestep)
+            if index is None:
                 raise ValueError(f"timestep {_show(timestep)} is not one of this schedule's timesteps; step() "
                                  f"must be called with the timesteps set_timesteps made (or use set_begin_index)")
-            # a two-stage method may call the model twice at one timestep (a stage at the next grid level, then
-            # that step): a run begins at a step's first call
-            firsts = [i for i in hits if self._plan[i][1] == 0]
-            index = firsts[0] if firsts else hits[0]
         if index >= len(self._plan) or self._plan[index][1] != 0:
             raise ValueError(f"a run must begin at a step's first model call; timesteps[{index}] is not one")
         k = self._plan[index][0]
@@ -325,6 +354,15 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             self._build(k)
             self._offset_plan = plan
         self._step_index = index
+
+    def _index_of(self, timestep):
+        """The index in `timesteps` where a run at `timestep` begins (None if it is not there): a two-stage method
+        may call the model twice at one timestep (a stage at the next grid level, then that step's first call),
+        and a run begins at a step's first call."""
+        hits = [int(i) for i in (self.timesteps.cpu() == torch.as_tensor(timestep).cpu()).reshape(-1).nonzero()]
+        plan = self._offset_plan if self._start else self._plan
+        firsts = [i for i in hits if plan[i][1] == 0]
+        return firsts[0] if firsts else (hits[0] if hits else None)
 
     def _resolve_seed(self, generator, batch: int):
         if self.config.seed is not None:

@@ -286,6 +286,8 @@ DPM_KEYS = [
     {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1, "timestep_spacing": "leading"},
     {"euler_at_final": True, "final_sigmas_type": "sigma_min"},
     {"thresholding": True, "sample_max_value": 1.5, "dynamic_thresholding_ratio": 0.9},
+    {"thresholding": True, "sample_max_value": 0.8},                     # below 1: diffusers clamps s to it
+    {"use_lu_lambdas": True, "use_exponential_sigmas": True},            # diffusers' precedence: Lu
     {"use_beta_sigmas": True},
 ]
 
@@ -324,6 +326,48 @@ def test_cosine_karras_timesteps_as_diffusers():
     assert torch.isfinite(sd_loop(GaussianEps(ours), ours, 20)).all()
 
 
+@pytest.mark.parametrize("kw", [{"beta_schedule": "squaredcos_cap_v2"}, {"beta_start": 0.001}])
+def test_lu_grid_ending_at_sigma_min(kw):
+    """λ-uniform σ's are exp of float32 logs, so the last may round one ulp above σ_min: diffusers then takes a
+    step of h ≈ −1e-7, fastdiff the identity step it takes on an exactly repeated σ (within 1e-6)."""
+    ref = diffusers.DPMSolverMultistepScheduler(use_lu_lambdas=True, final_sigmas_type="sigma_min", **kw)
+    ours = FastdiffScheduler.from_config(ref.config, diffusers_rounding=True)
+    model = GaussianEps(ours)
+    a, b = sd_loop(model, ref, 10, batch=2), sd_loop(model, ours, 10, batch=2)
+    assert torch.equal(ref.timesteps, ours.timesteps) and torch.equal(ref.sigmas, ours.sigmas)
+    assert float(ours.sigmas[-2]) < float(ours.sigmas[-1])           # the case: the last σ above σ_min
+    assert rel(b, a) <= RTOL32
+
+
+@pytest.mark.parametrize("grid", ["use_exponential_sigmas", "use_karras_sigmas", "use_lu_lambdas"])
+def test_add_noise_at_the_grids_sigma(grid):
+    """img2img on a grid off the training timesteps: add_noise noises to the σ̃ the run steps from (the grid's,
+    not the training σ̃ at the truncated or rounded timestep), as diffusers does: the same bits."""
+    ref = diffusers.DPMSolverMultistepScheduler(**{grid: True})
+    ours = FastdiffScheduler.from_config(ref.config, diffusers_rounding=True)
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    model = GaussianEps(ours)
+    for begin in (True, False):
+        results = []
+        for sch in (ref, ours):
+            sch.set_timesteps(10)
+            if begin:
+                sch.set_begin_index(4)
+            x = sch.add_noise(x0, z, sch.timesteps[4:5].repeat(2))
+            results.append(x)
+            for t in sch.timesteps[4:]:
+                x = sch.step(model(x, t).sample, t, x).prev_sample
+            results.append(x)
+        assert all(torch.equal(a, b) for a, b in zip(results[:2], results[2:], strict=True)), (grid, begin)
+    train = FastdiffScheduler.from_config(ref.config)            # before set_timesteps: the training σ̃
+    t = ours.timesteps[4:5].repeat(2)
+    ab = train.alphas_cumprod[t].view(-1, 1, 1, 1)
+    at_t = train.add_noise(x0, z, t)
+    assert torch.allclose(at_t, ab.sqrt() * x0 + (1 - ab).sqrt() * z, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(at_t, results[0], rtol=1e-6, atol=1e-6)     # the grid's σ̃ is not t's
+
+
 def test_learned_variance_channels_are_dropped():
     """variance_type='learned': the model outputs ε and a variance per channel; the step uses ε's channels."""
     cfg = base_config()
@@ -358,7 +402,9 @@ def test_method_supersedes_the_source_schedulers_method():
 @pytest.mark.parametrize("kw,key", [({"use_flow_sigmas": True}, "use_flow_sigmas"),
                                     ({"use_dynamic_shifting": True}, "use_dynamic_shifting"),
                                     ({"prediction_type": "flow_prediction"}, "flow_prediction"),
-                                    ({"use_karras_sigmas": True, "use_lu_lambdas": True}, "use_lu_lambdas"),
+                                    ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "use_beta_sigmas"),
+                                    ({"algorithm_type": "dpm"}, "algorithm_type"),
+                                    ({"solver_type": "rk4"}, "solver_type"),
                                     ({"variance_type": "wide"}, "variance_type"),
                                     ({"thresholding": True, "dynamic_thresholding_ratio": 1.5},
                                      "dynamic_thresholding_ratio")])
@@ -397,6 +443,8 @@ def test_bad_timesteps_and_indices_are_named():
         s.set_begin_index(-1)
     with pytest.raises(ValueError, match="begin_index"):
         s.set_begin_index(5)
+    with pytest.raises(ValueError, match="begin_index"):
+        s.set_begin_index(None)
     with pytest.raises(ValueError, match="num_inference_steps"):
         s.set_timesteps(1001)
     with pytest.raises(ValueError, match="timesteps must be strictly decreasing"):
