@@ -322,7 +322,9 @@ def test_a_scaled_provider_is_timed_on_a_prefix_and_scaled(monkeypatch):
     from fastdiff.bench import sample, timing
     from fastdiff.bench.common import Context
     fixed = timing.Timing(median_s=0.2, q25_s=0.1, q75_s=0.3, min_s=0.05, reps=3, inner=1, first_s=0.4)
-    monkeypatch.setattr(sample, "measure", lambda fn, *a, **k: (fn(), fixed)[1])
+    timed_alone = []
+    monkeypatch.setattr(sample, "measure", lambda fn, *a, **k: (timed_alone.append(fn), fn(), fixed)[2])
+    monkeypatch.setattr(sample, "measure_interleaved", lambda fns, *a, **k: [(f(), fixed)[1] for f in fns])
     ctx = Context(device=torch.device("cpu"), quick=True, out=Path("."), policy=timing.QUICK_POLICY, env={})
     S = {"fd": None, "st": {"w2_n": 50}}
     DS = {"N": 4, "data64": None}
@@ -335,6 +337,7 @@ def test_a_scaled_provider_is_timed_on_a_prefix_and_scaled(monkeypatch):
     assert ref["provider"] == sample.REF and ref["median_s"] == 2.0 and ref["q75_s"] == 3.0 and ref["min_s"] == 0.5
     assert ref["kl"] is None and ref["w2"] is None and "first 100 of 1000 steps" in ref["note"]
     assert other["median_s"] == 0.2 and other["kl"] == 0.5 and other["note"] is None
+    assert len(timed_alone) == 1             # the scaled one (a prefix of the grid) is not timed with the others
 
 
 def test_issue14_pointcloud_target_runs_the_peers_and_a_scaled_reference(monkeypatch):
@@ -384,7 +387,8 @@ def test_issue14_mlp_target_times_the_model_alone_at_the_grids_sigmas(monkeypatc
     # the row: timed, but no samples to score
     fixed = timing.Timing(median_s=0.2, q25_s=0.1, q75_s=0.3, min_s=0.05, reps=3, inner=1, first_s=0.4)
     monkeypatch.undo()
-    monkeypatch.setattr(sample, "measure", lambda f, *a, **k: (f(), fixed)[1])
+    monkeypatch.setattr(sample, "measure", lambda *a, **k: pytest.fail("an MLP case is timed with the others"))
+    monkeypatch.setattr(sample, "measure_interleaved", lambda fns, *a, **k: [(f(), fixed)[1] for f in fns])
     monkeypatch.setattr(sample, "metrics", lambda S, DS, x: pytest.fail("metrics of the bound row"))
     ctx2 = Context(device=torch.device("cpu"), quick=True, out=Path("."), policy=timing.QUICK_POLICY, env={})
     sample._time_providers(ctx2, S, {"N": 4}, [(sample.MODEL_ALONE, None, lambda xT: None, True)], xT, op="op",
@@ -392,6 +396,43 @@ def test_issue14_mlp_target_times_the_model_alone_at_the_grids_sigmas(monkeypatc
     (row,) = ctx2.rows
     assert row["median_s"] == 0.2 and row["kl"] is None and row["max_abs_diff"] is None
     assert "no sampler around it" in row["note"]
+
+
+def test_measure_interleaved_times_each_fn_once_a_round_in_rotated_order():
+    """Each round calls every fn once, starting one further along each round (no fn always first or last
+    after another's cache and clock effects); the warm-up calls come first; each gets its own samples."""
+    from fastdiff.bench import timing
+    calls = []
+    fns = [lambda i=i: calls.append(i) for i in range(3)]
+    policy = timing.TimingPolicy(warmup=2, min_reps=4, max_reps=4, min_time=0.0)
+    out = timing.measure_interleaved(fns, "cpu", policy)
+    assert calls[:6] == [0, 1, 2, 0, 1, 2]                          # the first call of each, then one warm-up
+    rounds = [calls[6 + 3 * r: 9 + 3 * r] for r in range(4)]
+    assert rounds == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]] and len(calls) == 18
+    assert [t.reps for t in out] == [4, 4, 4] and all(t.min_s <= t.median_s <= t.q75_s for t in out)
+
+
+def test_mlp_providers_are_timed_together_and_a_failing_one_is_reported(monkeypatch):
+    import torch
+
+    from fastdiff.bench import sample, timing
+    from fastdiff.bench.common import Context
+    fixed = timing.Timing(median_s=0.2, q25_s=0.1, q75_s=0.3, min_s=0.05, reps=3, inner=1, first_s=0.4)
+    seen = []
+    monkeypatch.setattr(sample, "measure", lambda *a, **k: pytest.fail("an MLP case is timed with the others"))
+    monkeypatch.setattr(sample, "measure_interleaved", lambda fns, *a, **k: seen.append(len(fns)) or [fixed] * len(fns))
+    monkeypatch.setattr(sample, "metrics", lambda S, DS, x: (0.1, 0.2))
+
+    def broken(xT):
+        raise ValueError("no such keyword")
+    ctx = Context(device=torch.device("cpu"), quick=True, out=Path("."), policy=timing.QUICK_POLICY, env={})
+    provs = [("a", None, lambda xT: xT + 1, True), ("b", None, broken, True), ("c", None, lambda xT: xT * 2, True)]
+    sample._time_providers(ctx, {}, {"N": 4}, provs, torch.ones(4, 2), op="op", case="c", den="mlp", n=4,
+                           steps=5, target=None, compare_ode=False)
+    assert seen == [2] and [r["provider"] for r in ctx.rows] == ["a", "c"]
+    assert all(r["median_s"] == 0.2 and r["first_s"] > 0 and r["kl"] == 0.1 for r in ctx.rows)
+    (note,) = [n for n in ctx.notes if n["provider"] == "b"]
+    assert "no such keyword" in note["note"] and note["kind"] == "error"
 
 
 def test_posterior_times_a_dense_regime_case_per_d_after_the_ladder():

@@ -63,7 +63,7 @@ from .common import (
     kdiffusion_sampling,
     optional_import,
 )
-from .timing import measure
+from .timing import measure, measure_interleaved
 
 SUITE = "sample"
 T, T_END, BANDWIDTH = 80.0, 1e-3, 0.05**2
@@ -551,6 +551,29 @@ def _sample_into(last: dict, fn, xT):
         last["x"] = fn(xT)
 
 
+def _measure_together(ctx, provs, xT, policy) -> dict:
+    """{provider: (Timing or the exception its first call raised, its last samples {"x": ...})}, the providers
+    that ran timed by measure_interleaved."""
+    import time
+    out, runs = {}, []
+    for provider, _backend, fn, _warm in provs:
+        last: dict = {}
+        call = partial(_sample_into, last, fn, xT)
+        try:
+            t0 = time.perf_counter()
+            call()
+            if ctx.cuda:
+                torch.cuda.synchronize()
+            runs.append((provider, call, last, time.perf_counter() - t0))
+        except Exception as exc:          # reported by the caller's handlers, as a measured provider's would be
+            out[provider] = (exc, last)
+    if runs:
+        timings = measure_interleaved([r[1] for r in runs], ctx.device, policy)
+        for (provider, _call, last, first), t in zip(runs, timings, strict=True):
+            out[provider] = (replace(t, first_s=first), last)
+    return out
+
+
 def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, compare_ode, scaled=None):
     """Time each provider on the whole run; a provider in `scaled` ({name: factor}) runs a prefix of the grid
     and its times are multiplied by the factor (its samples are not the run's: no KL/W2)."""
@@ -559,22 +582,37 @@ def _time_providers(ctx, S, DS, provs, xT, *, op, case, den, n, steps, target, c
     policy = _policy(ctx)
     d = DS.get("d", 2)
     quality = d == 2        # KL/W2 are 2-D histogram metrics (the swiss roll); image-sized clouds have none
+
+    def refusal(backend):
+        if backend is None:
+            return None
+        op_name = "pointcloud_sample" if den == "pointcloud" else "affine_step"
+        return backend_refusal(backend, op_name, x=xT, data=DS["cloud"].data if den == "pointcloud" else None)
+
+    # the MLP cases (runs of ~50 ms whose ratios are within 10% of each other) are timed together, round by
+    # round, so that the machine's drift does not fall on one provider; a point cloud's runs take seconds, and a
+    # scaled provider runs a prefix of the grid (the slow reference), so those are timed one at a time
+    together = {} if den == "pointcloud" or ctx.out_of_time() else _measure_together(
+        ctx, [p for p in provs if not refusal(p[1]) and p[0] not in scaled], xT, policy)
     for provider, backend, fn, warm_first in provs:
         if ctx.out_of_time():
             ctx.note(SUITE, provider, f"not run on {case}: the run's time limit was reached", kind="skipped")
             continue
-        if backend is not None:
-            op_name = "pointcloud_sample" if den == "pointcloud" else "affine_step"
-            reasons = backend_refusal(backend, op_name, x=xT, data=DS["cloud"].data if den == "pointcloud" else None)
-            if reasons:
-                ctx.note(SUITE, provider, "; ".join(reasons))
-                continue
+        reasons = refusal(backend)
+        if reasons:
+            ctx.note(SUITE, provider, "; ".join(reasons))
+            continue
         if ctx.progress is not None:
             ctx.progress.start(f"sample {case} {provider}")
         last = {}
         failed = False
         try:
-            t = measure(partial(_sample_into, last, fn, xT), ctx.device, policy, warm_first=warm_first)
+            if provider in together:
+                t, last = together[provider]
+                if isinstance(t, Exception):
+                    raise t
+            else:
+                t = measure(partial(_sample_into, last, fn, xT), ctx.device, policy, warm_first=warm_first)
             factor = scaled.get(provider)
             kl = w2 = None
             if factor is not None:      # timed on a prefix of the grid: its samples are not the run's

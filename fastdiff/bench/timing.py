@@ -9,6 +9,9 @@ CUDA events recorded on the current stream and read after one synchronisation at
 occasional sample slowed down by another process on a shared machine. A call lasting at least
 `long_call` seconds (whole sampling runs of the torch reference take minutes) is not warmed up again and
 is timed only while the total stays under `max_time` (reps = 1 for a run of minutes; see measure()).
+Calls of tens of ms whose ratios are close (the sample suite's MLP loops) are timed together instead, one call
+of each per round, the order rotated each round (measure_interleaved), so a drift of the machine's speed over
+seconds falls on all of them alike.
 
 Ceilings, measured in the same run on the same device:
   copy   bytes moved per second by `dst.copy_(src)` (read + write, a buffer much larger than the caches;
@@ -164,6 +167,43 @@ def measure(fn, device: torch.device | str, policy: TimingPolicy = FULL_POLICY, 
                 break
     s = sorted(samples)
     return Timing(statistics.median(s), _quantile(s, 0.25), _quantile(s, 0.75), s[0], len(s), inner, first)
+
+
+def measure_interleaved(fns: list, device: torch.device | str, policy: TimingPolicy = FULL_POLICY) -> list[Timing]:
+    """Median time of one call of each of `fns`, timed in rounds (one call of each per round, the order rotated
+    each round) instead of one after the other: on a shared machine whose speed drifts by several percent over
+    seconds, the ratios between the fns then compare calls made at the same time. For calls short enough to
+    repeat (tens of ms); the first call of each is its warm-up (first_s). Rounds: at least policy.min_reps, and
+    on until policy.min_time of samples per fn or policy.max_reps rounds."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    firsts = [timed(fn) for fn in fns]
+    for _ in range(max(0, policy.warmup - 1)):
+        for fn in fns:
+            timed(fn)
+    samples: list[list[float]] = [[] for _ in fns]
+    started = time.perf_counter()
+    while True:
+        r = len(samples[0])
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)
+            samples[i].append(timed(fns[i]))
+        spent = (time.perf_counter() - started) / len(fns)
+        if r + 1 >= policy.max_reps or (r + 1 >= policy.min_reps and spent >= policy.min_time):
+            break
+    out = []
+    for first, vals in zip(firsts, samples, strict=True):
+        v = sorted(vals)
+        out.append(Timing(statistics.median(v), _quantile(v, 0.25), _quantile(v, 0.75), v[0], len(v), 1, first))
+    return out
 
 
 # ----------------------------------------------------------------------------------------- ceilings
