@@ -187,8 +187,8 @@ def t_vs_peer(spec, rows):
         detail += "; beside: " + ", ".join(beside)
     bound = _find(rows, spec["bound"], **spec["match"]) if spec.get("bound") else None
     if bound is not None:       # the model alone: no sampler can beat the peer's loop by more than this
-        detail += (f"; {spec['bound']} {bound['median_s']:.4g} s: no sampler can exceed "
-                   f"{b['median_s'] / bound['median_s']:.3g}× {spec['versus']} with this model")
+        detail += (f"; {spec['bound']} {bound['median_s']:.4g} s, {b['median_s'] / bound['median_s']:.3g}× "
+                   f"{spec['versus']}: the most any sampler can gain with this model (timing noise aside)")
     if a.get("threads"):
         detail += f"; {a['threads']} CPU thread(s)"
     return _entry(spec, _fmt_x(v), v, "yes" if v >= spec["threshold"] else "no", detail)
