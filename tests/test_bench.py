@@ -341,9 +341,9 @@ def test_a_scaled_provider_is_timed_on_a_prefix_and_scaled(monkeypatch):
     assert len(timed_alone) == 1             # the scaled one (a prefix of the grid) is not timed with the others
 
 
-def test_issue14_pointcloud_target_runs_the_peers_and_a_scaled_reference(monkeypatch):
-    """The CPU point-cloud target (N = M = 10⁴) times the peers' loops beside fastdiff, and the step-by-step torch
-    reference over REF_STEPS_CPU steps only (scaled): nothing is timed here, the plan handed to the timer is read."""
+def _planned(monkeypatch, den: str, steps: int):
+    """Issue 14's target case for `den` planned on 8 samples, the timer replaced by one that keeps the plan:
+    (what _time_providers was handed, the context)."""
     import torch
 
     from fastdiff.bench import sample, timing
@@ -353,7 +353,15 @@ def test_issue14_pointcloud_target_runs_the_peers_and_a_scaled_reference(monkeyp
     monkeypatch.setattr(sample, "settings", lambda ctx: {"ns": (8,), "steps": 4, "train_iters": 2, "w2_n": 50,
                                                          "loop": (8, 2)})
     ctx = Context(device=torch.device("cpu"), quick=False, out=Path("."), policy=timing.QUICK_POLICY, env={})
-    sample.run_case(ctx, "pointcloud", "dpmpp_2m", 8, 20, 500, target="issue 14")
+    sample.run_case(ctx, den, "dpmpp_2m", 8, steps, 500, target="issue 14")
+    return seen, ctx
+
+
+def test_issue14_pointcloud_target_runs_the_peers_and_a_scaled_reference(monkeypatch):
+    """The CPU point-cloud target (N = M = 10⁴) times the peers' loops beside fastdiff, and the step-by-step torch
+    reference over REF_STEPS_CPU steps only (scaled): nothing is timed here, the plan handed to the timer is read."""
+    from fastdiff.bench import sample
+    seen, ctx = _planned(monkeypatch, "pointcloud", 20)
     names = [p[0] for p in seen["provs"]]
     assert seen["scaled"] == {sample.REF: 20 / sample.REF_STEPS_CPU}
     assert "k-diffusion sample_dpmpp_2m + naive torch denoiser" in names or any(
@@ -369,12 +377,7 @@ def test_issue14_mlp_target_times_the_model_alone_at_the_grids_sigmas(monkeypatc
 
     from fastdiff.bench import sample, timing
     from fastdiff.bench.common import Context
-    seen = {}
-    monkeypatch.setattr(sample, "_time_providers", lambda ctx, S, DS, provs, xT, **kw: seen.update(provs=provs, **kw))
-    monkeypatch.setattr(sample, "settings", lambda ctx: {"ns": (8,), "steps": 4, "train_iters": 2, "w2_n": 50,
-                                                         "loop": (8, 2)})
-    ctx = Context(device=torch.device("cpu"), quick=False, out=Path("."), policy=timing.QUICK_POLICY, env={})
-    sample.run_case(ctx, "mlp", "dpmpp_2m", 8, 5, 500, target="issue 14")
+    seen, ctx = _planned(monkeypatch, "mlp", 5)
     (fn,) = [p[2] for p in seen["provs"] if p[0] == sample.MODEL_ALONE]
     calls = []
     S = sample.setup(ctx)
