@@ -48,6 +48,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 # values DPMSolverMultistepScheduler accepts for the keys `method` supersedes
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver", "deis")
 SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")
+# the config keys that make set_timesteps build its own σ̃ grid (diffusers' precedence: Karras, Lu, the others)
+GRID_FLAGS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas")
 VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large",
                   "fixed_large_log")
 # methods whose history is past D's, so a first-order step is the row collapsed onto D_0 (its B's sum to E)
@@ -209,8 +211,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             grid = np.asarray(sigmas, dtype=np.float64)
             steps_t = _sigma_to_t(grid, log_sigmas)
         elif timesteps is not None:          # integers, or fractional ones (HeunDiscreteScheduler's spacing)
-            flags = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
-                     if getattr(self.config, k)]
+            flags = self._grid_flags()
             if flags:                        # as diffusers: the grid flag would be silently ignored
                 raise ValueError(f"timesteps= cannot be used with {flags[0]}=True (it makes its own grid)")
             steps_t = np.asarray(timesteps, dtype=np.float64)
@@ -238,10 +239,13 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
+    def _grid_flags(self) -> list[str]:
+        return [k for k in GRID_FLAGS if getattr(self.config, k)]
+
     def _spaced_grid(self, n: int, train_sigmas: np.ndarray, log_sigmas: np.ndarray):
         """(σ̃ grid, timesteps) of n steps as DPMSolverMultistepScheduler.set_timesteps forms them."""
         cfg = self.config
-        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas or cfg.use_lu_lambdas:
+        if self._grid_flags():
             lo, hi = float(train_sigmas[0]), float(train_sigmas[-1])
             if cfg.use_karras_sigmas:
                 grid = _karras(hi, lo, n)
@@ -322,7 +326,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         train = np.interp(t.numpy(), np.arange(0, self.config.num_train_timesteps), self._train_sigmas())
         s = torch.tensor(train, dtype=torch.float64)
         if self.num_inference_steps is not None:
-            plan = self._offset_plan if self._start else self._plan         # indexed like `timesteps`
+            plan = self._full_plan
             fixed = self._step_index if self._step_index is not None else self._begin_index
             for j, tj in enumerate(t.tolist()):
                 i = fixed if fixed is not None else self._index_of(tj)
@@ -360,7 +364,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         may call the model twice at one timestep (a stage at the next grid level, then that step's first call),
         and a run begins at a step's first call."""
         hits = [int(i) for i in (self.timesteps.cpu() == torch.as_tensor(timestep).cpu()).reshape(-1).nonzero()]
-        plan = self._offset_plan if self._start else self._plan
+        plan = self._full_plan
         firsts = [i for i in hits if plan[i][1] == 0]
         return firsts[0] if firsts else (hits[0] if hits else None)
 
@@ -429,6 +433,11 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         self._step_index += 1
         out = out.to(model_output.dtype)
         return SchedulerOutput(prev_sample=out) if return_dict else (out,)
+
+    @property
+    def _full_plan(self) -> list:
+        """The plan of the whole run, indexed like `timesteps` (a run begun mid-schedule keeps it aside)."""
+        return self._offset_plan if self._start else self._plan
 
     def _plan_offset(self) -> int:
         """Index in `timesteps` of the current plan's first call (non-zero for a run begun mid-schedule)."""
