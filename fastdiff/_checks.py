@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -144,6 +146,19 @@ def check_number(value, name: str) -> float:
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
+
+
+def as_real(value, name: str) -> float:
+    """A real number (int, float, numpy scalar, one-element tensor) as a float; a bool, a string or anything
+    else raises TypeError naming `name` (float("1") would take a string)."""
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not ok:
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise TypeError(f"{name} must be a number, got {shown}")
+    return float(value)
 
 
 def check_bandwidth(bandwidth) -> float:

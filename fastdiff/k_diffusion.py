@@ -21,9 +21,17 @@ The callback's tensors are for reading (previews, logs). Editing d['x'] or d['de
 the step, but for euler, heun, dpm_2 and lms not as in k-diffusion, which forms those steps' derivative
 (x − denoised)/σ before the callback, while here the whole step A x + B denoised is formed after it.
 
+As in k-diffusion: a model output or noise of a wider dtype than x widens the run from there (x + d·dt
+promotes: a float32 model on a float16 x returns float32); eta=None is η = 0 where k-diffusion's
+get_ancestral_step makes it so; a model may return one output buffer at every call (each step uses D before the
+next call), and every call gets an input tensor of its own; the churn window s_tmin ≤ σ ≤ s_tmax is compared in
+the grid's dtype.
+
 Also different on purpose: a one-step grid to 0 works for dpmpp_2m_sde and dpmpp_3m_sde (k-diffusion raises
-UnboundLocalError), and sigmas on a GPU are read back to the host once per call (k-diffusion reads them at
-every step). Not provided: sample_dpm_fast and sample_dpm_adaptive (adaptive, not table methods).
+UnboundLocalError); sigmas on a GPU are read back to the host once per call (k-diffusion reads them at
+every step); a grid must decrease (k-diffusion also runs increasing grids); a list of σ's is read as float64.
+Not provided (module __getattr__ says why): sample_dpm_fast, sample_dpm_adaptive and their DPMSolver and
+PIDStepSizeController (adaptive, not table methods), log_likelihood, and the Brownian-tree noise samplers.
 """
 from __future__ import annotations
 
@@ -32,13 +40,36 @@ import math
 import torch
 
 from . import methods as _m
+from ._checks import MAX_SAMPLES, MAX_SEED, check_int
 
 __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
     "sample_lms", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
     "sample_dpmpp_3m_sde", "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential",
-    "get_sigmas_vp", "append_zero", "to_d", "get_ancestral_step",
+    "get_sigmas_vp", "append_zero", "to_d", "get_ancestral_step", "default_noise_sampler",
+    "linear_multistep_coeff",
 ]
+
+# k-diffusion names this module does not provide, and why (module __getattr__ says so instead of a bare
+# AttributeError)
+_NOT_PROVIDED = {
+    "sample_dpm_fast": "an adaptive-order method, not a table of steps",
+    "sample_dpm_adaptive": "an adaptive step-size method, not a table of steps",
+    "DPMSolver": "the class behind sample_dpm_fast/sample_dpm_adaptive",
+    "PIDStepSizeController": "sample_dpm_adaptive's step-size controller",
+    "log_likelihood": "an ODE log-likelihood, not a sampler",
+    "BrownianTreeNoiseSampler": "k-diffusion's Brownian-tree noise; without a noise_sampler the samplers here draw "
+                                "fastdiff's batch-independent noise (seed=)",
+    "BatchedBrownianTree": "the tree behind BrownianTreeNoiseSampler",
+}
+
+
+def __getattr__(name):
+    if name in _NOT_PROVIDED:
+        raise AttributeError(f"fastdiff.k_diffusion does not provide {name} ({_NOT_PROVIDED[name]}); import it from "
+                             f"k_diffusion.sampling if you need it (a k-diffusion noise sampler can be passed as "
+                             f"noise_sampler= to the samplers here)")
+    raise AttributeError(f"module 'fastdiff.k_diffusion' has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- k-diffusion's grid helpers
@@ -81,6 +112,20 @@ def to_d(x, sigma, denoised):
     return (x - denoised) / sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
 
 
+def default_noise_sampler(x):
+    """k-diffusion's noise sampler: torch.randn_like(x) at every call (noise that depends on the batch)."""
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+def linear_multistep_coeff(order, t, i, j):
+    """∫ from t[i] to t[i + 1] of the Lagrange basis polynomial j on the nodes t[i], t[i − 1], …, t[i − order + 1]
+    (the coefficient of the j-th most recent derivative in sample_lms); exact, where k-diffusion uses scipy's
+    adaptive quad."""
+    if order - 1 > i:
+        raise ValueError(f'Order {order} too high for step {i}')
+    return _m._lms_coefficients([float(v) for v in t], i, order)[j]
+
+
 def get_ancestral_step(sigma_from, sigma_to, eta=1.):
     """(sigma_down, sigma_up) of an ancestral step."""
     if not eta:
@@ -100,10 +145,7 @@ def _check_x(x):
 
 def _resolve_seed(seed, table) -> int:
     if seed is not None:
-        s = int(seed)
-        if isinstance(seed, bool) or s != seed or not 0 <= s < 2**64:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-        return s
+        return check_int(seed, "seed", 0, MAX_SEED)
     needs_noise = any(bool((col != 0).any()) for col in (table.C, table.C_churn, table.c_u))
     # from torch's default (CPU) generator, so torch.manual_seed governs the run as it does k-diffusion's
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64)) if needs_noise else 0
@@ -129,13 +171,17 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"noise_sampler must be callable as noise_sampler(sigma, sigma_next), got "
                         f"{type(noise_sampler).__name__}")
-    if torch.as_tensor(sigmas).shape == (1,):
+    if not isinstance(sigmas, torch.Tensor):               # a list or array: float64, not torch's default float32
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64 if isinstance(sigmas, (list, tuple)) else None)
+    if sigmas.shape == (1,):
         return x                                           # no steps: k-diffusion's loop returns x as given
     host = _m._check_sigmas(sigmas)                        # the call's one read-back of the grid
     if x.shape[0] == 0:
         return x.clone()                                   # an empty batch: nothing to sample
+    for bound in ("s_tmin", "s_tmax"):
+        if bound in options:
+            options[bound] = _in_dtype(options[bound], sigmas.dtype)
     table = _m.sigma_table(host, method, **options)
-    sigmas = torch.as_tensor(sigmas)                       # the caller's grid (its device), for the dicts
     gammas = _gammas(host.tolist(), options) if options.get("s_churn") else None
     extra_args = {} if extra_args is None else extra_args
     c = table.lists()
@@ -143,12 +189,18 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
 
     def denoise(xk, k, stage):
         out = model(xk, s_in * (c["t_u"][k] if stage else c["t"][k]), **extra_args)
-        return out if out.dtype == xk.dtype else out.to(xk.dtype)
+        # a wider floating output widens the run (run_table's promote, as x + d·dt does in k-diffusion)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.shape != xk.shape \
+                or out.device != xk.device:
+            raise TypeError(f"model must return the denoised x: a floating tensor like x ({tuple(xk.shape)} on "
+                            f"{xk.device}), got {_describe(out)}")
+        return out
 
     if noise_sampler is None:
-        offset = int(sample_offset)
-        if offset < 0:
-            raise ValueError(f"sample_offset must be >= 0, got {sample_offset}")
+        offset = check_int(sample_offset, "sample_offset", 0, MAX_SAMPLES)
+        if offset + x.shape[0] >= MAX_SAMPLES:
+            raise ValueError(f"sample_offset + the batch size must be < 2**63 (global sample indices are int64), "
+                             f"got sample_offset={offset} with a batch of {x.shape[0]}")
         noise = _m.ContractNoise(table, _resolve_seed(seed, table), offset, x.shape[0], x.device, kernels=True)
     else:
         args = noise_args(sigmas) if noise_args is not None else None
@@ -161,7 +213,11 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
             else:
                 a, b = sigmas[k], sigmas[k + 1]
             z = noise_sampler(a, b)
-            return z if z.dtype == like.dtype else z.to(like.dtype)
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.shape != like.shape \
+                    or z.device != like.device:
+                raise TypeError(f"noise_sampler must return a floating tensor like x ({tuple(like.shape)} on "
+                                f"{like.device}), got {_describe(z)}")
+            return z
 
     cb = None
     if callback is not None:
@@ -172,10 +228,27 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
     bar, progress = _progress(len(table), disable)
     try:
         with torch.no_grad():
-            return _m.run_table(table, denoise, x, noise, cb, progress)
+            return _m.run_table(table, denoise, x, noise, cb, progress, promote=True)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _describe(v):
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}"
+    return type(v).__name__
+
+
+def _in_dtype(bound, dtype):
+    """A churn bound rounded to the grid's dtype: k-diffusion tests s_tmin <= sigmas[i] <= s_tmax on the grid's
+    tensor, which rounds the bound, so a bound equal to a float32 grid value churns there as in k-diffusion."""
+    if dtype == torch.float64 or bound is None or isinstance(bound, (str, bool)):
+        return bound                    # None: the default; a bad type: method_options names it
+    try:
+        return torch.as_tensor(bound, dtype=dtype).item()
+    except (TypeError, ValueError, RuntimeError):
+        return bound
 
 
 def _gammas(sl, options):
@@ -193,6 +266,18 @@ def _churn_run(method, model, x, sigmas, extra_args, callback, disable, s_churn,
 
 # --------------------------------------------------------------------------------------- the samplers
 
+def _ancestral_eta(eta):
+    """eta=None is η = 0 where k-diffusion tests `if not eta` (get_ancestral_step), not the default η = 1."""
+    return 0.0 if eta is None else eta
+
+
+def _required(value, name):
+    """None where k-diffusion computes with the value (and fails): refused, not replaced by the default."""
+    if value is None:
+        raise TypeError(f"{name} must be a number, got None")
+    return value
+
+
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1., *, noise_sampler=None, seed=None, sample_offset=0):
     """Algorithm 2 (Euler steps) of Karras et al. (2022): fastdiff method "edm_euler"."""
@@ -204,7 +289,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            noise_sampler=None, *, seed=None, sample_offset=0):
     """Ancestral sampling with Euler method steps: fastdiff method "euler_ancestral"."""
     return _run("euler_ancestral", model, x, sigmas, extra_args, callback, disable, noise_sampler, seed,
-                sample_offset, eta=eta, s_noise=s_noise)
+                sample_offset, eta=_ancestral_eta(eta), s_noise=s_noise)
 
 
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
@@ -225,7 +310,7 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            noise_sampler=None, *, seed=None, sample_offset=0):
     """Ancestral sampling with DPM-Solver second-order steps: fastdiff method "dpm_2_ancestral"."""
     return _run("dpm_2_ancestral", model, x, sigmas, extra_args, callback, disable, noise_sampler, seed,
-                sample_offset, eta=eta, s_noise=s_noise)
+                sample_offset, eta=_ancestral_eta(eta), s_noise=s_noise)
 
 
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
@@ -237,7 +322,7 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
                               noise_sampler=None, *, seed=None, sample_offset=0):
     """Ancestral sampling with DPM-Solver++(2S) second-order steps: fastdiff method "dpmpp_2s_ancestral"."""
     return _run("dpmpp_2s_ancestral", model, x, sigmas, extra_args, callback, disable, noise_sampler, seed,
-                sample_offset, eta=eta, s_noise=s_noise)
+                sample_offset, eta=_ancestral_eta(eta), s_noise=s_noise)
 
 
 def _sde_noise_args(r):
@@ -257,7 +342,7 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     """DPM-Solver++ (stochastic): fastdiff method "dpmpp_sde". Without noise_sampler its two noises per step
     are the contract's pair with the Brownian path's correlation (fastdiff.methods)."""
     return _run("dpmpp_sde", model, x, sigmas, extra_args, callback, disable, noise_sampler, seed, sample_offset,
-                noise_args=_sde_noise_args(r), eta=eta, s_noise=s_noise, r=r)
+                noise_args=_sde_noise_args(r), eta=_ancestral_eta(eta), s_noise=s_noise, r=r)
 
 
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -271,11 +356,11 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     if solver_type not in {'heun', 'midpoint'}:
         raise ValueError('solver_type must be \'heun\' or \'midpoint\'')
     return _run("dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable, noise_sampler, seed,
-                sample_offset, eta=eta, s_noise=s_noise, solver_type=solver_type)
+                sample_offset, eta=_required(eta, "eta"), s_noise=s_noise, solver_type=solver_type)
 
 
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                         noise_sampler=None, *, seed=None, sample_offset=0):
     """DPM-Solver++(3M) SDE: fastdiff method "dpmpp_3m_sde"."""
     return _run("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, disable, noise_sampler, seed,
-                sample_offset, eta=eta, s_noise=s_noise)
+                sample_offset, eta=_required(eta, "eta"), s_noise=s_noise)

@@ -39,9 +39,9 @@ import torch
 
 from . import _table
 from . import noise as _noise
-from ._checks import check_choice
+from ._checks import as_real, check_choice
 from .processes import Process
-from .schedules import check_times
+from .schedules import as_integer, check_times
 from .steps import METHODS as FIRST_ORDER_METHODS
 from .steps import step_table
 
@@ -204,27 +204,25 @@ def method_options(method: str, **options) -> dict:
     out = {**allowed, **{k: v for k, v in options.items() if v is not None}}
     for name in ("eta", "s_noise", "s_churn", "s_tmin"):
         if name in out:
-            v = float(out[name])
+            v = as_real(out[name], name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {out[name]}")
             out[name] = v
     if "s_tmax" in out:
-        out["s_tmax"] = float(out["s_tmax"])
+        out["s_tmax"] = as_real(out["s_tmax"], "s_tmax")
         if math.isnan(out["s_tmax"]):
             raise ValueError("s_tmax must not be NaN")
     if "r" in out:
-        r = float(out["r"])
+        r = as_real(out["r"], "r")
         if not 0 < r <= 1:
             raise ValueError(f"r must lie in (0, 1], got {out['r']}")
         out["r"] = r
     if "solver_type" in out:
         check_choice(out["solver_type"], "solver_type", SOLVER_TYPES)
     if "order" in out:
-        order = out["order"]
-        if isinstance(order, bool) or int(order) != order or int(order) < 1:
-            raise ValueError(f"order must be an integer >= 1, got {order!r}")
-        out["order"] = int(order)
+        out["order"] = as_integer(out["order"], "order", minimum=1)
     return out
+
 
 
 # ------------------------------------------------------------------------------ VE (σ̃-grid) coefficients
@@ -403,18 +401,20 @@ _GL8 = np.polynomial.legendre.leggauss(8)
 
 
 def _lms_coefficients(sig, k, order):
-    """c_j = ∫_{σ_k}^{σ_{k+1}} ℓ_j(τ) dτ over the Lagrange basis on σ_k, σ_{k−1}, …: 8-point Gauss–Legendre,
-    exact for these polynomials of degree ≤ 3 (k-diffusion uses scipy's adaptive quad with epsrel 1e-4)."""
+    """c_j = ∫_{σ_k}^{σ_{k+1}} ℓ_j(τ) dτ over the Lagrange basis on σ_k, σ_{k−1}, …: Gauss–Legendre, exact for
+    these polynomials of degree order − 1 (8 points up to order 16; k-diffusion uses scipy's adaptive quad with
+    epsrel 1e-4)."""
     nodes = [sig[k - m] for m in range(order)]
     a, b = sig[k], sig[k + 1]
-    tau = 0.5 * (b - a) * _GL8[0] + 0.5 * (a + b)
+    rule = _GL8 if order <= 16 else np.polynomial.legendre.leggauss(order)
+    tau = 0.5 * (b - a) * rule[0] + 0.5 * (a + b)
     out = []
     for j in range(order):
         basis = np.ones_like(tau)
         for m in range(order):
             if m != j:
                 basis = basis * (tau - nodes[m]) / (nodes[j] - nodes[m])
-        out.append(float(0.5 * (b - a) * np.dot(_GL8[1], basis)))
+        out.append(float(0.5 * (b - a) * np.dot(rule[1], basis)))
     return out
 
 
@@ -542,7 +542,7 @@ def method_table(process: Process, times, method: str, *, ode: bool = False, eta
     if eta is not None:
         options["eta"] = eta
     if ode:                     # the deterministic variant: no noise of any kind
-        if float(options.get("eta") or 0.0) != 0.0 or float(options.get("s_churn") or 0.0) != 0.0:
+        if any(as_real(options[k], k) != 0.0 for k in ("eta", "s_churn") if options.get(k) is not None):
             raise ValueError(f"ode=True means no noise; got eta={options.get('eta')}, "
                              f"s_churn={options.get('s_churn')} for {method!r}")
         if "eta" in METHOD_OPTIONS[method]:
@@ -690,7 +690,7 @@ class ContractNoise:
 # ------------------------------------------------------------------------------------------ the executor
 
 def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None, progress=None, *,
-              reuse_state: bool = False, trajectory: torch.Tensor | None = None) -> torch.Tensor:
+              reuse_state: bool = False, trajectory: torch.Tensor | None = None, promote: bool = False) -> torch.Tensor:
     """Run `table` from the state x ([M, ...], not modified) and return the final state.
 
     denoise(x, k, stage) -> D at table.t[k] (stage 0) or table.t_u[k] (stage 1), same shape and dtype as x;
@@ -700,45 +700,60 @@ def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None
     A step with one D term applies exactly fastdiff.reference.affine_step's operations.
 
     The history H₋₁ … H₋_H lives in H buffers allocated once and rotated (no per-step allocation; D_0 is copied
-    into the oldest one after the update, so a callback's in-place edit of D_0 reaches the history, as in
-    k-diffusion). reuse_state=False gives every step's state a fresh tensor (k-diffusion's semantics: a callback
+    into the oldest one after the callback, so a callback's in-place edit of D_0 reaches the history, as in
+    k-diffusion). D_0 is used up before a stage's evaluation, so a model may return one output buffer every call.
+    reuse_state=False gives every step's state a fresh tensor (k-diffusion's semantics: a callback
     may keep x̂); reuse_state=True alternates two state buffers (a callback must copy what it keeps).
     trajectory: None, or a preallocated tensor [K + 1, *x.shape] that receives x and every step's state.
+    promote=True (k-diffusion's semantics, where x + d·dt promotes): a D or a noise draw of a wider floating dtype
+    than the state's widens the state from there on; otherwise each must have the state's dtype.
     """
     c = table.lists()
     depth = table.history
     x = x.clone()
     hist = [torch.empty_like(x) for _ in range(depth)]   # H₋₁, H₋₂, … (most recent first)
     spare = torch.empty_like(x) if reuse_state else None
-    u = None
     if trajectory is not None:
         trajectory[0].copy_(x)
+
+    def widened(t, *also):
+        """t in the state's dtype, the state (x, the history, the spare, `also`) first widened to t's if it is wider."""
+        nonlocal x, hist, spare
+        if not promote or not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == x.dtype:
+            return (t, *also)
+        wide = torch.promote_types(x.dtype, t.dtype)
+        if wide != x.dtype:
+            x, hist = x.to(wide), [h.to(wide) for h in hist]
+            spare = None if spare is None else spare.to(wide)
+            also = tuple(a.to(wide) for a in also)
+        return (t.to(wide), *also)
+
     for k in range(len(table)):
         if c["C_churn"][k] != 0.0:
+            z, = widened(noise(k, "churn", x))
             if c["P"][k] != 1.0:
                 x.mul_(c["P"][k])
-            x.add_(noise(k, "churn", x), alpha=c["C_churn"][k])
+            x.add_(z, alpha=c["C_churn"][k])
         elif c["P"][k] != 1.0:
             x.mul_(c["P"][k])
-        D0 = _checked(denoise(x, k, 0), x, "denoise")
+        D0, = widened(denoise(x, k, 0))
+        D0 = _checked(D0, x, "denoise")
         if callback is not None:
             callback(k, x, D0)
-        D1 = None
+        u = None
         if c["staged"][k]:
-            u = torch.empty_like(x) if u is None else u
-            torch.mul(x, c["a_u"][k], out=u).add_(D0, alpha=c["b_u"][k])
+            # a fresh stage input each step (k-diffusion's semantics: a model or hook may keep its input)
+            u = torch.mul(x, c["a_u"][k]).add_(D0, alpha=c["b_u"][k])
             if c["c_u"][k] != 0.0:
-                u.add_(noise(k, "stage", x), alpha=c["c_u"][k])
-            D1 = _checked(denoise(u, k, 1), x, "denoise")
+                z, u, D0 = widened(noise(k, "stage", x), u, D0)
+                u.add_(z, alpha=c["c_u"][k])
+        # D_0 is used up (in the step and the history) before the stage's evaluation: a model that returns one
+        # output buffer on every call (a captured CUDA graph, an inference engine) overwrites D_0 with D_1 there
         out = torch.mul(x, c["A"][k], out=spare) if reuse_state else torch.mul(x, c["A"][k])
         out.add_(D0, alpha=c["B"][k][0])
         for j, Hj in enumerate(hist, start=1):
             if c["B"][k][j] != 0.0:
                 out.add_(Hj, alpha=c["B"][k][j])
-        if D1 is not None:
-            out.add_(D1, alpha=c["B1"][k])
-        if c["C"][k] != 0.0:
-            out.add_(noise(k, "step", x), alpha=c["C"][k])
         if depth:
             oldest = hist.pop()
             if c["hist_x"][k] == 0.0 and c["hist_d"][k] == 1.0:
@@ -746,6 +761,12 @@ def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None
             else:
                 torch.mul(x, c["hist_x"][k], out=oldest).add_(D0, alpha=c["hist_d"][k])
             hist.insert(0, oldest)
+        if u is not None:
+            D1, out = widened(denoise(u, k, 1), out)
+            out.add_(_checked(D1, x, "denoise"), alpha=c["B1"][k])
+        if c["C"][k] != 0.0:
+            z, out = widened(noise(k, "step", x), out)
+            out.add_(z, alpha=c["C"][k])
         if reuse_state:
             spare = x
         x = out

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _table
-from ._checks import check_choice
+from ._checks import as_real, check_choice
 from .processes import Process
 from .schedules import check_times
 
@@ -67,7 +67,7 @@ class StepTable:
 def _resolve_eta(ode: bool, eta) -> float:
     if eta is None:
         return 0.0 if ode else 1.0
-    e = float(eta)
+    e = as_real(eta, "eta")
     if not 0.0 <= e <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if ode and e != 0.0:

@@ -344,3 +344,128 @@ def test_float32_and_extra_args(K, name):
     assert ours.dtype == torch.float32
     assert rel_err(ours, theirs) <= 32 * torch.finfo(torch.float32).eps
     assert rel_err(ours, getattr(FK, name)(model32, x.clone(), sigmas, disable=True, **kw)) > 1e-4   # shift used
+
+
+class StaticOutputModel:
+    """A model that writes every output into one buffer and returns it (a captured CUDA graph, an inference
+    engine) and keeps every input it was called with (a trajectory recorder)."""
+
+    def __init__(self):
+        self.out, self.inputs = None, []
+
+    def __call__(self, x, sigma):
+        self.inputs.append((x, x.clone()))
+        D = model(x, sigma)
+        if self.out is None:
+            self.out = torch.empty_like(D)
+        return self.out.copy_(D)
+
+
+@pytest.mark.parametrize("name,options", [("sample_heun", {}), ("sample_dpm_2", {}), ("sample_dpm_2_ancestral", {}),
+                                          ("sample_dpmpp_2s_ancestral", {}), ("sample_dpmpp_sde", {"r": 0.3}),
+                                          ("sample_dpmpp_2m", {}), ("sample_lms", {})])
+def test_a_model_may_return_one_buffer_and_keep_its_inputs(K, name, options):
+    """As in k-diffusion: a step uses D_0 up before the stage's model call overwrites the model's buffer, and every
+    call gets an input of its own (a model that keeps its inputs sees them unchanged)."""
+    sigmas = karras(8)
+    x = x_T(80.0)
+    noisy = "noise_sampler" in inspect.signature(getattr(K, name)).parameters
+    kw = dict(options, noise_sampler=KeyedNoise(sigmas, x.shape[0])) if noisy else dict(options)
+    static = StaticOutputModel()
+    ours = getattr(FK, name)(static, x.clone(), sigmas, disable=True, **kw)
+    theirs = getattr(K, name)(model, x.clone(), sigmas, disable=True, **kw)
+    assert rel_err(ours, theirs) <= RTOL
+    assert all(torch.equal(kept, copy) for kept, copy in static.inputs)
+
+
+@pytest.mark.parametrize("x_dtype,model_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.float32, torch.float64)])
+@pytest.mark.parametrize("name", ["sample_euler", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde"])
+def test_a_wider_model_output_widens_the_run_as_in_k_diffusion(K, name, x_dtype, model_dtype):
+    """k-diffusion's x + d·dt promotes: a float32 model on a float16 x runs (and returns) float32 from the first
+    step. The same here: as close to the float64 run as k-diffusion's result is (k-diffusion forms the first
+    step's ratio · x in x's dtype, fastdiff in the wider one), where staying in x's dtype was ~30x further."""
+    def wide(x, sigma):
+        return model(x.double(), sigma.double()).to(model_dtype)
+    sigmas = karras(10)
+    x = x_T(80.0).to(x_dtype)
+    noisy = "noise_sampler" in inspect.signature(getattr(K, name)).parameters
+    kw = {"noise_sampler": KeyedNoise(sigmas, x.shape[0], dtype=model_dtype)} if noisy else {}
+    ours = getattr(FK, name)(wide, x.clone(), sigmas.to(model_dtype), disable=True, **kw)
+    theirs = getattr(K, name)(wide, x.clone(), sigmas.to(model_dtype), disable=True, **kw)
+    kw64 = {"noise_sampler": KeyedNoise(sigmas, x.shape[0])} if noisy else {}
+    exact = getattr(FK, name)(model, x.double(), sigmas, disable=True, **kw64)
+    assert ours.dtype == theirs.dtype == model_dtype
+    assert rel_err(ours.double(), exact) <= 2 * rel_err(theirs.double(), exact) + 64 * torch.finfo(model_dtype).eps
+
+
+def test_churn_bounds_are_compared_in_the_grids_dtype(K, monkeypatch):
+    """s_tmax equal to a float32 grid value churns that step, as k-diffusion's float32 comparison does."""
+    sigmas = torch.tensor([14.6, 5.0, 1.2, 0.3, 0.0], dtype=torch.float32)
+    x = x_T(14.6).float()
+    ns = KeyedNoise(sigmas, x.shape[0], dtype=torch.float32)
+    seen = []
+    ours = FK.sample_euler(lambda x, s: model(x.double(), s.double()).float(), x.clone(), sigmas, disable=True,
+                           s_churn=1.0, s_tmax=1.2, noise_sampler=ns, callback=lambda d: seen.append(d["sigma_hat"]))
+    with monkeypatch.context() as m:
+        _patched_randn_like(m, ns)
+        theirs = K.sample_euler(lambda x, s: model(x.double(), s.double()).float(), x.clone(), sigmas,
+                                disable=True, s_churn=1.0, s_tmax=1.2)
+    assert float(seen[2]) > 1.2                                   # the step at σ = 1.2 churned
+    assert rel_err(ours, theirs) <= 32 * torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("name", ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+                                  "sample_dpmpp_sde"])
+def test_eta_none_is_deterministic_as_in_k_diffusion(K, name):
+    sigmas = karras(6)
+    x = x_T(80.0)
+    ns = KeyedNoise(sigmas, x.shape[0])
+    ours = getattr(FK, name)(model, x.clone(), sigmas, disable=True, eta=None, noise_sampler=ns)
+    theirs = getattr(K, name)(model, x.clone(), sigmas, disable=True, eta=None, noise_sampler=ns)
+    assert rel_err(ours, theirs) <= RTOL
+    assert rel_err(ours, getattr(FK, name)(model, x.clone(), sigmas, disable=True, eta=0.0)) <= RTOL
+
+
+def test_sigmas_as_a_list_keep_float64():
+    grid = [7.1234567891, 2.5, 0.3, 0.0]
+    seen = []
+    FK.sample_euler(lambda x, s: (seen.append(s), model(x, s))[1], x_T(7.0), grid, disable=True)
+    assert seen[0].dtype == torch.float64 and float(seen[0][0]) == 7.1234567891
+
+
+def test_more_named_errors():
+    sigmas = karras(5)
+    x = x_T(80.0)
+    for bad in (1.7, True, "2"):
+        with pytest.raises(TypeError, match="sample_offset"):
+            FK.sample_euler_ancestral(model, x, sigmas, disable=True, sample_offset=bad)
+    for bad in (2**63 - 2, 2**64):
+        with pytest.raises(ValueError, match="sample_offset"):
+            FK.sample_euler_ancestral(model, x, sigmas, disable=True, sample_offset=bad)
+    with pytest.raises(TypeError, match="seed"):
+        FK.sample_euler_ancestral(model, x, sigmas, disable=True, seed=1.0)
+    with pytest.raises(TypeError, match="^model must return"):
+        FK.sample_euler(lambda x, s: None, x, sigmas, disable=True)
+    with pytest.raises(TypeError, match="^model must return"):
+        FK.sample_euler(lambda x, s: x[:1], x, sigmas, disable=True)
+    with pytest.raises(TypeError, match="^noise_sampler must return"):
+        FK.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=lambda a, b: x[:1])
+    with pytest.raises(TypeError, match="eta must be a number, got None"):
+        FK.sample_dpmpp_2m_sde(model, x, sigmas, disable=True, eta=None)
+
+
+def test_the_other_k_diffusion_names(K):
+    t = karras(8)
+    for order in (1, 2, 4):
+        for j in range(order):
+            assert FK.linear_multistep_coeff(order, t, 5, j) == pytest.approx(
+                K.linear_multistep_coeff(order, t.numpy(), 5, j), rel=1e-4)      # k-diffusion's quad: epsrel 1e-4
+    with pytest.raises(ValueError, match="too high"):
+        FK.linear_multistep_coeff(4, t, 1, 0)
+    x = x_T(80.0)
+    assert FK.default_noise_sampler(x)(1.0, 0.5).shape == x.shape
+    with pytest.raises(AttributeError, match="does not provide BrownianTreeNoiseSampler.*k_diffusion.sampling"):
+        _ = FK.BrownianTreeNoiseSampler
+    with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
+        _ = FK.nonsense
