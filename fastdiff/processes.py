@@ -180,6 +180,10 @@ class Process:
     def _repr_fields(self):
         return {"T": self.T}
 
+    def _key(self):
+        """What makes two processes the same (fd.sample's check of a process against its denoiser's)."""
+        return type(self), tuple(self._repr_fields().items())
+
 
 def _positive(value, name):
     v = float(value)
@@ -364,6 +368,7 @@ class DriftedVE(Process):
         self.tau = self.T**2 if tau is None else _positive(tau, "tau")
         self.variance_scale = self.tau
         self.beta_name = beta if isinstance(beta, str) else getattr(beta, "__name__", "callable")
+        self._given = (beta if callable(beta) else None, B)     # a callable β and B, compared by identity
         # _B_increment(t, s) = B(t) − B(s) = ∫_s^t β, formed with t − s as a factor (or integrated over
         # [s, t] directly) so that a small step keeps its digits at any t
         if beta == "t":
@@ -408,3 +413,7 @@ class DriftedVE(Process):
 
     def _repr_fields(self):
         return {"T": self.T, "beta": self.beta_name, "tau": self.tau}
+
+    def _key(self):
+        # a callable β (and B) by identity: two different functions may print the same name
+        return super()._key() + self._given

@@ -101,7 +101,8 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
     progress       show a progress bar on stderr (tqdm if installed, else a line every 10 %). A point cloud
                    counts finished samples (each runs all K steps in one kernel call; the rows are split into
                    ~20 chunks so the bar moves); under 1280 samples on the cpu or torch backend it counts
-                   the K steps instead (run step by step through the same ops). Any other denoiser counts the
+                   the K steps instead (run step by step through the same ops), except for the MATH.md §3b
+                   methods (heun, dpmpp_2m, ...), which count samples as above. Any other denoiser counts the
                    K steps of each chunk. None of this changes the results.
     callback       callback(info) is called once per step k, after the denoiser has been evaluated at
                    (x_k, t_k) and before the update, with info = {"step": k, "t": t_k (float),
@@ -530,8 +531,10 @@ def _resolve_process(denoiser, process):
         return denoiser.process
     if not isinstance(process, Process):
         raise TypeError(f"process must be a fastdiff process, got {type(process).__name__}")
-    if process is not denoiser.process and repr(process) != repr(denoiser.process):
-        raise ValueError(f"process {process!r} differs from the denoiser's process {denoiser.process!r}")
+    if process is not denoiser.process and process._key() != denoiser.process._key():
+        same_print = " (they print the same, but their β callables are different objects)" \
+            if repr(process) == repr(denoiser.process) else ""
+        raise ValueError(f"process {process!r} differs from the denoiser's process {denoiser.process!r}{same_print}")
     return process
 
 

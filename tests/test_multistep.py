@@ -509,8 +509,14 @@ def test_fd_sample_method_errors_name_the_valid_choices(small_cloud):
         fd.sample(small_cloud, x=x, steps=4, method="ei", order=2)
     with pytest.raises(ValueError, match="unknown solver_type 'rk4'; choose one of 'midpoint', 'heun'"):
         fd.sample(small_cloud, x=x, steps=4, method="dpmpp_2m_sde", solver_type="rk4")
-    with pytest.raises(ValueError, match="order must be an integer >= 1"):
+    with pytest.raises(ValueError, match="order must be >= 1"):
         fd.sample(small_cloud, x=x, steps=4, method="lms", order=0)
+    # a number's option takes numbers only, and an integer's never a float: each refusal names the option
+    for method, option, value in [("lms", "order", 3.0), ("dpmpp_sde", "eta", "1"), ("dpmpp_sde", "eta", True),
+                                  ("dpmpp_sde", "eta", torch.tensor([0.5, 0.5])), ("heun", "s_tmax", [5.0]),
+                                  ("heun", "s_churn", "lots"), ("dpmpp_sde", "r", [0.5]), ("ei", "eta", "1")]:
+        with pytest.raises(TypeError, match=f"^{option} must be"):
+            fd.sample(small_cloud, x=x, steps=4, method=method, **{option: value})
     with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
         fd.sample(small_cloud, x=x, steps=4, method="dpmpp_sde", eta=-1.0)
     with pytest.raises(ValueError, match="s_churn"):                     # σ̂ beyond the process's σ/α at T
@@ -970,3 +976,30 @@ def test_method_tables_are_memoised_per_process_and_grid():
         assert any(issubclass(w.category, fd.GridWarning) for w in caught)
     S._TABLE_MEMO.clear()
     assert torch.equal(fd.sample(net, **kw), first)
+
+
+@pytest.mark.parametrize("method,options", [("heun", {}), ("dpm_2", {}), ("dpm_2_ancestral", {}),
+                                            ("dpmpp_sde", {"r": 0.3}), ("dpmpp_2s_ancestral", {})])
+def test_a_network_returning_one_output_buffer_samples_as_one_returning_fresh_tensors(method, options):
+    """A captured CUDA graph or an inference engine returns the same output tensor at every call: a step uses
+    D_0 up before its stage's call overwrites it."""
+    p = fd.VP()
+    G = fd.Gaussian(MEAN, COV, p)
+    buf = {}
+
+    def static(x, t):
+        D = G.denoise(x, float(t[0]))
+        return buf.setdefault("out", torch.empty_like(D)).copy_(D)
+    kw = dict(n=50, steps=8, method=method, seed=2, dtype=torch.float64, shape=2, **options)
+    fresh = fd.sample(fd.from_model(lambda x, t: G.denoise(x, float(t[0])), p, "x0"), **kw)
+    assert torch.equal(fd.sample(fd.from_model(static, p, "x0"), **kw), fresh)
+
+
+def test_a_process_that_prints_like_the_denoisers_but_differs_is_refused():
+    p1, p2 = fd.DriftedVE(beta=lambda t: t), fd.DriftedVE(beta=lambda t: 2 * t)
+    assert repr(p1) == repr(p2)
+    G = fd.Gaussian(MEAN, COV, p1)
+    with pytest.raises(ValueError, match="differs from the denoiser's process.*different objects"):
+        fd.sample(G, p2, n=4, steps=4)
+    same = fd.Gaussian(MEAN, COV, fd.DriftedVE(beta="t"))
+    assert fd.sample(same, fd.DriftedVE(beta="t"), n=4, steps=30, method="ei-x0").shape == (4, 2)
