@@ -24,11 +24,14 @@ offered here: it adds noise before the model call, which a scheduler's step() ca
 Noise (ancestral and SDE methods) follows fastdiff's counter-based contract: row i of the batch is sample i,
 its noise at step k depends only on (seed, i, k) (batch-invariant). The seed is the config's `seed` if set;
 else one 64-bit seed drawn from the `generator` given to the first step() of a run (a list of generators gives
-each row its own seed, with sample index 0); else one drawn from torch's default generator.
+each row its own seed, with sample index 0); else one drawn from torch's default generator. A stock pipeline
+draws its latents from its generator before the first step(), by as much as the batch needs, so only `seed`
+(or a list of generators) makes the noise independent of the batch size.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -52,8 +55,42 @@ SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")
 GRID_FLAGS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas")
 VARIANCE_TYPES = (None, "learned", "learned_range", "fixed_small", "fixed_small_log", "fixed_large",
                   "fixed_large_log")
+# a method's own config keys: a FastdiffScheduler config switched to another method drops them
+METHOD_KEYS = ("eta", "s_noise", "solver_type", "lms_order", "r", "diffusers_rounding")
+# k-diffusion's option names that the scheduler does not take under that name (diffusers would drop them silently)
+NOT_SCHEDULER_OPTIONS = {
+    "s_churn": "churn is not offered by the scheduler (it adds noise before a step's first model call); use "
+               "fastdiff.k_diffusion's samplers",
+    "s_tmin": "churn's window; churn is not offered by the scheduler (use fastdiff.k_diffusion)",
+    "s_tmax": "churn's window; churn is not offered by the scheduler (use fastdiff.k_diffusion)",
+    "order": "the scheduler's key for sample_lms's order is lms_order",
+}
 # methods whose history is past D's, so a first-order step is the row collapsed onto D_0 (its B's sum to E)
 _D_HISTORY = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+
+def _check_output(model_output, sample, variance_type):
+    """model_output is the model's output for `sample` (its shape; with learned variance, extra channels)."""
+    for name, v in (("model_output", model_output), ("sample", sample)):
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+    mo, sa = tuple(model_output.shape), tuple(sample.shape)
+    learned = variance_type in ("learned", "learned_range") and len(mo) > 1 and len(sa) > 1
+    ok = mo == sa or (learned and len(mo) == len(sa) and mo[0] == sa[0] and mo[2:] == sa[2:] and mo[1] >= sa[1])
+    if not ok:
+        raise ValueError(f"model_output has shape {mo} but sample has shape {sa}: step() takes the model's output "
+                         f"for this sample, row for row")
+
+
+def _refuse_non_vp(config):
+    """A flow-matching (FlowMatch*: `shift`) or EDM (EDM*, consistency models: `sigma_data`) scheduler's config:
+    not diffusers' beta (VP) schedule this scheduler runs, so refused, naming what gave it away."""
+    name = str(config.get("_class_name") or "")
+    key = next((k for k in ("shift", "sigma_data") if k in config), None)
+    if name.startswith(("FlowMatch", "EDM")) or key is not None:
+        what = f"{name}'s config" if name else f"a config with {key!r}"
+        raise ValueError(f"{what} is a flow-matching or EDM schedule, not a beta (VP) schedule: FastdiffScheduler "
+                         f"runs diffusers' VP schedules only (fastdiff.k_diffusion runs any σ grid)")
 
 
 def _log_alpha_vp(sigma_tilde: torch.Tensor) -> torch.Tensor:
@@ -81,8 +118,24 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
     default False: exact float64 coefficients).
     """
 
-    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers if not e.name.startswith("EDM")]   # VP schedules
     order = 1
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' from_config, with three checks it does not make: a flow-matching or EDM scheduler's config
+        is refused (it is not a beta schedule, and its keys would be dropped with at most a warning); a k-diffusion
+        option name the scheduler does not take (s_churn, order, ...) is refused instead of ignored; and a new
+        `method` given over a FastdiffScheduler's config drops the old method's options (eta, r, ...)."""
+        if isinstance(config, Mapping):
+            _refuse_non_vp(config)
+            switched = "method" in kwargs and "method" in config and kwargs["method"] != config["method"]
+            if switched:
+                config = {k: v for k, v in config.items() if k not in METHOD_KEYS}
+        for name, why in NOT_SCHEDULER_OPTIONS.items():
+            if name in kwargs:
+                raise ValueError(f"{name}: {why}")
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
@@ -205,6 +258,12 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None, sigmas=None):
         """Build the grid (as DPMSolverMultistepScheduler does) and the method's table on it, once."""
         n_train = self.config.num_train_timesteps
+        if timesteps is not None and (sigmas is not None or num_inference_steps is not None):
+            other = "sigmas" if sigmas is not None else "num_inference_steps"
+            raise ValueError(f"pass one of num_inference_steps, timesteps and sigmas (as diffusers' schedulers "
+                             f"refuse), got timesteps with {other}")
+        if sigmas is not None and num_inference_steps is not None and int(num_inference_steps) != len(sigmas):
+            raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with the {len(sigmas)} sigmas given")
         train_sigmas = self._train_sigmas()
         log_sigmas = np.log(train_sigmas)
         if sigmas is not None:
@@ -280,19 +339,23 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         # Karras σ's with final_sigmas_type="sigma_min" end on a repeated σ: diffusers' last step is then h = 0,
         # an identity step (the model is still called); the table covers the steps before it
         # (Lu σ's are exp of float32 logs: the last may round one ulp above σ_min, a step of h ≈ −1e-7 in diffusers)
-        self._identity_last = len(sig) > 2 and (float(sig[-1]) == float(sig[-2]) or (
+        self._identity_last = len(sig) >= 2 and (float(sig[-1]) == float(sig[-2]) or (
             self._spaced and self.config.final_sigmas_type == "sigma_min" and float(sig[-1]) > float(sig[-2])))
         if self._identity_last:
             sig = sig[:-1]
-        table = _m.sigma_table(sig.double(), self.config.method, log_alpha=_log_alpha_vp, **self._options)
+        if len(sig) >= 2:
+            table = _m.sigma_table(sig.double(), self.config.method, log_alpha=_log_alpha_vp, **self._options)
+        else:                               # a run begun at the identity step (img2img at a low strength)
+            table = _no_steps(self.config.method, self._options)
         K = len(table)
-        # diffusers' lower_order_final acts on its last call, which is the identity step when there is one
+        # diffusers' lower_order_final acts on its last call, which is the identity step when there is one; it
+        # counts the whole schedule's calls (len(timesteps)), also in a run begun mid-schedule
         if self.config.method in _D_HISTORY and K > 1 and not self._identity_last and (
                 self.config.final_sigmas_type == "zero" or self.config.euler_at_final or
-                (self.config.lower_order_final and K < 15)):
+                (self.config.lower_order_final and len(self._grid_t) < 15)):
             table = _first_order_last_step(table)
         self._rounded = None
-        if self.config.diffusers_rounding:
+        if self.config.diffusers_rounding and K:
             table, self._rounded = _diffusers_rounded_2m(table, self.sigmas[start:])
         self._table, self._start = table, start
         c = table.lists()
@@ -311,6 +374,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             ts.append(float(self._grid_t[start + K]))
         if start == 0:
             self.timesteps = _as_timesteps(ts, self._device)
+            # the σ̃ of every call, indexed like timesteps (add_noise's, as diffusers' sigmas[step_index])
+            self._call_sigmas = [c["t_u"][k] if stage else float(self.sigmas[k]) for k, stage in self._plan]
         self._hist, self._pending, self._noise = [], None, None
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -318,8 +383,9 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """α_t x_0 + σ_t ε. After set_timesteps, as diffusers: at the grid's σ̃ of the run's step (step_index, else
-        begin_index, else the step each timestep begins in `timesteps`), which is not the training σ̃ at the
+        """α_t x_0 + σ_t ε. After set_timesteps, as diffusers: at the σ̃ of the run's next model call (step_index,
+        else begin_index, else the call each timestep begins in `timesteps`; a two-stage method's second call is at
+        its stage's σ̃), which is not the training σ̃ at the
         timestep on grids off the training timesteps (Karras, exponential, beta, Lu); other timesteps, and any
         before set_timesteps, at the training σ̃ (interpolated for fractional ones)."""
         t = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1)
@@ -330,8 +396,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
             fixed = self._step_index if self._step_index is not None else self._begin_index
             for j, tj in enumerate(t.tolist()):
                 i = fixed if fixed is not None else self._index_of(tj)
-                if i is not None and i < len(plan) and plan[i][1] == 0:
-                    s[j] = float(self.sigmas[plan[i][0]])
+                if i is not None and i < len(plan):
+                    s[j] = self._call_sigmas[i]
         # α and σ formed in the sample's dtype from σ̃, as diffusers forms them
         s = s.to(original_samples.dtype)
         alpha = 1 / ((s ** 2 + 1) ** 0.5)
@@ -413,6 +479,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         """One model call's update: returns the next state the model is called on (or the final sample)."""
         if self.num_inference_steps is None:
             raise ValueError("call set_timesteps before step")
+        _check_output(model_output, sample, self.config.variance_type)
         if self._step_index is None:
             self._init_step_index(timestep)
         if self._step_index - self._plan_offset() >= len(self._plan):
@@ -613,6 +680,16 @@ def _diffusers_rounded_2m(table, sigmas32: torch.Tensor):
             B[k, 0], B[k, 1] = -float(q) - c, c
             steps.append((float(s_t / s_0), float(q), float(0.5 * q), float(1.0 / r0)))
     return dataclasses.replace(table, A=A, B=B, _lists=None), steps
+
+
+def _no_steps(method, options):
+    """A table of no steps (of `method`, for the history depth): a run whose only call is the identity step."""
+    import dataclasses
+
+    one = _m.sigma_table(torch.tensor([1.0, 0.0], dtype=torch.float64), method, log_alpha=_log_alpha_vp, **options)
+    rows = {f.name: getattr(one, f.name)[:0] for f in dataclasses.fields(one)
+            if isinstance(getattr(one, f.name), torch.Tensor) and f.name != "times"}
+    return dataclasses.replace(one, times=one.times[:1], _lists=None, **rows)
 
 
 def _first_order_last_step(table):

@@ -456,3 +456,102 @@ def test_bad_timesteps_and_indices_are_named():
     karras = FastdiffScheduler.from_config(base_config(), use_karras_sigmas=True)
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         karras.set_timesteps(timesteps=[999, 500, 10])
+
+
+def _img2img(sch, model, n, begin, x0, z):
+    """An img2img pipeline's loop: set_timesteps, set_begin_index, add_noise at the first timestep left."""
+    sch.set_timesteps(n)
+    sch.set_begin_index(begin)
+    x = sch.add_noise(x0, z, sch.timesteps[begin:begin + 1])
+    with torch.no_grad():
+        for t in sch.timesteps[begin:]:
+            x = sch.step(model(x, t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("n,begin,kw", [(20, 10, {}), (16, 6, {}), (20, 19, {"use_karras_sigmas": True}),
+                                        (20, 18, {"use_karras_sigmas": True}), (2, 1, {"use_karras_sigmas": True})])
+def test_img2img_keeps_diffusers_last_step_bit_for_bit(n, begin, kw):
+    """lower_order_final counts the whole schedule's steps (diffusers' len(timesteps) < 15), not the steps left;
+    a run begun at a Karras grid's repeated-σ identity step (a low strength) runs it. Both as diffusers, bits."""
+    cfg = base_config()
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++", solver_order=2,
+                                                            final_sigmas_type="sigma_min", **kw)
+    ours = FastdiffScheduler.from_config(ref.config, method="dpmpp_2m", diffusers_rounding=True)
+    model = GaussianEps(ours)
+    x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    a, b = _img2img(ref, model, n, begin, x0, z), _img2img(ours, model, n, begin, x0, z)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", M.NEW_METHODS)
+def test_every_method_begins_at_the_identity_step(method):
+    s = FastdiffScheduler.from_config(base_config(), method=method, use_karras_sigmas=True,
+                                      final_sigmas_type="sigma_min", seed=3)
+    s.set_timesteps(6)
+    last = len(s.timesteps) - 1
+    x0 = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = _img2img(s, GaussianEps(s), 6, last, x0, torch.zeros_like(x0) + 0.1)
+    assert torch.isfinite(out).all()
+
+
+def test_add_noise_after_a_stage_call_is_at_the_stages_sigma():
+    """Inpainting re-noises the known region to timesteps[i + 1] after call i: for a two-stage method's stage call
+    that is the stage's σ̃ (as diffusers' Heun uses sigmas[step_index]), not the training σ̃ of its timestep."""
+    s = FastdiffScheduler.from_config(base_config(), method="heun", use_karras_sigmas=True)
+    s.set_timesteps(5)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    model = GaussianEps(s)
+    x0, z = torch.zeros_like(x) + 0.5, torch.ones_like(x)
+    c = s._table.lists()
+    x = s.step(model(x, s.timesteps[0]).sample, s.timesteps[0], x).prev_sample
+    got = s.add_noise(x0, z, s.timesteps[1:2])
+    sig = torch.tensor(c["t_u"][0], dtype=torch.float32)
+    alpha = 1 / (sig ** 2 + 1) ** 0.5
+    assert torch.equal(got, alpha * x0 + sig * alpha * z)
+
+
+def test_configs_that_are_not_a_vp_schedule_are_refused():
+    for cls in ("FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"):
+        with pytest.raises(ValueError, match="flow-matching or EDM"):
+            FastdiffScheduler.from_config(getattr(diffusers, cls)().config, method="dpmpp_2m")
+    assert "EDMEulerScheduler" not in FastdiffScheduler._compatibles
+
+
+def test_switching_method_drops_the_old_methods_options():
+    s = FastdiffScheduler.from_config(base_config(), method="dpmpp_sde", r=0.4, eta=0.5, seed=9)
+    t = FastdiffScheduler.from_config(s.config, method="heun")
+    assert t.config.r is None and t.config.eta is None and t.config.seed == 9
+    u = FastdiffScheduler.from_config(s.config, eta=0.7)                 # the same method keeps its options
+    assert u.config.r == 0.4 and u.config.eta == 0.7
+
+
+@pytest.mark.parametrize("key", ["s_churn", "s_tmin", "s_tmax", "order"])
+def test_k_diffusion_option_names_are_refused_not_dropped(key):
+    with pytest.raises(ValueError, match=f"^{key}:"):
+        FastdiffScheduler.from_config(base_config(), method="heun" if key != "order" else "lms", **{key: 1.0})
+
+
+def test_set_timesteps_takes_one_of_its_grids():
+    s = FastdiffScheduler.from_config(base_config(), method="dpmpp_2m")
+    with pytest.raises(ValueError, match="pass one of"):
+        s.set_timesteps(5, timesteps=[999, 500, 10])
+    with pytest.raises(ValueError, match="pass one of"):
+        s.set_timesteps(timesteps=[999, 500, 10], sigmas=[10.0, 1.0, 0.1])
+    with pytest.raises(ValueError, match="disagrees"):
+        s.set_timesteps(5, sigmas=[10.0, 1.0, 0.1])
+    s.set_timesteps(3, sigmas=[10.0, 1.0, 0.1])
+    assert len(s.timesteps) == 3
+
+
+def test_step_checks_the_model_output_against_the_sample():
+    s = FastdiffScheduler.from_config(base_config(), method="dpmpp_2m")
+    s.set_timesteps(4)
+    x = torch.randn(2, 3, 8, 8)
+    before = x.clone()
+    for bad in (torch.randn(1, 3, 8, 8), torch.randn(3, 8, 8), torch.randn(2, 3, 4, 4)):
+        with pytest.raises(ValueError, match="model_output has shape"):
+            s.step(bad, s.timesteps[0], x)
+    assert torch.equal(x, before)
+    assert s.step(torch.randn(2, 3, 8, 8), s.timesteps[0], x).prev_sample.shape == x.shape   # still usable
