@@ -275,3 +275,26 @@ def test_history_errors_raise_at_trace_time():
 
     with pytest.raises(ValueError, match=r"history\[0\] D must have shape \(6, 3\)"):
         torch.compile(step, backend="aot_eager")(x, x[:, :2])
+
+
+@pytest.mark.parametrize("np_int", ["int16", "int32", "uint32", "int64"])
+def test_numpy_integer_counters_compile(np_int):
+    """Counters may be numpy integers (the README): traced, dynamo makes them 0-d tensors, whose range is asserted
+    at run time instead of compared. (A numpy uint64 fails inside dynamo itself, in torch 2.14.)"""
+    import numpy as np
+    typ = getattr(np, np_int)
+    x, D = torch.randn(4, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    eager = [ops.affine_step(x, D, 0.9, 0.1, 0.3, 7, k, 3) for k in range(3)]
+
+    def step(x, D, seed, k, sample_offset):
+        return ops.affine_step(x, D, 0.9, 0.1, 0.3, seed, k, sample_offset)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = [compiled(x, D, typ(7), k, typ(3)) for k in np.arange(3, dtype=np_int)]
+    assert all(torch.equal(a, b) for a, b in zip(got, eager, strict=True))
+
+    def loop(x, D):                         # numpy counters from the caller's scope, a numpy range inside
+        return [ops.affine_step(x, D, 0.9, 0.1, 0.3, seed, k, offset) for k in np.arange(3)]
+    seed, offset = typ(7), typ(3)
+    torch._dynamo.reset()
+    got = torch.compile(loop, fullgraph=True, backend="aot_eager")(x, D)
+    assert all(torch.equal(a, b) for a, b in zip(got, eager, strict=True))

@@ -119,7 +119,8 @@ def affine_stepper(x, seed: int, sample_offset: int, steps: int, *, backend: str
     Returns step(k, D, A, B, C, history=()) for step k, which checks only that D (and each history D) is
     shaped, typed and placed like x; A, B, C and the history's B's must be finite floats (a checked table's).
     For loops that check their result once at the end, as fd.sample's model loop does: affine_step's full
-    checks cost ~15 µs a step, as much as a small network's whole loop overhead."""
+    checks cost ~15 µs a step, as much as a small network's whole loop overhead. Eager only (it calls the
+    extension directly, not a custom op): under torch.compile, call affine_step."""
     _checks.check_points_shape(x, "x")
     if not x.is_contiguous() or x.requires_grad:
         raise ValueError("affine_stepper updates x in place: x must be contiguous and not require grad")
@@ -201,9 +202,9 @@ def pointcloud_sample(x, data, table, seed: int, sample_offset: int = 0, log_wei
 
     table: [K, 17] numbers, one row per step with the columns of fastdiff._table (t, alpha, sigma, A, B0, B1, B2,
     C, then the churn and stage columns P, Cchurn, alphaU, sigmaU, Ux, UD, Uz, BU, rho; fd.step_table(...)
-    .kernel_table(process) and fd.method_table(...).kernel_table(process) build it, fastdiff._table.pack from
-    columns): x ← A x + B0 D_k + B1 D_{k−1} + B2 D_{k−2} + C z_k for a one-step row; a churned or two-stage row
-    as fastdiff._table's docstring writes it, on every backend.
+    .kernel_table(process) and fastdiff.methods.method_table(...).kernel_table(process) build it,
+    fastdiff._table.pack from columns): x ← A x + B0 D_k + B1 D_{k−1} + B2 D_{k−2} + C z_k for a one-step row;
+    a churned or two-stage row as fastdiff._table's docstring writes it, on every backend.
     Returns the trajectory [K+1, M, d] when asked, else None. x may have any strides. No backward: x must not
     require grad while grad mode is on."""
     if torch.compiler.is_compiling():

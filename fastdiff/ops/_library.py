@@ -20,6 +20,8 @@ autograd formula, so a double backward through a point-cloud op raises.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from .. import _checks
@@ -55,6 +57,13 @@ def _counter_arg(value, name: str, high: int):
     changes between calls is symbolic (dynamo shows it as an int), and comparisons guard on its range, not on
     its value, so the loop does not recompile per step. Anything else (numpy integers, floats, bools) goes through
     the eager check, which raises TypeError or converts it."""
+    if torch.compiler.is_compiling() and not isinstance(value, (int, float, torch.Tensor)):
+        # traced, a numpy integer is a 0-d tensor (not an np.integer) whose value is unknown: its range is asserted
+        # at run time, since comparing it would need its value
+        v = operator.index(value)
+        torch._check(v >= 0, lambda: f"{name} must be an integer in [0, {high})")
+        torch._check(v < high, lambda: f"{name} must be an integer in [0, {high})")
+        return v
     if type(value) is not int:
         return _checks.check_int(value, name, 0, high)
     if not 0 <= value < high:
@@ -63,7 +72,10 @@ def _counter_arg(value, name: str, high: int):
 
 
 def _seed_arg(seed):
-    seed = _counter_arg(seed, "seed", _SEED_WRAP)
+    # a traced numpy seed (int32, uint32, ...; dynamo itself fails on a uint64 one) is below 2**63, which is asserted
+    # so that the comparison below is decided while tracing
+    traced_numpy = torch.compiler.is_compiling() and not isinstance(seed, (int, float, torch.Tensor))
+    seed = _counter_arg(seed, "seed", 2**63 if traced_numpy else _SEED_WRAP)
     return seed - _SEED_WRAP if isinstance(seed, int) and seed >= 2**63 else seed
 
 
