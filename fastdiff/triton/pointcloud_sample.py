@@ -251,7 +251,7 @@ def _large_one_step(data_ptr, lw_ptr, tab_ptr, hist_ptr, x_ptr, acc_ptr, dbuf_pt
 
 # ================================================================ launcher
 def step_records(table, bandwidth, device) -> torch.Tensor:
-    """float32 [K, NPAR] per-step records (a, c1, c2, k2, cy, cx, A, B0, C) on device, from the float64 [K, 8]
+    """float32 [K, NPAR] per-step records (a, c1, c2, k2, cy, cx, A, B0, C) on device, from the float64 [K, 17]
     table (fastdiff._table columns).
 
     Why derived records and not the table itself: the kernels need 1/(2c)·log2(e), 1 − α (the (x − y) + (1 − α)y
@@ -268,7 +268,7 @@ def step_records(table, bandwidth, device) -> torch.Tensor:
 
 
 def history_depth(table) -> int:
-    """How many past D's a [K, 8] table uses (csrc/common/table.h history_depth): 2 when some B2 is nonzero,
+    """How many past D's a [K, 17] table uses (csrc/common/table.h history_depth): 2 when some B2 is nonzero,
     else 1 when some B1 is, else 0 (one-step tables: the kernels without history code)."""
     if bool(table[:, _table.B2].any()):
         return 2
