@@ -1,6 +1,7 @@
 """Small input checks shared by the public API: every message names the offending argument."""
 from __future__ import annotations
 
+import decimal
 import math
 import numbers
 import operator
@@ -149,16 +150,20 @@ def check_number(value, name: str) -> float:
 
 
 def as_real(value, name: str) -> float:
-    """A real number (int, float, numpy scalar, one-element tensor) as a float; a bool, a string or anything
-    else raises TypeError naming `name` (float("1") would take a string)."""
+    """A real number (int, float, Fraction, Decimal, numpy scalar, one-element array or tensor) as a float; a
+    bool, a string or anything else raises TypeError naming `name` (float("1") would take a string)."""
     if isinstance(value, torch.Tensor):
         ok = value.numel() == 1 and value.dtype != torch.bool and not value.is_complex()
+    elif isinstance(value, np.ndarray):
+        ok = value.size == 1 and value.dtype.kind in "iuf"
     else:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+        ok = isinstance(value, (numbers.Real, decimal.Decimal)) and not isinstance(value, (bool, np.bool_))
     if not ok:
-        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        kind = "a tensor" if isinstance(value, torch.Tensor) else "an array"
+        shown = f"{kind} of shape {tuple(value.shape)} ({value.dtype})" \
+            if isinstance(value, (torch.Tensor, np.ndarray)) else repr(value)
         raise TypeError(f"{name} must be a number, got {shown}")
-    return float(value)
+    return float(value.item() if isinstance(value, (torch.Tensor, np.ndarray)) else value)
 
 
 def check_bandwidth(bandwidth) -> float:

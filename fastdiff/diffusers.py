@@ -31,6 +31,7 @@ draws its latents from its generator before the first step(), by as much as the 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -127,6 +128,10 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         is refused (it is not a beta schedule, and its keys would be dropped with at most a warning); a k-diffusion
         option name the scheduler does not take (s_churn, order, ...) is refused instead of ignored; and a new
         `method` given over a FastdiffScheduler's config drops the old method's options (eta, r, ...)."""
+        if config is None and "pretrained_model_name_or_path" in kwargs:       # diffusers' deprecated forms
+            config = kwargs.pop("pretrained_model_name_or_path")
+        if isinstance(config, (str, os.PathLike)):
+            config = cls.load_config(config)
         if isinstance(config, Mapping):
             _refuse_non_vp(config)
             switched = "method" in kwargs and "method" in config and kwargs["method"] != config["method"]
@@ -463,8 +468,8 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if cfg.variance_type in ("learned", "learned_range") and model_output.ndim > 1:
             # the model's extra variance channels: keep the mean's (diffusers keeps 3, i.e. RGB pixel models)
             model_output = model_output[:, : sample.shape[1]]
-        if p == "sample":
-            x0 = model_output
+        if p == "sample":        # a copy: D_0 is kept for later calls, and a model may reuse its output buffer
+            x0 = model_output.clone()
         else:
             s = torch.tensor(sigma_tilde, dtype=sample.dtype)
             alpha = 1 / ((s ** 2 + 1) ** 0.5)

@@ -40,7 +40,7 @@ import math
 import torch
 
 from . import methods as _m
-from ._checks import MAX_SAMPLES, MAX_SEED, check_int
+from ._checks import MAX_SAMPLES, MAX_SEED, as_real, check_int
 
 __all__ = [
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
@@ -180,7 +180,7 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
         return x.clone()                                   # an empty batch: nothing to sample
     for bound in ("s_tmin", "s_tmax"):
         if bound in options:
-            options[bound] = _in_dtype(options[bound], sigmas.dtype)
+            options[bound] = _in_dtype(options[bound], bound, sigmas.dtype)
     table = _m.sigma_table(host, method, **options)
     gammas = _gammas(host.tolist(), options) if options.get("s_churn") else None
     extra_args = {} if extra_args is None else extra_args
@@ -240,15 +240,13 @@ def _describe(v):
     return type(v).__name__
 
 
-def _in_dtype(bound, dtype):
+def _in_dtype(bound, name, dtype):
     """A churn bound rounded to the grid's dtype: k-diffusion tests s_tmin <= sigmas[i] <= s_tmax on the grid's
     tensor, which rounds the bound, so a bound equal to a float32 grid value churns there as in k-diffusion."""
-    if dtype == torch.float64 or bound is None or isinstance(bound, (str, bool)):
-        return bound                    # None: the default; a bad type: method_options names it
-    try:
-        return torch.as_tensor(bound, dtype=dtype).item()
-    except (TypeError, ValueError, RuntimeError):
-        return bound
+    if bound is None:
+        return None                     # the default
+    v = as_real(bound, name)
+    return v if dtype == torch.float64 else torch.tensor(v, dtype=dtype).item()
 
 
 def _gammas(sl, options):

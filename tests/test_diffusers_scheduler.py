@@ -555,3 +555,24 @@ def test_step_checks_the_model_output_against_the_sample():
             s.step(bad, s.timesteps[0], x)
     assert torch.equal(x, before)
     assert s.step(torch.randn(2, 3, 8, 8), s.timesteps[0], x).prev_sample.shape == x.shape   # still usable
+
+
+def test_a_saved_flow_matching_config_is_refused_by_path(tmp_path):
+    diffusers.FlowMatchEulerDiscreteScheduler().save_config(tmp_path)
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler's config is a flow-matching"):
+        FastdiffScheduler.from_config(str(tmp_path), method="dpmpp_2m")
+
+
+@pytest.mark.parametrize("method", ["dpmpp_2m", "dpmpp_3m_sde", "heun"])
+def test_a_sample_predicting_model_may_return_one_output_buffer(method):
+    """D_0 is kept for later calls (the history, a stage): a copy, so a model returning one buffer is safe."""
+    runs = []
+    for static in (False, True):
+        s = FastdiffScheduler.from_config(base_config(prediction_type="sample"), method=method, seed=1)
+        model, buf = GaussianEps(s, "sample"), torch.empty(2, 3, 8, 8)
+
+        def call(x, t, class_labels=None, model=model, buf=buf, static=static):
+            out = model(x, t, class_labels=class_labels).sample
+            return types.SimpleNamespace(sample=buf.copy_(out) if static else out)
+        runs.append(ddpm_loop(call, s, 6, batch=2))
+    assert torch.equal(runs[0], runs[1])

@@ -469,3 +469,16 @@ def test_the_other_k_diffusion_names(K):
         _ = FK.BrownianTreeNoiseSampler
     with pytest.raises(AttributeError, match="no attribute 'nonsense'"):
         _ = FK.nonsense
+
+
+def test_churn_bounds_and_options_are_numbers_on_every_grid_dtype():
+    x = x_T(80.0).float()
+    for grid in (karras(5), karras(5).float()):
+        for bad in ([5.0], "5", True):
+            with pytest.raises(TypeError, match="s_tmax must be a number"):
+                FK.sample_euler(model, x.double(), grid, disable=True, s_churn=1.0, s_tmax=bad)
+    import decimal
+    import numpy as np
+    a = FK.sample_euler_ancestral(model, x.double(), karras(5), disable=True, eta=np.array(0.5), seed=1)
+    b = FK.sample_euler_ancestral(model, x.double(), karras(5), disable=True, eta=decimal.Decimal("0.5"), seed=1)
+    assert torch.equal(a, b)
