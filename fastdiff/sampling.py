@@ -102,8 +102,8 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    counts finished samples (each runs all K steps in one kernel call; the rows are split into
                    ~20 chunks so the bar moves); under 1280 samples on the cpu or torch backend it counts
                    the K steps instead (run step by step through the same ops), except for the MATH.md §3b
-                   methods the whole-trajectory kernels run (all but lms), which count samples as above. Any other denoiser counts the
-                   K steps of each chunk. None of this changes the results.
+                   methods the whole-trajectory kernels run (all but lms), which count samples as above. Any
+                   other denoiser counts the K steps of each chunk. None of this changes the results.
     callback       callback(info) is called once per step k, after the denoiser has been evaluated at
                    (x_k, t_k) and before the update, with info = {"step": k, "t": t_k (float),
                    "x": x_k (the live [m, d] state of the current chunk, before step k's update),
