@@ -478,6 +478,7 @@ def test_churn_bounds_and_options_are_numbers_on_every_grid_dtype():
             with pytest.raises(TypeError, match="s_tmax must be a number"):
                 FK.sample_euler(model, x.double(), grid, disable=True, s_churn=1.0, s_tmax=bad)
     import decimal
+
     import numpy as np
     a = FK.sample_euler_ancestral(model, x.double(), karras(5), disable=True, eta=np.array(0.5), seed=1)
     b = FK.sample_euler_ancestral(model, x.double(), karras(5), disable=True, eta=decimal.Decimal("0.5"), seed=1)
