@@ -224,7 +224,6 @@ def method_options(method: str, **options) -> dict:
     return out
 
 
-
 # ------------------------------------------------------------------------------ VE (σ̃-grid) coefficients
 
 @dataclass
