@@ -21,7 +21,10 @@ MAX_SEED = 2**64
 
 
 def as_time(t, name: str = "t", T: float | None = None, allow_zero: bool = False):
-    """Return `t` as a Python float or a float64 tensor, checked to lie in (0, T] (or [0, T])."""
+    """Return `t` as a Python float or a float64 tensor, checked to lie in (0, T] (or [0, T]).
+
+    A tensor in a narrower dtype than float64 may hold T rounded up (float32(0.3) = 0.30000001): up to a few of
+    its own ulps above T are accepted and clamped to T, so torch.full((M,), T) works in the default dtype."""
     if isinstance(t, torch.Tensor):
         if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
@@ -31,23 +34,24 @@ def as_time(t, name: str = "t", T: float | None = None, allow_zero: bool = False
         if not bool(torch.isfinite(t64).all()):
             raise ValueError(f"{name} contains NaN or inf")
         if t64.numel():
-            _check_range(float(t64.min()), name, T, allow_zero)
-            _check_range(float(t64.max()), name, T, allow_zero)
+            slack = 1e-12 if t.dtype == torch.float64 else 4 * torch.finfo(t.dtype).eps
+            _check_range(float(t64.min()), name, T, allow_zero, slack)
+            high = float(t64.max())
+            _check_range(high, name, T, allow_zero, slack)
+            if T is not None and high > T:
+                t64 = t64.clamp_max(T)
         return t64
-    try:
-        tf = float(t)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(t).__name__}") from None
+    tf = t if type(t) is float else as_real(t, name)      # a string or a bool is not a time
     if not math.isfinite(tf):
         raise ValueError(f"{name} must be finite, got {tf}")
     _check_range(tf, name, T, allow_zero)
     return tf
 
 
-def _check_range(v: float, name: str, T: float | None, allow_zero: bool):
+def _check_range(v: float, name: str, T: float | None, allow_zero: bool, slack: float = 1e-12):
     low_ok = v >= 0 if allow_zero else v > 0
     # Allow a hair of rounding above T: grids computed in float64 may land on T(1 + 1e-15).
-    high_ok = T is None or v <= T * (1 + 1e-12)
+    high_ok = T is None or v <= T * (1 + slack)
     if not (low_ok and high_ok):
         interval = f"[0, {T}]" if allow_zero else f"(0, {T}]"
         raise ValueError(f"{name} must lie in {interval}, got {v}")
@@ -193,6 +197,8 @@ def check_times(alpha, sigma, M: int, device):
             raise ValueError("sigma must be finite and positive (D is never evaluated at t = 0)")
         return torch.tensor([a], dtype=torch.float64), torch.tensor([s], dtype=torch.float64)
     for name, v in (("alpha", alpha), ("sigma", sigma)):
+        if not isinstance(v, (torch.Tensor, np.ndarray, list, tuple)):
+            as_real(v, name)                                  # a string or a bool is not a coefficient
         if isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} requires grad, but gradients flow to x only")
     a = per_row64(alpha, "alpha", M, "cpu" if not isinstance(alpha, torch.Tensor) else device)

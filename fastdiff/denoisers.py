@@ -4,16 +4,18 @@ for a user's network that predicts x0, the noise ε or the score.
 Every denoiser has `.denoise(x, t)` → D = E[X_0 | X_t = x] and `.score(x, t)` → ∇ log p_t(x), related by
 Tweedie (MATH.md §2): s = (αD − x)/σ², D = (x + σ²s)/α, ε = −σs. `.predict(x, t)` returns the
 denoiser's native output, named by `.prediction`; the sampler turns its step table into that form.
-x is [M, d]; t is a float or a per-row tensor [M] in (0, T].
+x is [M, d]; t is a float or a per-row tensor [M] (or [1]) in (0, T], checked before any model runs.
+PointCloud, StreamingPointCloud, Gaussian, GaussianMixture and a differentiable model are differentiable in x.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import ops
-from ._checks import as_time, check_choice, check_points
+from ._checks import as_real, as_time, check_choice, check_points
 from .processes import Process
 from .steps import PREDICTIONS
 
@@ -48,10 +50,10 @@ class Denoiser:
     def denoise(self, x: torch.Tensor, t) -> torch.Tensor:
         """D(x, t) = E[X_0 | X_t = x]."""
         self._check(x)
-        out = self.predict(x, t)
         if self.prediction == "x0":
-            return out
-        alpha, sig2 = _coeffs(self.process, t, x)
+            return self.predict(x, t)
+        alpha, sig2 = _coeffs(self.process, t, x)          # (checks t before the model sees it)
+        out = self.predict(x, t)
         if self.prediction == "score":
             return ((x + sig2 * out) / alpha).to(x.dtype)
         return ((x - sig2.sqrt() * out) / alpha).to(x.dtype)
@@ -59,10 +61,10 @@ class Denoiser:
     def score(self, x: torch.Tensor, t) -> torch.Tensor:
         """s(x, t) = ∇_x log p_t(x)."""
         self._check(x)
-        out = self.predict(x, t)
         if self.prediction == "score":
-            return out
+            return self.predict(x, t)
         alpha, sig2 = _coeffs(self.process, t, x)
+        out = self.predict(x, t)
         if self.prediction == "x0":
             return ((alpha * out - x) / sig2).to(x.dtype)
         return (-out / sig2.sqrt()).to(x.dtype)
@@ -76,7 +78,42 @@ class Denoiser:
         return (-sig2.sqrt() * self.score(x, t)).to(x.dtype)
 
 
-class PointCloud(Denoiser):
+class _Cloud(Denoiser):
+    """What every point-cloud denoiser shares (in memory, streamed, sharded). Subclasses set `bandwidth` and
+    `dim` and give `posterior(x, t)` → (D, L) and `_ybar(x, α, c)` → the float64 posterior mean of the data
+    points at α and c = α²v + σ² (the points' own mean, before the kernel density's pull toward x)."""
+
+    bandwidth: float
+    dim: int
+
+    def posterior(self, x: torch.Tensor, t):
+        raise NotImplementedError
+
+    def _ybar(self, x: torch.Tensor, alpha: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, x, t):
+        return self.posterior(x, t)[0]
+
+    def score(self, x: torch.Tensor, t) -> torch.Tensor:
+        """s(x, t) = ∇_x log p_t(x); with bandwidth v > 0, (αȳ − x)/c in float64. Tweedie from D would divide D's
+        rounding by σ² ≪ c: D = (1 − α²v/c)ȳ + (αv/c)x lies within float32 rounding of x at small σ."""
+        if not self.bandwidth:
+            return super().score(x, t)
+        self._check(x)
+        alpha, sig2 = _coeffs(self.process, t, x)
+        c = alpha * alpha * self.bandwidth + sig2
+        return ((alpha * self._ybar(x, alpha, c) - x.to(torch.float64)) / c).to(x.dtype)
+
+    def log_prob(self, x: torch.Tensor, t) -> torch.Tensor:
+        """log p_t(x) = L − (d/2) log(2π c_t), c_t = α²v + σ²."""
+        _, L = self.posterior(x, t)
+        alpha, sig2 = _coeffs(self.process, t, x)
+        c = (alpha * alpha * self.bandwidth + sig2).view(-1)
+        return (L.to(torch.float64) - 0.5 * self.dim * torch.log(2 * math.pi * c)).to(x.dtype)
+
+
+class PointCloud(_Cloud):
     """The exact denoiser of an empirical measure Σ π_i δ_{y_i} (or, with bandwidth v > 0, of the
     kernel density Σ π_i N(y_i, vI)): a log-sum-exp reduction over every data point (MATH.md §5).
 
@@ -99,7 +136,7 @@ class PointCloud(Denoiser):
             raise ValueError(f"data must be non-empty, got shape {tuple(data.shape)}")
         if not bool(torch.isfinite(data).all()):
             raise ValueError("data contains NaN or inf")
-        self.bandwidth = float(bandwidth)
+        self.bandwidth = as_real(bandwidth, "bandwidth")
         if not (math.isfinite(self.bandwidth) and self.bandwidth >= 0):
             raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
         self.log_weights = None
@@ -110,7 +147,7 @@ class PointCloud(Denoiser):
             if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
                 raise ValueError("weights must be finite, non-negative and not all zero")
             keep = w > 0                                       # zero-weight points can never be chosen
-            data, w = data[keep], w[keep]
+            data, w = data[keep], w[keep] / w.max()            # (scaled first: a sum of 1e308's overflows)
             self.log_weights = (w / w.sum()).log()
         self.data = data
         self.dim = data.shape[1]
@@ -128,8 +165,10 @@ class PointCloud(Denoiser):
         return ops.posterior(x, self.data, alpha.view(-1), sig2.sqrt().view(-1), self.log_weights, self.bandwidth,
                              backend=self.backend)
 
-    def predict(self, x, t):
-        return self.posterior(x, t)[0]
+    def _ybar(self, x, alpha, c):
+        ybar, _ = ops.posterior(x, self.data, alpha.view(-1), c.sqrt().view(-1), self.log_weights, 0.0,
+                                backend=self.backend)
+        return ybar.to(torch.float64)
 
     def data_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p_0(x) of the kernel density Σ π_i N(y_i, vI) itself (needs bandwidth v > 0)."""
@@ -139,13 +178,6 @@ class PointCloud(Denoiser):
         v = self.bandwidth
         _, L = ops.posterior(x, self.data, 1.0, math.sqrt(v), self.log_weights, 0.0, backend=self.backend)
         return (L.to(torch.float64) - 0.5 * self.dim * math.log(2 * math.pi * v)).to(x.dtype)
-
-    def log_prob(self, x: torch.Tensor, t) -> torch.Tensor:
-        """log p_t(x) = L − (d/2) log(2π c_t), c_t = α²v + σ²."""
-        _, L = self.posterior(x, t)
-        alpha, sig2 = _coeffs(self.process, t, x)
-        c = (alpha * alpha * self.bandwidth + sig2).view(-1)
-        return (L.to(torch.float64) - 0.5 * self.dim * torch.log(2 * math.pi * c)).to(x.dtype)
 
 
 class GaussianMixture(Denoiser):
@@ -160,6 +192,8 @@ class GaussianMixture(Denoiser):
     def __init__(self, weights, means, covs, process: Process):
         super().__init__(process)
         means = torch.as_tensor(means, dtype=torch.float64)
+        # a covariance carries its own dtype's rounding: a float32 one of rank < d has eigenvalues around −1e-8
+        tol = max(1e-10, 10 * means.shape[-1] * _eps_of(covs))
         covs = torch.as_tensor(covs, dtype=torch.float64)
         w = torch.as_tensor(weights, dtype=torch.float64)
         if means.ndim != 2:
@@ -174,10 +208,10 @@ class GaussianMixture(Denoiser):
                 raise ValueError(f"{name} contains NaN or inf")
         if bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError("weights must be non-negative and not all zero")
-        if not torch.allclose(covs, covs.transpose(1, 2), atol=1e-10 * max(1.0, float(covs.abs().max()))):
+        if not torch.allclose(covs, covs.transpose(1, 2), rtol=0.0, atol=tol * max(1.0, float(covs.abs().max()))):
             raise ValueError("covs must be symmetric")
         lam, U = torch.linalg.eigh(covs)
-        if bool((lam < -1e-10 * lam.abs().max().clamp_min(1.0)).any()):
+        if bool((lam < -tol * lam.abs().max().clamp_min(1.0)).any()):
             raise ValueError("covs must be positive semi-definite")
         self.lam, self.U = lam.clamp_min(0.0), U                   # [K, d], [K, d, d]
         self.means, self.covs, self.dim = means, covs, d
@@ -218,17 +252,27 @@ class GaussianMixture(Denoiser):
         return torch.logsumexp(a, dim=1).to(x.dtype)
 
 
+def _eps_of(v) -> float:
+    """The machine epsilon of a tensor's or array's floating dtype (float64's for anything else)."""
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return torch.finfo(v.dtype).eps
+    dtype = getattr(v, "dtype", None)
+    if isinstance(dtype, np.dtype) and dtype.kind == "f":
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
+
+
 class Gaussian(GaussianMixture):
     """Exact denoiser of N(μ, Σ), Σ possibly singular (a line or plane: the CEM paper's "line"):
     D(x) = μ + αΣ(α²Σ + σ²I)⁻¹(x − αμ), linear in x."""
 
     def __init__(self, mean, cov, process: Process):
         mean = torch.as_tensor(mean, dtype=torch.float64)
-        cov = torch.as_tensor(cov, dtype=torch.float64)
-        if mean.ndim != 1 or cov.shape != (mean.numel(), mean.numel()):
-            raise ValueError(f"mean must be [d] and cov [d, d]; got {tuple(mean.shape)} and {tuple(cov.shape)}")
-        super().__init__(torch.ones(1), mean.unsqueeze(0), cov.unsqueeze(0), process)
-        self.mean, self.cov = mean, cov
+        given = cov if isinstance(cov, torch.Tensor) else np.asarray(cov)     # (its dtype sets the PSD tolerance)
+        if mean.ndim != 1 or given.shape != (mean.numel(), mean.numel()):
+            raise ValueError(f"mean must be [d] and cov [d, d]; got {tuple(mean.shape)} and {tuple(given.shape)}")
+        super().__init__(torch.ones(1), mean.unsqueeze(0), given[None], process)
+        self.mean, self.cov = mean, self.covs[0]
 
     def linear_map(self, t: float):
         """(M, c) with D(x) = M x + c at scalar time t, float64 (used by the Gaussian oracle)."""
@@ -256,6 +300,8 @@ class ModelDenoiser(Denoiser):
 
     def predict(self, x, t):
         M = x.shape[0]
+        if type(t) is not float:     # (the sampler's own times are checked floats: their memo hit stays cheap)
+            t = _model_time(t, self.process.T, M)
         xin = x if self.event_shape is None else x.view(M, *self.event_shape)
         inv_alpha, t_in = self._time_inputs(t, x)
         if self.time_input == "sigma":
@@ -295,6 +341,7 @@ class ModelDenoiser(Denoiser):
             hit = self._memo.get(key)
             if hit is not None:
                 return hit
+            as_time(key, "t", self.process.T)                      # checked once per time, then memoised
         if self.time_input == "t":
             pair = (None, self._rows(t, lambda u: u, x))
         else:
@@ -314,6 +361,17 @@ class ModelDenoiser(Denoiser):
         if isinstance(t, torch.Tensor) and t.ndim == 1:
             return fn(t.to(device=x.device, dtype=torch.float64))
         return float(fn(torch.tensor(float(t), dtype=torch.float64)))
+
+
+def _model_time(t, T: float, M: int):
+    """A model's time argument other than a float: a checked float, or a float64 tensor [M] (a [1] tensor is
+    spread over the M rows: the network gets one time per row)."""
+    if isinstance(t, torch.Tensor) and t.ndim == 1:
+        tt = as_time(t, "t", T)
+        if tt.shape[0] not in (1, M):
+            raise ValueError(f"t must be a scalar or have shape [M]=[{M}], got {tt.shape[0]} times")
+        return tt.expand(M)
+    return as_time(t, "t", T)
 
 
 def _fits(v, dtype) -> bool:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ._checks import as_time
+from ._checks import as_real, as_time
 
 # Gauss–Legendre nodes/weights on [-1, 1], used for the few integrals with no closed form.
 _GL_X, _GL_W = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(64))
@@ -131,7 +131,7 @@ class Process:
 
     def sigma_inverse(self, sigma):
         """The time t at which σ(t) = sigma (σ is increasing in t)."""
-        s = torch.as_tensor(sigma, dtype=torch.float64)
+        s = _as_values(sigma, "sigma")
         lo, hi = (math.sqrt(float(self._sigma2(torch.tensor(v, dtype=torch.float64)))) for v in (0.0, self.T))
         if bool(((s < lo * (1 - 1e-12)) | (s > hi * (1 + 1e-12))).any()):
             raise ValueError(f"sigma must lie in [σ(0), σ(T)] = [{lo}, {hi}], got {sigma}")
@@ -139,8 +139,12 @@ class Process:
         return float(out) if not isinstance(sigma, torch.Tensor) else out
 
     def log_snr_inverse(self, lam):
-        """The time t at which λ(t) = lam (bisection; λ is decreasing in t)."""
-        target = torch.as_tensor(lam, dtype=torch.float64)
+        """The time t at which λ(t) = lam (bisection; λ is decreasing in t), for lam in [λ(T), λ(0)]."""
+        target = _as_values(lam, "lam")
+        top, bottom = (float(self.log_snr(v)) for v in (0.0, self.T))      # λ(0) (+inf unless σ(0) > 0), λ(T)
+        lo, hi = bottom - 1e-12 * max(1.0, abs(bottom)), top + 1e-12 * max(1.0, abs(top))    # (inf stays inf)
+        if bool(((target < lo) | (target > hi)).any()):
+            raise ValueError(f"lam must lie in [λ(T), λ(0)] = [{bottom}, {top}], got {lam}")
 
         def neg_lambda(t):
             return 0.5 * self._sigma2(t).log() - self._log_alpha(t)
@@ -417,3 +421,16 @@ class DriftedVE(Process):
     def _key(self):
         # a callable β (and B) by identity: two different functions may print the same name
         return super()._key() + self._given
+
+
+def _as_values(v, name: str) -> torch.Tensor:
+    """A number or a floating tensor as a float64 tensor with no NaN (inverse functions: NaN has no time)."""
+    if isinstance(v, torch.Tensor):
+        if not v.is_floating_point():
+            raise TypeError(f"{name} must be a number or a floating tensor, got dtype {v.dtype}")
+        out = v.to(torch.float64)
+    else:
+        out = torch.tensor(as_real(v, name), dtype=torch.float64)
+    if bool(torch.isnan(out).any()):
+        raise ValueError(f"{name} contains NaN")
+    return out

@@ -9,6 +9,8 @@ Each chunk is one fused ops.posterior call (the storage dtype is upcast per chun
 partial (L_c, ȳ_c) are merged online in float64 with the same algebra as fastdiff.distributed:
   m' = max(m, L_c),  s' = s·e^{m−m'} + e^{L_c−m'},  acc' = acc·e^{m−m'} + e^{L_c−m'}·ȳ_c,
   L = m + log s,  ȳ = acc / s,  D = (1 − α²v/c)·ȳ + (αv/c)·x.
+Float32 rows whose mass is split between chunks while |L| is large (far queries at small σ) get a second pass
+in float64 (fastdiff.distributed.merge.F32_MERGE_LIMIT): a chunk's float32 L cannot resolve such a split.
 Copy overlaps compute: on the CPU a background thread reads chunk i+1 while chunk i is reduced (file reads and
 torch kernels release the GIL). On CUDA, host chunks go through two pinned buffers and a side stream; that path
 is written for CUDA but has not been run on a GPU yet.
@@ -24,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .denoisers import Denoiser, _coeffs
-from .distributed.merge import _affine_D, local_posterior
+from ._checks import as_real, check_int
+from .denoisers import _Cloud, _coeffs
+from .distributed.merge import _affine_D, float64_redo, local_posterior, take_rows
 from .processes import Process
 
 __all__ = ["ArraySource", "NpySource", "StreamingPointCloud", "TensorSource", "as_source"]
@@ -137,7 +140,7 @@ def as_source(data):
     return src
 
 
-class StreamingPointCloud(Denoiser):
+class StreamingPointCloud(_Cloud):
     """The exact denoiser of a point cloud streamed from host memory or a .npy file, chunk by chunk.
 
     data: see as_source; weights: [N] non-negative (normalised here); bandwidth: v >= 0;
@@ -153,14 +156,13 @@ class StreamingPointCloud(Denoiser):
         super().__init__(process)
         self.source = as_source(data)
         self.dim, self.rows = self.source.dim, self.source.rows
-        self.bandwidth = float(bandwidth)
+        self.bandwidth = as_real(bandwidth, "bandwidth")
         if not (math.isfinite(self.bandwidth) and self.bandwidth >= 0):
             raise ValueError(f"bandwidth must be a finite number >= 0, got {bandwidth}")
         itemsize = torch.empty(0, dtype=self.source.dtype).element_size()
         default_rows = max(1, DEFAULT_CHUNK_BYTES // (self.dim * itemsize))
-        self.chunk_rows = min(self.rows, default_rows if chunk_rows is None else int(chunk_rows))
-        if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows}")
+        rows = default_rows if chunk_rows is None else check_int(chunk_rows, "chunk_rows", 1, 2**63)
+        self.chunk_rows = min(self.rows, rows)
         self.device = torch.device(device)
         self.backend, self.prefetch = backend, bool(prefetch)
         self.log_weights = None if weights is None else self._log_weights(weights)
@@ -184,6 +186,7 @@ class StreamingPointCloud(Denoiser):
             raise ValueError(f"weights must have shape [N]=[{self.rows}], got {tuple(w.shape)}")
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
             raise ValueError("weights must be finite, non-negative and not all zero")
+        w = w / w.max()                                # (scaled first: a sum of 1e308's overflows)
         return (w / w.sum()).log().to(self.device)     # zero weights: −inf, excluded by the kernels
 
     # -- chunks -------------------------------------------------------------------------------------------
@@ -242,6 +245,24 @@ class StreamingPointCloud(Denoiser):
         self._check(x)
         alpha, sig2 = _coeffs(self.process, t, x)
         c = alpha * alpha * self.bandwidth + sig2
+        ybar, L = self._merged(x, alpha, c)
+        return _affine_D(ybar, x, alpha, c, self.bandwidth).to(x.dtype), L.to(x.dtype)
+
+    def _ybar(self, x, alpha, c):
+        return self._merged(x, alpha, c)[0]
+
+    def _merged(self, x, alpha, c):
+        """(ȳ [M, d], L [M]) in float64: one pass over the chunks, then a second, in float64, for the float32 rows
+        whose merge float32's L cannot resolve (fastdiff.distributed.merge.F32_MERGE_LIMIT)."""
+        ybar, m, s = self._online(x, alpha, c)
+        redo = float64_redo(x, m, s)
+        if redo is not None:
+            y2, m2, s2 = self._online(x[redo].to(torch.float64), take_rows(alpha, redo), take_rows(c, redo))
+            ybar, m, s = ybar.index_copy(0, redo, y2), m.index_copy(0, redo, m2), s.index_copy(0, redo, s2)
+        return ybar, m + s.log()
+
+    def _online(self, x, alpha, c):
+        """ȳ, m = max_c L_c and s = Σ_c e^{L_c − m}, float64, merged chunk by chunk."""
         M = x.shape[0]
         m = torch.full((M,), -math.inf, dtype=torch.float64, device=x.device)
         s = torch.zeros(M, dtype=torch.float64, device=x.device)
@@ -254,15 +275,4 @@ class StreamingPointCloud(Denoiser):
             s = s * keep + add
             acc.mul_(keep.unsqueeze(1)).add_(ybar_c * add.unsqueeze(1))
             m = new_m
-        D = _affine_D(acc / s.unsqueeze(1), x, alpha, c, self.bandwidth)
-        return D.to(x.dtype), (m + s.log()).to(x.dtype)
-
-    def predict(self, x, t):
-        return self.posterior(x, t)[0]
-
-    def log_prob(self, x: torch.Tensor, t) -> torch.Tensor:
-        """log p_t(x) = L − (d/2) log(2π c_t), c_t = α²v + σ²."""
-        _, L = self.posterior(x, t)
-        alpha, sig2 = _coeffs(self.process, t, x)
-        c = (alpha * alpha * self.bandwidth + sig2).view(-1)
-        return (L.to(torch.float64) - 0.5 * self.dim * torch.log(2 * math.pi * c)).to(x.dtype)
+        return acc / s.unsqueeze(1), m, s

@@ -288,3 +288,119 @@ def test_sigma_time_input_refuses_an_overflowing_scale():
     with pytest.raises(ValueError, match="overflows torch.float32"):
         den.denoise(torch.ones(2, 2), 600.0)
     assert torch.isfinite(den.denoise(torch.ones(2, 2, dtype=F64), 600.0)).all()
+
+
+@pytest.mark.parametrize("process", [fd.PureVE(), fd.OU(theta=0.5, g=1.0, T=10.0), fd.VP()], ids=repr)
+def test_float32_kernel_density_score_at_small_sigma(process):
+    """With bandwidth v > 0, D lies within float32 rounding of a mix of x and ȳ, and Tweedie from D divided that
+    rounding by σ² ≪ c = α²v + σ²: the float32 score was 6–8% off at σ = 1e-3 and exactly 0 at σ = 1e-4."""
+    from fastdiff.streaming import StreamingPointCloud
+    y = _data(50, 2, seed=3)
+    x = (y[:7] + 0.4 * torch.randn(7, 2, generator=torch.Generator().manual_seed(1))).float()
+    v = 1.0
+    for sigma in (1e-4, 1e-3, 1e-2):
+        if process.sigma(process.T) < sigma or process.sigma(0.0) > sigma:
+            continue
+        t = process.sigma_inverse(sigma)
+        alpha = process.alpha(t)
+        # exact: (αȳ − x)/c, ȳ the float64 posterior mean of the points at c
+        c = alpha**2 * v + sigma**2
+        a = -((x.double()[:, None] - alpha * y.double()[None]) ** 2).sum(-1) / (2 * c)
+        exact = (alpha * torch.softmax(a, 1) @ y.double() - x.double()) / c
+        for den in (fd.PointCloud(y.float(), process, bandwidth=v), StreamingPointCloud(y.float(), process, bandwidth=v,
+                                                                                         chunk_rows=7)):
+            s = den.score(x, t)
+            assert s.dtype == torch.float32
+            assert float(((s.double() - exact).abs() / exact.abs().max()).max()) <= 1e-5, (type(den), sigma)
+            eps = den.eps(x, t)
+            assert float((eps.double() + math.sqrt(process.sigma2(t)) * exact).abs().max()) \
+                <= 1e-5 * math.sqrt(process.sigma2(t)) * float(exact.abs().max())
+
+
+def test_float32_singular_covariances_are_accepted():
+    """A rank-1 covariance built in float32 has eigenvalues around −1e-8 (its own rounding), which a fixed 1e-10
+    tolerance called "not positive semi-definite"; the tolerance now follows the input's dtype."""
+    p = fd.VP()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, dtype=F64, generator=g)
+    for k in range(20):
+        u = torch.randn(3, generator=g)
+        cov32 = torch.outer(u, u)                          # float32, rank 1
+        gauss = fd.Gaussian(torch.zeros(3), cov32, p)
+        S, a, s2 = cov32.double(), p.alpha(0.3), p.sigma2(0.3)
+        ref = a * x @ torch.linalg.solve(a * a * S + s2 * torch.eye(3, dtype=F64), S)     # D = αΣ(α²Σ + σ²I)⁻¹x
+        assert torch.allclose(gauss.denoise(x, 0.3), ref, rtol=0, atol=1e-6 * float(S.abs().max())), k
+        mix = fd.GaussianMixture([1.0], torch.zeros(1, 3), cov32[None].numpy(), p)
+        assert torch.equal(mix.denoise(x, 0.3), gauss.denoise(x, 0.3)), k
+    with pytest.raises(ValueError, match="semi-definite"):          # a real negative eigenvalue still fails
+        fd.Gaussian(torch.zeros(2), torch.tensor([[1.0, 0.0], [0.0, -1e-4]]), p)
+    with pytest.raises(ValueError, match="semi-definite"):
+        fd.Gaussian([0.0, 0.0], [[1.0, 0.0], [0.0, -1e-9]], p)       # float64 input keeps the tight tolerance
+
+
+def test_model_time_is_checked_before_the_model_runs():
+    seen = []
+
+    def net(x, t):
+        seen.append(t.clone())
+        return 0.5 * x
+    p = fd.OU(T=1.0)
+    x = torch.randn(4, 3)
+    for prediction in ("x0", "eps", "score"):
+        den = fd.from_model(net, p, prediction=prediction)
+        for bad, err, match in ((0.0, ValueError, "t must lie"), (-1.0, ValueError, "t must lie"),
+                                (5.0, ValueError, "t must lie"), (math.nan, ValueError, "finite"),
+                                ("0.5", TypeError, "t must be a number"), (True, TypeError, "t must be a number"),
+                                (torch.full((3,), 0.5), ValueError, r"shape \[M\]=\[4\]")):
+            for call in (den.denoise, den.score, den.eps, den.predict):
+                with pytest.raises(err, match=match):
+                    call(x, bad)
+        assert seen == [], prediction
+    den = fd.from_model(net, p, time_input="sigma")
+    with pytest.raises(ValueError, match="t must lie"):
+        den.denoise(x, -1.0)
+    # a [1] tensor is one time for every row: the network gets [M]
+    for time_input in ("t", "sigma"):
+        seen.clear()
+        den = fd.from_model(net, p, time_input=time_input)
+        out = den.denoise(x, torch.tensor([0.5]))
+        assert seen[0].shape == (4,) and torch.equal(out, den.denoise(x, 0.5))
+
+
+def test_a_float32_time_tensor_may_hold_t_rounded_up():
+    """float32(0.3) = 0.30000001 > T = 0.3: torch.full((M,), T) in the default dtype is T, not out of range."""
+    for p in (fd.OU(theta=0.5, g=1.0, T=0.3), fd.PureVE(T=2.2)):
+        t32 = torch.full((5,), p.T)
+        assert float(t32[0]) > p.T
+        assert torch.equal(p.sigma(t32), torch.full((5,), p.sigma(p.T), dtype=F64))
+        pc = fd.PointCloud(_data(9, 2), p)
+        x = torch.randn(5, 2, dtype=F64)
+        assert torch.equal(pc.denoise(x, t32), pc.denoise(x, p.T))
+        with pytest.raises(ValueError, match="t must lie"):        # a real excess still fails
+            p.sigma(torch.full((5,), p.T * 1.001))
+        with pytest.raises(ValueError, match="t must lie"):        # float64 keeps its 1e-12
+            p.sigma(torch.full((5,), p.T * (1 + 1e-9), dtype=F64))
+
+
+def test_point_cloud_options_are_checked_by_type():
+    from fastdiff.streaming import StreamingPointCloud
+    p = fd.OU()
+    y = _data(10, 2)
+    x = torch.randn(3, 2, dtype=F64)
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match="bandwidth must be a number"):
+            fd.PointCloud(y, p, bandwidth=bad)
+        with pytest.raises(TypeError, match="bandwidth must be a number"):
+            StreamingPointCloud(y, p, bandwidth=bad)
+    for bad in ("4", 2.7, True):
+        with pytest.raises(TypeError, match="chunk_rows must be an integer"):
+            StreamingPointCloud(y, p, chunk_rows=bad)
+    for name in ("alpha", "sigma"):
+        for bad in ("1", True):
+            args = {"alpha": 1.0, "sigma": 0.5, name: bad}
+            with pytest.raises(TypeError, match=f"{name} must be a number"):
+                fd.ops.posterior(x, y, args["alpha"], args["sigma"])
+    # weights whose sum overflows float64 are still weights (equal here)
+    huge = torch.full((10,), 1e308, dtype=F64)
+    for den in (fd.PointCloud(y, p, weights=huge), StreamingPointCloud(y, p, weights=huge)):
+        assert torch.allclose(den.denoise(x, 0.5), fd.PointCloud(y, p).denoise(x, 0.5), rtol=0, atol=1e-14)

@@ -143,6 +143,15 @@ def _scenario_main(rank, world):
             D1, L1 = pc.posterior(x, t)
             D2, L2 = pc.posterior(x, t)
             out[(name, sigma)] = (D1, L1, D2, L2)
+    y, x = _far_query_case()               # float32, one point per rank of two (world 1: both on rank 0)
+    pc = ShardedPointCloud(y if world == 1 else y[rank:rank + 1] if rank < 2 else y[:0], fd.PureVE(), timeout=20)
+    out["far"] = {sigma: pc.posterior(x, sigma) for sigma in FAR_SIGMAS}
+    xg = x.clone().requires_grad_()
+    try:
+        pc.posterior(xg, 1e-2)
+        out["grad_error"] = None
+    except ValueError as exc:
+        out["grad_error"] = str(exc)
     y, w, x = _global_data(torch.float64)
     pc = ShardedPointCloud(_shard(y, world, rank), proc, weights=_shard(w, world, rank), bandwidth=0.01)
     out["trajectory"] = fd.sample(pc, n=6, steps=15, schedule="logsnr", seed=11, return_trajectory=True,
@@ -152,6 +161,31 @@ def _scenario_main(rank, world):
     if world == 3:
         out["bad_inputs"] = _bad_inputs_part(rank, world)
     return out
+
+
+FAR_SIGMAS = (1e-2, 3e-3, 1e-3)
+
+
+def _far_query_case():
+    """Two points in d = 16 and queries on their bisector, 1 to 3 away from both: at small σ each query's L is
+    -3e4 .. -1e7 (float32 rounds it by up to 0.6) while the two points share its mass (0.5/0.5 on the bisector,
+    uneven just off it)."""
+    g = torch.Generator().manual_seed(1)
+    y0, y1 = (torch.randn(16, generator=g, dtype=torch.float64) for _ in range(2))
+    u = (y1 - y0) / (y1 - y0).norm()
+    n = torch.randn(16, generator=g, dtype=torch.float64)
+    n = n - (n @ u) * u
+    n = n / n.norm()
+    x = torch.stack([0.5 * (y0 + y1) + R * n + e * u for R in (1.0, 2.0, 3.0) for e in (0.0, 1e-7)])
+    return torch.stack([y0, y1]).float(), x.float()
+
+
+def _far_query_reference(sigma):
+    """Float64 brute force over the float32 points and queries: D [M, d]."""
+    y, x = _far_query_case()
+    y, x = y.double(), x.double()
+    w = torch.softmax(-((x[:, None, :] - y[None]) ** 2).sum(-1) / (2 * sigma * sigma), dim=1)
+    return w @ y
 
 
 @functools.cache
@@ -200,6 +234,64 @@ def test_sharded_posterior_and_trajectory_match_one_process(world):
         assert torch.equal(xr, outs[0]["trajectory"][0]) and torch.equal(tr, outs[0]["trajectory"][1])
     assert float((outs[0]["trajectory"][1] - traj).abs().max()) <= 1e-9 * (1 + float(traj.abs().max()))
     assert float(xs.std()) > 0.1      # the run moved: not a comparison of constants
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_sharded_float32_far_query_with_split_mass_meets_math7(world):
+    """A far query whose mass is split between ranks: the float32 L of each rank cannot resolve the split (the
+    merge used to be 0.04 of max|y| off at σ = 1e-3), so those rows are merged again from float64 parts."""
+    outs = _main_spawn(world)
+    y, x = _far_query_case()
+    single = fd.PointCloud(y, fd.PureVE())
+    scale = float(y.abs().max())
+    for sigma in FAR_SIGMAS:
+        D, L = outs[0]["far"][sigma]
+        ref = _far_query_reference(sigma)
+        assert D.dtype == torch.float32
+        assert float((D.double() - ref).abs().max()) <= 1e-6 * scale, sigma         # PointCloud's own 2e-8
+        assert float((single.posterior(x, sigma)[0].double() - ref).abs().max()) <= 1e-6 * scale
+        for r in range(world):
+            assert torch.equal(outs[r]["far"][sigma][0], D) and torch.equal(outs[r]["far"][sigma][1], L)
+        assert float(L.max()) < -1e4            # the regime that needs it: |L| ≫ F32_MERGE_LIMIT
+
+
+def test_sharded_refuses_autograd_by_name():
+    outs = _main_spawn(1)
+    assert "ShardedPointCloud has no backward" in outs[0]["grad_error"]
+
+
+def test_streaming_float32_far_query_with_split_mass_meets_math7():
+    from fastdiff.streaming import StreamingPointCloud
+    y, x = _far_query_case()
+    stream = StreamingPointCloud(y, fd.PureVE(), chunk_rows=1)          # one point per chunk
+    scale = float(y.abs().max())
+    for sigma in FAR_SIGMAS:
+        D, L = stream.posterior(x, sigma)
+        assert float((D.double() - _far_query_reference(sigma)).abs().max()) <= 1e-6 * scale, sigma
+        # L as precise as the single cloud's (float32 rounding of a float64 sum)
+        L1 = fd.PointCloud(y, fd.PureVE()).posterior(x, sigma)[1]
+        assert bool(((L.double() - L1.double()).abs() <= 1e-6 * L1.double().abs()).all()), sigma
+
+
+def test_float32_merge_redoes_only_rows_that_need_it(monkeypatch):
+    """Near-data queries (one chunk holds the mass) keep the float32 pass: float64_redo picks no row there, and
+    picks the far bisector rows."""
+    from fastdiff.distributed import merge
+    from fastdiff.streaming import StreamingPointCloud
+    picked = []
+    real = merge.float64_redo
+
+    def spy(x, m, s):
+        idx = real(x, m, s)
+        picked.append(None if idx is None else idx.tolist())
+        return idx
+    monkeypatch.setattr("fastdiff.streaming.float64_redo", spy)
+    y, x = _far_query_case()
+    stream = StreamingPointCloud(y, fd.PureVE(), chunk_rows=1)
+    near = y + 1e-3 * torch.randn(y.shape, generator=torch.Generator().manual_seed(0))
+    stream.posterior(near, 1e-3)
+    stream.posterior(x, 1e-3)
+    assert picked == [None, list(range(x.shape[0]))]
 
 
 # -- bad input: every rank raises the same clear error naming the rank and the argument ----------------------

@@ -144,3 +144,21 @@ def test_times_outside_the_range_are_refused(process):
         process.f(torch.tensor([0.1, float("nan")]))
     with pytest.raises(TypeError):
         process.g2("soon")
+
+
+def test_inverses_refuse_nan_and_out_of_range(process):
+    lam_T, lam_0 = process.log_snr(process.T), process.log_snr(0.0)
+    with pytest.raises(ValueError, match="sigma contains NaN"):
+        process.sigma_inverse(math.nan)
+    with pytest.raises(ValueError, match="sigma contains NaN"):
+        process.sigma_inverse(torch.tensor([0.5, math.nan]))
+    with pytest.raises(ValueError, match="lam contains NaN"):
+        process.log_snr_inverse(math.nan)
+    with pytest.raises(ValueError, match=r"lam must lie in \[λ\(T\), λ\(0\)\]"):
+        process.log_snr_inverse(lam_T - 1.0)              # it used to return T without a word
+    if math.isfinite(lam_0):
+        with pytest.raises(ValueError, match=r"lam must lie in"):
+            process.log_snr_inverse(lam_0 + 1.0)
+    with pytest.raises(TypeError, match="lam must be a number"):
+        process.log_snr_inverse("1.0")
+    assert process.log_snr_inverse(lam_T) == pytest.approx(process.T, rel=1e-12)

@@ -7,10 +7,11 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-from ..denoisers import Denoiser, _coeffs
+from .._checks import as_real
+from ..denoisers import _Cloud, _coeffs
 from ..processes import Process
 from ._comm import _all_gather_object, _all_reduce, _as_timeout, _group_info
-from .merge import _affine_D, local_posterior
+from .merge import _affine_D, float64_redo, local_posterior, take_rows
 
 
 def _expected_device(group):
@@ -80,7 +81,7 @@ def _collective_check(summaries):
     return problems
 
 
-class ShardedPointCloud(Denoiser):
+class ShardedPointCloud(_Cloud):
     """The exact denoiser of a point cloud whose data is split over the ranks of a process group.
 
     Every rank of `group` builds it with its own shard [N_r, d] (N_r may be 0) and the same process,
@@ -101,10 +102,7 @@ class ShardedPointCloud(Denoiser):
         self.rank, self.world = _group_info(group)
         self.timeout = _as_timeout(timeout)
         self.backend = backend
-        try:
-            bandwidth = float(bandwidth)
-        except (TypeError, ValueError):
-            raise TypeError(f"bandwidth must be a number, got {type(bandwidth).__name__}") from None
+        bandwidth = as_real(bandwidth, "bandwidth")
         summary = _shard_summary(shard, weights, bandwidth, process, _expected_device(group))
         summaries = _all_gather_object(summary, group, self.timeout, self.rank)
         problems = _collective_check(summaries)
@@ -134,6 +132,11 @@ class ShardedPointCloud(Denoiser):
 
     def merge(self, part, M: int, device):
         """(ȳ [M, d], L [M]) float64 over every rank: all_reduce MAX of L_r, then SUM of e^{L_r − m}·[ȳ_r, 1]."""
+        ybar, m, s = self._reduce(part, M, device)
+        return ybar, m + s.log()
+
+    def _reduce(self, part, M: int, device):
+        """ȳ, m = max_r L_r and s = Σ_r e^{L_r − m} (float64, identical on every rank): the two all_reduces."""
         d = self.dim
         m = torch.full((M,), -math.inf, dtype=torch.float64, device=device) if part is None else part[0].clone()
         _all_reduce(m, dist.ReduceOp.MAX, self.group, self.timeout, "the posterior's all_reduce(MAX)", self.rank)
@@ -144,7 +147,26 @@ class ShardedPointCloud(Denoiser):
             buf[:, d] = scale
         _all_reduce(buf, dist.ReduceOp.SUM, self.group, self.timeout, "the posterior's all_reduce(SUM)", self.rank)
         s = buf[:, d]
-        return buf[:, :d] / s.unsqueeze(1), m + s.log()
+        return buf[:, :d] / s.unsqueeze(1), m, s
+
+    def _merged(self, x, alpha, c):
+        """(ȳ, L) float64 over every rank; float32 rows whose merge float32's L cannot resolve are merged again
+        from float64 parts (fastdiff.distributed.merge.F32_MERGE_LIMIT). m and s are identical on every rank, so
+        every rank picks the same rows and issues the same collectives."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.data.requires_grad):
+            raise ValueError("ShardedPointCloud has no backward (its all_reduces are outside autograd): call it "
+                             "under torch.no_grad(), or use PointCloud / StreamingPointCloud for gradients")
+        ybar, m, s = self._reduce(self.partial(x, alpha, c), x.shape[0], x.device)
+        redo = float64_redo(x, m, s)
+        if redo is not None:
+            xr = x[redo].to(torch.float64)
+            y2, m2, s2 = self._reduce(self.partial(xr, take_rows(alpha, redo), take_rows(c, redo)), xr.shape[0],
+                                      x.device)
+            ybar, m, s = ybar.index_copy(0, redo, y2), m.index_copy(0, redo, m2), s.index_copy(0, redo, s2)
+        return ybar, m + s.log()
+
+    def _ybar(self, x, alpha, c):
+        return self._merged(x, alpha, c)[0]
 
     def posterior(self, x: torch.Tensor, t):
         """(D [M, d], L [M]) over the whole sharded cloud, identical on every rank (MATH.md §5)."""
@@ -154,17 +176,10 @@ class ShardedPointCloud(Denoiser):
     def _posterior(self, x, t):
         alpha, sig2 = _coeffs(self.process, t, x)
         c = alpha * alpha * self.bandwidth + sig2
-        ybar, L = self.merge(self.partial(x, alpha, c), x.shape[0], x.device)
+        ybar, L = self._merged(x, alpha, c)
         return _affine_D(ybar, x, alpha, c, self.bandwidth).to(x.dtype), L.to(x.dtype)
 
     def predict(self, x, t):
         # the sampler's per-step call: no second scan of x here (ops.posterior checks it), so the step adds no
-        # host sync of its own to the fused call and the all_reduces
+        # host sync of its own to the fused call and the all_reduces (float32: one, to find rows to redo)
         return self._posterior(x, t)[0]
-
-    def log_prob(self, x: torch.Tensor, t) -> torch.Tensor:
-        """log p_t(x) = L − (d/2) log(2π c_t), c_t = α²v + σ²."""
-        _, L = self.posterior(x, t)
-        alpha, sig2 = _coeffs(self.process, t, x)
-        c = (alpha * alpha * self.bandwidth + sig2).view(-1)
-        return (L.to(torch.float64) - 0.5 * self.dim * torch.log(2 * math.pi * c)).to(x.dtype)
