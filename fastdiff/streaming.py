@@ -173,11 +173,15 @@ class StreamingPointCloud(_Cloud):
             live = torch.isfinite(self.log_weights).cpu()
             bounds = [(s, e) for s, e in bounds if bool(live[s:e].any())]
         self._weighted_bounds = bounds
+        self._absmax = None            # max|y|, for the float32 merge's redo test (merge.float64_redo)
         if check:
+            absmax = 0.0
             for start, chunk in self._chunks():
                 if not bool(torch.isfinite(chunk).all()):
                     bad = start + int((~torch.isfinite(chunk)).any(1).nonzero()[0])
                     raise ValueError(f"data contains NaN or inf (row {bad})")
+                absmax = max(absmax, float(chunk.abs().max()))
+            self._absmax = absmax
 
     def _log_weights(self, weights):
         w = torch.as_tensor(np.asarray(weights) if not isinstance(weights, torch.Tensor) else weights,
@@ -254,18 +258,20 @@ class StreamingPointCloud(_Cloud):
     def _merged(self, x, alpha, c):
         """(ȳ [M, d], L [M]) in float64: one pass over the chunks, then a second, in float64, for the float32 rows
         whose merge float32's L cannot resolve (fastdiff.distributed.merge.F32_MERGE_LIMIT)."""
-        ybar, m, s = self._online(x, alpha, c)
-        redo = float64_redo(x, m, s)
+        ybar, m, s, q = self._online(x, alpha, c)
+        redo = float64_redo(x, ybar, m, s, q, self._absmax)
         if redo is not None:
-            y2, m2, s2 = self._online(x[redo].to(torch.float64), take_rows(alpha, redo), take_rows(c, redo))
+            y2, m2, s2, _ = self._online(x[redo].to(torch.float64), take_rows(alpha, redo), take_rows(c, redo))
             ybar, m, s = ybar.index_copy(0, redo, y2), m.index_copy(0, redo, m2), s.index_copy(0, redo, s2)
         return ybar, m + s.log()
 
     def _online(self, x, alpha, c):
-        """ȳ, m = max_c L_c and s = Σ_c e^{L_c − m}, float64, merged chunk by chunk."""
+        """ȳ, m = max_c L_c, s = Σ_c e^{L_c − m} and q = Σ_c e^{L_c − m}·ȳ_c² (per coordinate), float64, merged
+        chunk by chunk."""
         M = x.shape[0]
         m = torch.full((M,), -math.inf, dtype=torch.float64, device=x.device)
         s = torch.zeros(M, dtype=torch.float64, device=x.device)
+        q = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device)
         acc = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device)
         for start, chunk in self._chunks(self._weighted_bounds):
             lw = None if self.log_weights is None else self.log_weights[start:start + chunk.shape[0]]
@@ -273,6 +279,7 @@ class StreamingPointCloud(_Cloud):
             new_m = torch.maximum(m, L_c)
             keep, add = torch.exp(m - new_m), torch.exp(L_c - new_m)
             s = s * keep + add
+            q.mul_(keep.unsqueeze(1)).add_(ybar_c * ybar_c * add.unsqueeze(1))
             acc.mul_(keep.unsqueeze(1)).add_(ybar_c * add.unsqueeze(1))
             m = new_m
-        return acc / s.unsqueeze(1), m, s
+        return acc / s.unsqueeze(1), m, s, q

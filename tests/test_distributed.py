@@ -281,8 +281,8 @@ def test_float32_merge_redoes_only_rows_that_need_it(monkeypatch):
     picked = []
     real = merge.float64_redo
 
-    def spy(x, m, s):
-        idx = real(x, m, s)
+    def spy(x, *merged):
+        idx = real(x, *merged)
         picked.append(None if idx is None else idx.tolist())
         return idx
     monkeypatch.setattr("fastdiff.streaming.float64_redo", spy)

@@ -6,12 +6,13 @@ import torch
 from .. import ops
 
 # A float32 query's parts come back with L_c rounded to float32 (up to 2^-24·|L_c| off), and the merge weights
-# e^{L_c − L} carry that as a relative error: nothing when one part holds a row's mass, but a query far from the
-# data at small σ has |L| of 1e4..1e7 with its mass split between parts, and D could move by a third of max|y|.
-# First order, D moves by at most ~2^-21·|L|·(1 − 1/s)·max|y| (1/s = Σ_c e^{L_c − max L_c}⁻¹ is the largest
-# part's share), so rows with |L|·(1 − 1/s) above this limit are recomputed in float64: the bound then stays
-# near MATH.md §7's 1e-4·max|y| (and typical errors, of random sign, far below it).
-F32_MERGE_LIMIT = 256.0
+# e^{L_c − L} carry that as a relative error. To first order coordinate j of D moves by at most
+#   2^-23 · max_c |L_c| · sqrt(Σ_c w_c (ȳ_cj − ȳ_j)²)       (w_c = e^{L_c − L}, the parts' shares; Jensen)
+# nothing when one part holds a row's mass or the parts agree, but a query far from the data at small σ has |L|
+# of 1e4..1e7 with its mass split between distant parts, and D could move by a third of max|y|. Rows whose bound
+# (doubled, with 64 nats for the parts below the top one) exceeds this fraction of max|y| are recomputed from
+# float64 parts, so the merge stays within MATH.md §7's 1e-4·max|y|.
+F32_MERGE_TOL = 5e-5
 
 
 def merge_partials(parts):
@@ -43,12 +44,15 @@ def local_posterior(x, data, alpha, c, log_weights, backend):
     return L.to(torch.float64), ybar.to(torch.float64)
 
 
-def float64_redo(x, m, s):
+def float64_redo(x, ybar, m, s, q, ymax):
     """The rows (an index tensor, or None) of a float32 query x whose merge must be redone in float64, from the
-    merged m = max_c L_c and s = Σ_c e^{L_c − m} (float64, identical on every rank). One host read."""
+    merged ȳ [M, d], m = max_c L_c, s = Σ_c e^{L_c − m} and q = Σ_c e^{L_c − m}·ȳ_c² [M, d] (float64, identical
+    on every rank). ymax: max|y| over the data, or None (then |ȳ|∞, a lower bound, per row). One host read."""
     if x.dtype != torch.float32 or x.shape[0] == 0:
         return None
-    idx = (m.abs() * (1 - 1 / s) > F32_MERGE_LIMIT).nonzero().view(-1)
+    spread = (q / s.unsqueeze(1) - ybar * ybar).amax(1).clamp_min(0).sqrt()     # max_j sqrt(Σ_c w_c (ȳ_cj − ȳ_j)²)
+    scale = ybar.abs().amax(1) if ymax is None else ymax
+    idx = (2**-22 * (m.abs() + 64) * spread > F32_MERGE_TOL * scale).nonzero().view(-1)
     return idx if idx.numel() else None
 
 

@@ -23,7 +23,7 @@ def _expected_device(group):
 
 def _shard_summary(shard, weights, bandwidth, process, expected):
     """What every rank tells the others about its input (computed without raising)."""
-    s = {"problems": [], "d": None, "dtype": None, "device": None, "rows": 0, "weight_sum": 0.0,
+    s = {"problems": [], "d": None, "dtype": None, "device": None, "rows": 0, "weight_sum": 0.0, "absmax": 0.0,
          "weighted": weights is not None, "bandwidth": bandwidth, "process": repr(process)}
     if not isinstance(shard, torch.Tensor) or shard.ndim != 2 or not shard.is_floating_point():
         s["problems"].append("shard must be a floating tensor [N_r, d], got "
@@ -36,6 +36,8 @@ def _shard_summary(shard, weights, bandwidth, process, expected):
         return s
     if shard.shape[0] and not bool(torch.isfinite(shard).all()):
         s["problems"].append("shard contains NaN or inf")
+    elif shard.shape[0]:
+        s["absmax"] = float(shard.abs().max())
     if weights is not None:
         w = (torch.as_tensor(weights, dtype=torch.float64, device=shard.device)
              if not isinstance(weights, torch.Tensor) else weights.to(dtype=torch.float64))
@@ -87,7 +89,7 @@ class ShardedPointCloud(_Cloud):
     Every rank of `group` builds it with its own shard [N_r, d] (N_r may be 0) and the same process,
     bandwidth and the presence of weights; weights [N_r] are this shard's (normalised over all ranks).
     Every rank must then query the same points x (fd.sample does this when every rank runs the same call):
-    each call is one local fused posterior and two all_reduces (MAX of [M], SUM of [M, d+1] in float64).
+    each call is one local fused posterior and two all_reduces (MAX of [M], SUM of [M, 2d+1] in float64).
     timeout: seconds (or timedelta) for each collective; None uses the process group's timeout.
     backend: the fastdiff backend of the local fused call ("auto", "cpu", "cuda", "triton", "torch").
     `data` is this rank's shard; `rows` the global number of points.
@@ -112,6 +114,7 @@ class ShardedPointCloud(_Cloud):
             raise (TypeError if only_dtype else ValueError)(f"ShardedPointCloud (seen from rank {self.rank}): {text}")
         self.bandwidth, self.dim = bandwidth, summaries[0]["d"]
         self.rows = sum(s["rows"] for s in summaries)
+        self._absmax = max(s["absmax"] for s in summaries)     # max|y| over every shard (merge.float64_redo)
         self.log_weights = None
         if weights is not None:
             total = sum(s["weight_sum"] for s in summaries)     # rank order: the same sum on every rank
@@ -132,22 +135,24 @@ class ShardedPointCloud(_Cloud):
 
     def merge(self, part, M: int, device):
         """(ȳ [M, d], L [M]) float64 over every rank: all_reduce MAX of L_r, then SUM of e^{L_r − m}·[ȳ_r, 1]."""
-        ybar, m, s = self._reduce(part, M, device)
+        ybar, m, s, _ = self._reduce(part, M, device)
         return ybar, m + s.log()
 
     def _reduce(self, part, M: int, device):
-        """ȳ, m = max_r L_r and s = Σ_r e^{L_r − m} (float64, identical on every rank): the two all_reduces."""
+        """ȳ, m = max_r L_r, s = Σ_r e^{L_r − m} and q = Σ_r e^{L_r − m}·ȳ_r² [M, d] (float64, identical on every
+        rank): the two all_reduces."""
         d = self.dim
         m = torch.full((M,), -math.inf, dtype=torch.float64, device=device) if part is None else part[0].clone()
         _all_reduce(m, dist.ReduceOp.MAX, self.group, self.timeout, "the posterior's all_reduce(MAX)", self.rank)
-        buf = torch.zeros(M, d + 1, dtype=torch.float64, device=device)
+        buf = torch.zeros(M, 2 * d + 1, dtype=torch.float64, device=device)
         if part is not None:
             scale = torch.exp(part[0] - m)
             torch.mul(part[1], scale.unsqueeze(1), out=buf[:, :d])
             buf[:, d] = scale
+            torch.mul(part[1] * part[1], scale.unsqueeze(1), out=buf[:, d + 1:])
         _all_reduce(buf, dist.ReduceOp.SUM, self.group, self.timeout, "the posterior's all_reduce(SUM)", self.rank)
         s = buf[:, d]
-        return buf[:, :d] / s.unsqueeze(1), m, s
+        return buf[:, :d] / s.unsqueeze(1), m, s, buf[:, d + 1:]
 
     def _merged(self, x, alpha, c):
         """(ȳ, L) float64 over every rank; float32 rows whose merge float32's L cannot resolve are merged again
@@ -156,11 +161,11 @@ class ShardedPointCloud(_Cloud):
         if torch.is_grad_enabled() and (x.requires_grad or self.data.requires_grad):
             raise ValueError("ShardedPointCloud has no backward (its all_reduces are outside autograd): call it "
                              "under torch.no_grad(), or use PointCloud / StreamingPointCloud for gradients")
-        ybar, m, s = self._reduce(self.partial(x, alpha, c), x.shape[0], x.device)
-        redo = float64_redo(x, m, s)
+        ybar, m, s, q = self._reduce(self.partial(x, alpha, c), x.shape[0], x.device)
+        redo = float64_redo(x, ybar, m, s, q, self._absmax)
         if redo is not None:
             xr = x[redo].to(torch.float64)
-            y2, m2, s2 = self._reduce(self.partial(xr, take_rows(alpha, redo), take_rows(c, redo)), xr.shape[0],
+            y2, m2, s2, _ = self._reduce(self.partial(xr, take_rows(alpha, redo), take_rows(c, redo)), xr.shape[0],
                                       x.device)
             ybar, m, s = ybar.index_copy(0, redo, y2), m.index_copy(0, redo, m2), s.index_copy(0, redo, s2)
         return ybar, m + s.log()
