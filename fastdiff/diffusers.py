@@ -12,7 +12,7 @@ With method="dpmpp_2m" it is DPMSolverMultistepScheduler(algorithm_type="dpmsolv
 order on the first step and (lower_order_final, euler_at_final or final_sigmas_type="zero") on the last. Not bit-exact:
 diffusers forms every coefficient as a float32 tensor from float32 σ's (α_t, σ_t, λ_t, e^{−h} all rounded in
 float32), while fastdiff forms each in float64 once and rounds only the final coefficient, so the two differ by
-float32 coefficient rounding (measured ~1e-7 relative after 10 steps of a UNet; tested ≤ 1e-6; up to ~4e-6
+float32 coefficient rounding (measured ~1e-7 relative after 10 steps of a UNet; tested ≤ 1e-6; up to ~5e-6
 on the beta grid, whose steps are large).
 
 Two-stage methods (heun, dpm_2, dpm_2_ancestral, dpmpp_2s_ancestral, dpmpp_sde) evaluate the model twice per
@@ -23,14 +23,15 @@ offered here: it adds noise before the model call, which a scheduler's step() ca
 
 Noise (ancestral and SDE methods) follows fastdiff's counter-based contract: row i of the batch is sample i,
 its noise at step k depends only on (seed, i, k) (batch-invariant). The seed is the config's `seed` if set;
-else one 64-bit seed drawn from the `generator` given to the first step() of a run (a list of generators gives
-each row its own seed, with sample index 0); else one drawn from torch's default generator. A stock pipeline
-draws its latents from its generator before the first step(), by as much as the batch needs, so only `seed`
-(or a list of generators) makes the noise independent of the batch size.
+else one 63-bit seed (in [0, 2**63 − 1)) drawn from the `generator` given to the first step() of a run (a list
+of generators gives each row its own seed, with sample index 0); else one drawn from torch's default generator.
+A stock pipeline draws its latents from its generator before the first step(), by as much as the batch needs,
+so only `seed` (or a list of generators) makes the noise independent of the batch size.
 """
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Mapping
 
@@ -68,6 +69,10 @@ NOT_SCHEDULER_OPTIONS = {
 }
 # methods whose history is past D's, so a first-order step is the row collapsed onto D_0 (its B's sum to E)
 _D_HISTORY = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde")
+# float32 ulps within which a spaced grid's last σ̃ counts as σ_min repeated, for two-stage methods (see _build):
+# the λ grid's exp of float32 logs lands 1 ulp off σ_min, while a real last step is over 1e-3 relative (measured
+# on every flagged grid up to 3000 steps), far outside 4 ulps (2.4e-7)
+_ULPS_AT_SIGMA_MIN = 4
 
 
 def _check_output(model_output, sample, variance_type):
@@ -85,13 +90,20 @@ def _check_output(model_output, sample, variance_type):
 
 def _refuse_non_vp(config):
     """A flow-matching (FlowMatch*: `shift`) or EDM (EDM*, consistency models: `sigma_data`) scheduler's config:
-    not diffusers' beta (VP) schedule this scheduler runs, so refused, naming what gave it away."""
+    not diffusers' beta (VP) schedule this scheduler runs, so refused, naming what gave it away. So is an
+    EulerDiscreteScheduler config with timestep_type='continuous' and v_prediction: its model is conditioned on
+    c_noise = 0.25 log σ̃ (EDM's), not on the training timestep this scheduler passes."""
     name = str(config.get("_class_name") or "")
     key = next((k for k in ("shift", "sigma_data") if k in config), None)
     if name.startswith(("FlowMatch", "EDM")) or key is not None:
         what = f"{name}'s config" if name else f"a config with {key!r}"
         raise ValueError(f"{what} is a flow-matching or EDM schedule, not a beta (VP) schedule: FastdiffScheduler "
                          f"runs diffusers' VP schedules only (fastdiff.k_diffusion runs any σ grid)")
+    # EulerDiscreteScheduler uses continuous timesteps only with v_prediction (else the integer ones, as here)
+    if config.get("timestep_type") == "continuous" and config.get("prediction_type") == "v_prediction":
+        raise ValueError("timestep_type='continuous' (with prediction_type='v_prediction'): the model takes EDM's "
+                         "continuous timestep 0.25·log σ̃, not a training timestep; FastdiffScheduler calls the model "
+                         "with diffusers' VP training timesteps only (fastdiff.k_diffusion runs an EDM-style model)")
 
 
 def _log_alpha_vp(sigma_tilde: torch.Tensor) -> torch.Tensor:
@@ -111,10 +123,14 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
     all as diffusers applies them. Superseded by `method`: algorithm_type and solver_order (the source
     scheduler's own method), and solver_type except for dpmpp_2m_sde (fastdiff's dpmpp_2m is the midpoint 2M;
     solver_type='heun' with it is refused). Refused: flow matching (use_flow_sigmas, use_dynamic_shifting,
-    prediction_type='flow_prediction'; flow_shift and time_shift_type only act with them).
+    prediction_type='flow_prediction'; flow_shift and time_shift_type only act with them), and an Euler config's
+    timestep_type='continuous' with v_prediction (EDM's timestep input). An Euler config's sigma_min / sigma_max
+    bound the Karras, exponential and beta grids, as in DPMSolverMultistepScheduler.
 
     fastdiff's own keys: method, its options (eta, s_noise, solver_type, lms_order (k-diffusion's `order` of
-    sample_lms), r; None = k-diffusion's default), seed, and diffusers_rounding (dpmpp_2m only: form the
+    sample_lms), r; None = k-diffusion's default; solver_type defaults to 'midpoint', k-diffusion's and
+    DPMSolverMultistepScheduler's default, and None is stored as 'midpoint'), seed (an integer in [0, 2**64), a
+    numpy integer included), and diffusers_rounding (dpmpp_2m only: form the
     coefficients in float32 as DPMSolverMultistepScheduler does, for results within float32 op rounding of it;
     default False: exact float64 coefficients).
     """
@@ -125,20 +141,26 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
         """diffusers' from_config, with three checks it does not make: a flow-matching or EDM scheduler's config
-        is refused (it is not a beta schedule, and its keys would be dropped with at most a warning); a k-diffusion
-        option name the scheduler does not take (s_churn, order, ...) is refused instead of ignored; and a new
-        `method` given over a FastdiffScheduler's config drops the old method's options (eta, r, ...)."""
+        (or an Euler one with continuous v_prediction timesteps) is refused (it is not a beta schedule, and its keys
+        would be dropped with at most a warning); a k-diffusion option name the scheduler does not take (s_churn,
+        order, ...) is refused instead of ignored, as a keyword or as a config key (also from_pretrained's); and a
+        new `method` given over a FastdiffScheduler's config drops the old method's options (eta, r, ...)."""
         if config is None and "pretrained_model_name_or_path" in kwargs:       # diffusers' deprecated forms
             config = kwargs.pop("pretrained_model_name_or_path")
         if isinstance(config, (str, os.PathLike)):
             config = cls.load_config(config)
+        given = dict(kwargs)
         if isinstance(config, Mapping):
-            _refuse_non_vp(config)
+            _refuse_non_vp({**config, **kwargs})
             switched = "method" in kwargs and "method" in config and kwargs["method"] != config["method"]
             if switched:
                 config = {k: v for k, v in config.items() if k not in METHOD_KEYS}
+            # the config's keys are settings too (a mapping, or the scheduler_config.json from_pretrained read),
+            # but not those the source scheduler left at their defaults, which diffusers drops itself
+            defaults = set(config.get("_use_default_values") or ())
+            given = {**{k: v for k, v in config.items() if k not in defaults}, **kwargs}
         for name, why in NOT_SCHEDULER_OPTIONS.items():
-            if name in kwargs:
+            if name in given:
                 raise ValueError(f"{name}: {why}")
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
@@ -147,7 +169,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                  beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                  timestep_spacing: str = "linspace", steps_offset: int = 0, use_karras_sigmas: bool = False,
                  final_sigmas_type: str = "zero", lower_order_final: bool = True, method: str = "dpmpp_2m",
-                 eta: float | None = None, s_noise: float | None = None, solver_type: str | None = None,
+                 eta: float | None = None, s_noise: float | None = None, solver_type: str = "midpoint",
                  lms_order: int | None = None, r: float | None = None, seed: int | None = None,
                  diffusers_rounding: bool = False,
                  # the rest of DPMSolverMultistepScheduler's keys, so that from_config keeps them (see SUPERSEDED)
@@ -183,6 +205,11 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                              f"got {algorithm_type!r}")
         if solver_type not in (None,) + SOLVER_TYPES:
             raise ValueError(f"solver_type must be None or one of {', '.join(SOLVER_TYPES)}, got {solver_type!r}")
+        if solver_type is None:
+            # stored as DPMSolverMultistepScheduler's default (the same variant): a saved null would make the config
+            # unloadable by DPMSolverMultistep, UniPC, DEIS and DPMSolverSinglestep, which refuse None
+            solver_type = "midpoint"
+            self.register_to_config(solver_type=solver_type)
         if use_beta_sigmas:
             try:
                 import scipy.stats  # noqa: F401
@@ -193,8 +220,15 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                              f"got {dynamic_thresholding_ratio}")
         if thresholding and not sample_max_value > 0:
             raise ValueError(f"sample_max_value must be > 0, got {sample_max_value}")
-        if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**64):
-            raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
+        if seed is not None:
+            try:        # an int or a numpy integer (operator.index); not a bool, which would pass as 0 or 1
+                as_int = None if isinstance(seed, (bool, np.bool_)) else operator.index(seed)
+            except TypeError:
+                as_int = None
+            if as_int is None or not 0 <= as_int < 2**64:
+                raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
+            if type(seed) is not int:         # a plain int in the config, so that save_config can write it
+                self.register_to_config(seed=as_int)
         if diffusers_rounding and method != "dpmpp_2m":
             raise ValueError(f"diffusers_rounding reproduces DPMSolverMultistepScheduler's float32 coefficients: "
                              f"it needs method='dpmpp_2m', got {method!r}")
@@ -225,7 +259,7 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         if st is not None and "solver_type" not in allowed:
             if self.config.method == "dpmpp_2m" and st == "heun":
                 raise ValueError("solver_type='heun': DPMSolverMultistepScheduler's heun variant of 2M is not "
-                                 "offered; method 'dpmpp_2m' is its midpoint variant (pass solver_type=None)")
+                                 "offered; method 'dpmpp_2m' is its midpoint variant (pass solver_type='midpoint')")
             del given["solver_type"]
         elif st in ("logrho", "bh1", "bh2"):          # DEIS / UniPC names, which diffusers maps to midpoint
             given["solver_type"] = "midpoint"
@@ -261,18 +295,36 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
 
     def set_timesteps(self, num_inference_steps: int = None, device=None, timesteps=None, sigmas=None):
-        """Build the grid (as DPMSolverMultistepScheduler does) and the method's table on it, once."""
+        """Build the grid (as DPMSolverMultistepScheduler does) and the method's table on it, once.
+
+        `sigmas` (σ̃'s, decreasing): a list ending in 0, or in the config's final σ̃ (the training σ_min with
+        final_sigmas_type="sigma_min"), is the whole grid, final σ̃ included, as EulerDiscreteScheduler and
+        diffusers' AysSchedules take it: len(sigmas) − 1 steps. Any other list is the σ̃ of each step's first
+        call, and the config's final σ̃ is appended (DPMSolverMultistepScheduler's convention): len(sigmas) steps.
+        """
         n_train = self.config.num_train_timesteps
         if timesteps is not None and (sigmas is not None or num_inference_steps is not None):
             other = "sigmas" if sigmas is not None else "num_inference_steps"
             raise ValueError(f"pass one of num_inference_steps, timesteps and sigmas (as diffusers' schedulers "
                              f"refuse), got timesteps with {other}")
-        if sigmas is not None and num_inference_steps is not None and int(num_inference_steps) != len(sigmas):
-            raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with the {len(sigmas)} sigmas given")
         train_sigmas = self._train_sigmas()
         log_sigmas = np.log(train_sigmas)
+        last = train_sigmas[0] if self.config.final_sigmas_type == "sigma_min" else 0.0
+        whole = False           # the given sigmas hold the final σ̃ too
         if sigmas is not None:
             grid = np.asarray(sigmas, dtype=np.float64)
+            if grid.ndim != 1 or len(grid) < 1:
+                raise ValueError(f"sigmas must be a 1-d list of σ̃'s, got {sigmas!r}")
+            # compared in float32, the precision the grid is kept in (a float32 σ_min read back as a float matches)
+            whole = bool(grid[-1] == 0.0 or np.float32(grid[-1]) == np.float32(last))
+            if whole:
+                if len(grid) < 2:
+                    raise ValueError(f"sigmas ending in the final σ̃ {float(grid[-1])!r} must hold at least one step "
+                                     f"(two values), got {sigmas!r}")
+                grid, last = grid[:-1], grid[-1]
+            if num_inference_steps is not None and int(num_inference_steps) != len(grid):
+                raise ValueError(f"num_inference_steps={num_inference_steps} disagrees with the {len(grid)} steps of "
+                                 f"the {len(sigmas)} sigmas given" + (" (the last is the final σ̃)" if whole else ""))
             steps_t = _sigma_to_t(grid, log_sigmas)
         elif timesteps is not None:          # integers, or fractional ones (HeunDiscreteScheduler's spacing)
             flags = self._grid_flags()
@@ -290,7 +342,6 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
             n = int(num_inference_steps)
             grid, steps_t = self._spaced_grid(n, train_sigmas, log_sigmas)
-        last = train_sigmas[0] if self.config.final_sigmas_type == "sigma_min" else 0.0
         # float32 like diffusers' own σ's, so both schedulers run the same grid
         full = np.concatenate([grid, [last]]).astype(np.float32)
         self.sigmas = torch.from_numpy(full)
@@ -311,6 +362,10 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         if self._grid_flags():
             lo, hi = float(train_sigmas[0]), float(train_sigmas[-1])
+            # as DPMSolverMultistepScheduler: a config's own sigma_min / sigma_max (an EulerDiscreteScheduler's,
+            # kept by from_config) bound the Karras, exponential and beta grids when set (the λ grid ignores them)
+            lo = lo if cfg.get("sigma_min") is None else float(cfg["sigma_min"])
+            hi = hi if cfg.get("sigma_max") is None else float(cfg["sigma_max"])
             if cfg.use_karras_sigmas:
                 grid = _karras(hi, lo, n)
             elif cfg.use_lu_lambdas:  # uniform in λ = −log σ̃ (Lu et al., 2022), from diffusers' float32 logs
@@ -343,9 +398,19 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         sig = self.sigmas[start:]
         # Karras σ's with final_sigmas_type="sigma_min" end on a repeated σ: diffusers' last step is then h = 0,
         # an identity step (the model is still called); the table covers the steps before it
-        # (Lu σ's are exp of float32 logs: the last may round one ulp above σ_min, a step of h ≈ −1e-7 in diffusers)
+        # (Lu σ's are exp of float32 logs: the grid's last may round one ulp below σ_min, a step of h ≈ −1e-7 in
+        # diffusers, taken here as that identity step; so is a config's sigma_min below the training σ_min, from
+        # which diffusers steps back up to σ_min: a table's σ's only decrease)
         self._identity_last = len(sig) >= 2 and (float(sig[-1]) == float(sig[-2]) or (
             self._spaced and self.config.final_sigmas_type == "sigma_min" and float(sig[-1]) > float(sig[-2])))
+        # ... or one ulp above it (SD's betas), a step of h ≈ 1e-7 that a two-stage method would spend two model
+        # calls on: for those, a last grid σ within a few float32 ulps of σ_min is the repeated σ, so they make
+        # 2n − 1 calls as on the Karras grid. Single-stage methods keep diffusers' tiny step (one call either way,
+        # and diffusers_rounding stays bit for bit DPMSolverMultistepScheduler's run)
+        if (len(sig) >= 2 and not self._identity_last and self._spaced and self._grid_flags()
+                and self.config.final_sigmas_type == "sigma_min" and self.order == 2):
+            ulp = float(np.spacing(np.float32(float(sig[-1]))))
+            self._identity_last = abs(float(sig[-2]) - float(sig[-1])) <= _ULPS_AT_SIGMA_MIN * ulp
         if self._identity_last:
             sig = sig[:-1]
         if len(sig) >= 2:
@@ -388,27 +453,34 @@ class FastdiffScheduler(SchedulerMixin, ConfigMixin):
         return sample
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """α_t x_0 + σ_t ε. After set_timesteps, as diffusers: at the σ̃ of the run's next model call (step_index,
-        else begin_index, else the call each timestep begins in `timesteps`; a two-stage method's second call is at
-        its stage's σ̃), which is not the training σ̃ at the
-        timestep on grids off the training timesteps (Karras, exponential, beta, Lu); other timesteps, and any
-        before set_timesteps, at the training σ̃ (interpolated for fractional ones)."""
+        """α_t x_0 + σ_t ε. After set_timesteps, with DPMSolverMultistepScheduler's precedence: without a
+        begin_index, each row at the σ̃ of the call its timestep begins in `timesteps` (a two-stage method's
+        fractional stage timestep: its stage's σ̃); with one (img2img, inpainting), every row at the σ̃ of the
+        run's next model call (step_index, else begin_index; after a stage call, the stage's σ̃). That is not the
+        training σ̃ at the timestep on grids off the training timesteps (Karras, exponential, beta, Lu); timesteps
+        not in `timesteps`, and any before set_timesteps, are at the training σ̃ (interpolated for fractional ones).
+        """
         t = torch.as_tensor(timesteps).detach().to("cpu", torch.float64).reshape(-1)
         train = np.interp(t.numpy(), np.arange(0, self.config.num_train_timesteps), self._train_sigmas())
         s = torch.tensor(train, dtype=torch.float64)
         if self.num_inference_steps is not None:
             plan = self._full_plan
-            fixed = self._step_index if self._step_index is not None else self._begin_index
+            # diffusers: a begin_index means a pipeline that noises to the run's own position (its next call);
+            # without one, the timesteps given are the positions (differential img2img, per-row timesteps)
+            fixed = None if self._begin_index is None else \
+                self._step_index if self._step_index is not None else self._begin_index
             for j, tj in enumerate(t.tolist()):
                 i = fixed if fixed is not None else self._index_of(tj)
                 if i is not None and i < len(plan):
                     s[j] = self._call_sigmas[i]
-        # α and σ formed in the sample's dtype from σ̃, as diffusers forms them
-        s = s.to(original_samples.dtype)
+        # α and σ formed from σ̃ in the sample's dtype, as diffusers forms them; for a 16-bit sample in float32,
+        # then rounded: σ̃² overflows float16 from σ̃ ≈ 256 (zero-terminal-SNR's σ̃ = 4096 would give α = σ = 0)
+        dtype = original_samples.dtype
+        s = s.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
         alpha = 1 / ((s ** 2 + 1) ** 0.5)
         sig = s * alpha
         shape = (-1,) + (1,) * (original_samples.ndim - 1)
-        alpha, sig = (v.to(original_samples.device).reshape(shape) for v in (alpha, sig))
+        alpha, sig = (v.to(original_samples.device, dtype).reshape(shape) for v in (alpha, sig))
         return alpha * original_samples + sig * noise
 
     # ------------------------------------------------------------------------------------------ step

@@ -4,14 +4,18 @@ With method="dpmpp_2m" it matches DPMSolverMultistepScheduler(algorithm_type="dp
 1e-6 relative in float32 (not bit for bit: diffusers rounds every coefficient, λ included, in float32; see the
 module docstring); every other method runs in the same loops, two-stage ones with two calls per step.
 """
+import json
 import math
 import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'fastdiff[diffusers]')")
 
+import fastdiff.diffusers as FD  # noqa: E402
 import fastdiff.methods as M  # noqa: E402
 from fastdiff.diffusers import FastdiffScheduler  # noqa: E402
 
@@ -36,7 +40,6 @@ class GaussianEps:
         self.prediction_type, self.m, self.v = prediction_type, m, v
 
     def __call__(self, x, t, class_labels=None):
-        import numpy as np
         s = float(np.interp(float(t), np.arange(len(self.sig)), self.sig))
         alpha, sigma = 1 / math.sqrt(1 + s * s), s / math.sqrt(1 + s * s)
         eps = sigma * (x - alpha * self.m) / (alpha * alpha * self.v + sigma * sigma)
@@ -576,3 +579,279 @@ def test_a_sample_predicting_model_may_return_one_output_buffer(method):
             return types.SimpleNamespace(sample=buf.copy_(out) if static else out)
         runs.append(ddpm_loop(call, s, 6, batch=2))
     assert torch.equal(runs[0], runs[1])
+
+
+# ------------------------------------------------------------------ review of the scheduler (items 1-10)
+
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+class Counted:
+    """A model that counts its calls (a two-stage method's call count is the claim under test)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, t, class_labels=None):
+        self.calls += 1
+        return self.model(x, t, class_labels=class_labels)
+
+
+def test_a_saved_config_loads_back_into_diffusers_solver_schedulers(tmp_path):
+    """solver_type defaults to 'midpoint' (DPMSolverMultistepScheduler's default, the variant dpmpp_2m is) and
+    None is stored as 'midpoint': a saved null is refused by DPMSolverMultistep, UniPC, DEIS and DPMSolverSinglestep,
+    so swapping back after save_pretrained, or after a pipeline reload, would raise."""
+    want = {"DPMSolverMultistepScheduler": "midpoint", "UniPCMultistepScheduler": "bh2",   # each one's own name
+            "DEISMultistepScheduler": "logrho", "DPMSolverSinglestepScheduler": "midpoint"}
+    for given in ({}, {"solver_type": None}):
+        s = FastdiffScheduler.from_config(base_config(), method="heun", **given)
+        assert s.config.solver_type == "midpoint"
+        folder = tmp_path / f"s{len(given)}"
+        s.save_pretrained(folder)
+        reloaded = FastdiffScheduler.from_pretrained(folder)
+        assert reloaded.config.solver_type == "midpoint" and reloaded.config.method == "heun"
+        for name, solver_type in want.items():
+            cls = getattr(diffusers, name)
+            assert cls.from_pretrained(folder).config.solver_type == solver_type, name
+            assert cls.from_config(reloaded.config).config.solver_type == solver_type, name
+    # an older saved config holding null loads as 'midpoint'
+    path = tmp_path / "s1" / "scheduler_config.json"
+    cfg = json.loads(path.read_text())
+    path.write_text(json.dumps({**cfg, "solver_type": None}))
+    old = FastdiffScheduler.from_pretrained(tmp_path / "s1")
+    assert old.config.solver_type == "midpoint"
+    assert diffusers.DPMSolverMultistepScheduler.from_config(old.config).config.solver_type == "midpoint"
+    # midpoint is also k-diffusion's default for dpmpp_2m_sde, the one method it applies to
+    assert FastdiffScheduler.from_config(base_config(), method="dpmpp_2m_sde")._options["solver_type"] == "midpoint"
+    with pytest.raises(ValueError, match=r"pass solver_type='midpoint'\)$"):
+        FastdiffScheduler.from_config(base_config(), method="dpmpp_2m", solver_type="heun")
+
+
+def test_add_noise_mid_run_without_begin_index_looks_up_each_timestep():
+    """As DPMSolverMultistepScheduler: with no begin_index each row is noised at its own timestep's σ̃ (differential
+    img2img, per-row timesteps), also mid-run; with one, every row at the run's next call (inpainting)."""
+    ref, ours = pair()
+    model = GaussianEps(ours)
+    x0 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    for begin in (False, True):
+        got = []
+        for sch in (ref, ours):
+            sch.set_timesteps(10)
+            if begin:
+                sch.set_begin_index(0)
+            x = z.clone()
+            for t in sch.timesteps[:3]:
+                x = sch.step(model(x, t).sample, t, x).prev_sample
+            assert sch.step_index == 3 and (sch.begin_index is not None) == begin
+            got.append(sch.add_noise(x0, z, sch.timesteps[[0, 5, 8]]))
+        assert torch.equal(got[0], got[1]), begin
+        sig = ours.sigmas[[3, 3, 3] if begin else [0, 5, 8]]
+        alpha = (1 / (sig ** 2 + 1) ** 0.5).view(-1, 1, 1, 1)
+        assert torch.equal(got[1], alpha * x0 + sig.view(-1, 1, 1, 1) * alpha * z), begin
+    # a two-stage method's fractional stage timestep is looked up as its stage call: at the stage's σ̃
+    s = FastdiffScheduler.from_config(base_config(), method="dpm_2")
+    s.set_timesteps(5)
+    x = x0[:1].clone()
+    for t in s.timesteps[:3]:
+        x = s.step(GaussianEps(s)(x, t).sample, t, x).prev_sample
+    assert not float(s.timesteps[1]).is_integer()
+    sig = torch.tensor(s._table.lists()["t_u"][0], dtype=torch.float32)
+    alpha = 1 / (sig ** 2 + 1) ** 0.5
+    assert torch.equal(s.add_noise(x0[:1], z[:1], s.timesteps[1:2]), alpha * x0[:1] + sig * alpha * z[:1])
+
+
+@pytest.mark.parametrize("grid", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"])
+def test_an_euler_configs_sigma_min_and_max_bound_the_grid(grid):
+    """An EulerDiscreteScheduler config's sigma_min / sigma_max (kept by from_config) bound the Karras,
+    exponential and beta grids, as DPMSolverMultistepScheduler applies them (the λ grid ignores them there too):
+    the same σ's and timesteps, and with diffusers_rounding the same samples bit for bit."""
+    if grid == "use_beta_sigmas":
+        pytest.importorskip("scipy")
+    cfg = diffusers.EulerDiscreteScheduler(**SD_BETAS, sigma_min=0.1, sigma_max=10.0).config
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg, **{grid: True})
+    ours = FastdiffScheduler.from_config(cfg, diffusers_rounding=True, **{grid: True})
+    assert ours.config.sigma_min == 0.1 and ours.config.sigma_max == 10.0
+    model = GaussianEps(ours)
+    for n in (6, 20):
+        a, b = sd_loop(model, ref, n, batch=2), sd_loop(model, ours, n, batch=2)
+        assert torch.equal(ref.timesteps, ours.timesteps) and torch.equal(ref.sigmas, ours.sigmas), n
+        assert torch.equal(a, b), n
+        bounded = grid != "use_lu_lambdas"
+        assert (float(ours.sigmas[0]) == 10.0) == bounded and (float(ours.sigmas[-2]) == pytest.approx(0.1)) == bounded
+
+
+def test_add_noise_in_16_bit_at_zero_terminal_snr():
+    """α, σ are formed in float32 for a 16-bit sample, then rounded: in float16 σ̃² at zero-terminal-SNR's t = 999
+    (σ̃ = 4096) overflows, which made α = σ = 0 and the noised latent 0. float32 and float64 samples keep
+    DPMSolverMultistepScheduler's own bits."""
+    cfg = base_config(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg)
+    ours = FastdiffScheduler.from_config(cfg)
+    x0 = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    t = torch.tensor([999, 990, 900])
+    for set_grid in (False, True):                # the training σ̃'s, then the grid's
+        if set_grid:
+            ref.set_timesteps(10)
+            ours.set_timesteps(10)
+            t = ours.timesteps[[0, 1, 2]]
+            for dtype in (torch.float32, torch.float64):
+                assert torch.equal(ours.add_noise(x0.to(dtype), z.to(dtype), t),
+                                   ref.add_noise(x0.to(dtype), z.to(dtype), t)), dtype
+        sig = ours.add_noise(torch.zeros(3, 1), torch.ones(3, 1), t)      # float32: σ_t per row
+        alpha = ours.add_noise(torch.ones(3, 1), torch.zeros(3, 1), t)
+        assert float(sig[0]) == pytest.approx(1.0, abs=1e-7) and float(alpha[0]) == pytest.approx(1 / 4096, rel=1e-3)
+        for dtype in (torch.float16, torch.bfloat16):
+            y = ours.add_noise(x0.to(dtype), z.to(dtype), t)
+            assert y.dtype == dtype
+            want = alpha.to(dtype).view(-1, 1, 1, 1) * x0.to(dtype) + sig.to(dtype).view(-1, 1, 1, 1) * z.to(dtype)
+            assert torch.equal(y, want), (dtype, set_grid)
+            assert float(y[0].abs().max()) > 0.9 * float(z[0].abs().max())     # ≈ z, not the zeros of before
+
+
+def test_set_timesteps_sigmas_ending_in_the_final_sigma_are_the_whole_grid():
+    """set_timesteps(sigmas=...) with a list ending in 0 (diffusers' AysSchedules, 11 values for 10 steps) or in the
+    config's final σ̃ takes it whole, as EulerDiscreteScheduler does: no appended final σ̃, so no repeated 0 (an
+    extra model call) and no σ_min after 0 (refused as increasing). Other lists get the final σ̃ appended."""
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+    ays = AysSchedules["StableDiffusionSigmas"]
+    cfg = base_config(**SD_BETAS)
+    ref = diffusers.EulerDiscreteScheduler.from_config(cfg)
+    ref.set_timesteps(sigmas=ays)
+    ours = FastdiffScheduler.from_config(cfg, method="edm_euler")
+    ours.set_timesteps(sigmas=ays)
+    assert len(ours.timesteps) == len(ref.timesteps) == 10 and torch.equal(ours.sigmas, ref.sigmas)
+    assert torch.allclose(ours.timesteps, ref.timesteps, rtol=1e-6, atol=0)
+    # the same run: diffusers' Euler works on x̃ = x/α (start σ̃_max z), fastdiff on x = α x̃; both end at x̂_0
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    models, outs = [Counted(GaussianEps(ours)), Counted(GaussianEps(ours))], []
+    for sch, model, x in zip((ref, ours), models, (z * ays[0], z * ays[0] / math.sqrt(1 + ays[0] ** 2)), strict=True):
+        for t in sch.timesteps:
+            x = sch.step(model(sch.scale_model_input(x, t), t).sample, t, x).prev_sample
+        outs.append(x)
+    assert models[0].calls == models[1].calls == 10
+    assert rel(outs[1], outs[0]) <= RTOL32
+    heun = FastdiffScheduler.from_config(cfg, method="heun")
+    heun.set_timesteps(sigmas=ays)
+    assert len(heun.timesteps) == 19                                       # 2n − 1, as diffusers' Heun
+    at_min = FastdiffScheduler.from_config(cfg, method="dpmpp_2m", final_sigmas_type="sigma_min")
+    at_min.set_timesteps(sigmas=ays)                                       # ends in 0: to 0, not to σ_min
+    assert len(at_min.timesteps) == 10 and float(at_min.sigmas[-1]) == 0.0
+    # a list ending in the config's own final σ̃ (σ_min), as read back from a float32 grid
+    sigma_min = float(at_min._train_sigmas()[0])
+    ending = [*ays[:-1], sigma_min]
+    at_min.set_timesteps(sigmas=ending)
+    assert torch.equal(at_min.sigmas, torch.tensor(ending, dtype=torch.float32)) and len(at_min.timesteps) == 10
+    to_zero = FastdiffScheduler.from_config(cfg, method="dpmpp_2m")         # there σ_min is a step: 0 appended
+    to_zero.set_timesteps(sigmas=ending)
+    assert len(to_zero.timesteps) == 11 and float(to_zero.sigmas[-1]) == 0.0
+    to_zero.set_timesteps(10, sigmas=ays)
+    assert len(to_zero.timesteps) == 10
+    with pytest.raises(ValueError, match=r"num_inference_steps=11 disagrees with the 10 steps .* the final σ̃"):
+        to_zero.set_timesteps(11, sigmas=ays)
+    with pytest.raises(ValueError, match="sigmas ending in the final σ̃ 0.0 must hold at least one step"):
+        to_zero.set_timesteps(sigmas=[0.0])
+
+
+@pytest.mark.parametrize("method", M.TWO_STAGE_METHODS)
+def test_two_stage_methods_on_the_lu_grid_to_sigma_min_make_2n_minus_1_calls(method):
+    """On the λ grid of SD's (and linear 0.00085..0.012) betas the last σ̃ rounds one float32 ulp above σ_min: a
+    two-stage method takes it as the repeated σ̃ (an identity last step) and makes 2n − 1 model calls, as on the
+    Karras grid, not 2n with the last two spent on a step of ~2e-9."""
+    for schedule in ("scaled_linear", "linear"):
+        cfg = base_config(beta_start=0.00085, beta_end=0.012, beta_schedule=schedule)
+        ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg, use_lu_lambdas=True, final_sigmas_type="sigma_min")
+        s = FastdiffScheduler.from_config(ref.config, method=method, seed=3)
+        model = Counted(GaussianEps(s))
+        for n in (6, 25):
+            ref.set_timesteps(n)
+            s.set_timesteps(n)
+            assert torch.equal(s.sigmas, ref.sigmas)                       # the grid itself is unchanged
+            last, sigma_min = float(s.sigmas[-2]), float(s.sigmas[-1])
+            assert 0 < last - sigma_min <= 4 * float(torch.finfo(torch.float32).eps) * sigma_min   # the case
+            assert len(s.timesteps) == 2 * n - 1 and int(s.timesteps[-1]) == int(ref.timesteps[-1]) == 0
+            model.calls = 0
+            x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+            for t in s.timesteps:
+                before, x = x, s.step(model(x, t).sample, t, x).prev_sample
+            assert model.calls == 2 * n - 1
+            assert torch.equal(x, before) and torch.isfinite(x).all()      # the last call: the identity step
+
+
+def test_single_stage_methods_keep_diffusers_tiny_last_step_on_the_lu_grid():
+    cfg = base_config(**SD_BETAS)
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg, use_lu_lambdas=True, final_sigmas_type="sigma_min")
+    ours = FastdiffScheduler.from_config(ref.config, diffusers_rounding=True)
+    model = GaussianEps(ours)
+    for n in (6, 25):
+        a, b = sd_loop(model, ref, n, batch=2), sd_loop(model, ours, n, batch=2)
+        assert len(ours.timesteps) == n and torch.equal(ref.timesteps, ours.timesteps) and torch.equal(a, b)
+
+
+def test_dpmpp_2m_on_the_beta_grid_is_within_the_readmes_bound():
+    """The beta grid's large steps take float32 coefficient rounding past 1e-6 (measured 4.5e-6): the README
+    states that bound for it, beside the 1e-6 of the other grids."""
+    pytest.importorskip("scipy")
+    cfg = base_config(**SD_BETAS)
+    worst = 0.0
+    for final in ("zero", "sigma_min"):
+        ref = diffusers.DPMSolverMultistepScheduler.from_config(cfg, use_beta_sigmas=True, final_sigmas_type=final)
+        ours = FastdiffScheduler.from_config(ref.config)
+        model = GaussianEps(ours)
+        for n in (5, 10, 20, 30):
+            worst = max(worst, rel(ddpm_loop(model, ours, n, batch=2), ddpm_loop(model, ref, n, batch=2)))
+    assert RTOL32 < worst <= 5e-6
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Coming from k-diffusion or diffusers")[1].split("\n## ")[0]
+    assert "1e-6 (up to ~5e-6 on the beta grid" in section
+
+
+@pytest.mark.parametrize("key", ["s_churn", "s_tmin", "s_tmax", "order"])
+def test_k_diffusion_option_names_in_the_config_are_refused(key, tmp_path):
+    """Not only as keywords: in the config mapping and in a saved scheduler_config.json (from_pretrained) too;
+    a key the source scheduler left at its default (_use_default_values) is not a setting, and is dropped."""
+    method = "lms" if key == "order" else "heun"
+    with pytest.raises(ValueError, match=f"^{key}:"):
+        FastdiffScheduler.from_config({**base_config(), "method": method, key: 2})
+    FastdiffScheduler.from_config(base_config(), method=method).save_config(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), key: 2}))
+    with pytest.raises(ValueError, match=f"^{key}:"):
+        FastdiffScheduler.from_pretrained(tmp_path)
+    cfg = {**base_config(), "method": method, key: 0, "_use_default_values": [key]}
+    s = FastdiffScheduler.from_config(cfg)
+    assert s.config.method == method and key not in s.config
+
+
+def test_continuous_timesteps_of_an_euler_config_are_refused():
+    """EulerDiscreteScheduler with timestep_type='continuous' and v_prediction calls its model at 0.25 log σ̃ (EDM's
+    conditioning), not at a training timestep: refused by name. With epsilon Euler uses the training timesteps."""
+    cont = diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_type="continuous", prediction_type="v_prediction")
+    for config, kw in ((cont.config, {}), (diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_type="continuous")
+                                           .config, {"prediction_type": "v_prediction"})):
+        with pytest.raises(ValueError, match=r"^timestep_type='continuous' .*0\.25·log σ̃, not a training timestep"):
+            FastdiffScheduler.from_config(config, method="edm_euler", **kw)
+    eps = diffusers.EulerDiscreteScheduler(**SD_BETAS, timestep_type="continuous").config
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(eps)
+    ours = FastdiffScheduler.from_config(eps, method="edm_euler")
+    ref.set_timesteps(5)
+    ours.set_timesteps(5)
+    assert torch.equal(ours.timesteps, ref.timesteps) and ours.timesteps.tolist() == [999, 799, 599, 400, 200]
+
+
+def test_seed_takes_numpy_integers_not_bools(tmp_path):
+    for bad in (True, False, np.True_, 1.0, -1, 2**64):
+        with pytest.raises(ValueError, match=r"^seed must be None or an integer in \[0, 2\*\*64\)"):
+            FastdiffScheduler.from_config(base_config(), method="euler_ancestral", seed=bad)
+    runs = []
+    for seed in (5, np.int64(5), np.uint64(5)):
+        s = FastdiffScheduler.from_config(base_config(), method="euler_ancestral", seed=seed)
+        assert type(s.config.seed) is int and s.config.seed == 5
+        runs.append(ddpm_loop(GaussianEps(s), s, 4))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    top = FastdiffScheduler.from_config(base_config(), seed=np.uint64(2**64 - 1))
+    top.save_config(tmp_path)                                              # a plain int: JSON writes it
+    assert FastdiffScheduler.from_pretrained(tmp_path).config.seed == 2**64 - 1
+    # a seed drawn from a generator is 63-bit (randint below 2**63 − 1), as the module docstring says
+    assert "one 63-bit seed" in FD.__doc__ and "64-bit seed" not in FD.__doc__
