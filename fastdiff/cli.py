@@ -14,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from .methods import ALL_METHODS, SOLVER_TYPES
+from .schedules import as_integer
+
 PROCESS_CHOICES = ("pure-ve", "drifted-ve", "drifted-ve-aggressive", "ve", "vp", "ou")
 SCHEDULE_CHOICES = ("uniform", "quadratic", "exponential", "karras", "logsnr")   # fd.SCHEDULES (tested equal)
 DEFAULT_SCHEDULE, DEFAULT_T_END = "logsnr", 1e-3                                 # fd.time_grid's (tested equal)
@@ -66,6 +69,23 @@ def make_process(name: str, T: float | None):
 
 
 DEFAULT_N_DATA = {"circle": 8}     # points of a named data set when --n-data is not given; others: 2000
+# Host bytes per point of a named data set: its float64 draw with temporaries, the float32 copy and the point
+# cloud, measured at 1e7 points: 89 B (blob9, gaussian_2d), 22-57 B (the others); rounded up.
+DATA_BYTES_PER_POINT = 128
+# Host bytes per sample of `fastdiff demo` before fd.sample checks its own: the exact draws and their centres
+# (float64 [n, 2], with temporaries) and the samples' float64 copy for the histograms.
+DEMO_BYTES_PER_SAMPLE = 128
+
+
+def _check_memory(need: float, what: str):
+    """Refuse before allocating what cannot fit in the host memory available: a failed allocation is a
+    traceback (or the OOM killer), not one line."""
+    from .sampling import _available_host_bytes
+
+    available = _available_host_bytes()
+    if available is not None and need > available:
+        raise ValueError(f"{what} would need about {need / 2**30:.3g} GiB but only {available / 2**30:.3g} GiB of "
+                         "host memory is available")
 
 
 def _load_data(spec: str, n_data: int | None, seed: int):
@@ -74,6 +94,8 @@ def _load_data(spec: str, n_data: int | None, seed: int):
 
     if spec in fd.datasets.DATASETS:
         n = DEFAULT_N_DATA.get(spec, 2000) if n_data is None else n_data
+        if n_data is not None:
+            _check_memory(float(n) * DATA_BYTES_PER_POINT, f"--n-data {n}")
         return fd.datasets.get(spec, n, seed=seed)
     if n_data is not None:
         raise ValueError(f"--n-data applies to the named data sets, not to the file {spec!r} (all its points are used)")
@@ -110,6 +132,19 @@ def _scatter(panels, path: Path, title: str):
     return path
 
 
+def _check_writable(path: Path, option: str):
+    """A file `option` names can be written (creates its parent folder)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                raise PermissionError(13, "permission denied")
+        else:
+            tempfile.TemporaryFile(dir=path.parent).close()    # can a file be created there?
+    except OSError as exc:
+        raise ValueError(f"{option} {str(path)!r} is not writable ({exc.strerror or exc})") from None
+
+
 def _check_out(out: Path):
     """--out must be .npz or .npy and writable; checked before any sampling (a failed write after the work
     would lose it). Creates the parent folder."""
@@ -117,24 +152,48 @@ def _check_out(out: Path):
         raise ValueError(f"--out {str(out)!r} is a folder; give a file name ending in .npz or .npy")
     if out.suffix not in (".npz", ".npy"):
         raise ValueError(f"--out {str(out)!r} must end in .npz (samples, data, settings) or .npy (samples only)")
+    _check_writable(out, "--out")
+
+
+def _check_plot(plot: Path):
+    """--plot, like --out, before any sampling: a typo must not surface only after hours of work. Without
+    matplotlib no figure is written (said after the run), so only the path is checked."""
+    if plot.is_dir():
+        raise ValueError(f"--plot {str(plot)!r} is a folder; give a file name such as samples.png")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            if not os.access(out, os.W_OK):
-                raise PermissionError(13, "permission denied")
-        else:
-            tempfile.TemporaryFile(dir=out.parent).close()    # can a file be created there?
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        pass
+    else:
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if plot.suffix[1:].lower() not in formats:
+            raise ValueError(f"--plot {str(plot)!r} must end in a format matplotlib writes (.png, .pdf, .svg, ...: "
+                             f"{', '.join(sorted(formats))})")
+    _check_writable(plot, "--plot")
+
+
+def _check_out_dir(out: Path, option: str = "--out"):
+    """An output folder: created now (as the run would), so a file in the way is one line naming `option`
+    before the work, not an OSError after it."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {str(out)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"--out {str(out)!r} is not writable ({exc.strerror or exc})") from None
+        raise ValueError(f"{option} {str(out)!r} cannot be created ({exc.strerror or exc})") from None
 
 
 AUTO_PROGRESS_SECONDS = 5.0   # estimated run time above which the bar is shown by default
 
 
+SECONDS_PER_STEP = 5e-5   # fixed cost per step, measured at -n 2: 4.7e-5 s (1e5 to 1e6 steps, two loaded cores);
+#                           8e-5 s in the CLI review's run (the 2e-5 used before hid 8-24 s runs' bar)
+
+
 def _estimated_seconds(n: int, steps: int, n_points: int, d: int) -> float:
-    """A rough run time on two CPU cores: ~1e9 point-cloud pair evaluations a second, plus ~20 µs of fixed
-    cost per step (so --steps 1e6 on a few samples, ~20 s, counts as long too)."""
-    return float(n) * steps * n_points * max(d, 1) / 1e9 + 2e-5 * steps
+    """A rough run time on two CPU cores: ~1e9 point-cloud pair evaluations a second, plus SECONDS_PER_STEP of
+    fixed cost per step (so --steps 1e5 on a few samples, ~5 s, counts as long too)."""
+    return float(n) * steps * n_points * max(d, 1) / 1e9 + SECONDS_PER_STEP * steps
 
 
 def _check_coverage(data, process):
@@ -206,12 +265,23 @@ def _sample_on_ranks(args, data, process, device, dtype, kw):
     return x
 
 
+# fd.sample's method options, by their keyword (the CLI spells s_churn --s-churn); passed only when given
+METHOD_OPTIONS = ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "solver_type", "order", "r")
+
+
+def _settings(args, process, data, progress: bool, world: int) -> dict:
+    """The .npz's settings: the options as given plus what they resolved to (T, the number of data points,
+    the progress bar, the ranks). Not `func`: its memory address made two identical runs' files differ."""
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings.update(T=process.T, n_data=int(data.shape[0]), progress=bool(progress), world_size=world)
+    return settings
+
+
 def cmd_sample(args):
     import numpy as np
 
     import fastdiff as fd
     from fastdiff.sampling import check_device
-    from fastdiff.schedules import as_integer
 
     as_integer(args.seed, "seed", 0, 2**64 - 1)       # before the data set's generator overflows on it
     _check_timeout(args.timeout)
@@ -222,6 +292,8 @@ def cmd_sample(args):
     out = Path(args.out)
     if rank == 0:                                      # rank 0 alone writes --out (and --plot)
         _check_out(out)
+        if args.plot:
+            _check_plot(Path(args.plot))
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     process = make_process(args.process, args.T)
     data = _load_data(args.data, args.n_data, args.seed)    # every rank: the same data (named sets from --seed)
@@ -238,6 +310,8 @@ def cmd_sample(args):
     kw = dict(n=args.n, steps=args.steps, schedule=args.schedule, method=args.method, ode=args.ode,
               t_end=args.t_end, final_denoise=args.final_denoise, seed=args.seed, progress=progress and rank == 0,
               backend=args.backend, dtype=dtype)
+    # the method options only when given: fd.sample refuses one the method does not take (naming its options)
+    kw.update({k: getattr(args, k) for k in METHOD_OPTIONS if getattr(args, k) is not None})
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", fd.GridWarning)
@@ -260,7 +334,8 @@ def cmd_sample(args):
         if out.suffix == ".npy":
             np.save(f, arr)
         else:
-            np.savez(f, samples=arr, data=data.cpu().numpy(), settings=json.dumps(vars(args), default=str))
+            settings = _settings(args, process, data, progress, world)
+            np.savez(f, samples=arr, data=data.cpu().numpy(), settings=json.dumps(settings, default=str))
     what = "samples" if out.suffix == ".npy" else "samples, data and settings"
     ranks = "" if world == 1 else (f"; {world} ranks, " + ("samples split" if args.distributed == "samples"
                                                             else "data sharded"))
@@ -364,8 +439,13 @@ def run_demo(out_dir: Path, n_data: int = 500, n: int = 10_000, steps: int = 100
 
 def cmd_demo(args):
     t0 = time.perf_counter()
-    n, steps = (2000, 50) if args.quick else (args.n, args.steps)
-    results, png = run_demo(Path(args.out), n=n, steps=steps, seed=args.seed, progress=args.progress)
+    n, steps = (2000, 50) if args.quick else (10_000, 100)
+    n = as_integer(n if args.n is None else args.n, "--n", 1)            # an explicit --n/--steps wins over --quick
+    steps = as_integer(steps if args.steps is None else args.steps, "--steps", 1)
+    seed = as_integer(args.seed, "--seed", 0, 2**64 - 1)
+    _check_memory(float(n) * DEMO_BYTES_PER_SAMPLE, f"--n {n}")
+    _check_out_dir(Path(args.out))
+    results, png = run_demo(Path(args.out), n=n, steps=steps, seed=seed, progress=args.progress)
     print(f"swiss roll (kernel density, bandwidth v = {DEMO_BANDWIDTH:g}: a kernel variance, "
           f"std {DEMO_BANDWIDTH ** 0.5:g}), "
           f"{n} samples, {steps} steps, reverse SDE, method ei")
@@ -393,8 +473,10 @@ def build_parser():
     s.add_argument("--process", choices=PROCESS_CHOICES, default="drifted-ve", help="forward process")
     s.add_argument("--T", type=float, default=None,
                    help="end time; default: 100 for pure-ve and the drifted VEs, 10 for ou; ve and vp have T = 1")
-    s.add_argument("--method", choices=("euler", "ei", "ei-x0"), default="ei",
-                   help="ei: exponential integrator (score frozen); ei-x0: D frozen (DDIM/DPM-Solver++(1)); euler")
+    s.add_argument("--method", choices=ALL_METHODS, default="ei",
+                   help="ei: exponential integrator (score frozen); ei-x0: D frozen (DDIM/DPM-Solver++(1)); euler; "
+                        "and k-diffusion's samplers on any process (edm_euler is its sample_euler; see "
+                        "help(fastdiff.sample)), whose options are below")
     s.add_argument("--ode", action="store_true", help="probability-flow ODE instead of the reverse SDE")
     s.add_argument("--steps", type=_count, default=200, help="number of steps (1e4 style accepted)")
     s.add_argument("--schedule", choices=SCHEDULE_CHOICES, default=DEFAULT_SCHEDULE,
@@ -406,7 +488,9 @@ def build_parser():
     # -n: torchrun's own parser stops at `--n` (an ambiguous abbreviation of its --nnodes, --nproc-per-node...)
     s.add_argument("-n", "--n", type=_count, default=10_000,
                    help="number of samples (under torchrun write -n: torchrun takes --n for one of its own options)")
-    s.add_argument("--seed", type=_count, default=0, help="integer in [0, 2**64)")
+    s.add_argument("--seed", type=_count, default=0,
+                   help="integer in [0, 2**64): the sampler's noise; it also draws a named --data set (another "
+                        "seed, another point cloud; a file's points do not change)")
     s.add_argument("--device", default="cpu", help="cpu or cuda[:index] (under torchrun: cuda means cuda:LOCAL_RANK)")
     s.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="working precision")
     s.add_argument("--backend", choices=("auto", "cpu", "cuda", "triton", "torch"), default="auto",
@@ -425,17 +509,38 @@ def build_parser():
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: shown when the run is estimated to take more than a few "
                         "seconds)")
+    m = s.add_argument_group(
+        "method options", "passed to fd.sample only when given; each defaults to the method's own value "
+        "(k-diffusion's). A method that does not take one is an error naming those it takes")
+    m.add_argument("--eta", type=float, default=None,
+                   help="share of fresh noise: euler/ei/ei-x0 in [0, 1] (0 the ODE, 1 the SDE: default from --ode); "
+                        "the ancestral and SDE methods (euler_ancestral, dpm_2_ancestral, dpmpp_2s_ancestral, "
+                        "dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde) >= 0, default 1")
+    m.add_argument("--s-churn", type=float, default=None,
+                   help="churn of edm_euler, heun, dpm_2 (>= 0, default 0)")
+    m.add_argument("--s-tmin", type=float, default=None, help="the lowest sigma/alpha churned (default 0)")
+    m.add_argument("--s-tmax", type=float, default=None, help="the highest sigma/alpha churned (default inf)")
+    m.add_argument("--s-noise", type=float, default=None,
+                   help="scale of the fresh noise of the churn and ancestral methods (default 1)")
+    m.add_argument("--solver-type", choices=SOLVER_TYPES, default=None,
+                   help="dpmpp_2m_sde's second-order correction (default midpoint)")
+    m.add_argument("--order", type=_count, default=None, help="lms's order (an integer >= 1, default 4)")
+    # -r: like -n, torchrun's parser stops at `--r` (an ambiguous abbreviation of its --rdzv-*, --role, ...)
+    m.add_argument("-r", "--r", type=float, default=None,
+                   help="dpmpp_sde's stage position in log sigma/alpha, in (0, 1] (default 0.5; under torchrun write "
+                        "-r: torchrun takes --r for one of its own options)")
     s.set_defaults(func=cmd_sample)
 
     i = sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
     i.set_defaults(func=cmd_info)
 
     d = sub.add_parser("demo", help="swiss roll with pure and drifted VE: KL of each and a side-by-side PNG")
-    d.add_argument("--out", default="fastdiff-demo")
-    d.add_argument("--n", type=int, default=10_000)
-    d.add_argument("--steps", type=int, default=100)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--quick", action="store_true", help="2000 samples, 50 steps (a few seconds)")
+    d.add_argument("--out", default="fastdiff-demo", help="output folder (default fastdiff-demo)")
+    d.add_argument("--n", type=_count, default=None, help="number of samples (default 10000; 2000 with --quick)")
+    d.add_argument("--steps", type=_count, default=None, help="number of steps (default 100; 50 with --quick)")
+    d.add_argument("--seed", type=_count, default=0, help="integer in [0, 2**64) (default 0)")
+    d.add_argument("--quick", action="store_true",
+                   help="2000 samples, 50 steps (a few seconds); an explicit --n or --steps wins")
     d.add_argument("--progress", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -445,10 +550,15 @@ def build_parser():
 
     r = sub.add_parser("reproduce", help="reproduce a paper's experiment: results.md, results.json and PNGs")
     r.add_argument("experiment", help=f"one of: {', '.join(REPRODUCTIONS)}, or all")
-    r.add_argument("--quick", action="store_true", help="reduced sizes (under three minutes on two CPU cores)")
-    r.add_argument("--smoke", action="store_true", help="tiny sizes that only exercise the code (seconds; for CI)")
-    r.add_argument("--out", default=None, help="output folder (default reproductions/<experiment>)")
-    r.add_argument("--seed", type=int, default=0)
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="reduced sizes (under three minutes on two CPU cores)")
+    mode.add_argument("--smoke", action="store_true",
+                      help="tiny sizes that only exercise the code (seconds; for CI)")
+    r.add_argument("--out", default=None,
+                   help="output folder (default reproductions/<experiment>; with --smoke reproductions/<experiment>"
+                        "-smoke, so smoke numbers never replace the committed results)")
+    r.add_argument("--seed", type=_count, default=0,
+                   help="integer in [0, 2**63) (default 0): seeds every random draw")
     r.add_argument("--no-progress", action="store_true", help="do not log each stage to stderr")
     r.set_defaults(func=cmd_reproduce)
     return p
@@ -476,8 +586,11 @@ def cmd_reproduce(args):
                          f"choose one of {', '.join(reproduce.EXPERIMENTS)} or all")
     if args.out is not None and len(names) > 1:
         raise ValueError("--out names one experiment's folder; with 'all' the default folders are used")
+    seed = as_integer(args.seed, "--seed", 0, reproduce.MAX_SEED)     # before any folder is made
+    if args.out is not None:
+        _check_out_dir(Path(args.out))
     for name in names:
-        path = reproduce.run(name, quick=args.quick, smoke=args.smoke, out=args.out, seed=args.seed,
+        path = reproduce.run(name, quick=args.quick, smoke=args.smoke, out=args.out, seed=seed,
                              progress=not args.no_progress)
         print(path)
     return 0

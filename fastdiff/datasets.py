@@ -38,6 +38,8 @@ def _check(n, seed, dtype) -> torch.Generator:
         raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not 0 <= seed < 2**64:                 # torch would wrap -1 to 2**64 - 1 (the same data) or overflow
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     g = torch.Generator(device="cpu")
     g.manual_seed(int(seed))
     return g
@@ -195,9 +197,10 @@ def load(path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
     Formats (by suffix, case-insensitive): ``.npy`` (numpy array, no pickles); ``.pt``/``.pth`` (a
     tensor, or a dict holding exactly one tensor; loaded with ``weights_only=True``); ``.csv``
-    (comma-separated floats, one point per row, optionally one header row that is not all numbers).
-    A 1-D array becomes [N, 1]. Raises ValueError naming the file for an unknown suffix, non-numeric,
-    empty, non-2-D (after the 1-D rule) or non-finite data; FileNotFoundError if it does not exist."""
+    (UTF-8, with or without a BOM; comma-separated floats, one point per row, optionally one header row
+    in which no cell is a number). A 1-D array becomes [N, 1]. Raises ValueError naming the file for an
+    unknown suffix, a CSV that is not UTF-8, non-numeric, empty, non-2-D (after the 1-D rule) or
+    non-finite data; FileNotFoundError if it does not exist."""
     p = Path(path)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
@@ -245,15 +248,28 @@ def load(path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return out
 
 
+def _number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_csv(p: Path) -> torch.Tensor:
-    rows = [(i + 1, ln) for i, ln in enumerate(p.read_text().splitlines()) if ln.strip()]
+    try:                                               # utf-8-sig: Excel's "CSV UTF-8" starts with a BOM
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not a UTF-8 text CSV ({e})") from None
+    rows = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     out = []
     for k, (lineno, ln) in enumerate(rows):
+        cells = ln.split(",")
         try:
-            out.append([float(v) for v in ln.split(",")])
+            out.append([float(v) for v in cells])
         except ValueError:
-            if k == 0:
-                continue                               # a single header row
+            if k == 0 and not any(_number(v) for v in cells):
+                continue                               # a single header row: no cell is a number
             raise ValueError(f"{p}: line {lineno} is not comma-separated numbers: {ln[:60]!r}") from None
     if not out:
         return torch.empty(0, 0, dtype=_F64)

@@ -13,6 +13,9 @@ import warnings
 import numpy as np
 import torch
 
+from ._checks import as_real
+from .schedules import as_integer
+
 __all__ = ["gaussian_kl", "kl_histogram", "w2", "w2_binned", "sliced_w2", "mmd",
            "memorisation_ratio", "recovered_weights", "distance_to_support"]
 
@@ -23,9 +26,14 @@ _TILE = 1024                          # MMD kernel tiles are _TILE x _TILE (8 Mi
 
 # ----------------------------------------------------------------------------------------- helpers
 def _tensor(x, name: str) -> torch.Tensor:
-    if isinstance(x, np.ndarray) and not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))   # lists -> float64, not float32
+    if not isinstance(x, torch.Tensor):
+        try:                                          # lists -> float64 (not float32); strings, ragged lists refused
+            x = np.asarray(x)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be numeric: an array-like of numbers [n, d]") from None
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
     if t.is_complex() or t.dtype == torch.bool:
         raise ValueError(f"{name} must be real-valued, got dtype {t.dtype}")
     t = t.detach().to(_F64)
@@ -53,8 +61,10 @@ def _pair(x, y, nx: str, ny: str, min_n: int = 1):
 
 
 def _gen(seed) -> torch.Generator:
+    # never int(seed): 1.7 would silently be 1, and torch wraps -1 to 2**64 - 1
+    seed = as_integer(seed, "seed", 0, 2**64 - 1)
     g = torch.Generator(device="cpu")
-    g.manual_seed(int(seed))
+    g.manual_seed(seed)
     return g
 
 
@@ -96,19 +106,27 @@ def _w2sq_1d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _grid(rng, d: int, name: str = "range"):
     """Normalise a range to a list of d (lo, hi) float pairs."""
-    r = [rng] if d == 1 and len(rng) == 2 and not hasattr(rng[0], "__len__") else list(rng)
-    if len(r) != d or any(len(p) != 2 for p in r):
-        raise ValueError(f"{name} must be (lo, hi) for 1-D or ((xlo, xhi), (ylo, yhi)) for 2-D data, got {rng!r}")
-    r = [(float(lo), float(hi)) for lo, hi in r]
+    shape = ValueError(f"{name} must be (lo, hi) for 1-D or ((xlo, xhi), (ylo, yhi)) for 2-D data, got {rng!r}")
+    try:                                              # scalars where pairs belong: len() raises TypeError
+        r = [rng] if d == 1 and len(rng) == 2 and not hasattr(rng[0], "__len__") else list(rng)
+        if len(r) != d or any(len(p) != 2 for p in r):
+            raise shape
+        r = [(as_real(lo, name), as_real(hi, name)) for lo, hi in r]
+    except TypeError:
+        raise shape from None
     if not all(math.isfinite(lo) and math.isfinite(hi) and lo < hi for lo, hi in r):
         raise ValueError(f"{name} needs finite lo < hi on each axis, got {r}")
     return r
 
 
 def _bins(bins, d: int):
-    b = [bins] * d if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool) else list(bins)
+    bad = ValueError(f"bins must be a positive int or {d} positive ints, got {bins!r}")
+    try:
+        b = [bins] * d if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool) else list(bins)
+    except TypeError:                                 # a float or another non-iterable
+        raise bad from None
     if len(b) != d or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 for v in b):
-        raise ValueError(f"bins must be a positive int or {d} positive ints, got {bins!r}")
+        raise bad
     return [int(v) for v in b]
 
 
@@ -118,9 +136,9 @@ def _hist(x: torch.Tensor, rng, nb) -> torch.Tensor:
     flat = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     inside = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     for k, ((lo, hi), b) in enumerate(zip(rng, nb, strict=True)):
+        # inside is decided on the coordinate: the bin index of a point just below hi can round up to b
+        inside &= (x[:, k] >= lo) & (x[:, k] <= hi)
         i = torch.floor((x[:, k] - lo) / (hi - lo) * b).long()
-        i = torch.where(x[:, k] == hi, b - 1, i)
-        inside &= (i >= 0) & (i < b)
         flat = flat * b + i.clamp(0, b - 1)
     return torch.bincount(flat[inside], minlength=math.prod(nb)).to(_F64).cpu()
 
@@ -187,7 +205,9 @@ def kl_histogram(samples, density=None, reference=None, bins=100, range=None, fl
         [k]; each bin's mass is integrated with an 8-point (1-D) or 4×4 (2-D) Gauss–Legendre rule;
       * ``reference``: a large sample of the truth; p_j = (reference points in bin j) / (reference
         points inside the grid).
-    Exactly one of ``density``/``reference`` is required. p_j is floored at ``floor`` before the log.
+    Exactly one of ``density``/``reference`` is required. p_j is floored at ``floor`` before the log; floor
+    must lie in (0, 1) and should be much smaller than 1/(number of bins B): the floored p_j sum to at most
+    1 + B·floor, so the estimate can fall to −log(1 + B·floor) < 0.
     Finite-sample bias is about (number of occupied bins − 1) / (2n)."""
     x = _points(samples, "samples")
     d = x.shape[1]
@@ -195,8 +215,9 @@ def kl_histogram(samples, density=None, reference=None, bins=100, range=None, fl
         raise ValueError(f"samples must be 1-D or 2-D, got dimension {d}")
     if (density is None) == (reference is None):
         raise ValueError("pass exactly one of density= (a callable) or reference= (a sample)")
-    if not (float(floor) > 0):
-        raise ValueError(f"floor must be > 0, got {floor}")
+    floor = as_real(floor, "floor")
+    if not 0 < floor < 1:               # a probability; >= 1 (or inf) turned the KL negative or -inf
+        raise ValueError(f"floor must lie in (0, 1) (a probability, much smaller than 1/number of bins), got {floor}")
     nb = _bins(bins, d)
     ref = None
     if reference is not None:
@@ -364,7 +385,10 @@ def mmd(x, y, bandwidth: float | None = None) -> float:
         if h <= 0:
             raise ValueError("the median pairwise distance is 0 (mostly duplicate points); pass bandwidth=")
     else:
-        h = float(bandwidth)
+        try:
+            h = as_real(bandwidth, "bandwidth")
+        except TypeError:
+            h = math.nan                              # a string or another non-number: the message below
         if not (math.isfinite(h) and h > 0):
             raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth!r}")
     gamma = 1 / (2 * h * h)

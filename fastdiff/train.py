@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .processes import Process
+from .schedules import as_integer
 
 __all__ = [
     "perturb", "sample_times", "dsm_loss", "eps_loss", "cem_loss", "LOSSES", "PREDICTIONS",
@@ -185,7 +186,7 @@ class MLP(nn.Module):
             self.net = build()
         else:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seed))
+                torch.manual_seed(seed)
                 self.net = build()
 
     def time_features(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -289,6 +290,9 @@ def train(model: nn.Module, data, process: Process, loss: str = "cem", *, iters:
     seed       every random draw (data, times, noise, collocation) comes from a private generator with
                this seed, so two runs from the same initial weights give identical results
     progress   a tqdm bar (or a line on stderr every log_every steps);  callback(dict) every log_every
+               steps, with the mean loss of those steps
+    iters, batch_size, log_every, fp_batch (default batch_size): integers >= 1; seed: an integer in
+               [0, 2**64). Data with NaN or inf (for a sampler: in its first 4096-point draw) raise ValueError.
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
@@ -297,11 +301,15 @@ def train(model: nn.Module, data, process: Process, loss: str = "cem", *, iters:
         raise ValueError("a PotentialMLP models log p_t: train it with loss='dsm'")
     if fp_weight and not potential:
         raise ValueError("fp_weight > 0 needs a PotentialMLP (the residual is an equation for log p_t)")
-    if int(iters) < 1 or int(batch_size) < 1:
-        raise ValueError(f"iters and batch_size must be positive, got {iters}, {batch_size}")
+    # counts are integers, never truncated (iters=2.7 trained 2 steps; log_every=0 averaged the whole history)
+    iters = as_integer(iters, "iters", 1)
+    batch_size = as_integer(batch_size, "batch_size", 1)
+    log_every = as_integer(log_every, "log_every", 1)
+    fp_batch = batch_size if fp_batch is None else as_integer(fp_batch, "fp_batch", 1)
+    seed = as_integer(seed, "seed", 0, 2**64 - 1)
     param = next(model.parameters())
     dtype, device = param.dtype, param.device
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     if isinstance(data, torch.Tensor):
         if data.ndim != 2 or data.shape[0] == 0:
             raise ValueError(f"data must be a tensor [N, d], got {tuple(data.shape)}")
@@ -309,9 +317,12 @@ def train(model: nn.Module, data, process: Process, loss: str = "cem", *, iters:
         box_src = data_cpu
     elif callable(data):
         data_cpu = data
-        box_src = data(4096, seed=int(seed)).cpu()
+        box_src = data(4096, seed=seed).cpu()
     else:
         raise TypeError("data must be a tensor [N, d] or a sampler fn(n, seed=...)")
+    if not bool(torch.isfinite(box_src).all()):       # one NaN row turns every weight NaN, silently
+        raise ValueError("data contain NaN or inf" + ("" if isinstance(data, torch.Tensor) else
+                                                      " (in a draw of 4096 points from the sampler)"))
     d = box_src.shape[1]
     if fp_weight:
         if fp_box is None:
@@ -321,25 +332,24 @@ def train(model: nn.Module, data, process: Process, loss: str = "cem", *, iters:
         fp_hi = torch.tensor([float(b) for _, b in fp_box], dtype=torch.float64)
         if fp_lo.numel() != d:
             raise ValueError(f"fp_box must give (lo, hi) for each of the {d} dimensions")
-    fp_batch = int(fp_batch or batch_size)
 
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = None
     if lr_final is not None:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(iters), eta_min=float(lr_final))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=float(lr_final))
     loss_fn = LOSSES[loss]
     fn = (lambda x, t: model.score(x, t, create_graph=True)) if potential else model
     kw = {"weight": weight} if loss == "cem" else {}
     result = TrainResult(model=model, loss=loss, settings=dict(
-        iters=int(iters), batch_size=int(batch_size), lr=lr, lr_final=lr_final, t_min=t_min, t_dist=t_dist,
-        fp_weight=float(fp_weight), fp_batch=fp_batch, seed=int(seed), process=repr(process)))
-    bar = _bar(int(iters), progress, f"train {loss}" + (f" w_R={fp_weight:g}" if fp_weight else ""))
+        iters=iters, batch_size=batch_size, lr=lr, lr_final=lr_final, t_min=t_min, t_dist=t_dist,
+        fp_weight=float(fp_weight), fp_batch=fp_batch, seed=seed, process=repr(process)))
+    bar = _bar(iters, progress, f"train {loss}" + (f" w_R={fp_weight:g}" if fp_weight else ""))
     t0 = time.perf_counter()
     model.train()
-    for step in range(int(iters)):
-        x0 = _draw_data(data_cpu, int(batch_size), gen, step, int(seed), dtype).to(device)
-        t = sample_times(int(batch_size), process, t_min, t_dist, gen).to(device=device, dtype=dtype)
-        z = torch.randn(int(batch_size), d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    for step in range(iters):
+        x0 = _draw_data(data_cpu, batch_size, gen, step, seed, dtype).to(device)
+        t = sample_times(batch_size, process, t_min, t_dist, gen).to(device=device, dtype=dtype)
+        z = torch.randn(batch_size, d, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
         main = loss_fn(fn, x0, t, z, process, **kw)
         total = main
         if fp_weight:
@@ -358,11 +368,11 @@ def train(model: nn.Module, data, process: Process, loss: str = "cem", *, iters:
             sched.step()
         result.losses.append(float(total.detach()))
         result.diffusion_losses.append(float(main.detach()))
-        if (step + 1) % max(1, int(log_every)) == 0 or step + 1 == int(iters):
-            recent = sum(result.losses[-int(log_every):]) / len(result.losses[-int(log_every):])
+        if (step + 1) % log_every == 0 or step + 1 == iters:
+            recent = sum(result.losses[-log_every:]) / len(result.losses[-log_every:])
             info = {"step": step + 1, "loss": recent}
             if fp_weight:
-                recent = result.fp_residuals[-int(log_every):]
+                recent = result.fp_residuals[-log_every:]
                 info["fp_residual"] = sum(recent) / len(recent)
             bar.status(info)
             if callback is not None:

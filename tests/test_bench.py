@@ -598,3 +598,25 @@ def test_readme_adds_a_targets_only_run_to_the_suites_other_runs(tmp_path):
     md = mod.generate(tmp_path / "r", root=tmp_path)
     assert "| 784 | 256×1024 |" in md and "| 2 | 4096×16384 |" in md
     assert "posterior (the target cases, --targets-only)" in md and "(the cases of --only d=784)" not in md
+
+
+def test_bad_device_time_limit_or_only_is_one_line_and_exit_2(tmp_path, capsys):
+    """--list with a bad --device was a traceback; --time-limit nan was accepted and ignored; an --only that
+    matches nothing wrote an empty report and exited 0. Each is refused before any measurement."""
+    with pytest.raises(ValueError, match="device must be cpu or cuda, got 'banana'"):
+        bench.plan(device="banana")
+    assert bench.plan(["posterior"], device="cuda")               # listing a GPU run needs no GPU
+    out = tmp_path / "b"
+    for argv, needle in ((["--list", "--device", "banana"], "device must be cpu or cuda, got 'banana'"),
+                         (["--list", "--only", "zzzz"], "--only 'zzzz' matches none of the"),
+                         (["posterior", "--quick", "--only", "zzzz", "--out", str(out)], "--only 'zzzz' matches"),
+                         (["posterior", "--quick", "--time-limit", "nan", "--out", str(out)],
+                          "time_limit must be a positive number of seconds, got nan"),
+                         (["posterior", "--quick", "--time-limit", "inf", "--out", str(out)],
+                          "time_limit must be a positive number of seconds, got inf")):
+        assert bench.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--only 'zzzz', 'yyyy' matches none of the"):
+        bench.plan(["sample"], "cpu", only=["zzzz", "yyyy"])

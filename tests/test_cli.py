@@ -303,14 +303,15 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, capsys):
 
 def test_every_sample_option_passes_through_torchrun_unchanged():
     """torchrun's parser sees the script's arguments too: an option it reads as an abbreviation of its own
-    would stop the launch. --n is one (--nnodes, --nproc-per-node, ...); -n is the spelling that passes."""
+    would stop the launch. --n is one (--nnodes, --nproc-per-node, ...) and --r another (--rdzv-*, --role, ...);
+    -n and -r are the spellings that pass."""
     from torch.distributed.run import get_args_parser
 
     from fastdiff.cli import build_parser
 
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     options = [o for a in sample._actions for o in a.option_strings if o not in ("-h", "--help")]
-    assert "-n" in options and "--distributed" in options and "--timeout" in options
+    assert "-n" in options and "-r" in options and "--distributed" in options and "--timeout" in options
     blocked = []
     for option in options:
         argv = ["sample", option, "1"]
@@ -320,7 +321,7 @@ def test_every_sample_option_passes_through_torchrun_unchanged():
             blocked.append(option)
             continue
         assert parsed.training_script == "fastdiff" and parsed.training_script_args == argv, option
-    assert blocked == ["--n"]
+    assert blocked == ["--n", "--r"]
 
 
 def test_help_says_the_distributed_options_need_torchrun(capsys):
@@ -329,7 +330,7 @@ def test_help_says_the_distributed_options_need_torchrun(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--distributed {samples,data}" in text and "under torchrun (WORLD_SIZE > 1) only" in text
     assert "a plain process ignores it" in text and "under torchrun only: seconds a rank waits" in text
-    assert "under torchrun write -n" in text
+    assert "under torchrun write -n" in text and "under torchrun write -r" in text
     with pytest.raises(SystemExit) as exc:
         main(["sample", "--distributed", "both"])
     assert exc.value.code == 2 and "invalid choice: 'both'" in capsys.readouterr().err
@@ -397,4 +398,163 @@ def test_reproduce_all_smoke_issues_no_grid_warning(tmp_path, monkeypatch, capsy
     grid = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, fd.GridWarning)]
     assert grid == [], grid
     printed = capsys.readouterr().out.split()
-    assert len(printed) == len(reproduce.EXPERIMENTS) and all(p.endswith("results.md") for p in printed)
+    assert printed == [f"reproductions/{name}-smoke/results.md" for name in reproduce.EXPERIMENTS]   # never the
+    assert not (tmp_path / "reproductions" / "cem-schedules").exists()                             # committed ones
+
+
+# ---- the CLI review (items 3-8, 15, 16) ----------------------------------------------------------------------
+
+def test_n_data_too_big_for_memory_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    rc, _, err = _run_sample(capsys, "--n-data", "1e12", "--n", "5", "--steps", "3", "--out", str(out))
+    assert rc == 2 and "--n-data 1000000000000 would need about" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--n", "-5"], "--n must be >= 1, got -5"),
+    (["--n", "0"], "--n must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", "99999999999999999999999"], f"--seed must be <= {2**64 - 1}"),
+    (["--n", "1e12"], "--n 1000000000000 would need about"),
+])
+def test_demo_checks_its_options_before_any_work(tmp_path, capsys, argv, needle):
+    out = tmp_path / "d"
+    rc = main(["demo", "--steps", "3", "--out", str(out), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_demo_out_that_is_a_file_is_refused_before_the_work(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["demo", "--quick", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {str(afile)!r} is a file, not a folder" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_demo_explicit_n_and_steps_win_over_quick(tmp_path, capsys, monkeypatch):
+    from fastdiff import cli
+    calls = []
+    monkeypatch.setattr(cli, "run_demo", lambda out, **kw: calls.append(kw) or ([], None))
+    for argv, want in ((["--quick"], (2000, 50)), (["--quick", "--n", "500", "--steps", "5"], (500, 5)),
+                       (["--quick", "--steps", "7"], (2000, 7)), ([], (10_000, 100)), (["--n", "1e3"], (1000, 100))):
+        assert main(["demo", "--out", str(tmp_path), *argv]) == 0
+        assert (calls[-1]["n"], calls[-1]["steps"]) == want, argv
+        assert f"{want[0]} samples, {want[1]} steps" in capsys.readouterr().out
+
+
+def test_plot_is_checked_before_sampling(tmp_path, capsys, monkeypatch):
+    import fastdiff as fd
+    sampled = []
+    monkeypatch.setattr(fd, "sample", lambda *a, **k: sampled.append(1) or torch.zeros(5, 2))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    out = tmp_path / "o.npz"
+    for plot, needle in ((tmp_path / "p.txt", "--plot"), (blocker / "p.png", "is not writable"),
+                         (tmp_path, "is a folder")):
+        rc, _, err = _run_sample(capsys, "--n", "5", "--out", str(out), "--plot", str(plot))
+        assert rc == 2 and f"--plot {str(plot)!r}" in err and needle in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert "must end in a format matplotlib writes" in _run_sample(capsys, "--n", "5", "--out", str(out),
+                                                                    "--plot", str(tmp_path / "p.txt"))[2]
+    assert not sampled and not out.exists()
+    rc, text, _ = _run_sample(capsys, "--n", "5", "--out", str(out), "--plot", str(tmp_path / "sub" / "p.PDF"))
+    assert rc == 0 and sampled and (tmp_path / "sub" / "p.PDF").read_bytes()[:4] == b"%PDF"
+
+
+def test_reproduce_refuses_bad_mode_out_and_seed_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "cem-schedules", "--quick", "--smoke"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    for argv, needle in ((["--out", "afile"], "--out 'afile' is a file, not a folder"),
+                         (["--out", "afile/sub"], "--out 'afile/sub' cannot be created"),
+                         (["--seed", "-1", "--out", "r1"], "--seed must be >= 0, got -1"),
+                         (["--seed", str(2**64 - 1), "--out", "r2"], "--seed must be <= 9223372036854775807"),
+                         (["--seed", "99999999999999999999", "--out", "r3"], "--seed must be <=")):
+        rc = main(["reproduce", "cem-schedules", "--smoke", "--no-progress", *argv])
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exc:                         # argparse's own refusal, as for sample's --n
+        main(["reproduce", "cem-schedules", "--smoke", "--seed", "1.5", "--out", "r4"])
+    assert exc.value.code == 2 and "argument --seed: '1.5' is not an integer" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]       # no folder left behind
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--help"])
+    assert "integer in [0, 2**63)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_every_library_method_and_its_options_pass_through(tmp_path, capsys):
+    import warnings
+
+    import fastdiff as fd
+    from fastdiff import cli
+    from fastdiff.methods import ALL_METHODS
+
+    sample = cli.build_parser()._subparsers._group_actions[0].choices["sample"]
+    method = next(a for a in sample._actions if "--method" in a.option_strings)
+    assert tuple(method.choices) == ALL_METHODS and len(ALL_METHODS) == 14
+    out = tmp_path / "s.npy"
+    common = ["--data", "gaussian_2d", "--n-data", "30", "-n", "6", "--steps", "8", "--seed", "3"]
+    data = fd.datasets.gaussian_2d(30, seed=3)
+    for argv, kw in (
+            (["--method", "dpmpp_2m_sde", "--eta", "0.5", "--s-noise", "0.9", "--solver-type", "heun"],
+             dict(method="dpmpp_2m_sde", eta=0.5, s_noise=0.9, solver_type="heun")),
+            (["--method", "heun", "--s-churn", "1", "--s-tmin", "0.05", "--s-tmax", "50"],
+             dict(method="heun", s_churn=1.0, s_tmin=0.05, s_tmax=50.0)),
+            (["--method", "lms", "--order", "3"], dict(method="lms", order=3)),
+            (["--method", "dpmpp_sde", "--r", "0.25"], dict(method="dpmpp_sde", r=0.25)),
+            (["--method", "ei", "--eta", "0.3"], dict(method="ei", eta=0.3))):
+        rc, _, err = _run_sample(capsys, *common, *argv, "--out", str(out))
+        assert rc == 0, err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fd.GridWarning)            # 8 steps: a poor grid for some, on purpose
+            want = fd.sample(fd.PointCloud(data, cli.make_process("drifted-ve", None)), n=6, steps=8, seed=3, **kw)
+        assert np.array_equal(np.load(out), want.numpy()), argv
+    rc, _, err = _run_sample(capsys, *common, "--method", "ei", "--s-churn", "1", "--out", str(out))
+    assert rc == 2 and "method 'ei' takes no s_churn; its options are eta" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for word in ("dpmpp_3m_sde", "--s-churn", "--solver-type {midpoint,heun}", "--order", "--r R", "--eta"):
+        assert word in text, word
+
+
+def test_unset_method_options_are_not_passed(tmp_path, capsys, monkeypatch):
+    import fastdiff as fd
+    seen = {}
+    monkeypatch.setattr(fd, "sample", lambda cloud, **kw: seen.update(kw) or torch.zeros(5, 2))
+    assert _run_sample(capsys, "-n", "5", "--out", str(tmp_path / "s.npy"))[0] == 0
+    assert not {"eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "solver_type", "order", "r"} & set(seen)
+
+
+def test_settings_are_reproducible_and_record_resolved_values(tmp_path, capsys):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    for out in (a, b):
+        assert _run_sample(capsys, "--n-data", "40", "-n", "5", "--steps", "4", "--out", str(out))[0] == 0
+    sa, sb = (json.loads(str(np.load(p)["settings"])) for p in (a, b))
+    assert "func" not in sa and "bench_parser" not in sa
+    assert sa["T"] == 100.0 and sa["progress"] is False and sa["n_data"] == 40 and sa["method"] == "ei"
+    assert {k: v for k, v in sa.items() if k != "out"} == {k: v for k, v in sb.items() if k != "out"}
+    assert _run_sample(capsys, "--process", "ou", "-n", "5", "--steps", "4", "--out", str(a))[0] == 0
+    s = json.loads(str(np.load(a)["settings"]))
+    assert s["T"] == 10.0 and s["n_data"] == 2000
+
+
+def test_progress_estimate_counts_the_per_step_cost():
+    from fastdiff import cli
+    # measured: -n 2 --steps 1e5 took 4.7 s here and 8 s in the review (no bar: estimated 2.8 s before)
+    assert cli._estimated_seconds(2, 100_000, 2000, 2) > cli.AUTO_PROGRESS_SECONDS
+    assert 10 < cli._estimated_seconds(2, 300_000, 8, 2) < 30         # measured 13.6-24 s
+
+
+def test_help_says_seed_also_draws_the_named_data_set(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "also draws a named --data set" in text

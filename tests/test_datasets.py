@@ -204,3 +204,32 @@ def test_load_errors(tmp_path):
     err("inf.csv", "NaN or inf")
     with pytest.raises(FileNotFoundError, match="missing.npy"):
         D.load(tmp_path / "missing.npy")
+
+
+def test_load_csv_with_a_utf8_bom_keeps_its_first_point(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the first row is data, not a header to drop silently."""
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf1,2\n3,4\n5,6\n")
+    assert D.load(tmp_path / "bom.csv", dtype=torch.float64).tolist() == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    (tmp_path / "bomhdr.csv").write_bytes(b"\xef\xbb\xbfx,y\n3,4\n")
+    assert D.load(tmp_path / "bomhdr.csv").tolist() == [[3.0, 4.0]]
+    # a first row with some numbers is a broken data row, not a header: said so, never dropped
+    (tmp_path / "mixed.csv").write_text("1,oops\n3,4\n")
+    with pytest.raises(ValueError, match=r"mixed\.csv: line 1 is not comma-separated numbers"):
+        D.load(tmp_path / "mixed.csv")
+
+
+def test_load_csv_that_is_not_utf8_names_the_file(tmp_path):
+    (tmp_path / "utf16.csv").write_bytes(b"\xff\xfe1,2\n3,4\n")
+    with pytest.raises(ValueError, match=r"utf16\.csv: not a UTF-8 text CSV"):
+        D.load(tmp_path / "utf16.csv")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, -(2**63)])
+def test_seeds_outside_the_generator_range_are_refused(seed):
+    # -1 would alias 2**64 - 1 (torch wraps it), 2**64 overflowed with an unrelated message
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\), got " + str(seed)):
+        D.swiss_roll(3, seed=seed)
+    with pytest.raises(ValueError, match="seed must be in"):
+        D.get("blob9", 3, seed=seed)
+    assert D.swiss_roll(3, seed=2**64 - 1).shape == (3, 2)     # the range's ends are fine
+    assert D.swiss_roll(3, seed=0).shape == (3, 2)

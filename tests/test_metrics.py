@@ -250,3 +250,52 @@ def test_recovered_weights_and_distance():
         M.distance_to_support(torch.zeros(3, 3), data)
     with pytest.raises(ValueError, match="data must hold at least 1"):
         M.recovered_weights(s, torch.zeros(0, 2))
+
+
+# ----------------------------------------------------------------------------------------- review fixes
+def test_hist_counts_a_point_just_below_the_upper_edge():
+    """(x − lo)/(hi − lo)·b rounds up to b for the largest float below hi: the point is inside the grid and
+    belongs to the last bin, not dropped as outside (the demo's grid [-1.6, 1.6], 50 bins)."""
+    import numpy as np
+    lo, hi = -1.6, 1.6
+    x = float(np.nextafter(hi, -1))
+    assert x < hi and (x - lo) / (hi - lo) * 50 == 50.0          # the rounding this guards against
+    h = M._hist(torch.tensor([[x], [hi], [lo], [hi + 1e-9], [lo - 1e-9]], dtype=F64), [(lo, hi)], [50])
+    assert h.sum() == 3 and h[-1] == 2 and h[0] == 1             # x and hi in the last bin; the outside two dropped
+    # so a sample set sitting on the last bin's inside edge has KL 0 against itself, not log-of-nothing
+    s = torch.full((4,), x, dtype=F64)
+    assert M.kl_histogram(s, reference=s, bins=50, range=(lo, hi)) == 0.0
+
+
+@pytest.mark.parametrize("floor", [1.0, 2.0, math.inf, math.nan, 0.0, -1e-3])
+def test_kl_histogram_floor_must_be_a_probability_below_1(floor):
+    x, y = torch.randn(200, generator=gen(0)), torch.randn(300, generator=gen(1))
+    with pytest.raises(ValueError, match=r"floor must lie in \(0, 1\)"):
+        M.kl_histogram(x, reference=y, floor=floor)
+    # Σ_j max(p_j, floor) <= 1 + B·floor, so KL >= −log(1 + B·floor) (Gibbs): a tiny floor keeps it >= 0
+    assert M.kl_histogram(x, reference=y, floor=1e-12) >= -1e-9
+    assert M.kl_histogram(x, reference=y, bins=100, floor=0.5) >= -math.log(1 + 100 * 0.5)
+
+
+def test_metric_arguments_are_checked_by_name():
+    x, y = torch.randn(50, 2, generator=gen(0)), torch.randn(60, 2, generator=gen(1))
+    x1, y1 = x[:, 0], y[:, 0]
+    with pytest.raises(ValueError, match="bins must be a positive int or 2 positive ints, got 10.0"):
+        M.kl_histogram(x, reference=y, bins=10.0)
+    with pytest.raises(ValueError, match=r"range must be \(lo, hi\) for 1-D or"):
+        M.kl_histogram(x, reference=y, range=(0, 1))               # a 1-D range for 2-D data
+    with pytest.raises(ValueError, match="range must be"):
+        M.kl_histogram(x1, reference=y1, range=("a", "b"))
+    for seed in (2**64, -1, 1.7, math.nan, None, True):
+        with pytest.raises(ValueError, match="seed must be"):
+            M.w2(x1, y1, max_n=10, seed=seed)
+        with pytest.raises(ValueError, match="seed must be"):
+            M.sliced_w2(x, y, seed=seed)
+    assert M.w2(x1, y1, max_n=10, seed=2**64 - 1) > 0             # the whole generator range is accepted
+    for bw in ("a", [1, 2], object()):
+        with pytest.raises(ValueError, match="bandwidth must be a finite number > 0"):
+            M.mmd(x, y, bandwidth=bw)
+    for bad in ("abc", [["a", "b"]], [[1, 2], [3]], [[1, None]]):
+        with pytest.raises(ValueError, match="x must be numeric"):
+            M.w2(bad, y)
+    assert M.w2([[0.0, 0.0]] * 3, [[3.0, 4.0]] * 3) == pytest.approx(5.0)   # lists of numbers still work

@@ -4,6 +4,7 @@ figures. Smoke numbers mean nothing; the checks here are on the shape of the out
 quantities that are exact or robust even at smoke sizes."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +150,38 @@ def test_drift_ve_gaussian_verdict_when_conservative_beats_pure_in_most_cells(tm
     assert stats["cells"] > 0 and stats["cons<pure"] == stats["cells"]
     assert js["cons_vs_pure_relative_difference"]["median"] >= 0.05
     assert "**Agree**: the conservative drift is lower" in path.read_text()
+
+
+def test_smoke_runs_default_to_their_own_folder(tmp_path, monkeypatch):
+    """A smoke run never lands on the committed (--quick) results in reproductions/<name>."""
+    monkeypatch.chdir(tmp_path)
+    committed = tmp_path / "reproductions" / "cem-schedules" / "results.md"
+    committed.parent.mkdir(parents=True)
+    committed.write_text("# committed --quick results\n")
+    path = rp.run("cem-schedules", smoke=True, seed=0)
+    assert path == Path("reproductions") / "cem-schedules-smoke" / "results.md"
+    assert "Smoke mode" in path.read_text()
+    assert committed.read_text() == "# committed --quick results\n"
+
+
+def test_run_checks_mode_out_and_seed_before_writing_anything(tmp_path):
+    with pytest.raises(ValueError, match="quick and smoke exclude each other"):
+        rp.run("cem-schedules", quick=True, smoke=True, out=tmp_path / "q")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match="out .*afile.* is a file, not a folder"):
+        rp.run("cem-schedules", smoke=True, out=afile)
+    with pytest.raises(ValueError, match="out .* cannot be created"):
+        rp.run("cem-schedules", smoke=True, out=afile / "sub")
+    for seed, needle in ((-1, "seed must be >= 0"), (2**63, f"seed must be <= {rp.MAX_SEED}"),
+                         (1.5, "seed must be an integer"), (True, "seed must be an integer")):
+        with pytest.raises(ValueError, match=needle):
+            rp.run("cem-schedules", smoke=True, out=tmp_path / "s", seed=seed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]      # no folder left behind
+
+
+def test_the_largest_seed_runs_with_every_derived_seed_in_range(tmp_path):
+    # ode-sde-gap derives ctx.seed + 201 at most; fd.sample and torch's generators take [0, 2**64)
+    path = rp.run("ode-sde-gap", smoke=True, out=tmp_path, seed=rp.MAX_SEED)
+    assert f"--seed {rp.MAX_SEED}`" in path.read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["seed"] == rp.MAX_SEED

@@ -224,3 +224,46 @@ def test_potential_training_with_fp_residual():
         tr.train(pot, fd.datasets.blob9, process, "cem", iters=1)
     with pytest.raises(ValueError, match="unknown loss"):
         tr.train(pot, fd.datasets.blob9, process, "l1", iters=1)
+
+
+def test_non_finite_data_are_refused_before_training():
+    bad = fd.datasets.spiral(500, seed=0)
+    bad[3, 0] = float("nan")
+    net = tr.MLP(2, hidden=8, layers=1, seed=0)
+    before = [p.clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match="data contain NaN or inf"):
+        tr.train(net, bad, fd.OU(0.5, 1.0, 10.0), "dsm", iters=5, batch_size=64)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))   # nothing trained
+
+    def inf_sampler(n, seed=0):
+        x = fd.datasets.spiral(n, seed=seed)
+        x[0, 1] = float("inf")
+        return x
+    with pytest.raises(ValueError, match="data contain NaN or inf"):
+        tr.train(net, inf_sampler, fd.OU(0.5, 1.0, 10.0), "dsm", iters=5, batch_size=64)
+
+
+def test_log_every_windows_are_the_last_log_every_losses():
+    seen = []
+    r = _tiny("dsm", iters=6, log_every=2, callback=seen.append)
+    assert [s["step"] for s in seen] == [2, 4, 6]
+    assert [s["loss"] for s in seen] == pytest.approx([sum(r.losses[i - 2:i]) / 2 for i in (2, 4, 6)], rel=1e-12)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"log_every": 0}, "log_every must be >= 1, got 0"),
+    ({"log_every": -1}, "log_every must be >= 1, got -1"),
+    ({"log_every": 2.5}, "log_every must be an integer"),
+    ({"iters": 2.7}, "iters must be an integer"),
+    ({"iters": float("nan")}, "iters must be an integer"),
+    ({"iters": 0}, "iters must be >= 1, got 0"),
+    ({"batch_size": 16.0}, "batch_size must be an integer"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"fp_batch": 3.5}, "fp_batch must be an integer"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+])
+def test_counts_are_integers_never_truncated(kw, needle):
+    args = {"iters": 3, "batch_size": 16, **kw}
+    with pytest.raises(ValueError, match=needle):
+        tr.train(tr.MLP(2, 8, 1, seed=0), fd.datasets.gaussian_2d(64, seed=0), fd.OU(), "dsm", **args)

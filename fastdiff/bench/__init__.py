@@ -28,6 +28,7 @@ Speed is measured here, never asserted in tests.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -83,8 +84,9 @@ def run(suites=SUITES, device: str = "cpu", quick: bool = False, out=None, *, pr
         if int(threads) < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(int(threads))
-    if time_limit is not None and float(time_limit) <= 0:
-        raise ValueError(f"time_limit must be positive, got {time_limit}")
+    if time_limit is not None and not (math.isfinite(float(time_limit)) and float(time_limit) > 0):
+        # nan passed `<= 0` and was then ignored; inf is no limit (leave it out)
+        raise ValueError(f"time_limit must be a positive number of seconds, got {float(time_limit):g}")
     precision = torch.get_float32_matmul_precision()
     tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     # fp32 products everywhere (the torch alternatives are "cuBLAS fp32"; TF32 would change their accuracy)
@@ -141,13 +143,19 @@ def _restore_sigterm(previous):
             pass
 
 
-def _device(device: str) -> torch.device:
+def _parse_device(device: str) -> torch.device:
+    """cpu or cuda[:i] as a torch.device, without needing the device (a plan can list a GPU run anywhere)."""
     try:
         dev = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise ValueError(f"device must be cpu or cuda, got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    return dev
+
+
+def _device(device: str) -> torch.device:
+    dev = _parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available to torch here")
     if dev.type == "cuda" and dev.index is None:
@@ -160,6 +168,10 @@ def select_cases(planned, only):
     closing cases (speedups, fits) kept so the selected rows are post-processed as in a full run."""
     if not only:
         return planned
+    picked = [c for c in planned if any(o in c.label for o in only) and not c.label.endswith(_FINISHING)]
+    if not picked:       # else an empty report and exit 0: a typo would look like a run
+        raise ValueError(f"--only {', '.join(map(repr, only))} matches none of the {len(planned)} cases planned "
+                         "(see --list)")
     return [c for c in planned if c.label.endswith(_FINISHING) or any(o in c.label for o in only)]
 
 
@@ -169,9 +181,7 @@ def plan(suites=SUITES, device: str = "cpu", quick: bool = False, targets_only: 
     from .common import Context
     from .timing import policy_for
     suites = _check_suites(suites)
-    dev = torch.device(device)
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    dev = _parse_device(device)
     ctx = Context(device=dev, quick=quick, out=Path("."), policy=policy_for(dev, quick), env={}, run_id="plan")
     planned = [c for s in suites for c in _suite_module(s).cases(ctx)]
     planned = select_cases(target_cases(planned) if targets_only else planned, only)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..schedules import as_integer
 from . import cem_schedules, cem_training, drift_ve_gaussian, drift_ve_table, ode_sde_gap
 from ._common import Context, write_json
 
@@ -31,7 +32,17 @@ EXPERIMENTS = {name: mod.experiment for name, mod in _MODULES.items()}
 #: name -> one-line description
 DESCRIPTIONS = {name: mod.DESCRIPTION for name, mod in _MODULES.items()}
 
-__all__ = ["DESCRIPTIONS", "EXPERIMENTS", "Context", "run"]
+#: the largest seed: the experiments derive seeds up to seed + 201 (ode-sde-gap), and every one must stay
+#: within torch's generators and fd.sample's [0, 2**64); [0, 2**63) leaves a wide margin and is easy to state
+MAX_SEED = 2**63 - 1
+
+__all__ = ["DESCRIPTIONS", "EXPERIMENTS", "MAX_SEED", "Context", "run", "default_out"]
+
+
+def default_out(name: str, smoke: bool = False) -> Path:
+    """reproductions/<name>, or reproductions/<name>-smoke for a smoke run: its meaningless numbers never
+    replace the committed --quick results."""
+    return Path("reproductions") / (f"{name}-smoke" if smoke else name)
 
 
 def run(name: str, quick: bool = False, smoke: bool = False, out=None, seed: int = 0,
@@ -39,8 +50,10 @@ def run(name: str, quick: bool = False, smoke: bool = False, out=None, seed: int
     """Run experiment `name` and return the path of its results.md.
 
     quick   the reduced mode (< 3 minutes on two CPU cores);  smoke: seconds, for CI (meaningless numbers)
-    out     output folder (default ``reproductions/<name>``), created if needed
-    seed    seeds every random draw (data sets, sampler noise, network initialisation, training)
+    out     output folder (default ``reproductions/<name>``, ``reproductions/<name>-smoke`` for smoke), created
+            if needed; files already in it are replaced
+    seed    an integer in [0, 2**63) (MAX_SEED at most); seeds every random draw (data sets, sampler noise,
+            network initialisation, training)
     progress  log each stage to stderr
     threads   torch intra-op threads during the run (restored afterwards); None leaves it alone. The
               default is 1: the work here is many small tensor ops, and on a machine shared with other
@@ -48,16 +61,24 @@ def run(name: str, quick: bool = False, smoke: bool = False, out=None, seed: int
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    if quick and smoke:                  # was: smoke, silently
+        raise ValueError("quick and smoke exclude each other: choose one mode")
+    seed = as_integer(seed, "seed", 0, MAX_SEED)      # before any work or folder (seed + 201 must still fit)
     mode = "smoke" if smoke else ("quick" if quick else "full")
-    out = Path(out) if out is not None else Path("reproductions") / name
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(name=name, mode=mode, out=out, seed=int(seed), progress=bool(progress))
+    out = Path(out) if out is not None else default_out(name, smoke)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out {str(out)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"out {str(out)!r} cannot be created ({exc.strerror or exc})") from None
+    ctx = Context(name=name, mode=mode, out=out, seed=seed, progress=bool(progress))
     prev_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(max(1, min(int(threads), prev_threads)))
     try:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+            torch.manual_seed(seed)
             t0 = time.perf_counter()
             body = EXPERIMENTS[name](ctx)
             seconds = time.perf_counter() - t0
@@ -76,6 +97,6 @@ def run(name: str, quick: bool = False, smoke: bool = False, out=None, seed: int
         header += "\n> **Smoke mode**: tiny sizes that only exercise the code; the numbers below mean nothing.\n"
     path = out / "results.md"
     path.write_text(header + "\n" + body.strip() + "\n")
-    write_json(out / "results.json", {"experiment": name, "mode": mode, "seed": int(seed),
+    write_json(out / "results.json", {"experiment": name, "mode": mode, "seed": seed,
                                        "seconds": seconds, "figures": ctx.figures, "results": ctx.results})
     return path
