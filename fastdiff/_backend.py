@@ -235,11 +235,11 @@ def select(op: str, backend: str = "auto", **facts) -> Backend:
     if backend == "auto":
         backend = os.environ.get("FASTDIFF_BACKEND", "auto") or "auto"
     if backend != "auto":
+        source = " (from FASTDIFF_BACKEND)" if requested == "auto" else ""
         if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {', '.join(BACKENDS)}")
+            raise ValueError(f"unknown backend {backend!r}{source}; choose 'auto' or one of {', '.join(BACKENDS)}")
         reasons = BACKENDS[backend].refuse_reasons(op, **facts)
         if reasons:
-            source = " (from FASTDIFF_BACKEND)" if requested == "auto" else ""
             raise ValueError(f"backend {backend!r}{source} cannot run {op}: " + "; ".join(reasons))
         return BACKENDS[backend]
     device = facts.get("device")

@@ -148,6 +148,8 @@ def check_number(value, name: str) -> float:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v
@@ -167,7 +169,10 @@ def as_real(value, name: str) -> float:
         shown = f"{kind} of shape {tuple(value.shape)} ({value.dtype})" \
             if isinstance(value, (torch.Tensor, np.ndarray)) else repr(value)
         raise TypeError(f"{name} must be a number, got {shown}")
-    return float(value.item() if isinstance(value, (torch.Tensor, np.ndarray)) else value)
+    try:
+        return float(value.item() if isinstance(value, (torch.Tensor, np.ndarray)) else value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
 
 
 def check_bandwidth(bandwidth) -> float:

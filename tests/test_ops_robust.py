@@ -428,3 +428,87 @@ def test_finite_scan_is_one_reduction_per_tensor():
     b = torch.tensor([0.0, NAN])
     got = _checks.minmax(a=a, b=b, empty=torch.empty(0, 3))
     assert got["a"] == (-2.0, 3.0) and all(math.isnan(v) for v in got["b"]) and got["empty"] is None
+
+
+# -- aliasing, empty shapes under autograd, second derivatives (review of the ops) ---------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_affine_step_into_a_history_buffer(backend):
+    """out=D1 (a loop rotating its buffers): the backends write the one-step update before they read the history,
+    so an out sharing D's or a history D's memory gets the result copied in (it used to be 0.98 off)."""
+    dt, dev = _dtype(backend), _device(backend)
+    x, y = _problem(M=6, N=6, d=3, dtype=dt, device=dev)
+    D, D1, D2 = (y[torch.randperm(6, generator=_gen(k))] for k in range(3))
+    hist = lambda a, b: ((0.4, a), (-0.2, b))             # noqa: E731
+    want = ops.affine_step(x, D, 0.9, 0.3, 0.1, 5, 2, history=hist(D1, D2), backend=backend)
+    for target in ("D", "D1", "D2"):
+        bufs = {"D": D.clone(), "D1": D1.clone(), "D2": D2.clone()}
+        out = bufs[target]
+        got = ops.affine_step(x, bufs["D"], 0.9, 0.3, 0.1, 5, 2, history=hist(bufs["D1"], bufs["D2"]), out=out,
+                              backend=backend)
+        assert got is out and torch.equal(out, want), target
+    view = torch.cat([D1, D2]).clone()                    # out a view of the same storage as a history D
+    got = ops.affine_step(x, D, 0.9, 0.3, 0.1, 5, 2, history=((0.4, view[:6]), (-0.2, view[6:])), out=view[6:],
+                          backend=backend)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pointcloud_step_in_place_on_a_view_of_the_data(backend):
+    dt, dev = _dtype(backend), _device(backend)
+    _, y = _problem(M=6, N=300, d=3, dtype=dt, device=dev)          # several row blocks of every backend
+    want = ops.pointcloud_step(y.clone(), y, 1.0, 0.5, 0.9, 0.1, 0.2, 3, 1, backend=backend)
+    data = y.clone()
+    x = data[:]                                           # no clone: x's rows are data's
+    ops.pointcloud_step(x, data, 1.0, 0.5, 0.9, 0.1, 0.2, 3, 1, out=x, backend=backend)
+    assert torch.equal(x, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batches_stay_in_the_autograd_graph(backend):
+    dt, dev = _dtype(backend), _device(backend)
+    _, y = _problem(dtype=dt, device=dev)
+    x = torch.empty(0, 3, dtype=dt, device=dev, requires_grad=True)
+    D = torch.empty(0, 3, dtype=dt, device=dev, requires_grad=True)
+    for out in (ops.affine_step(x, D, 0.9, 0.3, 0.1, 0, 0, backend=backend),
+                ops.pointcloud_step(x, y, 1.0, 0.3, 0.9, 0.1, 0.2, 0, 0, backend=backend)):
+        assert out.requires_grad and out.shape == (0, 3)
+        (gx,) = torch.autograd.grad(out.sum(), x)
+        assert gx.shape == (0, 3)
+
+
+def test_a_second_derivative_through_the_posterior_raises():
+    """Gradient-penalty losses: grad(L, x, create_graph=True) then backward. The VJP is computed outside
+    autograd, so the Hessian term used to be dropped without a word (x.grad off by up to 35)."""
+    x, y = _problem()
+    for fn, name in ((lambda xx: ops.posterior(xx, y, 0.9, 0.4)[1].sum(), "posterior"),
+                     (lambda xx: ops.pointcloud_step(xx, y, 0.9, 0.4, 0.8, 0.3, 0.0, 0, 0).pow(2).sum(),
+                      "pointcloud_step")):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(xx), xx, create_graph=True)
+        assert g.requires_grad
+        with pytest.raises(RuntimeError, match=f"fastdiff.ops.{name} has no double backward"):
+            (g * g).sum().backward()
+        (g1,) = torch.autograd.grad(fn(xx), xx)            # first order alone is unchanged
+        assert torch.equal(g1, g.detach())
+    # affine_step is linear: its second derivative is exact (here 2·A² per element of x)
+    xx, D = x.clone().requires_grad_(), y[:5].clone().requires_grad_()
+    (g,) = torch.autograd.grad(ops.affine_step(xx, D, 0.7, 0.3, 0.0, 0, 0).pow(2).sum(), xx, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), xx)
+    assert torch.allclose(h, torch.full_like(h, 2 * 0.7 * 0.7), rtol=1e-15, atol=0)
+
+
+def test_huge_integers_and_the_environment_backend_are_named(monkeypatch):
+    x, y = _problem()
+    for kw, name in (({"alpha": 10**400}, "alpha"), ({"sigma": 10**400}, "sigma"),
+                     ({"bandwidth": 10**400}, "bandwidth")):
+        args = {"alpha": 1.0, "sigma": 0.5, "bandwidth": 0.0, **kw}
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            ops.posterior(x, y, args["alpha"], args["sigma"], bandwidth=args["bandwidth"])
+    with pytest.raises(ValueError, match="A must be finite"):
+        ops.affine_step(x, x, 10**400, 0.3, 0.0, 0, 0)
+    with pytest.raises(ValueError, match=r"history\[0\] B must be finite"):
+        ops.affine_step(x, x, 1.0, 0.3, 0.0, 0, 0, history=((10**400, x),))
+    monkeypatch.setenv("FASTDIFF_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"unknown backend 'bogus' \(from FASTDIFF_BACKEND\)"):
+        ops.posterior(x, y, 1.0, 0.5)

@@ -10,9 +10,9 @@ The same contract on every backend:
 - Noise counters: seed in [0, 2**64), step in [0, 2**32), sample_offset >= 0 with sample_offset + M < 2**63
   (global sample indices are int64 on every backend).
 - Autograd: gradients flow to x (posterior: D and L; pointcloud_step) and to x, D and the history's D's
-  (affine_step), computed by
-  fastdiff.ops._autograd in float64 from the inputs, identically for every backend (first order only:
-  no double backward). dL/dx is the score (alpha*D - x)/c for bandwidth 0. data, log_weights, alpha, sigma and
+  (affine_step), computed by fastdiff.ops._autograd in float64 from the inputs, identically for every backend
+  (posterior and pointcloud_step: first order only, a second derivative raises; affine_step is linear, exact at
+  any order). dL/dx is the score (alpha*D - x)/c for bandwidth 0. data, log_weights, alpha, sigma and
   the coefficients get no gradient: passing one that requires grad raises. pointcloud_sample (in place) has
   no backward and raises when x requires grad; out= raises when x, D or out requires grad. Under
   torch.no_grad() nothing is recorded and every op runs as usual.
@@ -100,10 +100,11 @@ def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, 
         _check_history_values(hist_D)
     impl = _backend.select("affine_step", backend, **_backend.facts(x))
     if x.shape[0] == 0:
-        return _into(out, x.new_empty(x.shape))
-    # Compute straight into a contiguous out (nothing can fail once the inputs are checked); a strided out
-    # gets the result copied in.
-    direct = out if out is not None and out.is_contiguous() else None
+        return _into(out, _autograd.affine_step(lambda xx, *_: xx.new_empty(xx.shape), x, D, A, B, hist_D, coeffs))
+    # Compute straight into a contiguous out (nothing can fail once the inputs are checked); a strided out, or
+    # one sharing memory with D or a history D (the backends write the one-step update before they read the
+    # history), gets the result copied in. out=x is fine: each element of x is read before it is written.
+    direct = out if out is not None and out.is_contiguous() and not _shares_memory(out, D, *hist_D) else None
     B1, B2 = (coeffs + [0.0, 0.0])[:2]
 
     def run(xx, DD, D1=None, D2=None):
@@ -111,6 +112,12 @@ def affine_step(x, D, A, B, C, seed: int, step: int, sample_offset: int = 0, *, 
         return impl.affine_step(xx.contiguous(), DD.contiguous(), A, B, C, seed, step, sample_offset, direct,
                                 D1, B1, D2, B2)
     return _into(out, _autograd.affine_step(run, x, D, A, B, hist_D, coeffs))
+
+
+def _shares_memory(out, *tensors) -> bool:
+    """Whether out's storage is that of any of tensors (a view of it counts: conservative, never wrong)."""
+    ptr = out.untyped_storage().data_ptr()
+    return any(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr for t in tensors)
 
 
 def affine_stepper(x, seed: int, sample_offset: int, steps: int, *, backend: str = "auto"):
@@ -187,8 +194,11 @@ def pointcloud_step(x, data, alpha, sigma, A, B, C, seed: int, step: int, sample
     _checks.check_out(out, x, x)
     impl = _backend.select("pointcloud_step", backend, **_backend.facts(x))
     if x.shape[0] == 0:
-        return _into(out, x.new_empty(x.shape))
-    direct = out if out is not None and out.is_contiguous() else None
+        return _into(out, _autograd.pointcloud_step(lambda xx: xx.new_empty(xx.shape), x, data, alpha, sigma, A, B,
+                                                    log_weights, bandwidth))
+    # an out sharing memory with the data (x a view of data) gets the result copied in: a kernel writing its rows
+    # of out while other row blocks still read data would read overwritten points
+    direct = out if out is not None and out.is_contiguous() and not _shares_memory(out, data, log_weights) else None
 
     def run(xx):
         return _precision.pointcloud_step(impl, backend, xx.contiguous(), data.contiguous(), alpha, sigma, A, B, C,

@@ -2,7 +2,8 @@
 
 The forward runs the selected backend's kernel with grad mode off; the backward is computed here, in float64
 from the inputs, so it does not depend on the backend (nor on its working precision). Gradients flow to x
-(and to D and the history's D's for affine_step); no double backward.
+(and to D and the history's D's for affine_step). No double backward: a second derivative through posterior or
+pointcloud_step raises (affine_step is linear, its gradient exact at any order).
 
 Posterior (MATH.md §5), with a_i = log π_i − |x − α y_i|²/(2c), w = softmax(a), ȳ = Σ w_i y_i, c = α²v + σ²:
   ∂L/∂x = (α ȳ − x)/c                         (the score ∇ log p_t(x): the Gaussian normaliser is constant in x)
@@ -14,8 +15,9 @@ mean first (x − αy = (x − αμ) − α(y − μ)), so a cloud far from the 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from .._checks import per_row64
 
@@ -109,6 +111,39 @@ def posterior_vjp(x, data, alpha, sigma, log_weights, bandwidth, gD, gL, block_e
     return out
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Passes a first-order gradient on; differentiating it again raises. The VJP is computed outside autograd,
+    so its own derivative would silently be zero (a gradient penalty would get a wrong x.grad)."""
+
+    @staticmethod
+    def forward(ctx, g, x, name):
+        ctx.name = name
+        return g.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"fastdiff.ops.{ctx.name} has no double backward (its gradient was taken with "
+                           "create_graph=True and then differentiated again)")
+
+
+def _first_order(name):
+    """once_differentiable for a backward whose gradient depends on x nonlinearly: under create_graph=True the
+    gradient stays connected to x through _NoDoubleBackward, so a second backward raises instead of dropping the
+    Hessian term (once_differentiable only refuses when the incoming gradient itself requires grad)."""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def inner(ctx, *grads):
+            create_graph = torch.is_grad_enabled()
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not create_graph or out[0] is None:
+                return out
+            (x,) = ctx.saved_tensors
+            return (_NoDoubleBackward.apply(out[0], x, name), *out[1:])
+        return inner
+    return wrap
+
+
 class _Posterior(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, run, data, alpha, sigma, log_weights, bandwidth):
@@ -117,7 +152,7 @@ class _Posterior(torch.autograd.Function):
         return run(x.detach(), data, alpha, sigma, log_weights, bandwidth)
 
     @staticmethod
-    @once_differentiable
+    @_first_order("posterior")
     def backward(ctx, gD, gL):
         (x,) = ctx.saved_tensors
         data, alpha, sigma, log_weights, bandwidth = ctx.args
@@ -134,8 +169,8 @@ class _AffineStep(torch.autograd.Function):
         return run(x.detach(), D.detach(), *hist)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, g):
+        # linear: A·g, B·g, B_j·g in differentiable torch ops, so a second derivative (through g) is exact too
         A, B, B1, B2 = ctx.coeffs
         g64 = g.to(_F64)
         need = ctx.needs_input_grad
@@ -154,7 +189,7 @@ class _PointcloudStep(torch.autograd.Function):
         return run(x.detach())
 
     @staticmethod
-    @once_differentiable
+    @_first_order("pointcloud_step")
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         A, B = ctx.coeffs

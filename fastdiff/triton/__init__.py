@@ -7,8 +7,9 @@ Importing this package imports neither Triton nor a GPU driver: the kernels are 
 when an op module is first imported, so set TRITON_INTERPRET=1 before that to run them on CPU tensors
 under the Triton interpreter. `refuse_reasons(op, **inputs)` says why an op cannot run on given inputs.
 
-All ops compute in float32: x, D, L and outputs are float32; data may be stored in float32, float16 or
-bfloat16 (upcast on load); per-step/per-row coefficients are prepared in float64 on the host side.
+All ops compute in float32: x, L and outputs are float32; data and D may be stored in float32, float16 or
+bfloat16 (upcast on load) or float64 (rounded to float32 on load, as every backend reads them in x's dtype);
+per-step/per-row coefficients are prepared in float64 on the host side.
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ import torch
 LOG2E = 1.4426950408889634
 F32_MAX = 3.4028234663852886e38
 F32_TINY = 1.401298464324817e-45     # smallest positive (subnormal) float32
-DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# data, D and the history's D's: read in x's float32 on load, as every backend reads them in x's dtype (float64
+# ones are rounded, as the cpu and torch backends round them for a float32 x)
+DATA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # ---- the kernels' limits, written once (read by refuse_reasons through limit_reasons)
 ROWS_MAX = 2**31 - 4097     # most query rows / data points: row indices (program_id·BM + lane) are int32
 D_MAX = 2**31 - 4097        # most columns: column indices (k0 + lane) are int32; addresses are int64
