@@ -175,6 +175,13 @@ def as_real(value, name: str) -> float:
         raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
 
 
+def check_flag(value, name: str) -> bool:
+    """True or False (numpy's too): a switch given as "False" or None would otherwise act by its truthiness."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
 def check_bandwidth(bandwidth) -> float:
     v = check_number(bandwidth, "bandwidth")
     if v < 0:

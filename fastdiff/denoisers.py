@@ -318,8 +318,8 @@ class ModelDenoiser(Denoiser):
             t_in = torch.full((M,), t_in, dtype=x.dtype, device=x.device)
         out = self.model(xin, t_in.to(x.dtype))
         if not isinstance(out, torch.Tensor) or out.shape != xin.shape:
-            raise ValueError(f"model(x, t) must return a tensor shaped like x {tuple(xin.shape)}, "
-                             f"got {getattr(out, 'shape', type(out))}")
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__   # (a numpy array too)
+            raise ValueError(f"model(x, t) must return a tensor shaped like x {tuple(xin.shape)}, got {got}")
         unit_alpha = isinstance(inv_alpha, float) and inv_alpha == 1.0
         if inv_alpha is not None and self.prediction == "score" and not unit_alpha:
             # y = x/α has density α^d p_t(α y): the network's score is α ∇ log p_t(x), so divide by α.

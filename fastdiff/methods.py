@@ -39,7 +39,7 @@ import torch
 
 from . import _table
 from . import noise as _noise
-from ._checks import as_real, check_choice
+from ._checks import as_real, check_choice, check_flag
 from .processes import Process
 from .schedules import as_integer, check_times
 from .steps import METHODS as FIRST_ORDER_METHODS
@@ -534,6 +534,7 @@ def method_table(process: Process, times, method: str, *, ode: bool = False, eta
     (k-diffusion's default where not given), and ode=True sets it to 0 (the deterministic variant).
     """
     check_choice(method, "method", ALL_METHODS)
+    check_flag(ode, "ode")
     if method in FIRST_ORDER_METHODS:
         if options:
             raise TypeError(f"method {method!r} takes no option {', '.join(sorted(options))}")
@@ -552,6 +553,14 @@ def method_table(process: Process, times, method: str, *, ode: bool = False, eta
         raise ValueError(f"at most {MAX_STEPS} steps (the noise contract's step indices), got {times.numel() - 1}")
     la = process._log_alpha(times)
     sig_tilde = torch.exp(0.5 * torch.log(process._sigma2(times)) - la)
+    live = sig_tilde[:-1] if float(times[-1]) == 0.0 else sig_tilde      # (a grid's final t = 0 has σ̃ = 0)
+    if not bool((live[1:] < live[:-1]).all()):
+        # σ/α must fall strictly (h = log of its ratio divides): a process's σ floor in float64 (VE below
+        # t ≈ 1e-17, σ² = t² underflowing below 1e-154) repeats it on a strictly decreasing time grid
+        k = int(torch.nonzero(live[1:] >= live[:-1])[0])
+        raise ValueError(f"times: σ/α does not decrease from times[{k}]={float(times[k])} to "
+                         f"times[{k + 1}]={float(times[k + 1])} (both {float(live[k])} in float64, {process!r}'s "
+                         f"floor): {method!r} needs a strictly decreasing σ/α; end the grid at a larger t")
     steps = _ve_steps(sig_tilde.tolist(), method, options)
     K = len(steps)
     st_list = sig_tilde.tolist()

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+from ._checks import check_int
 
 PRIOR_STEP = 2**32 - 1
 _MASK32 = 0xFFFFFFFF
@@ -64,18 +67,21 @@ def philox4x32_10(counter, key):
 
 
 def _check_seed(seed) -> int:
-    s = int(seed)
-    if not 0 <= s < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
-    return s
+    return check_int(seed, "seed", 0, 2**64)             # never a truncated float (seed=1.7 is not seed 1)
 
 
 def _sample_index(sample_index, device) -> torch.Tensor:
-    if isinstance(sample_index, int):
-        sample_index = [sample_index]
+    if isinstance(sample_index, (int, np.integer)) and not isinstance(sample_index, (bool, np.bool_)):
+        sample_index = [check_int(sample_index, "sample_index", 0, 2**63)]
     elif isinstance(sample_index, range):
         sample_index = torch.arange(sample_index.start, sample_index.stop, sample_index.step, dtype=torch.int64)
-    idx = torch.as_tensor(sample_index, device=device)
+    elif isinstance(sample_index, (list, tuple)) and len(sample_index) == 0:
+        sample_index = torch.empty(0, dtype=torch.int64)
+    try:
+        idx = torch.as_tensor(sample_index, device=device)
+    except (OverflowError, RuntimeError, TypeError, ValueError):
+        raise ValueError("sample_index must be an int, a range or a 1-D integer tensor of indices in [0, 2**63), "
+                         f"got {sample_index!r}") from None
     if idx.dtype not in (torch.int32, torch.int64) or idx.ndim != 1:
         raise ValueError("sample_index must be an int, a range or a 1-D integer tensor, got "
                          f"{idx.dtype} {tuple(idx.shape)}")
@@ -91,17 +97,15 @@ def uniform(seed, sample_index, step, dim: int, *, device=None) -> torch.Tensor:
     Column 4q + m holds u_m of counter (q, step, i). These must agree bit for bit across backends.
     """
     seed = _check_seed(seed)
-    if not 0 <= int(step) < 2**32:
-        raise ValueError(f"step must be in [0, 2**32), got {step}")
-    if int(dim) < 1:
-        raise ValueError(f"dim must be positive, got {dim}")
+    step = check_int(step, "step", 0, 2**32)
+    dim = check_int(dim, "dim", 1, 2**63)
     idx = _sample_index(sample_index, device)
-    quads = torch.arange((int(dim) + 3) // 4, dtype=torch.int64, device=idx.device)
+    quads = torch.arange((dim + 3) // 4, dtype=torch.int64, device=idx.device)
     c0 = quads.view(1, -1)
     c2 = (idx & _MASK32).view(-1, 1)
     c3 = (idx >> 32).view(-1, 1)
     r = philox4x32_10((c0, int(step), c2, c3), (seed & _MASK32, seed >> 32))
-    words = torch.stack(r, dim=-1).reshape(idx.numel(), -1)           # [M, 4·quads]
+    words = torch.stack(r, dim=-1).reshape(idx.numel(), 4 * quads.numel())      # [M, 4·quads]
     return ((words >> 9).to(torch.float32) + 0.5) * 2.0**-23           # exact: 2k + 1 < 2²⁴
 
 
@@ -111,8 +115,8 @@ def normal(seed, sample_index, step, dim: int, *, dtype=torch.float32, device=No
     Box–Muller is evaluated in float64 from the exact float32 uniforms, then rounded to `dtype`.
     """
     u = uniform(seed, sample_index, step, dim, device=device).to(torch.float64)
-    u = u.view(u.shape[0], -1, 2, 2)                                  # [M, quads, pair, (radius, angle)]
+    u = u.view(u.shape[0], u.shape[1] // 4, 2, 2)                     # [M, quads, pair, (radius, angle)]
     radius = torch.sqrt(-2.0 * torch.log(u[..., 0]))
     angle = (2 * math.pi) * u[..., 1]
     z = torch.stack((radius * torch.cos(angle), radius * torch.sin(angle)), dim=-1)
-    return z.reshape(u.shape[0], -1)[:, : int(dim)].to(dtype)
+    return z.reshape(u.shape[0], 4 * u.shape[1])[:, : int(dim)].to(dtype)

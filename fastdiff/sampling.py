@@ -15,7 +15,7 @@ import torch
 
 from . import _backend, _graphs, ops
 from . import methods as _methods
-from ._checks import check_choice
+from ._checks import check_choice, check_flag
 from .denoisers import Denoiser, PointCloud
 from .processes import Process
 from .schedules import DEFAULT_SCHEDULE, DEFAULT_T_END, as_integer, check_times, time_grid
@@ -90,7 +90,8 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    heun, dpm_2), solver_type (dpmpp_2m_sde), order (lms), r (dpmpp_sde). Each defaults
                    to k-diffusion's value.
     ode            False: the reverse SDE (eta = 1); True: the probability-flow ODE (eta = 0; for k-diffusion's
-                   methods: no noise of any kind, so eta and s_churn must be 0 or unset)
+                   methods: no noise of any kind, so eta and s_churn must be 0 or unset). ode, final_denoise,
+                   return_trajectory, progress and cuda_graph take True or False only
     t_end          the last time of the grid, in (0, T); default 1e-3
     final_denoise  return D(x_K, t_end) instead of x_K (score_sde's "noise removal")
     seed           an integer in [0, 2**64): the noise contract's key
@@ -122,8 +123,10 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    for the five methods above; for the others, such a denoiser needs "auto" or "torch" (the
                    step is the torch table executor)
     x              the initial state itself, [M, ...] float32/float64 (any strides; it is copied, never
-                   modified); its device and dtype are used, and n, if given, must equal M
-    times          an explicit strictly decreasing grid [K + 1] (replaces steps, schedule, t_end)
+                   modified); its device and dtype are used, and n, shape and dtype, if given, must agree
+    times          an explicit strictly decreasing grid [K + 1] (replaces steps, schedule, t_end); without x it
+                   must start at T (the start is drawn from the prior, the law at T); with x drawn at times[0]
+                   it may start lower (img2img)
     eta            in [0, 1]: interpolates the ODE (0) and the SDE (1); default from `ode`. For k-diffusion's
                    methods it is their eta (>= 0, default 1, or 0 with ode=True): the share of ancestral noise
     s_churn        churn of Karras et al.'s Algorithm 2 (edm_euler, heun, dpm_2; >= 0, default 0): each step
@@ -180,6 +183,9 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
             cuda_graph, options=None):
     process = _resolve_process(denoiser, process)
     options = options or {}
+    for name, flag in (("ode", ode), ("final_denoise", final_denoise), ("return_trajectory", return_trajectory),
+                       ("progress", progress), ("cuda_graph", cuda_graph)):
+        check_flag(flag, name)
     _check_method_options(method, eta, options)
     table_method = method not in _methods.FIRST_ORDER_METHODS      # a MATH.md §3b method: the table executor
     seed = as_integer(seed, "seed", 0, 2**64 - 1)
@@ -189,6 +195,11 @@ def _sample(denoiser, process, n, steps, schedule, method, ode, t_end, final_den
     if times is not None:
         times = check_times(process, times)
         K = times.numel() - 1
+        if x is None and float(times[0]) < process.T * (1 - 1e-12):
+            # the start is drawn from the prior, the law at T: a run begun lower would start from the wrong law
+            raise ValueError(f"times[0]={float(times[0])} is below T={process.T}, but without x= the run starts "
+                             "from the prior, the law at T: start the grid at T, or pass x= drawn at times[0] "
+                             "(img2img: x = α(t)·x0 + σ(t)·z)")
     else:
         K = as_integer(steps, "steps", 1)
     x0, n, event_shape, device, dtype = _initial_state(denoiser, n, x, shape, device, dtype)
@@ -582,6 +593,15 @@ def _initial_state(denoiser, n, x, shape, device, dtype):
             raise ValueError("x contains NaN or inf")
         if n is not None and as_integer(n, "n", 1) != x.shape[0]:
             raise ValueError(f"n={n} disagrees with x, which has {x.shape[0]} rows")
+        if shape is not None:
+            dims = (shape,) if not isinstance(shape, (tuple, list, torch.Size)) else shape
+            if tuple(as_integer(s, "shape", 1) for s in dims) != tuple(x.shape[1:]):
+                raise ValueError(f"shape={tuple(dims)} disagrees with x's per-sample shape {tuple(x.shape[1:])}; "
+                                 "drop shape= (x gives it)")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if dtype != torch.float32 and dtype != x.dtype:      # (float32 is the default: x's dtype wins over it)
+            raise ValueError(f"dtype={dtype} disagrees with x's dtype {x.dtype}; drop dtype= (x gives it)")
         event_shape, device, dtype, n = tuple(x.shape[1:]), x.device, x.dtype, x.shape[0]
     else:
         if n is None:

@@ -7,7 +7,7 @@ import operator
 import numpy as np
 import torch
 
-from ._checks import check_choice
+from ._checks import as_real, check_choice
 from .processes import Process
 
 SCHEDULES = ("uniform", "quadratic", "exponential", "karras", "logsnr")
@@ -61,7 +61,7 @@ def time_grid(process: Process, steps: int = 200, schedule: str = DEFAULT_SCHEDU
     """
     steps = as_integer(steps, "steps", 1)
     check_choice(schedule, "schedule", SCHEDULES)
-    T, delta = float(process.T), float(t_end)
+    T, delta = float(process.T), as_real(t_end, "t_end")
     if not (math.isfinite(delta) and 0 < delta < T):
         raise ValueError(f"t_end must lie in (0, T) = (0, {T}), got {t_end}")
     frac = torch.arange(steps + 1, dtype=torch.float64) / steps       # k/K
@@ -72,14 +72,21 @@ def time_grid(process: Process, steps: int = 200, schedule: str = DEFAULT_SCHEDU
     elif schedule == "exponential":
         t = torch.exp(math.log(T) - frac * (math.log(T) - math.log(delta)))
     elif schedule == "karras":
-        if not rho > 0:
-            raise ValueError(f"rho must be positive, got {rho}")
+        rho = as_real(rho, "rho")
+        if not (rho > 0 and math.isfinite(rho)):
+            raise ValueError(f"rho must be a finite number > 0, got {rho}")
         hi, lo = process.sigma(T) ** (1 / rho), process.sigma(delta) ** (1 / rho)
         t = process.sigma_inverse((hi + frac * (lo - hi)) ** rho)
     else:  # logsnr
         lam_T, lam_d = process.log_snr(T), process.log_snr(delta)
         t = _log_snr_inverse(process, lam_T + frac * (lam_d - lam_T))
     t[0], t[-1] = T, delta                                              # exact end points
+    if not (bool(torch.isfinite(t).all()) and bool((t[1:] < t[:-1]).all())):
+        # σ saturating (the aggressive drifted VE near T) or σ² underflowing (t_end below ~1e-154) in float64:
+        # the inverse gives repeated or NaN times, which check_times would blame on a `times` never passed
+        raise ValueError(f"schedule {schedule!r} with t_end={delta} and {steps} steps cannot be resolved in "
+                         f"float64 for {process!r} (σ saturates or underflows over the range): use fewer steps, "
+                         "a t_end further from 0 and from T, or another schedule")
     if append_zero:
         t = torch.cat([t, t.new_zeros(1)])
     return check_times(process, t)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _table
-from ._checks import as_real, check_choice
+from ._checks import as_real, check_choice, check_flag
 from .processes import Process
 from .schedules import check_times
 
@@ -65,6 +65,7 @@ class StepTable:
 
 
 def _resolve_eta(ode: bool, eta) -> float:
+    check_flag(ode, "ode")
     if eta is None:
         return 0.0 if ode else 1.0
     e = as_real(eta, "eta")

@@ -404,3 +404,10 @@ def test_point_cloud_options_are_checked_by_type():
     huge = torch.full((10,), 1e308, dtype=F64)
     for den in (fd.PointCloud(y, p, weights=huge), StreamingPointCloud(y, p, weights=huge)):
         assert torch.allclose(den.denoise(x, 0.5), fd.PointCloud(y, p).denoise(x, 0.5), rtol=0, atol=1e-14)
+
+
+def test_a_model_returning_an_array_is_named():
+    import numpy as np
+    den = fd.from_model(lambda x, t: np.zeros(tuple(x.shape)), fd.VP())
+    with pytest.raises(ValueError, match=r"must return a tensor shaped like x \(4, 2\), got ndarray"):
+        den.denoise(torch.randn(4, 2), 0.5)

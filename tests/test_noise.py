@@ -131,3 +131,19 @@ def test_philox_keeps_plain_int_words_on_the_tensor_words_device():
     cpu = noise.philox4x32_10((torch.arange(3), 5, torch.arange(3), torch.arange(3)), (7, 0))
     ref = noise.philox4x32_10((torch.arange(3), torch.full((3,), 5), torch.arange(3), torch.arange(3)), (7, 0))
     assert all(torch.equal(a, b) for a, b in zip(cpu, ref, strict=True))
+
+
+def test_counters_are_integers_never_truncated():
+    for kw, name in (({"step": 2.5}, "step"), ({"seed": 1.7}, "seed"), ({"seed": "5"}, "seed"),
+                     ({"dim": 4.9}, "dim"), ({"seed": True}, "seed")):
+        args = {"seed": 0, "sample_index": range(3), "step": 0, "dim": 4, **kw}
+        with pytest.raises(TypeError, match=f"{name} must be an integer"):
+            noise.normal(**args)
+    assert noise.normal(0, [], 0, 4).shape == (0, 4)
+    with pytest.raises(ValueError, match="sample_index"):
+        noise.normal(0, 2**63, 0, 4)
+    with pytest.raises(ValueError, match="sample_index"):
+        noise.normal(0, [2**63], 0, 4)
+    import numpy as np
+    assert torch.equal(noise.normal(np.uint64(2**64 - 1), np.int64(5), np.int32(7), np.int8(3)),
+                       noise.normal(2**64 - 1, 5, 7, 3))

@@ -64,3 +64,16 @@ def test_bad_grid_arguments(kwargs, match):
 def test_explicit_grids_are_validated(times, match):
     with pytest.raises(ValueError, match=match):
         fd.check_times(fd.OU(T=10.0), torch.tensor(times))
+
+
+def test_grids_float64_cannot_resolve_are_named():
+    for process, schedule, t_end in ((fd.DriftedVE(T=100.0, beta="t^2"), "karras", 99.9),
+                                     (fd.PureVE(T=100.0), "logsnr", 1e-300)):
+        with pytest.raises(ValueError, match=f"schedule '{schedule}' with t_end=.* cannot be resolved in float64"):
+            fd.time_grid(process, 100 if schedule == "logsnr" else 10, schedule, t_end)
+    with pytest.raises(ValueError, match="rho must be a finite number > 0"):
+        fd.time_grid(fd.VP(), 10, "karras", rho=math.inf)
+    with pytest.raises(TypeError, match="rho must be a number"):
+        fd.time_grid(fd.VP(), 10, "karras", rho="7")
+    with pytest.raises(TypeError, match="t_end must be a number"):
+        fd.time_grid(fd.VP(), 10, t_end="1e-3")
