@@ -387,3 +387,14 @@ def check_out(out, x, *requires):
                          "(and writing into a tensor that requires grad breaks its graph); drop out=, or run under "
                          "torch.no_grad()")
     return out
+
+
+def make_folder(path, name: str):
+    """An output folder, created now (as the run would create it), so a file in the way or a folder that cannot
+    be made is one ValueError naming `name` before the work, not an OSError after it."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{name} {str(path)!r} cannot be created ({exc.strerror or exc})") from None

@@ -173,14 +173,9 @@ def _check_plot(plot: Path):
 
 
 def _check_out_dir(out: Path, option: str = "--out"):
-    """An output folder: created now (as the run would), so a file in the way is one line naming `option`
-    before the work, not an OSError after it."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{option} {str(out)!r} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"{option} {str(out)!r} cannot be created ({exc.strerror or exc})") from None
+    """An output folder, made before the work (fastdiff._checks.make_folder)."""
+    from ._checks import make_folder
+    make_folder(out, option)
 
 
 AUTO_PROGRESS_SECONDS = 5.0   # estimated run time above which the bar is shown by default

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import make_folder
 from ..schedules import as_integer
 from . import cem_schedules, cem_training, drift_ve_gaussian, drift_ve_table, ode_sde_gap
 from ._common import Context, write_json
@@ -66,12 +67,7 @@ def run(name: str, quick: bool = False, smoke: bool = False, out=None, seed: int
     seed = as_integer(seed, "seed", 0, MAX_SEED)      # before any work or folder (seed + 201 must still fit)
     mode = "smoke" if smoke else ("quick" if quick else "full")
     out = Path(out) if out is not None else default_out(name, smoke)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out {str(out)!r} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"out {str(out)!r} cannot be created ({exc.strerror or exc})") from None
+    make_folder(out, "out")
     ctx = Context(name=name, mode=mode, out=out, seed=seed, progress=bool(progress))
     prev_threads = torch.get_num_threads()
     if threads:
