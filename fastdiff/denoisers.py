@@ -208,7 +208,7 @@ class GaussianMixture(Denoiser):
                 raise ValueError(f"{name} contains NaN or inf")
         if bool((w < 0).any()) or float(w.sum()) <= 0:
             raise ValueError("weights must be non-negative and not all zero")
-        if not torch.allclose(covs, covs.transpose(1, 2), rtol=0.0, atol=tol * max(1.0, float(covs.abs().max()))):
+        if not torch.allclose(covs, covs.transpose(1, 2), atol=tol * max(1.0, float(covs.abs().max()))):
             raise ValueError("covs must be symmetric")
         lam, U = torch.linalg.eigh(covs)
         if bool((lam < -tol * lam.abs().max().clamp_min(1.0)).any()):

@@ -123,7 +123,8 @@ def sample(denoiser: Denoiser, process: Process | None = None, *, n: int | None 
                    for the five methods above; for the others, such a denoiser needs "auto" or "torch" (the
                    step is the torch table executor)
     x              the initial state itself, [M, ...] float32/float64 (any strides; it is copied, never
-                   modified); its device and dtype are used, and n, shape and dtype, if given, must agree
+                   modified); its device and dtype are used, and n, shape, and a dtype other than the default
+                   float32, if given, must agree with it
     times          an explicit strictly decreasing grid [K + 1] (replaces steps, schedule, t_end); without x it
                    must start at T (the start is drawn from the prior, the law at T); with x drawn at times[0]
                    it may start lower (img2img)

@@ -10,7 +10,7 @@ partial (L_c, ȳ_c) are merged online in float64 with the same algebra as fastdi
   m' = max(m, L_c),  s' = s·e^{m−m'} + e^{L_c−m'},  acc' = acc·e^{m−m'} + e^{L_c−m'}·ȳ_c,
   L = m + log s,  ȳ = acc / s,  D = (1 − α²v/c)·ȳ + (αv/c)·x.
 Float32 rows whose mass is split between chunks while |L| is large (far queries at small σ) get a second pass
-in float64 (fastdiff.distributed.merge.F32_MERGE_LIMIT): a chunk's float32 L cannot resolve such a split.
+in float64 (fastdiff.distributed.merge.F32_MERGE_TOL): a chunk's float32 L cannot resolve such a split.
 Copy overlaps compute: on the CPU a background thread reads chunk i+1 while chunk i is reduced (file reads and
 torch kernels release the GIL). On CUDA, host chunks go through two pinned buffers and a side stream; that path
 is written for CUDA but has not been run on a GPU yet.
@@ -257,7 +257,7 @@ class StreamingPointCloud(_Cloud):
 
     def _merged(self, x, alpha, c):
         """(ȳ [M, d], L [M]) in float64: one pass over the chunks, then a second, in float64, for the float32 rows
-        whose merge float32's L cannot resolve (fastdiff.distributed.merge.F32_MERGE_LIMIT)."""
+        whose merge float32's L cannot resolve (fastdiff.distributed.merge.F32_MERGE_TOL)."""
         ybar, m, s, q = self._online(x, alpha, c)
         redo = float64_redo(x, ybar, m, s, q, self._absmax)
         if redo is not None:
@@ -271,7 +271,8 @@ class StreamingPointCloud(_Cloud):
         M = x.shape[0]
         m = torch.full((M,), -math.inf, dtype=torch.float64, device=x.device)
         s = torch.zeros(M, dtype=torch.float64, device=x.device)
-        q = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device)
+        # the second moments feed only the float32 redo test (merge.float64_redo): float64 queries skip them
+        q = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device) if x.dtype == torch.float32 else None
         acc = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device)
         for start, chunk in self._chunks(self._weighted_bounds):
             lw = None if self.log_weights is None else self.log_weights[start:start + chunk.shape[0]]
@@ -279,7 +280,8 @@ class StreamingPointCloud(_Cloud):
             new_m = torch.maximum(m, L_c)
             keep, add = torch.exp(m - new_m), torch.exp(L_c - new_m)
             s = s * keep + add
-            q.mul_(keep.unsqueeze(1)).add_(ybar_c * ybar_c * add.unsqueeze(1))
+            if q is not None:
+                q.mul_(keep.unsqueeze(1)).add_(ybar_c * ybar_c * add.unsqueeze(1))
             acc.mul_(keep.unsqueeze(1)).add_(ybar_c * add.unsqueeze(1))
             m = new_m
         return acc / s.unsqueeze(1), m, s, q

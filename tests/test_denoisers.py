@@ -411,3 +411,11 @@ def test_a_model_returning_an_array_is_named():
     den = fd.from_model(lambda x, t: np.zeros(tuple(x.shape)), fd.VP())
     with pytest.raises(ValueError, match=r"must return a tensor shaped like x \(4, 2\), got ndarray"):
         den.denoise(torch.randn(4, 2), 0.5)
+
+
+def test_nearly_symmetric_float64_covariances_still_pass():
+    """The dtype-aware tolerance must not make the symmetry check stricter than it was (rtol 1e-5)."""
+    p = fd.VP()
+    fd.Gaussian([0.0, 0.0], [[1.0, 0.3333333], [0.33333333, 1.0]], p)
+    with pytest.raises(ValueError, match="symmetric"):
+        fd.Gaussian([0.0, 0.0], [[1.0, 0.3], [0.4, 1.0]], p)

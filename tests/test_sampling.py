@@ -411,3 +411,18 @@ def test_a_grid_whose_sigma_floor_repeats_is_named(method):
         fd.sample(den, x=x, times=times, method=method)
     with pytest.raises(ValueError, match="σ/α does not decrease"):
         fd.gaussian_oracle(process, times, method, False, torch.zeros(1), torch.eye(1))
+
+
+def test_a_float32_grid_starting_at_t_rounded_is_t():
+    """torch.linspace(0.7, ...) in float32 starts at 0.69999999: that is T, not a grid begun below it (nor, for
+    T = 0.3 rounded up to 0.30000001, one beyond it)."""
+    for T in (0.7, 0.3):
+        p = fd.OU(T=T)
+        den = fd.Gaussian(torch.zeros(1), torch.eye(1), p)
+        times = torch.linspace(T, 1e-3, 11)
+        assert float(times[0]) != T
+        grid = fd.schedules.check_times(p, times)
+        assert float(grid[0]) == T and torch.equal(grid[1:], times[1:].double())
+        assert torch.equal(fd.sample(den, n=3, times=times), fd.sample(den, n=3, times=grid))
+    with pytest.raises(ValueError, match="below T"):       # a real shortfall is still one
+        fd.sample(fd.Gaussian(torch.zeros(1), torch.eye(1), fd.OU(T=0.7)), n=3, times=torch.linspace(0.69, 1e-3, 11))

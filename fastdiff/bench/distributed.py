@@ -10,10 +10,10 @@ Distributed (spawned ranks on 127.0.0.1; every case of one rank count runs in th
   strong scaling: a fixed global N split over K ranks;  weak scaling: a fixed N per rank.
   Per posterior call, after a barrier, each rank times its local fused reduction and then the merge (after a
   second barrier, so waiting for a slower rank is not counted as merge): all_reduce(MAX) of [M] float64 plus
-  all_reduce(SUM) of [M, 2d+1] float64 (ȳ, the shares, the second moments), i.e. 8·M·(2d+2) bytes of tensors
-  per step (a ring all_reduce sends about 2(K−1)/K of that per rank). The step time is the slowest rank's
-  local + merge. On CUDA every clock read follows torch.cuda.synchronize(), so a time is the GPU's work and not
-  the launch.
+  all_reduce(SUM) of [M, 2d+1] float64 (ȳ, the shares, and the second moments a float32 query's merge carries),
+  i.e. 8·M·(2d+2) bytes of tensors per step (a ring all_reduce sends about 2(K−1)/K of that per rank). The step
+  time is the slowest rank's local + merge. On CUDA every clock read follows torch.cuda.synchronize(), so a
+  time is the GPU's work and not the launch.
 Streaming (each case in a fresh process: peak resident set from getrusage, and above the resident set after
   imports and setup): N = 1e7 in d = 2 and N = 1e6 in d = 3072 (fp16 storage, a .npy of 6.1 GB) from a .npy
   file, beside smaller N to show that peak memory does not grow with N. The file is read through the page
@@ -120,7 +120,7 @@ def _time_sharded(spec, rank, dev):
         dist.barrier()
         sync()
         t2 = time.perf_counter()
-        pc.merge(part, M, x.device)
+        pc.merge(part, M, x.device, moments=x.dtype == torch.float32)     # (what fd.sample's float32 step sends)
         sync()
         t3 = time.perf_counter()
         if i:

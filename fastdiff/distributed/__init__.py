@@ -5,7 +5,7 @@ ShardedPointCloud   each rank holds one shard of the data; every posterior is on
                     [Σe^a·y, Σe^a] in float64), so D and L equal the single-device PointCloud on the
                     concatenated data to MATH.md §7 accuracy, bit-identical for a fixed rank count and layout
                     (float32 rows whose split mass float32's L cannot resolve are merged again from float64
-                    parts: merge.F32_MERGE_LIMIT). No backward: under autograd it raises.
+                    parts: merge.F32_MERGE_TOL). No backward: under autograd it raises.
 sample_parallel     each rank of a group draws its contiguous slice of the n samples (sample_offset, the noise
                     contract) and the slices are gathered: the result equals one process's bit for bit.
 grid_groups         a 2-D layout: data shards × sample slices, as two families of process groups.

@@ -89,7 +89,8 @@ class ShardedPointCloud(_Cloud):
     Every rank of `group` builds it with its own shard [N_r, d] (N_r may be 0) and the same process,
     bandwidth and the presence of weights; weights [N_r] are this shard's (normalised over all ranks).
     Every rank must then query the same points x (fd.sample does this when every rank runs the same call):
-    each call is one local fused posterior and two all_reduces (MAX of [M], SUM of [M, 2d+1] in float64).
+    each call is one local fused posterior and two all_reduces (MAX of [M], SUM of [M, d+1] in float64; of
+    [M, 2d+1] for float32 queries).
     timeout: seconds (or timedelta) for each collective; None uses the process group's timeout.
     backend: the fastdiff backend of the local fused call ("auto", "cpu", "cuda", "triton", "torch").
     `data` is this rank's shard; `rows` the global number of points.
@@ -133,40 +134,42 @@ class ShardedPointCloud(_Cloud):
         """This rank's (L_r, ȳ_r) in float64 at (α, c = α²v + σ²), or None for an empty shard."""
         return local_posterior(x, self.data, alpha, c, self.log_weights, self.backend)
 
-    def merge(self, part, M: int, device):
-        """(ȳ [M, d], L [M]) float64 over every rank: all_reduce MAX of L_r, then SUM of e^{L_r − m}·[ȳ_r, 1]."""
-        ybar, m, s, _ = self._reduce(part, M, device)
+    def merge(self, part, M: int, device, moments: bool = False):
+        """(ȳ [M, d], L [M]) float64 over every rank: all_reduce MAX of L_r, then SUM of e^{L_r − m}·[ȳ_r, 1]
+        (and of e^{L_r − m}·ȳ_r² with moments, as a float32 query's merge carries them)."""
+        ybar, m, s, _ = self._reduce(part, M, device, moments)
         return ybar, m + s.log()
 
-    def _reduce(self, part, M: int, device):
-        """ȳ, m = max_r L_r, s = Σ_r e^{L_r − m} and q = Σ_r e^{L_r − m}·ȳ_r² [M, d] (float64, identical on every
-        rank): the two all_reduces."""
+    def _reduce(self, part, M: int, device, moments: bool):
+        """ȳ, m = max_r L_r, s = Σ_r e^{L_r − m} and, with moments, q = Σ_r e^{L_r − m}·ȳ_r² [M, d] (else None)
+        (float64, identical on every rank): the two all_reduces. Only a float32 query's redo test needs q."""
         d = self.dim
         m = torch.full((M,), -math.inf, dtype=torch.float64, device=device) if part is None else part[0].clone()
         _all_reduce(m, dist.ReduceOp.MAX, self.group, self.timeout, "the posterior's all_reduce(MAX)", self.rank)
-        buf = torch.zeros(M, 2 * d + 1, dtype=torch.float64, device=device)
+        buf = torch.zeros(M, 2 * d + 1 if moments else d + 1, dtype=torch.float64, device=device)
         if part is not None:
             scale = torch.exp(part[0] - m)
             torch.mul(part[1], scale.unsqueeze(1), out=buf[:, :d])
             buf[:, d] = scale
-            torch.mul(part[1] * part[1], scale.unsqueeze(1), out=buf[:, d + 1:])
+            if moments:
+                torch.mul(part[1] * part[1], scale.unsqueeze(1), out=buf[:, d + 1:])
         _all_reduce(buf, dist.ReduceOp.SUM, self.group, self.timeout, "the posterior's all_reduce(SUM)", self.rank)
         s = buf[:, d]
-        return buf[:, :d] / s.unsqueeze(1), m, s, buf[:, d + 1:]
+        return buf[:, :d] / s.unsqueeze(1), m, s, (buf[:, d + 1:] if moments else None)
 
     def _merged(self, x, alpha, c):
         """(ȳ, L) float64 over every rank; float32 rows whose merge float32's L cannot resolve are merged again
-        from float64 parts (fastdiff.distributed.merge.F32_MERGE_LIMIT). m and s are identical on every rank, so
+        from float64 parts (fastdiff.distributed.merge.F32_MERGE_TOL). m and s are identical on every rank, so
         every rank picks the same rows and issues the same collectives."""
         if torch.is_grad_enabled() and (x.requires_grad or self.data.requires_grad):
             raise ValueError("ShardedPointCloud has no backward (its all_reduces are outside autograd): call it "
                              "under torch.no_grad(), or use PointCloud / StreamingPointCloud for gradients")
-        ybar, m, s, q = self._reduce(self.partial(x, alpha, c), x.shape[0], x.device)
+        ybar, m, s, q = self._reduce(self.partial(x, alpha, c), x.shape[0], x.device, x.dtype == torch.float32)
         redo = float64_redo(x, ybar, m, s, q, self._absmax)
         if redo is not None:
             xr = x[redo].to(torch.float64)
             y2, m2, s2, _ = self._reduce(self.partial(xr, take_rows(alpha, redo), take_rows(c, redo)), xr.shape[0],
-                                      x.device)
+                                         x.device, moments=False)
             ybar, m, s = ybar.index_copy(0, redo, y2), m.index_copy(0, redo, m2), s.index_copy(0, redo, s2)
         return ybar, m + s.log()
 
