@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastdiff import _backend, bench
 from fastdiff.bench import report as bench_report
@@ -620,3 +621,47 @@ def test_bad_device_time_limit_or_only_is_one_line_and_exit_2(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(ValueError, match="--only 'zzzz', 'yyyy' matches none of the"):
         bench.plan(["sample"], "cpu", only=["zzzz", "yyyy"])
+
+
+def test_streaming_case_times_its_first_call_apart(tmp_path, monkeypatch):
+    """s_per_call is the median of the calls after the first (cold) one: with two reps it used to average the
+    cold call in (about 4x the steady state)."""
+    import numpy as np
+
+    from fastdiff.bench import distributed as bd
+    from fastdiff.streaming import StreamingPointCloud
+    path = tmp_path / "cloud.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32))
+    durations = iter([0.5, 0.01, 0.03])                       # cold, then two warm calls
+    real = StreamingPointCloud.posterior
+
+    def timed(self, x, t):
+        import time as _time
+        _time.sleep(next(durations))
+        return real(self, x, t)
+    monkeypatch.setattr(StreamingPointCloud, "posterior", timed)
+    res = bd._stream_case({"path": str(path), "d": 2, "M": 8, "threads": 1, "reps": 2})
+    assert res["s_first_call"] >= 0.5
+    assert 0.02 <= res["s_per_call"] < 0.1                    # the median of 0.01 and 0.03, not of the cold call
+
+
+def test_a_new_file_in_the_package_marks_the_run_dirty(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    from fastdiff.bench import distributed as bd
+    from fastdiff.bench import timing
+    calls = []
+
+    def fake_run(args, **kw):
+        calls.append(args)
+        out = ""
+        if args[:2] == ["git", "rev-parse"]:
+            out = "abc1234"
+        elif "--untracked-files=all" in args:
+            out = "?? fastdiff/new_backend.py"
+        return sp.CompletedProcess(args, 0, stdout=out, stderr="")
+    monkeypatch.setattr(timing.subprocess, "run", fake_run)
+    env = timing.environment(torch.device("cpu"))
+    assert env["fastdiff_git"] == "abc1234+dirty"
+    monkeypatch.setattr(bd.subprocess, "run", fake_run)
+    assert bd._git_state()["dirty_files"] == ["?? fastdiff/new_backend.py"]
