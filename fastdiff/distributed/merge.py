@@ -5,10 +5,12 @@ import torch
 
 from .. import ops
 
-# A float32 query's parts come back with L_c rounded to float32 (up to 2^-24·|L_c| off), and the merge weights
-# e^{L_c − L} carry that as a relative error. To first order coordinate j of D moves by at most
-#   2^-23 · max_c |L_c| · sqrt(Σ_c w_c (ȳ_cj − ȳ_j)²)       (w_c = e^{L_c − L}, the parts' shares; Jensen)
-# nothing when one part holds a row's mass or the parts agree, but a query far from the data at small σ has |L|
+# A float32 query's parts come back with L_c rounded to float32 (δL_c up to E = 2^-24·|L_c|), and the merge
+# weights w_c = e^{L_c − L} carry that as a relative error: D_j moves by Σ_c w_c (δL_c − δL̄)(ȳ_cj − ȳ_j), which by
+# Cauchy–Schwarz in the weights is at most
+#   2E · sqrt(1 − 1/s) · sqrt(Σ_c w_c (ȳ_cj − ȳ_j)²)      (1/s = the top part's share; the δL's spread about the
+#                                                            top part's is at most 2E on the other parts' share)
+# Nothing when one part holds a row's mass or the parts agree; but a query far from the data at small σ has |L|
 # of 1e4..1e7 with its mass split between distant parts, and D could move by a third of max|y|. Rows whose bound
 # (doubled, with 64 nats for the parts below the top one) exceeds this fraction of max|y| are recomputed from
 # float64 parts, so the merge stays within MATH.md §7's 1e-4·max|y|.
@@ -51,8 +53,9 @@ def float64_redo(x, ybar, m, s, q, ymax):
     if x.dtype != torch.float32 or x.shape[0] == 0:
         return None
     spread = (q / s.unsqueeze(1) - ybar * ybar).amax(1).clamp_min(0).sqrt()     # max_j sqrt(Σ_c w_c (ȳ_cj − ȳ_j)²)
+    others = ((s - 1) / s).clamp_min(0).sqrt()                                  # sqrt(1 − the top part's share)
     scale = ybar.abs().amax(1) if ymax is None else ymax
-    idx = (2**-22 * (m.abs() + 64) * spread > F32_MERGE_TOL * scale).nonzero().view(-1)
+    idx = (2**-22 * (m.abs() + 64) * others * spread > F32_MERGE_TOL * scale).nonzero().view(-1)
     return idx if idx.numel() else None
 
 
