@@ -274,7 +274,11 @@ class StreamingPointCloud(_Cloud):
         # the second moments feed only the float32 redo test (merge.float64_redo): float64 queries skip them
         q = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device) if x.dtype == torch.float32 else None
         acc = torch.zeros(M, self.dim, dtype=torch.float64, device=x.device)
+        # max|y| for the redo test, taken on the first pass when the build-time scan was skipped (check=False)
+        absmax = torch.zeros((), dtype=torch.float64, device=x.device) if self._absmax is None else None
         for start, chunk in self._chunks(self._weighted_bounds):
+            if absmax is not None:
+                absmax = torch.maximum(absmax, chunk.abs().max().to(torch.float64))
             lw = None if self.log_weights is None else self.log_weights[start:start + chunk.shape[0]]
             L_c, ybar_c = local_posterior(x, chunk, alpha, c, lw, self.backend)
             new_m = torch.maximum(m, L_c)
@@ -284,4 +288,6 @@ class StreamingPointCloud(_Cloud):
                 q.mul_(keep.unsqueeze(1)).add_(ybar_c * ybar_c * add.unsqueeze(1))
             acc.mul_(keep.unsqueeze(1)).add_(ybar_c * add.unsqueeze(1))
             m = new_m
+        if absmax is not None:
+            self._absmax = float(absmax)
         return acc / s.unsqueeze(1), m, s, q

@@ -576,3 +576,15 @@ def test_exit_hook_destroys_the_group_unless_a_peer_failed(monkeypatch):
     assert isinstance(err, _comm.PeerError) and str(err) == "rank 1: gone" and _comm._peer_failed
     _comm._destroy_at_exit()
     assert destroyed == [True]
+
+
+def test_unchecked_stream_learns_its_scale_on_the_first_call():
+    """check=False skips the build-time scan: the first posterior takes max|y| for the redo test on its way, and
+    the far split-mass rows are still redone."""
+    from fastdiff.streaming import StreamingPointCloud
+    y, x = _far_query_case()
+    stream = StreamingPointCloud(y, fd.PureVE(), chunk_rows=1, check=False)
+    assert stream._absmax is None
+    D, _ = stream.posterior(x, 1e-3)
+    assert stream._absmax == float(y.abs().max())
+    assert float((D.double() - _far_query_reference(1e-3)).abs().max()) <= 1e-6 * float(y.abs().max())

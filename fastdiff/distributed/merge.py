@@ -12,8 +12,9 @@ from .. import ops
 #                                                            top part's is at most 2E on the other parts' share)
 # Nothing when one part holds a row's mass or the parts agree; but a query far from the data at small σ has |L|
 # of 1e4..1e7 with its mass split between distant parts, and D could move by a third of max|y|. Rows whose bound
-# (doubled, with 64 nats for the parts below the top one) exceeds this fraction of max|y| are recomputed from
-# float64 parts, so the merge stays within MATH.md §7's 1e-4·max|y|.
+# (with 64 nats for the parts below the top one; second-order terms are O(E²)) exceeds this fraction of max|y|,
+# half of MATH.md §7's 1e-4·max|y|, are recomputed from float64 parts. The bound is the worst case of the
+# rounding: a redone row's float32 merge is typically 10-100x closer than it.
 F32_MERGE_TOL = 5e-5
 
 
@@ -55,7 +56,7 @@ def float64_redo(x, ybar, m, s, q, ymax):
     spread = (q / s.unsqueeze(1) - ybar * ybar).amax(1).clamp_min(0).sqrt()     # max_j sqrt(Σ_c w_c (ȳ_cj − ȳ_j)²)
     others = ((s - 1) / s).clamp_min(0).sqrt()                                  # sqrt(1 − the top part's share)
     scale = ybar.abs().amax(1) if ymax is None else ymax
-    idx = (2**-22 * (m.abs() + 64) * others * spread > F32_MERGE_TOL * scale).nonzero().view(-1)
+    idx = (2**-23 * (m.abs() + 64) * others * spread > F32_MERGE_TOL * scale).nonzero().view(-1)
     return idx if idx.numel() else None
 
 
