@@ -572,6 +572,12 @@ def check_device(device, name: str = "device") -> torch.device:
     raise ValueError(f"{name} {shown} is not supported: fastdiff samples on 'cpu' or 'cuda' devices")
 
 
+def _shape_arg(shape) -> tuple:
+    """fd.sample's shape= (an integer or a sequence of them, each >= 1) as a tuple."""
+    dims = (shape,) if not isinstance(shape, (tuple, list, torch.Size)) else shape
+    return tuple(as_integer(s, "shape", 1) for s in dims)
+
+
 def _initial_state(denoiser, n, x, shape, device, dtype):
     """(x or None, n, per-sample shape, device, dtype) from whichever of n / x / shape was given."""
     data = getattr(denoiser, "data", None)
@@ -595,9 +601,8 @@ def _initial_state(denoiser, n, x, shape, device, dtype):
         if n is not None and as_integer(n, "n", 1) != x.shape[0]:
             raise ValueError(f"n={n} disagrees with x, which has {x.shape[0]} rows")
         if shape is not None:
-            dims = (shape,) if not isinstance(shape, (tuple, list, torch.Size)) else shape
-            if tuple(as_integer(s, "shape", 1) for s in dims) != tuple(x.shape[1:]):
-                raise ValueError(f"shape={tuple(dims)} disagrees with x's per-sample shape {tuple(x.shape[1:])}; "
+            if _shape_arg(shape) != tuple(x.shape[1:]):
+                raise ValueError(f"shape={_shape_arg(shape)} disagrees with x's per-sample shape {tuple(x.shape[1:])}; "
                                  "drop shape= (x gives it)")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -611,8 +616,7 @@ def _initial_state(denoiser, n, x, shape, device, dtype):
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         if shape is not None:
-            dims = (shape,) if not isinstance(shape, (tuple, list, torch.Size)) else shape
-            event_shape = tuple(as_integer(s, "shape", 1) for s in dims)
+            event_shape = _shape_arg(shape)
         elif getattr(denoiser, "event_shape", None) is not None:
             event_shape = denoiser.event_shape
         elif denoiser.dim is not None:
