@@ -248,6 +248,101 @@ def test_posterior_far_queries_at_least_as_accurate_as_the_reference(backend, dt
             assert bool((lerr <= lerr_ref + FAR_SLACK * eps * (1 + Lt.abs())).all()), (sigma, reach, lerr, lerr_ref)
 
 
+# The far rows' screen (csrc/cpu/posterior_row.h): each point's logit in plain double with an error bound; only
+# points within 80 nats of the best lower bound reach the double-double pass, and past 2¹⁶ candidates a second pass
+# screens every point again. Truth: float64 brute force of the float32 inputs (its error ≈ 2⁻⁵³·p ≪ 2⁻²⁴). The
+# far pass rounds D and L once and sums in compensated double: 2 eps of max|y| (L: of 1 + |L|) holds; a dropped
+# point that mattered (a wrong bound, a cut in the wrong units, a lost candidate) moves D by far more.
+FAR_SCREEN_N = 70_000   # > 2¹⁶ candidates
+
+
+def _far_shell(d, p_of_j, sigma=1.0, seed=0):
+    """One query at the origin-shifted centre x0 and N points around it on random directions, point j at distance
+    part p_of_j[j] nats (|x0 − y_j|² = 2σ²·p_j), float32."""
+    g = gen(seed)
+    x0 = 3 * torch.randn(d, generator=g, dtype=F64)
+    u = torch.randn(len(p_of_j), d, generator=g, dtype=F64)
+    u = u / u.norm(dim=1, keepdim=True)
+    y = x0 + u * (2 * sigma**2 * p_of_j).sqrt()[:, None]
+    return x0[None].float(), y.float()
+
+
+def _assert_far_exact(x, y, alpha, sigma, log_weights=None, bandwidth=0.0):
+    D, L = ops.posterior(x, y, alpha, sigma, log_weights, bandwidth, backend="cpu")
+    Dt, Lt = ref_posterior(x.double(), y.double(), alpha, sigma,
+                           None if log_weights is None else log_weights.double(), bandwidth)
+    eps = torch.finfo(torch.float32).eps
+    ymax = float(y.double().abs().max())
+    assert float((D.double() - Dt).abs().max()) <= 2 * eps * ymax, (D, Dt)
+    assert bool(((L.double() - Lt).abs() <= 2 * eps * (1 + Lt.abs())).all()), (L, Lt)
+
+
+@pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.parametrize("d", [2, 5])
+def test_far_row_with_more_candidates_than_the_list_holds(backend, d):
+    """Every point within ~1e-5 nats of the others, d + 46 nats away (a far row): all 70,000 pass, the candidate
+    list overflows, and the second pass screens them again. d = 2: the transposed small-d screen; d = 5: rows."""
+    p = torch.full((FAR_SCREEN_N,), d + 46.0, dtype=F64)
+    x, y = _far_shell(d, p)
+    _assert_far_exact(x, y, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.parametrize("d", [2, 5])
+def test_far_row_whose_best_points_come_last(backend, d):
+    """Logits rising 0.01 nats a point over 700 nats: the running cut keeps moving, the list is compacted at 2¹⁶
+    and stays listed; only the last ~8,000 points matter."""
+    p = (d + 30.0) + 0.01 * torch.arange(FAR_SCREEN_N - 1, -1, -1, dtype=F64)
+    x, y = _far_shell(d, p, seed=1)
+    _assert_far_exact(x, y, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 16, 65])
+@pytest.mark.parametrize("alpha, bandwidth", [(1.0, 0.0), (0.7, 0.0), (0.3, 0.0), (0.7, 0.5)])
+def test_far_rows_with_log_weights_alpha_and_bandwidth(backend, d, alpha, bandwidth):
+    """Far rows (every distance part > d + 16) with log-weights: −inf points (the nearest among them), a heavy point
+    20 nats farther than the nearest that outweighs it, the rest in [−3, 0]; α on both sides of ½ (the screen's
+    two splits) and a kernel density."""
+    g = gen(200 + d)
+    N, sigma = 3000, 0.5
+    y = 3 * torch.randn(N, d, generator=g, dtype=F64)
+    c = alpha**2 * bandwidth + sigma**2
+    rows = []
+    for e in (torch.ones(d, dtype=F64), torch.randn(d, generator=g, dtype=F64)):
+        e = e / e.norm()
+        rows.append(e * (float((alpha * y @ e).max()) + 25 * math.sqrt(c) * max(1.0, math.sqrt(d) / 3)))
+    x = torch.stack(rows)
+    lw = -3 * torch.rand(N, generator=g, dtype=F64)
+    dist = (x[:, None] - alpha * y[None]).pow(2).sum(-1) / (2 * c)
+    order = dist[0].argsort()
+    lw[order[:3]] = -math.inf                          # the three nearest points weigh nothing
+    heavy = int((dist[0] - (dist[0, order[3]] + 20)).abs().argmin())
+    lw[heavy] = 30.0                                   # 20 nats farther, 30 nats heavier: it decides row 0
+    xf, yf, lwf = x.float(), y.float(), lw.float()
+    assert bool((dist[:, order[3:]].min(1).values - lw.max() > d + 16).all())   # far rows, by the kernel's rule
+    _assert_far_exact(xf, yf, alpha, sigma, lwf, bandwidth)
+
+
+@pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.parametrize("d", [1, 2, 4, 5, 16])
+@pytest.mark.parametrize("alpha", [0.3, 0.7])
+def test_far_row_screen_measures_x_minus_alpha_y(backend, d, alpha):
+    """Two points of equal logit (d + 40 nats away, either side of x along one axis, through α) that any other
+    distance, |x − y|² or |x − c1·y|² among them, puts hundreds of nats apart: D is their midpoint only if the screen
+    measures |x − αy|², with α's split on either side of ½. 500 points beyond them make N realistic."""
+    g = gen(300 + d)
+    sigma = 0.05
+    e = torch.zeros(d, dtype=F64)
+    e[0] = 1.0
+    x = 5 * e
+    r = math.sqrt(2 * sigma**2 * (d + 40))
+    pair = torch.stack([(x + r * e) / alpha, (x - r * e) / alpha])
+    rest = (x + torch.randn(500, d, generator=g, dtype=F64) + 20) / alpha
+    y = torch.cat([rest[:250], pair, rest[250:]])
+    _assert_far_exact(x[None].float(), y.float(), alpha, sigma)
+
+
 # ---------------------------------------------------------------- issue 15: screening + exact rescoring (d >= 5)
 # A screening kernel skips a pair (row, j) once a float32 lower bound on |x − αy_j|² (the expanded form
 # |x|² − 2α x·y + α²|y|², chunk by chunk over 128 dimensions, less a rounding slack) puts its logit more than

@@ -14,7 +14,9 @@
 // Which rows: far ⟺ m < lw_max − far_logit(d), where m is the row's largest logit (from the fast pass) and
 // lw_max the largest log-weight (0 without weights); then every point's distance part is > d + 16. A row from
 // the diffusion's own marginal has p ≈ χ²_d/2 ≈ d/2 at its nearest point, so it is redone with probability
-// P(χ²_d > 2d + 32) < 1e-8 for every d: the hot loops' speed is unchanged in sampling (a far row costs ≈ 3x).
+// P(χ²_d > 2d + 32) < 1e-8 for every d: the hot loops' speed is unchanged in sampling. The CPU screens a far
+// row's points in plain double first and runs double-double only on those within 80 nats of its best
+// (csrc/cpu/posterior_row.h, posterior_row_far).
 // Rows that are not far keep the fast kernels' bound (their distance part ≤ d + 16 + 40 for every point of
 // weight ≥ e^-40): a logit error ≤ (kDimBlock + 3)·u·(d + 56) (posterior_blocked.h, posterior_row.h).
 //
