@@ -496,7 +496,7 @@ def test_summary_states_and_atomic_write(tmp_path):
 def test_readme_regenerates_the_cpu_block_and_puts_a_gpu_run_beside_it(tmp_path, monkeypatch):
     from fastdiff.bench import distributed as bd
     monkeypatch.chdir(ROOT)                   # the block names the folders as given, relative to the checkout
-    cpu = Path("benchmarks/results/20261203-cpu-amd-epyc-zen5-distributed")
+    cpu = Path("benchmarks/results/20261203-cpu-amd-epyc-zen5-distributed-b8ae604")
     readme = (ROOT / "README.md").read_text()
     committed = bd.README_START + readme.split(bd.README_START)[1].split(bd.README_END)[0] + bd.README_END
     assert bd.readme_section([cpu]) == committed
@@ -511,7 +511,7 @@ def test_readme_regenerates_the_cpu_block_and_puts_a_gpu_run_beside_it(tmp_path,
     assert len(sharded) == 12 and sharded == ["| cpu " + line for line in cpu_rows]       # the CPU rows unchanged
     assert "| cuda | strong | d=2 | 4096 | 4,194,304 | 1 | 0.24 | 0.18 | 0.06 | 25.0 | 131,072 | 1.00 |" in lines
     assert "| cuda | d=2 N=1e7 | float32 | 1024 | 0.08 | 4,194,304 | 0.093 | 2 | 1.1e+11 | 1711 | 61 | 97 |" in lines
-    assert "| cpu | d=2 N=1e6 | float32 | 256 | 0.01 | 1,000,000 | 0.0431 | 3 | 5.94e+09 | 541 | 24 | – |" in lines
+    assert "| cpu | d=2 N=1e6 | float32 | 256 | 0.01 | 1,000,000 | 0.0433 | 3 | 5.91e+09 | 548 | 32 | – |" in lines
     assert any(line.startswith("Run `20261201-cuda-h200-distributed` at commit `0123456789ab` on NVIDIA H200 (host: ")
                for line in lines)
     assert "- cuda: ranks=2 not run: NCCL needs one GPU per rank and this machine has 1" in lines
