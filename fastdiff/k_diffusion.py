@@ -5,17 +5,22 @@
 
 model(x, sigma * s_in, **extra_args) is called exactly where k-diffusion calls it, and callback gets
 {'x', 'i', 'sigma', 'sigma_hat', 'denoised'}. Each step is one row of a float64 table built once from the
-grid (fastdiff.methods, MATH.md §3b): with a `noise_sampler` the results equal k-diffusion's to float64
-rounding (tested to 1e-12 relative against k_diffusion.sampling).
+grid (fastdiff.methods, MATH.md §3b): with a `noise_sampler` and a float64 grid the results equal
+k-diffusion's to float64 rounding (tested to 1e-12 relative against k_diffusion.sampling). On a float32 grid
+(get_sigmas_karras's default) k-diffusion computes each step's coefficients (log, expm1, the ancestral split) in
+float32, fastdiff in float64 from the same grid values: a float64 x then differs at float32's rounding (up to
+~1e-6 relative), fastdiff's being the more accurate. noise_sampler is called at every step k-diffusion calls it,
+also where its draw is multiplied by 0 (eta = 0, s_noise = 0), and may return a tensor that broadcasts to x.
 
 The one intended difference: the noise when no `noise_sampler` is given. k-diffusion draws torch.randn_like(x)
 (a BrownianTreeNoiseSampler for dpmpp_sde, dpmpp_2m_sde, dpmpp_3m_sde), so a sample's noise depends on the
 batch it is in. Here it follows fastdiff's counter-based contract (fastdiff.noise): row i of x is sample
 sample_offset + i, and its noise depends only on (seed, that index, step), never on the batch size or device.
-seed=None draws one 64-bit seed from torch's default generator (so torch.manual_seed still governs a run);
-pass seed= to fix it. The step indices of each noise use are in fastdiff.methods. euler, heun and dpm_2 take
-noise_sampler= too (k-diffusion uses randn_like for their churn noise); it is called as
-noise_sampler(sigma, sigma_hat) for the churn noise of a step.
+seed=None draws one seed in [0, 2⁶³ − 1) from torch's default generator, so torch.manual_seed still governs a
+run (that draw is all these samplers take from torch's global generator; k-diffusion's draw from it at every
+step); pass seed= (any integer in [0, 2⁶⁴)) to fix it. The step indices of each noise use are in
+fastdiff.methods. euler, heun and dpm_2 take noise_sampler= too (k-diffusion uses randn_like for their churn
+noise); it is called as noise_sampler(sigma, sigma_hat) for the churn noise of each step that churns.
 
 The callback's tensors are for reading (previews, logs). Editing d['x'] or d['denoised'] in place is seen by
 the step, but for euler, heun, dpm_2 and lms not as in k-diffusion, which forms those steps' derivative
@@ -29,7 +34,10 @@ the grid's dtype.
 
 Also different on purpose: a one-step grid to 0 works for dpmpp_2m_sde and dpmpp_3m_sde (k-diffusion raises
 UnboundLocalError); sigmas on a GPU are read back to the host once per call (k-diffusion reads them at
-every step); a grid must decrease (k-diffusion also runs increasing grids); a list of σ's is read as float64.
+every step); a grid must decrease (k-diffusion also runs increasing grids); a list of σ's is read as float64;
+eta < 0, s_noise < 0, s_churn < 0 and r outside (0, 1] are refused (k-diffusion runs them); None for an option
+k-diffusion computes with raises TypeError naming it, as k-diffusion's arithmetic does (eta=None is η = 0
+where k-diffusion makes it so, see above).
 Not provided (module __getattr__ says why): sample_dpm_fast, sample_dpm_adaptive and their DPMSolver and
 PIDStepSizeController (adaptive, not table methods), log_likelihood, and the Brownian-tree noise samplers.
 """
@@ -109,6 +117,8 @@ def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device='cpu'):
 
 def to_d(x, sigma, denoised):
     """Converts a denoiser output to a Karras ODE derivative."""
+    if sigma.ndim > x.ndim:
+        raise ValueError(f'input has {sigma.ndim} dims but target_dims is {x.ndim}, which is less')
     return (x - denoised) / sigma.reshape(sigma.shape + (1,) * (x.ndim - sigma.ndim))
 
 
@@ -123,6 +133,8 @@ def linear_multistep_coeff(order, t, i, j):
     adaptive quad."""
     if order - 1 > i:
         raise ValueError(f'Order {order} too high for step {i}')
+    if not 0 <= j < order:
+        raise ValueError(f'j must index one of the {order} nodes (0 <= j < order), got {j}')
     return _m._lms_coefficients([float(v) for v in t], i, order)[j]
 
 
@@ -173,11 +185,11 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
                         f"{type(noise_sampler).__name__}")
     if not isinstance(sigmas, torch.Tensor):               # a list or array: float64, not torch's default float32
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64 if isinstance(sigmas, (list, tuple)) else None)
+    for name, value in options.items():
+        _required(value, name)                             # k-diffusion computes with each of them (and fails)
     if sigmas.shape == (1,):
         return x                                           # no steps: k-diffusion's loop returns x as given
     host = _m._check_sigmas(sigmas)                        # the call's one read-back of the grid
-    if x.shape[0] == 0:
-        return x.clone()                                   # an empty batch: nothing to sample
     for bound in ("s_tmin", "s_tmax"):
         if bound in options:
             options[bound] = _in_dtype(options[bound], bound, sigmas.dtype)
@@ -187,13 +199,13 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
     c = table.lists()
     s_in = x.new_ones([x.shape[0]])
 
+    model_dtype = [x.dtype]
+
     def denoise(xk, k, stage):
         out = model(xk, s_in * (c["t_u"][k] if stage else c["t"][k]), **extra_args)
         # a wider floating output widens the run (run_table's promote, as x + d·dt does in k-diffusion)
-        if not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.shape != xk.shape \
-                or out.device != xk.device:
-            raise TypeError(f"model must return the denoised x: a floating tensor like x ({tuple(xk.shape)} on "
-                            f"{xk.device}), got {_describe(out)}")
+        out = _like(out, xk, "model must return the denoised x")
+        model_dtype[0] = out.dtype
         return out
 
     if noise_sampler is None:
@@ -212,12 +224,7 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
                 a, b = args(k, kind)
             else:
                 a, b = sigmas[k], sigmas[k + 1]
-            z = noise_sampler(a, b)
-            if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.shape != like.shape \
-                    or z.device != like.device:
-                raise TypeError(f"noise_sampler must return a floating tensor like x ({tuple(like.shape)} on "
-                                f"{like.device}), got {_describe(z)}")
-            return z
+            return _like(noise_sampler(a, b), like, "noise_sampler must return")
 
     cb = None
     if callback is not None:
@@ -225,13 +232,54 @@ def _run(method, model, x, sigmas, extra_args, callback, disable, noise_sampler,
             sigma_hat = sigmas[k] * (gammas[k] + 1) if gammas is not None and gammas[k] > 0 else sigmas[k]
             callback({'x': xk, 'i': k, 'sigma': sigmas[k], 'sigma_hat': sigma_hat, 'denoised': D0})
 
+    calls = _noise_calls(method, host, table, options, gammas) if noise_sampler is not None else frozenset()
     bar, progress = _progress(len(table), disable)
     try:
         with torch.no_grad():
-            return _m.run_table(table, denoise, x, noise, cb, progress, promote=True)
+            out = _m.run_table(table, denoise, x, noise, cb, progress, promote=True, noise_calls=calls)
     finally:
         if bar is not None:
             bar.close()
+    if method in ("dpmpp_2m_sde", "dpmpp_3m_sde") and float(host[-1]) == 0.0:
+        out = out.to(model_dtype[0])       # k-diffusion's last step is x = denoised: the model's dtype
+    return out
+
+
+def _like(v, like, what):
+    """v as a tensor of like's shape (a broadcastable one expanded, as k-diffusion's arithmetic broadcasts)."""
+    ok = isinstance(v, torch.Tensor) and v.is_floating_point() and v.device == like.device
+    if ok and v.shape != like.shape:
+        try:
+            ok = torch.broadcast_shapes(v.shape, like.shape) == like.shape
+        except RuntimeError:
+            ok = False
+        if ok:
+            v = v.expand(like.shape)
+    if not ok:
+        raise TypeError(f"{what} a floating tensor like x ({tuple(like.shape)} on {like.device}, or one that "
+                        f"broadcasts to it), got {_describe(v)}")
+    return v
+
+
+def _noise_calls(method, host, table, options, gammas):
+    """The (step, kind) pairs at which k-diffusion calls its noise_sampler even where the draw is multiplied by 0
+    (eta = 0 in the ancestral samplers and dpmpp_sde, s_noise = 0 anywhere): a stateful noise sampler shared
+    with a later call then sees the same calls as under k-diffusion. The churn noise (a fastdiff extension for
+    euler, heun and dpm_2) is called wherever a step churns."""
+    K = len(host) - 1
+    nonzero = [float(host[k + 1]) > 0 for k in range(K)]
+    if method in ("euler_ancestral", "dpmpp_2s_ancestral"):
+        return frozenset((k, "step") for k in range(K) if nonzero[k])
+    if method == "dpm_2_ancestral":                 # its noise comes with the DPM-Solver-2 branch (σ_down > 0)
+        staged = table.lists()["staged"]
+        return frozenset((k, "step") for k in range(K) if staged[k])
+    if method == "dpmpp_sde":
+        return frozenset((k, kind) for k in range(K) if nonzero[k] for kind in ("stage", "step"))
+    if method in ("dpmpp_2m_sde", "dpmpp_3m_sde"):  # `if eta:` in k-diffusion
+        return frozenset((k, "step") for k in range(K) if nonzero[k] and options["eta"])
+    if gammas is not None:
+        return frozenset((k, "churn") for k in range(K) if gammas[k] > 0)
+    return frozenset()
 
 
 def _describe(v):
@@ -243,9 +291,9 @@ def _describe(v):
 def _in_dtype(bound, name, dtype):
     """A churn bound rounded to the grid's dtype: k-diffusion tests s_tmin <= sigmas[i] <= s_tmax on the grid's
     tensor, which rounds the bound, so a bound equal to a float32 grid value churns there as in k-diffusion."""
-    if bound is None:
-        return None                     # the default
     v = as_real(bound, name)
+    # an integer grid compares in torch's default dtype (an int tensor against a Python float promotes so)
+    dtype = dtype if dtype.is_floating_point else torch.get_default_dtype()
     return v if dtype == torch.float64 else torch.tensor(v, dtype=dtype).item()
 
 

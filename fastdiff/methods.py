@@ -202,16 +202,17 @@ def method_options(method: str, **options) -> dict:
         raise TypeError(f"method {method!r} takes no option {', '.join(unknown)}; its options are "
                         f"{', '.join(allowed) or 'none'}")
     out = {**allowed, **{k: v for k, v in options.items() if v is not None}}
-    for name in ("eta", "s_noise", "s_churn", "s_tmin"):
+    for name in ("eta", "s_noise", "s_churn"):
         if name in out:
             v = as_real(out[name], name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {out[name]}")
             out[name] = v
-    if "s_tmax" in out:
-        out["s_tmax"] = as_real(out["s_tmax"], "s_tmax")
-        if math.isnan(out["s_tmax"]):
-            raise ValueError("s_tmax must not be NaN")
+    for name in ("s_tmin", "s_tmax"):      # any bound: s_tmin = inf or s_tmax < 0 turns the churn off
+        if name in out:
+            out[name] = as_real(out[name], name)
+            if math.isnan(out[name]):
+                raise ValueError(f"{name} must not be NaN")
     if "r" in out:
         r = as_real(out["r"], "r")
         if not 0 < r <= 1:
@@ -438,7 +439,10 @@ def _ve_steps(sigmas: list, method: str, options: dict) -> list:
 # --------------------------------------------------------------------------------------------- tables
 
 def _check_sigmas(sigmas) -> torch.Tensor:
-    s = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)      # the call's one host copy
+    s = torch.as_tensor(sigmas)
+    if s.is_complex() or s.dtype == torch.bool:
+        raise TypeError(f"sigmas must be real numbers, got {s.dtype}")
+    s = s.detach().to("cpu", torch.float64)                            # the call's one host copy
     if s.ndim != 1 or s.numel() < 2:
         raise ValueError(f"sigmas must be a 1-D grid with at least 2 entries, got shape {tuple(s.shape)}")
     if not bool(torch.isfinite(s).all()):
@@ -608,6 +612,8 @@ def contract_normal(seed: int, sample_index: torch.Tensor, step: int, like: torc
     """fastdiff.noise.normal(seed, sample_index, step, d) shaped like `like` ([M, ...], d = its row size),
     without noise.normal's argument checks: those read the index tensor back to the host, which on a GPU
     would synchronise once per draw. sample_index: an int64 tensor [M] on like's device (checked by callers)."""
+    if like.shape[0] == 0:
+        return torch.empty_like(like)
     dim = like[0].numel()
     quads = torch.arange((dim + 3) // 4, dtype=torch.int64, device=sample_index.device).view(1, -1)
     idx = sample_index.view(-1, 1)
@@ -692,13 +698,16 @@ class ContractNoise:
             return w
         assert self._stage is not None, "a correlated step noise follows its stage's draw"
         # one Brownian path through σ_s: the step's increment contains the stage's (k-diffusion's dpmpp_sde)
+        if w.dtype in (torch.float16, torch.bfloat16):   # one rounding, the same at every position (run_table's axpy)
+            return w.copy_(w.float().mul_(math.sqrt(1 - rho * rho)).add_(self._stage.float().mul_(rho)))
         return w.mul_(math.sqrt(1 - rho * rho)).add_(self._stage, alpha=rho)
 
 
 # ------------------------------------------------------------------------------------------ the executor
 
 def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None, progress=None, *,
-              reuse_state: bool = False, trajectory: torch.Tensor | None = None, promote: bool = False) -> torch.Tensor:
+              reuse_state: bool = False, trajectory: torch.Tensor | None = None, promote: bool = False,
+              noise_calls=frozenset()) -> torch.Tensor:
     """Run `table` from the state x ([M, ...], not modified) and return the final state.
 
     denoise(x, k, stage) -> D at table.t[k] (stage 0) or table.t_u[k] (stage 1), same shape and dtype as x;
@@ -715,6 +724,11 @@ def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None
     trajectory: None, or a preallocated tensor [K + 1, *x.shape] that receives x and every step's state.
     promote=True (k-diffusion's semantics, where x + d·dt promotes): a D or a noise draw of a wider floating dtype
     than the state's widens the state from there on; otherwise each must have the state's dtype.
+    noise_calls: (k, kind) pairs at which noise is called even where its coefficient is 0, the draw unused (a
+    caller's stateful noise sampler sees the calls k-diffusion makes).
+    A float16 / bfloat16 state adds each scaled term in float32 and rounds once: torch's CPU add_(alpha=) rounds
+    those dtypes differently in its vector body and its scalar tail, which made a row's result depend on its
+    position in the batch.
     """
     c = table.lists()
     depth = table.history
@@ -736,14 +750,23 @@ def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None
             also = tuple(a.to(wide) for a in also)
         return (t.to(wide), *also)
 
+    def axpy(y, t, a):
+        """y += a·t in place."""
+        if y.dtype in (torch.float16, torch.bfloat16):
+            return y.add_(t.float().mul_(a))
+        return y.add_(t, alpha=a)
+
     for k in range(len(table)):
         if c["C_churn"][k] != 0.0:
             z, = widened(noise(k, "churn", x))
             if c["P"][k] != 1.0:
                 x.mul_(c["P"][k])
-            x.add_(z, alpha=c["C_churn"][k])
-        elif c["P"][k] != 1.0:
-            x.mul_(c["P"][k])
+            axpy(x, z, c["C_churn"][k])
+        else:
+            if (k, "churn") in noise_calls:
+                noise(k, "churn", x)
+            if c["P"][k] != 1.0:
+                x.mul_(c["P"][k])
         D0, = widened(denoise(x, k, 0))
         D0 = _checked(D0, x, "denoise")
         if callback is not None:
@@ -751,30 +774,34 @@ def run_table(table: MethodTable, denoise, x: torch.Tensor, noise, callback=None
         u = None
         if c["staged"][k]:
             # a fresh stage input each step (k-diffusion's semantics: a model or hook may keep its input)
-            u = torch.mul(x, c["a_u"][k]).add_(D0, alpha=c["b_u"][k])
+            u = axpy(torch.mul(x, c["a_u"][k]), D0, c["b_u"][k])
             if c["c_u"][k] != 0.0:
                 z, u, D0 = widened(noise(k, "stage", x), u, D0)
-                u.add_(z, alpha=c["c_u"][k])
+                axpy(u, z, c["c_u"][k])
+            elif (k, "stage") in noise_calls:
+                noise(k, "stage", x)
         # D_0 is used up (in the step and the history) before the stage's evaluation: a model that returns one
         # output buffer on every call (a captured CUDA graph, an inference engine) overwrites D_0 with D_1 there
         out = torch.mul(x, c["A"][k], out=spare) if reuse_state else torch.mul(x, c["A"][k])
-        out.add_(D0, alpha=c["B"][k][0])
+        axpy(out, D0, c["B"][k][0])
         for j, Hj in enumerate(hist, start=1):
             if c["B"][k][j] != 0.0:
-                out.add_(Hj, alpha=c["B"][k][j])
+                axpy(out, Hj, c["B"][k][j])
         if depth:
             oldest = hist.pop()
             if c["hist_x"][k] == 0.0 and c["hist_d"][k] == 1.0:
                 oldest.copy_(D0)
             else:
-                torch.mul(x, c["hist_x"][k], out=oldest).add_(D0, alpha=c["hist_d"][k])
+                axpy(torch.mul(x, c["hist_x"][k], out=oldest), D0, c["hist_d"][k])
             hist.insert(0, oldest)
         if u is not None:
             D1, out = widened(denoise(u, k, 1), out)
-            out.add_(_checked(D1, x, "denoise"), alpha=c["B1"][k])
+            axpy(out, _checked(D1, x, "denoise"), c["B1"][k])
         if c["C"][k] != 0.0:
             z, out = widened(noise(k, "step", x), out)
-            out.add_(z, alpha=c["C"][k])
+            axpy(out, z, c["C"][k])
+        elif (k, "step") in noise_calls:
+            noise(k, "step", x)
         if reuse_state:
             spare = x
         x = out

@@ -198,15 +198,29 @@ def test_one_step_grid_to_zero(K, name):
 @pytest.mark.parametrize("name", ["sample_euler", "sample_dpmpp_2m", "sample_dpmpp_3m_sde", "sample_heun"])
 def test_no_steps_and_empty_batches_as_k_diffusion(K, name):
     """A one-entry grid has no steps: k-diffusion returns x as given, and so does fastdiff. An empty batch
-    gives an empty result (k-diffusion calls the model on it; nothing here needs the call)."""
+    gives an empty result, with the model and the callback called as often as k-diffusion calls them (a hook
+    that counts steps sees the same run)."""
     x = x_T(3.0)
     one = torch.tensor([3.0], dtype=torch.float64)
     assert getattr(K, name)(model, x, one, disable=True) is x
     assert getattr(FK, name)(model, x, one, disable=True) is x
     empty = torch.zeros(0, 3, dtype=torch.float64)
-    want = getattr(K, name)(model, empty.clone(), karras(4), disable=True)
-    got = getattr(FK, name)(model, empty, karras(4), disable=True)
+    counts = {}
+
+    def counted(lib):
+        def m(x, s):
+            counts[lib, "model"] = counts.get((lib, "model"), 0) + 1
+            return model(x, s)
+        return m, lambda d: counts.__setitem__((lib, "callback"), counts.get((lib, "callback"), 0) + 1)
+    m, cb = counted("k")
+    want = getattr(K, name)(m, empty.clone(), karras(4), disable=True, callback=cb)
+    m, cb = counted("f")
+    got = getattr(FK, name)(m, empty, karras(4), disable=True, callback=cb)
     assert got.shape == want.shape == (0, 3) and got.dtype == want.dtype
+    assert counts["f", "model"] == counts["k", "model"] > 0
+    assert counts["f", "callback"] == counts["k", "callback"] > 0
+    with pytest.raises(ValueError, match="order"):                    # and the options are still checked
+        FK.sample_lms(model, empty, karras(4), disable=True, order=0)
     with pytest.raises(ValueError, match="strictly decreasing"):      # the grid is still checked
         getattr(FK, name)(model, empty, karras(4).flip(0), disable=True)
 
@@ -448,9 +462,11 @@ def test_more_named_errors():
     with pytest.raises(TypeError, match="^model must return"):
         FK.sample_euler(lambda x, s: None, x, sigmas, disable=True)
     with pytest.raises(TypeError, match="^model must return"):
-        FK.sample_euler(lambda x, s: x[:1], x, sigmas, disable=True)
+        FK.sample_euler(lambda x, s: x[:2], x, sigmas, disable=True)                 # does not broadcast to x
     with pytest.raises(TypeError, match="^noise_sampler must return"):
-        FK.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=lambda a, b: x[:1])
+        FK.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=lambda a, b: x[:2])
+    with pytest.raises(TypeError, match="^noise_sampler must return"):
+        FK.sample_euler_ancestral(model, x[:1], sigmas, disable=True, noise_sampler=lambda a, b: x)  # widens x
     with pytest.raises(TypeError, match="eta must be a number, got None"):
         FK.sample_dpmpp_2m_sde(model, x, sigmas, disable=True, eta=None)
 
@@ -483,3 +499,166 @@ def test_churn_bounds_and_options_are_numbers_on_every_grid_dtype():
     a = FK.sample_euler_ancestral(model, x.double(), karras(5), disable=True, eta=np.array(0.5), seed=1)
     b = FK.sample_euler_ancestral(model, x.double(), karras(5), disable=True, eta=decimal.Decimal("0.5"), seed=1)
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ review of the drop-in (k-diffusion 0.1.1)
+NOISY = ["sample_euler_ancestral", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+         "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde"]
+
+
+@pytest.mark.parametrize("name", [n for n in FK.__all__ if n.startswith("sample_")])
+def test_an_integer_grid_runs_as_in_k_diffusion(K, monkeypatch, name):
+    """torch.tensor([10, 5, 2, 1, 0]) is an int64 grid: k-diffusion runs it (its churn window compares in float),
+    and so does every sampler here, to the same numbers."""
+    sigmas = torch.tensor([10, 5, 2, 1, 0])
+    x = x_T(10.0)
+    noisy = "noise_sampler" in inspect.signature(getattr(K, name)).parameters
+    ns = KeyedNoise(sigmas, x.shape[0])
+    kw = {"noise_sampler": ns} if noisy else {}
+    ours = getattr(FK, name)(model, x.clone(), sigmas, disable=True, **kw)
+    with monkeypatch.context() as m:
+        _patched_randn_like(m, ns)
+        theirs = getattr(K, name)(model, x.clone(), sigmas, disable=True, **kw)
+    assert rel_err(ours, theirs) <= 1e-6          # k-diffusion forms some coefficients in float32 on an int grid
+
+
+def test_an_integer_grids_churn_window_is_not_truncated(K, monkeypatch):
+    """s_tmin = 1.5 on the int grid [10, 5, 2, 1, 0]: σ = 1 is outside the window, as in k-diffusion (the bound
+    used to be truncated to 1, which churned there)."""
+    sigmas = torch.tensor([10, 5, 2, 1, 0])
+    x = x_T(10.0)
+    ns = KeyedNoise(sigmas, x.shape[0])
+    seen = {"f": [], "k": []}
+    ours = FK.sample_euler(model, x.clone(), sigmas, disable=True, s_churn=2.0, s_tmin=1.5, noise_sampler=ns,
+                           callback=lambda d: seen["f"].append(float(d["sigma_hat"])))
+    with monkeypatch.context() as m:
+        _patched_randn_like(m, ns)
+        theirs = K.sample_euler(model, x.clone(), sigmas, disable=True, s_churn=2.0, s_tmin=1.5,
+                                callback=lambda d: seen["k"].append(float(d["sigma_hat"])))
+    assert seen["f"] == pytest.approx(seen["k"], rel=1e-7) and seen["f"][3] == 1.0
+    assert rel_err(ours, theirs) <= 1e-6
+
+
+@pytest.mark.parametrize("name,option", [("sample_euler", "s_noise"), ("sample_euler", "s_churn"),
+                                         ("sample_euler", "s_tmin"), ("sample_heun", "s_tmax"),
+                                         ("sample_euler_ancestral", "s_noise"), ("sample_dpmpp_sde", "r"),
+                                         ("sample_dpmpp_2m_sde", "s_noise"), ("sample_lms", "order")])
+@pytest.mark.parametrize("with_noise_sampler", [False, True])
+def test_none_options_raise_as_in_k_diffusion(K, name, option, with_noise_sampler):
+    """None where k-diffusion computes with the option: k-diffusion raises TypeError, and so does fastdiff,
+    naming it (they used to run with the default, or fail inside with an unnamed TypeError)."""
+    sigmas = karras(5)
+    x = x_T(80.0)
+    kw = {option: None}
+    if with_noise_sampler:
+        if "noise_sampler" not in inspect.signature(getattr(K, name)).parameters:
+            pytest.skip("k-diffusion's sampler takes no noise_sampler")
+        kw["noise_sampler"] = KeyedNoise(sigmas, x.shape[0])
+    with pytest.raises(TypeError):
+        getattr(K, name)(model, x.clone(), sigmas, disable=True, **kw)
+    with pytest.raises(TypeError, match=f"^{option} must be a number, got None"):
+        getattr(FK, name)(model, x.clone(), sigmas, disable=True, **kw)
+
+
+@pytest.mark.parametrize("name", NOISY)
+def test_a_narrower_model_dtype_returns_what_k_diffusion_returns(K, name):
+    """x float32, a float16 model: dpmpp_2m_sde and dpmpp_3m_sde end with x = denoised in k-diffusion, so they
+    return float16; the others return float32. The same dtype here, and the same values to float16 rounding."""
+    def half(x, sigma):
+        return model(x.double(), sigma.double()).half()
+    sigmas = karras(8).float()
+    x = x_T(80.0).float()
+    ns = KeyedNoise(sigmas, x.shape[0], dtype=torch.float32)
+    ours = getattr(FK, name)(half, x.clone(), sigmas, disable=True, noise_sampler=ns)
+    theirs = getattr(K, name)(half, x.clone(), sigmas, disable=True, noise_sampler=ns)
+    assert ours.dtype == theirs.dtype
+    assert rel_err(ours.double(), theirs.double()) <= 64 * torch.finfo(torch.float16).eps
+
+
+class Recorder:
+    """A noise sampler that records its calls and draws from a generator (a stateful one: its next draw depends
+    on how often it was called)."""
+
+    def __init__(self, n):
+        self.calls, self.g, self.n = [], torch.Generator().manual_seed(5), n
+
+    def __call__(self, sigma, sigma_next):
+        self.calls.append((float(sigma), float(sigma_next)))
+        return torch.randn(self.n, 3, generator=self.g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", NOISY)
+@pytest.mark.parametrize("options", [{"eta": 0.0}, {"s_noise": 0.0}, {}, {"eta": 1.2}])
+def test_the_noise_sampler_is_called_where_k_diffusion_calls_it(K, name, options):
+    """Also where the draw is multiplied by 0 (eta = 0, s_noise = 0): the same calls, with the same arguments,
+    so a stateful noise sampler then used for a second run gives the same second result."""
+    sigmas = karras(6)
+    x = x_T(80.0)
+    ours_ns, theirs_ns = Recorder(x.shape[0]), Recorder(x.shape[0])
+    ours = getattr(FK, name)(model, x.clone(), sigmas, disable=True, noise_sampler=ours_ns, **options)
+    theirs = getattr(K, name)(model, x.clone(), sigmas, disable=True, noise_sampler=theirs_ns, **options)
+    assert rel_err(ours, theirs) <= RTOL
+    assert len(ours_ns.calls) == len(theirs_ns.calls)
+    assert [v for c in ours_ns.calls for v in c] == pytest.approx([v for c in theirs_ns.calls for v in c], rel=1e-12)
+    again = getattr(FK, name)(model, x.clone(), sigmas, disable=True, noise_sampler=ours_ns, eta=0.5)
+    assert rel_err(again, getattr(K, name)(model, x.clone(), sigmas, disable=True, noise_sampler=theirs_ns,
+                                           eta=0.5)) <= RTOL
+
+
+@pytest.mark.parametrize("name", NOISY)
+def test_outputs_that_broadcast_to_x_as_in_k_diffusion(K, name):
+    """One noise shared by the batch ([1, d]) and a model output that broadcasts: k-diffusion's arithmetic
+    accepts both, and so does fastdiff, to the same numbers. (dpmpp_2m_sde and dpmpp_3m_sde end with
+    x = denoised in k-diffusion, returning the model's [1, d] itself; here x keeps its shape, the rows equal.)"""
+    sigmas = karras(6)
+    x = x_T(80.0)
+    shared = KeyedNoise(sigmas, 1)
+
+    def mean_model(x, sigma):
+        return model(x, sigma).mean(0, keepdim=True)
+    for m in (model, mean_model):
+        ours = getattr(FK, name)(m, x.clone(), sigmas, disable=True, noise_sampler=shared)
+        theirs = getattr(K, name)(m, x.clone(), sigmas, disable=True, noise_sampler=shared)
+        assert ours.shape == x.shape
+        assert rel_err(ours, theirs.expand(x.shape)) <= RTOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["sample_dpmpp_2m", "sample_heun", "sample_lms", "sample_euler_ancestral",
+                                  "sample_dpmpp_2m_sde", "sample_dpmpp_sde"])
+def test_half_precision_rows_do_not_depend_on_the_batch(name, dtype):
+    """float16 / bfloat16 states: rows 1..4 alone (sample_offset=1) equal the same rows of the whole batch of 37
+    bit for bit (torch's CPU add_(alpha=) rounds these dtypes by position, which broke this for noise-free
+    dpmpp_2m)."""
+    def narrow(x, sigma):
+        return model(x.double(), sigma.double()).to(x.dtype)
+    sigmas = karras(8)
+    x = x_T(80.0, n=37).to(dtype)
+    kw = {} if name in ("sample_dpmpp_2m", "sample_heun", "sample_lms") else {"seed": 3}
+    full = getattr(FK, name)(narrow, x.clone(), sigmas, disable=True, **kw)
+    part = getattr(FK, name)(narrow, x[1:5].clone(), sigmas, disable=True,
+                             **(dict(kw, sample_offset=1) if kw else {}))
+    assert torch.equal(full[1:5], part)
+
+
+def test_churn_bounds_that_switch_the_churn_off_or_on_everywhere(K, monkeypatch):
+    """s_tmin = inf (never churn) and s_tmin < 0 (churn at every σ ≤ s_tmax) run as in k-diffusion."""
+    sigmas = karras(6)
+    x = x_T(80.0)
+    ns = KeyedNoise(sigmas, x.shape[0])
+    for s_tmin in (float("inf"), -1.0):
+        ours = FK.sample_euler(model, x.clone(), sigmas, disable=True, s_churn=2.0, s_tmin=s_tmin, noise_sampler=ns)
+        with monkeypatch.context() as m:
+            _patched_randn_like(m, ns)
+            theirs = K.sample_euler(model, x.clone(), sigmas, disable=True, s_churn=2.0, s_tmin=s_tmin)
+        assert rel_err(ours, theirs) <= RTOL
+
+
+def test_grid_and_helper_errors_name_the_problem():
+    x = x_T(80.0)
+    with pytest.raises(TypeError, match="sigmas must be real"):
+        FK.sample_dpmpp_2m(model, x, karras(5).to(torch.complex128), disable=True)
+    with pytest.raises(ValueError, match="dims"):
+        FK.to_d(x, torch.ones(6, 1, 1, dtype=torch.float64), x)
+    with pytest.raises(ValueError, match="j must index"):
+        FK.linear_multistep_coeff(2, karras(8), 5, 2)
