@@ -138,18 +138,13 @@ def check_counters(seed, sample_offset, M: int, step=None, steps: int = 0):
 
 
 def check_number(value, name: str) -> float:
-    """A finite real number (Python/numpy scalar or a one-element tensor)."""
+    """A finite real number (Python/numpy scalar or a one-element tensor); a bool or a string raises TypeError."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
         if value.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} requires grad, but gradients flow to x (and D) only")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    except OverflowError:
-        raise ValueError(f"{name} must be finite, got an integer too large for a float") from None
+    v = as_real(value, name)
     if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v

@@ -185,10 +185,18 @@ SECONDS_PER_STEP = 5e-5   # fixed cost per step, measured at -n 2: 4.7e-5 s (1e5
 #                           8e-5 s in the CLI review's run (the 2e-5 used before hid 8-24 s runs' bar)
 
 
-def _estimated_seconds(n: int, steps: int, n_points: int, d: int) -> float:
+TORCH_PAIRS_PER_SECOND, TORCH_SECONDS_PER_STEP = 2e7, 2e-2   # --backend torch, d = 2, two cores: 1e7-3e7 pairs a
+#                           second and ~20 ms a step (n = 1000-4000, 300-2000 points, 50 steps)
+
+
+def _estimated_seconds(n: int, steps: int, n_points: int, d: int, backend: str = "auto") -> float:
     """A rough run time on two CPU cores: ~1e9 point-cloud pair evaluations a second, plus SECONDS_PER_STEP of
-    fixed cost per step (so --steps 1e5 on a few samples, ~5 s, counts as long too)."""
-    return float(n) * steps * n_points * max(d, 1) / 1e9 + SECONDS_PER_STEP * steps
+    fixed cost per step (so --steps 1e5 on a few samples, ~5 s, counts as long too); the plain-torch reference
+    (--backend torch) ~50x slower a pair, with a fixed cost per step of its own."""
+    pairs = float(n) * steps * n_points * max(d, 1) / 2
+    if backend == "torch":
+        return pairs / TORCH_PAIRS_PER_SECOND + TORCH_SECONDS_PER_STEP * steps
+    return 2 * pairs / 1e9 + SECONDS_PER_STEP * steps
 
 
 def _check_coverage(data, process):
@@ -301,7 +309,8 @@ def cmd_sample(args):
             n_per_rank = -(-args.n // world)
         elif world > 1:
             points_per_rank = -(-data.shape[0] // world)
-        progress = _estimated_seconds(n_per_rank, args.steps, points_per_rank, data.shape[1]) > AUTO_PROGRESS_SECONDS
+        progress = _estimated_seconds(n_per_rank, args.steps, points_per_rank, data.shape[1],
+                                      args.backend) > AUTO_PROGRESS_SECONDS
     kw = dict(n=args.n, steps=args.steps, schedule=args.schedule, method=args.method, ode=args.ode,
               t_end=args.t_end, final_denoise=args.final_denoise, seed=args.seed, progress=progress and rank == 0,
               backend=args.backend, dtype=dtype)
@@ -375,10 +384,12 @@ def cmd_info(args):
     for name, reasons in _backend.describe().items():
         lines.append(f"  {name:7s} {_backend_status(name, reasons, cuda)}")
     import importlib.util
-    for opt, extra in (("tqdm", "progress"), ("matplotlib", "plot"), ("scipy", "metrics"), ("ot", "metrics"),
-                       ("k_diffusion", "peers"), ("pykeops", "peers")):
+    for opt, how in (("tqdm", "fastdiff[progress]"), ("matplotlib", "fastdiff[plot]"), ("scipy", "fastdiff[metrics]"),
+                     ("ot", "fastdiff[metrics]"), ("k_diffusion", "fastdiff[peers]"),
+                     ("diffusers", "fastdiff[diffusers]"),
+                     ("pykeops", "pip install pykeops: the bench's KeOps rows; in no extra, it needs a compiler")):
         found = importlib.util.find_spec(opt) is not None
-        lines.append(f"optional {opt}: {'installed' if found else f'not installed (fastdiff[{extra}])'}")
+        lines.append(f"optional {opt}: {'installed' if found else f'not installed ({how})'}")
     print("\n".join(lines))
     return 0
 
@@ -536,7 +547,7 @@ def build_parser():
     d.add_argument("--seed", type=_count, default=0, help="integer in [0, 2**64) (default 0)")
     d.add_argument("--quick", action="store_true",
                    help="2000 samples, 50 steps (a few seconds); an explicit --n or --steps wins")
-    d.add_argument("--progress", action="store_true")
+    d.add_argument("--progress", action="store_true", help="progress bars on stderr while sampling")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmark every backend against the alternatives (JSON, CSV, report, plots)")

@@ -1,6 +1,8 @@
 """Toy data sets for diffusion sampling experiments, and a loader for user point clouds.
 
-Every sampler is ``name(n, seed=0, dtype=torch.float32) -> Tensor [n, d]``. It draws in float64 from
+Every sampler is ``name(n, seed=0, dtype=torch.float32) -> Tensor [n, d]`` (two take one more argument:
+``circle(n, radius=1.0, seed=0, ...)``, whose second positional argument is the radius, and
+``swiss_roll(..., noise=0.0)``; pass ``seed=`` by name). It draws in float64 from
 its own CPU ``torch.Generator`` seeded with ``seed`` (global RNG state is never touched), then casts to
 ``dtype``. Where the law is a Gaussian or a Gaussian mixture, ``<name>_params()`` returns
 ``(weights [K], means [K, d], covs [K, d, d])`` in float64 and the sampler draws exactly from that law:

@@ -120,7 +120,16 @@ def _log_snr_inverse(process: Process, lam: torch.Tensor) -> torch.Tensor:
 
 def check_times(process: Process, times) -> torch.Tensor:
     """Validate an explicit time grid: 1-D, finite, strictly decreasing, in (0, T] (the last may be 0)."""
-    t = torch.as_tensor(times, dtype=torch.float64).detach().cpu()
+    if isinstance(times, (str, bytes)):
+        raise TypeError(f"times must be a 1-D grid of numbers, got {times!r}")
+    try:
+        raw = torch.as_tensor(times.detach() if isinstance(times, torch.Tensor) else times)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"times must be a 1-D grid of numbers, got {type(times).__name__} "
+                        f"{str(times)[:80]}") from None
+    if raw.dtype == torch.bool or raw.is_complex():
+        raise TypeError(f"times must be real numbers, got {raw.dtype}")
+    t = raw.to(torch.float64).cpu()
     if t.ndim != 1 or t.numel() < 2:
         raise ValueError(f"times must be a 1-D grid with at least 2 entries, got shape {tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()):

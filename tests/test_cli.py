@@ -211,6 +211,9 @@ def test_progress_is_on_by_default_for_long_runs(tmp_path, capsys, monkeypatch):
     assert cli._estimated_seconds(10_000, 200, 2000, 2) > cli.AUTO_PROGRESS_SECONDS
     assert cli._estimated_seconds(4, 10**6, 50, 2) > cli.AUTO_PROGRESS_SECONDS
     assert cli._estimated_seconds(40, 10, 2000, 2) < cli.AUTO_PROGRESS_SECONDS
+    # the torch reference: -n 1000 on 300 points, 200 steps took 13-37 s with no bar (measured 1.5 s at 50 steps)
+    assert cli._estimated_seconds(1000, 200, 300, 2, "torch") > cli.AUTO_PROGRESS_SECONDS
+    assert 0.5 < cli._estimated_seconds(1000, 50, 300, 2, "torch") < 3
 
 
 def test_info_says_triton_needs_a_gpu(capsys):

@@ -663,7 +663,10 @@ def main(argv=None) -> int:
             return 2
         (Path(argv[1]) / "report.md").write_text(report(json.loads((Path(argv[1]) / "results.json").read_text())))
         return 0
-    p = argparse.ArgumentParser(prog="python -m fastdiff.bench.distributed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fastdiff.bench.distributed", description=__doc__.split("\n\n")[0],
+        epilog="Also: --report RUN_DIR (report.md again from RUN_DIR/results.json) and --readme README.md --results "
+               "RUN_DIR [RUN_DIR ...] (the README's generated section from those runs), each on its own.")
     p.add_argument("--device", default="cpu", help="cpu (gloo ranks) or cuda (NCCL, one GPU per rank)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds in all (the GPU check's dry run)")

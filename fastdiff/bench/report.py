@@ -467,8 +467,9 @@ def r_mn(axis, x, fixed):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        print("usage: python -m fastdiff.bench.report DIR [DIR ...]", file=sys.stderr)
-        sys.exit(2)
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print("usage: python -m fastdiff.bench.report DIR [DIR ...]\n\nWrites report.md, results.csv and the plots "
+              "of each run folder again from its results.json.", file=sys.stderr if len(sys.argv) < 2 else sys.stdout)
+        sys.exit(2 if len(sys.argv) < 2 else 0)
     for d in sys.argv[1:]:
         print(rerender(d) / "report.md")
