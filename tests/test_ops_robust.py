@@ -512,3 +512,16 @@ def test_huge_integers_and_the_environment_backend_are_named(monkeypatch):
     monkeypatch.setenv("FASTDIFF_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"unknown backend 'bogus' \(from FASTDIFF_BACKEND\)"):
         ops.posterior(x, y, 1.0, 0.5)
+
+
+@pytest.mark.parametrize("bad", ["0.1", True, b"1"])
+def test_coefficients_and_bandwidth_refuse_strings_and_bools(bad):
+    """float("0.1") and float(True) would pass: A, B, C and bandwidth raise TypeError naming themselves."""
+    x, y = torch.randn(4, 2), torch.randn(10, 2)
+    with pytest.raises(TypeError, match="^bandwidth must be a number"):
+        fd.ops.posterior(x, y, 1.0, 0.5, None, bad, backend="torch")
+    for i, name in enumerate("ABC"):
+        coeffs = [0.5, 0.5, 0.0]
+        coeffs[i] = bad
+        with pytest.raises(TypeError, match=f"^{name} must be a number"):
+            fd.ops.affine_step(x, x, *coeffs, 0, 0, backend="torch")

@@ -77,3 +77,12 @@ def test_grids_float64_cannot_resolve_are_named():
         fd.time_grid(fd.VP(), 10, "karras", rho="7")
     with pytest.raises(TypeError, match="t_end must be a number"):
         fd.time_grid(fd.VP(), 10, t_end="1e-3")
+
+
+@pytest.mark.parametrize("bad", [[True, False], torch.tensor([True, False]), ["1.0", "0.5"], "1.0",
+                                 torch.tensor([1.0, 0.5], dtype=torch.complex64)])
+def test_time_grids_must_be_real_numbers(bad):
+    """A bool grid read as [1, 0] and a complex one with its imaginary part dropped used to run; strings failed
+    inside torch without naming times."""
+    with pytest.raises(TypeError, match="^times must be"):
+        fd.check_times(fd.VP(), bad)
