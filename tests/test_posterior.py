@@ -343,6 +343,24 @@ def test_far_row_screen_measures_x_minus_alpha_y(backend, d, alpha):
     _assert_far_exact(x[None].float(), y.float(), alpha, sigma)
 
 
+@pytest.mark.parametrize("backend", backends("cpu"))
+@pytest.mark.parametrize("sigma, lw_b", [(2.0, -8e307), (1e150, -1e8)])
+def test_far_row_screen_keeps_points_at_the_edge_of_double_range(backend, sigma, lw_b):
+    """float64, d = 10: point A's |x − y_A|² overflows in the exact pass (its logit is the floor, −max), while
+    the screen's dot form stays finite; B has a finite logit and all the weight. A screen that trusted its finite
+    value for A dropped B (D = y_A, L = −max)."""
+    x = torch.tensor([[float.fromhex(h) for h in (
+        "0x1.7ea5a45355f9cp+509", "-0x1.85fe8423c8518p+509", "-0x1.ef83c167d2d21p+508", "0x1.a78d32fec36fcp+508",
+        "0x1.90494668abedp+508", "-0x1.da3931aac899p+505", "0x1.ab0407c21d5d6p+509", "0x1.3cb821e7a999dp+510",
+        "-0x1.e2b5598254537p+500", "0x1.15e3b510acap+508")]], dtype=F64)      # |2x|² just above the double range
+    y = torch.stack([-x[0], torch.zeros(10, dtype=F64)])
+    lw = torch.tensor([0.0, lw_b], dtype=F64)
+    D, L = ops.posterior(x, y, 1.0, sigma, lw, 0.0, backend=backend)
+    Dr, Lr = ref_posterior(x, y, 1.0, sigma, lw, 0.0)
+    assert torch.equal(D, torch.zeros_like(D)) and torch.equal(D, Dr)
+    assert float(L[0]) == pytest.approx(float(Lr[0]), rel=1e-15) and float(L[0]) > -1.7e308
+
+
 # ---------------------------------------------------------------- issue 15: screening + exact rescoring (d >= 5)
 # A screening kernel skips a pair (row, j) once a float32 lower bound on |x − αy_j|² (the expanded form
 # |x|² − 2α x·y + α²|y|², chunk by chunk over 128 dimensions, less a rounding slack) puts its logit more than

@@ -12,7 +12,8 @@
 // rounding to T plus the weighted sums (compensated, ≤ 2u_double·max|y|).
 //
 // Which rows: far ⟺ m < lw_max − far_logit(d), where m is the row's largest logit (from the fast pass) and
-// lw_max the largest log-weight (0 without weights); then every point's distance part is > d + 16. A row from
+// lw_max the largest log-weight (0 without weights); then every point's logit is below lw_max − (d + 16) (without
+// weights: every distance part is > d + 16; with them, those of the heaviest points). A row from
 // the diffusion's own marginal has p ≈ χ²_d/2 ≈ d/2 at its nearest point, so it is redone with probability
 // P(χ²_d > 2d + 32) < 1e-8 for every d: the hot loops' speed is unchanged in sampling. The CPU screens a far
 // row's points in plain double first and runs double-double only on those within 80 nats of its best

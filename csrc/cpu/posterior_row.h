@@ -159,10 +159,12 @@ inline double max_log_weight(const T* __restrict lw, int64_t n) {
 //  - d ≥ 5, a point at a time: |x|² − 2α x·y + α²|y|², two dot products (a convert and two FMAs a coordinate, a
 //    third of the direct form's work), each within (d + 1)u of Σ|x_k y_k| ≤ |x||y| or of |y|², and three more
 //    roundings: the distance errs by ≤ (d + 6)u·S with S = (|x| + |α||y|)². The cancellation this form invites
-//    costs nothing here: the bound is relative to S, and u·d·S stays far below a nat wherever a float cloud's
-//    row is far (σ = 1e-2, d = 3072, |x|² ≈ 3e4: ~1e-4 nats).
+//    costs no accuracy (the bound is relative to S), only pruning where u·d·S·inv2c reaches tens of nats: data
+//    with a common offset far larger than its spread, in float64 (σ = 1e-2, d = 3072, |x|² ≈ 3e4: ~1e-4 nats; a
+//    row the screen cannot prune costs the screen's pass on top of the exact one, ~1.1-2x the old far row).
 // Forming the logit and l ± e add ≤ 4u·(|l| + |lw|). Points of zero weight (lw = −inf) are skipped as in the
-// exact pass, a logit that is not finite keeps its point (the exact pass decides), and the exact pass's floor
+// exact pass; a point whose S nears double's range keeps its point (the exact pass decides: its distance may
+// overflow to the floor where this one does not), as does a logit that is not finite; and the exact pass's floor
 // (−max of T) applies to the bounds too (max(·, −floor) is monotone). No early exit on a partial sum: in high d
 // the distances concentrate, and a partial sum rules a point out only near its end.
 struct FarBounds {
@@ -172,7 +174,8 @@ inline FarBounds far_bounds(double lw, double dist, double S, int64_t d, double 
   constexpr double u = 0x1p-53;
   const double l = lw - dist * inv2c;
   const double e = static_cast<double>(d + 16) * u * S * inv2c + 4.0 * u * (std::fabs(l) + std::fabs(lw));
-  if (!std::isfinite(l) || !std::isfinite(e)) return {-floor, std::numeric_limits<double>::infinity()};
+  if (!std::isfinite(l) || !std::isfinite(e) || !(S < 0x1p1000))   // 2¹⁰⁰⁰: (d + 16)·S stays below 2¹⁰²⁴
+    return {-floor, std::numeric_limits<double>::infinity()};
   return {std::max(l - e, -floor), std::max(l + e, -floor)};
 }
 
@@ -326,8 +329,10 @@ void far_screen(const FarScreen<T>& screen, double& lo_max, Visit&& visit) {
 }
 
 // D and L of a far row (csrc/common/far.h: the reasoning and the bound), recomputed: logits in double-double, one
-// pass with an online maximum, compensated double sums, over the points FarScreen cannot rule out. Only rows whose
-// every point is far (distance part > d + 16) come here: in sampling, never in practice.
+// pass with an online maximum, compensated double sums, over the points FarScreen cannot rule out. The weights are
+// the old full pass's to e^-80 of the largest; D moves by at most N·e^-80·max|y| (bit for bit the old D on every
+// far row tested). Only rows whose every logit is below lw_max − (d + 16) come here: in sampling, never in
+// practice.
 template <typename T>
 void posterior_row_far(const Cloud<T>& c, const T* __restrict x, double alpha, double sigma, T* __restrict D, T* L) {
   const int64_t d = c.d;
