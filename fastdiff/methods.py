@@ -241,12 +241,22 @@ class _Step:
     hist: tuple = (0.0, 1.0)
 
 
+def _pow2_unit(s: float) -> int:
+    """The exponent e of a power of two near s: σ's divided by 2^e (exactly) stay near 1, so a formula in σ² keeps
+    the bits it has in range and does not overflow where σ̃ is large (the drifted VE's σ̃(T) = 1.9e93 squared
+    twice is 1e372)."""
+    return math.frexp(s)[1] if s > 0 and math.isfinite(s) else 0
+
+
 def _ancestral_split(s_from: float, s_to: float, eta: float):
-    """(σ_down, σ_up) of k-diffusion's get_ancestral_step."""
+    """(σ_down, σ_up) of k-diffusion's get_ancestral_step, formed in units of 2^e (_pow2_unit): the same bits as
+    k-diffusion's formula wherever its σ⁴ stays in float64's range."""
     if not eta:
         return s_to, 0.0
-    up = min(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
-    return (s_to ** 2 - up ** 2) ** 0.5, up
+    e = _pow2_unit(s_from)
+    a, b = math.ldexp(s_from, -e), math.ldexp(s_to, -e)
+    up = min(b, eta * (b ** 2 * (a ** 2 - b ** 2) / a ** 2) ** 0.5)
+    return math.ldexp((b ** 2 - up ** 2) ** 0.5, e), math.ldexp(up, e)
 
 
 def _exp_step(s_to: float, s_from: float):
@@ -286,9 +296,12 @@ def _heun(sig, k, o):
     if s_next == 0:
         return _Step(s_hat, 0.0, [1.0], churn=churn)
     dt = s_next - s_hat
-    # x' = x + dt (d_0 + d_1)/2 with d = (x − D)/σ, u = x + dt d_0
+    # x' = x + dt (d_0 + d_1)/2 with d = (x − D)/σ, u = x + dt d_0; B_0 is dimensionless: formed in units of 2^e
+    # (exact), as σ̂·σ' overflows for σ̃ beyond 1e154 (a VP with a large β_max)
+    e = _pow2_unit(s_hat)
+    sh, sn = math.ldexp(s_hat, -e), math.ldexp(s_next, -e)
     stage = (s_next, s_next / s_hat, -dt / s_hat, 0.0, -dt / (2 * s_next))
-    return _Step(s_hat, s_next / s_hat, [dt * (s_hat - 2 * s_next) / (2 * s_next * s_hat)], churn=churn, stage=stage)
+    return _Step(s_hat, s_next / s_hat, [(sn - sh) * (sh - 2 * sn) / (2 * sn * sh)], churn=churn, stage=stage)
 
 
 def _dpm_2_stage(s_hat, s_to):
@@ -296,7 +309,9 @@ def _dpm_2_stage(s_hat, s_to):
     s_mid = math.exp(0.5 * (math.log(s_hat) + math.log(s_to)))
     dt1, dt2 = s_mid - s_hat, s_to - s_hat
     stage = (s_mid, s_mid / s_hat, -dt1 / s_hat, 0.0, -dt2 / s_mid)
-    return s_to / s_hat, dt2 * (s_hat - s_mid) / (s_mid * s_hat), stage
+    e = _pow2_unit(s_hat)                          # B_0 in units of 2^e, as in _heun
+    sh, sm, st = math.ldexp(s_hat, -e), math.ldexp(s_mid, -e), math.ldexp(s_to, -e)
+    return s_to / s_hat, (st - sh) * (sh - sm) / (sm * sh), stage
 
 
 def _dpm_2(sig, k, o):
@@ -557,6 +572,11 @@ def method_table(process: Process, times, method: str, *, ode: bool = False, eta
         raise ValueError(f"at most {MAX_STEPS} steps (the noise contract's step indices), got {times.numel() - 1}")
     la = process._log_alpha(times)
     sig_tilde = torch.exp(0.5 * torch.log(process._sigma2(times)) - la)
+    if not bool(torch.isfinite(sig_tilde).all()):
+        k = int(torch.nonzero(~torch.isfinite(sig_tilde))[0])
+        raise ValueError(f"times: σ/α overflows float64 at times[{k}]={float(times[k])} ({process!r}: α = "
+                         f"e^{float(la[k]):.4g}); {method!r} works on σ̃ = σ/α, which float64 cannot hold there. Start "
+                         f"the grid where α > e^-700, or use method 'ei' or 'ei-x0' (log-space coefficients)")
     live = sig_tilde[:-1] if float(times[-1]) == 0.0 else sig_tilde      # (a grid's final t = 0 has σ̃ = 0)
     if not bool((live[1:] < live[:-1]).all()):
         # σ/α must fall strictly (h = log of its ratio divides): a process's σ floor in float64 (VE below

@@ -105,7 +105,9 @@ def step_table(process: Process, times, method: str = "ei", ode: bool = False, e
         # linear drift exact, score frozen: x_s = r x + k I s + η √(r²σ_t² − σ_s²) z
         r = torch.exp(log_r)
         A_score, K = r, k * process.ei_integral(t, s)
-        C = eta * torch.sqrt(_ei_noise_var(process, t, s, log_r, dsig2).clamp_min(0))
+        # η = 0 (the ODE) is no noise even where the variance overflows (0·√inf was NaN: a VP with a large β_max)
+        C = torch.zeros_like(r) if eta == 0 else \
+            eta * torch.sqrt(_ei_noise_var(process, t, s, log_r, dsig2).clamp_min(0))
         A = _ei_d_form_A(process, eta, r, K, la_t, la_s, log_r, sig2_t, sig2_s, dsig2)
         B = K * alpha_t / sig2_t
     else:

@@ -1003,3 +1003,50 @@ def test_a_process_that_prints_like_the_denoisers_but_differs_is_refused():
         fd.sample(G, p2, n=4, steps=4)
     same = fd.Gaussian(MEAN, COV, fd.DriftedVE(beta="t"))
     assert fd.sample(same, fd.DriftedVE(beta="t"), n=4, steps=30, method="ei-x0").shape == (4, 2)
+
+
+# ------------------------------------------------ coefficients at large σ̃ (a review against mpmath, 60 digits)
+def test_ancestral_split_keeps_k_diffusions_bits_and_does_not_overflow():
+    """k-diffusion's σ_up = min(σ', η·√(σ'²(σ² − σ'²)/σ²)) squares σ twice: formed in units of a power of two,
+    the bits are its own in range, and σ̃ = 1e93 (the drifted VE's σ̃(T)) no longer gives σ_up = σ', σ_down = 0
+    (silently: A = 0 on the first steps of DriftedVE(625, 't^2')), nor 1e200 an OverflowError."""
+    for s_from, s_to, eta in [(80.0, 28.1, 1.0), (14.6, 5.0, 0.5), (3.3, 0.02, 1.2), (1e-3, 5e-4, 1.0)]:
+        up = min(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
+        assert M._ancestral_split(s_from, s_to, eta) == ((s_to ** 2 - up ** 2) ** 0.5, up)
+    for s_from in (1e93, 1e200, 1e300):
+        down, up = M._ancestral_split(s_from, s_from / 10, 1.0)
+        assert down == pytest.approx(s_from / 100, rel=1e-13) and up == pytest.approx(s_from / 10 * 0.99 ** 0.5,
+                                                                                      rel=1e-15)
+    t = M.method_table(fd.DriftedVE(T=625.0, beta="t^2"), fd.time_grid(fd.DriftedVE(T=625.0, beta="t^2"), 50),
+                       "euler_ancestral")
+    assert float(t.A[0]) == pytest.approx(0.01103472, rel=1e-6)            # mpmath (was 0)
+
+
+def test_two_stage_coefficients_at_large_sigma_tilde():
+    """VP(β_max = 2000): σ̃(T) ≈ 1.4e217, so σ̂·σ' overflowed in heun's and dpm_2's B_0 (NaN, the table refused)
+    and the ancestral split raised OverflowError. Every table builds; heun's first step is mpmath's."""
+    import mpmath as mp
+    p = fd.VP(beta_min=0.1, beta_max=2000.0)
+    g = torch.tensor([1.0, 0.9, 0.5, 1e-3], dtype=torch.float64)
+    for m in ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "heun", "dpm_2"):
+        t = M.method_table(p, g, m)
+        assert all(bool(torch.isfinite(c).all()) for c in (t.A, t.B, t.C)), m
+    with mp.workdps(60):
+        def st(t):
+            t = mp.mpf(t)
+            la = -(t * t * (mp.mpf(2000) - mp.mpf("0.1")) / 4 + t * mp.mpf("0.1") / 2)
+            return mp.sqrt(-mp.expm1(2 * la)) / mp.exp(la), la
+        (s0, _), (s1, la1) = st(1.0), st(0.9)
+        b0 = float(mp.exp(la1) * (s1 - s0) * (s0 - 2 * s1) / (2 * s1 * s0))
+    heun = M.method_table(p, g, "heun")
+    assert float(heun.B[0, 0]) == pytest.approx(b0, rel=1e-12)
+
+
+def test_lifting_names_the_overflow_of_sigma_tilde():
+    """α(T) < e^-709 puts σ̃ = σ/α beyond float64: the §3b methods say so (the message used to blame the grid's
+    floor and advise ending it later), and point to the log-space methods, which run."""
+    p = fd.OU(theta=80.0, g=1.0, T=10.0)
+    g = fd.time_grid(p, 20)
+    with pytest.raises(ValueError, match="σ/α overflows float64 at times\\[0\\]=10.0.*'ei' or 'ei-x0'"):
+        M.method_table(p, g, "dpmpp_2m")
+    assert bool(torch.isfinite(fd.step_table(p, g, "ei-x0").A).all())

@@ -160,3 +160,12 @@ def test_ode_flag_and_eta():
         fd.step_table(p, times, "heun")
     with pytest.raises(ValueError, match="prediction"):
         fd.step_table(p, times, "ei").for_prediction("v")
+
+
+def test_ei_ode_where_the_noise_variance_overflows():
+    """ei with ode=True on VP(β_max = 2000), a step with log r ≈ 500: the noise variance r²σ_t² − σ_s² overflows,
+    and 0·√inf made C NaN (the table was refused); η = 0 is no noise. A and B are mpmath's (1 and 0.63668675)."""
+    p = fd.VP(beta_min=0.1, beta_max=2000.0)
+    tab = fd.step_table(p, torch.tensor([1.0, 0.03, 1e-3], dtype=torch.float64), "ei", ode=True)
+    assert torch.equal(tab.C, torch.zeros_like(tab.C))
+    assert float(tab.A[0]) == pytest.approx(1.0, rel=1e-12) and float(tab.B[0]) == pytest.approx(0.63668675, rel=1e-8)
