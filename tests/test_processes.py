@@ -162,3 +162,34 @@ def test_inverses_refuse_nan_and_out_of_range(process):
     with pytest.raises(TypeError, match="lam must be a number"):
         process.log_snr_inverse("1.0")
     assert process.log_snr_inverse(lam_T) == pytest.approx(process.T, rel=1e-12)
+
+
+# ------------------------------------------------ inverse functions at their ends (a review against mpmath)
+def test_inverses_resolve_tiny_times_and_lambda_infinity():
+    """The bisection stopped at T·2⁻²⁰⁰: every t below ~2e-58 came back as 1.9e-58, and λ = +inf (σ = 0) as a
+    positive time. A callable β has no closed-form inverse, so it bisects for both."""
+    callable_beta = fd.DriftedVE(T=625.0, beta=lambda t: t)
+    for t in (1e-60, 1e-120):
+        assert callable_beta.sigma_inverse(callable_beta.sigma(t)) == pytest.approx(t, rel=1e-12)
+        assert callable_beta.log_snr_inverse(callable_beta.log_snr(t)) == pytest.approx(t, rel=1e-12)
+    for p in (fd.OU(), fd.VP(), fd.DriftedVE(T=625.0, beta="t"), fd.PureVE(T=100.0)):
+        assert p.log_snr_inverse(math.inf) == 0.0
+
+
+def test_ve_sigma_inverse_near_sigma_min():
+    """log(σ/σ_min) rounded the quotient: t = 1e-14 came back 1.6e-4 off; log1p of the exact difference keeps it."""
+    p = fd.VE()
+    for t in (1e-14, 1e-12, 1e-8):
+        assert p.sigma_inverse(p.sigma(t)) == pytest.approx(t, rel=1e-14)
+
+
+@pytest.mark.parametrize("p", [fd.VP(), fd.VE(), fd.PureVE(T=0.3), fd.DriftedVE(T=10.0)], ids=repr)
+def test_inverses_take_a_float32_end_rounded_outward(p):
+    """A float32 tensor holding σ(T), σ(0) or λ(T) rounded outward counts as that end (as times do); farther out
+    is still refused, with the offending value in full."""
+    for v, fn, t in ((p.sigma(p.T), p.sigma_inverse, p.T), (p.sigma(0.0), p.sigma_inverse, 0.0),
+                     (p.log_snr(p.T), p.log_snr_inverse, p.T)):
+        out = fn(torch.tensor([v], dtype=torch.float32))
+        assert float(out[0]) == pytest.approx(t, abs=1e-6 * p.T)
+    with pytest.raises(ValueError, match=r"got 1\.00997"):
+        fd.VP().sigma_inverse(torch.tensor([1.01 * fd.VP().sigma(1.0)], dtype=torch.float32))
