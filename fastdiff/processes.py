@@ -396,7 +396,7 @@ class DriftedVE(Process):
             self._beta = beta
             if B is not None:
                 self._B = B
-                self._B_increment = lambda t, s: B(t) - B(s)
+                self._B_increment = lambda t, s: _given_B_increment(beta, B, t, s)
             else:
                 self._B = lambda t: _gauss_legendre(beta, torch.zeros_like(t), t)
                 self._B_increment = lambda t, s: _gauss_legendre(beta, s, t)
@@ -430,6 +430,17 @@ class DriftedVE(Process):
     def _key(self):
         # a callable β (and B) by identity: two different functions may print the same name
         return super()._key() + self._given
+
+
+def _given_B_increment(beta, B, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """∫_s^t β from a given antiderivative B: B(t) − B(s), except over steps shorter than 1% of t, where that
+    difference cancels (3.4e-7 of it lost at (t − s)/t = 1e-10, T = 625) and Gauss–Legendre on [s, t] is exact to
+    rounding for any smooth β."""
+    t, s = torch.broadcast_tensors(torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(s, dtype=torch.float64))
+    short = (t - s).abs() <= 0.01 * t.abs()
+    if not bool(short.any()):
+        return B(t) - B(s)
+    return torch.where(short, _gauss_legendre(beta, s, t), B(t) - B(s))
 
 
 def _input_slack(v) -> float:

@@ -193,3 +193,17 @@ def test_inverses_take_a_float32_end_rounded_outward(p):
         assert float(out[0]) == pytest.approx(t, abs=1e-6 * p.T)
     with pytest.raises(ValueError, match=r"got 1\.00997"):
         fd.VP().sigma_inverse(torch.tensor([1.01 * fd.VP().sigma(1.0)], dtype=torch.float32))
+
+
+def test_a_given_antiderivative_keeps_small_steps_digits():
+    """DriftedVE(beta=fn, B=fn) formed ∫_s^t β as B(t) − B(s): 3.4e-7 lost at (t − s)/t = 1e-10, T = 625, where
+    beta="t^2" (the same process, increment with t − s as a factor) keeps 1e-14. Now the same to rounding."""
+    given = fd.DriftedVE(T=625.0, beta=lambda t: t * t, B=lambda t: t ** 3 / 3)
+    closed = fd.DriftedVE(T=625.0, beta="t^2")
+    for t in (625.0, 300.0, 1.0):
+        grid = torch.tensor([t, t * (1 - 1e-10)], dtype=torch.float64)
+        a, b = (fd.step_table(p, grid, "ei-x0", eta=0.0) for p in (given, closed))
+        assert float(a.B[0]) == pytest.approx(float(b.B[0]), rel=1e-12)
+    long_step = torch.tensor([625.0, 10.0], dtype=torch.float64)      # a long step keeps B(t) − B(s)
+    a, b = (fd.step_table(p, long_step, "ei", eta=1.0) for p in (given, closed))
+    assert float(a.C[0]) == pytest.approx(float(b.C[0]), rel=1e-12)
