@@ -170,17 +170,22 @@ def test_inverses_resolve_tiny_times_and_lambda_infinity():
     positive time. A callable β has no closed-form inverse, so it bisects for both."""
     callable_beta = fd.DriftedVE(T=625.0, beta=lambda t: t)
     for t in (1e-60, 1e-120):
-        assert callable_beta.sigma_inverse(callable_beta.sigma(t)) == pytest.approx(t, rel=1e-12)
-        assert callable_beta.log_snr_inverse(callable_beta.log_snr(t)) == pytest.approx(t, rel=1e-12)
+        assert callable_beta.sigma_inverse(callable_beta.sigma(t)) == pytest.approx(t, rel=1e-12, abs=0)
+        assert callable_beta.log_snr_inverse(callable_beta.log_snr(t)) == pytest.approx(t, rel=1e-12, abs=0)
     for p in (fd.OU(), fd.VP(), fd.DriftedVE(T=625.0, beta="t"), fd.PureVE(T=100.0)):
         assert p.log_snr_inverse(math.inf) == 0.0
 
 
 def test_ve_sigma_inverse_near_sigma_min():
-    """log(σ/σ_min) rounded the quotient: t = 1e-14 came back 1.6e-4 off; log1p of the exact difference keeps it."""
+    """log(σ/σ_min) rounded the quotient: at t = 1e-14 the inverse of σ(t) was 1.6e-4 off the exact inverse of that
+    (rounded) σ (mpmath); log1p of the exact difference keeps it to rounding."""
+    import mpmath as mp
     p = fd.VE()
-    for t in (1e-14, 1e-12, 1e-8):
-        assert p.sigma_inverse(p.sigma(t)) == pytest.approx(t, rel=1e-14)
+    with mp.workdps(50):
+        for t in (1e-14, 1e-12, 1e-8):
+            s = p.sigma(t)
+            exact = mp.log(mp.mpf(s) / mp.mpf(p.sigma_min)) / mp.log(mp.mpf(p.sigma_max) / mp.mpf(p.sigma_min))
+            assert abs(p.sigma_inverse(s) - exact) <= 1e-15 * exact
 
 
 @pytest.mark.parametrize("p", [fd.VP(), fd.VE(), fd.PureVE(T=0.3), fd.DriftedVE(T=10.0)], ids=repr)
@@ -203,7 +208,7 @@ def test_a_given_antiderivative_keeps_small_steps_digits():
     for t in (625.0, 300.0, 1.0):
         grid = torch.tensor([t, t * (1 - 1e-10)], dtype=torch.float64)
         a, b = (fd.step_table(p, grid, "ei-x0", eta=0.0) for p in (given, closed))
-        assert float(a.B[0]) == pytest.approx(float(b.B[0]), rel=1e-12)
+        assert float(a.B[0]) == pytest.approx(float(b.B[0]), rel=1e-12, abs=0)
     long_step = torch.tensor([625.0, 10.0], dtype=torch.float64)      # a long step keeps B(t) − B(s)
     a, b = (fd.step_table(p, long_step, "ei", eta=1.0) for p in (given, closed))
-    assert float(a.C[0]) == pytest.approx(float(b.C[0]), rel=1e-12)
+    assert float(a.C[0]) == pytest.approx(float(b.C[0]), rel=1e-12, abs=0)
