@@ -84,9 +84,11 @@ def time_grid(process: Process, steps: int = 200, schedule: str = DEFAULT_SCHEDU
     if not (bool(torch.isfinite(t).all()) and bool((t[1:] < t[:-1]).all())):
         # σ saturating (the aggressive drifted VE near T) or σ² underflowing (t_end below ~1e-154) in float64:
         # the inverse gives repeated or NaN times, which check_times would blame on a `times` never passed
+        why = ("σ saturates or underflows over the range" if schedule in ("karras", "logsnr") else
+               "its steps fall below float64's spacing of the times")
         raise ValueError(f"schedule {schedule!r} with t_end={delta} and {steps} steps cannot be resolved in "
-                         f"float64 for {process!r} (σ saturates or underflows over the range): use fewer steps, "
-                         "a t_end further from 0 and from T, or another schedule")
+                         f"float64 for {process!r} ({why}): use fewer steps, a t_end further from 0 and from T, "
+                         "or another schedule")
     if append_zero:
         t = torch.cat([t, t.new_zeros(1)])
     return check_times(process, t)

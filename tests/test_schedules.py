@@ -86,3 +86,11 @@ def test_time_grids_must_be_real_numbers(bad):
     inside torch without naming times."""
     with pytest.raises(TypeError, match="^times must be"):
         fd.check_times(fd.VP(), bad)
+
+
+def test_unresolvable_grid_names_the_cause_of_its_schedule():
+    """uniform, quadratic and exponential never evaluate σ: their error says the steps fall below float64's
+    spacing (it blamed σ saturating)."""
+    for schedule in ("uniform", "quadratic", "exponential"):
+        with pytest.raises(ValueError, match="fall below float64's spacing"):
+            fd.time_grid(fd.OU(), 10, schedule, t_end=9.999999999999998)
