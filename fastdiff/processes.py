@@ -197,8 +197,21 @@ class Process:
         return type(self), tuple(self._repr_fields().items())
 
 
+def _finite_scale(form, what: str, **given) -> float:
+    """A process's variance scale from its parameters, refused by name where float64 cannot hold it (g = 1e160
+    raised a bare OverflowError; theta = 1e-310 made every σ² inf)."""
+    try:
+        v = form()
+    except OverflowError:
+        v = math.inf
+    if not (math.isfinite(v) and v > 0):
+        shown = ", ".join(f"{k}={val!r}" for k, val in given.items())
+        raise ValueError(f"{what} must be a positive finite float64, got {v} from {shown}")
+    return v
+
+
 def _positive(value, name):
-    v = float(value)
+    v = as_real(value, name)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return v
@@ -216,7 +229,7 @@ class OU(Process):
         self.theta = _positive(theta, "theta")
         self.g = _positive(g, "g")
         self.T = _positive(T, "T")
-        self.variance_scale = self.g**2 / (2 * self.theta)
+        self.variance_scale = _finite_scale(lambda: self.g**2 / (2 * self.theta), "g²/(2·theta)", g=g, theta=theta)
 
     def _log_alpha(self, t):
         return -self.theta * t
@@ -378,7 +391,7 @@ class DriftedVE(Process):
 
     def __init__(self, T: float = 100.0, beta="t", tau: float | None = None, B: Callable | None = None):
         self.T = _positive(T, "T")
-        self.tau = self.T**2 if tau is None else _positive(tau, "tau")
+        self.tau = _finite_scale(lambda: self.T**2, "T²", T=T) if tau is None else _positive(tau, "tau")
         self.variance_scale = self.tau
         self.beta_name = beta if isinstance(beta, str) else getattr(beta, "__name__", "callable")
         self._given = (beta if callable(beta) else None, B)     # a callable β and B, compared by identity

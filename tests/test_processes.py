@@ -212,3 +212,15 @@ def test_a_given_antiderivative_keeps_small_steps_digits():
     long_step = torch.tensor([625.0, 10.0], dtype=torch.float64)      # a long step keeps B(t) − B(s)
     a, b = (fd.step_table(p, long_step, "ei", eta=1.0) for p in (given, closed))
     assert float(a.C[0]) == pytest.approx(float(b.C[0]), rel=1e-12, abs=0)
+
+
+def test_parameters_float64_cannot_hold_are_refused_by_name():
+    """OU(g=1e160) and DriftedVE(T=1e200) raised a bare OverflowError, OU(theta=1e-310) made every σ² inf; and
+    strings or bools passed as numbers (float('0.5'), float(True))."""
+    for make, name in ((lambda: fd.OU(g=1e160), "g=1e"), (lambda: fd.OU(theta=1e-310), "theta=1e-310"),
+                       (lambda: fd.DriftedVE(T=1e200), "T=1e")):
+        with pytest.raises(ValueError, match=name):
+            make()
+    for make, name in ((lambda: fd.OU(theta="0.5"), "theta"), (lambda: fd.VP(beta_min=True), "beta_min")):
+        with pytest.raises(TypeError, match=f"^{name} must be a number"):
+            make()
