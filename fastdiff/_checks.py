@@ -20,6 +20,18 @@ MAX_STEPS = 2**32
 MAX_SEED = 2**64
 
 
+def dtype_slack(v) -> float:
+    """How far past an end of its range a value may lie and still count as that end: four of its own dtype's
+    epsilons for a narrower float tensor or array (float32(0.3) = 0.30000001, a float32 σ(T) rounded outward),
+    1e-12 otherwise."""
+    dt = getattr(v, "dtype", None)
+    if isinstance(dt, torch.dtype) and dt in (torch.float32, torch.float16, torch.bfloat16):
+        return 4 * torch.finfo(dt).eps
+    if isinstance(dt, np.dtype) and dt.kind == "f" and dt.itemsize < 8:
+        return 4 * float(np.finfo(dt).eps)
+    return 1e-12
+
+
 def as_time(t, name: str = "t", T: float | None = None, allow_zero: bool = False):
     """Return `t` as a Python float or a float64 tensor, checked to lie in (0, T] (or [0, T]).
 
@@ -34,7 +46,7 @@ def as_time(t, name: str = "t", T: float | None = None, allow_zero: bool = False
         if not bool(torch.isfinite(t64).all()):
             raise ValueError(f"{name} contains NaN or inf")
         if t64.numel():
-            slack = 1e-12 if t.dtype == torch.float64 else 4 * torch.finfo(t.dtype).eps
+            slack = dtype_slack(t)
             _check_range(float(t64.min()), name, T, allow_zero, slack)
             high = float(t64.max())
             _check_range(high, name, T, allow_zero, slack)

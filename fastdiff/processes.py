@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ._checks import as_real, as_time
+from ._checks import as_real, as_time, dtype_slack
 
 # Gauss–Legendre nodes/weights on [-1, 1], used for the few integrals with no closed form.
 _GL_X, _GL_W = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(64))
@@ -135,7 +135,7 @@ class Process:
         """The time t at which σ(t) = sigma (σ is increasing in t)."""
         s = _as_values(sigma, "sigma")
         lo, hi = (math.sqrt(float(self._sigma2(torch.tensor(v, dtype=torch.float64)))) for v in (0.0, self.T))
-        slack = _input_slack(sigma)
+        slack = dtype_slack(sigma)
         bad = (s < lo * (1 - slack)) | (s > hi * (1 + slack))
         if bool(bad.any()):
             raise ValueError(f"sigma must lie in [σ(0), σ(T)] = [{lo!r}, {hi!r}], got {float(s[bad].reshape(-1)[0])!r}")
@@ -146,7 +146,7 @@ class Process:
         """The time t at which λ(t) = lam (bisection; λ is decreasing in t), for lam in [λ(T), λ(0)]."""
         target = _as_values(lam, "lam")
         top, bottom = (float(self.log_snr(v)) for v in (0.0, self.T))      # λ(0) (+inf unless σ(0) > 0), λ(T)
-        slack = _input_slack(lam)
+        slack = dtype_slack(lam)
         lo, hi = bottom - slack * max(1.0, abs(bottom)), top + slack * max(1.0, abs(top))    # (inf stays inf)
         bad = (target < lo) | (target > hi)
         if bool(bad.any()):
@@ -454,14 +454,6 @@ def _given_B_increment(beta, B, t: torch.Tensor, s: torch.Tensor) -> torch.Tenso
     if not bool(short.any()):
         return B(t) - B(s)
     return torch.where(short, _gauss_legendre(beta, s, t), B(t) - B(s))
-
-
-def _input_slack(v) -> float:
-    """How far outside its range an inverse function's argument may lie and still count as the end: 1e-12, or four
-    of its own dtype's epsilons for a narrower tensor (a float32 σ(T) rounds outward; as_time allows times alike)."""
-    if isinstance(v, torch.Tensor) and v.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return 4 * torch.finfo(v.dtype).eps
-    return 1e-12
 
 
 def _as_values(v, name: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ import operator
 import numpy as np
 import torch
 
-from ._checks import as_real, check_choice
+from ._checks import as_real, check_choice, dtype_slack
 from .processes import Process
 
 SCHEDULES = ("uniform", "quadratic", "exponential", "karras", "logsnr")
@@ -138,13 +138,7 @@ def check_times(process: Process, times) -> torch.Tensor:
         raise ValueError("times contains NaN or inf")
     # a grid in a narrower dtype holds T rounded (float32(0.7) = 0.69999999, float32(0.3) = 0.30000001): within a
     # few of its own ulps, times[0] is T
-    given = getattr(times, "dtype", None)
-    if isinstance(given, torch.dtype) and given in (torch.float32, torch.float16, torch.bfloat16):
-        slack = 4 * torch.finfo(given).eps
-    elif isinstance(given, np.dtype) and given.kind == "f" and given.itemsize < 8:
-        slack = 4 * float(np.finfo(given).eps)
-    else:
-        slack = 1e-12
+    slack = dtype_slack(times)
     if abs(float(t[0]) - process.T) <= slack * process.T:
         t[0] = process.T
     if not bool((t[1:] < t[:-1]).all()):
